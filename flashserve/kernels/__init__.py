@@ -4,6 +4,10 @@ Dispatch (see ``flashserve.kernels._dispatch``): CUDA tensors run the Triton ker
 ``TRITON_INTERPRET=1`` and otherwise the plain-PyTorch reference in ``flashserve.kernels.reference``;
 ``FLASHSERVE_ATTENTION_BACKEND=torch`` forces the reference everywhere.
 """
-# -- prefill attention (foundation issue) --
+# Prefill attention: dense, packed, varlen and paged.
+from flashserve.kernels.flash_attn_interface import (
+    flash_attn_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+)
 
-# -- decode attention, merge, cache write, layer helpers (decode issue) --

@@ -1,6 +1,5 @@
 """Plain-PyTorch references of every kernel: the CPU path (without ``TRITON_INTERPRET=1``) and the test oracle."""
 from flashserve.kernels.reference.attention import attention_batch, attention_mask
 
-# -- prefill / varlen references (foundation issue) --
+from flashserve.kernels.reference.varlen import attention_varlen, gather_paged_kv
 
-# -- decode, merge, cache write and layer-helper references (decode issue) --
