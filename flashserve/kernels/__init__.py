@@ -11,3 +11,10 @@ from flashserve.kernels.flash_attn_interface import (
     flash_attn_varlen_func,
 )
 
+# Decode attention (flash-decoding), merging attention states, the KV-cache write, fused layer helpers.
+from flashserve.kernels.activation import silu_and_mul
+from flashserve.kernels.cache import reshape_and_cache_flash
+from flashserve.kernels.decode import flash_attn_with_kvcache
+from flashserve.kernels.merge import merge_attn_states
+from flashserve.kernels.norm import fused_add_rms_norm, rms_norm
+from flashserve.kernels.rotary import apply_rotary

@@ -1,0 +1,144 @@
+"""Benchmark: one-token decode over a KV cache (ANCHORS.md shapes), ours vs PyTorch SDPA in the same run.
+
+bf16, H 32 / KVH 8, d 128. Ours on a paged cache (page 16, random block table), on the same pages as a strided
+view (K and V interleaved per block, as in a combined KV buffer), and on a contiguous dense cache; SDPA flash and
+cuDNN backends on a contiguous (B, KVH, L, d) cache of the same content. TB/s counts the K and V bytes once.
+Also measures the HBM copy bandwidth in the same run. Usage: python benchmarks/bench_decode.py [--out DIR]
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from flashserve.kernels import flash_attn_with_kvcache
+
+SHAPES = [(64, 4096), (256, 1024), (8, 32768), (1, 4096), (1, 131072)]
+HEADS, HEADS_K, HEAD_DIM, PAGE = 32, 8, 128, 16
+
+
+def bench_us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median") * 1e3
+
+
+def copy_bandwidth_tbs() -> float:
+    src = torch.randn(2 ** 29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    us = bench_us(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / us / 1e6
+
+
+def sdpa_us(backend, q, k, v):
+    with sdpa_kernel(backend):
+        try:
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        except RuntimeError as error:
+            print(f"  {backend}: unavailable ({str(error).splitlines()[0][:80]})")
+            return float("nan")
+        return bench_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+
+def run_shape(batch: int, seqlen: int) -> dict:
+    dtype, device = torch.bfloat16, "cuda"
+    blocks_per_seq = seqlen // PAGE
+    num_blocks = batch * blocks_per_seq
+    kv = torch.randn(num_blocks, 2, PAGE, HEADS_K, HEAD_DIM, dtype=dtype, device=device)
+    k_strided, v_strided = kv[:, 0], kv[:, 1]  # block stride != PAGE * row stride
+    k_paged, v_paged = k_strided.contiguous(), v_strided.contiguous()
+    block_table = torch.randperm(num_blocks, device=device, dtype=torch.int32).view(batch, blocks_per_seq)
+    k_dense = k_paged[block_table.long()].view(batch, seqlen, HEADS_K, HEAD_DIM)
+    v_dense = v_paged[block_table.long()].view(batch, seqlen, HEADS_K, HEAD_DIM)
+    q = torch.randn(batch, 1, HEADS, HEAD_DIM, dtype=dtype, device=device)
+    seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device=device)
+    kv_bytes = 2 * batch * seqlen * HEADS_K * HEAD_DIM * 2
+
+    def ours(k_cache, v_cache, table):
+        return lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table,
+                                               causal=True)
+
+    out = ours(k_paged, v_paged, block_table)()
+    out_dense = ours(k_dense, v_dense, None)()
+    q_sdpa = q.transpose(1, 2)
+    k_sdpa, v_sdpa = k_dense.transpose(1, 2).contiguous(), v_dense.transpose(1, 2).contiguous()
+    ref = F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, enable_gqa=True).transpose(1, 2)
+    max_diff = max((out - ref).abs().max().item(), (out_dense - ref).abs().max().item())
+    row = dict(batch=batch, seqlen=seqlen, kv_bytes=kv_bytes, max_abs_diff_vs_sdpa=max_diff,
+               paged_us=bench_us(ours(k_paged, v_paged, block_table)),
+               paged_strided_us=bench_us(ours(k_strided, v_strided, block_table)),
+               dense_us=bench_us(ours(k_dense, v_dense, None)),
+               sdpa_flash_us=sdpa_us(SDPBackend.FLASH_ATTENTION, q_sdpa, k_sdpa, v_sdpa),
+               sdpa_cudnn_us=sdpa_us(SDPBackend.CUDNN_ATTENTION, q_sdpa, k_sdpa, v_sdpa))
+    for name in ("paged", "paged_strided", "dense", "sdpa_flash", "sdpa_cudnn"):
+        row[f"{name}_tbs"] = kv_bytes / row[f"{name}_us"] / 1e6
+    return row
+
+
+def markdown(rows, copy_tbs) -> str:
+    lines = [f"HBM copy bandwidth (same run): {copy_tbs:.2f} TB/s", "",
+             "| B | L | ours paged µs | TB/s | % copy | strided µs (Δ) | dense µs | SDPA flash µs (TB/s) | "
+             "cuDNN µs (TB/s) | cuDNN / ours |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        delta = (r["paged_strided_us"] / r["paged_us"] - 1) * 100
+        lines.append(
+            f"| {r['batch']} | {r['seqlen']} | {r['paged_us']:.1f} | {r['paged_tbs']:.2f} | "
+            f"{100 * r['paged_tbs'] / copy_tbs:.0f}% | {r['paged_strided_us']:.1f} ({delta:+.1f}%) | "
+            f"{r['dense_us']:.1f} | {r['sdpa_flash_us']:.1f} ({r['sdpa_flash_tbs']:.2f}) | "
+            f"{r['sdpa_cudnn_us']:.1f} ({r['sdpa_cudnn_tbs']:.2f}) | {r['sdpa_cudnn_us'] / r['paged_us']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(rows, copy_tbs, path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not available: no plot")
+        return
+    labels = [f"B{r['batch']}\nL{r['seqlen']}" for r in rows]
+    series = [("ours paged", "paged_tbs"), ("ours strided", "paged_strided_tbs"), ("ours dense", "dense_tbs"),
+              ("SDPA flash", "sdpa_flash_tbs"), ("SDPA cuDNN", "sdpa_cudnn_tbs")]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for i, (name, key) in enumerate(series):
+        ax.bar([x + i * width for x in range(len(rows))], [r[key] for r in rows], width, label=name)
+    ax.axhline(copy_tbs, color="black", linestyle="--", label="HBM copy")
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
+    ax.set_ylabel("TB/s (K+V bytes once)")
+    ax.set_title(f"decode, bf16, H{HEADS}/KVH{HEADS_K}, d{HEAD_DIM}, page {PAGE}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    copy_tbs = copy_bandwidth_tbs()
+    rows = []
+    for batch, seqlen in SHAPES:
+        rows.append(run_shape(batch, seqlen))
+        torch.cuda.empty_cache()
+    table = markdown(rows, copy_tbs)
+    meta = dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                command=" ".join([sys.executable, *sys.argv]), torch=torch.__version__, triton=triton.__version__)
+    header = f"## Decode ({meta['gpu']}, {meta['date'][:10]}, torch {meta['torch']}, triton {meta['triton']})\n\n" \
+             f"`{meta['command']}`\n\n"
+    print(header + table)
+    with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
+        json.dump(dict(meta=meta, copy_tbs=copy_tbs, rows=rows), f, indent=2)
+    with open(os.path.join(args.out, "bench_decode.md"), "w") as f:
+        f.write(header + table + "\n")
+    plot(rows, copy_tbs, os.path.join(args.out, "bench_decode.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""``silu_and_mul``: the gated activation of Llama/Qwen MLPs, ``silu(gate) * up`` on the two halves of x."""
+import torch
+import triton
+import triton.language as tl
+
+from flashserve.kernels import _validate
+from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels.reference import layers as reference
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, intermediate, stride_x, stride_out, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < intermediate
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x (..., 2I) -> (..., I): ``silu(x[..., :I]) * x[..., I:]``, in fp32 and rounded once to x's dtype."""
+    _validate.check_tensor("x", x, None, _validate.ATTENTION_DTYPES)
+    if x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"x must have an even last dimension (gate and up halves), got shape {tuple(x.shape)}")
+    _validate.check_last_dim_contiguous("x", x)
+    if not use_triton(x):
+        return reference.silu_and_mul(x)
+    intermediate = x.shape[-1] // 2
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(*x.shape[:-1], intermediate, dtype=x.dtype, device=x.device)
+    out_rows = out.view(-1, intermediate)
+    if rows.shape[0] == 0 or intermediate == 0:
+        return out
+    block = min(1024, triton.next_power_of_2(intermediate))
+    grid = (rows.shape[0], triton.cdiv(intermediate, block))
+    _silu_and_mul_kernel[grid](rows, out_rows, intermediate, rows.stride(0), out_rows.stride(0), BLOCK=block,
+                               num_warps=4)
+    return out

@@ -1,0 +1,98 @@
+"""RMSNorm and the fused residual-add + RMSNorm ("skip_rmsnorm"), matching Hugging Face's ``LlamaRMSNorm``.
+
+HF computes ``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)``: the normalisation in fp32,
+then a cast back to the input dtype, then the product with the weight. The kernels follow the same sequence (the
+normalised value is rounded to the input dtype before the weight multiplies it), so with a weight of the input's
+dtype the result matches HF up to the order of the fp32 sum. The output always has the input's dtype.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from flashserve.kernels import _validate
+from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels.reference import layers as reference
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, hidden, eps,
+                     stride_x, stride_residual, stride_out, ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD_RESIDUAL:
+        residual_row = residual_ptr + row * stride_residual + cols
+        summed = (x + tl.load(residual_row, mask=mask, other=0.0).to(tl.float32)).to(residual_ptr.dtype.element_ty)
+        tl.store(residual_row, summed, mask=mask)
+        x = summed.to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    variance = tl.sum(x * x, axis=0) / hidden
+    normalised = (x * tl.math.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, (normalised * weight).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """(..., hidden) -> a (rows, hidden) view of the same memory; ValueError if the rows are not evenly strided."""
+    try:
+        return tensor.view(-1, tensor.shape[-1])
+    except RuntimeError:
+        raise ValueError(f"{name} must be viewable as (rows, hidden), got strides {tuple(tensor.stride())}") from None
+
+
+def _check(x, weight, eps, residual=None) -> None:
+    _validate.check_tensor("x", x, None, _validate.ATTENTION_DTYPES)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    _validate.check_last_dim_contiguous("x", x)
+    _validate.check_tensor("weight", weight, 1, _validate.ATTENTION_DTYPES, x.device)
+    _validate.check_shape("weight", weight, (x.shape[-1],))
+    _validate.check_last_dim_contiguous("weight", weight)
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if residual is not None:
+        _validate.check_tensor("residual", residual, None, _validate.ATTENTION_DTYPES, x.device)
+        _validate.check_shape("residual", residual, x.shape)
+        _validate.check_last_dim_contiguous("residual", residual)
+
+
+def _launch(x, weight, eps, residual) -> torch.Tensor:
+    x_rows = _rows("x", x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out_rows = out.view(-1, x.shape[-1])
+    residual_rows = _rows("residual", residual) if residual is not None else x_rows
+    if x_rows.shape[0] == 0:
+        return out
+    hidden = x.shape[-1]
+    block = triton.next_power_of_2(hidden)
+    _rms_norm_kernel[(x_rows.shape[0],)](
+        x_rows, residual_rows, weight, out_rows, hidden, float(eps),
+        x_rows.stride(0), residual_rows.stride(0), out_rows.stride(0),
+        ADD_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+    )
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension: x (..., hidden), weight (hidden,). Returns a new tensor of x's dtype."""
+    _check(x, weight, eps)
+    if not use_triton(x):
+        return reference.rms_norm(x, weight, eps)
+    return _launch(x, weight, eps, None)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Residual add then RMSNorm, fused: the pre-norm transformer's ``residual = x + residual; rms_norm(residual)``.
+
+    Modifies ``residual`` in place: it becomes ``x + residual`` (added in fp32, rounded to residual's dtype, as the
+    unfused ``x + residual`` would be). ``x`` is not modified. Returns a new tensor (x's dtype) holding
+    ``rms_norm(residual_after_add, weight, eps)``.
+
+    Args:
+        x, residual: (..., hidden), same shape; residual must be a view with evenly strided rows.
+        weight: (hidden,).
+    """
+    _check(x, weight, eps, residual)
+    if not use_triton(x):
+        return reference.fused_add_rms_norm(x, residual, weight, eps)
+    return _launch(x, weight, eps, residual)

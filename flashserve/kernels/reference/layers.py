@@ -1,0 +1,56 @@
+"""Plain-PyTorch references of the layer helpers: RMSNorm (HF ``LlamaRMSNorm``), fused residual add + RMSNorm,
+rotary embedding in place, and ``silu_and_mul``. Same contracts as the kernels in ``norm.py``, ``rotary.py`` and
+``activation.py``."""
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm: fp32 normalisation, cast back to x's dtype, times the weight; returned in x's dtype."""
+    hidden = x.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * hidden.to(x.dtype).float()).to(x.dtype)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``residual += x`` (in place, fp32 add rounded to residual's dtype), returns ``rms_norm(residual)``."""
+    residual.copy_((x.float() + residual.float()).to(residual.dtype))
+    return rms_norm(residual.to(x.dtype), weight, eps)
+
+
+def rotary_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                    interleaved: bool) -> None:
+    """Rotate the first ``2 * cos.shape[1]`` features of x (T, H, D) in place at ``positions`` (T,).
+
+    cos, sin: (P, rotary_dim / 2). ``interleaved`` pairs (2j, 2j+1), otherwise (j, j + rotary_dim / 2).
+    """
+    half = cos.shape[1]
+    c = cos[positions.long()].float().unsqueeze(1)  # (T, 1, half)
+    s = sin[positions.long()].float().unsqueeze(1)
+    rot = x[..., : 2 * half].float()
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+    out1, out2 = x1 * c - x2 * s, x2 * c + x1 * s
+    if interleaved:
+        rotated = torch.stack((out1, out2), dim=-1).flatten(-2)
+    else:
+        rotated = torch.cat((out1, out2), dim=-1)
+    x[..., : 2 * half] = rotated.to(x.dtype)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor | None, cos_sin_cache: torch.Tensor, positions: torch.Tensor,
+                 is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference of ``flashserve.kernels.rotary.apply_rotary``: q and k rotated in place and returned."""
+    half = cos_sin_cache.shape[1] // 2
+    cos, sin = cos_sin_cache[:, :half], cos_sin_cache[:, half:]
+    rotary_in_place(q, cos, sin, positions, not is_neox)
+    if k is not None:
+        rotary_in_place(k, cos, sin, positions, not is_neox)
+    return q, k
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x (..., 2I) -> silu(x[..., :I]) * x[..., I:] computed in fp32, returned in x's dtype."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)

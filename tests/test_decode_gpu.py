@@ -1,0 +1,77 @@
+"""The decode-issue kernels at real sizes in bf16/fp16 on a CUDA GPU (skipped without one)."""
+import dataclasses
+
+import pytest
+import torch
+
+from flashserve.kernels import flash_attn_with_kvcache, reference, silu_and_mul
+from test_cache_write import check_cache_write
+from test_decode import Case, make_inputs, run_case
+from test_layers import check_fused_add_rms_norm, check_rms_norm, check_rotary
+from test_merge import check_merge
+
+pytestmark = pytest.mark.gpu
+
+REAL = dict(batch=4, heads=32, heads_k=8, head_dim=128, cache_len=3000)
+GPU_CASES = {
+    "decode-paged16": Case(**REAL),
+    "decode-paged16-nosplit": Case(**REAL, num_splits=1),
+    "decode-paged16-split5": Case(**REAL, num_splits=5),
+    "decode-paged1": Case(**{**REAL, "cache_len": 700}, page_size=1),
+    "decode-paged5-strided": Case(**REAL, page_size=5, strided=True),
+    "decode-dense-batchidx": Case(**REAL, page_size=None, batch_idx=True),
+    "decode-dense-strided": Case(**REAL, page_size=None, strided=True, num_splits=3),
+    "spec-verify-sq4": Case(**REAL, seqlen_q=4, seqlen_new=4, rotary="neox"),
+    "chunk-sq64": Case(**REAL, seqlen_q=64, seqlen_new=64, rotary="interleaved", num_splits=2),
+    "window-softcap": Case(**REAL, window=(500, 0), causal=False, softcap=30.0, seqlen_q=2, seqlen_new=2),
+    "alibi": Case(**REAL, alibi="bh", causal=False),
+    "mqa-d64": Case(batch=8, heads=16, heads_k=1, head_dim=64, cache_len=1000),
+    "mha-d256": Case(batch=2, heads=8, heads_k=8, head_dim=256, cache_len=1500, num_splits=3),
+    "d80-rotary-partial": Case(batch=3, heads=12, heads_k=4, head_dim=80, rotary="neox", rotary_dim=64),
+    "empty": Case(**{**REAL, "cache_len": 0}, seqlen_new=0),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_kvcache_gpu(name, dtype):
+    run_case(dataclasses.replace(GPU_CASES[name], dtype=dtype), device="cuda")
+
+
+def test_kvcache_never_synchronises_with_tensor_seqlens():
+    calls = [make_inputs(Case(**REAL, rotary=rotary, dtype=torch.bfloat16), device="cuda")
+             for rotary in ("neox", None)]
+    for args in calls:
+        flash_attn_with_kvcache(**args)  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for args in calls:
+            flash_attn_with_kvcache(**args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tokens, heads", [(613, 48), (4096, 32)])
+def test_merge_gpu(tokens, heads, dtype):
+    check_merge(tokens, heads, 128, dtype, device="cuda")
+    check_merge(tokens, heads, 96, dtype, strided=True, device="cuda", seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cache_write_gpu(dtype):
+    check_cache_write(4000, 8, 128, 600, 16, dtype, device="cuda")
+    check_cache_write(300, 8, 128, 100, 5, dtype, strided=True, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layers_gpu(dtype):
+    check_rms_norm((300, 4096), dtype, device="cuda")
+    check_rms_norm((7, 1000), dtype, device="cuda")
+    check_fused_add_rms_norm((300, 4096), dtype, device="cuda")
+    for is_neox in (True, False):
+        check_rotary(is_neox, 128, dtype, device="cuda", tokens=300, heads=32, heads_k=8, head_dim=128)
+        check_rotary(is_neox, 64, dtype, device="cuda", tokens=33, heads=16, heads_k=2, head_dim=128)
+    x = torch.randn(257, 2 * 14336, device="cuda").to(dtype)
+    assert torch.allclose(silu_and_mul(x).float(), reference.silu_and_mul(x).float(), atol=2e-2, rtol=2e-2)
