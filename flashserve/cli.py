@@ -1,0 +1,72 @@
+"""The ``flashserve`` command. ``flashserve generate [PROMPT...]`` prints completions and throughput.
+
+Without ``--model`` it runs the built-in demo model: a small Llama-architecture checkpoint with RANDOM weights
+(written on first use into ``$FLASHSERVE_CACHE_DIR``, default ``~/.cache/flashserve``), so its text is gibberish;
+pass ``--model DIR`` (a local Hugging Face checkpoint directory) for real text.
+"""
+import argparse
+import sys
+import time
+
+DEFAULT_PROMPTS = ["Hello, my name is", "The capital of France is"]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashserve", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="generate completions for prompts and print throughput")
+    generate.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (two examples when none)")
+    generate.add_argument("--model", help="local checkpoint directory (default: the built-in random demo model)")
+    generate.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    generate.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (default 0: all)")
+    generate.add_argument("--seed", type=int, default=None, help="per-request seed for reproducible sampling")
+    generate.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    generate.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    generate.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from flashserve import LLM, SamplingParams
+
+    model = args.model
+    if model is None:
+        from flashserve.models.demo import demo_model_path
+
+        model = demo_model_path()
+        print(f"Using the built-in demo model at {model}: its weights are RANDOM, so its text is gibberish. "
+              "Pass --model DIR (a local Hugging Face checkpoint) for real text.", file=sys.stderr)
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+        llm = LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+        prompts = args.prompts or DEFAULT_PROMPTS
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+    except ValueError as error:
+        print(f"flashserve generate: error: {error}", file=sys.stderr)
+        return 2
+    for output in outputs:
+        completion = output.outputs[0]
+        print(f"Prompt: {output.prompt!r}")
+        print(f"Completion: {completion.text!r} ({len(completion.token_ids)} tokens, {completion.finish_reason})")
+        print()
+    stats = llm.stats
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(f"{len(outputs)} prompts, {prompt_tokens} prompt tokens, {generated} generated tokens in {elapsed:.2f} s "
+          f"on {llm.engine.runner.device}")
+    print(f"prefill {stats.prefill_tokens_per_s:.1f} tok/s, decode {stats.decode_tokens_per_s:.1f} tok/s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``flashserve`` command; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    if args.command == "generate":
+        return _generate(args)
+    return 2

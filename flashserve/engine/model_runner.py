@@ -1,0 +1,170 @@
+"""Runs the model on a scheduled batch: owns the weights, the paged KV cache and the sampler.
+
+The same code runs on CPU and GPU; only the attention kernels behind ``flashserve.kernels`` differ. Each step packs
+the scheduled tokens into ``input_ids``/``positions``, builds the ``AttentionContext`` (slot of every new token,
+cumulative query lengths, KV lengths, and a block table padded to a fixed width of ``ceil(max_model_len /
+block_size)`` columns, so that decode metadata keeps one shape whatever the sequence lengths), runs the forward
+pass, takes the last hidden row of every request that samples, and samples.
+
+KV-cache size (``num_kv_blocks`` when given, otherwise):
+- CUDA: a profiling forward pass over ``max_num_batched_tokens`` tokens measures the activation peak; the pool gets
+  ``gpu_memory_utilization`` of the GPU's memory minus what is in use (weights, other processes) minus that peak.
+- CPU: room for ``max(max_model_len, 4 * max_num_batched_tokens)`` tokens, capped at ``CPU_KV_CACHE_MAX_BYTES``
+  (but never less than one ``max_model_len`` sequence).
+"""
+import numpy as np
+import torch
+
+from flashserve.config import Config
+from flashserve.engine.context import AttentionContext, set_context
+from flashserve.engine.sampler import Sampler
+from flashserve.engine.scheduler import ScheduledBatch
+from flashserve.models.loader import load_model
+
+CPU_KV_CACHE_MAX_BYTES = 2 << 30
+
+
+class ModelRunner:
+    """The model, its KV cache and the sampler on one device.
+
+    Args:
+        config: the engine configuration (``max_model_len`` may be None: the checkpoint's limit is then used).
+
+    Attributes:
+        model, spec: the decoder and its ModelSpec.
+        max_model_len: the resolved context limit.
+        num_kv_blocks: blocks in the KV pool.
+        kv_cache: (num_layers, 2, num_kv_blocks, block_size, num_kv_heads, head_dim).
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.device = config.torch_device
+        self.block_size = config.block_size
+        self.model, self.spec = load_model(config.model, config.dtype, self.device)
+        self.dtype = next(self.model.parameters()).dtype
+        limit = self.spec.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's "
+                             f"max_position_embeddings ({limit})")
+        self.max_model_len = config.max_model_len or limit
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.sampler = Sampler(self.device, config.seed)
+        self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks()
+        spec = self.spec
+        self.kv_cache = torch.zeros(spec.num_layers, 2, self.num_kv_blocks, self.block_size, spec.num_kv_heads,
+                                    spec.head_dim, dtype=self.dtype, device=self.device)
+        for index, attention in enumerate(self.model.attention_layers()):
+            attention.k_cache = self.kv_cache[index, 0]
+            attention.v_cache = self.kv_cache[index, 1]
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one KV block over all layers (K and V)."""
+        spec = self.spec
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return spec.num_layers * 2 * self.block_size * spec.num_kv_heads * spec.head_dim * element
+
+    def _default_num_blocks(self) -> int:
+        """The KV pool size when ``num_kv_blocks`` is not given (see the module docstring)."""
+        if self.device.type == "cuda":
+            return self._profile_num_blocks()
+        tokens = max(self.max_model_len, 4 * self.config.max_num_batched_tokens)
+        num_blocks = -(-tokens // self.block_size)
+        if num_blocks * self.block_bytes > CPU_KV_CACHE_MAX_BYTES:
+            num_blocks = max(CPU_KV_CACHE_MAX_BYTES // self.block_bytes, self.max_blocks_per_seq)
+        return num_blocks
+
+    @torch.inference_mode()
+    def _profile_num_blocks(self) -> int:
+        """Run the largest step without a cache, measure the peak, and size the pool from what is left."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
+        num_seqs = max(1, min(self.config.max_num_seqs, num_tokens))
+        lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+        cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        input_ids = torch.randint(0, self.spec.vocab_size, (num_tokens,), device=self.device)
+        set_context(AttentionContext(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
+            cu_seqlens_q=cu_seqlens, seqused_k=cu_seqlens[1:] - cu_seqlens[:-1],
+            block_table=torch.zeros(num_seqs, 1, dtype=torch.int32, device=self.device),
+            max_seqlen_q=max(lengths), max_seqlen_k=max(lengths), is_decode=False))
+        try:
+            hidden = self.model(input_ids, positions)
+            logits = self.model.compute_logits(hidden[cu_seqlens[1:].long() - 1])
+            logits.softmax(dim=-1).sort(dim=-1)
+        finally:
+            set_context(None)
+        del hidden, logits
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        current = torch.cuda.memory_allocated(self.device)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * self.config.gpu_memory_utilization - (total - free) - (peak - current)
+        num_blocks = int(budget // self.block_bytes)
+        if num_blocks < 1:
+            raise ValueError(f"no GPU memory is left for the KV cache (budget {budget / 2**30:.2f} GiB): raise "
+                             "gpu_memory_utilization, lower max_num_batched_tokens, or pass num_kv_blocks")
+        return num_blocks
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, torch.Tensor]:
+        """Pack the batch: (input_ids (T,), positions (T,), context, logits_indices (S,)) on the device."""
+        size = self.block_size
+        num_reqs = len(batch)
+        input_ids, positions, slots = [], [], []
+        cu_seqlens_q = np.zeros(num_reqs + 1, dtype=np.int32)
+        seqused_k = np.zeros(num_reqs, dtype=np.int32)
+        block_table = np.zeros((num_reqs, self.max_blocks_per_seq), dtype=np.int32)
+        for i, (request, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            start = request.num_computed_tokens
+            end = start + num_new
+            input_ids.append(np.asarray(request.token_ids[start:end], dtype=np.int64))
+            position = np.arange(start, end, dtype=np.int64)
+            positions.append(position)
+            blocks = np.asarray(request.block_ids, dtype=np.int64)
+            slots.append(blocks[position // size] * size + position % size)
+            cu_seqlens_q[i + 1] = cu_seqlens_q[i] + num_new
+            seqused_k[i] = end
+            block_table[i, :len(blocks)] = blocks
+        logits_indices = cu_seqlens_q[1:][np.asarray(batch.samples, dtype=bool)].astype(np.int64) - 1
+        context = AttentionContext(
+            slot_mapping=self._to_device(np.concatenate(slots)),
+            cu_seqlens_q=self._to_device(cu_seqlens_q),
+            seqused_k=self._to_device(seqused_k),
+            block_table=self._to_device(block_table),
+            max_seqlen_q=max(batch.num_new_tokens),
+            max_seqlen_k=int(seqused_k.max()),
+            is_decode=all(n == 1 for n in batch.num_new_tokens),
+        )
+        return (self._to_device(np.concatenate(input_ids)), self._to_device(np.concatenate(positions)), context,
+                self._to_device(logits_indices))
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """Copy a host array to the device (through pinned memory on CUDA)."""
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, eos_token_ids: list[int]
+            ) -> tuple[list[int], list[dict[int, float] | None]]:
+        """Compute the batch's tokens and sample one token for every request with ``batch.samples`` set.
+
+        Returns the sampled token ids and per-token logprob dicts, in the order of the sampling requests.
+        """
+        input_ids, positions, context, logits_indices = self._prepare(batch)
+        set_context(context)
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            set_context(None)
+        sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
+        if not sampling:
+            return [], []
+        logits = self.model.compute_logits(hidden[logits_indices])
+        return self.sampler(logits.float(), sampling, eos_token_ids)

@@ -1,0 +1,95 @@
+"""One request's state inside the engine: its tokens, how many have KV in the cache, its blocks and its output."""
+import enum
+
+import torch
+
+from flashserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is: queued (or preempted), being computed, or done."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    """A request as the scheduler, block manager and model runner see it.
+
+    ``token_ids`` holds the prompt followed by the generated tokens. ``num_computed_tokens`` of them have their KV in
+    the cache blocks ``block_ids`` (token ``t`` in block ``block_ids[t // block_size]``, row ``t % block_size``).
+    A request samples a new token in a step once all its tokens are computed; a preempted request restarts from
+    ``num_computed_tokens = 0`` and recomputes prompt and output together (vLLM v1's recompute).
+
+    Attributes:
+        request_id: the caller's id.
+        prompt: the prompt text, or None.
+        params: the sampling parameters.
+        prompt_token_ids: the prompt's token ids (never modified).
+        token_ids: prompt + output token ids.
+        num_prompt_tokens: length of the prompt.
+        num_computed_tokens: tokens whose KV is in the cache.
+        block_ids: the cache blocks, in token order.
+        block_hashes: chained hashes of the full blocks of ``token_ids`` computed so far (prefix caching).
+        num_cached_blocks: how many leading blocks are registered in the prefix cache.
+        max_total_tokens: the length at which the request ends with "length" (prompt + max_tokens, capped by
+            max_model_len).
+        generator: the request's own random stream when it has a seed.
+        status, finish_reason: lifecycle.
+        output_text, logprobs: detokenized output and per-token logprobs (when asked for).
+        detokenizer: the request's IncrementalDetokenizer (set by the engine).
+        num_sent_tokens, num_sent_chars, num_sent_logprobs: how much of the output ``step`` has already returned.
+    """
+
+    __slots__ = ("request_id", "prompt", "params", "prompt_token_ids", "token_ids", "num_prompt_tokens", "num_computed_tokens",
+                 "block_ids", "block_hashes", "num_cached_blocks", "max_total_tokens", "generator", "status",
+                 "finish_reason", "output_text", "logprobs", "detokenizer", "num_sent_tokens", "num_sent_chars",
+                 "num_sent_logprobs")
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
+                 max_model_len: int, generator: torch.Generator | None = None):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.params = params
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []
+        self.num_cached_blocks = 0
+        self.max_total_tokens = min(self.num_prompt_tokens + params.max_tokens, max_model_len)
+        self.generator = generator
+        self.status = RequestStatus.WAITING
+        self.finish_reason: str | None = None
+        self.output_text = ""
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.detokenizer = None
+        self.num_sent_tokens = 0
+        self.num_sent_chars = 0
+        self.num_sent_logprobs = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Generated tokens."""
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """The generated token ids."""
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        """Whether the request has ended."""
+        return self.status == RequestStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})")

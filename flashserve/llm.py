@@ -1,0 +1,143 @@
+"""``LLM``: offline batch generation, vLLM's interface over ``LLMEngine``."""
+from tqdm.auto import tqdm
+
+from flashserve.config import Config
+from flashserve.engine.llm_engine import LLMEngine
+from flashserve.outputs import CompletionOutput, RequestOutput
+from flashserve.sampling_params import SamplingParams
+
+
+class LLM:
+    """A model ready to generate.
+
+    Args:
+        model: a local checkpoint directory (nothing is ever downloaded). The other options are those of
+            ``flashserve.config.Config``.
+    """
+
+    def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "auto", device: str | None = None,
+                 max_model_len: int | None = None, block_size: int = 16, gpu_memory_utilization: float = 0.9,
+                 num_kv_blocks: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False, seed: int = 0):
+        config = Config(model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
+                        block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
+                        num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
+                        max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+                        enforce_eager=enforce_eager, seed=seed)
+        self.engine = LLMEngine(config)
+        self._next_id = 0
+
+    def get_tokenizer(self):
+        """The Hugging Face tokenizer."""
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate a completion for every prompt; outputs come in the order of ``prompts``.
+
+        Args:
+            prompts: a string, a list of strings, or a list of token-id lists (a single list of ints is one prompt).
+            sampling_params: one SamplingParams for all prompts, or one per prompt; None is ``SamplingParams()``.
+            use_tqdm: show a progress bar with prefill and decode throughput.
+
+        Raises ValueError, before anything runs, for any invalid prompt (see ``LLMEngine.add_request``).
+        """
+        prompt_list = _normalize_prompts(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompt_list)} prompts")
+        return self._run([(p, None) for p in prompt_list], params_list, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} dicts) or to a list of them,
+        formatted with the tokenizer's chat template (with the generation prompt)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tokenizer = self.engine.tokenizer
+        items = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            items.append((text, tokenizer.encode(text, add_special_tokens=False)))
+        params = sampling_params or SamplingParams()
+        return self._run(items, [params] * len(items), use_tqdm)
+
+    def _run(self, items: list[tuple], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        """Queue (prompt, token ids or None) items, step until all finish, and assemble the outputs in order."""
+        engine = self.engine
+        ids = []
+        try:
+            for (prompt, token_ids), params in zip(items, params_list):
+                request_id = str(self._next_id)
+                self._next_id += 1
+                engine.add_request(request_id, prompt, params, prompt_token_ids=token_ids)
+                ids.append(request_id)
+        except ValueError:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        try:
+            while engine.has_unfinished():
+                for delta in engine.step():
+                    _accumulate(results, delta)
+                    if delta.finished:
+                        bar.update(1)
+                stats = engine.stats
+                bar.set_postfix_str(f"prefill {stats.prefill_tokens_per_s:.0f} tok/s, "
+                                    f"decode {stats.decode_tokens_per_s:.0f} tok/s", refresh=False)
+        finally:
+            bar.close()
+            for request_id in ids:
+                if request_id in engine.requests:
+                    engine.abort_request(request_id)
+        return [results[request_id] for request_id in ids]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (and the hit-rate statistics)."""
+        self.engine.reset_prefix_cache()
+
+    def prefix_cache_stats(self) -> dict[str, float]:
+        """Prefix-cache queried tokens, hit tokens and hit rate since the last reset."""
+        return self.engine.prefix_cache_stats()
+
+    @property
+    def stats(self):
+        """The engine's throughput statistics (``EngineStats``)."""
+        return self.engine.stats
+
+
+def _normalize_prompts(prompts) -> list:
+    """A string, a list of strings, a list of token-id lists, or one token-id list -> a list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, int) for p in prompts):
+        return [prompts]
+    for prompt in prompts:
+        if not isinstance(prompt, (str, list, tuple)):
+            raise ValueError(f"each prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+    return [p if isinstance(p, str) else list(p) for p in prompts]
+
+
+def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None:
+    """Fold a step's output into the request's whole output."""
+    new = delta.outputs[0]
+    whole = results.get(delta.request_id)
+    if whole is None:
+        completion = CompletionOutput(0, new.text, list(new.token_ids), new.finish_reason,
+                                      list(new.logprobs) if new.logprobs is not None else None)
+        results[delta.request_id] = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids,
+                                                  [completion], delta.finished)
+        return
+    completion = whole.outputs[0]
+    completion.text += new.text
+    completion.token_ids.extend(new.token_ids)
+    completion.finish_reason = new.finish_reason
+    if new.logprobs is not None:
+        completion.logprobs.extend(new.logprobs)
+    whole.finished = delta.finished

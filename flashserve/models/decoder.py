@@ -1,0 +1,131 @@
+"""One decoder-only transformer for Llama 2/3/3.1/3.2, Qwen2/2.5, Qwen3 and Mistral.
+
+The architectures differ only in data carried by ``ModelSpec`` (q/k/v and output biases, per-head q/k RMSNorm,
+rope scaling, sliding windows, tied embeddings). Module names follow Hugging Face's, except that q/k/v and
+gate/up are fused (``qkv_proj``, ``gate_up_proj``); ``packed_modules_mapping`` tells the loader where the HF
+tensors go.
+
+Tokens of the whole batch are packed along one dimension: ``forward(input_ids (T,), positions (T,))`` returns
+hidden states (T, hidden_size); per-request boundaries live in the attention context.
+"""
+import torch
+from torch import nn
+
+from flashserve.kernels import silu_and_mul
+from flashserve.models.attention import Attention
+from flashserve.models.layers import LMHead, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from flashserve.models.spec import ModelSpec
+
+
+class SelfAttention(nn.Module):
+    """Fused QKV projection, optional per-head q/k RMSNorm, rotary, paged attention, output projection."""
+
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, sliding_window: int | None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = MergedLinear(spec.hidden_size, self.split_sizes, ("q", "k", "v"), spec.attention_bias)
+        self.o_proj = Linear(q_size, spec.hidden_size, spec.o_bias)
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.rotary = rotary
+        self.attn = Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5,
+                              sliding_window)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(-1, self.head_dim))
+            k = self.k_norm(k.reshape(-1, self.head_dim))
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate and up fused."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(spec.hidden_size, [spec.intermediate_size] * 2, (0, 1), spec.mlp_bias)
+        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block. The residual stream is carried separately and updated by the fused add + RMSNorm."""
+
+    def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = SelfAttention(spec, rotary, spec.sliding_windows[layer_index])
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
+        """Returns (this block's output, residual stream before adding it); the caller adds them."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    """Embedding, the decoder layers and the final norm (Hugging Face's ``model.*`` tensors)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
+        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, rotary, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class DecoderForCausalLM(nn.Module):
+    """The whole model: ``forward`` gives hidden states, ``compute_logits`` the float32 logits of chosen rows."""
+
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.model = DecoderModel(spec)
+        self.lm_head = LMHead(spec.vocab_size, spec.hidden_size,
+                              self.model.embed_tokens if spec.tie_word_embeddings else None)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: (T,) int64 packed over the batch -> hidden (T, hidden_size)."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (N, hidden_size) -> logits (N, vocab_size) float32."""
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        """The attention module of every layer, in layer order (the runner gives each its KV cache)."""
+        return [layer.self_attn.attn for layer in self.model.layers]

@@ -1,0 +1,45 @@
+"""What differs between the supported architectures, kept as data for the one decoder in ``decoder.py``.
+
+Keyed by the ``architectures`` entry of a checkpoint's config.json. Every field says where a checkpoint of that
+architecture differs from plain Llama; the decoder reads these through ``ModelSpec`` and has no per-model code.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ArchitectureTraits:
+    """Per-architecture facts of the Hugging Face implementation.
+
+    Attributes:
+        model_type: config.json's ``model_type`` (used to build random checkpoints with transformers).
+        qkv_bias: True/False fixed by the architecture, None = config.json's ``attention_bias`` decides.
+        o_bias: the same for the output projection.
+        mlp_bias_key: config key that switches on biases of the MLP projections, None when they never exist.
+        qk_norm: RMSNorm over each head of q and k before rotary (Qwen3).
+        sliding_window: "none" (never), "all" (every layer when ``sliding_window`` is set: Mistral) or
+            "layer_types" (the layers whose ``layer_types`` entry is "sliding_attention", only when
+            ``use_sliding_window`` is true: Qwen2/Qwen3).
+    """
+
+    model_type: str
+    qkv_bias: bool | None
+    o_bias: bool | None
+    mlp_bias_key: str | None
+    qk_norm: bool
+    sliding_window: str
+
+
+ARCHITECTURES: dict[str, ArchitectureTraits] = {
+    "LlamaForCausalLM": ArchitectureTraits("llama", None, None, "mlp_bias", False, "none"),
+    "Qwen2ForCausalLM": ArchitectureTraits("qwen2", True, False, None, False, "layer_types"),
+    "Qwen3ForCausalLM": ArchitectureTraits("qwen3", None, None, None, True, "layer_types"),
+    "MistralForCausalLM": ArchitectureTraits("mistral", False, False, None, False, "all"),
+}
+
+
+def get_traits(architecture: str) -> ArchitectureTraits:
+    """The traits of ``architecture``; raises ValueError naming it (and the supported ones) when unknown."""
+    if architecture not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise ValueError(f"unsupported architecture {architecture!r}; flashserve supports {supported}")
+    return ARCHITECTURES[architecture]

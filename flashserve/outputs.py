@@ -1,0 +1,50 @@
+"""What the engine hands back: vLLM's ``RequestOutput`` and ``CompletionOutput`` names."""
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One completion of a request.
+
+    Attributes:
+        index: the completion's index within the request (always 0: n = 1).
+        text: the generated text (stop string cut unless ``include_stop_str_in_output``).
+        token_ids: the generated token ids (an EOS or stop token that ended generation included).
+        finish_reason: "stop" (EOS, stop token or stop string), "length" (max_tokens or max_model_len), or None
+            while the request runs.
+        logprobs: None unless requested; else one dict per generated token mapping token id -> log-probability,
+            holding the sampled token and the ``logprobs`` most likely tokens.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether this completion has ended."""
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """The output of one request.
+
+    From ``LLM.generate`` it is the whole completion; from ``LLMEngine.step`` it carries only what is new since the
+    previous step (text, token ids and logprobs), with ``finished`` set on the last one.
+
+    Attributes:
+        request_id: the id given to ``add_request`` (the prompt's index for ``LLM.generate``).
+        prompt: the prompt text, or None when token ids were given.
+        prompt_token_ids: the prompt's token ids.
+        outputs: the completions (one).
+        finished: whether the request has ended.
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False

@@ -1,0 +1,99 @@
+"""How one request is sampled and when it stops: vLLM's ``SamplingParams`` names and meanings."""
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Sampling and stopping options of one request.
+
+    Attributes:
+        n: completions per prompt; only 1 is supported.
+        temperature: 0 is exact greedy (argmax); otherwise logits are divided by it before sampling.
+        top_p: nucleus sampling, keep the smallest set of tokens whose probability mass reaches ``top_p``; in (0, 1].
+        top_k: keep the ``top_k`` most likely tokens; 0 or -1 disables.
+        min_p: drop tokens whose probability is below ``min_p`` times the largest one; in [0, 1].
+        seed: a per-request random seed: the request then samples the same tokens whatever else is in the batch.
+        max_tokens: the most tokens to generate (>= 1).
+        min_tokens: EOS and ``stop_token_ids`` cannot be sampled, and stop strings do not stop, before this many.
+        stop: strings that end generation when they appear in the output text; cut from the text unless
+            ``include_stop_str_in_output``.
+        stop_token_ids: token ids that end generation (kept in ``token_ids``; special ones are not in the text).
+        ignore_eos: keep generating past the model's EOS tokens.
+        include_stop_str_in_output: keep the matched stop string at the end of the text.
+        repetition_penalty: > 0; logits of tokens seen in the prompt or output are divided by it when positive and
+            multiplied by it when negative (1 disables).
+        presence_penalty: subtracted once from the logit of every token already generated (in [-2, 2]).
+        frequency_penalty: subtracted from a token's logit once per time it was generated (in [-2, 2]).
+        logprobs: None, or N >= 0: return the log-probability of each sampled token and of the N most likely ones.
+        skip_special_tokens: leave special tokens out of the text.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
+
+    def __post_init__(self) -> None:
+        if self.n != 1:
+            raise ValueError(f"n must be 1 (n > 1 is not supported), got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 disables), got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        self.stop_strings = tuple(stop)
+        stop_ids = list(self.stop_token_ids or [])
+        if any(not isinstance(t, int) or t < 0 for t in stop_ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        self.stop_token_ids = stop_ids
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the request takes the argmax (temperature 0)."""
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether any repetition, presence or frequency penalty is active."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def uses_top_k(self) -> bool:
+        """Whether top-k filtering is active."""
+        return self.top_k > 0

@@ -1,0 +1,187 @@
+"""Sampling and stopping: validation, seeds, top-k, penalties, stop strings and tokens, min/max tokens, logprobs,
+UTF-8 safe detokenization, the incremental step API, and rejected requests.
+
+Runs on the PyTorch reference attention (the engine logic does not depend on the backend; the kernels are tested
+elsewhere and through tests/test_engine_parity.py).
+"""
+import pytest
+import torch
+
+from flashserve import LLM, SamplingParams
+from flashserve.engine.detokenizer import IncrementalDetokenizer
+from flashserve.engine.request import Request
+from flashserve.engine.sampler import Sampler
+from flashserve.models.checkpoint import write_random_checkpoint
+
+PROMPTS = [[10, 20, 30, 40, 50], [60, 70], [80, 90, 100, 110, 120, 130, 140, 150, 160]]
+
+
+@pytest.fixture(autouse=True)
+def reference_attention(monkeypatch):
+    monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("llama"))
+    write_random_checkpoint(directory, "LlamaForCausalLM", seed=3)
+    return LLM(directory, dtype="float32", device="cpu", block_size=4, num_kv_blocks=64)
+
+
+def _tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(n=2), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2), dict(min_p=1.5),
+    dict(max_tokens=0), dict(min_tokens=-1), dict(min_tokens=5, max_tokens=4), dict(repetition_penalty=0.0),
+    dict(presence_penalty=2.5), dict(frequency_penalty=-3.0), dict(logprobs=-1), dict(stop=[""]),
+    dict(stop=[1]), dict(stop_token_ids=[-1]), dict(seed="x"),
+])
+def test_invalid_sampling_params_raise(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+def test_seeded_requests_do_not_depend_on_the_batch(llm):
+    params = [SamplingParams(temperature=1.0, seed=11, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=12, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)]
+    forward = _tokens(llm.generate(PROMPTS, params, use_tqdm=False))
+    backward = _tokens(llm.generate(PROMPTS[::-1], params[::-1], use_tqdm=False))[::-1]
+    alone = _tokens(llm.generate(PROMPTS[:1], params[:1], use_tqdm=False))
+    assert forward[:2] == backward[:2]
+    assert alone[0] == forward[0]
+
+
+def test_top_k_1_equals_greedy(llm):
+    greedy = _tokens(llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                                  use_tqdm=False))
+    top1 = _tokens(llm.generate(PROMPTS, SamplingParams(temperature=1.5, top_k=1, max_tokens=6, ignore_eos=True),
+                                use_tqdm=False))
+    assert top1 == greedy
+
+
+def test_max_tokens_and_stop_token_ids_and_min_tokens(llm):
+    greedy = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0]
+    assert len(greedy.token_ids) == 6 and greedy.finish_reason == "length"
+    stop_id = greedy.token_ids[1]
+    stopped = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[stop_id],
+                                                       ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    first = greedy.token_ids.index(stop_id)
+    assert stopped.token_ids == greedy.token_ids[:first + 1] and stopped.finish_reason == "stop"
+    held = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=6, min_tokens=4,
+                                                    stop_token_ids=[stop_id], ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert len(held.token_ids) >= 4 and stop_id not in held.token_ids[:4]
+
+
+def _stop_string_case(llm):
+    """A greedy completion and a 3-character stop string that spans a token boundary inside it."""
+    tokenizer = llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    for prompt in PROMPTS:
+        output = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        text = output.text
+        for i in range(2, len(output.token_ids)):
+            boundary = len(tokenizer.decode(output.token_ids[:i]))
+            stop = text[boundary - 1:boundary + 2]
+            if len(stop) == 3 and stop.isascii() and stop.isprintable() and 0 < boundary - 1:
+                return prompt, output, stop
+    pytest.skip("no printable stop string found in the random model's output")
+
+
+def test_stop_strings_across_token_boundaries(llm):
+    prompt, output, stop = _stop_string_case(llm)
+    start = output.text.index(stop)
+    cut = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop=[stop], ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.text == output.text[:start] and cut.finish_reason == "stop"
+    kept = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop=stop, ignore_eos=True,
+                                                 include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert kept.text == output.text[:start + 3]
+
+
+def test_step_api_streams_deltas_and_holds_back_stop_prefixes(llm):
+    prompt, output, stop = _stop_string_case(llm)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=12, stop=[stop], ignore_eos=True)
+    engine.add_request("stream", prompt, params)
+    deltas = []
+    while engine.has_unfinished():
+        deltas.extend(o for o in engine.step() if o.request_id == "stream")
+    text = "".join(d.outputs[0].text for d in deltas)
+    assert text == output.text[:output.text.index(stop)]
+    assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+
+
+def test_abort_request_frees_blocks(llm):
+    engine = llm.engine
+    engine.add_request("doomed", PROMPTS[2], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.abort_request("doomed")
+    assert not engine.has_unfinished()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_penalties_match_a_hand_computed_case():
+    sampler = Sampler(torch.device("cpu"))
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
+    params = SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    request = Request("p", None, [0, 1], params, max_model_len=100)
+    request.token_ids += [3, 3, 4]  # output so far: token 3 twice, token 4 once
+    penalized = sampler._apply_penalties(logits, [request])
+    # repetition (prompt+output tokens 0, 1, 3, 4): positive / 2, negative * 2;
+    # then output counts: token 3 -> -(0.25*2 + 0.5), token 4 -> -(0.25 + 0.5).
+    expected = torch.tensor([[1.0, -2.0, 0.5, 1.5 - 1.0, -4.0 - 0.75, 1.0]])
+    torch.testing.assert_close(penalized, expected)
+    token_ids, _ = sampler(logits, [request], eos_token_ids=[])
+    assert token_ids == [0]  # 2.0 / 2 = 1.0 ties token 5's 1.0; argmax takes the first
+
+
+def test_logprobs_hold_the_sampled_token_and_the_top_n(llm):
+    output = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=3, logprobs=2, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0]
+    assert len(output.logprobs) == 3
+    for token_id, entry in zip(output.token_ids, output.logprobs):
+        assert token_id in entry and len(entry) == 2
+        assert entry[token_id] == max(entry.values()) and all(v <= 0 for v in entry.values())
+
+
+def test_incremental_detokenizer_never_splits_characters(llm):
+    tokenizer = llm.get_tokenizer()
+    text = "naïve café — 日本語 🙂 ok"
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=True)
+    pieces = [detokenizer.step(token_ids[:i]) for i in range(1, len(token_ids) + 1)]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert sum(1 for piece in pieces if piece == "") > 0  # multi-byte characters were held back
+
+
+def test_rejected_requests_leave_the_engine_working(llm):
+    engine = llm.engine
+    with pytest.raises(ValueError):
+        llm.generate([[]], use_tqdm=False)
+    with pytest.raises(ValueError):
+        llm.generate([PROMPTS[0], [1] * engine.max_model_len], use_tqdm=False)
+    with pytest.raises(ValueError):
+        llm.generate([[engine.vocab_size]], use_tqdm=False)
+    with pytest.raises(ValueError):
+        llm.generate([PROMPTS[0]], [SamplingParams(), SamplingParams()], use_tqdm=False)
+    with pytest.raises(ValueError):
+        engine.add_request("huge", [1] * 300, SamplingParams(max_tokens=1))  # 301 tokens > 64 blocks of 4
+    assert not engine.has_unfinished() and not engine.requests
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [2, 2, 2]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_string_prompts_and_chat(llm):
+    outputs = llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                           use_tqdm=False)
+    assert outputs[0].prompt == "Hello there" and len(outputs[0].outputs[0].token_ids) == 3
+    replies = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=3,
+                                                                           ignore_eos=True), use_tqdm=False)
+    assert "<|assistant|>" in replies[0].prompt and len(replies[0].outputs[0].token_ids) == 3
