@@ -3,19 +3,15 @@
 bf16, H 32 / KVH 8, d 128. Ours on a paged cache (page 16, random block table), on the same pages as a strided
 view (K and V interleaved per block, as in a combined KV buffer), and on a contiguous dense cache; SDPA flash and
 cuDNN backends on a contiguous (B, KVH, L, d) cache of the same content. TB/s counts the K and V bytes once.
-Also measures the HBM copy bandwidth in the same run. Usage: python benchmarks/bench_decode.py [--out DIR]
+"graph" columns replay the call from a CUDA graph: device time without the host's launch gaps (small shapes are
+launch-bound in eager mode). Also measures the HBM copy bandwidth in the same run.
+Usage: python benchmarks/bench_decode.py [--out DIR]
 """
-import argparse
-import datetime
-import json
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import common
 from flashserve.kernels import flash_attn_with_kvcache
 
 SHAPES = [(64, 4096), (256, 1024), (8, 32768), (1, 4096), (1, 131072)]
@@ -23,7 +19,11 @@ HEADS, HEADS_K, HEAD_DIM, PAGE = 32, 8, 128, 16
 
 
 def bench_us(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median") * 1e3
+    return common.bench_us(fn, warmup_ms=50, rep_ms=200)
+
+
+def graph_bench_us(fn) -> float:
+    return common.graph_us(fn, warmup_ms=50, rep_ms=200)
 
 
 def copy_bandwidth_tbs() -> float:
@@ -33,14 +33,17 @@ def copy_bandwidth_tbs() -> float:
     return 2 * src.numel() * src.element_size() / us / 1e6
 
 
-def sdpa_us(backend, q, k, v):
+def sdpa_us(backend, q, k, v) -> tuple[float, float]:
+    """(eager µs, CUDA-graph µs) of SDPA with one backend; NaN where the backend refuses the inputs."""
+    def run():
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     with sdpa_kernel(backend):
         try:
-            F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            run()
         except RuntimeError as error:
             print(f"  {backend}: unavailable ({str(error).splitlines()[0][:80]})")
-            return float("nan")
-        return bench_us(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            return float("nan"), float("nan")
+        return bench_us(run), graph_bench_us(run)
 
 
 def run_shape(batch: int, seqlen: int) -> dict:
@@ -69,11 +72,13 @@ def run_shape(batch: int, seqlen: int) -> dict:
     max_diff = max((out - ref).abs().max().item(), (out_dense - ref).abs().max().item())
     row = dict(batch=batch, seqlen=seqlen, kv_bytes=kv_bytes, max_abs_diff_vs_sdpa=max_diff,
                paged_us=bench_us(ours(k_paged, v_paged, block_table)),
+               paged_graph_us=graph_bench_us(ours(k_paged, v_paged, block_table)),
                paged_strided_us=bench_us(ours(k_strided, v_strided, block_table)),
-               dense_us=bench_us(ours(k_dense, v_dense, None)),
-               sdpa_flash_us=sdpa_us(SDPBackend.FLASH_ATTENTION, q_sdpa, k_sdpa, v_sdpa),
-               sdpa_cudnn_us=sdpa_us(SDPBackend.CUDNN_ATTENTION, q_sdpa, k_sdpa, v_sdpa))
-    for name in ("paged", "paged_strided", "dense", "sdpa_flash", "sdpa_cudnn"):
+               dense_us=bench_us(ours(k_dense, v_dense, None)))
+    row["sdpa_flash_us"], row["sdpa_flash_graph_us"] = sdpa_us(SDPBackend.FLASH_ATTENTION, q_sdpa, k_sdpa, v_sdpa)
+    row["sdpa_cudnn_us"], row["sdpa_cudnn_graph_us"] = sdpa_us(SDPBackend.CUDNN_ATTENTION, q_sdpa, k_sdpa, v_sdpa)
+    for name in ("paged", "paged_graph", "paged_strided", "dense", "sdpa_flash", "sdpa_flash_graph", "sdpa_cudnn",
+                 "sdpa_cudnn_graph"):
         row[f"{name}_tbs"] = kv_bytes / row[f"{name}_us"] / 1e6
     return row
 
@@ -81,63 +86,52 @@ def run_shape(batch: int, seqlen: int) -> dict:
 def markdown(rows, copy_tbs) -> str:
     lines = [f"HBM copy bandwidth (same run): {copy_tbs:.2f} TB/s", "",
              "| B | L | ours paged µs | TB/s | % copy | strided µs (Δ) | dense µs | SDPA flash µs (TB/s) | "
-             "cuDNN µs (TB/s) | cuDNN / ours |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "cuDNN µs (TB/s) | cuDNN / ours | ours graph µs (TB/s) | SDPA flash graph µs | cuDNN graph µs | "
+             "cuDNN / ours (graph) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = (r["paged_strided_us"] / r["paged_us"] - 1) * 100
         lines.append(
             f"| {r['batch']} | {r['seqlen']} | {r['paged_us']:.1f} | {r['paged_tbs']:.2f} | "
             f"{100 * r['paged_tbs'] / copy_tbs:.0f}% | {r['paged_strided_us']:.1f} ({delta:+.1f}%) | "
             f"{r['dense_us']:.1f} | {r['sdpa_flash_us']:.1f} ({r['sdpa_flash_tbs']:.2f}) | "
-            f"{r['sdpa_cudnn_us']:.1f} ({r['sdpa_cudnn_tbs']:.2f}) | {r['sdpa_cudnn_us'] / r['paged_us']:.2f} |")
+            f"{r['sdpa_cudnn_us']:.1f} ({r['sdpa_cudnn_tbs']:.2f}) | {r['sdpa_cudnn_us'] / r['paged_us']:.2f} | "
+            f"{r['paged_graph_us']:.1f} ({r['paged_graph_tbs']:.2f}) | {r['sdpa_flash_graph_us']:.1f} | "
+            f"{r['sdpa_cudnn_graph_us']:.1f} | {r['sdpa_cudnn_graph_us'] / r['paged_graph_us']:.2f} |")
     return "\n".join(lines)
 
 
-def plot(rows, copy_tbs, path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not available: no plot")
-        return
-    labels = [f"B{r['batch']}\nL{r['seqlen']}" for r in rows]
-    series = [("ours paged", "paged_tbs"), ("ours strided", "paged_strided_tbs"), ("ours dense", "dense_tbs"),
-              ("SDPA flash", "sdpa_flash_tbs"), ("SDPA cuDNN", "sdpa_cudnn_tbs")]
-    width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    for i, (name, key) in enumerate(series):
-        ax.bar([x + i * width for x in range(len(rows))], [r[key] for r in rows], width, label=name)
-    ax.axhline(copy_tbs, color="black", linestyle="--", label="HBM copy")
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
-    ax.set_ylabel("TB/s (K+V bytes once)")
-    ax.set_title(f"decode, bf16, H{HEADS}/KVH{HEADS_K}, d{HEAD_DIM}, page {PAGE}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def plot(rows, copy_tbs):
+    def draw(plt):
+        labels = [f"B{r['batch']}\nL{r['seqlen']}" for r in rows]
+        series = [("ours paged", "paged_tbs"), ("ours paged (graph)", "paged_graph_tbs"),
+                  ("ours strided", "paged_strided_tbs"), ("ours dense", "dense_tbs"), ("SDPA flash", "sdpa_flash_tbs"),
+                  ("SDPA cuDNN", "sdpa_cudnn_tbs"), ("SDPA cuDNN (graph)", "sdpa_cudnn_graph_tbs")]
+        width = 0.8 / len(series)
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        for i, (name, key) in enumerate(series):
+            ax.bar([x + i * width for x in range(len(rows))], [r[key] for r in rows], width, label=name)
+        ax.axhline(copy_tbs, color="black", linestyle="--", label="HBM copy")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
+        ax.set_ylabel("TB/s (K+V bytes once)")
+        ax.set_title(f"decode, bf16, H{HEADS}/KVH{HEADS_K}, d{HEAD_DIM}, page {PAGE}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+    return draw
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
+    parser = common.argument_parser(__doc__)
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
     copy_tbs = copy_bandwidth_tbs()
     rows = []
     for batch, seqlen in SHAPES:
         rows.append(run_shape(batch, seqlen))
         torch.cuda.empty_cache()
-    table = markdown(rows, copy_tbs)
-    meta = dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                command=" ".join([sys.executable, *sys.argv]), torch=torch.__version__, triton=triton.__version__)
-    header = f"## Decode ({meta['gpu']}, {meta['date'][:10]}, torch {meta['torch']}, triton {meta['triton']})\n\n" \
-             f"`{meta['command']}`\n\n"
-    print(header + table)
-    with open(os.path.join(args.out, "bench_decode.json"), "w") as f:
-        json.dump(dict(meta=meta, copy_tbs=copy_tbs, rows=rows), f, indent=2)
-    with open(os.path.join(args.out, "bench_decode.md"), "w") as f:
-        f.write(header + table + "\n")
-    plot(rows, copy_tbs, os.path.join(args.out, "bench_decode.png"))
+    env = common.environment()
+    common.write_results(args.out, "bench_decode", common.section_header("Decode", env) + markdown(rows, copy_tbs),
+                  dict(meta=env, copy_tbs=copy_tbs, rows=rows), plot(rows, copy_tbs))
 
 
 if __name__ == "__main__":

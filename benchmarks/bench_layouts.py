@@ -13,13 +13,12 @@ contiguous cache vs strided cache.
 
 Usage: ``python benchmarks/bench_layouts.py --out DIR``; writes bench_layouts.{md,json,png} into DIR.
 """
-import argparse
 import textwrap
 import time
 
 import torch
 
-from bench_prefill import bench_ms, write_results
+from common import argument_parser, bench_ms, environment, environment_lines, markdown_table, write_results
 from flashserve.kernels import flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func
 
 DTYPE = torch.bfloat16
@@ -93,8 +92,7 @@ def measure(make, contiguous, warmup_ms, rep_ms):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".", help="folder for the results")
+    parser = argument_parser(__doc__)
     parser.add_argument("--warmup", type=int, default=50, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=200, help="do_bench repetitions, ms")
     args = parser.parse_args()
@@ -127,7 +125,9 @@ def main():
         return fig
 
     header = ["Benchmark / Layout", "", "Warm-up time (ms)", "Median time (ms)"]
-    write_results(args.out, "bench_layouts", header, rows, {"records": records}, plot)
+    env = environment()
+    write_results(args.out, "bench_layouts", environment_lines(env) + markdown_table(header, rows),
+                  {"environment": env, "header": header, "rows": rows, "records": records}, plot)
 
 
 if __name__ == "__main__":

@@ -2,39 +2,19 @@
 
 tokens {256, 512, 613, 1024, 1536, 4096} x heads {16, 32, 48} x head size 128, fp16 and bf16. GPU times are
 ``do_bench`` medians; TB/s counts 3 x the output bytes (two inputs read, one output written); "wall µs per call"
-is the host-side cost of a call in a tight loop (Python + launch), which bounds small merges.
+is the host-side cost of a call in a tight loop (Python + launch), which bounds small merges; "graph µs" replays
+the call from a CUDA graph (device time without host launch gaps).
 Usage: python benchmarks/bench_merge.py [--out DIR]
 """
-import argparse
-import datetime
-import json
-import os
-import sys
-import time
-
 import torch
-import triton
 
+from common import argument_parser, bench_us, environment, graph_us, section_header, wall_us, write_results
 from flashserve.kernels import merge_attn_states
 from flashserve.kernels.reference import merge_attn_states as merge_attn_states_torch
 
 TOKENS = [256, 512, 613, 1024, 1536, 4096]
 HEADS = [16, 32, 48]
 HEAD_SIZE = 128
-
-
-def bench_us(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
-
-
-def wall_us(fn, calls=500) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def run(tokens, heads, dtype) -> dict:
@@ -52,60 +32,49 @@ def run(tokens, heads, dtype) -> dict:
     nbytes = 3 * output.numel() * output.element_size()
     row = dict(tokens=tokens, heads=heads, head_size=HEAD_SIZE, dtype=str(dtype).replace("torch.", ""),
                max_abs_diff=(output.float() - expected.float()).abs().max().item(),
-               torch_us=bench_us(torch_fn), ours_us=bench_us(ours), ours_wall_us=wall_us(ours))
+               torch_us=bench_us(torch_fn), ours_us=bench_us(ours), ours_graph_us=graph_us(ours),
+               ours_wall_us=wall_us(ours))
     row["speedup"] = row["torch_us"] / row["ours_us"]
     row["ours_tbs"] = nbytes / row["ours_us"] / 1e6
     return row
 
 
 def markdown(rows) -> str:
-    lines = ["| tokens | heads | headsize | dtype | torch µs | ours µs | speedup | ours TB/s | wall µs per call |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| tokens | heads | headsize | dtype | torch µs | ours µs | speedup | ours TB/s | wall µs per call | "
+             "ours graph µs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['tokens']} | {r['heads']} | {r['head_size']} | {r['dtype']} | {r['torch_us']:.1f} | "
-                     f"{r['ours_us']:.1f} | {r['speedup']:.1f}x | {r['ours_tbs']:.2f} | {r['ours_wall_us']:.1f} |")
+                     f"{r['ours_us']:.1f} | {r['speedup']:.1f}x | {r['ours_tbs']:.2f} | {r['ours_wall_us']:.1f} | "
+                     f"{r['ours_graph_us']:.1f} |")
     return "\n".join(lines)
 
 
-def plot(rows, path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not available: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for dtype in sorted({r["dtype"] for r in rows}):
-        for heads in HEADS:
-            sel = [r for r in rows if r["dtype"] == dtype and r["heads"] == heads]
-            ax.plot([r["tokens"] for r in sel], [r["speedup"] for r in sel], marker="o", label=f"{dtype} H{heads}")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("speedup over torch")
-    ax.set_title(f"merge_attn_states, head size {HEAD_SIZE}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def plot(rows):
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for dtype in sorted({r["dtype"] for r in rows}):
+            for heads in HEADS:
+                sel = [r for r in rows if r["dtype"] == dtype and r["heads"] == heads]
+                ax.plot([r["tokens"] for r in sel], [r["speedup"] for r in sel], marker="o",
+                        label=f"{dtype} H{heads}")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("speedup over torch")
+        ax.set_title(f"merge_attn_states, head size {HEAD_SIZE}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig
+    return draw
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
+    parser = argument_parser(__doc__)
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
     rows = [run(tokens, heads, dtype) for dtype in (torch.float16, torch.bfloat16) for heads in HEADS
             for tokens in TOKENS]
-    meta = dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                command=" ".join([sys.executable, *sys.argv]), torch=torch.__version__, triton=triton.__version__)
-    header = f"## merge_attn_states ({meta['gpu']}, {meta['date'][:10]}, torch {meta['torch']}, " \
-             f"triton {meta['triton']})\n\n`{meta['command']}`\n\n"
-    table = markdown(rows)
-    print(header + table)
-    with open(os.path.join(args.out, "bench_merge.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=2)
-    with open(os.path.join(args.out, "bench_merge.md"), "w") as f:
-        f.write(header + table + "\n")
-    plot(rows, os.path.join(args.out, "bench_merge.png"))
+    env = environment()
+    write_results(args.out, "bench_merge", section_header("merge_attn_states", env) + markdown(rows),
+                  dict(meta=env, rows=rows), plot(rows))
 
 
 if __name__ == "__main__":

@@ -4,62 +4,16 @@ bf16, random inputs, FLOPs counted as 4 * B * H * S^2 * D / 2 (causal), medians 
 Usage: ``python benchmarks/bench_prefill.py --out DIR``; prints a markdown table and writes
 ``bench_prefill.json`` / ``bench_prefill.md`` / ``bench_prefill.png`` into DIR.
 """
-import argparse
-import datetime
-import json
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from common import argument_parser, bench_ms, environment, environment_lines, markdown_table, write_results
 from flashserve.kernels import flash_attn_func
 
 # (B, S, H, Hk, D): the shapes of ANCHORS.md
 SHAPES = [(16, 512, 32, 8, 128), (8, 2048, 32, 8, 128), (2, 8192, 32, 8, 128), (1, 16384, 32, 8, 128),
           (8, 2048, 16, 8, 64)]
-
-
-def environment() -> dict:
-    """GPU name, versions, date and command of this run."""
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-    }
-
-
-def write_results(out_dir: str, name: str, header: list[str], rows: list[list], extra: dict, plot) -> None:
-    """Print the markdown table and write DIR/name.md, DIR/name.json and (with matplotlib) DIR/name.png."""
-    os.makedirs(out_dir, exist_ok=True)
-    env = environment()
-    lines = [f"GPU: {env['gpu']} · torch {env['torch']} · triton {env['triton']} · {env['date']}",
-             f"Command: `{env['command']}`", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-        json.dump({"environment": env, "header": header, "rows": rows, **extra}, f, indent=2)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig = plot(plt)
-    fig.savefig(os.path.join(out_dir, f"{name}.png"), dpi=120, bbox_inches="tight")
-
-
-def bench_ms(fn, warmup_ms: int, rep_ms: int) -> float:
-    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
 def sdpa_ms(backend, q, k, v, warmup_ms, rep_ms) -> float | None:
@@ -76,8 +30,7 @@ def sdpa_ms(backend, q, k, v, warmup_ms, rep_ms) -> float | None:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".", help="folder for the results")
+    parser = argument_parser(__doc__)
     parser.add_argument("--warmup", type=int, default=50, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=200, help="do_bench repetitions, ms")
     args = parser.parse_args()
@@ -125,7 +78,9 @@ def main():
 
     header = ["B", "S", "H/Hk", "D", "ours ms", "ours TFLOP/s", "SDPA flash TFLOP/s", "SDPA cuDNN TFLOP/s",
               "ours / flash", "ours / cuDNN"]
-    write_results(args.out, "bench_prefill", header, rows, {"records": records}, plot)
+    env = environment()
+    write_results(args.out, "bench_prefill", environment_lines(env) + markdown_table(header, rows),
+                  {"environment": env, "header": header, "rows": rows, "records": records}, plot)
 
 
 if __name__ == "__main__":

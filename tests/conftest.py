@@ -1,5 +1,12 @@
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the kernels are tested through Triton's interpreter (set before any kernel module is imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,6 +5,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels._launch import cdiv, next_power_of_2
 from flashserve.kernels.reference import layers as reference
 
 
@@ -33,8 +34,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out_rows = out.view(-1, intermediate)
     if rows.shape[0] == 0 or intermediate == 0:
         return out
-    block = min(1024, triton.next_power_of_2(intermediate))
-    grid = (rows.shape[0], triton.cdiv(intermediate, block))
+    block = min(1024, next_power_of_2(intermediate))
+    grid = (rows.shape[0], cdiv(intermediate, block))
     _silu_and_mul_kernel[grid](rows, out_rows, intermediate, rows.stride(0), out_rows.stride(0), BLOCK=block,
                                num_warps=4)
     return out

@@ -1,29 +1,32 @@
 """Writing new keys and values into a paged KV cache: ``reshape_and_cache_flash`` (vLLM's signature)."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels._launch import cdiv, next_power_of_2
 from flashserve.kernels.reference import decode as reference
 
 
 @triton.jit
 def _cache_write_kernel(
     key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
-    num_heads, head_size, block_size,
     stride_key_t, stride_key_h, stride_value_t, stride_value_h,
     stride_kc_block, stride_kc_row, stride_kc_head, stride_vc_block, stride_vc_row, stride_vc_head,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
-        block = slot // block_size
-        row = slot % block_size
+        block = slot // BLOCK_SIZE
+        row = slot % BLOCK_SIZE
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         dims = tl.arange(0, BLOCK_D)
-        mask = (heads < num_heads)[:, None] & (dims < head_size)[None, :]
+        mask = (heads < NUM_HEADS)[:, None] & (dims < HEAD_SIZE)[None, :]
         key = tl.load(key_ptr + token * stride_key_t + heads[:, None] * stride_key_h + dims[None, :], mask=mask)
         value = tl.load(value_ptr + token * stride_value_t + heads[:, None] * stride_value_h + dims[None, :],
                         mask=mask)
@@ -33,6 +36,14 @@ def _cache_write_kernel(
                  key.to(key_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(value_dst + heads[:, None] * stride_vc_head + dims[None, :],
                  value.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=256)
+def _block_sizes(num_heads: int, head_size: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_D, head blocks) of a launch, once per shape (``triton``'s helpers cost µs per call)."""
+    block_d = next_power_of_2(head_size)
+    block_h = min(next_power_of_2(num_heads), max(1, 4096 // block_d))
+    return block_h, block_d, cdiv(num_heads, block_h)
 
 
 def reshape_and_cache_flash(
@@ -53,34 +64,36 @@ def reshape_and_cache_flash(
             synchronisation); an out-of-range slot is undefined behaviour.
     """
     _validate.check_tensor("key", key, 3, _validate.ATTENTION_DTYPES)
-    device = key.device
-    _validate.check_tensor("value", value, 3, (key.dtype,), device)
-    _validate.check_shape("value", value, key.shape)
-    _validate.check_tensor("key_cache", key_cache, 4, (key.dtype,), device)
-    if tuple(key_cache.shape[2:]) != tuple(key.shape[1:]):
-        raise ValueError(f"key_cache must have (Hk, D) = {tuple(key.shape[1:])} in its last two dimensions, "
-                         f"got shape {tuple(key_cache.shape)}")
-    _validate.check_tensor("value_cache", value_cache, 4, (key.dtype,), device)
-    _validate.check_shape("value_cache", value_cache, key_cache.shape)
+    device, dtype, shape = key.device, key.dtype, key.shape
+    _validate.check_tensor("value", value, 3, (dtype,), device)
+    _validate.check_shape("value", value, shape)
+    _validate.check_tensor("key_cache", key_cache, 4, (dtype,), device)
+    cache_shape = key_cache.shape
+    if cache_shape[2:] != shape[1:]:
+        raise ValueError(f"key_cache must have (Hk, D) = {tuple(shape[1:])} in its last two dimensions, "
+                         f"got shape {tuple(cache_shape)}")
+    _validate.check_tensor("value_cache", value_cache, 4, (dtype,), device)
+    _validate.check_shape("value_cache", value_cache, cache_shape)
     _validate.check_index_tensor("slot_mapping", slot_mapping, 1, device, torch.int64)
-    if slot_mapping.shape[0] != key.shape[0]:
-        raise ValueError(f"slot_mapping must have {key.shape[0]} entries (one per token), got {slot_mapping.shape[0]}")
-    for name, tensor in (("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
-        _validate.check_last_dim_contiguous(name, tensor)
+    num_tokens, num_heads, head_size = shape
+    if slot_mapping.shape[0] != num_tokens:
+        raise ValueError(f"slot_mapping must have {num_tokens} entries (one per token), got {slot_mapping.shape[0]}")
+    _validate.check_last_dim_contiguous("key", key)
+    _validate.check_last_dim_contiguous("value", value)
+    _validate.check_last_dim_contiguous("key_cache", key_cache)
+    _validate.check_last_dim_contiguous("value_cache", value_cache)
     if not use_triton(key):
         reference.reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping)
         return
-    num_tokens, num_heads, head_size = key.shape
     if num_tokens == 0:
         return
-    block_d = triton.next_power_of_2(head_size)
-    block_h = min(triton.next_power_of_2(num_heads), max(1, 4096 // block_d))
-    grid = (num_tokens, triton.cdiv(num_heads, block_h))
-    _cache_write_kernel[grid](
+    block_h, block_d, head_blocks = _block_sizes(num_heads, head_size)
+    key_stride, value_stride = key.stride(), value.stride()
+    kc_stride, vc_stride = key_cache.stride(), value_cache.stride()
+    _cache_write_kernel[(num_tokens, head_blocks)](
         key, value, key_cache, value_cache, slot_mapping,
-        num_heads, head_size, key_cache.shape[1],
-        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+        key_stride[0], key_stride[1], value_stride[0], value_stride[1],
+        kc_stride[0], kc_stride[1], kc_stride[2], vc_stride[0], vc_stride[1], vc_stride[2],
+        NUM_HEADS=num_heads, HEAD_SIZE=head_size, BLOCK_SIZE=cache_shape[1], BLOCK_H=block_h, BLOCK_D=block_d,
+        num_warps=4,
     )

@@ -7,7 +7,7 @@ Kernel structure:
 - each sequence's visible keys (after the causal / window bounds of the row block) are cut into ``num_splits``
   ranges, a multiple of BLOCK_N each. With one split the kernel writes the output and LSE directly; with more it
   writes fp32 partial outputs and LSEs, and ``_combine_splits_kernel`` merges them with the combine code of
-  ``merge_attn_states`` (``merge.lse_weights``).
+  ``merge_attn_states`` (``merge.lse_weights``). Output layouts are derived inside the kernels, not passed.
 - paged caches gather each tile's block ids from ``block_table`` (cast to int64 before multiplying by the block
   stride); dense caches use ``cache_batch_idx``. Strides are plain ints so Triton specialises on them.
 The grid is sized from the cache capacity, never from ``cache_seqlens`` values: no host synchronisation.
@@ -18,12 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import triton_interpret_enabled, use_triton
-from flashserve.kernels.cache import reshape_and_cache_flash
+from flashserve.kernels._launch import next_power_of_2
+from flashserve.kernels.decode_checks import check_kvcache_args
+from flashserve.kernels.kvcache_append import append_new_tokens
 from flashserve.kernels.merge import lse_weights, weighted
 from flashserve.kernels.reference import decode as reference
-from flashserve.kernels.rotary import rotate_in_place
 
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 64
@@ -35,18 +35,21 @@ PROGRAMS_PER_SM = 4
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr, block_table_ptr, batch_idx_ptr, seqlens_k_ptr, alibi_ptr,
-    seqlen_q, num_heads_k, head_dim, num_splits, sm_scale, softcap, window_left, window_right,
+    seqlen_q, num_splits, sm_scale, softcap, window_left, window_right,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_osplit, stride_oh, stride_lb, stride_ls, stride_lsplit, stride_lh,
     stride_block_table, stride_alibi,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+    NUM_HEADS_K: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
+    HAS_BATCH_IDX: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, SPLIT_OUTPUT: tl.constexpr, WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """Output layouts are derived, not passed: with SPLIT_OUTPUT, fp32 partial outputs (B * Sq, splits, H, D) at
+    ``out_ptr`` followed in the same buffer by their LSEs (B * Sq, splits, H); otherwise out (B, Sq, H, D) in q's
+    dtype and, with WRITE_LSE, lse (B, H, Sq), both contiguous."""
     split = tl.program_id(0)
-    kv_head = tl.program_id(1) % num_heads_k
-    row_start = (tl.program_id(1) // num_heads_k) * BLOCK_M
+    kv_head = tl.program_id(1) % NUM_HEADS_K
+    row_start = (tl.program_id(1) // NUM_HEADS_K) * BLOCK_M
     batch = tl.program_id(2).to(tl.int64)
 
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -54,7 +57,7 @@ def _decode_kernel(
     query = rows // GROUP
     head = kv_head * GROUP + rows % GROUP
     dims = tl.arange(0, BLOCK_D)
-    dim_valid = dims < head_dim
+    dim_valid = dims < HEAD_DIM
     seqlen_k = tl.load(seqlens_k_ptr + batch)
     diagonal = query + seqlen_k - seqlen_q  # the key each row is aligned to (bottom right)
 
@@ -132,115 +135,51 @@ def _decode_kernel(
     safe_sum = tl.where(empty, 1.0, row_sum)
     out = acc / safe_sum[:, None]
     lse = tl.where(empty, float("-inf"), row_max * 0.6931471805599453 + tl.log(safe_sum))
-    out_rows = out_ptr + batch * stride_ob + query * stride_os + split * stride_osplit + head * stride_oh
-    tl.store(out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
+    num_heads = NUM_HEADS_K * GROUP
+    token = batch * seqlen_q + query
+    if SPLIT_OUTPUT:
+        state = (token * num_splits + split) * num_heads + head
+        out_offsets = state * HEAD_DIM
+        lse_base = out_ptr + tl.num_programs(2).to(tl.int64) * seqlen_q * num_splits * num_heads * HEAD_DIM
+        lse_offsets = state
+    else:
+        out_offsets = (token * num_heads + head) * HEAD_DIM
+        lse_base = lse_ptr
+        lse_offsets = (batch * num_heads + head) * seqlen_q + query
+    tl.store(out_ptr + out_offsets[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_valid[:, None] & dim_valid[None, :])
-    tl.store(lse_ptr + batch * stride_lb + query * stride_ls + split * stride_lsplit + head * stride_lh, lse,
-             mask=row_valid)
+    if WRITE_LSE:
+        tl.store(lse_base + lse_offsets, lse, mask=row_valid)
 
 
 @triton.jit
 def _combine_splits_kernel(
-    out_ptr, lse_ptr, part_out_ptr, part_lse_ptr, seqlen_q, num_heads, head_dim, num_splits,
-    stride_ob, stride_os, stride_oh, stride_lb, stride_ls, stride_lh,
-    BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    out_ptr, lse_ptr, part_ptr, seqlen_q, num_splits,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WRITE_LSE: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Merge the partial states written by ``_decode_kernel`` (SPLIT_OUTPUT layout, one buffer at ``part_ptr``)
+    into out (B, Sq, H, D) and, with WRITE_LSE, lse (B, H, Sq), both contiguous."""
     token = tl.program_id(0).to(tl.int64)  # batch * seqlen_q + query
     batch = token // seqlen_q
     query = token % seqlen_q
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
-    head_valid = heads < num_heads
+    head_valid = heads < NUM_HEADS
+    dim_valid = dims < HEAD_DIM
     state_valid = head_valid[:, None] & (splits < num_splits)[None, :]
-    # partial buffers: out (B * Sq, splits, H, D) and lse (B * Sq, splits, H), contiguous fp32
-    state = (token * num_splits + splits[None, :]) * num_heads + heads[:, None]  # [BLOCK_H, BLOCK_S]
+    state = (token * num_splits + splits[None, :]) * NUM_HEADS + heads[:, None]  # [BLOCK_H, BLOCK_S]
+    part_lse_ptr = part_ptr + tl.num_programs(0).to(tl.int64) * num_splits * NUM_HEADS * HEAD_DIM
     part_lse = tl.load(part_lse_ptr + state, mask=state_valid, other=float("-inf"))
     weights, lse = lse_weights(part_lse)
-    part_out = tl.load(part_out_ptr + state[:, :, None] * head_dim + dims[None, None, :],
-                       mask=state_valid[:, :, None] & (dims < head_dim)[None, None, :], other=0.0)
+    part_out = tl.load(part_ptr + state[:, :, None] * HEAD_DIM + dims[None, None, :],
+                       mask=state_valid[:, :, None] & dim_valid[None, None, :], other=0.0)
     out = tl.sum(weighted(part_out, weights[:, :, None]), axis=1)
-    out_rows = out_ptr + batch * stride_ob + query * stride_os + heads * stride_oh
-    tl.store(out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=head_valid[:, None] & (dims < head_dim)[None, :])
-    tl.store(lse_ptr + batch * stride_lb + query * stride_ls + heads * stride_lh, lse, mask=head_valid)
-
-
-def _check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                        cache_leftpad, block_table, window_size, softcap, alibi_slopes, num_splits):
-    """Validate flash_attn_with_kvcache's arguments (ValueError naming the argument); returns the window."""
-    _validate.check_tensor("q", q, 4, _validate.ATTENTION_DTYPES)
-    device, dtype = q.device, q.dtype
-    batch, seqlen_q, num_heads, head_dim = q.shape
-    if head_dim > 256:
-        raise ValueError(f"q head dimension must be <= 256, got {head_dim}")
-    _validate.check_tensor("k_cache", k_cache, 4, (dtype,), device)
-    _validate.check_tensor("v_cache", v_cache, 4, (dtype,), device)
-    _validate.check_shape("v_cache", v_cache, k_cache.shape)
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache head dimension must equal q's ({head_dim}), got shape {tuple(k_cache.shape)}")
-    if num_heads % k_cache.shape[2]:
-        raise ValueError(f"q heads ({num_heads}) must be a multiple of k_cache heads ({k_cache.shape[2]})")
-    for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _validate.check_last_dim_contiguous(name, tensor)
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not supported by flashserve's flash_attn_with_kvcache")
-    if block_table is not None:
-        _validate.check_index_tensor("block_table", block_table, 2, device)
-        if block_table.shape[0] != batch:
-            raise ValueError(f"block_table must have {batch} rows, got shape {tuple(block_table.shape)}")
-        if cache_batch_idx is not None:
-            raise ValueError("cache_batch_idx must be None with a paged cache (block_table given)")
-        capacity = block_table.shape[1] * k_cache.shape[1]
-    else:
-        if cache_batch_idx is not None:
-            _validate.check_index_tensor("cache_batch_idx", cache_batch_idx, 1, device)
-            _validate.check_shape("cache_batch_idx", cache_batch_idx, (batch,))
-        elif k_cache.shape[0] != batch:
-            raise ValueError(f"k_cache must have {batch} rows (dense cache without cache_batch_idx), "
-                             f"got shape {tuple(k_cache.shape)}")
-        capacity = k_cache.shape[1]
-    if (k is None) != (v is None):
-        raise ValueError("k and v must be given together")
-    seqlen_new = 0
-    if k is not None:
-        expected = (batch, k.shape[1] if k.dim() == 4 else -1, k_cache.shape[2], head_dim)
-        for name, tensor in (("k", k), ("v", v)):
-            _validate.check_tensor(name, tensor, 4, (dtype,), device)
-            _validate.check_shape(name, tensor, expected)
-            _validate.check_last_dim_contiguous(name, tensor)
-        if cache_seqlens is None:
-            raise ValueError("cache_seqlens must be given when k and v are appended")
-        seqlen_new = k.shape[1]
-    if (rotary_cos is None) != (rotary_sin is None):
-        raise ValueError("rotary_cos and rotary_sin must be given together")
-    if rotary_cos is not None:
-        if k is None:
-            raise ValueError("rotary_cos needs k and v (rotary is applied to the appended keys)")
-        _validate.check_tensor("rotary_cos", rotary_cos, 2, _validate.ATTENTION_DTYPES, device)
-        _validate.check_tensor("rotary_sin", rotary_sin, 2, (rotary_cos.dtype,), device)
-        _validate.check_shape("rotary_sin", rotary_sin, rotary_cos.shape)
-        _validate.check_last_dim_contiguous("rotary_cos", rotary_cos)
-        _validate.check_last_dim_contiguous("rotary_sin", rotary_sin)
-        if not 0 < 2 * rotary_cos.shape[1] <= head_dim:
-            raise ValueError(f"rotary_cos must have rotary_dim / 2 columns with rotary_dim <= {head_dim}, "
-                             f"got shape {tuple(rotary_cos.shape)}")
-    if isinstance(cache_seqlens, torch.Tensor):
-        _validate.check_index_tensor("cache_seqlens", cache_seqlens, 1, device)
-        _validate.check_shape("cache_seqlens", cache_seqlens, (batch,))
-    elif cache_seqlens is not None:
-        if not isinstance(cache_seqlens, int) or not 0 <= cache_seqlens <= capacity - seqlen_new:
-            raise ValueError(f"cache_seqlens must be an int in [0, {capacity - seqlen_new}] or a (B,) int32 "
-                             f"tensor, got {cache_seqlens!r}")
-    if alibi_slopes is not None:
-        _validate.check_tensor("alibi_slopes", alibi_slopes, None, (torch.float32,), device)
-        if tuple(alibi_slopes.shape) not in ((num_heads,), (batch, num_heads)) or alibi_slopes.stride(-1) != 1:
-            raise ValueError(f"alibi_slopes must be contiguous of shape ({num_heads},) or ({batch}, {num_heads}), "
-                             f"got shape {tuple(alibi_slopes.shape)}")
-    if not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
-    _validate.check_softcap(softcap)
-    return _validate.check_window_size(window_size)
+    tl.store(out_ptr + (token * NUM_HEADS + heads[:, None]) * HEAD_DIM + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=head_valid[:, None] & dim_valid[None, :])
+    if WRITE_LSE:
+        tl.store(lse_ptr + (batch * NUM_HEADS + heads) * seqlen_q + query, lse, mask=head_valid)
 
 
 @functools.lru_cache(maxsize=None)
@@ -251,7 +190,11 @@ def _sm_count(device_index: int) -> int:
 def choose_num_splits(num_splits: int, programs: int, capacity: int, device: torch.device) -> int:
     """Splits per sequence: ``num_splits`` if forced (clamped to 64), else as many as keep the grid within
     PROGRAMS_PER_SM programs per SM (132 SMs assumed off-GPU; rounding down avoids a lone tail wave) while keeping
-    each split >= MIN_TOKENS_PER_SPLIT tokens of the cache capacity."""
+    each split >= MIN_TOKENS_PER_SPLIT tokens of the cache capacity.
+
+    A lone sequence (B1 L4096: 8 programs, one per KV head) gets 32 splits of 128 keys and a combine launch: with
+    one split each program would walk 64 tiles one after the other, and at ~4 MB of K/V the time is the latency of
+    that chain, not bandwidth, so the second (tiny) launch is the cheaper option."""
     if num_splits > 0:
         return min(num_splits, MAX_SPLITS)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
@@ -260,32 +203,23 @@ def choose_num_splits(num_splits: int, programs: int, capacity: int, device: tor
     return max(1, min(wanted, capacity // MIN_TOKENS_PER_SPLIT, MAX_SPLITS))
 
 
-def _append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table,
-                       rotate_q_at_rows: bool, rotary_interleaved: bool):
-    """Rotate the new keys (and q), write k/v into the cache; returns q (rotated copy or the original)."""
-    batch, seqlen_new, num_heads_k, head_dim = k.shape
-    new_positions = seqlens.long()[:, None] + torch.arange(seqlen_new, device=q.device)  # (B, Snew)
-    if rotary_cos is not None:
-        k = k.reshape(-1, num_heads_k, head_dim).clone()
-        q = q.reshape(-1, q.shape[2], head_dim).clone()
-        q_offsets = torch.arange(q.shape[0] // batch, device=q.device) * int(rotate_q_at_rows)
-        q_positions = (seqlens.long()[:, None] + q_offsets).reshape(-1)
-        if q_positions.shape == new_positions.reshape(-1).shape and rotate_q_at_rows:
-            rotate_in_place(q, rotary_cos, rotary_sin, q_positions, rotary_interleaved, k)
-        else:
-            rotate_in_place(q, rotary_cos, rotary_sin, q_positions, rotary_interleaved)
-            rotate_in_place(k, rotary_cos, rotary_sin, new_positions.reshape(-1), rotary_interleaved)
-        q = q.view(batch, -1, q.shape[1], head_dim)
-    block_size = k_cache.shape[1]
-    if block_table is not None:
-        blocks = block_table.long().gather(1, new_positions // block_size)
-        slots = blocks * block_size + new_positions % block_size
-    else:
-        cache_rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=q.device)
-        slots = cache_rows[:, None] * block_size + new_positions
-    reshape_and_cache_flash(k.reshape(-1, num_heads_k, head_dim), v.reshape(-1, num_heads_k, head_dim),
-                            k_cache, v_cache, slots.reshape(-1))
-    return q
+@functools.lru_cache(maxsize=4096)
+def _launch_config(batch: int, seqlen_q: int, num_heads: int, num_heads_k: int, head_dim: int, capacity: int,
+                   num_splits: int, device: torch.device) -> tuple:
+    """Everything about a launch that depends on shapes only, computed once per shape (host cost: ``triton``'s
+    helpers are not free to call):
+    (decode grid, splits, BLOCK_M, BLOCK_N, BLOCK_D, combine grid, BLOCK_H, BLOCK_S, combine num_warps)."""
+    group = num_heads // num_heads_k
+    block_m = max(16, min(64, next_power_of_2(seqlen_q * group)))
+    row_blocks = -(-seqlen_q * group // block_m)
+    block_d = max(16, next_power_of_2(head_dim))
+    block_n = 64 if block_d <= 128 else 32
+    splits = choose_num_splits(num_splits, batch * num_heads_k * row_blocks, capacity, device)
+    block_s = next_power_of_2(splits)
+    block_h = min(next_power_of_2(num_heads), max(1, 4096 // (block_s * block_d)))
+    combine_grid = (batch * seqlen_q, -(-num_heads // block_h))
+    return ((splits, num_heads_k * row_blocks, batch), splits, block_m, block_n, block_d, combine_grid, block_h,
+            block_s, 8 if block_s * block_d > 4096 else 4)
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -317,7 +251,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Returns:
         out (B, Sq, H, D) in q's dtype, and the LSE when asked. A row with no visible key gives zeros and LSE -inf.
     """
-    window_left, window_right = _check_kvcache_args(
+    window_left, window_right, capacity = check_kvcache_args(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
         block_table, window_size, softcap, alibi_slopes, num_splits)
     if not use_triton(q):
@@ -327,60 +261,49 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         return (out, lse) if return_softmax_lse else out
     batch, seqlen_q, num_heads, head_dim = q.shape
     num_heads_k = k_cache.shape[2]
-    paged = block_table is not None
-    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    device = q.device
     if cache_seqlens is None:
         cache_seqlens = capacity
-    if isinstance(cache_seqlens, int):
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if type(cache_seqlens) is int:
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
     seqlens_k = cache_seqlens
     if k is not None:
-        q = _append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+        q = append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                                block_table, causal or (window_left, window_right) != (-1, -1), rotary_interleaved)
         seqlens_k = cache_seqlens + k.shape[1]
     if causal:
         window_right = 0
 
-    group = num_heads // num_heads_k
-    block_m = max(16, min(64, triton.next_power_of_2(seqlen_q * group)))
-    row_blocks = triton.cdiv(seqlen_q * group, block_m)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = 64 if block_d <= 128 else 32
-    splits = choose_num_splits(num_splits, batch * num_heads_k * row_blocks, capacity, q.device)
-    out = torch.empty(batch, seqlen_q, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, num_heads, seqlen_q, dtype=torch.float32, device=q.device)
-    if splits == 1:
-        part_out, part_lse = out, lse
-        out_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
-        lse_strides = (lse.stride(0), lse.stride(2), 0, lse.stride(1))
-    else:
-        part_out = torch.empty(batch, seqlen_q, splits, num_heads, head_dim, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(batch, seqlen_q, splits, num_heads, dtype=torch.float32, device=q.device)
-        out_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2), part_out.stride(3))
-        lse_strides = part_lse.stride()
-    upcast = triton_interpret_enabled() or q.dtype == torch.float32
-    alibi_stride = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
-    _decode_kernel[(splits, num_heads_k * row_blocks, batch)](
-        q, k_cache, v_cache, part_out, part_lse, block_table if paged else seqlens_k,
-        cache_batch_idx if cache_batch_idx is not None else seqlens_k, seqlens_k,
-        alibi_slopes if alibi_slopes is not None else seqlens_k,
-        seqlen_q, num_heads_k, head_dim, splits,
-        float(softmax_scale if softmax_scale is not None else head_dim ** -0.5), float(softcap),
+    grid, splits, block_m, block_n, block_d, combine_grid, block_h, block_s, combine_warps = _launch_config(
+        batch, seqlen_q, num_heads, num_heads_k, head_dim, capacity, num_splits, device)
+    out = torch.empty((batch, seqlen_q, num_heads, head_dim), dtype=q.dtype, device=device)
+    lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=device) \
+        if return_softmax_lse else out
+    # with splits, one fp32 buffer holds the partial outputs and then their LSEs
+    part = torch.empty(batch * seqlen_q * splits * num_heads * (head_dim + 1), dtype=torch.float32, device=device) \
+        if splits > 1 else out
+    paged = block_table is not None
+    upcast = q.dtype == torch.float32 or triton_interpret_enabled()
+    _decode_kernel[grid](
+        q, k_cache, v_cache, part, lse, block_table if paged else seqlens_k,
+        seqlens_k if cache_batch_idx is None else cache_batch_idx, seqlens_k,
+        seqlens_k if alibi_slopes is None else alibi_slopes,
+        seqlen_q, splits, float(head_dim ** -0.5 if softmax_scale is None else softmax_scale), float(softcap),
         window_left, window_right,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *out_strides, *lse_strides,
-        block_table.stride(0) if paged else 0, alibi_stride,
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAGE_SIZE=k_cache.shape[1] if paged else 1,
-        PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFT=window_left >= 0,
-        HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast,
-        DOT_PRECISION="ieee" if upcast else "tf32", num_warps=4, num_stages=3,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0) if paged else 0,
+        alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        NUM_HEADS_K=num_heads_k, GROUP=num_heads // num_heads_k, HEAD_DIM=head_dim, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_D=block_d, PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
+        HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, SPLIT_OUTPUT=splits > 1,
+        WRITE_LSE=splits > 1 or return_softmax_lse, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
+        num_warps=4, num_stages=3,
     )
     if splits > 1:
-        block_s = triton.next_power_of_2(splits)
-        block_h = min(triton.next_power_of_2(num_heads), max(1, 4096 // (block_s * block_d)))
-        _combine_splits_kernel[(batch * seqlen_q, triton.cdiv(num_heads, block_h))](
-            out, lse, part_out, part_lse, seqlen_q, num_heads, head_dim, splits,
-            out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(2), lse.stride(1),
-            BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=8 if block_s * block_d > 4096 else 4,
+        _combine_splits_kernel[combine_grid](
+            out, lse, part, seqlen_q, splits, NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=return_softmax_lse,
+            BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=combine_warps,
         )
     return (out, lse) if return_softmax_lse else out

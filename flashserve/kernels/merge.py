@@ -3,12 +3,15 @@
 ``lse_weights`` and ``weighted`` are the one combine code path of the library: ``merge_attn_states`` uses them
 with two states per (token, head), the split-KV decode combine kernel (``decode.py``) with one state per split.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels._launch import cdiv, next_power_of_2
 from flashserve.kernels.reference import decode as reference
 
 _MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -41,16 +44,16 @@ def weighted(out, weight):
 @triton.jit
 def _merge_kernel(
     out_ptr, out_lse_ptr, prefix_ptr, prefix_lse_ptr, suffix_ptr, suffix_lse_ptr,
-    num_heads, head_size,
     stride_out_t, stride_out_h, stride_prefix_t, stride_prefix_h, stride_suffix_t, stride_suffix_h,
     stride_plse_h, stride_plse_t, stride_slse_h, stride_slse_t, stride_olse_h, stride_olse_t,
-    HAS_OUT_LSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, HAS_OUT_LSE: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
-    head_mask = heads < num_heads
-    mask = head_mask[:, None] & (dims < head_size)[None, :]
+    head_mask = heads < NUM_HEADS
+    mask = head_mask[:, None] & (dims < HEAD_SIZE)[None, :]
     prefix_lse = tl.load(prefix_lse_ptr + heads * stride_plse_h + token * stride_plse_t, mask=head_mask, other=0.0)
     suffix_lse = tl.load(suffix_lse_ptr + heads * stride_slse_h + token * stride_slse_t, mask=head_mask, other=0.0)
     prefix = tl.load(prefix_ptr + token * stride_prefix_t + heads[:, None] * stride_prefix_h + dims[None, :],
@@ -68,20 +71,30 @@ def _merge_kernel(
 
 def _check_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse) -> None:
     _validate.check_tensor("prefix_output", prefix_output, 3, _MERGE_DTYPES)
-    device = prefix_output.device
-    shape = tuple(prefix_output.shape)
-    for name, tensor in (("output", output), ("suffix_output", suffix_output)):
-        _validate.check_tensor(name, tensor, 3, (prefix_output.dtype,), device)
-        _validate.check_shape(name, tensor, shape)
-    for name, tensor in (("output", output), ("prefix_output", prefix_output), ("suffix_output", suffix_output)):
-        _validate.check_last_dim_contiguous(name, tensor)
+    device, dtype, shape = prefix_output.device, prefix_output.dtype, prefix_output.shape
+    _validate.check_tensor("output", output, 3, (dtype,), device)
+    _validate.check_shape("output", output, shape)
+    _validate.check_tensor("suffix_output", suffix_output, 3, (dtype,), device)
+    _validate.check_shape("suffix_output", suffix_output, shape)
+    _validate.check_last_dim_contiguous("output", output)
+    _validate.check_last_dim_contiguous("prefix_output", prefix_output)
+    _validate.check_last_dim_contiguous("suffix_output", suffix_output)
     lse_shape = (shape[1], shape[0])
-    lses = [("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse)]
+    _validate.check_tensor("prefix_lse", prefix_lse, 2, (torch.float32,), device)
+    _validate.check_shape("prefix_lse", prefix_lse, lse_shape)
+    _validate.check_tensor("suffix_lse", suffix_lse, 2, (torch.float32,), device)
+    _validate.check_shape("suffix_lse", suffix_lse, lse_shape)
     if output_lse is not None:
-        lses.append(("output_lse", output_lse))
-    for name, tensor in lses:
-        _validate.check_tensor(name, tensor, 2, (torch.float32,), device)
-        _validate.check_shape(name, tensor, lse_shape)
+        _validate.check_tensor("output_lse", output_lse, 2, (torch.float32,), device)
+        _validate.check_shape("output_lse", output_lse, lse_shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _block_sizes(num_heads: int, head_size: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_D, head blocks) of a launch, once per shape (``triton``'s helpers cost µs per call)."""
+    block_d = next_power_of_2(head_size)
+    block_h = min(next_power_of_2(num_heads), max(1, 2048 // block_d))
+    return block_h, block_d, cdiv(num_heads, block_h)
 
 
 def merge_attn_states(
@@ -111,16 +124,15 @@ def merge_attn_states(
     num_tokens, num_heads, head_size = prefix_output.shape
     if num_tokens == 0:
         return
-    block_d = triton.next_power_of_2(head_size)
-    block_h = min(triton.next_power_of_2(num_heads), max(1, 2048 // block_d))
-    lse_out = output_lse if output_lse is not None else prefix_lse
-    grid = (num_tokens, triton.cdiv(num_heads, block_h))
-    _merge_kernel[grid](
+    block_h, block_d, head_blocks = _block_sizes(num_heads, head_size)
+    lse_out = prefix_lse if output_lse is None else output_lse
+    out_stride, prefix_stride, suffix_stride = output.stride(), prefix_output.stride(), suffix_output.stride()
+    prefix_lse_stride, suffix_lse_stride, out_lse_stride = prefix_lse.stride(), suffix_lse.stride(), lse_out.stride()
+    _merge_kernel[(num_tokens, head_blocks)](
         output, lse_out, prefix_output, prefix_lse, suffix_output, suffix_lse,
-        num_heads, head_size,
-        output.stride(0), output.stride(1), prefix_output.stride(0), prefix_output.stride(1),
-        suffix_output.stride(0), suffix_output.stride(1),
-        prefix_lse.stride(0), prefix_lse.stride(1), suffix_lse.stride(0), suffix_lse.stride(1),
-        lse_out.stride(0), lse_out.stride(1),
-        HAS_OUT_LSE=output_lse is not None, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+        out_stride[0], out_stride[1], prefix_stride[0], prefix_stride[1], suffix_stride[0], suffix_stride[1],
+        prefix_lse_stride[0], prefix_lse_stride[1], suffix_lse_stride[0], suffix_lse_stride[1],
+        out_lse_stride[0], out_lse_stride[1],
+        NUM_HEADS=num_heads, HEAD_SIZE=head_size, HAS_OUT_LSE=output_lse is not None, BLOCK_H=block_h,
+        BLOCK_D=block_d, num_warps=4,
     )

@@ -11,6 +11,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels._launch import next_power_of_2
 from flashserve.kernels.reference import layers as reference
 
 
@@ -64,7 +65,7 @@ def _launch(x, weight, eps, residual) -> torch.Tensor:
     if x_rows.shape[0] == 0:
         return out
     hidden = x.shape[-1]
-    block = triton.next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     _rms_norm_kernel[(x_rows.shape[0],)](
         x_rows, residual_rows, weight, out_rows, hidden, float(eps),
         x_rows.stride(0), residual_rows.stride(0), out_rows.stride(0),

@@ -13,6 +13,7 @@ pre-multiplied by log2(e); the natural-log LSE is written for every row (-inf an
 see no key). Query tiles run longest first so causal work balances across the GPU.
 """
 import contextlib
+import functools
 import os
 
 import torch
@@ -20,6 +21,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels._dispatch import triton_interpret_enabled
+from flashserve.kernels._launch import cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
 
@@ -292,7 +294,12 @@ def _use_autotune(device: torch.device) -> bool:
     """Autotune on Hopper and newer, unless ``FLASHSERVE_AUTOTUNE=0`` (tests use it to skip the tuning compiles)."""
     if device.type != "cuda" or triton_interpret_enabled() or os.environ.get("FLASHSERVE_AUTOTUNE", "1") == "0":
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _compute_capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
 
 
 def _length_class(n: int) -> int:
@@ -356,7 +363,7 @@ def prefill_attention(q, k, v, out, lse, softmax_scale, causal, window_size, sof
     softcap_log2 = softcap * LOG2E if has_softcap else 0.0
     # Pack the query heads of a KV group into the tile rows when the queries alone would leave most rows empty.
     heads_per_tile = group if (group > 1 and max_seqlen_q < 64) else 1
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     dummy = cu_seqlens_q if cu_seqlens_q is not None else lse
     stride_ab = 0
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
@@ -390,9 +397,10 @@ def prefill_attention(q, k, v, out, lse, softmax_scale, causal, window_size, sof
     head_programs = nheads // heads_per_tile
 
     def grid(config):
-        return (head_programs, batch, triton.cdiv(rows, config["BLOCK_M"]))
+        return (head_programs, batch, cdiv(rows, config["BLOCK_M"]))
 
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    other_device = q.is_cuda and q.device.index is not None and q.device.index != torch.cuda.current_device()
+    with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
         if _use_autotune(q.device):
             _prefill_kernel_tuned[grid](*args, **meta)
         else:

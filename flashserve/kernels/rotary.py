@@ -11,6 +11,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels._launch import next_power_of_2
 from flashserve.kernels.reference import layers as reference
 
 
@@ -65,8 +66,8 @@ def rotate_in_place(x, cos, sin, positions, interleaved: bool, y=None) -> None:
         x, y_arg, cos, sin, positions,
         x.shape[1], y_arg.shape[1], half, x.stride(0), x.stride(1), y_arg.stride(0), y_arg.stride(1),
         cos.stride(0), sin.stride(0),
-        INTERLEAVED=interleaved, BLOCK_HX=triton.next_power_of_2(x.shape[1]),
-        BLOCK_HY=triton.next_power_of_2(y_arg.shape[1]), BLOCK_R=triton.next_power_of_2(half), num_warps=4,
+        INTERLEAVED=interleaved, BLOCK_HX=next_power_of_2(x.shape[1]),
+        BLOCK_HY=next_power_of_2(y_arg.shape[1]), BLOCK_R=next_power_of_2(half), num_warps=4,
     )
 
 

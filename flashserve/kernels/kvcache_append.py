@@ -1,0 +1,34 @@
+"""The append step of ``flash_attn_with_kvcache``: rotary on the new keys (and q), then the new keys and values
+written into the cache at positions ``cache_seqlens[b] ..`` through ``reshape_and_cache_flash``."""
+import torch
+
+from flashserve.kernels.cache import reshape_and_cache_flash
+from flashserve.kernels.rotary import rotate_in_place
+
+
+def append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens, cache_batch_idx, block_table,
+                      rotate_q_at_rows: bool, rotary_interleaved: bool):
+    """Rotate the new keys (and q), write k/v into the cache; returns q (rotated copy or the original)."""
+    batch, seqlen_new, num_heads_k, head_dim = k.shape
+    new_positions = seqlens.long()[:, None] + torch.arange(seqlen_new, device=q.device)  # (B, Snew)
+    if rotary_cos is not None:
+        k = k.reshape(-1, num_heads_k, head_dim).clone()
+        q = q.reshape(-1, q.shape[2], head_dim).clone()
+        q_offsets = torch.arange(q.shape[0] // batch, device=q.device) * int(rotate_q_at_rows)
+        q_positions = (seqlens.long()[:, None] + q_offsets).reshape(-1)
+        if q_positions.shape == new_positions.reshape(-1).shape and rotate_q_at_rows:
+            rotate_in_place(q, rotary_cos, rotary_sin, q_positions, rotary_interleaved, k)
+        else:
+            rotate_in_place(q, rotary_cos, rotary_sin, q_positions, rotary_interleaved)
+            rotate_in_place(k, rotary_cos, rotary_sin, new_positions.reshape(-1), rotary_interleaved)
+        q = q.view(batch, -1, q.shape[1], head_dim)
+    block_size = k_cache.shape[1]
+    if block_table is not None:
+        blocks = block_table.long().gather(1, new_positions // block_size)
+        slots = blocks * block_size + new_positions % block_size
+    else:
+        cache_rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=q.device)
+        slots = cache_rows[:, None] * block_size + new_positions
+    reshape_and_cache_flash(k.reshape(-1, num_heads_k, head_dim), v.reshape(-1, num_heads_k, head_dim),
+                            k_cache, v_cache, slots.reshape(-1))
+    return q
