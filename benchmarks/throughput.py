@@ -8,7 +8,17 @@ Workloads (see ../shared/ANCHORS.md):
    token (mean, median, max) measured through the engine's step API.
 
 The model is a random-weight Qwen3-0.6B-shaped checkpoint (bf16) written into a temporary directory with
-``write_random_checkpoint`` (or ``--model DIR``). Each run is preceded by a small warm-up (Triton compiles).
+``write_random_checkpoint`` (or ``--model DIR``).
+
+Warm-up: Triton compiles (and on Hopper autotunes) a kernel variant the first time it meets a new length class,
+batch shape or flag combination, which takes seconds. So each timed run is preceded by an untimed run of the same
+workload shape (same lengths, same batch sizes, different random tokens, on the same engine), after which the
+prefix cache and the statistics are reset: the timed runs then meet no variant they have not seen, and caching on
+and off are compared on equal terms. ``--warmup-requests`` shrinks the warm-up of workload 1 (default: all).
+
+TTFT is the time from submitting the burst to the step that returns a request's first token. Each prefix-sharing
+row also reports the prompt tokens the engine actually computed (``prefill_tokens``): with caching on it must be
+far below the ``requests × (prefix + suffix)`` computed with caching off.
 
 Usage (GPU): ``python benchmarks/throughput.py --out DIR``. ``--quick`` shrinks the model and the workloads to
 check the script on a CPU. Writes throughput.json and throughput.md (and throughput.png with matplotlib) to --out.
@@ -49,6 +59,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup-requests", type=int, default=None,
+                        help="requests of workload 1's untimed warm-up run (default: --num-requests)")
     parser.add_argument("--quick", action="store_true", help="tiny model and workloads (CPU smoke run)")
     args = parser.parse_args()
     if args.quick:
@@ -84,44 +96,61 @@ def _random_prompts(rng: random.Random, count: int, low: int, high: int, vocab: 
     return [[rng.randrange(vocab) for _ in range(rng.randint(low, high))] for _ in range(count)]
 
 
-def _throughput(args, llm, vocab: int) -> dict:
-    """nano-vllm's workload through ``LLM.generate``."""
+def _throughput_workload(args, seed: int, count: int, vocab: int) -> tuple[list, list]:
+    """nano-vllm's workload: ``count`` random prompts and their SamplingParams."""
     from flashserve import SamplingParams
 
-    rng = random.Random(args.seed)
-    prompts = _random_prompts(rng, args.num_requests, args.min_len, args.max_len, vocab)
+    rng = random.Random(seed)
+    prompts = _random_prompts(rng, count, args.min_len, args.max_len, vocab)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(args.min_len, args.max_len))
               for _ in prompts]
-    llm.generate(prompts[:8], [SamplingParams(max_tokens=16, ignore_eos=True)] * 8, use_tqdm=False)
+    return prompts, params
+
+
+def _reset(llm) -> None:
+    """Forget the warm-up: cached prefixes, hit-rate and engine statistics, preemption count."""
+    from flashserve.engine.llm_engine import EngineStats
+
     _sync(llm)
+    llm.reset_prefix_cache()
+    llm.engine.stats = EngineStats()
+    llm.engine.scheduler.num_preemptions = 0
+
+
+def _throughput(args, llm, vocab: int) -> dict:
+    """nano-vllm's workload through ``LLM.generate``, after an untimed run of the same shape."""
+    warm_count = args.num_requests if args.warmup_requests is None else args.warmup_requests
+    if warm_count > 0:
+        llm.generate(*_throughput_workload(args, args.seed + 100, warm_count, vocab), use_tqdm=False)
+    _reset(llm)
+    prompts, params = _throughput_workload(args, args.seed, args.num_requests, vocab)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=True)
     _sync(llm)
     elapsed = time.perf_counter() - start
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     input_tokens = sum(len(p) for p in prompts)
+    stats = llm.engine.stats
     return dict(requests=len(prompts), input_tokens=input_tokens, output_tokens=output_tokens, seconds=elapsed,
                 output_tok_per_s=output_tokens / elapsed, total_tok_per_s=(input_tokens + output_tokens) / elapsed,
-                preemptions=llm.engine.scheduler.num_preemptions)
+                steps=stats.num_steps, ms_per_step=1e3 * elapsed / max(stats.num_steps, 1),
+                preemptions=llm.engine.scheduler.num_preemptions, warmup_requests=warm_count)
 
 
-def _prefix_sharing(args, llm, vocab: int) -> dict:
-    """One shared prefix, many suffixes, all submitted at once; TTFT from the step API."""
-    from flashserve import SamplingParams
-
-    rng = random.Random(args.seed + 1)
+def _prefix_workload(args, seed: int, vocab: int) -> list[list[int]]:
+    """One random shared prefix followed by ``num_suffixes`` different random suffixes."""
+    rng = random.Random(seed)
     prefix = [rng.randrange(vocab) for _ in range(args.prefix_len)]
-    prompts = [prefix + [rng.randrange(vocab) for _ in range(args.suffix_len)] for _ in range(args.num_suffixes)]
-    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.prefix_output_len)
-    warm_prefix = [rng.randrange(vocab) for _ in range(args.prefix_len)]
-    llm.generate([warm_prefix + [1, 2], warm_prefix + [3]], SamplingParams(max_tokens=4, ignore_eos=True),
-                 use_tqdm=False)
-    llm.reset_prefix_cache()
+    return [prefix + [rng.randrange(vocab) for _ in range(args.suffix_len)] for _ in range(args.num_suffixes)]
+
+
+def _run_burst(llm, prompts: list[list[int]], params, tag: str) -> tuple[float, list[float]]:
+    """Submit every prompt at once and step until all finish: (total seconds, sorted TTFTs in seconds)."""
     engine = llm.engine
     _sync(llm)
     start = time.perf_counter()
     for index, prompt in enumerate(prompts):
-        engine.add_request(f"prefix-{index}", prompt, params)
+        engine.add_request(f"{tag}-{index}", prompt, params)
     first_token_s: dict[str, float] = {}
     while engine.has_unfinished():
         outputs = engine.step()
@@ -129,12 +158,29 @@ def _prefix_sharing(args, llm, vocab: int) -> dict:
         for output in outputs:
             first_token_s.setdefault(output.request_id, now)
     _sync(llm)
-    elapsed = time.perf_counter() - start
-    ttft = sorted(first_token_s.values())
-    stats = llm.prefix_cache_stats()
-    return dict(requests=len(prompts), prefix_len=args.prefix_len, suffix_len=args.suffix_len,
+    return time.perf_counter() - start, sorted(first_token_s.values())
+
+
+def _prefix_sharing(args, llm, vocab: int) -> dict:
+    """One shared prefix, many suffixes, all submitted at once; TTFT from the step API.
+
+    An untimed run of the same shape (another prefix, other suffixes) comes first, so that the kernel variants of
+    this mode (paged prefill over a cached prefix with caching on, long plain prefills with it off) are compiled
+    before the clock starts.
+    """
+    from flashserve import SamplingParams
+
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.prefix_output_len)
+    _run_burst(llm, _prefix_workload(args, args.seed + 101, vocab), params, "warmup")
+    _reset(llm)
+    elapsed, ttft = _run_burst(llm, _prefix_workload(args, args.seed + 1, vocab), params, "prefix")
+    cache = llm.prefix_cache_stats()
+    stats = llm.engine.stats
+    return dict(requests=args.num_suffixes, prefix_len=args.prefix_len, suffix_len=args.suffix_len,
                 output_len=args.prefix_output_len, seconds=elapsed, ttft_mean_s=statistics.mean(ttft),
-                ttft_median_s=statistics.median(ttft), ttft_max_s=ttft[-1], hit_rate=stats["hit_rate"])
+                ttft_median_s=statistics.median(ttft), ttft_p90_s=ttft[int(0.9 * (len(ttft) - 1))],
+                ttft_max_s=ttft[-1], hit_rate=cache["hit_rate"], prefill_tokens=stats.prefill_tokens,
+                prompt_tokens=args.num_suffixes * (args.prefix_len + args.suffix_len), steps=stats.num_steps)
 
 
 def _environment(args) -> dict:
@@ -151,18 +197,22 @@ def _markdown(result: dict) -> str:
     lines = [f"## Engine throughput — {env['device']}, {env['date']}", "",
              f"`{env['command']}` (torch {env['torch']}, triton {env['triton']}, model {result['model']}, "
              f"{result['dtype']})", "",
-             "| workload | requests | input tok | output tok | seconds | output tok/s | total tok/s |",
-             "|---|---|---|---|---|---|---|",
+             "| workload | requests | input tok | output tok | seconds | steps | ms/step | output tok/s | "
+             "total tok/s | preemptions |",
+             "|---|---|---|---|---|---|---|---|---|---|",
              f"| random [{result['args']['min_len']}, {result['args']['max_len']}] | {run['requests']} | "
-             f"{run['input_tokens']} | {run['output_tokens']} | {run['seconds']:.2f} | "
-             f"{run['output_tok_per_s']:.0f} | {run['total_tok_per_s']:.0f} |", "",
-             "| prefix sharing | prefix caching | seconds | TTFT mean s | TTFT median s | TTFT max s | hit rate |",
-             "|---|---|---|---|---|---|---|"]
+             f"{run['input_tokens']} | {run['output_tokens']} | {run['seconds']:.2f} | {run['steps']} | "
+             f"{run['ms_per_step']:.1f} | {run['output_tok_per_s']:.0f} | {run['total_tok_per_s']:.0f} | "
+             f"{run['preemptions']} |", "",
+             "| prefix sharing | prefix caching | seconds | TTFT mean s | TTFT median s | TTFT p90 s | TTFT max s | "
+             "hit rate | prompt tok computed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key, label in (("prefix_on", "on"), ("prefix_off", "off")):
         row = result[key]
         lines.append(f"| {row['requests']} × ({row['prefix_len']} + {row['suffix_len']}) → {row['output_len']} | "
                      f"{label} | {row['seconds']:.2f} | {row['ttft_mean_s']:.3f} | {row['ttft_median_s']:.3f} | "
-                     f"{row['ttft_max_s']:.3f} | {row['hit_rate']:.2f} |")
+                     f"{row['ttft_p90_s']:.3f} | {row['ttft_max_s']:.3f} | {row['hit_rate']:.2f} | "
+                     f"{row['prefill_tokens']} of {row['prompt_tokens']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -109,14 +109,19 @@ def _check_chunked_prefill_and_preemption(directory, prompts, expected):
 
 @pytest.mark.gpu
 def test_parity_on_gpu_float32_and_bfloat16_runs(checkpoint):
-    """On CUDA: float32 greedy parity through the Triton kernels, and a bfloat16 run that finishes."""
+    """On CUDA: float32 greedy parity through the Triton kernels, and a bfloat16 run that finishes.
+
+    The pools are sized explicitly: GPU tests may run in parallel processes, and a pool sized from free memory
+    would take what the others need (the profiled sizing runs in benchmarks/throughput.py).
+    """
     directory, prompts, expected = checkpoint
-    llm = LLM(directory, dtype="float32", device="cuda", block_size=16, max_num_batched_tokens=24)
+    llm = LLM(directory, dtype="float32", device="cuda", block_size=16, max_num_batched_tokens=24,
+              num_kv_blocks=256)
     assert _generate(llm, prompts) == expected
     assert _generate(llm, prompts) == expected
     _assert_no_leaks(llm)
     del llm
-    llm = LLM(directory, dtype="bfloat16", device="cuda", block_size=16)
+    llm = LLM(directory, dtype="bfloat16", device="cuda", block_size=16, num_kv_blocks=256)
     outputs = _generate(llm, prompts)
     assert [len(tokens) for tokens in outputs] == [NEW_TOKENS] * len(prompts)
     _assert_no_leaks(llm)

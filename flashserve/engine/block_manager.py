@@ -115,7 +115,8 @@ class BlockManager:
         """
         num_tokens = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         num_new_blocks = self.blocks_for_tokens(num_tokens) - len(request.block_ids) - len(computed_blocks)
-        num_revived = sum(1 for block_id in computed_blocks if self.blocks[block_id].ref_count == 0)
+        num_revived = (sum(1 for block_id in computed_blocks if self.blocks[block_id].ref_count == 0)
+                       if computed_blocks else 0)
         if max(num_new_blocks, 0) + num_revived > len(self.free_queue):
             return False
         for block_id in computed_blocks:
@@ -132,7 +133,7 @@ class BlockManager:
             self._uncache(block)
             block.ref_count = 1
             request.block_ids.append(block_id)
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and num_tokens // self.block_size > request.num_cached_blocks:
             self._cache_full_blocks(request, num_tokens // self.block_size)
         return True
 

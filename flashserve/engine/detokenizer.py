@@ -5,6 +5,9 @@ decoded text depends on the neighbours (leading spaces). So each step decodes a 
 already turned into text, and the same plus the new ones — and emits the difference; while the window's text ends in
 an incomplete character ("\\ufffd"), nothing is emitted and the bytes wait for the next token. When the request
 ends, whatever is left is flushed as it is.
+
+With a fast tokenizer the windows go straight to its Rust ``tokenizers.Tokenizer`` (what ``decode`` calls without
+clean-up, minus the per-call Python conversions, which dominate for windows of a few tokens).
 """
 from flashserve.sampling_params import SamplingParams
 
@@ -22,11 +25,14 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool):
         self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
         self.skip_special_tokens = skip_special_tokens
         self.read_offset = len(prompt_token_ids)
         self.prefix_offset = max(self.read_offset - _CONTEXT_TOKENS, 0)
 
     def _decode(self, token_ids: list[int]) -> str:
+        if self.backend is not None:
+            return self.backend.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 

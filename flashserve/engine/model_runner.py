@@ -1,10 +1,11 @@
 """Runs the model on a scheduled batch: owns the weights, the paged KV cache and the sampler.
 
 The same code runs on CPU and GPU; only the attention kernels behind ``flashserve.kernels`` differ. Each step packs
-the scheduled tokens into ``input_ids``/``positions``, builds the ``AttentionContext`` (slot of every new token,
+the scheduled tokens into ``input_ids``/``positions`` and the ``AttentionContext`` (slot of every new token,
 cumulative query lengths, KV lengths, and a block table padded to a fixed width of ``ceil(max_model_len /
-block_size)`` columns, so that decode metadata keeps one shape whatever the sequence lengths), runs the forward
-pass, takes the last hidden row of every request that samples, and samples.
+block_size)`` columns, so that decode metadata keeps one shape whatever the sequence lengths) through persistent
+buffers (``InputBuffers``), runs the forward pass, takes the last hidden row of every request that samples, and
+samples; reading the sampled token ids is the step's only wait on the device.
 
 KV-cache size (``num_kv_blocks`` when given, otherwise):
 - CUDA: a profiling forward pass over ``max_num_batched_tokens`` tokens measures the activation peak; the pool gets
@@ -17,6 +18,7 @@ import torch
 
 from flashserve.config import Config
 from flashserve.engine.context import AttentionContext, set_context
+from flashserve.engine.input_buffers import InputBuffers
 from flashserve.engine.sampler import Sampler
 from flashserve.engine.scheduler import ScheduledBatch
 from flashserve.models.loader import load_model
@@ -50,6 +52,8 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or limit
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.sampler = Sampler(self.device, config.seed)
+        self.inputs = InputBuffers(config.max_num_batched_tokens, config.max_num_seqs, self.max_blocks_per_seq,
+                                   self.block_size, self.device)
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks()
         spec = self.spec
         self.kv_cache = torch.zeros(spec.num_layers, 2, self.num_kv_blocks, self.block_size, spec.num_kv_heads,
@@ -111,45 +115,6 @@ class ModelRunner:
                              "gpu_memory_utilization, lower max_num_batched_tokens, or pass num_kv_blocks")
         return num_blocks
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, torch.Tensor]:
-        """Pack the batch: (input_ids (T,), positions (T,), context, logits_indices (S,)) on the device."""
-        size = self.block_size
-        num_reqs = len(batch)
-        input_ids, positions, slots = [], [], []
-        cu_seqlens_q = np.zeros(num_reqs + 1, dtype=np.int32)
-        seqused_k = np.zeros(num_reqs, dtype=np.int32)
-        block_table = np.zeros((num_reqs, self.max_blocks_per_seq), dtype=np.int32)
-        for i, (request, num_new) in enumerate(zip(batch.requests, batch.num_new_tokens)):
-            start = request.num_computed_tokens
-            end = start + num_new
-            input_ids.append(np.asarray(request.token_ids[start:end], dtype=np.int64))
-            position = np.arange(start, end, dtype=np.int64)
-            positions.append(position)
-            blocks = np.asarray(request.block_ids, dtype=np.int64)
-            slots.append(blocks[position // size] * size + position % size)
-            cu_seqlens_q[i + 1] = cu_seqlens_q[i] + num_new
-            seqused_k[i] = end
-            block_table[i, :len(blocks)] = blocks
-        logits_indices = cu_seqlens_q[1:][np.asarray(batch.samples, dtype=bool)].astype(np.int64) - 1
-        context = AttentionContext(
-            slot_mapping=self._to_device(np.concatenate(slots)),
-            cu_seqlens_q=self._to_device(cu_seqlens_q),
-            seqused_k=self._to_device(seqused_k),
-            block_table=self._to_device(block_table),
-            max_seqlen_q=max(batch.num_new_tokens),
-            max_seqlen_k=int(seqused_k.max()),
-            is_decode=all(n == 1 for n in batch.num_new_tokens),
-        )
-        return (self._to_device(np.concatenate(input_ids)), self._to_device(np.concatenate(positions)), context,
-                self._to_device(logits_indices))
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        """Copy a host array to the device (through pinned memory on CUDA)."""
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
-
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, eos_token_ids: list[int]
             ) -> tuple[list[int], list[dict[int, float] | None]]:
@@ -157,14 +122,14 @@ class ModelRunner:
 
         Returns the sampled token ids and per-token logprob dicts, in the order of the sampling requests.
         """
-        input_ids, positions, context, logits_indices = self._prepare(batch)
-        set_context(context)
+        inputs = self.inputs.prepare(batch)
+        set_context(inputs.context)
         try:
-            hidden = self.model(input_ids, positions)
+            hidden = self.model(inputs.input_ids, inputs.positions)
         finally:
             set_context(None)
         sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
         if not sampling:
             return [], []
-        logits = self.model.compute_logits(hidden[logits_indices])
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
         return self.sampler(logits.float(), sampling, eos_token_ids)

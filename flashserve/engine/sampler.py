@@ -5,7 +5,9 @@ Order: penalties (repetition over prompt + output tokens, presence and frequency
 filtered by top-k, top-p and min-p, and sampled by the exponential race ``argmax(p / q)``, q ~ Exp(1) — equivalent
 to drawing from ``p``. A request with a seed draws its q from its own ``torch.Generator``, one row of
 ``vocab_size`` draws per token, so its tokens do not depend on the rest of the batch or on its position in it.
-Requests without a seed share the engine's generator.
+Requests without a seed share the engine's generator. Common batches take short paths with the same results: all
+greedy is one argmax; all sampling skips the argmax and the row gathers; no seeds draws all the noise at once.
+Nothing waits for the device except the final read of the token ids.
 
 Log-probabilities, when asked for, are those of the model's distribution (log-softmax of the raw logits, before
 penalties, temperature and filtering), as in vLLM v1.
@@ -42,13 +44,17 @@ class Sampler:
             ``params.logprobs`` tokens.
         """
         params = [request.params for request in requests]
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        want_logprobs = any(p.logprobs is not None for p in params)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = self._apply_penalties(logits, requests)
         logits = self._apply_min_tokens(logits, requests, eos_token_ids)
-        tokens = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if random_rows:
+        if not random_rows:
+            tokens = logits.argmax(dim=-1)
+        elif len(random_rows) == len(requests):
+            tokens = self._sample(logits, requests)
+        else:
+            tokens = logits.argmax(dim=-1)
             tokens[random_rows] = self._sample(logits[random_rows], [requests[i] for i in random_rows])
         token_list = tokens.tolist()
         logprob_list: list[dict[int, float] | None] = [None] * len(requests)
@@ -102,23 +108,35 @@ class Sampler:
         """Temperature, top-k, top-p, min-p, then the exponential race; (R, vocab) -> (R,) token ids."""
         device = logits.device
         params = [r.params for r in requests]
-        temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
+        temperature = _to_device([p.temperature for p in params], logits.dtype, device)
         logits = logits / temperature.unsqueeze(1)
         if any(p.uses_top_k or p.top_p < 1.0 for p in params):
             logits = _top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
         probs = torch.softmax(logits, dim=-1)
         if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device)
+            min_p = _to_device([p.min_p for p in params], probs.dtype, device)
             probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True), 0.0)
-        noise = torch.empty_like(probs)
         shared_rows = [i for i, r in enumerate(requests) if r.generator is None]
-        if shared_rows:
-            noise[shared_rows] = torch.empty(len(shared_rows), probs.shape[1], dtype=probs.dtype,
-                                             device=device).exponential_(generator=self.generator)
-        for i, request in enumerate(requests):
-            if request.generator is not None:
-                noise[i].exponential_(generator=request.generator)
+        if len(shared_rows) == len(requests):
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        else:
+            noise = torch.empty_like(probs)
+            if shared_rows:
+                noise[shared_rows] = torch.empty(len(shared_rows), probs.shape[1], dtype=probs.dtype,
+                                                 device=device).exponential_(generator=self.generator)
+            for i, request in enumerate(requests):
+                if request.generator is not None:
+                    noise[i].exponential_(generator=request.generator)
         return (probs / noise).argmax(dim=-1)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor, copied through pinned memory on CUDA so that the host does not wait
+    for the work already queued on the device."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -126,9 +144,9 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=logits.device).unsqueeze(1)
+    k = _to_device([kk if kk > 0 else vocab for kk in top_k], torch.int64, logits.device).unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
-    p = torch.tensor(top_p, dtype=logits.dtype, device=logits.device).unsqueeze(1)
+    p = _to_device(top_p, logits.dtype, logits.device).unsqueeze(1)
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     sorted_logits = sorted_logits.masked_fill((mass_before >= p) & (ranks > 0) & (p < 1.0), float("-inf"))
