@@ -7,7 +7,7 @@ Kernel structure:
 - each sequence's visible keys (after the causal / window bounds of the row block) are cut into ``num_splits``
   ranges, a multiple of BLOCK_N each. With one split the kernel writes the output and LSE directly; with more it
   writes fp32 partial outputs and LSEs, and ``_combine_splits_kernel`` merges them with the combine code of
-  ``merge_attn_states`` (``merge.lse_weights``). Output layouts are derived inside the kernels, not passed.
+  ``merge_attn_states`` (``merge.lse_weights``); the partial outputs and their LSEs share one fp32 buffer.
 - paged caches gather each tile's block ids from ``block_table`` (cast to int64 before multiplying by the block
   stride); dense caches use ``cache_batch_idx``. Strides are plain ints so Triton specialises on them.
 The grid is sized from the cache capacity, never from ``cache_seqlens`` values: no host synchronisation.
@@ -35,21 +35,18 @@ PROGRAMS_PER_SM = 4
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr, block_table_ptr, batch_idx_ptr, seqlens_k_ptr, alibi_ptr,
-    seqlen_q, num_splits, sm_scale, softcap, window_left, window_right,
+    seqlen_q, num_heads_k, head_dim, num_splits, sm_scale, softcap, window_left, window_right,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_osplit, stride_oh, stride_lb, stride_ls, stride_lsplit, stride_lh,
     stride_block_table, stride_alibi,
-    NUM_HEADS_K: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr,
-    HAS_BATCH_IDX: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, SPLIT_OUTPUT: tl.constexpr, WRITE_LSE: tl.constexpr, UPCAST: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Output layouts are derived, not passed: with SPLIT_OUTPUT, fp32 partial outputs (B * Sq, splits, H, D) at
-    ``out_ptr`` followed in the same buffer by their LSEs (B * Sq, splits, H); otherwise out (B, Sq, H, D) in q's
-    dtype and, with WRITE_LSE, lse (B, H, Sq), both contiguous."""
     split = tl.program_id(0)
-    kv_head = tl.program_id(1) % NUM_HEADS_K
-    row_start = (tl.program_id(1) // NUM_HEADS_K) * BLOCK_M
+    kv_head = tl.program_id(1) % num_heads_k
+    row_start = (tl.program_id(1) // num_heads_k) * BLOCK_M
     batch = tl.program_id(2).to(tl.int64)
 
     rows = row_start + tl.arange(0, BLOCK_M)
@@ -57,7 +54,7 @@ def _decode_kernel(
     query = rows // GROUP
     head = kv_head * GROUP + rows % GROUP
     dims = tl.arange(0, BLOCK_D)
-    dim_valid = dims < HEAD_DIM
+    dim_valid = dims < head_dim
     seqlen_k = tl.load(seqlens_k_ptr + batch)
     diagonal = query + seqlen_k - seqlen_q  # the key each row is aligned to (bottom right)
 
@@ -135,21 +132,11 @@ def _decode_kernel(
     safe_sum = tl.where(empty, 1.0, row_sum)
     out = acc / safe_sum[:, None]
     lse = tl.where(empty, float("-inf"), row_max * 0.6931471805599453 + tl.log(safe_sum))
-    num_heads = NUM_HEADS_K * GROUP
-    token = batch * seqlen_q + query
-    if SPLIT_OUTPUT:
-        state = (token * num_splits + split) * num_heads + head
-        out_offsets = state * HEAD_DIM
-        lse_base = out_ptr + tl.num_programs(2).to(tl.int64) * seqlen_q * num_splits * num_heads * HEAD_DIM
-        lse_offsets = state
-    else:
-        out_offsets = (token * num_heads + head) * HEAD_DIM
-        lse_base = lse_ptr
-        lse_offsets = (batch * num_heads + head) * seqlen_q + query
-    tl.store(out_ptr + out_offsets[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
+    out_rows = out_ptr + batch * stride_ob + query * stride_os + split * stride_osplit + head * stride_oh
+    tl.store(out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_valid[:, None] & dim_valid[None, :])
-    if WRITE_LSE:
-        tl.store(lse_base + lse_offsets, lse, mask=row_valid)
+    tl.store(lse_ptr + batch * stride_lb + query * stride_ls + split * stride_lsplit + head * stride_lh, lse,
+             mask=row_valid)
 
 
 @triton.jit
@@ -277,28 +264,36 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     grid, splits, block_m, block_n, block_d, combine_grid, block_h, block_s, combine_warps = _launch_config(
         batch, seqlen_q, num_heads, num_heads_k, head_dim, capacity, num_splits, device)
     out = torch.empty((batch, seqlen_q, num_heads, head_dim), dtype=q.dtype, device=device)
-    lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=device) \
-        if return_softmax_lse else out
-    # with splits, one fp32 buffer holds the partial outputs and then their LSEs
-    part = torch.empty(batch * seqlen_q * splits * num_heads * (head_dim + 1), dtype=torch.float32, device=device) \
-        if splits > 1 else out
+    lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=device)
+    if splits > 1:
+        # one fp32 buffer: the partial outputs (B, Sq, splits, H, D), then their LSEs (B, Sq, splits, H)
+        num_states = batch * seqlen_q * splits * num_heads
+        part = torch.empty(num_states * (head_dim + 1), dtype=torch.float32, device=device)
+        target_out = part[:num_states * head_dim].view(batch, seqlen_q, splits, num_heads, head_dim)
+        target_lse = part[num_states * head_dim:].view(batch, seqlen_q, splits, num_heads)
+        out_strides = target_out.stride()[:4]
+        lse_strides = target_lse.stride()
+    else:
+        target_out, target_lse = out, lse
+        out_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
+        lse_strides = (lse.stride(0), lse.stride(2), 0, lse.stride(1))
     paged = block_table is not None
     upcast = q.dtype == torch.float32 or triton_interpret_enabled()
     _decode_kernel[grid](
-        q, k_cache, v_cache, part, lse, block_table if paged else seqlens_k,
+        q, k_cache, v_cache, target_out, target_lse, block_table if paged else seqlens_k,
         seqlens_k if cache_batch_idx is None else cache_batch_idx, seqlens_k,
         seqlens_k if alibi_slopes is None else alibi_slopes,
-        seqlen_q, splits, float(head_dim ** -0.5 if softmax_scale is None else softmax_scale), float(softcap),
+        seqlen_q, num_heads_k, head_dim, splits,
+        float(head_dim ** -0.5 if softmax_scale is None else softmax_scale), float(softcap),
         window_left, window_right,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *out_strides, *lse_strides,
         block_table.stride(0) if paged else 0,
         alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
-        NUM_HEADS_K=num_heads_k, GROUP=num_heads // num_heads_k, HEAD_DIM=head_dim, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_D=block_d, PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
-        HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, SPLIT_OUTPUT=splits > 1,
-        WRITE_LSE=splits > 1 or return_softmax_lse, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
+        GROUP=num_heads // num_heads_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
         num_warps=4, num_stages=3,
     )
     if splits > 1:
