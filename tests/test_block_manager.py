@@ -13,6 +13,7 @@ def _admit(manager: BlockManager, request: Request) -> int:
     hits, num_hit = manager.get_computed_blocks(request)
     if not manager.allocate_slots(request, request.num_tokens - num_hit, hits):
         raise RuntimeError("allocation failed")
+    manager.record_prefix_hits(request.num_tokens, num_hit)
     request.num_computed_tokens = request.num_tokens
     return num_hit
 

@@ -135,3 +135,14 @@ def test_random_workload_on_a_tiny_pool_finishes_without_leaks():
         assert all(len(r.output_token_ids) == r.params.max_tokens for r in requests)
         assert manager.num_free_blocks == manager.num_blocks
         assert scheduler.num_preemptions > 0
+
+
+def test_prefix_statistics_count_a_waiting_request_once():
+    scheduler, manager = _make(num_blocks=4, block_size=4, budget=64)
+    scheduler.add(_request("a", list(range(12)), max_tokens=4))
+    scheduler.add(_request("b", list(range(100, 112)), max_tokens=4))
+    for _ in range(3):
+        _step(scheduler)  # "b" waits for blocks while "a" runs
+    assert manager.num_queried_tokens == 12
+    _run(scheduler)
+    assert manager.num_queried_tokens == 24

@@ -89,7 +89,8 @@ class BlockManager:
         """The longest run of cached full blocks that start ``request``'s tokens, and how many tokens they cover.
 
         At most ``num_tokens - 1`` tokens are reused: the last token is always recomputed, since its hidden state
-        is needed to sample. Counts the query and the hit in the hit-rate statistics.
+        is needed to sample. The hit-rate statistics are updated by ``record_prefix_hits`` once the request is
+        admitted, so a request that waits for blocks is counted once.
         """
         if not self.enable_prefix_caching:
             return [], 0
@@ -101,9 +102,13 @@ class BlockManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.num_queried_tokens += request.num_tokens
-        self.num_hit_tokens += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
+
+    def record_prefix_hits(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
+        """Count an admitted request's prompt lookup in the hit-rate statistics."""
+        if self.enable_prefix_caching:
+            self.num_queried_tokens += num_queried_tokens
+            self.num_hit_tokens += num_hit_tokens
 
     def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
         """Give ``request`` the blocks for its next ``num_new_tokens`` tokens; False (nothing changed) if too few.

@@ -84,7 +84,7 @@ class LLMEngine:
             raise ValueError("prompt must be a string or a list of token ids")
         token_ids = list(prompt_token_ids)
         if not token_ids:
-            raise ValueError("prompt is empty")
+            raise ValueError("prompt must not be empty (it has no tokens)")
         if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         if len(token_ids) + 1 > self.max_model_len:
