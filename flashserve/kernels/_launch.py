@@ -10,3 +10,11 @@ def next_power_of_2(n: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of non-negative ints."""
     return -(-a // b)
+
+
+def head_block_sizes(num_heads: int, head_size: int, max_tile_elements: int) -> tuple[int, int, int]:
+    """Tiles of kernels that handle a block of heads per program: (BLOCK_H, BLOCK_D, number of head blocks), with
+    BLOCK_D the head size padded to a power of two and BLOCK_H * BLOCK_D <= max_tile_elements (BLOCK_H >= 1)."""
+    block_d = next_power_of_2(head_size)
+    block_h = min(next_power_of_2(num_heads), max(1, max_tile_elements // block_d))
+    return block_h, block_d, cdiv(num_heads, block_h)

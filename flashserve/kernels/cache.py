@@ -1,5 +1,4 @@
 """Writing new keys and values into a paged KV cache: ``reshape_and_cache_flash`` (vLLM's signature)."""
-import functools
 
 import torch
 import triton
@@ -7,7 +6,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import cdiv, next_power_of_2
+from flashserve.kernels._launch import head_block_sizes
 from flashserve.kernels.reference import decode as reference
 
 
@@ -36,14 +35,6 @@ def _cache_write_kernel(
                  key.to(key_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(value_dst + heads[:, None] * stride_vc_head + dims[None, :],
                  value.to(value_cache_ptr.dtype.element_ty), mask=mask)
-
-
-@functools.lru_cache(maxsize=256)
-def _block_sizes(num_heads: int, head_size: int) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_D, head blocks) of a launch, once per shape (``triton``'s helpers cost µs per call)."""
-    block_d = next_power_of_2(head_size)
-    block_h = min(next_power_of_2(num_heads), max(1, 4096 // block_d))
-    return block_h, block_d, cdiv(num_heads, block_h)
 
 
 def reshape_and_cache_flash(
@@ -87,7 +78,7 @@ def reshape_and_cache_flash(
         return
     if num_tokens == 0:
         return
-    block_h, block_d, head_blocks = _block_sizes(num_heads, head_size)
+    block_h, block_d, head_blocks = head_block_sizes(num_heads, head_size, 4096)
     key_stride, value_stride = key.stride(), value.stride()
     kc_stride, vc_stride = key_cache.stride(), value_cache.stride()
     _cache_write_kernel[(num_tokens, head_blocks)](

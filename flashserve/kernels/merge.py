@@ -3,7 +3,6 @@
 ``lse_weights`` and ``weighted`` are the one combine code path of the library: ``merge_attn_states`` uses them
 with two states per (token, head), the split-KV decode combine kernel (``decode.py``) with one state per split.
 """
-import functools
 
 import torch
 import triton
@@ -11,7 +10,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import cdiv, next_power_of_2
+from flashserve.kernels._launch import head_block_sizes
 from flashserve.kernels.reference import decode as reference
 
 _MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -89,14 +88,6 @@ def _check_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, o
         _validate.check_shape("output_lse", output_lse, lse_shape)
 
 
-@functools.lru_cache(maxsize=256)
-def _block_sizes(num_heads: int, head_size: int) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_D, head blocks) of a launch, once per shape (``triton``'s helpers cost µs per call)."""
-    block_d = next_power_of_2(head_size)
-    block_h = min(next_power_of_2(num_heads), max(1, 2048 // block_d))
-    return block_h, block_d, cdiv(num_heads, block_h)
-
-
 def merge_attn_states(
     output: torch.Tensor,
     prefix_output: torch.Tensor,
@@ -124,7 +115,7 @@ def merge_attn_states(
     num_tokens, num_heads, head_size = prefix_output.shape
     if num_tokens == 0:
         return
-    block_h, block_d, head_blocks = _block_sizes(num_heads, head_size)
+    block_h, block_d, head_blocks = head_block_sizes(num_heads, head_size, 2048)
     lse_out = prefix_lse if output_lse is None else output_lse
     out_stride, prefix_stride, suffix_stride = output.stride(), prefix_output.stride(), suffix_output.stride()
     prefix_lse_stride, suffix_lse_stride, out_lse_stride = prefix_lse.stride(), suffix_lse.stride(), lse_out.stride()
