@@ -13,15 +13,19 @@ pre-multiplied by log2(e); the natural-log LSE is written for every row (-inf an
 see no key). Query tiles run longest first so causal work balances across the GPU.
 """
 import contextlib
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels._dispatch import triton_interpret_enabled
 from flashserve.kernels._launch import cdiv, next_power_of_2
+from flashserve.kernels.prefill_tuning import (
+    TUNED_CONFIGS,
+    default_config,
+    length_class,
+    prune_configs,
+    use_autotune,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -231,81 +235,12 @@ def _prefill_kernel(
     tl.store(lse_ptr + lse_rows, lse, mask=row_mask)
 
 
-def _config(block_m, block_n, num_warps, num_stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
-
-
-# Hopper and newer: tiles of 128 query rows; smaller key tiles for head dims above 128; (64, 64) for short queries.
-_TUNED_CONFIGS = [
-    _config(128, 128, 8, 3),
-    _config(128, 64, 8, 3),
-    _config(128, 64, 4, 3),
-    _config(128, 128, 8, 2),
-    _config(128, 64, 8, 4),
-    _config(128, 32, 8, 2),
-    _config(64, 64, 4, 3),
-    _config(64, 32, 4, 2),
-]
-_SHARED_MEMORY_BYTES = 227 * 1024  # per-block limit of H100/H200
-
-
-def _shared_memory_bytes(block_m, block_n, block_d, num_stages, element_size):
-    """Rough shared-memory need of a config: the Q tile plus num_stages K and V tiles."""
-    return (block_m * block_d + 2 * num_stages * block_n * block_d) * element_size
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Keep the configs that fit the head dim: (128, 32) and (64, 32) only above d = 128, the others up to it."""
-    args = {**named_args, **kwargs}
-    block_d = args["BLOCK_D"]
-    element_size = args["q_ptr"].element_size()
-    kept = []
-    for config in configs:
-        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        if (block_n == 32) != (block_d > 128):
-            continue
-        if block_d > 128 and block_n == 128:
-            continue
-        if _shared_memory_bytes(block_m, block_n, block_d, config.num_stages, element_size) > _SHARED_MEMORY_BYTES:
-            continue
-        kept.append(config)
-    return kept or [_config(64, 32, 4, 1)]
-
-
 _prefill_kernel_tuned = triton.autotune(
-    configs=_TUNED_CONFIGS,
+    configs=TUNED_CONFIGS,
     key=["tune_seqlen_q", "tune_seqlen_k", "HEAD_DIM", "GROUP", "HEADS_PER_TILE", "VARLEN_Q", "KV_LAYOUT",
          "PAGE_SIZE", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI"],
-    prune_configs_by={"early_config_prune": _prune_configs},
+    prune_configs_by={"early_config_prune": prune_configs},
 )(_prefill_kernel)
-
-
-def _default_config(device: torch.device, block_d: int, element_size: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) when not autotuning: small tiles under the interpreter (fast and
-    they exercise the multi-tile paths), conservative ones on pre-Hopper GPUs."""
-    if device.type != "cuda":
-        return 64, 32, 4, 1
-    if block_d > 128 or element_size > 2:
-        return 64, 32, 4, 2
-    return 128, 64, (4 if block_d <= 64 else 8), 2
-
-
-def _use_autotune(device: torch.device) -> bool:
-    """Autotune on Hopper and newer, unless ``FLASHSERVE_AUTOTUNE=0`` (tests use it to skip the tuning compiles)."""
-    if device.type != "cuda" or triton_interpret_enabled() or os.environ.get("FLASHSERVE_AUTOTUNE", "1") == "0":
-        return False
-    return _compute_capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
-
-
-@functools.lru_cache(maxsize=None)
-def _compute_capability_major(device_index: int) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]
-
-
-def _length_class(n: int) -> int:
-    """Coarse class of a sequence length (<= 64, <= 512, <= 4096, longer): the autotuner runs once per class,
-    not once per length."""
-    return sum(n > bound for bound in (64, 512, 4096))
 
 
 def prefill_attention(q, k, v, out, lse, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -384,7 +319,7 @@ def prefill_attention(q, k, v, out, lse, softmax_scale, causal, window_size, sof
         block_table.stride(0) if block_table is not None else 0, stride_ab,
         seqlen_q, seqlen_k,
         qk_scale, softcap_log2, max(left, 0), max(right, 0),
-        _length_class(max_seqlen_q), _length_class(max_seqlen_k),
+        length_class(max_seqlen_q), length_class(max_seqlen_k),
     )
     meta = dict(
         GROUP=group, HEADS_PER_TILE=heads_per_tile, HEAD_DIM=head_dim, BLOCK_D=block_d,
@@ -401,10 +336,10 @@ def prefill_attention(q, k, v, out, lse, softmax_scale, causal, window_size, sof
 
     other_device = q.is_cuda and q.device.index is not None and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
-        if _use_autotune(q.device):
+        if use_autotune(q.device):
             _prefill_kernel_tuned[grid](*args, **meta)
         else:
-            block_m, block_n, num_warps, num_stages = _default_config(q.device, block_d, q.element_size())
+            block_m, block_n, num_warps, num_stages = default_config(q.device, block_d, q.element_size())
             _prefill_kernel[grid({"BLOCK_M": block_m})](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
                                                          num_warps=num_warps, num_stages=num_stages)
 

@@ -1,0 +1,79 @@
+"""Launch configurations of the prefill kernel: the autotuning space for Hopper and newer, its pruning by head
+dimension and shared memory, the single default elsewhere (and under the interpreter), and the coarse length
+classes the autotuner is keyed on."""
+import functools
+import os
+
+import torch
+import triton
+
+from flashserve.kernels._dispatch import triton_interpret_enabled
+
+
+def tuning_config(block_m, block_n, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+# Hopper and newer: tiles of 128 query rows; smaller key tiles for head dims above 128; (64, 64) for short queries.
+TUNED_CONFIGS = [
+    tuning_config(128, 128, 8, 3),
+    tuning_config(128, 64, 8, 3),
+    tuning_config(128, 64, 4, 3),
+    tuning_config(128, 128, 8, 2),
+    tuning_config(128, 64, 8, 4),
+    tuning_config(128, 32, 8, 2),
+    tuning_config(64, 64, 4, 3),
+    tuning_config(64, 32, 4, 2),
+]
+SHARED_MEMORY_BYTES = 227 * 1024  # per-block limit of H100/H200
+
+
+def shared_memory_bytes(block_m, block_n, block_d, num_stages, element_size):
+    """Rough shared-memory need of a config: the Q tile plus num_stages K and V tiles."""
+    return (block_m * block_d + 2 * num_stages * block_n * block_d) * element_size
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Keep the configs that fit the head dim: (128, 32) and (64, 32) only above d = 128, the others up to it."""
+    args = {**named_args, **kwargs}
+    block_d = args["BLOCK_D"]
+    element_size = args["q_ptr"].element_size()
+    kept = []
+    for config in configs:
+        block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        if (block_n == 32) != (block_d > 128):
+            continue
+        if block_d > 128 and block_n == 128:
+            continue
+        if shared_memory_bytes(block_m, block_n, block_d, config.num_stages, element_size) > SHARED_MEMORY_BYTES:
+            continue
+        kept.append(config)
+    return kept or [tuning_config(64, 32, 4, 1)]
+
+
+def default_config(device: torch.device, block_d: int, element_size: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) when not autotuning: small tiles under the interpreter (fast and
+    they exercise the multi-tile paths), conservative ones on pre-Hopper GPUs."""
+    if device.type != "cuda":
+        return 64, 32, 4, 1
+    if block_d > 128 or element_size > 2:
+        return 64, 32, 4, 2
+    return 128, 64, (4 if block_d <= 64 else 8), 2
+
+
+def use_autotune(device: torch.device) -> bool:
+    """Autotune on Hopper and newer, unless ``FLASHSERVE_AUTOTUNE=0`` (tests use it to skip the tuning compiles)."""
+    if device.type != "cuda" or triton_interpret_enabled() or os.environ.get("FLASHSERVE_AUTOTUNE", "1") == "0":
+        return False
+    return compute_capability_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def compute_capability_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def length_class(n: int) -> int:
+    """Coarse class of a sequence length (<= 64, <= 512, <= 4096, longer): the autotuner runs once per class,
+    not once per length."""
+    return sum(n > bound for bound in (64, 512, 4096))
