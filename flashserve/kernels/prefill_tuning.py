@@ -11,6 +11,7 @@ from flashserve.kernels._dispatch import triton_interpret_enabled
 
 
 def tuning_config(block_m, block_n, num_warps, num_stages):
+    """One point of the autotuning space: query/key tile sizes, warps and pipeline stages."""
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -70,6 +71,7 @@ def use_autotune(device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def compute_capability_major(device_index: int) -> int:
+    """The CUDA device's compute capability major (9 for Hopper), read once per device."""
     return torch.cuda.get_device_capability(device_index)[0]
 
 
