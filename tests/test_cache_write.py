@@ -44,12 +44,25 @@ def test_cache_write_strided_cache():
     check_cache_write(9, 3, 16, 6, 4, torch.float16, strided=True)
 
 
+def test_cache_write_strided_key_value():
+    """key and value as views of one packed (T, 2, Hk, D) tensor are read in place."""
+    kv = torch.randn(5, 2, 2, 8, dtype=torch.float16)
+    key, value = kv[:, 0], kv[:, 1]
+    key_cache, value_cache = torch.zeros(3, 4, 2, 8, dtype=torch.float16), torch.zeros(3, 4, 2, 8, dtype=torch.float16)
+    slots = torch.tensor([7, -1, 0, 11, 4])
+    reshape_and_cache_flash(key, value, key_cache, value_cache, slots)
+    kept = slots >= 0
+    assert torch.equal(key_cache.flatten(0, 1)[slots[kept]], key[kept])
+    assert torch.equal(value_cache.flatten(0, 1)[slots[kept]], value[kept])
+
+
 @pytest.mark.parametrize("name, change", [
     ("slot_mapping", lambda a: a.update(slot_mapping=a["slot_mapping"].int())),
     ("slot_mapping", lambda a: a.update(slot_mapping=a["slot_mapping"][:2])),
     ("value", lambda a: a.update(value=a["value"].half())),
     ("key_cache", lambda a: a.update(key_cache=a["key_cache"][:, :, :1])),
     ("value_cache", lambda a: a.update(value_cache=a["value_cache"][:, :2])),
+    ("slot_mapping", lambda a: a.update(slot_mapping=torch.arange(6)[::2])),
 ])
 def test_cache_write_invalid_arguments(name, change):
     args = dict(key=torch.randn(3, 2, 8), value=torch.randn(3, 2, 8), key_cache=torch.zeros(4, 4, 2, 8),

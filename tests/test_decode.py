@@ -95,7 +95,8 @@ def make_inputs(case: Case, device="cpu", seed=0):
         args["v"] = randn(case.batch, case.seqlen_new, case.heads_k, case.head_dim)
     if case.rotary:
         rotary_dim = case.rotary_dim or case.head_dim
-        angles = torch.rand(capacity, rotary_dim // 2, generator=gen) * 2 * math.pi
+        rotary_rows = blocks_per_seq * case.page_size if case.page_size is not None else capacity
+        angles = torch.rand(rotary_rows, rotary_dim // 2, generator=gen) * 2 * math.pi
         args["rotary_cos"] = angles.cos().to(case.dtype).to(device)
         args["rotary_sin"] = angles.sin().to(case.dtype).to(device)
         args["rotary_interleaved"] = case.rotary == "interleaved"
@@ -209,6 +210,10 @@ def _valid_args():
     ("num_splits", lambda a: a.update(num_splits=-1)),
     ("window_size", lambda a: a.update(window_size=(-2, 0))),
     ("softcap", lambda a: a.update(softcap=-1.0)),
+    ("cache_seqlens", lambda a: a.update(cache_seqlens=True)),
+    ("cache_seqlens", lambda a: a.update(cache_seqlens=a["cache_seqlens"].repeat_interleave(2)[::2])),
+    ("block_table", lambda a: a.update(block_table=a["block_table"].repeat_interleave(2, 1)[:, ::2])),
+    ("rotary_cos", lambda a: a.update(rotary_cos=torch.ones(20, 16).half(), rotary_sin=torch.ones(20, 16).half())),
 ])
 def test_invalid_arguments_raise_value_error(name, change):
     args = _valid_args()
@@ -221,3 +226,19 @@ def test_cache_leftpad_is_not_implemented():
     args = _valid_args()
     with pytest.raises(NotImplementedError, match="cache_leftpad"):
         flash_attn_with_kvcache(**args, cache_leftpad=torch.zeros(2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("empty", ["batch", "queries"])
+def test_empty_batch_or_queries(backend, empty, monkeypatch):
+    """B = 0 or Sq = 0 give empty results (no division by zero in the split heuristic) on both backends."""
+    if backend == "torch":
+        monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    args = make_inputs(Case(seqlen_new=0))
+    if empty == "batch":
+        args.update(q=args["q"][:0], cache_seqlens=args["cache_seqlens"][:0], block_table=args["block_table"][:0])
+    else:
+        args.update(q=args["q"][:, :0])
+    out, lse = flash_attn_with_kvcache(**args, return_softmax_lse=True)
+    batch, seqlen_q, heads = args["q"].shape[:3]
+    assert out.shape == args["q"].shape and lse.shape == (batch, heads, seqlen_q)

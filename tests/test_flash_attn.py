@@ -313,6 +313,19 @@ def _validation_cases():
         "out shape": ("out", lambda: varlen(qv, kv, kv, cu_q, cu_k, 4, 6, out=torch.empty(3, 4, 16).half())),
         "out dtype": ("out", lambda: varlen(qv, kv, kv, cu_q, cu_k, 4, 6, out=torch.empty(4, 4, 16))),
         "varlen dropout": ("dropout_p", lambda: varlen(qv, kv, kv, cu_q, cu_k, 4, 6, dropout_p=0.5)),
+        "dense k rank 3": ("k", lambda: flash_attn_func(q, kv, kv)),
+        "dense k rank 5": ("k", lambda: flash_attn_func(q, k[None], k[None])),
+        "window not integral": ("window_size", lambda: flash_attn_func(q, k, k, window_size=(1.5, 0))),
+        "max_seqlen_k tensor": ("max_seqlen_k", lambda: varlen(qv, kv, kv, cu_q, cu_k, 4, torch.tensor(6))),
+        "block_table strided": ("block_table", lambda: varlen(qv, k_cache, v_cache, cu_q, None, 4, 6,
+                                                              block_table=table.repeat_interleave(2, 1)[:, ::2],
+                                                              seqused_k=used)),
+        "cu_seqlens_q strided": ("cu_seqlens_q", lambda: varlen(qv, kv, kv, cu_q.repeat_interleave(2)[::2], cu_k,
+                                                                4, 6)),
+        "seqused_k strided": ("seqused_k", lambda: varlen(qv, k_cache, v_cache, cu_seqlens([2, 2]), None, 2, 6,
+                                                          block_table=torch.cat([table, table]),
+                                                          seqused_k=torch.tensor([6, 0, 5, 0],
+                                                                                 dtype=torch.int32)[::2])),
     }
 
 
@@ -327,3 +340,11 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     q = torch.randn(1, 6, 2, 24, dtype=torch.float16)
     k = torch.randn(1, 6, 2, 24, dtype=torch.float16)
     assert torch.equal(flash_attn_func(q, k, k), flash_attn_func(q, k, k, softmax_scale=1 / math.sqrt(24)))
+
+
+def test_max_seqlen_accepts_numpy_ints():
+    np = pytest.importorskip("numpy")
+    q, k = torch.randn(5, 2, 16), torch.randn(7, 1, 16)
+    cu_q, cu_k = cu_seqlens([5]), cu_seqlens([7])
+    out = flash_attn_varlen_func(q, k, k, cu_q, cu_k, np.int64(5), np.int32(7), causal=True)
+    assert torch.equal(out, flash_attn_varlen_func(q, k, k, cu_q, cu_k, 5, 7, causal=True))

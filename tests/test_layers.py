@@ -111,7 +111,43 @@ def test_silu_and_mul(shape, dtype):
     (lambda: apply_rotary(torch.randn(3, 2, 8), torch.randn(3, 2, 4), torch.randn(10, 8), torch.arange(3), True),
      "k"),
     (lambda: silu_and_mul(torch.randn(3, 7)), "x"),
+    (lambda: apply_rotary(torch.randn(3, 2, 8), None, torch.randn(10, 8), torch.arange(6)[::2], True), "positions"),
+    (lambda: rms_norm(_not_row_viewable(), torch.randn(8), 1e-6), "x"),
+    (lambda: fused_add_rms_norm(_not_row_viewable(), torch.randn(3, 2, 8), torch.randn(8), 1e-6), "x"),
+    (lambda: fused_add_rms_norm(torch.randn(3, 2, 8), _not_row_viewable(), torch.randn(8), 1e-6), "residual"),
+    (lambda: silu_and_mul(_not_row_viewable()), "x"),
 ])
-def test_invalid_arguments(call, name):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_invalid_arguments(call, name, backend, monkeypatch):
+    """The same ValueError on both backends (a layout the kernel cannot walk is refused, never copied)."""
+    if backend == "torch":
+        monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
     with pytest.raises(ValueError, match=name):
         call()
+
+
+def _not_row_viewable():
+    """(3, 2, 8) with padded rows in a transposed buffer: last dim contiguous, but no (rows, 8) view exists."""
+    return torch.randn(2, 3, 12).transpose(0, 1)[..., :8]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_layer_helpers_with_zero_tokens(backend, monkeypatch):
+    if backend == "torch":
+        monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    x, weight = torch.randn(0, 16), torch.randn(16)
+    assert rms_norm(x, weight, 1e-6).shape == (0, 16)
+    assert fused_add_rms_norm(x, torch.randn(0, 16), weight, 1e-6).shape == (0, 16)
+    assert silu_and_mul(x).shape == (0, 8)
+    q, k = apply_rotary(torch.randn(0, 2, 16), torch.randn(0, 1, 16), torch.randn(4, 16), torch.zeros(0).long())
+    assert q.shape == (0, 2, 16) and k.shape == (0, 1, 16)
+
+
+def test_fused_add_rms_norm_residual_of_another_dtype():
+    """An fp32 residual stream with fp16 activations: the kernel and the reference normalise the fp32 sum."""
+    x, weight = _randn(4, 64, dtype=torch.float16), _randn(64, dtype=torch.float16, seed=1)
+    residual, ref_residual = _randn(4, 64, seed=2), _randn(4, 64, seed=2)
+    out = fused_add_rms_norm(x, residual, weight, 1e-6)
+    ref_out = reference.fused_add_rms_norm(x, ref_residual, weight, 1e-6)
+    assert out.dtype == torch.float16 and torch.equal(residual, ref_residual)
+    assert torch.equal(out, ref_out)  # rounding the residual to fp16 before normalising is off by one ulp here

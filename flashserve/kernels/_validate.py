@@ -1,4 +1,6 @@
 """Input checks shared by the public kernel functions. Every failure raises ``ValueError`` naming the argument."""
+import operator
+
 import torch
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -18,8 +20,10 @@ def check_tensor(name: str, tensor, ndim: int | None = None, dtypes=None, device
 
 
 def check_index_tensor(name: str, tensor, ndim: int, device: torch.device, dtype: torch.dtype = torch.int32) -> None:
-    """Raise ValueError unless ``tensor`` is an index tensor of rank ``ndim`` and ``dtype`` on ``device``."""
+    """Raise ValueError unless ``tensor`` is an index tensor of rank ``ndim`` and ``dtype`` on ``device``, contiguous
+    in its last dimension (the kernels index it with unit stride there; other strides are passed to them)."""
     check_tensor(name, tensor, ndim, (dtype,), device)
+    check_last_dim_contiguous(name, tensor)
 
 
 def check_last_dim_contiguous(name: str, tensor: torch.Tensor) -> None:
@@ -37,7 +41,7 @@ def check_shape(name: str, tensor: torch.Tensor, shape: tuple) -> None:
 def check_window_size(window_size) -> tuple[int, int]:
     """Return ``window_size`` as a pair of ints >= -1, or raise ValueError."""
     try:
-        left, right = (int(x) for x in window_size)
+        left, right = (operator.index(x) for x in window_size)
     except (TypeError, ValueError):
         raise ValueError(f"window_size must be a pair of ints, got {window_size!r}") from None
     if left < -1 or right < -1:
@@ -55,3 +59,26 @@ def check_softcap(softcap: float) -> None:
     """Raise ValueError unless ``softcap >= 0``."""
     if not softcap >= 0.0:
         raise ValueError(f"softcap must be >= 0, got {softcap}")
+
+
+def check_count(name: str, value) -> int:
+    """Return ``value`` as a Python int >= 0 (any integer type but bool, e.g. numpy ints), or raise ValueError."""
+    if isinstance(value, bool) or isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}") from None
+    if count < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return count
+
+
+def rows_view(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """(..., hidden) -> a (rows, hidden) view of the same memory; ValueError if the rows are not evenly strided
+    (the layer kernels walk rows with one stride and never copy their inputs)."""
+    try:
+        return tensor.view(-1, tensor.shape[-1])
+    except RuntimeError:
+        raise ValueError(f"{name} must be viewable as (rows, hidden), got shape {tuple(tensor.shape)} and strides "
+                         f"{tuple(tensor.stride())}") from None

@@ -21,15 +21,18 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, intermediate, stride_x, stride_out, BLO
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x (..., 2I) -> (..., I): ``silu(x[..., :I]) * x[..., I:]``, in fp32 and rounded once to x's dtype."""
+    """x (..., 2I) -> (..., I): ``silu(x[..., :I]) * x[..., I:]``, in fp32 and rounded once to x's dtype.
+
+    x may be strided as long as its rows view as (rows, 2I) with the last dimension contiguous (it is never
+    copied); otherwise ValueError."""
     _validate.check_tensor("x", x, None, _validate.ATTENTION_DTYPES)
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"x must have an even last dimension (gate and up halves), got shape {tuple(x.shape)}")
     _validate.check_last_dim_contiguous("x", x)
+    rows = _validate.rows_view("x", x)
     if not use_triton(x):
         return reference.silu_and_mul(x)
     intermediate = x.shape[-1] // 2
-    rows = x.reshape(-1, x.shape[-1])
     out = torch.empty(*x.shape[:-1], intermediate, dtype=x.dtype, device=x.device)
     out_rows = out.view(-1, intermediate)
     if rows.shape[0] == 0 or intermediate == 0:

@@ -186,7 +186,7 @@ def choose_num_splits(num_splits: int, programs: int, capacity: int, device: tor
         return min(num_splits, MAX_SPLITS)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 132
-    wanted = (PROGRAMS_PER_SM * sms) // programs
+    wanted = (PROGRAMS_PER_SM * sms) // max(programs, 1)
     return max(1, min(wanted, capacity // MIN_TOKENS_PER_SPLIT, MAX_SPLITS))
 
 
@@ -221,7 +221,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             (B_cache, max_seqlen, Hk, D). Any strides with the last dimension contiguous. ``H % Hk == 0``.
         k, v: optional (B, Snew, Hk, D) new tokens, written into the caches in place at positions
             ``cache_seqlens[b] .. cache_seqlens[b] + Snew - 1`` before attention (requires ``cache_seqlens``).
-        rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2), rotary_dim <= D (requires k). New keys are
+        rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2), rotary_dim <= D, seqlen_ro >= the cache
+            capacity (max_blocks * page_size, or the dense cache's length) (requires k). New keys are
             rotated at their positions; q at ``cache_seqlens[b] + i`` when causal or windowed, else all of q at
             ``cache_seqlens[b]``. ``rotary_interleaved``: pairs (2j, 2j+1), else GPT-NeoX halves.
         cache_seqlens: int or (B,) int32: tokens already in the cache (None: the whole cache capacity). Values are

@@ -73,11 +73,14 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
         if not 0 < 2 * rotary_cos.shape[1] <= head_dim:
             raise ValueError(f"rotary_cos must have rotary_dim / 2 columns with rotary_dim <= {head_dim}, "
                              f"got shape {tuple(rotary_cos.shape)}")
+        if rotary_cos.shape[0] < capacity:  # FlashAttention's rule: a row for every position the cache can hold
+            raise ValueError(f"rotary_cos must have at least {capacity} rows (the cache capacity), "
+                             f"got shape {tuple(rotary_cos.shape)}")
     if isinstance(cache_seqlens, torch.Tensor):
         _validate.check_index_tensor("cache_seqlens", cache_seqlens, 1, device)
         _validate.check_shape("cache_seqlens", cache_seqlens, (batch,))
     elif cache_seqlens is not None:
-        if not isinstance(cache_seqlens, int) or not 0 <= cache_seqlens <= capacity - seqlen_new:
+        if type(cache_seqlens) is not int or not 0 <= cache_seqlens <= capacity - seqlen_new:
             raise ValueError(f"cache_seqlens must be an int in [0, {capacity - seqlen_new}] or a (B,) int32 "
                              f"tensor, got {cache_seqlens!r}")
     if alibi_slopes is not None:
@@ -85,7 +88,7 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
         if tuple(alibi_slopes.shape) not in ((num_heads,), (batch, num_heads)) or alibi_slopes.stride(-1) != 1:
             raise ValueError(f"alibi_slopes must be contiguous of shape ({num_heads},) or ({batch}, {num_heads}), "
                              f"got shape {tuple(alibi_slopes.shape)}")
-    if not isinstance(num_splits, int) or num_splits < 0:
+    if type(num_splits) is not int or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
     _validate.check_softcap(softcap)
     if type(window_size) is tuple and window_size == _NO_WINDOW:

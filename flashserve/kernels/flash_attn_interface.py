@@ -24,10 +24,12 @@ def _check_options(dropout_p, softmax_scale, window_size, softcap):
     return _validate.check_window_size(window_size)
 
 
-def _check_qkv(q, k, v, q_ndim):
-    """Rank, dtype, device, last-dim contiguity, head dims and head counts of q, k, v (k and v alike)."""
+def _check_qkv(q, k, v, q_ndim, kv_ndim):
+    """Rank, dtype, device, last-dim contiguity, head dims and head counts of q, k, v (k and v alike); ``kv_ndim``
+    None leaves k's rank to the caller (varlen: packed or paged) and only requires v to have the same."""
     _validate.check_tensor("q", q, q_ndim, _validate.ATTENTION_DTYPES)
-    kv_ndim = k.dim() if isinstance(k, torch.Tensor) else None
+    if kv_ndim is None and isinstance(k, torch.Tensor):
+        kv_ndim = k.dim()
     for name, tensor in (("k", k), ("v", v)):
         _validate.check_tensor(name, tensor, kv_ndim, (q.dtype,), q.device)
     for name, tensor in (("q", q), ("k", k), ("v", v)):
@@ -101,7 +103,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         S_dmask [optional, if return_attn_probs=True]: None.
     """
     window = _check_options(dropout_p, softmax_scale, window_size, softcap)
-    _check_qkv(q, k, v, 4)
+    _check_qkv(q, k, v, 4, 4)
     batch, seqlen_q, nheads, head_dim = q.shape
     if k.shape[0] != batch:
         raise ValueError(f"k must have q's batch size {batch}, got shape {tuple(k.shape)}")
@@ -137,7 +139,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                            deterministic, return_attn_probs)
 
 
-def _check_varlen_indices(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, seqused_k):
+def _check_varlen_indices(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table, seqused_k):
     """Index tensors of the varlen call; returns the batch size."""
     device = q.device
     _validate.check_index_tensor("cu_seqlens_q", cu_seqlens_q, 1, device)
@@ -152,9 +154,6 @@ def _check_varlen_indices(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
         _validate.check_shape("seqused_k", seqused_k, (batch,))
     if cu_seqlens_k is None and (seqused_k is None or block_table is None):
         raise ValueError("cu_seqlens_k may only be None with a block_table and seqused_k (paged KV)")
-    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     if block_table is not None:
         _validate.check_index_tensor("block_table", block_table, 2, device)
         if block_table.shape[0] != batch:
@@ -208,9 +207,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         softmax_lse [optional]: (nheads, total_q), fp32 natural-log logsumexp of each row (-inf for no key).
     """
     window = _check_options(dropout_p, softmax_scale, window_size, softcap)
-    _check_qkv(q, k, v, 3)
-    batch = _check_varlen_indices(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table,
-                                  seqused_k)
+    _check_qkv(q, k, v, 3, None)
+    max_seqlen_q = _validate.check_count("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _validate.check_count("max_seqlen_k", max_seqlen_k)
+    batch = _check_varlen_indices(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table, seqused_k)
     total_q, nheads, head_dim = q.shape
     _check_alibi(alibi_slopes, batch, nheads, q.device)
     _check_out(out, q)

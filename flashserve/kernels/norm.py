@@ -33,35 +33,31 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, hidden, eps,
     tl.store(out_ptr + row * stride_out + cols, (normalised * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """(..., hidden) -> a (rows, hidden) view of the same memory; ValueError if the rows are not evenly strided."""
-    try:
-        return tensor.view(-1, tensor.shape[-1])
-    except RuntimeError:
-        raise ValueError(f"{name} must be viewable as (rows, hidden), got strides {tuple(tensor.stride())}") from None
-
-
-def _check(x, weight, eps, residual=None) -> None:
+def _check(x, weight, eps, residual=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate the arguments; returns the (rows, hidden) views of x and residual the kernel walks."""
     _validate.check_tensor("x", x, None, _validate.ATTENTION_DTYPES)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension")
     _validate.check_last_dim_contiguous("x", x)
+    x_rows = _validate.rows_view("x", x)
     _validate.check_tensor("weight", weight, 1, _validate.ATTENTION_DTYPES, x.device)
     _validate.check_shape("weight", weight, (x.shape[-1],))
     _validate.check_last_dim_contiguous("weight", weight)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    if residual is not None:
-        _validate.check_tensor("residual", residual, None, _validate.ATTENTION_DTYPES, x.device)
-        _validate.check_shape("residual", residual, x.shape)
-        _validate.check_last_dim_contiguous("residual", residual)
+    if residual is None:
+        return x_rows, None
+    _validate.check_tensor("residual", residual, None, _validate.ATTENTION_DTYPES, x.device)
+    _validate.check_shape("residual", residual, x.shape)
+    _validate.check_last_dim_contiguous("residual", residual)
+    return x_rows, _validate.rows_view("residual", residual)
 
 
-def _launch(x, weight, eps, residual) -> torch.Tensor:
-    x_rows = _rows("x", x)
+def _launch(x, x_rows, weight, eps, residual_rows) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out_rows = out.view(-1, x.shape[-1])
-    residual_rows = _rows("residual", residual) if residual is not None else x_rows
+    add_residual = residual_rows is not None
+    residual_rows = residual_rows if add_residual else x_rows
     if x_rows.shape[0] == 0:
         return out
     hidden = x.shape[-1]
@@ -69,17 +65,20 @@ def _launch(x, weight, eps, residual) -> torch.Tensor:
     _rms_norm_kernel[(x_rows.shape[0],)](
         x_rows, residual_rows, weight, out_rows, hidden, float(eps),
         x_rows.stride(0), residual_rows.stride(0), out_rows.stride(0),
-        ADD_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        ADD_RESIDUAL=add_residual, BLOCK=block, num_warps=min(16, max(1, block // 256)),
     )
     return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension: x (..., hidden), weight (hidden,). Returns a new tensor of x's dtype."""
-    _check(x, weight, eps)
+    """RMSNorm over the last dimension: x (..., hidden), weight (hidden,). Returns a new tensor of x's dtype.
+
+    x may be strided as long as its rows view as (rows, hidden) with the last dimension contiguous (it is never
+    copied); otherwise ValueError. Zero rows give an empty result."""
+    x_rows, _ = _check(x, weight, eps)
     if not use_triton(x):
         return reference.rms_norm(x, weight, eps)
-    return _launch(x, weight, eps, None)
+    return _launch(x, x_rows, weight, eps, None)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,10 +89,11 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     ``rms_norm(residual_after_add, weight, eps)``.
 
     Args:
-        x, residual: (..., hidden), same shape; residual must be a view with evenly strided rows.
+        x, residual: (..., hidden), same shape, each viewable as (rows, hidden) with the last dimension contiguous
+            (ValueError otherwise; neither is copied).
         weight: (hidden,).
     """
-    _check(x, weight, eps, residual)
+    x_rows, residual_rows = _check(x, weight, eps, residual)
     if not use_triton(x):
         return reference.fused_add_rms_norm(x, residual, weight, eps)
-    return _launch(x, weight, eps, residual)
+    return _launch(x, x_rows, weight, eps, residual_rows)

@@ -79,7 +79,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor | None, cos_sin_cache: torch.T
         q: (T, H, D); k: (T, Hk, D) or None; fp32/fp16/bf16, last dimension contiguous, other strides free.
         cos_sin_cache: (max_position, rotary_dim) float: cos in the first rotary_dim/2 columns, sin in the rest;
             ``rotary_dim`` even and <= D.
-        positions: (T,) int32/int64 position of each token (not range-checked on the device).
+        positions: (T,) int32/int64 position of each token, contiguous (not range-checked on the device).
         is_neox: True pairs the two halves of the rotary features (GPT-NeoX, Llama/Qwen in HF), False pairs
             neighbours (GPT-J).
     """
@@ -98,6 +98,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor | None, cos_sin_cache: torch.T
         raise ValueError(f"cos_sin_cache must have an even rotary_dim <= head size {q.shape[2]} columns, "
                          f"got {rotary_dim}")
     _validate.check_tensor("positions", positions, 1, (torch.int32, torch.int64), device)
+    _validate.check_last_dim_contiguous("positions", positions)
     if positions.shape[0] != q.shape[0]:
         raise ValueError(f"positions must have {q.shape[0]} entries (one per token), got {positions.shape[0]}")
     cos, sin = cos_sin_cache[:, : rotary_dim // 2], cos_sin_cache[:, rotary_dim // 2:]

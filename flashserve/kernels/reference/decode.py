@@ -53,7 +53,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             blocks, rows = _token_rows(k_cache, b, new_positions, block_table, cache_batch_idx)
             k_cache[blocks, rows] = k_b
             v_cache[blocks, rows] = v[b]
-    outs, lses = [], []
+    num_heads, head_dim = q.shape[2], q.shape[3]
+    outs = [q.new_empty((0, seqlen_q, num_heads, head_dim))]
+    lses = [torch.empty((0, num_heads, seqlen_q), dtype=torch.float32, device=q.device)]
     for b in range(batch):
         length = seqlens[b] + seqlen_new
         blocks, rows = _token_rows(k_cache, b, torch.arange(length, device=q.device), block_table, cache_batch_idx)

@@ -4,17 +4,20 @@ rotary embedding in place, and ``silu_and_mul``. Same contracts as the kernels i
 import torch
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF LlamaRMSNorm: fp32 normalisation, cast back to x's dtype, times the weight; returned in x's dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """HF LlamaRMSNorm: fp32 normalisation, cast to ``dtype`` (default x's), times the weight; returned in that
+    dtype."""
+    dtype = dtype or x.dtype
     hidden = x.float()
     hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.float() * hidden.to(x.dtype).float()).to(x.dtype)
+    return (weight.float() * hidden.to(dtype).float()).to(dtype)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``residual += x`` (in place, fp32 add rounded to residual's dtype), returns ``rms_norm(residual)``."""
+    """``residual += x`` (in place, fp32 add rounded to residual's dtype), returns ``rms_norm(residual)`` in x's
+    dtype (the stored residual is normalised as it is, also when its dtype differs from x's)."""
     residual.copy_((x.float() + residual.float()).to(residual.dtype))
-    return rms_norm(residual.to(x.dtype), weight, eps)
+    return rms_norm(residual, weight, eps, x.dtype)
 
 
 def rotary_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
