@@ -12,6 +12,7 @@ _EXPORTS = {
     "SamplingParams": "flashserve.sampling_params",
     "RequestOutput": "flashserve.outputs",
     "CompletionOutput": "flashserve.outputs",
+    "Logprob": "flashserve.outputs",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -22,6 +22,8 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     generate.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (default 0: all)")
     generate.add_argument("--seed", type=int, default=None, help="per-request seed for reproducible sampling")
+    generate.add_argument("--stop", action="append", default=None, metavar="STRING",
+                          help="stop when the completion contains STRING (repeatable; cut from the text)")
     generate.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     generate.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
@@ -41,7 +43,7 @@ def _generate(args: argparse.Namespace) -> int:
               "Pass --model DIR (a local Hugging Face checkpoint) for real text.", file=sys.stderr)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+                                top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
         llm = LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
         prompts = args.prompts or DEFAULT_PROMPTS
         start = time.perf_counter()

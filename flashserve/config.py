@@ -14,13 +14,15 @@ class Config:
     Attributes:
         model: a local checkpoint directory (config.json, safetensors weights, tokenizer files). Nothing is downloaded.
         tokenizer: a directory to load the tokenizer from instead of ``model``.
-        dtype: "auto" (the checkpoint's torch_dtype), "float32", "float16" or "bfloat16".
+        dtype: "auto" (the checkpoint's torch_dtype), "float32", "float16" or "bfloat16" (or that torch.dtype, kept
+            as its name).
         device: "cuda", "cuda:N" or "cpu"; None picks CUDA when available, else the CPU.
         max_model_len: the longest prompt + output in tokens; None takes the checkpoint's max_position_embeddings.
         block_size: tokens per KV-cache block (>= 1).
         gpu_memory_utilization: on CUDA, the fraction of the GPU's memory the engine may use (weights, activations
             and the KV cache); the KV pool gets what is left after a profiling forward pass.
-        num_kv_blocks: the KV pool size in blocks; overrides the automatic sizing.
+        num_kv_blocks: the KV pool size in blocks; overrides the automatic sizing. A pool smaller than one
+            ``max_model_len`` sequence is allowed: requests that could outgrow it are rejected by ``add_request``.
         max_num_seqs: the most requests running at once.
         max_num_batched_tokens: the token budget of one step (prompt chunks plus decodes).
         enable_prefix_caching: reuse the KV of full blocks shared with earlier prompts.
@@ -45,8 +47,14 @@ class Config:
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model):
             raise ValueError(f"model must be a local checkpoint directory, got {self.model!r}")
+        if not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ValueError(f"model directory {self.model!r} has no config.json: it must be a Hugging Face "
+                             "checkpoint directory (config.json, safetensors weights, tokenizer files)")
         if self.tokenizer is not None and not os.path.isdir(self.tokenizer):
             raise ValueError(f"tokenizer must be a local directory, got {self.tokenizer!r}")
+        names = {dtype: name for name, dtype in DTYPES.items()}
+        if isinstance(self.dtype, torch.dtype) and self.dtype in names:
+            self.dtype = names[self.dtype]
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device is None:

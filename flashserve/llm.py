@@ -1,4 +1,6 @@
 """``LLM``: offline batch generation, vLLM's interface over ``LLMEngine``."""
+import numbers
+
 from tqdm.auto import tqdm
 
 from flashserve.config import Config
@@ -31,39 +33,38 @@ class LLM:
         """The Hugging Face tokenizer."""
         return self.engine.tokenizer
 
-    def generate(self, prompts: str | list[str] | list[list[int]],
+    def generate(self, prompts: str | dict | list[str] | list[dict] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate a completion for every prompt; outputs come in the order of ``prompts``.
 
         Args:
-            prompts: a string, a list of strings, or a list of token-id lists (a single list of ints is one prompt).
+            prompts: a string, a list of strings, or a list of token-id lists (a single list of ints is one prompt);
+                vLLM's prompt dicts too, alone or in a list: {"prompt": text} or {"prompt_token_ids": ids}.
             sampling_params: one SamplingParams for all prompts, or one per prompt; None is ``SamplingParams()``.
             use_tqdm: show a progress bar with prefill and decode throughput.
 
         Raises ValueError, before anything runs, for any invalid prompt (see ``LLMEngine.add_request``).
         """
-        prompt_list = _normalize_prompts(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompt_list):
-                raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompt_list)} prompts")
-        return self._run([(p, None) for p in prompt_list], params_list, use_tqdm)
+        items = _normalize_prompts(prompts)
+        return self._run(items, _params_per_prompt(sampling_params, len(items)), use_tqdm)
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} dicts) or to a list of them,
-        formatted with the tokenizer's chat template (with the generation prompt)."""
+        formatted with the tokenizer's chat template (with the generation prompt); one SamplingParams for all
+        conversations or one per conversation."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.engine.tokenizer
+        if tokenizer.chat_template is None:
+            raise ValueError("the tokenizer has no chat template (tokenizer_config.json has no chat_template): "
+                             "format the conversation yourself and call generate")
         items = []
         for conversation in conversations:
             text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
             items.append((text, tokenizer.encode(text, add_special_tokens=False)))
-        params = sampling_params or SamplingParams()
-        return self._run(items, [params] * len(items), use_tqdm)
+        return self._run(items, _params_per_prompt(sampling_params, len(items)), use_tqdm)
 
     def _run(self, items: list[tuple], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         """Queue (prompt, token ids or None) items, step until all finish, and assemble the outputs in order."""
@@ -97,9 +98,9 @@ class LLM:
                     engine.abort_request(request_id)
         return [results[request_id] for request_id in ids]
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (and the hit-rate statistics)."""
-        self.engine.reset_prefix_cache()
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (and the hit-rate statistics); returns True, as vLLM does on success."""
+        return self.engine.reset_prefix_cache()
 
     def prefix_cache_stats(self) -> dict[str, float]:
         """Prefix-cache queried tokens, hit tokens and hit rate since the last reset."""
@@ -111,17 +112,52 @@ class LLM:
         return self.engine.stats
 
 
-def _normalize_prompts(prompts) -> list:
-    """A string, a list of strings, a list of token-id lists, or one token-id list -> a list of prompts."""
-    if isinstance(prompts, str):
-        return [prompts]
-    prompts = list(prompts)
-    if prompts and all(isinstance(p, int) for p in prompts):
-        return [prompts]
-    for prompt in prompts:
-        if not isinstance(prompt, (str, list, tuple)):
-            raise ValueError(f"each prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-    return [p if isinstance(p, str) else list(p) for p in prompts]
+def _normalize_prompts(prompts) -> list[tuple[str | None, list[int] | None]]:
+    """``generate``'s prompts -> a list of (text or None, token ids or None) items for ``LLMEngine.add_request``.
+
+    Accepts a string, a prompt dict, one token-id list, or a list of strings, prompt dicts and token-id lists
+    (numpy arrays and tensors of ids included).
+    """
+    if isinstance(prompts, (str, dict)):
+        prompts = [prompts]
+    elif hasattr(prompts, "tolist"):
+        prompts = prompts.tolist()
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a string, a prompt dict, or a list of prompts, got "
+                         f"{type(prompts).__name__}")
+    if prompts and all(isinstance(p, numbers.Integral) for p in prompts):
+        return [(None, list(prompts))]
+    return [_prompt_item(prompt) for prompt in prompts]
+
+
+def _prompt_item(prompt) -> tuple[str | None, list[int] | None]:
+    """One prompt -> (text or None, token ids or None)."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if isinstance(prompt.get("prompt"), str):
+            return prompt["prompt"], None
+        raise ValueError(f"a prompt dict needs a 'prompt' string or 'prompt_token_ids', got keys {sorted(prompt)}")
+    if hasattr(prompt, "tolist"):
+        prompt = prompt.tolist()
+    if isinstance(prompt, (list, tuple)):
+        return None, list(prompt)
+    raise ValueError(f"each prompt must be a string, a prompt dict or a list of token ids, got "
+                     f"{type(prompt).__name__}")
+
+
+def _params_per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
+    """One SamplingParams (or None: the defaults) for every prompt, or a list of one per prompt."""
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        return [sampling_params or SamplingParams()] * num_prompts
+    if not isinstance(sampling_params, (list, tuple)):
+        raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got "
+                         f"{type(sampling_params).__name__}")
+    if len(sampling_params) != num_prompts:
+        raise ValueError(f"sampling_params has {len(sampling_params)} entries for {num_prompts} prompts")
+    return list(sampling_params)
 
 
 def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None:
@@ -130,7 +166,7 @@ def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None
     whole = results.get(delta.request_id)
     if whole is None:
         completion = CompletionOutput(0, new.text, list(new.token_ids), new.finish_reason,
-                                      list(new.logprobs) if new.logprobs is not None else None)
+                                      list(new.logprobs) if new.logprobs is not None else None, new.stop_reason)
         results[delta.request_id] = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids,
                                                   [completion], delta.finished)
         return
@@ -138,6 +174,7 @@ def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None
     completion.text += new.text
     completion.token_ids.extend(new.token_ids)
     completion.finish_reason = new.finish_reason
+    completion.stop_reason = new.stop_reason
     if new.logprobs is not None:
         completion.logprobs.extend(new.logprobs)
     whole.finished = delta.finished

@@ -3,6 +3,16 @@ from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
+class Logprob:
+    """vLLM's ``Logprob``: one token's log-probability under the model, its rank (1 = most likely) among the whole
+    vocabulary, and its text on its own."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass(slots=True)
 class CompletionOutput:
     """One completion of a request.
 
@@ -12,15 +22,18 @@ class CompletionOutput:
         token_ids: the generated token ids (an EOS or stop token that ended generation included).
         finish_reason: "stop" (EOS, stop token or stop string), "length" (max_tokens or max_model_len), or None
             while the request runs.
-        logprobs: None unless requested; else one dict per generated token mapping token id -> log-probability,
-            holding the sampled token and the ``logprobs`` most likely tokens.
+        logprobs: None unless requested; else one dict per generated token mapping token id -> ``Logprob``
+            (as in vLLM), holding the sampled token and the ``logprobs`` most likely tokens.
+        stop_reason: what ended a "stop" completion, as in vLLM: the matched stop string, or the id of the
+            ``stop_token_ids`` token; None for EOS, for "length", and while the request runs.
     """
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    stop_reason: str | int | None = None
 
     @property
     def finished(self) -> bool:

@@ -1,5 +1,8 @@
 """How one request is sampled and when it stops: vLLM's ``SamplingParams`` names and meanings."""
+import math
 from dataclasses import dataclass, field
+
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(slots=True)
@@ -8,12 +11,13 @@ class SamplingParams:
 
     Attributes:
         n: completions per prompt; only 1 is supported.
-        temperature: 0 is exact greedy (argmax); otherwise logits are divided by it before sampling.
+        temperature: 0 is exact greedy (argmax), and so is any temperature below ``GREEDY_TEMPERATURE`` (1e-5, as in
+            vLLM); otherwise logits are divided by it before sampling.
         top_p: nucleus sampling, keep the smallest set of tokens whose probability mass reaches ``top_p``; in (0, 1].
         top_k: keep the ``top_k`` most likely tokens; 0 or -1 disables.
         min_p: drop tokens whose probability is below ``min_p`` times the largest one; in [0, 1].
         seed: a per-request random seed: the request then samples the same tokens whatever else is in the batch.
-        max_tokens: the most tokens to generate (>= 1).
+        max_tokens: the most tokens to generate (>= 1); None generates until a stop condition or ``max_model_len``.
         min_tokens: EOS and ``stop_token_ids`` cannot be sampled, and stop strings do not stop, before this many.
         stop: strings that end generation when they appear in the output text; cut from the text unless
             ``include_stop_str_in_output``.
@@ -34,7 +38,7 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     min_tokens: int = 0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -48,23 +52,30 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("n", "top_k", "min_tokens"):
+            _check_integer(name, getattr(self, name))
+        for name in ("seed", "max_tokens", "logprobs"):
+            if getattr(self, name) is not None:
+                _check_integer(name, getattr(self, name))
         if self.n != 1:
             raise ValueError(f"n must be 1 (n > 1 is not supported), got {self.n}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if self.top_k < -1:
             raise ValueError(f"top_k must be an integer >= -1 (0 or -1 disables), got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be None or an integer >= 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens}")
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
@@ -72,21 +83,25 @@ class SamplingParams:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+        if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         self.stop_strings = tuple(stop)
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
         stop_ids = list(self.stop_token_ids or [])
-        if any(not isinstance(t, int) or t < 0 for t in stop_ids):
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in stop_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = stop_ids
 
     @property
     def greedy(self) -> bool:
-        """Whether the request takes the argmax (temperature 0)."""
-        return self.temperature == 0.0
+        """Whether the request takes the argmax (temperature 0, or below ``GREEDY_TEMPERATURE``)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def uses_penalties(self) -> bool:
@@ -97,3 +112,9 @@ class SamplingParams:
     def uses_top_k(self) -> bool:
         """Whether top-k filtering is active."""
         return self.top_k > 0
+
+
+def _check_integer(name: str, value) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (bools are not)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")

@@ -36,11 +36,26 @@ def _tokens(outputs):
     dict(n=2), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2), dict(min_p=1.5),
     dict(max_tokens=0), dict(min_tokens=-1), dict(min_tokens=5, max_tokens=4), dict(repetition_penalty=0.0),
     dict(presence_penalty=2.5), dict(frequency_penalty=-3.0), dict(logprobs=-1), dict(stop=[""]),
-    dict(stop=[1]), dict(stop_token_ids=[-1]), dict(seed="x"),
+    dict(stop=[1]), dict(stop_token_ids=[-1]), dict(seed="x"), dict(temperature=float("nan")),
+    dict(temperature=float("inf")), dict(temperature="0.5"), dict(repetition_penalty=float("nan")), dict(top_k=5.0),
+    dict(top_k=True), dict(max_tokens=3.0), dict(logprobs=True), dict(stop_token_ids=5), dict(stop=5),
 ])
 def test_invalid_sampling_params_raise(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_vllm_semantics_of_tiny_temperature_and_max_tokens_none(llm):
+    assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-4).greedy
+    greedy = _tokens(llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                                  use_tqdm=False))
+    tiny = _tokens(llm.generate(PROMPTS, SamplingParams(temperature=1e-30, max_tokens=4, ignore_eos=True),
+                                use_tqdm=False))
+    assert tiny == greedy
+    short = LLM(llm.engine.config.model, dtype="float32", device="cpu", block_size=4, num_kv_blocks=8,
+                max_model_len=12)
+    output = short.generate([PROMPTS[0]], SamplingParams(max_tokens=None, ignore_eos=True), use_tqdm=False)[0]
+    assert len(output.outputs[0].token_ids) == 12 - len(PROMPTS[0]) and output.outputs[0].finish_reason == "length"
 
 
 def test_seeded_requests_do_not_depend_on_the_batch(llm):
@@ -71,6 +86,13 @@ def test_max_tokens_and_stop_token_ids_and_min_tokens(llm):
                                                        ignore_eos=True), use_tqdm=False)[0].outputs[0]
     first = greedy.token_ids.index(stop_id)
     assert stopped.token_ids == greedy.token_ids[:first + 1] and stopped.finish_reason == "stop"
+    assert stopped.stop_reason == stop_id and greedy.stop_reason is None
+    tokenizer = llm.get_tokenizer()
+    assert stopped.text == tokenizer.decode(stopped.token_ids[:-1])
+    kept = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[stop_id],
+                                                    ignore_eos=True, include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert kept.text == tokenizer.decode(kept.token_ids)  # vLLM keeps the stop token's text when asked
     held = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=6, min_tokens=4,
                                                     stop_token_ids=[stop_id], ignore_eos=True),
                         use_tqdm=False)[0].outputs[0]
@@ -97,7 +119,7 @@ def test_stop_strings_across_token_boundaries(llm):
     start = output.text.index(stop)
     cut = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop=[stop], ignore_eos=True),
                        use_tqdm=False)[0].outputs[0]
-    assert cut.text == output.text[:start] and cut.finish_reason == "stop"
+    assert cut.text == output.text[:start] and cut.finish_reason == "stop" and cut.stop_reason == stop
     kept = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop=stop, ignore_eos=True,
                                                  include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
     assert kept.text == output.text[:start + 3]
@@ -123,6 +145,11 @@ def test_abort_request_frees_blocks(llm):
     engine.abort_request("doomed")
     assert not engine.has_unfinished()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.add_request("a", PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request("b", PROMPTS[1], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.abort_request(["a", "b", "unknown"])  # vLLM also takes a list of ids
+    assert not engine.has_unfinished() and not engine.requests
 
 
 def test_penalties_match_a_hand_computed_case():
@@ -144,9 +171,17 @@ def test_logprobs_hold_the_sampled_token_and_the_top_n(llm):
     output = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=3, logprobs=2, ignore_eos=True),
                           use_tqdm=False)[0].outputs[0]
     assert len(output.logprobs) == 3
+    tokenizer = llm.get_tokenizer()
     for token_id, entry in zip(output.token_ids, output.logprobs):
-        assert token_id in entry and len(entry) == 2
-        assert entry[token_id] == max(entry.values()) and all(v <= 0 for v in entry.values())
+        assert token_id in entry and len(entry) == 2  # vLLM's structure: {token id: Logprob}
+        values = [lp.logprob for lp in entry.values()]
+        assert entry[token_id].logprob == max(values) and all(v <= 0 for v in values)
+        assert entry[token_id].rank == 1 and sorted(lp.rank for lp in entry.values()) == [1, 2]
+        assert entry[token_id].decoded_token == tokenizer.decode([token_id])
+    sampled = llm.generate(PROMPTS[:1], SamplingParams(temperature=5.0, seed=1, max_tokens=8, logprobs=0,
+                                                       ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    for token_id, entry in zip(sampled.token_ids, sampled.logprobs):
+        assert list(entry) == [token_id] and entry[token_id].rank >= 1
 
 
 def test_incremental_detokenizer_never_splits_characters(llm):
@@ -170,8 +205,16 @@ def test_rejected_requests_leave_the_engine_working(llm):
         llm.generate([[engine.vocab_size]], use_tqdm=False)
     with pytest.raises(ValueError):
         llm.generate([PROMPTS[0]], [SamplingParams(), SamplingParams()], use_tqdm=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate([[-1, 5]], use_tqdm=False)
+    with pytest.raises(ValueError, match="sampling_params"):
+        llm.generate(["a"], {"temperature": 0}, use_tqdm=False)
+    with pytest.raises(ValueError, match="prompts"):
+        llm.generate(None, use_tqdm=False)
     with pytest.raises(ValueError):
         engine.add_request("huge", [1] * 300, SamplingParams(max_tokens=1))  # 301 tokens > 64 blocks of 4
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.add_request("unbounded", [1] * 3, SamplingParams(max_tokens=None))  # may grow to 512 tokens
     assert not engine.has_unfinished() and not engine.requests
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [2, 2, 2]
@@ -185,3 +228,46 @@ def test_string_prompts_and_chat(llm):
     replies = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0, max_tokens=3,
                                                                            ignore_eos=True), use_tqdm=False)
     assert "<|assistant|>" in replies[0].prompt and len(replies[0].outputs[0].token_ids) == 3
+
+
+def test_prompt_forms_of_vllm(llm):
+    """Prompt dicts (vLLM's TextPrompt / TokensPrompt), numpy arrays and tensors give the same tokens as lists."""
+    import numpy as np
+
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    expected = _tokens(llm.generate([PROMPTS[0], "Hello there"], params, use_tqdm=False))
+    forms = [{"prompt_token_ids": PROMPTS[0]}, {"prompt": "Hello there"}]
+    outputs = llm.generate(forms, params, use_tqdm=False)
+    assert _tokens(outputs) == expected and outputs[1].prompt == "Hello there"
+    assert _tokens(llm.generate({"prompt": "Hello there"}, params, use_tqdm=False)) == expected[1:]
+    arrays = [np.array(PROMPTS[0]), torch.tensor(PROMPTS[0]), [np.int64(t) for t in PROMPTS[0]]]
+    assert _tokens(llm.generate(arrays, params, use_tqdm=False)) == expected[:1] * 3
+    assert _tokens(llm.generate(np.array(PROMPTS[0]), params, use_tqdm=False)) == expected[:1]
+    with pytest.raises(ValueError, match="prompt dict"):
+        llm.generate([{"text": "Hello"}], params, use_tqdm=False)
+
+
+def test_chat_batches_take_one_params_per_conversation_and_need_a_template(llm):
+    conversations = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Yo"}]]
+    params = [SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)]
+    replies = llm.chat(conversations, params, use_tqdm=False)
+    assert [len(r.outputs[0].token_ids) for r in replies] == [2, 3]
+    tokenizer = llm.get_tokenizer()
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        with pytest.raises(ValueError, match="chat template"):
+            llm.chat(conversations[0], use_tqdm=False)
+    finally:
+        tokenizer.chat_template = template
+
+
+def test_reset_prefix_cache_returns_true_like_vllm(llm):
+    assert llm.reset_prefix_cache() is True
+
+
+def test_llm_constructor_errors(llm, tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        LLM(str(tmp_path), device="cpu")
+    typed = LLM(llm.engine.config.model, dtype=torch.float32, device="cpu", num_kv_blocks=8)
+    assert typed.engine.runner.dtype == torch.float32

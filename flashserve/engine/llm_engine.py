@@ -1,5 +1,7 @@
 """The incremental engine: add requests, step, collect what is new; the server and ``LLM`` both drive it."""
+import operator
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +13,7 @@ from flashserve.engine.detokenizer import IncrementalDetokenizer, find_stop_stri
 from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.request import Request
 from flashserve.engine.scheduler import Scheduler
-from flashserve.outputs import CompletionOutput, RequestOutput
+from flashserve.outputs import CompletionOutput, Logprob, RequestOutput
 from flashserve.sampling_params import SamplingParams
 
 
@@ -82,33 +84,33 @@ class LLMEngine:
             prompt_token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         if prompt_token_ids is None:
             raise ValueError("prompt must be a string or a list of token ids")
-        token_ids = list(prompt_token_ids)
+        token_ids = _token_id_list(prompt_token_ids, self.vocab_size)
         if not token_ids:
             raise ValueError("prompt must not be empty (it has no tokens)")
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in token_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         if len(token_ids) + 1 > self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens: with one generated token it exceeds "
                              f"max_model_len ({self.max_model_len})")
-        needed_tokens = min(len(token_ids) + params.max_tokens, self.max_model_len) - 1
-        needed_blocks = self.block_manager.blocks_for_tokens(needed_tokens)
+        request = Request(request_id, text, token_ids, params, self.max_model_len)
+        needed_blocks = self.block_manager.blocks_for_tokens(request.max_total_tokens - 1)
         if needed_blocks > self.block_manager.num_blocks:
             raise ValueError(f"the request needs {needed_blocks} KV blocks (prompt {len(token_ids)} + max_tokens "
-                             f"{params.max_tokens} tokens) but the pool has {self.block_manager.num_blocks}")
-        generator = None
+                             f"{params.max_tokens} tokens, within max_model_len {self.max_model_len}) but the pool "
+                             f"has {self.block_manager.num_blocks}")
         if params.seed is not None:
-            generator = torch.Generator(device=self.runner.device)
-            generator.manual_seed(params.seed)
-        request = Request(request_id, text, token_ids, params, self.max_model_len, generator)
+            request.generator = torch.Generator(device=self.runner.device)
+            request.generator.manual_seed(params.seed)
         request.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
         self.requests[request_id] = request
         self.scheduler.add(request)
 
-    def abort_request(self, request_id: str) -> None:
-        """Drop a request wherever it is and free its blocks; unknown or finished ids are ignored."""
-        request = self.requests.pop(request_id, None)
-        if request is not None:
-            self.scheduler.abort(request)
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Drop a request (or each of an iterable of ids, as vLLM allows) wherever it is and free its blocks;
+        unknown or finished ids are ignored."""
+        single = isinstance(request_id, str) or not isinstance(request_id, Iterable)
+        for one_id in [request_id] if single else list(request_id):
+            request = self.requests.pop(one_id, None)
+            if request is not None:
+                self.scheduler.abort(request)
 
     def has_unfinished(self) -> bool:
         """Whether any request is waiting or running."""
@@ -153,18 +155,23 @@ class LLMEngine:
                                         if not (n == 1 and r.num_computed_tokens >= r.num_prompt_tokens))
             stats.prefill_time_s += elapsed
 
-    def _append_token(self, request: Request, token_id: int, token_logprobs: dict[int, float] | None) -> None:
+    def _append_token(self, request: Request, token_id: int, token_logprobs: dict[int, Logprob] | None) -> None:
         """Add a sampled token, extend the text, and finish the request when a stop condition is met."""
         params = request.params
         request.token_ids.append(token_id)
         if request.logprobs is not None:
+            for logprob_token_id, logprob in token_logprobs.items():
+                logprob.decoded_token = self.tokenizer.decode([logprob_token_id],
+                                                              skip_special_tokens=params.skip_special_tokens)
             request.logprobs.append(token_logprobs)
         past_min = request.num_output_tokens >= params.min_tokens
         is_eos = not params.ignore_eos and token_id in self.eos_token_ids
         reason = None
         if past_min and (is_eos or token_id in params.stop_token_ids):
             reason = "stop"
-            delta = request.detokenizer.step(request.token_ids[:-1], flush=True)
+            request.stop_reason = None if is_eos else token_id
+            kept = request.token_ids if params.include_stop_str_in_output else request.token_ids[:-1]
+            delta = request.detokenizer.step(kept, flush=True)
         else:
             delta = request.detokenizer.step(request.token_ids)
             if request.num_tokens >= request.max_total_tokens:
@@ -174,6 +181,7 @@ class LLMEngine:
         if delta and past_min and params.stop_strings:
             match = find_stop_string(text, len(delta), params)
             if match is not None:
+                request.stop_reason = text[match[0]:match[1]]
                 text = text[:match[1] if params.include_stop_str_in_output else match[0]]
                 reason = "stop"
         request.output_text = text
@@ -192,16 +200,39 @@ class LLMEngine:
         if request.logprobs is not None:
             logprobs = request.logprobs[request.num_sent_logprobs:]
             request.num_sent_logprobs = len(request.logprobs)
-        completion = CompletionOutput(0, text, new_tokens, request.finish_reason, logprobs)
+        completion = CompletionOutput(0, text, new_tokens, request.finish_reason, logprobs, request.stop_reason)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion],
                              request.is_finished)
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (and the hit-rate statistics)."""
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (and the hit-rate statistics); returns True (vLLM's signature).
+
+        Safe while requests run: their blocks stay theirs, only the sharing of blocks already computed ends.
+        """
         self.block_manager.reset_prefix_cache()
+        return True
 
     def prefix_cache_stats(self) -> dict[str, float]:
         """Prefix-cache statistics since the last reset: queried and hit prompt tokens, and the hit rate."""
         manager = self.block_manager
         return {"queried_tokens": manager.num_queried_tokens, "hit_tokens": manager.num_hit_tokens,
                 "hit_rate": manager.hit_rate}
+
+
+def _token_id_list(token_ids, vocab_size: int) -> list[int]:
+    """Prompt token ids (any sequence of integers, numpy ones included) -> list[int]; ValueError for anything that
+    is not an integer in [0, vocab_size)."""
+    if isinstance(token_ids, str) or not isinstance(token_ids, Iterable):
+        raise ValueError(f"prompt token ids must be a list of integers, got {type(token_ids).__name__}")
+    result = []
+    for token in token_ids:
+        if isinstance(token, bool):
+            raise ValueError(f"prompt token ids must be integers, got {token!r}")
+        try:
+            token = operator.index(token)
+        except TypeError:
+            raise ValueError(f"prompt token ids must be integers, got {token!r}") from None
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"prompt token id {token} is outside the vocabulary [0, {vocab_size})")
+        result.append(token)
+    return result

@@ -22,6 +22,7 @@ from flashserve.engine.input_buffers import InputBuffers
 from flashserve.engine.sampler import Sampler
 from flashserve.engine.scheduler import ScheduledBatch
 from flashserve.models.loader import load_model
+from flashserve.outputs import Logprob
 
 CPU_KV_CACHE_MAX_BYTES = 2 << 30
 
@@ -117,7 +118,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, eos_token_ids: list[int]
-            ) -> tuple[list[int], list[dict[int, float] | None]]:
+            ) -> tuple[list[int], list[dict[int, Logprob] | None]]:
         """Compute the batch's tokens and sample one token for every request with ``batch.samples`` set.
 
         Returns the sampled token ids and per-token logprob dicts, in the order of the sampling requests.

@@ -34,18 +34,19 @@ class Request:
         block_hashes: chained hashes of the full blocks of ``token_ids`` computed so far (prefix caching).
         num_cached_blocks: how many leading blocks are registered in the prefix cache.
         max_total_tokens: the length at which the request ends with "length" (prompt + max_tokens, capped by
-            max_model_len).
+            max_model_len; max_model_len when max_tokens is None).
         generator: the request's own random stream when it has a seed.
         status, finish_reason: lifecycle.
+        stop_reason: the stop string or stop token id that ended the request (None otherwise, EOS included).
         output_text, logprobs: detokenized output and per-token logprobs (when asked for).
         detokenizer: the request's IncrementalDetokenizer (set by the engine).
         num_sent_tokens, num_sent_chars, num_sent_logprobs: how much of the output ``step`` has already returned.
     """
 
-    __slots__ = ("request_id", "prompt", "params", "prompt_token_ids", "token_ids", "num_prompt_tokens", "num_computed_tokens",
-                 "block_ids", "block_hashes", "num_cached_blocks", "max_total_tokens", "generator", "status",
-                 "finish_reason", "output_text", "logprobs", "detokenizer", "num_sent_tokens", "num_sent_chars",
-                 "num_sent_logprobs")
+    __slots__ = ("request_id", "prompt", "params", "prompt_token_ids", "token_ids", "num_prompt_tokens",
+                 "num_computed_tokens", "block_ids", "block_hashes", "num_cached_blocks", "max_total_tokens",
+                 "generator", "status", "finish_reason", "stop_reason", "output_text", "logprobs", "detokenizer",
+                 "num_sent_tokens", "num_sent_chars", "num_sent_logprobs")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                  max_model_len: int, generator: torch.Generator | None = None):
@@ -59,12 +60,14 @@ class Request:
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []
         self.num_cached_blocks = 0
-        self.max_total_tokens = min(self.num_prompt_tokens + params.max_tokens, max_model_len)
+        self.max_total_tokens = (max_model_len if params.max_tokens is None
+                                 else min(self.num_prompt_tokens + params.max_tokens, max_model_len))
         self.generator = generator
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
         self.output_text = ""
-        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
         self.detokenizer = None
         self.num_sent_tokens = 0
         self.num_sent_chars = 0

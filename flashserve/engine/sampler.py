@@ -15,6 +15,7 @@ penalties, temperature and filtering), as in vLLM v1.
 import torch
 
 from flashserve.engine.request import Request
+from flashserve.outputs import Logprob
 
 
 class Sampler:
@@ -31,7 +32,7 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request],
-                 eos_token_ids: list[int]) -> tuple[list[int], list[dict[int, float] | None]]:
+                 eos_token_ids: list[int]) -> tuple[list[int], list[dict[int, Logprob] | None]]:
         """Sample one token per row.
 
         Args:
@@ -40,8 +41,8 @@ class Sampler:
             eos_token_ids: the model's EOS ids (masked while ``min_tokens`` is not reached unless ``ignore_eos``).
 
         Returns:
-            The sampled token ids, and per row None or {token id: logprob} for the sampled token and the top
-            ``params.logprobs`` tokens.
+            The sampled token ids, and per row None or {token id: Logprob (logprob and rank; no text)} for the
+            sampled token and the top ``params.logprobs`` tokens.
         """
         params = [request.params for request in requests]
         want_logprobs = any(p.logprobs is not None for p in params)
@@ -57,7 +58,7 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
             tokens[random_rows] = self._sample(logits[random_rows], [requests[i] for i in random_rows])
         token_list = tokens.tolist()
-        logprob_list: list[dict[int, float] | None] = [None] * len(requests)
+        logprob_list: list[dict[int, Logprob] | None] = [None] * len(requests)
         if raw_logprobs is not None:
             for i, p in enumerate(params):
                 if p.logprobs is not None:
@@ -153,11 +154,13 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
-def _top_logprobs(logprobs: torch.Tensor, token_id: int, num_top: int) -> dict[int, float]:
-    """{token id: logprob} of the sampled token and the ``num_top`` most likely tokens of one (vocab,) row."""
-    result = {token_id: float(logprobs[token_id])}
+def _top_logprobs(logprobs: torch.Tensor, token_id: int, num_top: int) -> dict[int, Logprob]:
+    """{token id: Logprob} of the sampled token and the ``num_top`` most likely tokens of one (vocab,) row; a
+    token's rank is 1 + the number of tokens strictly more likely."""
+    sampled = logprobs[token_id]
+    result = {token_id: Logprob(float(sampled), int((logprobs > sampled).sum()) + 1)}
     if num_top > 0:
         values, indices = logprobs.topk(min(num_top, logprobs.shape[0]))
-        for value, index in zip(values.tolist(), indices.tolist()):
-            result.setdefault(index, value)
+        for rank, (value, index) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
+            result.setdefault(index, Logprob(value, rank))
     return result
