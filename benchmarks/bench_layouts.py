@@ -92,9 +92,7 @@ def measure(make, contiguous, warmup_ms, rep_ms):
 
 
 def main():
-    parser = argument_parser(__doc__)
-    parser.add_argument("--warmup", type=int, default=50, help="do_bench warm-up, ms")
-    parser.add_argument("--rep", type=int, default=200, help="do_bench repetitions, ms")
+    parser = argument_parser(__doc__, timing=True)
     args = parser.parse_args()
     torch.manual_seed(0)
     cases = [("Basic attention", basic), ("Packed QKV attention", packed), ("KV cache attention (paged varlen)",

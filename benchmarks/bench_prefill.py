@@ -30,9 +30,7 @@ def sdpa_ms(backend, q, k, v, warmup_ms, rep_ms) -> float | None:
 
 
 def main():
-    parser = argument_parser(__doc__)
-    parser.add_argument("--warmup", type=int, default=50, help="do_bench warm-up, ms")
-    parser.add_argument("--rep", type=int, default=200, help="do_bench repetitions, ms")
+    parser = argument_parser(__doc__, timing=True)
     args = parser.parse_args()
     torch.manual_seed(0)
     rows, records = [], []

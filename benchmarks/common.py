@@ -18,10 +18,14 @@ import torch
 import triton
 
 
-def argument_parser(doc: str) -> argparse.ArgumentParser:
-    """The parser every benchmark starts from: its docstring's first line and ``--out DIR`` (default ".")."""
+def argument_parser(doc: str, timing: bool = False) -> argparse.ArgumentParser:
+    """The parser every benchmark starts from: its docstring's first line and ``--out DIR`` (default "."); with
+    ``timing``, also ``--warmup`` and ``--rep`` (do_bench's warm-up and repetition budgets in ms)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", default=".", help="folder for the results")
+    if timing:
+        parser.add_argument("--warmup", type=int, default=50, help="do_bench warm-up, ms")
+        parser.add_argument("--rep", type=int, default=200, help="do_bench repetitions, ms")
     return parser
 
 
