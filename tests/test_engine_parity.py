@@ -6,8 +6,8 @@ must give the same token ids with prefix caching on and off, on a rerun that hit
 budget (chunked prefill), with a pool small enough to force preemption, and with block sizes 1 and 16.
 
 The engine logic does not depend on the attention backend, and Triton's CPU interpreter is slow, so these tests
-run on the PyTorch reference attention; one test (Llama, chunked prefill with preemption) runs on whatever
-backend the environment selects — the Triton kernels under ``TRITON_INTERPRET=1`` in CI.
+run on the PyTorch reference attention; one test per architecture (chunked prefill with preemption) runs on
+whatever backend the environment selects — the Triton kernels under ``TRITON_INTERPRET=1`` in CI.
 """
 import random
 
@@ -17,7 +17,9 @@ import torch
 from flashserve import LLM, SamplingParams
 from flashserve.models.checkpoint import write_random_checkpoint
 
-ARCHITECTURES = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"]
+# (architecture, config overrides): Mistral also with a sliding window shorter than the prompts.
+ARCHITECTURES = [("LlamaForCausalLM", {}), ("Qwen2ForCausalLM", {}), ("Qwen3ForCausalLM", {}),
+                 ("MistralForCausalLM", {}), ("MistralForCausalLM", {"sliding_window": 8})]
 NEW_TOKENS = 6
 
 
@@ -29,13 +31,15 @@ def _prompts(vocab_size: int) -> list[list[int]]:
     return [draw(1), draw(7), base[:16], base + draw(5), base + draw(8)]
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+@pytest.fixture(scope="module", params=ARCHITECTURES,
+                ids=[arch + "".join(f"-{k}{v}" for k, v in overrides.items()) for arch, overrides in ARCHITECTURES])
 def checkpoint(request, tmp_path_factory):
     """(directory, prompts, Hugging Face greedy continuations) for one architecture."""
     from transformers import AutoModelForCausalLM
 
-    directory = str(tmp_path_factory.mktemp(request.param))
-    write_random_checkpoint(directory, request.param, seed=1)
+    architecture, overrides = request.param
+    directory = str(tmp_path_factory.mktemp(architecture))
+    write_random_checkpoint(directory, architecture, seed=1, **overrides)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     model.generation_config.eos_token_id = None
     prompts = _prompts(model.config.vocab_size)
@@ -92,10 +96,8 @@ def test_parity_chunked_prefill_and_preemption(checkpoint, reference_attention):
 
 
 def test_parity_through_selected_kernels(checkpoint):
-    """Chunked prefill + preemption with the environment's attention backend (Llama only: the interpreter is slow)."""
+    """Chunked prefill + preemption with the environment's attention backend (the Triton kernels in CI)."""
     directory, prompts, expected = checkpoint
-    if "Llama" not in directory:
-        pytest.skip("one architecture is enough to exercise the kernels")
     _check_chunked_prefill_and_preemption(directory, prompts, expected)
 
 
