@@ -1,4 +1,5 @@
-"""The ``flashserve`` command. ``flashserve generate [PROMPT...]`` prints completions and throughput.
+"""The ``flashserve`` command. ``flashserve generate [PROMPT...]`` prints completions and throughput;
+``flashserve serve`` runs the OpenAI-compatible HTTP server.
 
 Without ``--model`` it runs the built-in demo model: a small Llama-architecture checkpoint with RANDOM weights
 (written on first use into ``$FLASHSERVE_CACHE_DIR``, default ``~/.cache/flashserve``), so its text is gibberish;
@@ -9,6 +10,16 @@ import sys
 import time
 
 DEFAULT_PROMPTS = ["Hello, my name is", "The capital of France is"]
+
+# Engine options of ``flashserve serve`` passed to ``Config`` when given: (Config name, type, help).
+SERVE_ENGINE_OPTIONS = [
+    ("max_model_len", int, "context limit (default: the model's)"),
+    ("max_num_seqs", int, "most requests running at once (default 256)"),
+    ("max_num_batched_tokens", int, "token budget of one engine step (default 8192)"),
+    ("block_size", int, "tokens per KV-cache block (default 16)"),
+    ("num_kv_blocks", int, "KV pool size in blocks (default: sized from free memory)"),
+    ("gpu_memory_utilization", float, "fraction of GPU memory the engine may use (default 0.9)"),
+]
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -28,19 +39,35 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     generate.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     generate.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    serve = commands.add_parser("serve", help="serve an OpenAI-compatible API (completions, chat completions)")
+    serve.add_argument("--model", help="local checkpoint directory (default: the built-in random demo model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: the "
+                       "model directory's basename)")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    serve.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    for name, kind, help_text in SERVE_ENGINE_OPTIONS:
+        serve.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
     return parser
+
+
+def _model_or_demo(model: str | None) -> str:
+    """``model``, or the demo model's directory (with a warning that its weights are random) when None."""
+    if model is not None:
+        return model
+    from flashserve.models.demo import demo_model_path
+
+    model = demo_model_path()
+    print(f"Using the built-in demo model at {model}: its weights are RANDOM, so its text is gibberish. "
+          "Pass --model DIR (a local Hugging Face checkpoint) for real text.", file=sys.stderr)
+    return model
 
 
 def _generate(args: argparse.Namespace) -> int:
     from flashserve import LLM, SamplingParams
 
-    model = args.model
-    if model is None:
-        from flashserve.models.demo import demo_model_path
-
-        model = demo_model_path()
-        print(f"Using the built-in demo model at {model}: its weights are RANDOM, so its text is gibberish. "
-              "Pass --model DIR (a local Hugging Face checkpoint) for real text.", file=sys.stderr)
+    model = _model_or_demo(args.model)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
@@ -66,9 +93,24 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from flashserve.server.launch import serve
+
+    model = _model_or_demo(args.model)
+    options = {name: getattr(args, name) for name, _, _ in SERVE_ENGINE_OPTIONS if getattr(args, name) is not None}
+    try:
+        serve(model, args.host, args.port, args.served_model_name, dtype=args.dtype, device=args.device, **options)
+    except ValueError as error:
+        print(f"flashserve serve: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flashserve`` command; returns the exit status."""
     args = _build_parser().parse_args(argv)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "serve":
+        return _serve(args)
     return 2

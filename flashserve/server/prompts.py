@@ -1,0 +1,63 @@
+"""Request prompts -> the (text, token ids) items ``EngineDriver.add`` queues, one per engine request.
+
+The builders returned here run in the engine thread (``EngineDriver.add``), so tokenization and chat templates use
+the engine's tokenizer without sharing it across threads.
+"""
+from collections.abc import Callable
+
+import jinja2
+
+from flashserve.engine.llm_engine import LLMEngine
+from flashserve.server.driver import PromptItem
+from flashserve.server.protocol import ChatMessage, InvalidRequestError
+
+
+def completion_prompts(prompt: str | list[int] | list[str | list[int]]) -> list[PromptItem]:
+    """A completions ``prompt`` -> items: a string or one token-id list is one prompt, a list of either a batch.
+
+    Raises ``InvalidRequestError`` (param "prompt") for an empty list; empty strings and empty token lists are left
+    to the engine, which rejects them.
+    """
+    if isinstance(prompt, str):
+        return [(prompt, None)]
+    if not prompt:
+        raise InvalidRequestError("prompt must not be an empty list", "prompt")
+    if all(isinstance(token, int) for token in prompt):
+        return [(None, list(prompt))]
+    return [(item, None) if isinstance(item, str) else (None, list(item)) for item in prompt]
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Messages -> the dicts a chat template takes; list content is joined text (only "text" parts allowed).
+
+    Raises ``InvalidRequestError`` (param "messages") for no messages or a non-text content part.
+    """
+    if not messages:
+        raise InvalidRequestError("messages must not be empty", "messages")
+    result = []
+    for index, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise InvalidRequestError(f"messages[{index}].content: only text parts are supported, got a "
+                                              f"{part.type!r} part", "messages")
+            content = "\n".join(part.text for part in content)
+        result.append(dict(message.model_dump(exclude_none=True), content=content or ""))
+    return result
+
+
+def chat_prompt_builder(messages: list[dict]) -> Callable[[LLMEngine], list[PromptItem]]:
+    """A builder (for ``EngineDriver.add``) rendering ``messages`` with the tokenizer's chat template and the
+    generation prompt; it raises ValueError when there is no template or the template refuses the messages."""
+    def build(engine: LLMEngine) -> list[PromptItem]:
+        tokenizer = engine.tokenizer
+        if tokenizer.chat_template is None:
+            raise ValueError("the model's tokenizer has no chat template: use /v1/completions")
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as error:
+            raise ValueError(f"the chat template rejected the messages: {error}") from None
+        return [(text, tokenizer.encode(text, add_special_tokens=False))]
+
+    return build

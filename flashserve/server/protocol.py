@@ -1,0 +1,148 @@
+"""The request bodies of the OpenAI-compatible endpoints and their mapping onto ``SamplingParams``.
+
+Field names and defaults follow OpenAI's API, plus vLLM's extra sampling fields (``top_k``, ``min_p``,
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``,
+``skip_special_tokens``). Unknown fields are ignored, as vLLM does. Invalid values raise ``InvalidRequestError``
+naming the field, which the app turns into an HTTP 400 with an OpenAI-style error body.
+"""
+from pydantic import BaseModel, ConfigDict
+
+from flashserve.sampling_params import SamplingParams
+
+MAX_LOGPROBS = 20
+"""The most top log-probabilities a request may ask for per token (vLLM's default ``max_logprobs``)."""
+SEED_RANGE = (-(1 << 63), 1 << 64)
+"""Seeds torch generators accept: [-2**63, 2**64)."""
+
+
+class InvalidRequestError(ValueError):
+    """A request the server refuses; ``param`` names the offending field (None when no single field is at fault)."""
+
+    def __init__(self, message: str, param: str | None = None, status_code: int = 400, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.status_code = status_code
+        self.code = code
+
+
+def error_body(message: str, param: str | None = None, code: str | None = None,
+               error_type: str = "invalid_request_error") -> dict:
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the token counts (and ``usage: null`` before)."""
+
+    include_usage: bool = False
+
+
+class _GenerationRequest(BaseModel):
+    """The fields both endpoints share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _sampling_params(self, max_tokens: int | None, max_tokens_field: str, logprobs: int | None,
+                         logprobs_field: str) -> SamplingParams:
+        """Build the SamplingParams; ``*_field`` name the request fields those values came from (for errors)."""
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise InvalidRequestError(f"seed must be in [-2**63, 2**64), got {self.seed}", "seed")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"{logprobs_field} must be in [0, {MAX_LOGPROBS}], got {logprobs}",
+                                      logprobs_field)
+        values = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+                      seed=self.seed, min_tokens=self.min_tokens, stop=self.stop,
+                      stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                      include_stop_str_in_output=self.include_stop_str_in_output,
+                      repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                      frequency_penalty=self.frequency_penalty, logprobs=logprobs,
+                      skip_special_tokens=self.skip_special_tokens)
+        try:
+            given = {name: value for name, value in values.items() if value is not None}
+            return SamplingParams(**given, max_tokens=max_tokens)
+        except ValueError as error:
+            # SamplingParams' messages start with the name of the field at fault.
+            name = str(error).split(" ", 1)[0]
+            fields = dict({field: field for field in values}, max_tokens=max_tokens_field, logprobs=logprobs_field)
+            raise InvalidRequestError(str(error), fields.get(name)) from None
+
+
+class CompletionRequest(_GenerationRequest):
+    """``POST /v1/completions``: ``prompt`` is a string, a list of token ids, or a list of those (a batch)."""
+
+    prompt: str | list[int] | list[str | list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        """The request's SamplingParams; ``InvalidRequestError`` naming the field for an invalid value."""
+        return self._sampling_params(self.max_tokens, "max_tokens", self.logprobs, "logprobs")
+
+
+class TextPart(BaseModel):
+    """One part of a message's content given as a list; only text parts are supported."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    """One message: a role and its content (a string, a list of text parts, or null); other fields pass through to
+    the chat template."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """``POST /v1/chat/completions``: the reply to ``messages``, formatted with the tokenizer's chat template.
+
+    ``max_completion_tokens`` (OpenAI's newer name) wins over ``max_tokens``; with neither, the reply may run to
+    ``max_model_len``. ``logprobs: true`` returns the sampled tokens' log-probabilities and ``top_logprobs`` the
+    most likely alternatives.
+    """
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        """The request's SamplingParams; ``InvalidRequestError`` naming the field for an invalid value."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs to be true", "top_logprobs")
+        if self.max_completion_tokens is not None:
+            max_tokens, max_tokens_field = self.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens, max_tokens_field = self.max_tokens, "max_tokens"
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, max_tokens_field, logprobs, "top_logprobs")

@@ -1,0 +1,303 @@
+"""The OpenAI-compatible server, served by uvicorn on an ephemeral port of 127.0.0.1 from a thread, on a tiny
+random-weight checkpoint with the PyTorch reference attention: endpoints, streaming, parity with ``LLM.generate``,
+usage, concurrency, 400s naming the field, and aborts when clients disconnect."""
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from flashserve import LLM, SamplingParams
+from flashserve.cli import main
+from flashserve.config import Config
+from flashserve.engine.llm_engine import LLMEngine
+from flashserve.models.checkpoint import write_random_checkpoint
+from flashserve.server import EngineDriver, build_app
+
+MODEL_NAME = "tiny-llama"
+ENGINE_OPTIONS = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=96, max_model_len=128)
+PROMPTS = ["Hello, my name is", "The sky", "a b c d e f g h i j"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_random_checkpoint(str(tmp_path_factory.mktemp("server-llama")), "LlamaForCausalLM", seed=11)
+
+
+@contextlib.contextmanager
+def _running_server(model_dir: str, engine_options: dict):
+    """Serve ``model_dir`` from a thread on an ephemeral port of 127.0.0.1; yields (base URL, driver)."""
+    driver = EngineDriver(LLMEngine(Config(model=model_dir, **engine_options)))
+    uvicorn_server = uvicorn.Server(uvicorn.Config(build_app(driver, MODEL_NAME), log_level="warning"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not uvicorn_server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", driver
+    finally:
+        uvicorn_server.should_exit = True
+        thread.join(10)
+        driver.close()
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """(base URL, driver) of a running server; the reference attention is forced for the module."""
+    previous = os.environ.get("FLASHSERVE_ATTENTION_BACKEND")
+    os.environ["FLASHSERVE_ATTENTION_BACKEND"] = "torch"
+    try:
+        with _running_server(model_dir, ENGINE_OPTIONS) as running:
+            yield running
+    finally:
+        if previous is None:
+            os.environ.pop("FLASHSERVE_ATTENTION_BACKEND", None)
+        else:
+            os.environ["FLASHSERVE_ATTENTION_BACKEND"] = previous
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server[0], timeout=30) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, server):
+    """Greedy completions of PROMPTS by ``LLM.generate`` (8 tokens, EOS ignored), one prompt at a time."""
+    llm = LLM(model_dir, **ENGINE_OPTIONS)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    return [llm.generate([prompt], params, use_tqdm=False)[0] for prompt in PROMPTS]
+
+
+def _engine_state(driver: EngineDriver) -> tuple[bool, int, int]:
+    """(has unfinished requests, free KV blocks, pool size), read in the engine thread."""
+    def read(engine):
+        return engine.has_unfinished(), engine.block_manager.num_free_blocks, engine.block_manager.num_blocks
+    return driver.submit(read).result(timeout=10)
+
+
+def _wait_idle(driver: EngineDriver) -> None:
+    """Wait until the engine has no unfinished request, then check that no KV block is left in use."""
+    deadline = time.monotonic() + 10
+    while _engine_state(driver)[0] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    unfinished, free, total = _engine_state(driver)
+    assert not unfinished and free == total
+
+
+def _events(response: httpx.Response) -> list:
+    """The ``data:`` payloads of a server-sent-event response (JSON decoded, ``[DONE]`` kept as is)."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def _generated_tokens(driver: EngineDriver) -> int:
+    return driver.submit(lambda engine: engine.stats.generated_tokens).result(timeout=10)
+
+
+def test_health_and_models(client):
+    assert client.get("/health").status_code == 200
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL_NAME]
+    assert models["data"][0]["max_model_len"] == ENGINE_OPTIONS["max_model_len"]
+
+
+def test_completion_matches_llm_generate(client, reference):
+    body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    result = client.post("/v1/completions", json=body).json()
+    expected = reference[0]
+    assert result["object"] == "text_completion" and result["id"].startswith("cmpl-")
+    assert result["model"] == MODEL_NAME and isinstance(result["created"], int)
+    assert result["choices"][0]["text"] == expected.outputs[0].text
+    assert result["choices"][0]["finish_reason"] == "length"
+    assert result["usage"] == {"prompt_tokens": len(expected.prompt_token_ids), "completion_tokens": 8,
+                               "total_tokens": len(expected.prompt_token_ids) + 8}
+    by_ids = client.post("/v1/completions", json=dict(body, prompt=expected.prompt_token_ids)).json()
+    assert by_ids["choices"][0]["text"] == expected.outputs[0].text and by_ids["id"] != result["id"]
+
+
+def test_batch_of_prompts(client, reference):
+    body = {"prompt": [PROMPTS[1], reference[2].prompt_token_ids], "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True}
+    result = client.post("/v1/completions", json=body).json()
+    assert [c["index"] for c in result["choices"]] == [0, 1]
+    assert [c["text"] for c in result["choices"]] == [reference[1].outputs[0].text, reference[2].outputs[0].text]
+    assert result["usage"]["completion_tokens"] == 16
+    assert result["usage"]["prompt_tokens"] == len(reference[1].prompt_token_ids) + len(reference[2].prompt_token_ids)
+
+
+def test_streaming_completion_concatenates_to_the_whole_text(client, server):
+    body = {"prompt": PROMPTS[2], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    whole = client.post("/v1/completions", json=body).json()
+    stream_body = dict(body, stream=True, stream_options={"include_usage": True})
+    with client.stream("POST", "/v1/completions", json=stream_body) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = _events(response)
+    assert events[-1] == "[DONE]"
+    chunks, usage_chunk = events[:-2], events[-2]
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] and c["usage"] is None
+               for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == whole["usage"]
+    _wait_idle(server[1])
+
+
+def test_chat_completion_streamed_and_not(client, model_dir):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
+    body = {"messages": messages, "max_completion_tokens": 6, "temperature": 0, "ignore_eos": True}
+    result = client.post("/v1/chat/completions", json=body).json()
+    assert result["object"] == "chat.completion" and result["id"].startswith("chatcmpl-")
+    choice = result["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+    assert result["usage"]["completion_tokens"] == 6
+    llm_messages = [messages[0], {"role": "user", "content": "Hello\nthere"}]
+    llm = LLM(model_dir, **ENGINE_OPTIONS)
+    expected = llm.chat(llm_messages, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert choice["message"]["content"] == expected[0].outputs[0].text
+    assert result["usage"]["prompt_tokens"] == len(expected[0].prompt_token_ids)
+    with client.stream("POST", "/v1/chat/completions", json=dict(body, stream=True)) as response:
+        events = _events(response)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" and "usage" not in c for c in chunks)
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == choice["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_logprobs_and_stop_strings(client, reference):
+    body = {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    logprobs = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 8
+    assert all(len(top) <= 2 and max(top.values()) <= 0 for top in logprobs["top_logprobs"])
+    assert "".join(logprobs["tokens"]) == reference[0].outputs[0].text
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                                                     "logprobs": True, "top_logprobs": 2}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(entry["top_logprobs"]) == 2 and entry["bytes"] for entry in content)
+    text = reference[0].outputs[0].text
+    stop = text[3:5]
+    stopped = client.post("/v1/completions", json=dict(body, stop=stop, logprobs=None)).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stopped["text"] == text[:text.index(stop)]
+
+
+def test_concurrent_requests(server, reference):
+    async def run_all():
+        async with httpx.AsyncClient(base_url=server[0], timeout=30) as http:
+            requests = []
+            for index in range(6):
+                body = {"prompt": PROMPTS[index % 3], "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                        "stream": index % 2 == 1}
+                requests.append(http.post("/v1/completions", json=body))
+            return await asyncio.gather(*requests)
+
+    responses = asyncio.run(run_all())
+    for index, response in enumerate(responses):
+        if index % 2:
+            text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in response.text.splitlines()
+                           if line.startswith("data: {"))
+        else:
+            text = response.json()["choices"][0]["text"]
+        assert text == reference[index % 3].outputs[0].text
+    _wait_idle(server[1])
+
+
+@pytest.mark.parametrize("path, fields, param", [
+    ("/v1/completions", {"temperature": -1}, "temperature"),
+    ("/v1/completions", {"n": 2}, "n"),
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"top_p": 0}, "top_p"),
+    ("/v1/completions", {"temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"logprobs": 50}, "logprobs"),
+    ("/v1/completions", {"seed": 1 << 70}, "seed"),
+    ("/v1/completions", {"stop": [""]}, "stop"),
+    ("/v1/completions", {"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": []}, "prompt"),
+    ("/v1/completions", {"prompt": 5}, "prompt"),
+    ("/v1/completions", {"prompt": [10**6]}, "prompt"),
+    ("/v1/completions", {"prompt": [7] * 200}, "prompt"),
+    ("/v1/completions", {"prompt": ["fine", ""], "stream": True}, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "messages"),
+])
+def test_bad_fields_are_400_naming_the_field(client, server, path, fields, param):
+    base = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]}
+    response = client.post(path, json=dict(base, **fields))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    _wait_idle(server[1])
+
+
+def test_unknown_model_and_invalid_json(client):
+    response = client.post("/v1/completions", json={"model": "other", "prompt": "Hi"})
+    assert response.status_code == 404 and response.json()["error"]["param"] == "model"
+    assert response.json()["error"]["code"] == "model_not_found"
+    response = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_disconnected_clients_abort_their_requests(server):
+    base_url, driver = server
+    _wait_idle(driver)
+    body = {"prompt": "Hi", "max_tokens": 120, "ignore_eos": True}
+    before = _generated_tokens(driver)
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=dict(body, stream=True)) as response:
+            first = next(response.iter_lines())
+            assert first.startswith("data: ")
+    _wait_idle(driver)
+    streamed = _generated_tokens(driver) - before
+
+    async def give_up_once_running():
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+            request = asyncio.ensure_future(http.post("/v1/completions", json=dict(body, prompt="Hello")))
+            while not await driver.run(lambda engine: engine.has_unfinished()):
+                await asyncio.sleep(0.005)
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+
+    asyncio.run(give_up_once_running())
+    _wait_idle(driver)
+    assert 1 <= streamed < 120 and _generated_tokens(driver) - before - streamed < 120
+
+
+def test_serve_command_reports_a_bad_model_directory(tmp_path, capsys):
+    assert main(["serve", "--model", str(tmp_path), "--device", "cpu"]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_server_on_cuda_streams_what_it_answers(model_dir, monkeypatch):
+    monkeypatch.delenv("FLASHSERVE_ATTENTION_BACKEND", raising=False)  # the Triton kernels, not the reference
+    options = dict(ENGINE_OPTIONS, device="cuda", dtype="float16", num_kv_blocks=None)
+    with _running_server(model_dir, options) as (base_url, driver), httpx.Client(base_url=base_url) as http:
+        body = {"prompt": PROMPTS[2], "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        whole = http.post("/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        with http.stream("POST", "/v1/completions", json=dict(body, stream=True), timeout=120) as response:
+            events = _events(response)
+        assert events[-1] == "[DONE]" and "".join(c["choices"][0]["text"] for c in events[:-1]) == whole
+        _wait_idle(driver)
