@@ -6,7 +6,8 @@ Usage: python benchmarks/bench_cache_write.py [--out DIR]
 """
 import torch
 
-from common import argument_parser, bench_us, environment, graph_us, section_header, wall_us, write_results
+from common import (argument_parser, bench_us, environment, graph_us, markdown_table, section_header, wall_us,
+                    write_results)
 from flashserve.kernels import reshape_and_cache_flash
 
 TOKENS = [1, 64, 256, 1024, 4096, 16384, 65536]
@@ -33,13 +34,11 @@ def run(tokens) -> dict:
 
 
 def markdown(rows) -> str:
-    lines = ["| tokens | MB moved | ours µs | ours TB/s | copy µs (same bytes) | copy TB/s | wall µs per call | "
-             "ours graph µs |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['tokens']} | {r['bytes'] / 1e6:.2f} | {r['us']:.1f} | {r['tbs']:.2f} | "
-                     f"{r['copy_us']:.1f} | {r['copy_tbs']:.2f} | {r['wall_us']:.1f} | {r['graph_us']:.1f} |")
-    return "\n".join(lines)
+    header = ["tokens", "MB moved", "ours µs", "ours TB/s", "copy µs (same bytes)", "copy TB/s", "wall µs per call",
+              "ours graph µs"]
+    return markdown_table(header, [
+        [r["tokens"], f"{r['bytes'] / 1e6:.2f}", f"{r['us']:.1f}", f"{r['tbs']:.2f}", f"{r['copy_us']:.1f}",
+         f"{r['copy_tbs']:.2f}", f"{r['wall_us']:.1f}", f"{r['graph_us']:.1f}"] for r in rows])
 
 
 def plot(rows):

@@ -84,20 +84,20 @@ def run_shape(batch: int, seqlen: int) -> dict:
 
 
 def markdown(rows, copy_tbs) -> str:
-    lines = [f"HBM copy bandwidth (same run): {copy_tbs:.2f} TB/s", "",
-             "| B | L | ours paged µs | TB/s | % copy | strided µs (Δ) | dense µs | SDPA flash µs (TB/s) | "
-             "cuDNN µs (TB/s) | cuDNN / ours | ours graph µs (TB/s) | SDPA flash graph µs | cuDNN graph µs | "
-             "cuDNN / ours (graph) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["B", "L", "ours paged µs", "TB/s", "% copy", "strided µs (Δ)", "dense µs", "SDPA flash µs (TB/s)",
+              "cuDNN µs (TB/s)", "cuDNN / ours", "ours graph µs (TB/s)", "SDPA flash graph µs", "cuDNN graph µs",
+              "cuDNN / ours (graph)"]
+    table = []
     for r in rows:
         delta = (r["paged_strided_us"] / r["paged_us"] - 1) * 100
-        lines.append(
-            f"| {r['batch']} | {r['seqlen']} | {r['paged_us']:.1f} | {r['paged_tbs']:.2f} | "
-            f"{100 * r['paged_tbs'] / copy_tbs:.0f}% | {r['paged_strided_us']:.1f} ({delta:+.1f}%) | "
-            f"{r['dense_us']:.1f} | {r['sdpa_flash_us']:.1f} ({r['sdpa_flash_tbs']:.2f}) | "
-            f"{r['sdpa_cudnn_us']:.1f} ({r['sdpa_cudnn_tbs']:.2f}) | {r['sdpa_cudnn_us'] / r['paged_us']:.2f} | "
-            f"{r['paged_graph_us']:.1f} ({r['paged_graph_tbs']:.2f}) | {r['sdpa_flash_graph_us']:.1f} | "
-            f"{r['sdpa_cudnn_graph_us']:.1f} | {r['sdpa_cudnn_graph_us'] / r['paged_graph_us']:.2f} |")
+        table.append([
+            r["batch"], r["seqlen"], f"{r['paged_us']:.1f}", f"{r['paged_tbs']:.2f}",
+            f"{100 * r['paged_tbs'] / copy_tbs:.0f}%", f"{r['paged_strided_us']:.1f} ({delta:+.1f}%)",
+            f"{r['dense_us']:.1f}", f"{r['sdpa_flash_us']:.1f} ({r['sdpa_flash_tbs']:.2f})",
+            f"{r['sdpa_cudnn_us']:.1f} ({r['sdpa_cudnn_tbs']:.2f})", f"{r['sdpa_cudnn_us'] / r['paged_us']:.2f}",
+            f"{r['paged_graph_us']:.1f} ({r['paged_graph_tbs']:.2f})", f"{r['sdpa_flash_graph_us']:.1f}",
+            f"{r['sdpa_cudnn_graph_us']:.1f}", f"{r['sdpa_cudnn_graph_us'] / r['paged_graph_us']:.2f}"])
+    lines = [f"HBM copy bandwidth (same run): {copy_tbs:.2f} TB/s", "", common.markdown_table(header, table)]
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ Usage: python benchmarks/bench_merge.py [--out DIR]
 """
 import torch
 
-from common import argument_parser, bench_us, environment, graph_us, section_header, wall_us, write_results
+from common import (argument_parser, bench_us, environment, graph_us, markdown_table, section_header, wall_us,
+                    write_results)
 from flashserve.kernels import merge_attn_states
 from flashserve.kernels.reference import merge_attn_states as merge_attn_states_torch
 
@@ -40,14 +41,12 @@ def run(tokens, heads, dtype) -> dict:
 
 
 def markdown(rows) -> str:
-    lines = ["| tokens | heads | headsize | dtype | torch µs | ours µs | speedup | ours TB/s | wall µs per call | "
-             "ours graph µs |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['tokens']} | {r['heads']} | {r['head_size']} | {r['dtype']} | {r['torch_us']:.1f} | "
-                     f"{r['ours_us']:.1f} | {r['speedup']:.1f}x | {r['ours_tbs']:.2f} | {r['ours_wall_us']:.1f} | "
-                     f"{r['ours_graph_us']:.1f} |")
-    return "\n".join(lines)
+    header = ["tokens", "heads", "headsize", "dtype", "torch µs", "ours µs", "speedup", "ours TB/s",
+              "wall µs per call", "ours graph µs"]
+    return markdown_table(header, [
+        [r["tokens"], r["heads"], r["head_size"], r["dtype"], f"{r['torch_us']:.1f}", f"{r['ours_us']:.1f}",
+         f"{r['speedup']:.1f}x", f"{r['ours_tbs']:.2f}", f"{r['ours_wall_us']:.1f}", f"{r['ours_graph_us']:.1f}"]
+        for r in rows])
 
 
 def plot(rows):
