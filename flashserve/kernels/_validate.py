@@ -49,6 +49,18 @@ def check_window_size(window_size) -> tuple[int, int]:
     return left, right
 
 
+def check_alibi_slopes(alibi_slopes, batch: int, nheads: int, device: torch.device) -> None:
+    """Raise ValueError unless ``alibi_slopes`` is None or fp32 of shape (H,) or (B, H) on ``device``, contiguous
+    in its last dimension."""
+    if alibi_slopes is None:
+        return
+    check_tensor("alibi_slopes", alibi_slopes, None, (torch.float32,), device)
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
+                         f"got {tuple(alibi_slopes.shape)}")
+    check_last_dim_contiguous("alibi_slopes", alibi_slopes)
+
+
 def check_dropout(dropout_p: float) -> None:
     """flashserve is an inference library: any dropout is refused."""
     if dropout_p != 0.0:

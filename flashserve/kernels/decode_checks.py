@@ -83,11 +83,7 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
         if type(cache_seqlens) is not int or not 0 <= cache_seqlens <= capacity - seqlen_new:
             raise ValueError(f"cache_seqlens must be an int in [0, {capacity - seqlen_new}] or a (B,) int32 "
                              f"tensor, got {cache_seqlens!r}")
-    if alibi_slopes is not None:
-        _validate.check_tensor("alibi_slopes", alibi_slopes, None, (torch.float32,), device)
-        if tuple(alibi_slopes.shape) not in ((num_heads,), (batch, num_heads)) or alibi_slopes.stride(-1) != 1:
-            raise ValueError(f"alibi_slopes must be contiguous of shape ({num_heads},) or ({batch}, {num_heads}), "
-                             f"got shape {tuple(alibi_slopes.shape)}")
+    _validate.check_alibi_slopes(alibi_slopes, batch, num_heads, device)
     if type(num_splits) is not int or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
     _validate.check_softcap(softcap)

@@ -46,18 +46,6 @@ def _check_qkv(q, k, v, q_ndim, kv_ndim):
         raise ValueError(f"q's head count ({nheads}) must be a multiple of k's ({nheads_k})")
 
 
-def _check_alibi(alibi_slopes, batch, nheads, device):
-    if alibi_slopes is None:
-        return
-    _validate.check_tensor("alibi_slopes", alibi_slopes, None, (torch.float32,), device)
-    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
-        raise ValueError(f"alibi_slopes must have shape ({nheads},) or ({batch}, {nheads}), "
-                         f"got {tuple(alibi_slopes.shape)}")
-    if alibi_slopes.stride(-1) != 1:
-        raise ValueError(f"alibi_slopes must be contiguous in its last dimension, got strides "
-                         f"{tuple(alibi_slopes.stride())}")
-
-
 def _check_out(out, q):
     if out is None:
         return
@@ -107,7 +95,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     batch, seqlen_q, nheads, head_dim = q.shape
     if k.shape[0] != batch:
         raise ValueError(f"k must have q's batch size {batch}, got shape {tuple(k.shape)}")
-    _check_alibi(alibi_slopes, batch, nheads, q.device)
+    _validate.check_alibi_slopes(alibi_slopes, batch, nheads, q.device)
     if use_triton(q):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
@@ -212,7 +200,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     max_seqlen_k = _validate.check_count("max_seqlen_k", max_seqlen_k)
     batch = _check_varlen_indices(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table, seqused_k)
     total_q, nheads, head_dim = q.shape
-    _check_alibi(alibi_slopes, batch, nheads, q.device)
+    _validate.check_alibi_slopes(alibi_slopes, batch, nheads, q.device)
     _check_out(out, q)
     if use_triton(q):
         if out is None:
