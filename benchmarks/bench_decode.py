@@ -26,13 +26,6 @@ def graph_bench_us(fn) -> float:
     return common.graph_us(fn, warmup_ms=50, rep_ms=200)
 
 
-def copy_bandwidth_tbs() -> float:
-    src = torch.randn(2 ** 29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
-    dst = torch.empty_like(src)
-    us = bench_us(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / us / 1e6
-
-
 def sdpa_us(backend, q, k, v) -> tuple[float, float]:
     """(eager µs, CUDA-graph µs) of SDPA with one backend; NaN where the backend refuses the inputs."""
     def run():
@@ -124,7 +117,7 @@ def plot(rows, copy_tbs):
 def main():
     parser = common.argument_parser(__doc__)
     args = parser.parse_args()
-    copy_tbs = copy_bandwidth_tbs()
+    copy_tbs = common.copy_bandwidth_tbs()
     rows = []
     for batch, seqlen in SHAPES:
         rows.append(run_shape(batch, seqlen))

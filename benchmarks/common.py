@@ -93,6 +93,15 @@ def graph_us(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     return us
 
 
+def copy_bandwidth_tbs(warmup_ms: int = 50, rep_ms: int = 200) -> float:
+    """HBM copy bandwidth in TB/s: a device-to-device copy of a 1 GiB bf16 tensor, read + write bytes counted,
+    median of ``do_bench`` repetitions."""
+    src = torch.randn(2 ** 29, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    us = bench_us(lambda: dst.copy_(src), warmup_ms, rep_ms)
+    return 2 * src.numel() * src.element_size() / us / 1e6
+
+
 def wall_us(fn, calls: int = 500) -> float:
     """Host wall-clock µs per call of ``fn`` in a tight loop (synchronised before and after)."""
     fn()
@@ -104,11 +113,12 @@ def wall_us(fn, calls: int = 500) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def write_results(out_dir: str, name: str, text: str, payload: dict, plot=None) -> None:
-    """Print ``text`` (markdown) and write DIR/name.md, DIR/name.json (``payload``) and, when matplotlib is
-    installed and ``plot`` is given, DIR/name.png from ``plot(plt) -> figure``."""
+def write_results(out_dir: str, name: str, text: str, payload: dict, plot=None, echo: bool = True) -> None:
+    """Print ``text`` (markdown, unless ``echo`` is False) and write DIR/name.md, DIR/name.json (``payload``) and,
+    when matplotlib is installed and ``plot`` is given, DIR/name.png from ``plot(plt) -> figure``."""
     os.makedirs(out_dir, exist_ok=True)
-    print(text)
+    if echo:
+        print(text)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:

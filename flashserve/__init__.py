@@ -5,7 +5,10 @@ use, so that ``import flashserve.kernels`` stays light and free of import cycles
 """
 import importlib
 
+from flashserve.logger import configure_logging
+
 __version__ = "0.1.0"
+configure_logging()
 
 _EXPORTS = {
     "LLM": "flashserve.llm",

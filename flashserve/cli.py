@@ -19,7 +19,11 @@ SERVE_ENGINE_OPTIONS = [
     ("block_size", int, "tokens per KV-cache block (default 16)"),
     ("num_kv_blocks", int, "KV pool size in blocks (default: sized from free memory)"),
     ("gpu_memory_utilization", float, "fraction of GPU memory the engine may use (default 0.9)"),
+    ("max_cudagraph_capture_size", int, "largest decode batch captured in a CUDA graph "
+                                        "(default min(2 * max_num_seqs, 512))"),
 ]
+ENFORCE_EAGER_HELP = "capture no CUDA graphs: run every step eagerly"
+
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -39,6 +43,9 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     generate.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     generate.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    generate.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
+    generate.add_argument("--max-cudagraph-capture-size", type=int, default=None,
+                          help="largest decode batch captured in a CUDA graph (default min(2 * max_num_seqs, 512))")
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible API (completions, chat completions)")
     serve.add_argument("--model", help="local checkpoint directory (default: the built-in random demo model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -49,6 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     for name, kind, help_text in SERVE_ENGINE_OPTIONS:
         serve.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
+    serve.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
     return parser
 
 
@@ -71,7 +79,8 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
-        llm = LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+        llm = LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                  enforce_eager=args.enforce_eager, max_cudagraph_capture_size=args.max_cudagraph_capture_size)
         prompts = args.prompts or DEFAULT_PROMPTS
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -98,6 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     model = _model_or_demo(args.model)
     options = {name: getattr(args, name) for name, _, _ in SERVE_ENGINE_OPTIONS if getattr(args, name) is not None}
+    options["enforce_eager"] = args.enforce_eager
     try:
         serve(model, args.host, args.port, args.served_model_name, dtype=args.dtype, device=args.device, **options)
     except ValueError as error:

@@ -26,7 +26,11 @@ class Config:
         max_num_seqs: the most requests running at once.
         max_num_batched_tokens: the token budget of one step (prompt chunks plus decodes).
         enable_prefix_caching: reuse the KV of full blocks shared with earlier prompts.
-        enforce_eager: never capture CUDA graphs (kept for vLLM compatibility: this engine runs eagerly for now).
+        enforce_eager: never capture CUDA graphs: every step runs eagerly (on CUDA, decode-only steps otherwise
+            replay graphs captured at start-up; see ``flashserve.engine.cuda_graphs``).
+        max_cudagraph_capture_size: the largest decode batch captured in a CUDA graph (vLLM's name); None means
+            ``min(2 * max_num_seqs, 512)``. Decode batches above it run eagerly. Sizes above ``max_num_seqs``
+            can never occur and are not captured.
         seed: seed of the random stream used by requests without their own seed.
     """
 
@@ -42,6 +46,7 @@ class Config:
     max_num_batched_tokens: int = 8192
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    max_cudagraph_capture_size: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +84,11 @@ class Config:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_cudagraph_capture_size is None:
+            self.max_cudagraph_capture_size = min(2 * self.max_num_seqs, 512)
+        elif type(self.max_cudagraph_capture_size) is not int or self.max_cudagraph_capture_size < 1:
+            raise ValueError("max_cudagraph_capture_size must be an int >= 1, "
+                             f"got {self.max_cudagraph_capture_size!r}")
 
     @property
     def torch_device(self) -> torch.device:

@@ -20,12 +20,14 @@ class LLM:
     def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "auto", device: str | None = None,
                  max_model_len: int | None = None, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_kv_blocks: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = False, seed: int = 0):
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False,
+                 max_cudagraph_capture_size: int | None = None, seed: int = 0):
         config = Config(model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
                         block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                         num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                         max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-                        enforce_eager=enforce_eager, seed=seed)
+                        enforce_eager=enforce_eager, max_cudagraph_capture_size=max_cudagraph_capture_size,
+                        seed=seed)
         self.engine = LLMEngine(config)
         self._next_id = 0
 

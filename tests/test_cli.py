@@ -15,7 +15,8 @@ def model_dir(tmp_path_factory):
 def test_generate_prints_completions_and_summary(model_dir, capsys, monkeypatch):
     monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
     status = main(["generate", "Hello", "The sky", "--model", model_dir, "--max-tokens", "4", "--temperature", "0",
-                   "--ignore-eos", "--dtype", "float32", "--device", "cpu"])
+                   "--ignore-eos", "--dtype", "float32", "--device", "cpu", "--enforce-eager",
+                   "--max-cudagraph-capture-size", "8"])
     out = capsys.readouterr().out
     assert status == 0
     assert out.count("Completion:") == 2 and "(4 tokens, length)" in out
@@ -27,6 +28,8 @@ def test_generate_reports_invalid_options(model_dir, capsys, tmp_path):
     assert status == 2 and "top_p" in capsys.readouterr().err
     status = main(["generate", "Hi", "--model", str(tmp_path), "--device", "cpu"])
     assert status == 2 and "config.json" in capsys.readouterr().err
+    status = main(["generate", "Hi", "--model", model_dir, "--max-cudagraph-capture-size", "0", "--device", "cpu"])
+    assert status == 2 and "max_cudagraph_capture_size" in capsys.readouterr().err
 
 
 def test_generate_stop_strings_and_unicode_prompts(model_dir, capsys, monkeypatch):

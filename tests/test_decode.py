@@ -162,6 +162,7 @@ CASES = {
     "strided-paged": Case(strided=True, num_splits=3, batch=3),
     "strided-dense": Case(page_size=None, strided=True, batch=3),
     "empty-seqlens": Case(batch=3, seqlen_new=0, cache_len=0, num_splits=3),
+    "mostly-empty-splits": Case(batch=3, cache_len=40, num_splits=16),  # a split layout for a longer capacity
     "rotary-interleaved": Case(rotary="interleaved", seqlen_new=2, seqlen_q=2),
     "rotary-neox-partial": Case(rotary="neox", rotary_dim=16, seqlen_new=2, seqlen_q=2, causal=False),
     "sq3-causal-split3": Case(seqlen_q=3, seqlen_new=3, num_splits=3),

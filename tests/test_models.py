@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flashserve.engine.context import AttentionContext, set_context
+from flashserve.context import AttentionContext, set_context
 from flashserve.models.layers import rotary_inverse_frequencies
 from flashserve.models import (DecoderForCausalLM, ModelSpec, demo_model_path, load_model, load_spec,
                                write_random_checkpoint)
@@ -198,7 +198,7 @@ def test_dtype_auto_and_explicit(tmp_path):
     path = write_random_checkpoint(str(tmp_path / "m"), "LlamaForCausalLM", dtype=torch.bfloat16)
     model, spec = load_model(path, "auto", "cpu")
     assert spec.torch_dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.bfloat16
-    rotary = model.model.layers[0].self_attn.rotary
+    rotary = model.model.layers[0].self_attn.attn.rotary
     assert rotary.cos_sin_cache.dtype == torch.float32
     model, _ = load_model(path, "float16", "cpu")
     assert model.lm_head.weight.dtype == torch.float16

@@ -10,6 +10,9 @@ normally completed long before). On CPU the host arrays are the device buffers.
 
 The block table keeps a fixed width of ``max_blocks_per_seq`` columns; entries past a request's blocks are stale
 ids of earlier steps (valid block ids, never read: attention stops at ``seqused_k``).
+
+A decode step replayed from a CUDA graph captured for ``padded_size`` rows is packed with padding rows after the
+real ones: token 0 at position 0, slot -1 (no cache write), KV length 0 (no key read); their outputs are ignored.
 """
 from dataclasses import dataclass
 from itertools import chain
@@ -17,7 +20,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from flashserve.engine.context import AttentionContext
+from flashserve.context import AttentionContext
 from flashserve.engine.scheduler import ScheduledBatch
 
 
@@ -74,10 +77,12 @@ class InputBuffers:
         self.logits_indices = _Buffer((max_num_seqs,), torch.int64, device)
         self._copies_done = torch.cuda.Event() if device.type == "cuda" else None
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """Pack ``batch`` (requests before their ``num_computed_tokens`` advances) into the step's inputs."""
-        if self._copies_done is not None:
-            self._copies_done.synchronize()
+    def prepare(self, batch: ScheduledBatch, padded_size: int | None = None) -> StepInputs:
+        """Pack ``batch`` (requests before their ``num_computed_tokens`` advances) into the step's inputs.
+
+        ``padded_size`` (decode-only batches, >= the number of requests): add padding rows up to that many.
+        """
+        self._wait_for_copies()
         requests = batch.requests
         num_reqs = len(requests)
         num_new = np.array(batch.num_new_tokens, dtype=np.int64)
@@ -105,17 +110,46 @@ class InputBuffers:
         self.slot_mapping.array[:num_tokens] = block_table[token_rows, positions // size] * size + positions % size
         logits_indices = cu_seqlens_q[1:][np.array(batch.samples, dtype=bool)] - 1
         self.logits_indices.array[:logits_indices.size] = logits_indices
+        if padded_size is not None:
+            self._write_padding(num_reqs, padded_size)
+            num_reqs = num_tokens = padded_size
+        return self._upload(num_tokens, num_reqs, int(num_new.max()), int(ends.max()), logits_indices.size)
+
+    def prepare_padding(self, num_reqs: int) -> StepInputs:
+        """A decode step of ``num_reqs`` padding rows only (for warm-up and CUDA-graph capture)."""
+        self._wait_for_copies()
+        self.cu_seqlens_q.array[0] = 0
+        self._write_padding(0, num_reqs)
+        return self._upload(num_reqs, num_reqs, 1, 0, num_reqs)
+
+    def _write_padding(self, start: int, stop: int) -> None:
+        """Rows ``start:stop`` of a decode step become padding (see the module docstring)."""
+        self.input_ids.array[start:stop] = 0
+        self.positions.array[start:stop] = 0
+        self.slot_mapping.array[start:stop] = -1
+        self.seqused_k.array[start:stop] = 0
+        self.cu_seqlens_q.array[start + 1:stop + 1] = np.arange(start + 1, stop + 1)
+        self.logits_indices.array[start:stop] = np.arange(start, stop)
+
+    def _upload(self, num_tokens: int, num_reqs: int, max_seqlen_q: int, max_seqlen_k: int,
+                num_logits: int) -> StepInputs:
+        """Copy the first rows of every host array to the device and describe them."""
         context = AttentionContext(
             slot_mapping=self.slot_mapping.upload(num_tokens),
             cu_seqlens_q=self.cu_seqlens_q.upload(num_reqs + 1),
             seqused_k=self.seqused_k.upload(num_reqs),
             block_table=self.block_table.upload(num_reqs),
-            max_seqlen_q=int(num_new.max()),
-            max_seqlen_k=int(ends.max()),
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
             is_decode=num_tokens == num_reqs,
         )
         inputs = StepInputs(self.input_ids.upload(num_tokens), self.positions.upload(num_tokens), context,
-                            self.logits_indices.upload(logits_indices.size))
+                            self.logits_indices.upload(num_logits))
         if self._copies_done is not None:
             self._copies_done.record()
         return inputs
+
+    def _wait_for_copies(self) -> None:
+        """Wait until the previous step's host-to-device copies have read the host arrays."""
+        if self._copies_done is not None:
+            self._copies_done.synchronize()

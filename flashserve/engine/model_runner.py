@@ -5,26 +5,41 @@ the scheduled tokens into ``input_ids``/``positions`` and the ``AttentionContext
 cumulative query lengths, KV lengths, and a block table padded to a fixed width of ``ceil(max_model_len /
 block_size)`` columns, so that decode metadata keeps one shape whatever the sequence lengths) through persistent
 buffers (``InputBuffers``), runs the forward pass, takes the last hidden row of every request that samples, and
-samples; reading the sampled token ids is the step's only wait on the device.
+samples; reading the sampled token ids is the step's only wait on the device. On CUDA (unless ``enforce_eager``)
+decode-only steps replay CUDA graphs captured at start-up (``DecodeGraphs``); batches larger than the largest
+captured size and every other step run eagerly.
+
+Start-up, each phase logged with its duration: load the weights; size the KV cache; warm up (compile and autotune
+every kernel variant a request can need, see ``warmup``; CUDA only); capture the decode graphs.
 
 KV-cache size (``num_kv_blocks`` when given, otherwise):
-- CUDA: a profiling forward pass over ``max_num_batched_tokens`` tokens measures the activation peak; the pool gets
-  ``gpu_memory_utilization`` of the GPU's memory minus what is in use (weights, other processes) minus that peak.
+- CUDA: a profiling forward pass over ``max_num_batched_tokens`` tokens measures the activation peak, and one over
+  a decode batch of the largest graph size estimates the graphs' memory; the pool gets ``gpu_memory_utilization``
+  of the GPU's memory minus what is in use (weights, other processes) minus both.
 - CPU: room for ``max(max_model_len, 4 * max_num_batched_tokens)`` tokens, capped at ``CPU_KV_CACHE_MAX_BYTES``
   (but never less than one ``max_model_len`` sequence).
 """
+import logging
+import time
+
 import numpy as np
 import torch
 
 from flashserve.config import Config
-from flashserve.engine.context import AttentionContext, set_context
+from flashserve.context import AttentionContext, set_context
+from flashserve.engine import warmup
+from flashserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from flashserve.engine.input_buffers import InputBuffers
 from flashserve.engine.sampler import Sampler
 from flashserve.engine.scheduler import ScheduledBatch
+from flashserve.kernels import tuning_cache
 from flashserve.models.loader import load_model
 from flashserve.outputs import Logprob
 
 CPU_KV_CACHE_MAX_BYTES = 2 << 30
+GIB = float(1 << 30)
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -38,12 +53,17 @@ class ModelRunner:
         max_model_len: the resolved context limit.
         num_kv_blocks: blocks in the KV pool.
         kv_cache: (num_layers, 2, num_kv_blocks, block_size, num_kv_heads, head_dim).
+        graphs: the decode CUDA graphs, or None (CPU, ``enforce_eager``).
+        startup_times_s: seconds spent in each start-up phase ("load_weights", "profile_memory", "warm_up",
+            "capture_graphs"), in order.
     """
 
     def __init__(self, config: Config):
         self.config = config
         self.device = config.torch_device
         self.block_size = config.block_size
+        self.startup_times_s: dict[str, float] = {}
+        start = time.perf_counter()
         self.model, self.spec = load_model(config.model, config.dtype, self.device)
         self.dtype = next(self.model.parameters()).dtype
         limit = self.spec.max_position_embeddings
@@ -55,13 +75,47 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
         self.inputs = InputBuffers(config.max_num_batched_tokens, config.max_num_seqs, self.max_blocks_per_seq,
                                    self.block_size, self.device)
-        self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks()
+        use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        graph_sizes = capture_sizes(config.max_cudagraph_capture_size, config.max_num_seqs) if use_graphs else []
+        start = self._phase("load_weights", start, f"{_parameter_bytes(self.model) / GIB:.2f} GiB of weights")
+        self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks(graph_sizes[-1:])
         spec = self.spec
         self.kv_cache = torch.zeros(spec.num_layers, 2, self.num_kv_blocks, self.block_size, spec.num_kv_heads,
                                     spec.head_dim, dtype=self.dtype, device=self.device)
         for index, attention in enumerate(self.model.attention_layers()):
             attention.k_cache = self.kv_cache[index, 0]
             attention.v_cache = self.kv_cache[index, 1]
+        start = self._phase("profile_memory", start, f"KV cache of {self.num_kv_blocks} blocks "
+                            f"({self.num_kv_blocks * self.block_size} tokens, {self.kv_cache.nbytes / GIB:.2f} GiB)")
+        self.graphs = None
+        if self.device.type == "cuda":
+            eager_sizes = range(graph_sizes[-1] + 1 if graph_sizes else 1, config.max_num_seqs + 1)
+            passes = self.warm_up(eager_sizes)
+            start = self._phase("warm_up", start, f"{passes} forward passes")
+        if graph_sizes:
+            self.graphs = DecodeGraphs(self.model, self.inputs, graph_sizes, spec.vocab_size)
+            self.graphs.capture()
+            self._phase("capture_graphs", start, f"{len(graph_sizes)} decode graphs, batch sizes 1.."
+                        f"{graph_sizes[-1]}, {self.graphs.memory_bytes / GIB:.2f} GiB")
+
+    def _phase(self, name: str, start: float, detail: str) -> float:
+        """Record and log the duration of a start-up phase that began at ``start``; returns the time now."""
+        now = time.perf_counter()
+        self.startup_times_s[name] = now - start
+        logger.info("%s: %.2f s (%s)", name.replace("_", " "), now - start, detail)
+        return now
+
+    def warm_up(self, decode_batch_sizes: range, show_progress: bool = True) -> int:
+        """Compile (and autotune) every kernel variant of the prefill, eager decode and sampling paths
+        (``flashserve.engine.warmup``); returns the number of forward passes run. Autotuning results are saved
+        to disk (``flashserve.kernels.tuning_cache``), so the next start skips the tuning. The sampler's shared
+        random stream starts afresh afterwards."""
+        passes = warmup.warm_up_prefill(self, show_progress)
+        passes += warmup.warm_up_decode(self, decode_batch_sizes, show_progress)
+        warmup.warm_up_sampler(self)
+        tuning_cache.save_all()
+        self.sampler = Sampler(self.device, self.config.seed)
+        return passes
 
     @property
     def block_bytes(self) -> int:
@@ -70,10 +124,11 @@ class ModelRunner:
         element = torch.empty((), dtype=self.dtype).element_size()
         return spec.num_layers * 2 * self.block_size * spec.num_kv_heads * spec.head_dim * element
 
-    def _default_num_blocks(self) -> int:
-        """The KV pool size when ``num_kv_blocks`` is not given (see the module docstring)."""
+    def _default_num_blocks(self, graph_sizes: list[int]) -> int:
+        """The KV pool size when ``num_kv_blocks`` is not given (see the module docstring); ``graph_sizes`` holds
+        the largest CUDA-graph batch size, if any."""
         if self.device.type == "cuda":
-            return self._profile_num_blocks()
+            return self._profile_num_blocks(graph_sizes)
         tokens = max(self.max_model_len, 4 * self.config.max_num_batched_tokens)
         num_blocks = -(-tokens // self.block_size)
         if num_blocks * self.block_bytes > CPU_KV_CACHE_MAX_BYTES:
@@ -81,13 +136,33 @@ class ModelRunner:
         return num_blocks
 
     @torch.inference_mode()
-    def _profile_num_blocks(self) -> int:
-        """Run the largest step without a cache, measure the peak, and size the pool from what is left."""
+    def _profile_num_blocks(self, graph_sizes: list[int]) -> int:
+        """Run the largest step (and the largest graph's decode batch) without a cache, measure the peaks, and size
+        the pool from what is left."""
+        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
+        num_seqs = max(1, min(self.config.max_num_seqs, num_tokens))
+        activation_bytes = self._profile_step(num_tokens, num_seqs)
+        graph_bytes = 0
+        if graph_sizes:
+            size = graph_sizes[-1]
+            graph_bytes = self._profile_step(size, size) + size * self.spec.vocab_size * 4
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = total * self.config.gpu_memory_utilization - (total - free) - activation_bytes - graph_bytes
+        num_blocks = int(budget // self.block_bytes)
+        logger.info("memory: %.2f GiB in use, %.2f GiB activation peak, %.2f GiB reserved for CUDA graphs, "
+                    "%.2f GiB left for the KV cache", (total - free) / GIB, activation_bytes / GIB,
+                    graph_bytes / GIB, max(budget, 0) / GIB)
+        if num_blocks < 1:
+            raise ValueError(f"no GPU memory is left for the KV cache (budget {budget / 2**30:.2f} GiB): raise "
+                             "gpu_memory_utilization, lower max_num_batched_tokens, or pass num_kv_blocks")
+        return num_blocks
+
+    def _profile_step(self, num_tokens: int, num_seqs: int) -> int:
+        """Peak bytes the forward pass (and sampling-sized logits) of ``num_seqs`` prompts totalling
+        ``num_tokens`` tokens allocates beyond what is already in use, run without a cache."""
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
-        num_seqs = max(1, min(self.config.max_num_seqs, num_tokens))
         lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
         cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
@@ -108,13 +183,7 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device)
         current = torch.cuda.memory_allocated(self.device)
         torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = total * self.config.gpu_memory_utilization - (total - free) - (peak - current)
-        num_blocks = int(budget // self.block_bytes)
-        if num_blocks < 1:
-            raise ValueError(f"no GPU memory is left for the KV cache (budget {budget / 2**30:.2f} GiB): raise "
-                             "gpu_memory_utilization, lower max_num_batched_tokens, or pass num_kv_blocks")
-        return num_blocks
+        return peak - current
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, eos_token_ids: list[int]
@@ -123,14 +192,29 @@ class ModelRunner:
 
         Returns the sampled token ids and per-token logprob dicts, in the order of the sampling requests.
         """
-        inputs = self.inputs.prepare(batch)
-        set_context(inputs.context)
-        try:
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        finally:
-            set_context(None)
+        num_reqs = len(batch.requests)
+        graph_size = None
+        if self.graphs is not None and sum(batch.num_new_tokens) == num_reqs:
+            graph_size = self.graphs.padded_size(num_reqs)
+        inputs = self.inputs.prepare(batch, graph_size)
         sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
+        if graph_size is not None:
+            logits = self.graphs.replay(graph_size)
+            logits = logits[:num_reqs] if len(sampling) == num_reqs else logits[inputs.logits_indices]
+        else:
+            set_context(inputs.context)
+            try:
+                hidden = self.model(inputs.input_ids, inputs.positions)
+            finally:
+                set_context(None)
+            if not sampling:
+                return [], []
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if not sampling:
             return [], []
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
         return self.sampler(logits.float(), sampling, eos_token_ids)
+
+
+def _parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters (a tied weight counted once)."""
+    return sum(param.numel() * param.element_size() for param in model.parameters())

@@ -17,4 +17,5 @@ from flashserve.kernels.cache import reshape_and_cache_flash
 from flashserve.kernels.decode import flash_attn_with_kvcache
 from flashserve.kernels.merge import merge_attn_states
 from flashserve.kernels.norm import fused_add_rms_norm, rms_norm
+from flashserve.kernels.qk_rope_cache import qk_norm_rope_and_cache
 from flashserve.kernels.rotary import apply_rotary

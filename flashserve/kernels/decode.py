@@ -133,8 +133,12 @@ def _decode_kernel(
     out = acc / safe_sum[:, None]
     lse = tl.where(empty, float("-inf"), row_max * 0.6931471805599453 + tl.log(safe_sum))
     out_rows = out_ptr + batch * stride_ob + query * stride_os + split * stride_osplit + head * stride_oh
-    tl.store(out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_valid[:, None] & dim_valid[None, :])
+    # A split past the sequence's end (short contexts under a split layout chosen for the cache capacity) stores
+    # its LSE (-inf) alone: the combine never reads the output of an empty state.
+    store_mask = row_valid[:, None] & dim_valid[None, :]
+    if num_splits > 1:  # (a row vector, not a scalar: Triton's interpreter rejects a scalar in a mask)
+        store_mask = store_mask & ((rows * 0 + split_lo) < split_hi)[:, None]
+    tl.store(out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=store_mask)
     tl.store(lse_ptr + batch * stride_lb + query * stride_ls + split * stride_lsplit + head * stride_lh, lse,
              mask=row_valid)
 
@@ -160,8 +164,9 @@ def _combine_splits_kernel(
     part_lse_ptr = part_ptr + tl.num_programs(0).to(tl.int64) * num_splits * NUM_HEADS * HEAD_DIM
     part_lse = tl.load(part_lse_ptr + state, mask=state_valid, other=float("-inf"))
     weights, lse = lse_weights(part_lse)
+    nonempty = state_valid & (part_lse > float("-inf"))
     part_out = tl.load(part_ptr + state[:, :, None] * HEAD_DIM + dims[None, None, :],
-                       mask=state_valid[:, :, None] & dim_valid[None, None, :], other=0.0)
+                       mask=nonempty[:, :, None] & dim_valid[None, None, :], other=0.0)
     out = tl.sum(weighted(part_out, weights[:, :, None]), axis=1)
     tl.store(out_ptr + (token * NUM_HEADS + heads[:, None]) * HEAD_DIM + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=head_valid[:, None] & dim_valid[None, :])
@@ -191,7 +196,7 @@ def choose_num_splits(num_splits: int, programs: int, capacity: int, device: tor
 
 
 @functools.lru_cache(maxsize=4096)
-def _launch_config(batch: int, seqlen_q: int, num_heads: int, num_heads_k: int, head_dim: int, capacity: int,
+def launch_config(batch: int, seqlen_q: int, num_heads: int, num_heads_k: int, head_dim: int, capacity: int,
                    num_splits: int, device: torch.device) -> tuple:
     """Everything about a launch that depends on shapes only, computed once per shape (host cost: ``triton``'s
     helpers are not free to call):
@@ -247,13 +252,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, block_table,
             softmax_scale, causal, (window_left, window_right), softcap, rotary_interleaved, alibi_slopes)
         return (out, lse) if return_softmax_lse else out
-    batch, seqlen_q, num_heads, head_dim = q.shape
-    num_heads_k = k_cache.shape[2]
-    device = q.device
     if cache_seqlens is None:
         cache_seqlens = capacity
     if type(cache_seqlens) is int:
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     seqlens_k = cache_seqlens
     if k is not None:
         q = append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
@@ -261,8 +263,23 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlens_k = cache_seqlens + k.shape[1]
     if causal:
         window_right = 0
+    out, lse = launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes,
+                             softmax_scale, softcap, window_left, window_right, capacity, num_splits,
+                             return_softmax_lse)
+    return (out, lse) if return_softmax_lse else out
 
-    grid, splits, block_m, block_n, block_d, combine_grid, block_h, block_s, combine_warps = _launch_config(
+
+def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
+                  softcap, window_left, window_right, capacity, num_splits, write_lse):
+    """Launch the decode kernel (and the split combine) on validated arguments; no checks (engines call this with
+    metadata they validated once). ``seqlens_k`` (B,) int32 are the KV lengths after any append; causal masking is
+    ``window_right = 0``; ``capacity`` (tokens a sequence of the cache can hold) sets the split layout, so the
+    launch depends on shapes only and is safe to capture in a CUDA graph. Returns (out (B, Sq, H, D), lse
+    (B, H, Sq) fp32 — filled when one split is used or ``write_lse``)."""
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    num_heads_k = k_cache.shape[2]
+    device = q.device
+    grid, splits, block_m, block_n, block_d, combine_grid, block_h, block_s, combine_warps = launch_config(
         batch, seqlen_q, num_heads, num_heads_k, head_dim, capacity, num_splits, device)
     out = torch.empty((batch, seqlen_q, num_heads, head_dim), dtype=q.dtype, device=device)
     lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=device)
@@ -299,7 +316,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     )
     if splits > 1:
         _combine_splits_kernel[combine_grid](
-            out, lse, part, seqlen_q, splits, NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=return_softmax_lse,
+            out, lse, part, seqlen_q, splits, NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=write_lse,
             BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=combine_warps,
         )
-    return (out, lse) if return_softmax_lse else out
+    return out, lse

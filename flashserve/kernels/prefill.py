@@ -26,6 +26,7 @@ from flashserve.kernels.prefill_tuning import (
     prune_configs,
     use_autotune,
 )
+from flashserve.kernels.tuning_cache import PersistentTuning
 
 LOG2E = 1.4426950408889634
 
@@ -241,6 +242,9 @@ _prefill_kernel_tuned = triton.autotune(
          "PAGE_SIZE", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_prefill_kernel)
+# Its results on disk (``flashserve.kernels.tuning_cache``): read before the first tuned launch on a device, written
+# after a launch that tuned a new key; ``tuning_cache.save_all()`` forces a save.
+PREFILL_TUNING = PersistentTuning("prefill", _prefill_kernel_tuned, depends=[prune_configs])
 
 
 def prefill_attention(q, k, v, out, lse, softmax_scale, causal, window_size, softcap, alibi_slopes,
@@ -337,7 +341,7 @@ def prefill_attention(q, k, v, out, lse, softmax_scale, causal, window_size, sof
     other_device = q.is_cuda and q.device.index is not None and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
         if use_autotune(q.device):
-            _prefill_kernel_tuned[grid](*args, **meta)
+            PREFILL_TUNING.launch(q.device, grid, *args, **meta)
         else:
             block_m, block_n, num_warps, num_stages = default_config(q.device, block_d, q.element_size())
             _prefill_kernel[grid({"BLOCK_M": block_m})](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,

@@ -35,13 +35,17 @@ def shared_memory_bytes(block_m, block_n, block_d, num_stages, element_size):
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Keep the configs that fit the head dim: (128, 32) and (64, 32) only above d = 128, the others up to it."""
+    """Keep the configs that fit the head dim: (128, 32) and (64, 32) only above d = 128, the others up to it; no
+    128-row tiles when a tile never holds more than 64 query rows (no GQA packing and max_seqlen_q <= 64)."""
     args = {**named_args, **kwargs}
     block_d = args["BLOCK_D"]
     element_size = args["q_ptr"].element_size()
+    short_rows = args["HEADS_PER_TILE"] == 1 and args["tune_seqlen_q"] == 0
     kept = []
     for config in configs:
         block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        if short_rows and block_m > 64:
+            continue
         if (block_n == 32) != (block_d > 128):
             continue
         if block_d > 128 and block_n == 128:

@@ -16,20 +16,30 @@ from flashserve.kernels.reference import layers as reference
 
 
 @triton.jit
+def pair_columns(pairs, half, INTERLEAVED: tl.constexpr):
+    """The columns (first, second) of rotary pairs ``pairs``: (2j, 2j+1) interleaved, else (j, j + half)."""
+    if INTERLEAVED:
+        return 2 * pairs, 2 * pairs + 1
+    return pairs, pairs + half
+
+
+@triton.jit
+def rotate_pairs(x1, x2, cos, sin):
+    """The rotated pair halves [R, P] (fp32) at angles with cosines/sines [P]."""
+    return x1 * cos[None, :] - x2 * sin[None, :], x2 * cos[None, :] + x1 * sin[None, :]
+
+
+@triton.jit
 def _rotate_heads(x_ptr, stride_t, stride_h, num_heads, token, cos, sin, half,
                   INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
     heads = tl.arange(0, BLOCK_H)
     pairs = tl.arange(0, BLOCK_R)
     mask = (heads < num_heads)[:, None] & (pairs < half)[None, :]
-    if INTERLEAVED:
-        first, second = 2 * pairs, 2 * pairs + 1
-    else:
-        first, second = pairs, pairs + half
+    first, second = pair_columns(pairs, half, INTERLEAVED)
     row = x_ptr + token * stride_t + heads[:, None] * stride_h
     x1 = tl.load(row + first[None, :], mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(row + second[None, :], mask=mask, other=0.0).to(tl.float32)
-    out1 = x1 * cos[None, :] - x2 * sin[None, :]
-    out2 = x2 * cos[None, :] + x1 * sin[None, :]
+    out1, out2 = rotate_pairs(x1, x2, cos, sin)
     tl.store(row + first[None, :], out1.to(x_ptr.dtype.element_ty), mask=mask)
     tl.store(row + second[None, :], out2.to(x_ptr.dtype.element_ty), mask=mask)
 

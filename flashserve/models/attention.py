@@ -1,14 +1,20 @@
 """The attention of one layer over the paged KV cache, driven by the batch's ``AttentionContext``.
 
 The model runner assigns ``k_cache`` and ``v_cache`` (num_blocks, block_size, num_kv_heads, head_dim) — possibly
-strided views of one big buffer — and installs the batch's metadata with ``flashserve.engine.context.set_context``.
+strided views of one big buffer — and installs the batch's metadata with ``flashserve.context.set_context``.
 Grouped-query attention is left to the kernels (query head ``h`` reads KV head ``h // (H // Hk)``).
+
+Per layer and step this is two launches: one fused kernel for the optional per-head q/k RMSNorm, the rotary and
+the KV-cache write, then the attention kernel (plus the split-KV combine of a decode). It calls the engine entry
+points of ``flashserve.kernels.paged_attention``, which skip the public API's argument checks: the runner builds
+the metadata in one fixed layout, and the shapes of q, k and v follow from the model's spec.
 """
 import torch
 from torch import nn
 
 from flashserve import kernels
-from flashserve.engine.context import get_context
+from flashserve.context import get_context
+from flashserve.kernels import paged_attention
 
 
 class Attention(nn.Module):
@@ -22,31 +28,38 @@ class Attention(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, softmax_scale: float,
-                 sliding_window: int | None = None):
+                 rotary: nn.Module, sliding_window: int | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.softmax_scale = softmax_scale
-        self.window_size = (sliding_window - 1, 0) if sliding_window is not None else (-1, -1)
+        self.rotary = rotary
+        self.window_left = sliding_window - 1 if sliding_window is not None else -1
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (T, H, D), k and v (T, Hk, D) of this step's tokens (last dimension contiguous) -> out (T, H, D)."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                q_norm: nn.Module | None = None, k_norm: nn.Module | None = None) -> torch.Tensor:
+        """q (T, H, D), k and v (T, Hk, D) of this step's tokens (last dimension contiguous, e.g. views of the
+        fused QKV output; q and k are normalised and rotated in place) -> out (T, H, D).
+
+        ``q_norm``/``k_norm``: per-head RMSNorm modules (Qwen3), applied before the rotary.
+        """
         context = get_context()
+        q_weight = q_norm.weight if q_norm is not None else None
+        k_weight = k_norm.weight if k_norm is not None else None
+        eps = q_norm.eps if q_norm is not None else 0.0
+        slots = context.slot_mapping if self.k_cache is not None else None
+        paged_attention.qk_norm_rope_cache(q, k, v, self.rotary.cos_sin_cache, positions, self.k_cache,
+                                           self.v_cache, slots, q_weight, k_weight, eps)
         if self.k_cache is None:
             return kernels.flash_attn_varlen_func(
                 q, k, v, context.cu_seqlens_q, context.cu_seqlens_q, context.max_seqlen_q, context.max_seqlen_q,
-                softmax_scale=self.softmax_scale, causal=True, window_size=self.window_size)
-        kernels.reshape_and_cache_flash(k, v, self.k_cache, self.v_cache, context.slot_mapping)
+                softmax_scale=self.softmax_scale, causal=True, window_size=(self.window_left, 0))
         if context.is_decode:
-            out = kernels.flash_attn_with_kvcache(
-                q.unsqueeze(1), self.k_cache, self.v_cache, cache_seqlens=context.seqused_k,
-                block_table=context.block_table, softmax_scale=self.softmax_scale, causal=True,
-                window_size=self.window_size)
-            return out.squeeze(1)
-        return kernels.flash_attn_varlen_func(
-            q, self.k_cache, self.v_cache, context.cu_seqlens_q, None, context.max_seqlen_q, context.max_seqlen_k,
-            softmax_scale=self.softmax_scale, causal=True, window_size=self.window_size,
-            block_table=context.block_table, seqused_k=context.seqused_k)
+            return paged_attention.decode(q, self.k_cache, self.v_cache, context.seqused_k, context.block_table,
+                                          self.softmax_scale, self.window_left)
+        return paged_attention.prefill(q, self.k_cache, self.v_cache, context.cu_seqlens_q, context.seqused_k,
+                                       context.block_table, context.max_seqlen_q, context.max_seqlen_k,
+                                       self.softmax_scale, self.window_left)

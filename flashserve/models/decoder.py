@@ -18,7 +18,8 @@ from flashserve.models.spec import ModelSpec
 
 
 class SelfAttention(nn.Module):
-    """Fused QKV projection, optional per-head q/k RMSNorm, rotary, paged attention, output projection."""
+    """Fused QKV projection, then (in ``Attention``) optional per-head q/k RMSNorm, rotary and paged attention, then
+    the output projection."""
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, sliding_window: int | None):
         super().__init__()
@@ -29,21 +30,16 @@ class SelfAttention(nn.Module):
         self.o_proj = Linear(q_size, spec.hidden_size, spec.o_bias)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
-        self.rotary = rotary
-        self.attn = Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5,
+        self.attn = Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, rotary,
                               sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
-        if self.q_norm is not None:
-            q = self.q_norm(q.reshape(-1, self.head_dim))
-            k = self.k_norm(k.reshape(-1, self.head_dim))
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v)
+        out = self.attn(positions, q, k, v, self.q_norm, self.k_norm)
         return self.o_proj(out.reshape(num_tokens, -1))
 
 

@@ -9,6 +9,7 @@ import tempfile
 
 import torch
 
+from flashserve.cache_dir import cache_root
 from flashserve.models.checkpoint import write_random_checkpoint
 
 DEMO_DIR_NAME = "demo-llama"
@@ -19,18 +20,13 @@ DEMO_TOKENIZER_VOCAB_SIZE = 2048
 DEMO_SEED = 1234
 
 
-def demo_cache_root() -> str:
-    """``$FLASHSERVE_CACHE_DIR`` when set, else ``~/.cache/flashserve``."""
-    return os.environ.get("FLASHSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "flashserve")
-
-
 def demo_model_path() -> str:
     """The directory of the demo checkpoint (``<cache root>/demo-llama``), written on first use.
 
     The checkpoint is written into a temporary directory next to it and renamed into place, so a crash or a
     concurrent first use never leaves a half-written model behind.
     """
-    root = demo_cache_root()
+    root = cache_root()
     path = os.path.join(root, DEMO_DIR_NAME)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path

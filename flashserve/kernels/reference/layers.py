@@ -1,6 +1,6 @@
 """Plain-PyTorch references of the layer helpers: RMSNorm (HF ``LlamaRMSNorm``), fused residual add + RMSNorm,
-rotary embedding in place, and ``silu_and_mul``. Same contracts as the kernels in ``norm.py``, ``rotary.py`` and
-``activation.py``."""
+rotary embedding in place, the fused q/k norm + rotary + cache write, and ``silu_and_mul``. Same contracts as the
+kernels in ``norm.py``, ``rotary.py``, ``qk_rope_cache.py`` and ``activation.py``."""
 import torch
 
 
@@ -50,6 +50,21 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor | None, cos_sin_cache: torch.T
     rotary_in_place(q, cos, sin, positions, not is_neox)
     if k is not None:
         rotary_in_place(k, cos, sin, positions, not is_neox)
+    return q, k
+
+
+def qk_norm_rope_and_cache(q, k, v, cos_sin_cache, positions, key_cache, value_cache, slot_mapping,
+                           q_norm_weight=None, k_norm_weight=None, eps=1e-6, is_neox=True):
+    """Reference of ``flashserve.kernels.qk_rope_cache.qk_norm_rope_and_cache``: q and k normed (with weights)
+    and rotated in place, k and v written to the caches (when given); returns q, k."""
+    from flashserve.kernels.reference.decode import reshape_and_cache_flash  # decode.py imports this module
+
+    if q_norm_weight is not None:
+        q.copy_(rms_norm(q, q_norm_weight, eps))
+        k.copy_(rms_norm(k, k_norm_weight, eps))
+    apply_rotary(q, k, cos_sin_cache, positions, is_neox)
+    if key_cache is not None:
+        reshape_and_cache_flash(k, v, key_cache, value_cache, slot_mapping)
     return q, k
 
 
