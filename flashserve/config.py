@@ -29,8 +29,9 @@ class Config:
         enforce_eager: never capture CUDA graphs: every step runs eagerly (on CUDA, decode-only steps otherwise
             replay graphs captured at start-up; see ``flashserve.engine.cuda_graphs``).
         max_cudagraph_capture_size: the largest decode batch captured in a CUDA graph (vLLM's name); None means
-            ``min(2 * max_num_seqs, 512)``. Decode batches above it run eagerly. Sizes above ``max_num_seqs``
-            can never occur and are not captured.
+            ``min(2 * max_num_seqs, 512)``. Decode batches above it run eagerly. Sizes past the first one that
+            holds the largest possible decode batch (``min(max_num_seqs, max_num_batched_tokens)``) would never
+            replay and are not captured.
         seed: seed of the random stream used by requests without their own seed.
     """
 

@@ -24,7 +24,7 @@ ARCHITECTURES = [("LlamaForCausalLM", {}), ("Qwen2ForCausalLM", {}), ("Qwen3ForC
 NEW_TOKENS = 12
 
 
-def test_capture_sizes_follow_the_schedule_and_stop_at_max_num_seqs():
+def test_capture_sizes_follow_the_schedule_and_stop_at_the_largest_batch():
     assert capture_sizes(512, 256) == [1, 2, 4, 8, *range(16, 257, 8)]
     assert capture_sizes(512, 1024) == [1, 2, 4, 8, *range(16, 257, 8), *range(272, 513, 16)]
     assert capture_sizes(512, 100) == [1, 2, 4, 8, *range(16, 105, 8)]  # 104 holds a batch of 100

@@ -22,16 +22,17 @@ from flashserve.context import set_context
 from flashserve.engine.input_buffers import InputBuffers
 
 
-def capture_sizes(max_capture_size: int, max_num_seqs: int) -> list[int]:
+def capture_sizes(max_capture_size: int, largest_batch: int) -> list[int]:
     """The padded batch sizes to capture, ascending: 1, 2, 4, 8, every 8 up to 256, then every 16 up to
-    ``max_capture_size`` — cut after the first size that holds ``max_num_seqs`` (larger batches never occur)."""
+    ``max_capture_size`` — cut after the first size that holds ``largest_batch`` (the most requests a decode step
+    can have: ``min(max_num_seqs, max_num_batched_tokens)``; larger graphs would never replay)."""
     candidates = [1, 2, 4, 8, *range(16, 257, 8), *range(272, max_capture_size + 1, 16)]
     sizes = []
     for size in candidates:
         if size > max_capture_size:
             break
         sizes.append(size)
-        if size >= max_num_seqs:
+        if size >= largest_batch:
             break
     return sizes
 

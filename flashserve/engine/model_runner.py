@@ -73,10 +73,13 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or limit
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.sampler = Sampler(self.device, config.seed)
-        self.inputs = InputBuffers(config.max_num_batched_tokens, config.max_num_seqs, self.max_blocks_per_seq,
-                                   self.block_size, self.device)
         use_graphs = self.device.type == "cuda" and not config.enforce_eager
-        graph_sizes = capture_sizes(config.max_cudagraph_capture_size, config.max_num_seqs) if use_graphs else []
+        largest_decode = min(config.max_num_seqs, config.max_num_batched_tokens)
+        graph_sizes = capture_sizes(config.max_cudagraph_capture_size, largest_decode) if use_graphs else []
+        padded_rows = graph_sizes[-1] if graph_sizes else 0
+        self.inputs = InputBuffers(max(config.max_num_batched_tokens, padded_rows),
+                                   max(config.max_num_seqs, padded_rows), self.max_blocks_per_seq, self.block_size,
+                                   self.device)
         start = self._phase("load_weights", start, f"{_parameter_bytes(self.model) / GIB:.2f} GiB of weights")
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks(graph_sizes[-1:])
         spec = self.spec
@@ -89,7 +92,7 @@ class ModelRunner:
                             f"({self.num_kv_blocks * self.block_size} tokens, {self.kv_cache.nbytes / GIB:.2f} GiB)")
         self.graphs = None
         if self.device.type == "cuda":
-            eager_sizes = range(graph_sizes[-1] + 1 if graph_sizes else 1, config.max_num_seqs + 1)
+            eager_sizes = range(padded_rows + 1, largest_decode + 1)
             passes = self.warm_up(eager_sizes)
             start = self._phase("warm_up", start, f"{passes} forward passes")
         if graph_sizes:
