@@ -200,6 +200,7 @@ class Run:
         self.work_dir = tempfile.mkdtemp(prefix="latency-", dir=args.work_dir)
         self.results = dict(checkpoints={}, section_s={}, errors={})
         self.rng = random.Random(args.seed)
+        self.startup_caches: dict[str, str] = {}  # the startup section's compile and autotuning cache folders
 
     def checkpoint(self, name: str) -> str:
         directory = os.path.join(self.work_dir, name)
@@ -315,11 +316,48 @@ def decode_batch(run: Run, engine, batch: int, profile_layers: int = 0) -> dict:
         row = dict(batch=batch, ms=ms, tok_per_s=batch * 1e3 / ms, step_ms=times[WARMUP_STEPS:],
                    mean_context=statistics.mean(contexts[WARMUP_STEPS:]), prefill_steps=len(prefill),
                    prefill_s=sum(prefill) / 1e3)
+        graphs = getattr(engine.runner, "graphs", None)
+        if graphs is not None and graphs.padded_size(batch) is not None:
+            row["graph_gpu_ms"] = replay_ms(graphs, graphs.padded_size(batch))
         if profile_layers:
             row["profile"] = profile_step(engine, profile_layers, ms, run.cuda)
         return row
     finally:
         engine.abort_request(ids)
+
+
+def replay_ms(graphs, size: int, repeats: int = 50) -> float:
+    """GPU time of one replay of the decode graph of ``size`` (CUDA events around back-to-back replays, on the
+    inputs of the last step): the step's device time without the host's part."""
+    for _ in range(3):
+        graphs.replay(size)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graphs.replay(size)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+KERNEL_GROUPS = (("matmul", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "splitk")),
+                 ("attention", ("_decode_kernel", "_combine_splits", "_prefill_kernel")),
+                 ("qk norm + rotary + KV write", ("_qk_norm_rope",)), ("rms norm", ("_rms_norm",)),
+                 ("silu * mul", ("silu",)))
+
+
+def kernel_time_groups(events) -> dict:
+    """GPU µs per kernel group (matmuls, attention, ...) and the five longest kernels of a profiled step."""
+    groups, kernels = {}, {}
+    for event in events:
+        if event.device_type != torch.autograd.DeviceType.CUDA or event.name.startswith(("Memcpy", "Memset")):
+            continue
+        micros = event.time_range.elapsed_us()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in event.name.lower() for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + micros
+        kernels[event.name] = kernels.get(event.name, 0.0) + micros
+    top = sorted(kernels.items(), key=lambda item: -item[1])[:5]
+    return dict(group_us=groups, total_us=sum(groups.values()), top_kernels_us=[[short(n, 60), t] for n, t in top])
 
 
 def profile_step(engine, layers: int, step_ms: float, cuda: bool) -> dict:
@@ -335,7 +373,8 @@ def profile_step(engine, layers: int, step_ms: float, cuda: bool) -> dict:
     launches = sum(1 for e in events if "LaunchKernel" in e.name)
     kernels = kernels if cuda else math.nan
     return dict(kernels_per_step=kernels, kernels_per_layer=kernels / layers, launch_calls_per_step=launches,
-                host_us_per_layer=step_ms * 1e3 / layers, profiled_step_ms=profiled_ms, layers=layers)
+                host_us_per_layer=step_ms * 1e3 / layers, profiled_step_ms=profiled_ms, layers=layers,
+                gpu_time=kernel_time_groups(events) if cuda else {})
 
 
 def section_copy(run: Run) -> None:
@@ -439,8 +478,8 @@ print("LATENCY_STARTUP " + json.dumps(dict(import_s=imported - start, llm_s=buil
 
 def section_startup(run: Run) -> None:
     kwargs = run.llm_kwargs(run.checkpoint("qwen3-0.6b"), run.args.startup_max_model_len, eager=False)
-    caches = {key: tempfile.mkdtemp(prefix=f"{key.lower()}-", dir=run.work_dir)
-              for key in ("TRITON_CACHE_DIR", "FLASHSERVE_CACHE_DIR")}
+    caches = run.startup_caches = {key: tempfile.mkdtemp(prefix=f"{key.lower()}-", dir=run.work_dir)
+                                   for key in ("TRITON_CACHE_DIR", "FLASHSERVE_CACHE_DIR")}
     path = os.pathsep.join(filter(None, [REPO, BENCHMARKS, os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, **caches, PYTHONPATH=path)
     startup = run.results["startup"] = {}
@@ -465,6 +504,8 @@ def section_sweep(run: Run) -> None:
     max_len = run.args.startup_max_model_len
     lengths = sorted({min(length, max_len - 2) for length in SWEEP_LENGTHS})
     batches, cap = ((1, 3), 4096) if run.args.quick else (SWEEP_BATCHES, SWEEP_MAX_TOKENS)
+    # After the startup section, start from its (now warm) compile and autotuning caches, like a second start.
+    os.environ.update(run.startup_caches)
     llm, startup = run.make_llm(run.checkpoint("qwen3-0.6b"), max_len, eager=False)
     engine = llm.engine
     sweep = run.results["sweep"] = dict(startup=startup, rows=[])
@@ -552,12 +593,14 @@ def md_decode(run: Run, res: dict) -> list[str]:
         for batch, cells in sorted(by_batch.items()):
             g, e = cells.get("graphs", {}), cells.get("eager", {})
             roof = g.get("roofline_ms", e.get("roofline_ms", math.nan))
-            table.append([batch, fmt(g.get("ms"), 3), fmt(e.get("ms"), 3), fmt(roof, 3),
+            table.append([batch, fmt(g.get("ms"), 3), fmt(g.get("graph_gpu_ms"), 3), fmt(e.get("ms"), 3),
+                          fmt(roof, 3),
                           fmt(g.get("ms", math.nan) / roof), fmt(e.get("ms", math.nan) / roof),
                           fmt(g.get("tok_per_s"), 0), fmt(e.get("tok_per_s"), 0),
                           fmt(g.get("mean_context", e.get("mean_context")), 1),
                           short(g.get("error") or e.get("error"))])
-        out += ["", common.markdown_table(["B", "graphs ms", "eager ms", "roofline ms", "graphs / roof",
+        out += ["", common.markdown_table(["B", "graphs ms", "graph GPU ms", "eager ms", "roofline ms",
+                                           "graphs / roof",
                                            "eager / roof", "graphs tok/s", "eager tok/s", "mean ctx", "error"], table),
                 ""]
     if "host_cost" in res:
@@ -566,6 +609,13 @@ def md_decode(run: Run, res: dict) -> list[str]:
                    f"kernels per step, {fmt(h['kernels_per_layer'], 1)} per layer ({h['layers']} layers), "
                    f"{h['launch_calls_per_step']} launch API calls; {fmt(h['host_us_per_layer'], 1)} µs per layer "
                    f"(eager B1 ms / layers)\n")
+        gpu = h.get("gpu_time") or {}
+        if gpu:
+            groups = ", ".join(f"{name} {fmt(us, 1)}" for name, us in sorted(gpu["group_us"].items(),
+                                                                          key=lambda item: -item[1]))
+            top = "; ".join(f"{name} {fmt(us, 1)}" for name, us in gpu["top_kernels_us"])
+            out.append(f"GPU time of that step by kernel group (µs, sum {fmt(gpu['total_us'], 1)}): {groups}. "
+                       f"Longest kernels (µs): {top}\n")
     return out
 
 

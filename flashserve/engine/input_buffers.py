@@ -2,11 +2,13 @@
 
 Every step writes ``input_ids``, ``positions``, ``slot_mapping``, ``cu_seqlens_q``, ``seqused_k``, ``block_table``
 and ``logits_indices`` into preallocated host arrays with a few vectorised numpy operations (the only Python loops
-walk the requests, never their tokens or blocks one by one), then copies the used prefix of each into a
-preallocated device buffer. On CUDA the host arrays are pinned and the copies ``non_blocking``: nothing is allocated
-and nothing waits for the device, and the device buffers keep their addresses from step to step (what CUDA graph
-capture needs). Before the host arrays are rewritten, the previous step's copies are waited for (an event that has
-normally completed long before). On CPU the host arrays are the device buffers.
+walk the requests, never their tokens or blocks one by one). The arrays are views of one host arena at fixed
+offsets, mirrored by one device arena, and a step uploads them with a single copy (from the arena's start to the
+last block-table row it uses): one transfer instead of one per array, which matters where each driver call costs
+tens of µs. On CUDA the host arena is pinned and the copy ``non_blocking``: nothing is allocated and nothing waits
+for the device, and the device arrays keep their addresses from step to step (what CUDA graph capture needs).
+Before the host arrays are rewritten, the previous step's copy is waited for (an event that has normally completed
+long before). On CPU the host arena is the device arena.
 
 The block table keeps a fixed width of ``max_blocks_per_seq`` columns; entries past a request's blocks are stale
 ids of earlier steps (valid block ids, never read: attention stops at ``seqused_k``).
@@ -35,22 +37,21 @@ class StepInputs:
     logits_indices: torch.Tensor
 
 
-class _Buffer:
-    """One host array (pinned on CUDA) and its device twin (the same memory on CPU)."""
+class _Field:
+    """One array of the step's inputs: a typed view of the shared host arena (numpy, for writing) and of the shared
+    device arena (torch, for the kernels), both at the same byte offset."""
 
-    __slots__ = ("host", "array", "device")
+    __slots__ = ("array", "device")
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
-        on_cuda = device.type == "cuda"
-        self.host = torch.zeros(shape, dtype=dtype, pin_memory=on_cuda)
-        self.array = self.host.numpy()
-        self.device = torch.zeros(shape, dtype=dtype, device=device) if on_cuda else self.host
+    def __init__(self, host_arena: torch.Tensor, device_arena: torch.Tensor, offset: int,
+                 shape: tuple[int, ...], dtype: torch.dtype):
+        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        self.array = host_arena[offset:offset + nbytes].view(dtype).view(shape).numpy()
+        self.device = device_arena[offset:offset + nbytes].view(dtype).view(shape)
 
-    def upload(self, rows: int) -> torch.Tensor:
-        """The first ``rows`` rows on the device (copied without waiting on CUDA)."""
-        if self.device is not self.host:
-            self.device[:rows].copy_(self.host[:rows], non_blocking=True)
-        return self.device[:rows]
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 256) * 256
 
 
 class InputBuffers:
@@ -68,14 +69,22 @@ class InputBuffers:
                  device: torch.device):
         self.block_size = block_size
         self.device = device
-        self.input_ids = _Buffer((max_num_tokens,), torch.int64, device)
-        self.positions = _Buffer((max_num_tokens,), torch.int64, device)
-        self.slot_mapping = _Buffer((max_num_tokens,), torch.int64, device)
-        self.cu_seqlens_q = _Buffer((max_num_seqs + 1,), torch.int32, device)
-        self.seqused_k = _Buffer((max_num_seqs,), torch.int32, device)
-        self.block_table = _Buffer((max_num_seqs, max_blocks_per_seq), torch.int32, device)
-        self.logits_indices = _Buffer((max_num_seqs,), torch.int64, device)
-        self._copies_done = torch.cuda.Event() if device.type == "cuda" else None
+        layout = [("cu_seqlens_q", (max_num_seqs + 1,), torch.int32), ("seqused_k", (max_num_seqs,), torch.int32),
+                  ("logits_indices", (max_num_seqs,), torch.int64), ("input_ids", (max_num_tokens,), torch.int64),
+                  ("positions", (max_num_tokens,), torch.int64), ("slot_mapping", (max_num_tokens,), torch.int64),
+                  ("block_table", (max_num_seqs, max_blocks_per_seq), torch.int32)]  # the block table last
+        offsets, size = [], 0
+        for _, shape, dtype in layout:
+            offsets.append(size)
+            size += _aligned(int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size())
+        on_cuda = device.type == "cuda"
+        self._host_arena = torch.zeros(size, dtype=torch.uint8, pin_memory=on_cuda)
+        self._device_arena = torch.zeros(size, dtype=torch.uint8, device=device) if on_cuda else self._host_arena
+        for (name, shape, dtype), offset in zip(layout, offsets):
+            setattr(self, name, _Field(self._host_arena, self._device_arena, offset, shape, dtype))
+        self._block_table_offset = offsets[-1]
+        self._block_table_row_bytes = max_blocks_per_seq * 4
+        self._copies_done = torch.cuda.Event() if on_cuda else None
 
     def prepare(self, batch: ScheduledBatch, padded_size: int | None = None) -> StepInputs:
         """Pack ``batch`` (requests before their ``num_computed_tokens`` advances) into the step's inputs.
@@ -133,21 +142,23 @@ class InputBuffers:
 
     def _upload(self, num_tokens: int, num_reqs: int, max_seqlen_q: int, max_seqlen_k: int,
                 num_logits: int) -> StepInputs:
-        """Copy the first rows of every host array to the device and describe them."""
+        """Copy the host arena up to the last used block-table row to the device in one copy, and describe the
+        used rows of every array."""
+        if self._device_arena is not self._host_arena:
+            end = self._block_table_offset + num_reqs * self._block_table_row_bytes
+            self._device_arena[:end].copy_(self._host_arena[:end], non_blocking=True)
+            self._copies_done.record()
         context = AttentionContext(
-            slot_mapping=self.slot_mapping.upload(num_tokens),
-            cu_seqlens_q=self.cu_seqlens_q.upload(num_reqs + 1),
-            seqused_k=self.seqused_k.upload(num_reqs),
-            block_table=self.block_table.upload(num_reqs),
+            slot_mapping=self.slot_mapping.device[:num_tokens],
+            cu_seqlens_q=self.cu_seqlens_q.device[:num_reqs + 1],
+            seqused_k=self.seqused_k.device[:num_reqs],
+            block_table=self.block_table.device[:num_reqs],
             max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k,
             is_decode=num_tokens == num_reqs,
         )
-        inputs = StepInputs(self.input_ids.upload(num_tokens), self.positions.upload(num_tokens), context,
-                            self.logits_indices.upload(num_logits))
-        if self._copies_done is not None:
-            self._copies_done.record()
-        return inputs
+        return StepInputs(self.input_ids.device[:num_tokens], self.positions.device[:num_tokens], context,
+                          self.logits_indices.device[:num_logits])
 
     def _wait_for_copies(self) -> None:
         """Wait until the previous step's host-to-device copies have read the host arrays."""

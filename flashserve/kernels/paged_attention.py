@@ -68,8 +68,11 @@ def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_se
         out, _ = attention_varlen(q, k_cache, v_cache, cu_seqlens_q, None, softmax_scale, True, (window_left, 0),
                                   0.0, None, block_table, seqused_k)
         return out
+    num_tokens, num_heads, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    # The LSE's row stride is the one launch argument that follows the token count: padded to a multiple of 16
+    # it always gets the same specialisation, so no token count compiles a new variant.
+    lse = torch.empty((num_heads, -(-num_tokens // 16) * 16), dtype=torch.float32, device=q.device)[:, :num_tokens]
     prefill_attention(q, k_cache, v_cache, out, lse, softmax_scale, True, (window_left, 0), 0.0, None,
                       cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                       seqused_k=seqused_k, block_table=block_table)
@@ -92,4 +95,10 @@ def decode_variant(batch: int, num_heads: int, num_heads_k: int, head_dim: int, 
                    device: torch.device) -> tuple:
     """What decides which compiled variant ``decode`` launches for this batch size (its split layout and tile
     sizes): two batch sizes with equal results need one compile between them."""
-    return launch_config(batch, 1, num_heads, num_heads_k, head_dim, capacity, 0, device)[1:]
+    _, splits, block_m, block_n, block_d, _, block_h, block_s, combine_warps = launch_config(
+        batch, 1, num_heads, num_heads_k, head_dim, capacity, 0, device)
+    # Triton specialises an integer argument on being 1 or a multiple of 16: that is all it sees of the split count
+    # and of the partial-state strides that follow from it.
+    split_ints = (splits, splits * num_heads, splits * num_heads * head_dim)
+    return (*((n == 1, n % 16 == 0) for n in split_ints), block_m, block_n, block_d, block_h, block_s,
+            combine_warps)
