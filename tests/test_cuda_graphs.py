@@ -17,7 +17,10 @@ from flashserve.engine.input_buffers import InputBuffers
 from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.request import Request
 from flashserve.engine.scheduler import ScheduledBatch
+from flashserve.kernels import paged_attention
+from flashserve.kernels.prefill_tuning import length_class
 from flashserve.models.checkpoint import write_random_checkpoint
+from hf_parity import checkpoint_with_continuations
 
 ARCHITECTURES = [("LlamaForCausalLM", {}), ("Qwen2ForCausalLM", {}), ("Qwen3ForCausalLM", {}),
                  ("MistralForCausalLM", {"sliding_window": 8})]
@@ -65,6 +68,19 @@ def test_padding_rows_read_and_write_nothing():
     assert padding.context.slot_mapping.tolist() == [-1] * 5 and padding.context.seqused_k.tolist() == [0] * 5
 
 
+@pytest.mark.parametrize("max_query, max_key", [(8192, 40960), (256, 512), (100, 128), (2, 2), (4096, 4096)])
+def test_prefill_warm_up_lengths_cover_every_variant(max_query, max_key):
+    """Every (query class, key class, head packing) a batch within the bounds can launch is warmed up."""
+    def variant(query, key):
+        return length_class(query), length_class(key), query < 64
+
+    warmed = {variant(q, k) for q, k in paged_attention.prefill_warmup_lengths(max_query, max_key)}
+    lengths = sorted({2, 3, 63, 64, 65, 511, 512, 513, 4095, 4096, 4097, 8191, 8192, 40960, max_query, max_key})
+    for query in (n for n in lengths if n <= max_query):
+        for key in (n for n in lengths if query <= n <= max_key):
+            assert variant(query, key) in warmed, (query, key)
+
+
 def test_warm_up_writes_nothing_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
     directory = write_random_checkpoint(str(tmp_path / "q"), "Qwen3ForCausalLM", seed=0)
@@ -84,20 +100,9 @@ def _prompts(vocab_size: int, count: int) -> list[list[int]]:
 @pytest.fixture(scope="module", params=ARCHITECTURES, ids=[arch for arch, _ in ARCHITECTURES])
 def checkpoint(request, tmp_path_factory):
     """(directory, prompts, Hugging Face greedy continuations) for one architecture (float32, on the CPU)."""
-    from transformers import AutoModelForCausalLM
-
     architecture, overrides = request.param
-    directory = str(tmp_path_factory.mktemp(architecture))
-    write_random_checkpoint(directory, architecture, seed=2, **overrides)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    model.generation_config.eos_token_id = None
-    prompts = _prompts(model.config.vocab_size, 9)
-    expected = []
-    with torch.no_grad():
-        for prompt in prompts:
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-            expected.append(out[0, len(prompt):].tolist())
-    return directory, prompts, expected
+    return checkpoint_with_continuations(str(tmp_path_factory.mktemp(architecture)), architecture, overrides, 2,
+                                         lambda vocab_size: _prompts(vocab_size, 9), NEW_TOKENS)
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)

@@ -12,10 +12,9 @@ whatever backend the environment selects — the Triton kernels under ``TRITON_I
 import random
 
 import pytest
-import torch
 
 from flashserve import LLM, SamplingParams
-from flashserve.models.checkpoint import write_random_checkpoint
+from hf_parity import checkpoint_with_continuations
 
 # (architecture, config overrides): Mistral also with a sliding window shorter than the prompts.
 ARCHITECTURES = [("LlamaForCausalLM", {}), ("Qwen2ForCausalLM", {}), ("Qwen3ForCausalLM", {}),
@@ -35,21 +34,9 @@ def _prompts(vocab_size: int) -> list[list[int]]:
                 ids=[arch + "".join(f"-{k}{v}" for k, v in overrides.items()) for arch, overrides in ARCHITECTURES])
 def checkpoint(request, tmp_path_factory):
     """(directory, prompts, Hugging Face greedy continuations) for one architecture."""
-    from transformers import AutoModelForCausalLM
-
     architecture, overrides = request.param
-    directory = str(tmp_path_factory.mktemp(architecture))
-    write_random_checkpoint(directory, architecture, seed=1, **overrides)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    model.generation_config.eos_token_id = None
-    prompts = _prompts(model.config.vocab_size)
-    expected = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-            expected.append(out[0, len(prompt):].tolist())
-    return directory, prompts, expected
+    return checkpoint_with_continuations(str(tmp_path_factory.mktemp(architecture)), architecture, overrides, 1,
+                                         _prompts, NEW_TOKENS)
 
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)

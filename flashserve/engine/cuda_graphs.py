@@ -48,8 +48,8 @@ class DecodeGraphs:
 
     Attributes:
         sizes: the captured sizes, ascending.
-        memory_bytes: device memory the capture took (the graphs' pool, their logits buffer and anything the
-            warm-up runs left cached), measured as the drop in free device memory.
+        memory_bytes: device memory the capture reserved (the graphs' pool and their logits buffer), measured as
+            the growth of PyTorch's reserved memory.
     """
 
     def __init__(self, model: torch.nn.Module, inputs: InputBuffers, sizes: list[int], vocab_size: int):
@@ -77,7 +77,7 @@ class DecodeGraphs:
     def capture(self, show_progress: bool = True) -> None:
         """Capture every size, largest first (smaller graphs reuse the largest one's memory)."""
         torch.cuda.synchronize(self.device)
-        free_before, _ = torch.cuda.mem_get_info(self.device)
+        reserved_before = torch.cuda.memory_reserved(self.device)
         self.logits = torch.empty((self.sizes[-1], self.vocab_size), dtype=torch.float32, device=self.device)
         pool = torch.cuda.graph_pool_handle()
         for size in tqdm(sorted(self.sizes, reverse=True), desc="Capturing CUDA graphs", unit="graph",
@@ -94,7 +94,7 @@ class DecodeGraphs:
                 set_context(None)
             self.graphs[size] = graph
         torch.cuda.synchronize(self.device)
-        self.memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
+        self.memory_bytes = torch.cuda.memory_reserved(self.device) - reserved_before
 
     def _forward(self, step_inputs, size: int) -> None:
         hidden = self.model(step_inputs.input_ids, step_inputs.positions)

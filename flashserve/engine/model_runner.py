@@ -148,7 +148,7 @@ class ModelRunner:
         graph_bytes = 0
         if graph_sizes:
             size = graph_sizes[-1]
-            graph_bytes = self._profile_step(size, size) + size * self.spec.vocab_size * 4
+            graph_bytes = self._profile_step(size, size, sample=False) + size * self.spec.vocab_size * 4
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * self.config.gpu_memory_utilization - (total - free) - activation_bytes - graph_bytes
         num_blocks = int(budget // self.block_bytes)
@@ -160,9 +160,10 @@ class ModelRunner:
                              "gpu_memory_utilization, lower max_num_batched_tokens, or pass num_kv_blocks")
         return num_blocks
 
-    def _profile_step(self, num_tokens: int, num_seqs: int) -> int:
-        """Peak bytes the forward pass (and sampling-sized logits) of ``num_seqs`` prompts totalling
-        ``num_tokens`` tokens allocates beyond what is already in use, run without a cache."""
+    def _profile_step(self, num_tokens: int, num_seqs: int, sample: bool = True) -> int:
+        """Peak bytes the forward pass of ``num_seqs`` prompts totalling ``num_tokens`` tokens (and, with
+        ``sample``, the sampler's softmax and sort of their logits) allocates beyond what is in use, without a
+        cache. A graph's pool holds no sampling: the sampler runs outside it, in memory the first pass measured."""
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -178,7 +179,8 @@ class ModelRunner:
         try:
             hidden = self.model(input_ids, positions)
             logits = self.model.compute_logits(hidden[cu_seqlens[1:].long() - 1])
-            logits.softmax(dim=-1).sort(dim=-1)
+            if sample:
+                logits.softmax(dim=-1).sort(dim=-1)
         finally:
             set_context(None)
         del hidden, logits
