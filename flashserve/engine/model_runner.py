@@ -140,8 +140,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_num_blocks(self, graph_sizes: list[int]) -> int:
-        """Run the largest step (and the largest graph's decode batch) without a cache, measure the peaks, and size
-        the pool from what is left."""
+        """Run the largest step (and the largest graph's decode batch) over a stand-in cache, measure the peaks,
+        and size the pool from what is left."""
         num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
         num_seqs = max(1, min(self.config.max_num_seqs, num_tokens))
         activation_bytes = self._profile_step(num_tokens, num_seqs)
@@ -162,20 +162,28 @@ class ModelRunner:
 
     def _profile_step(self, num_tokens: int, num_seqs: int, sample: bool = True) -> int:
         """Peak bytes the forward pass of ``num_seqs`` prompts totalling ``num_tokens`` tokens (and, with
-        ``sample``, the sampler's softmax and sort of their logits) allocates beyond what is in use, without a
-        cache. A graph's pool holds no sampling: the sampler runs outside it, in memory the first pass measured."""
+        ``sample``, the sampler's softmax and sort of their logits) allocates beyond what is in use. A graph's pool
+        holds no sampling: the sampler runs outside it, in memory the first pass measured.
+
+        The pass runs the serving kernels over a one-block stand-in cache (slot -1: nothing is written; every key
+        is read from that block), so it launches nothing that serving would not."""
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
+        spec, device = self.spec, self.device
+        stand_in = torch.zeros(1, self.block_size, spec.num_kv_heads, spec.head_dim, dtype=self.dtype, device=device)
         lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
-        cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=self.device)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
-        input_ids = torch.randint(0, self.spec.vocab_size, (num_tokens,), device=self.device)
+        cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
+        positions = torch.cat([torch.arange(n, device=device) for n in lengths])
+        input_ids = torch.randint(0, spec.vocab_size, (num_tokens,), device=device)
         set_context(AttentionContext(
-            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
             cu_seqlens_q=cu_seqlens, seqused_k=cu_seqlens[1:] - cu_seqlens[:-1],
-            block_table=torch.zeros(num_seqs, 1, dtype=torch.int32, device=self.device),
-            max_seqlen_q=max(lengths), max_seqlen_k=max(lengths), is_decode=False))
+            block_table=torch.zeros(num_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=device),
+            max_seqlen_q=max(lengths), max_seqlen_k=max(lengths), is_decode=num_tokens == num_seqs))
+        attention_layers = self.model.attention_layers()
+        for attention in attention_layers:
+            attention.k_cache = attention.v_cache = stand_in
         try:
             hidden = self.model(input_ids, positions)
             logits = self.model.compute_logits(hidden[cu_seqlens[1:].long() - 1])
@@ -183,6 +191,8 @@ class ModelRunner:
                 logits.softmax(dim=-1).sort(dim=-1)
         finally:
             set_context(None)
+            for attention in attention_layers:
+                attention.k_cache = attention.v_cache = None
         del hidden, logits
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)

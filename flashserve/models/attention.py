@@ -12,16 +12,13 @@ the metadata in one fixed layout, and the shapes of q, k and v follow from the m
 import torch
 from torch import nn
 
-from flashserve import kernels
 from flashserve.context import get_context
 from flashserve.kernels import paged_attention
 
 
 class Attention(nn.Module):
-    """Causal attention of the packed tokens of a batch, each request attending to its own cached keys/values.
-
-    Without a cache (``k_cache is None``: e.g. a profiling pass before the cache is allocated) every request must
-    be a prompt starting at position 0, and attention runs over the new keys/values alone.
+    """Causal attention of the packed tokens of a batch, each request attending to its own cached keys/values
+    (the runner assigns ``k_cache``/``v_cache`` before the first forward pass).
 
     ``sliding_window`` follows Hugging Face: with window ``w`` a query sees itself and the ``w - 1`` keys before
     it, i.e. FlashAttention's ``window_size = (w - 1, 0)``.
@@ -50,13 +47,8 @@ class Attention(nn.Module):
         q_weight = q_norm.weight if q_norm is not None else None
         k_weight = k_norm.weight if k_norm is not None else None
         eps = q_norm.eps if q_norm is not None else 0.0
-        slots = context.slot_mapping if self.k_cache is not None else None
         paged_attention.qk_norm_rope_cache(q, k, v, self.rotary.cos_sin_cache, positions, self.k_cache,
-                                           self.v_cache, slots, q_weight, k_weight, eps)
-        if self.k_cache is None:
-            return kernels.flash_attn_varlen_func(
-                q, k, v, context.cu_seqlens_q, context.cu_seqlens_q, context.max_seqlen_q, context.max_seqlen_q,
-                softmax_scale=self.softmax_scale, causal=True, window_size=(self.window_left, 0))
+                                           self.v_cache, context.slot_mapping, q_weight, k_weight, eps)
         if context.is_decode:
             return paged_attention.decode(q, self.k_cache, self.v_cache, context.seqused_k, context.block_table,
                                           self.softmax_scale, self.window_left)
