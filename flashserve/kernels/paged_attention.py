@@ -15,6 +15,7 @@ import torch
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels.decode import launch_config, launch_decode
 from flashserve.kernels.prefill import prefill_attention
+from flashserve.kernels.prefill_tuning import HEAD_PACKING_MAX_QUERY, LENGTH_CLASS_BOUNDS
 from flashserve.kernels.qk_rope_cache import launch_qk_norm_rope_cache
 from flashserve.kernels.reference import decode as reference_decode
 from flashserve.kernels.reference import layers as reference_layers
@@ -83,10 +84,11 @@ def prefill_warmup_lengths(max_seqlen_q: int, max_seqlen_k: int) -> list[tuple[i
     """(query length, key length) pairs whose ``prefill`` calls, between them, compile (and autotune) every variant
     of the prefill kernel that batches with ``2 <= max_seqlen_q <= max_seqlen_k`` can launch: one pair per
     combination of the kernel's length classes and of GQA head packing (queries shorter than 64)."""
-    query_lengths = sorted({min(n, max_seqlen_q) for n in (2, 64, 512, 4096, max_seqlen_q) if n >= 2})
+    query_bounds = (2, HEAD_PACKING_MAX_QUERY, *LENGTH_CLASS_BOUNDS, max_seqlen_q)
+    query_lengths = sorted({min(n, max_seqlen_q) for n in query_bounds if n >= 2})
     pairs = []
     for query_length in query_lengths:
-        key_lengths = {max(query_length, min(bound, max_seqlen_k)) for bound in (64, 512, 4096, max_seqlen_k)}
+        key_lengths = {max(query_length, min(bound, max_seqlen_k)) for bound in (*LENGTH_CLASS_BOUNDS, max_seqlen_k)}
         pairs += [(query_length, key_length) for key_length in sorted(key_lengths)]
     return list(dict.fromkeys(pairs))
 

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from flashserve.kernels._launch import cdiv, next_power_of_2
 from flashserve.kernels.prefill_tuning import (
+    HEAD_PACKING_MAX_QUERY,
     TUNED_CONFIGS,
     default_config,
     length_class,
@@ -301,7 +302,7 @@ def prefill_attention(q, k, v, out, lse, softmax_scale, causal, window_size, sof
     qk_scale = (2.0 * scale * LOG2E / softcap) if has_softcap else scale * LOG2E
     softcap_log2 = softcap * LOG2E if has_softcap else 0.0
     # Pack the query heads of a KV group into the tile rows when the queries alone would leave most rows empty.
-    heads_per_tile = group if (group > 1 and max_seqlen_q < 64) else 1
+    heads_per_tile = group if (group > 1 and max_seqlen_q < HEAD_PACKING_MAX_QUERY) else 1
     block_d = max(16, next_power_of_2(head_dim))
     dummy = cu_seqlens_q if cu_seqlens_q is not None else lse
     stride_ab = 0

@@ -79,7 +79,12 @@ def compute_capability_major(device_index: int) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
+LENGTH_CLASS_BOUNDS = (64, 512, 4096)
+# Queries shorter than this pack the query heads of a KV group into the tile rows (see ``prefill.py``).
+HEAD_PACKING_MAX_QUERY = 64
+
+
 def length_class(n: int) -> int:
     """Coarse class of a sequence length (<= 64, <= 512, <= 4096, longer): the autotuner runs once per class,
     not once per length."""
-    return sum(n > bound for bound in (64, 512, 4096))
+    return sum(n > bound for bound in LENGTH_CLASS_BOUNDS)
