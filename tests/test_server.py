@@ -31,10 +31,10 @@ def model_dir(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def _running_server(model_dir: str, engine_options: dict):
+def _running_server(model_dir: str, engine_options: dict, api_key: str | None = None):
     """Serve ``model_dir`` from a thread on an ephemeral port of 127.0.0.1; yields (base URL, driver)."""
     driver = EngineDriver(LLMEngine(Config(model=model_dir, **engine_options)))
-    uvicorn_server = uvicorn.Server(uvicorn.Config(build_app(driver, MODEL_NAME), log_level="warning"))
+    uvicorn_server = uvicorn.Server(uvicorn.Config(build_app(driver, MODEL_NAME, api_key), log_level="warning"))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -240,14 +240,92 @@ def test_concurrent_requests(server, reference):
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
     ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "messages"),
+    # Fields the server does not implement, or misspells of real ones: refused, never ignored.
+    ("/v1/completions", {"echo": True}, "echo"),
+    ("/v1/completions", {"suffix": "x"}, "suffix"),
+    ("/v1/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
+    ("/v1/completions", {"best_of": 2}, "best_of"),
+    ("/v1/completions", {"temprature": 0}, "temprature"),
+    ("/v1/completions", {"stream_options": {"include_usage": True, "extra": 1}}, "stream_options"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"tools": []}, "tools"),
+    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+    # Text JSON allows and no tokenizer accepts.
+    ("/v1/completions", {"prompt": "x\ud800y"}, "prompt"),
+    ("/v1/completions", {"prompt": ["fine", "x\udfffy"]}, "prompt"),
+    ("/v1/completions", {"stop": ["\ud800"]}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud83d"}]}, "messages"),
+    # No room for max_tokens within max_model_len (128): a 400, not a shortened answer.
+    ("/v1/completions", {"prompt": [7] * 100, "max_tokens": 29}, "max_tokens"),
+    ("/v1/chat/completions", {"max_completion_tokens": 200}, "max_completion_tokens"),
 ])
 def test_bad_fields_are_400_naming_the_field(client, server, path, fields, param):
     base = {"prompt": "Hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]}
-    response = client.post(path, json=dict(base, **fields))
+    body = json.dumps(dict(base, **fields))  # ASCII JSON: lone surrogates travel as \ud800 escapes
+    response = client.post(path, content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
     _wait_idle(server[1])
+
+
+def test_room_for_max_tokens_and_user_are_accepted(client):
+    body = {"prompt": [7] * 100, "max_tokens": 28, "ignore_eos": True, "user": "someone"}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 28
+
+
+def test_lone_surrogate_keeps_the_connection_usable(client):
+    raw = b'{"prompt": "x\\ud800y", "max_tokens": 2}'
+    response = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_non_json_bodies_are_415(client):
+    response = client.post("/v1/completions", content=b"prompt=Hi", headers={"content-type": "text/plain"})
+    assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
+    response = client.post("/v1/chat/completions", content=b"{}")
+    assert response.status_code == 415
+    response = client.post("/v1/completions", content=b'{"prompt": "Hi", "max_tokens": 2}',
+                           headers={"content-type": "application/json; charset=utf-8"})
+    assert response.status_code == 200
+
+
+def test_info_routes(client):
+    assert client.head("/health").status_code == 200
+    assert client.get("/version").json()["version"]
+    assert client.get(f"/v1/models/{MODEL_NAME}").json()["id"] == MODEL_NAME
+    missing = client.get("/v1/models/other")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    tokens = client.post("/tokenize", json={"prompt": "Hello, my name is"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] == 128
+    assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"] == "Hello, my name is"
+    chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["count"] > 2
+    for bad, param in (({}, "prompt"), ({"prompt": "a", "messages": []}, "prompt"), ({"tokens": [-1]}, "tokens")):
+        route = "/detokenize" if "tokens" in bad else "/tokenize"
+        response = client.post(route, json=bad)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_openapi_documents_the_real_statuses(client):
+    schema = client.get("/openapi.json").json()
+    responses = schema["paths"]["/v1/completions"]["post"]["responses"]
+    assert "422" not in responses and {"200", "400", "415"} <= set(responses)
+
+
+def test_api_key(model_dir, monkeypatch):
+    monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    with _running_server(model_dir, ENGINE_OPTIONS, api_key="s3cret") as (base_url, _), \
+            httpx.Client(base_url=base_url, timeout=30) as http:
+        body = {"prompt": "Hi", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            response = http.post("/v1/completions", json=body, headers=headers)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert http.get("/v1/models").status_code == 401
+        assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert http.get("/health").status_code == 200
 
 
 def test_unknown_model_and_invalid_json(client):

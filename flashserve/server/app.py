@@ -1,9 +1,13 @@
-"""The FastAPI app: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
+"""The FastAPI app: ``GET|HEAD /health``, ``GET /version``, ``GET /v1/models``, ``GET /v1/models/{id}``,
+``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /tokenize``, ``POST /detokenize``.
 
 Generation endpoints answer with one JSON body, or with ``stream: true`` with server-sent events: one
-``data: {chunk}`` per engine step that brought something new, then ``data: [DONE]``. Invalid requests get an HTTP
-400 with OpenAI's error body naming the field in ``param`` (an unknown model name: 404, code "model_not_found").
-A client that disconnects has its requests aborted in the engine, streaming or not.
+``data: {chunk}`` per engine step that brought something new, then ``data: [DONE]``. Every error has OpenAI's body
+``{"error": {"message", "type", "param", "code"}}``: an invalid or unsupported field, or a prompt plus
+``max_tokens`` beyond ``max_model_len``, is a 400 naming the field in ``param``; an unknown model a 404 (code
+"model_not_found"); a body that is not ``application/json`` a 415; with an API key, a ``/v1/*`` request without
+``Authorization: Bearer KEY`` a 401. /openapi.json documents these statuses. A client that disconnects has its
+requests aborted in the engine, streaming or not.
 """
 import asyncio
 import json
@@ -11,23 +15,75 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+import hmac
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
 
+from flashserve import __version__
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.server.driver import EngineDriver, PromptItem, RequestStream
 from flashserve.server.prompts import chat_messages, chat_prompt_builder, completion_prompts
-from flashserve.server.protocol import (ChatCompletionRequest, CompletionRequest, InvalidRequestError,
-                                        error_body)
+from flashserve.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, InvalidRequestError,
+                                        check_text, error_body)
 from flashserve.server.responses import ChatFormat, Choice, CompletionFormat
 
 
-def build_app(driver: EngineDriver, served_model_name: str) -> FastAPI:
-    """The app serving ``driver``'s engine under the model name ``served_model_name``."""
-    app = FastAPI(title="flashserve", description="OpenAI-compatible API of a flashserve engine")
+ERROR_RESPONSES = {
+    400: "invalid or unsupported field (OpenAI error body, `param` names the field)",
+    401: "missing or wrong API key (only when the server runs with one)",
+    404: "unknown model",
+    415: "the body is not application/json",
+}
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize``: a text prompt, or chat ``messages`` rendered with the chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize``: token ids back to text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None = None) -> FastAPI:
+    """The app serving ``driver``'s engine under the model name ``served_model_name``; with ``api_key`` every
+    ``/v1/*`` route requires ``Authorization: Bearer <api_key>``."""
+    app = FastAPI(title="flashserve", description="OpenAI-compatible API of a flashserve engine",
+                  version=__version__)
     created = int(time.time())
     max_model_len = driver.engine.max_model_len
+    model_card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "flashserve",
+                  "max_model_len": max_model_len}
+
+    @app.middleware("http")
+    async def check_key_and_content_type(request: Request, call_next):
+        if api_key is not None and request.url.path.startswith("/v1/"):
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
+                return JSONResponse(error_body("invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                               code="invalid_api_key", error_type="authentication_error"),
+                                    status_code=401)
+        if request.method == "POST":
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type != "application/json":
+                return JSONResponse(error_body(f"the body must be application/json, got {content_type or 'none'!r}",
+                                               code="unsupported_media_type"), status_code=415)
+        return await call_next(request)
 
     @app.exception_handler(InvalidRequestError)
     async def invalid_request(request: Request, error: InvalidRequestError) -> JSONResponse:
@@ -40,17 +96,55 @@ def build_app(driver: EngineDriver, served_model_name: str) -> FastAPI:
             return JSONResponse(error_body(f"the body is not valid JSON: {first.get('msg')}"), status_code=400)
         location = [str(part) for part in first.get("loc", ())[1:]]
         param = location[0] if location else None
-        message = f"invalid {'.'.join(location)}: {first.get('msg')}" if location else first.get("msg")
+        if first.get("type") == "extra_forbidden":
+            message = f"{'.'.join(location)} is not supported by this server"
+        else:
+            message = f"invalid {'.'.join(location)}: {first.get('msg')}" if location else first.get("msg")
         return JSONResponse(error_body(message, param), status_code=400)
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
 
+    app.add_api_route("/health", health, methods=["HEAD"], operation_id="health_head")
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": created,
-                                            "owned_by": "flashserve", "max_model_len": max_model_len}]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        check_model(model_id)
+        return model_card
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise InvalidRequestError("give exactly one of prompt and messages", "prompt")
+        if body.prompt is not None:
+            check_text(body.prompt, "prompt")
+            build = lambda engine: engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            build = lambda engine: chat_prompt_builder(chat_messages(body.messages))(engine)[0][1]
+        try:
+            tokens = await driver.run(build)
+        except ValueError as error:
+            raise InvalidRequestError(str(error), "messages") from None
+        return {"count": len(tokens), "max_model_len": max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        check_model(body.model)
+        vocab_size = driver.engine.vocab_size
+        for token in body.tokens:
+            if not 0 <= token < vocab_size:
+                raise InvalidRequestError(f"token id {token} is outside the vocabulary [0, {vocab_size})", "tokens")
+        return {"prompt": await driver.run(lambda engine: engine.tokenizer.decode(body.tokens))}
 
     def check_model(model: str | None) -> None:
         if model is not None and model != served_model_name:
@@ -63,7 +157,7 @@ def build_app(driver: EngineDriver, served_model_name: str) -> FastAPI:
         params = body.sampling_params()
         prompts = completion_prompts(body.prompt)
         response_id = f"cmpl-{uuid.uuid4().hex}"
-        stream = await _add(driver, response_id, lambda engine: prompts, params, "prompt")
+        stream = await _add(driver, response_id, lambda engine: prompts, params, "prompt", "max_tokens")
         fmt = CompletionFormat(response_id, int(time.time()), served_model_name, params.logprobs,
                                body.include_usage)
         return await _respond(stream, fmt, body.stream, request)
@@ -74,18 +168,54 @@ def build_app(driver: EngineDriver, served_model_name: str) -> FastAPI:
         params = body.sampling_params()
         messages = chat_messages(body.messages)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await _add(driver, response_id, chat_prompt_builder(messages), params, "messages")
+        max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        stream = await _add(driver, response_id, chat_prompt_builder(messages), params, "messages", max_tokens_field)
         fmt = ChatFormat(response_id, int(time.time()), served_model_name, params.logprobs, body.include_usage)
         return await _respond(stream, fmt, body.stream, request)
 
+    def openapi() -> dict:
+        """The schema with the statuses the server answers (400, not FastAPI's default 422, for a bad body)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    responses = operation.setdefault("responses", {})
+                    responses.pop("422", None)
+                    for status, description in ERROR_RESPONSES.items():
+                        responses[str(status)] = {"description": description}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
 async def _add(driver: EngineDriver, response_id: str, build_prompts: Callable[[LLMEngine], list[PromptItem]],
-               params, param: str) -> RequestStream:
-    """``driver.add``; a ValueError (a prompt the engine refuses) becomes an ``InvalidRequestError`` on ``param``."""
+               params, param: str, max_tokens_field: str) -> RequestStream:
+    """``driver.add`` of the prompts, tokenized, after checking that each prompt leaves room for ``max_tokens``
+    (one token when it is None) within ``max_model_len`` — as vLLM, a 400 on ``max_tokens_field`` (on ``param`` when
+    the prompt alone is too long), not a silently shortened answer; any other ValueError (a prompt the engine
+    refuses) becomes an ``InvalidRequestError`` on ``param``."""
+    def tokenized(engine: LLMEngine) -> list[PromptItem]:
+        items = []
+        for text, token_ids in build_prompts(engine):
+            if token_ids is None:
+                token_ids = engine.tokenizer.encode(text)
+            wanted = len(token_ids) + (params.max_tokens or 1)
+            if wanted > engine.max_model_len:
+                at_fault = param if len(token_ids) + 1 > engine.max_model_len else max_tokens_field
+                raise InvalidRequestError(
+                    f"this model's maximum context length is {engine.max_model_len} tokens, but the request asks "
+                    f"for {wanted} ({len(token_ids)} in the prompt, {wanted - len(token_ids)} to generate): "
+                    f"shorten the prompt or lower {max_tokens_field}", at_fault)
+            items.append((text, token_ids))
+        return items
+
     try:
-        return await driver.add(response_id, build_prompts, params)
+        return await driver.add(response_id, tokenized, params)
+    except InvalidRequestError:
+        raise
     except ValueError as error:
         raise InvalidRequestError(str(error), param) from None
 

@@ -9,17 +9,21 @@ import jinja2
 
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.server.driver import PromptItem
-from flashserve.server.protocol import ChatMessage, InvalidRequestError
+from flashserve.server.protocol import ChatMessage, InvalidRequestError, check_text
 
 
 def completion_prompts(prompt: str | list[int] | list[str | list[int]]) -> list[PromptItem]:
     """A completions ``prompt`` -> items: a string or one token-id list is one prompt, a list of either a batch.
 
-    Raises ``InvalidRequestError`` (param "prompt") for an empty list; empty strings and empty token lists are left
-    to the engine, which rejects them.
+    Raises ``InvalidRequestError`` (param "prompt") for an empty list or text that is not valid Unicode (a lone
+    surrogate); empty strings and empty token lists are left to the engine, which rejects them.
     """
     if isinstance(prompt, str):
+        check_text(prompt, "prompt")
         return [(prompt, None)]
+    for item in prompt:
+        if isinstance(item, str):
+            check_text(item, "prompt")
     if not prompt:
         raise InvalidRequestError("prompt must not be an empty list", "prompt")
     if all(isinstance(token, int) for token in prompt):
@@ -30,7 +34,8 @@ def completion_prompts(prompt: str | list[int] | list[str | list[int]]) -> list[
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
     """Messages -> the dicts a chat template takes; list content is joined text (only "text" parts allowed).
 
-    Raises ``InvalidRequestError`` (param "messages") for no messages or a non-text content part.
+    Raises ``InvalidRequestError`` (param "messages") for no messages, a non-text content part, or text that is
+    not valid Unicode (a lone surrogate).
     """
     if not messages:
         raise InvalidRequestError("messages must not be empty", "messages")
@@ -43,6 +48,9 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
                     raise InvalidRequestError(f"messages[{index}].content: only text parts are supported, got a "
                                               f"{part.type!r} part", "messages")
             content = "\n".join(part.text for part in content)
+        for value in (content, message.role):
+            if isinstance(value, str):
+                check_text(value, "messages")
         result.append(dict(message.model_dump(exclude_none=True), content=content or ""))
     return result
 

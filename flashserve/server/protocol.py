@@ -2,8 +2,11 @@
 
 Field names and defaults follow OpenAI's API, plus vLLM's extra sampling fields (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``,
-``skip_special_tokens``). Unknown fields are ignored, as vLLM does. Invalid values raise ``InvalidRequestError``
-naming the field, which the app turns into an HTTP 400 with an OpenAI-style error body.
+``skip_special_tokens``). A field the server does not implement (``suffix``, ``echo``, ``logit_bias``,
+``response_format``, ``tools``, a misspelt name, ...) is refused, never ignored: the body models forbid extra fields
+and the app answers 400 naming it. ``user`` (an end-user identifier that changes no output) is accepted. Invalid
+values raise ``InvalidRequestError`` naming the field, which the app turns into an HTTP 400 with an OpenAI-style
+error body.
 """
 from pydantic import BaseModel, ConfigDict
 
@@ -31,8 +34,20 @@ def error_body(message: str, param: str | None = None, code: str | None = None,
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+def check_text(text: str, param: str) -> None:
+    """``InvalidRequestError`` on ``param`` when ``text`` cannot be encoded as UTF-8 (a lone UTF-16 surrogate such
+    as ``"\\ud800"``, which JSON allows and no tokenizer accepts)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequestError(f"{param} is not valid Unicode text: {error.reason} at position {error.start}",
+                                  param) from None
+
+
 class StreamOptions(BaseModel):
     """``stream_options``: ``include_usage`` adds a last chunk with the token counts (and ``usage: null`` before)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
 
@@ -40,9 +55,10 @@ class StreamOptions(BaseModel):
 class _GenerationRequest(BaseModel):
     """The fields both endpoints share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
+    user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -71,6 +87,8 @@ class _GenerationRequest(BaseModel):
         """Build the SamplingParams; ``*_field`` name the request fields those values came from (for errors)."""
         if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
             raise InvalidRequestError(f"seed must be in [-2**63, 2**64), got {self.seed}", "seed")
+        for stop in [self.stop] if isinstance(self.stop, str) else self.stop or []:
+            check_text(stop, "stop")
         if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
             raise InvalidRequestError(f"{logprobs_field} must be in [0, {MAX_LOGPROBS}], got {logprobs}",
                                       logprobs_field)
@@ -106,7 +124,7 @@ class CompletionRequest(_GenerationRequest):
 class TextPart(BaseModel):
     """One part of a message's content given as a list; only text parts are supported."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     type: str
     text: str | None = None
