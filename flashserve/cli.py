@@ -6,6 +6,7 @@ Without ``--model`` it runs the built-in demo model: a small Llama-architecture 
 pass ``--model DIR`` (a local Hugging Face checkpoint directory) for real text.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -47,6 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-cudagraph-capture-size", type=int, default=None,
                           help="largest decode batch captured in a CUDA graph (default min(2 * max_num_seqs, 512))")
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible API (completions, chat completions)")
+    serve.add_argument("model_dir", nargs="?", metavar="MODEL", help="local checkpoint directory (as --model)")
     serve.add_argument("--model", help="local checkpoint directory (default: the built-in random demo model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -57,6 +59,18 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, kind, help_text in SERVE_ENGINE_OPTIONS:
         serve.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
     serve.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                       help="reuse the KV cache of shared prompt prefixes (default on)")
+    serve.add_argument("--seed", type=int, default=0, help="seed of requests without their own (default 0)")
+    serve.add_argument("--chat-template", default=None, metavar="FILE",
+                       help="a Jinja chat template file replacing the tokenizer's")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
+                       "(default: $FLASHSERVE_API_KEY, else no key)")
+    serve.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                       help="comma-separated origins allowed by CORS, or '*' (default: CORS off)")
+    serve.add_argument("--uvicorn-log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"],
+                       help="uvicorn's log level (default info)")
     return parser
 
 
@@ -103,13 +117,22 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from flashserve.server.launch import serve
+    from flashserve.server.launch import ServerOptions, serve
 
-    model = _model_or_demo(args.model)
+    if args.model_dir is not None and args.model is not None and args.model_dir != args.model:
+        print(f"flashserve serve: error: two models given: {args.model_dir!r} and --model {args.model!r}",
+              file=sys.stderr)
+        return 2
     options = {name: getattr(args, name) for name, _, _ in SERVE_ENGINE_OPTIONS if getattr(args, name) is not None}
-    options["enforce_eager"] = args.enforce_eager
+    server = ServerOptions(host=args.host, port=args.port, served_model_name=args.served_model_name,
+                           api_key=args.api_key or os.environ.get("FLASHSERVE_API_KEY") or None,
+                           allowed_origins=args.allowed_origins, chat_template=args.chat_template,
+                           uvicorn_log_level=args.uvicorn_log_level)
     try:
-        serve(model, args.host, args.port, args.served_model_name, dtype=args.dtype, device=args.device, **options)
+        server.check()  # a bad port or template fails before the model loads
+        model = _model_or_demo(args.model_dir or args.model)
+        serve(model, server, dtype=args.dtype, device=args.device, enforce_eager=args.enforce_eager,
+              enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, **options)
     except ValueError as error:
         print(f"flashserve serve: error: {error}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from flashserve.config import Config
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.models.checkpoint import write_random_checkpoint
 from flashserve.server import EngineDriver, build_app
+from flashserve.server.launch import ServerOptions, startup_line
 
 MODEL_NAME = "tiny-llama"
 ENGINE_OPTIONS = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=96, max_model_len=128)
@@ -31,10 +32,12 @@ def model_dir(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def _running_server(model_dir: str, engine_options: dict, api_key: str | None = None):
+def _running_server(model_dir: str, engine_options: dict, api_key: str | None = None,
+                    allowed_origins: list[str] | None = None):
     """Serve ``model_dir`` from a thread on an ephemeral port of 127.0.0.1; yields (base URL, driver)."""
     driver = EngineDriver(LLMEngine(Config(model=model_dir, **engine_options)))
-    uvicorn_server = uvicorn.Server(uvicorn.Config(build_app(driver, MODEL_NAME, api_key), log_level="warning"))
+    app = build_app(driver, MODEL_NAME, api_key, allowed_origins)
+    uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -313,12 +316,19 @@ def test_openapi_documents_the_real_statuses(client):
     schema = client.get("/openapi.json").json()
     responses = schema["paths"]["/v1/completions"]["post"]["responses"]
     assert "422" not in responses and {"200", "400", "415"} <= set(responses)
+    assert "access-control-allow-origin" not in client.get("/health", headers={"Origin": "http://x"}).headers
 
 
-def test_api_key(model_dir, monkeypatch):
+def test_api_key_and_cors(model_dir, monkeypatch):
     monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
-    with _running_server(model_dir, ENGINE_OPTIONS, api_key="s3cret") as (base_url, _), \
+    origin = "http://app.example"
+    with _running_server(model_dir, ENGINE_OPTIONS, "s3cret", [origin]) as (base_url, _), \
             httpx.Client(base_url=base_url, timeout=30) as http:
+        preflight = http.options("/v1/completions", headers={"Origin": origin,
+                                                              "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
+        response = http.get("/health", headers={"Origin": origin})
+        assert response.headers["access-control-allow-origin"] == origin
         body = {"prompt": "Hi", "max_tokens": 2}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
             response = http.post("/v1/completions", json=body, headers=headers)
@@ -364,8 +374,34 @@ def test_disconnected_clients_abort_their_requests(server):
 
 
 def test_serve_command_reports_a_bad_model_directory(tmp_path, capsys):
-    assert main(["serve", "--model", str(tmp_path), "--device", "cpu"]) == 2
+    assert main(["serve", "--model", str(tmp_path), "--device", "cpu", "--port", "0"]) == 2
     assert "config.json" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--model", "other", "--port", "0"]) == 2
+    assert "two models" in capsys.readouterr().err
+
+
+def test_serve_command_checks_port_and_template_before_loading(tmp_path, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr("flashserve.server.launch.LLMEngine", no_loading)
+    monkeypatch.setattr("flashserve.cli._model_or_demo", no_loading)
+    assert main(["serve", str(tmp_path), "--port", "70000"]) == 2
+    assert "port" in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        assert main(["serve", str(tmp_path), "--port", str(taken.getsockname()[1])]) == 2
+        assert "cannot listen" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--port", "0", "--chat-template", str(tmp_path / "none.jinja")]) == 2
+    assert "chat template" in capsys.readouterr().err
+
+
+def test_startup_line_says_what_is_served(model_dir, monkeypatch):
+    monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    engine = LLMEngine(Config(model=model_dir, **ENGINE_OPTIONS))
+    line = startup_line(engine, MODEL_NAME, ServerOptions(port=1234, api_key="k"))
+    for part in ("'tiny-llama'", "LlamaForCausalLM", "float32", "cpu", "max_model_len 128", "96 blocks = 384 tokens",
+                 "no CUDA graphs", "API key required", "http://127.0.0.1:1234"):
+        assert part in line
 
 
 @pytest.mark.gpu

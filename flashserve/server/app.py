@@ -19,6 +19,7 @@ import hmac
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
@@ -60,9 +61,11 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None = None,
+              allowed_origins: list[str] | None = None) -> FastAPI:
     """The app serving ``driver``'s engine under the model name ``served_model_name``; with ``api_key`` every
-    ``/v1/*`` route requires ``Authorization: Bearer <api_key>``."""
+    ``/v1/*`` route requires ``Authorization: Bearer <api_key>``; ``allowed_origins`` (``["*"]`` for any) turns
+    CORS on for those origins."""
     app = FastAPI(title="flashserve", description="OpenAI-compatible API of a flashserve engine",
                   version=__version__)
     created = int(time.time())
@@ -84,6 +87,9 @@ def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None 
                 return JSONResponse(error_body(f"the body must be application/json, got {content_type or 'none'!r}",
                                                code="unsupported_media_type"), status_code=415)
         return await call_next(request)
+
+    if allowed_origins is not None:  # added last, so it runs first: preflight requests need no key
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
 
     @app.exception_handler(InvalidRequestError)
     async def invalid_request(request: Request, error: InvalidRequestError) -> JSONResponse:
