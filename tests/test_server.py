@@ -373,6 +373,51 @@ def test_disconnected_clients_abort_their_requests(server):
     assert 1 <= streamed < 120 and _generated_tokens(driver) - before - streamed < 120
 
 
+def _metrics(client) -> dict[str, float]:
+    """``/metrics`` as {sample name with labels: value} (comments dropped)."""
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_after_a_burst_with_disconnects(server, client):
+    base_url, driver = server
+    _wait_idle(driver)
+    before = _metrics(client)
+    label = f'{{model_name="{MODEL_NAME}"}}'
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+            async def one(index):
+                body = {"prompt": PROMPTS[index % 3], "max_tokens": 40, "ignore_eos": True, "stream": True}
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if index % 3 == 0 and line.startswith("data: {"):
+                            return  # a third of the clients go away after their first chunk
+            await asyncio.gather(*(one(index) for index in range(9)))
+
+    asyncio.run(burst())
+    _wait_idle(driver)
+    after = _metrics(client)
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert after[f"flashserve:{gauge}{label}"] == 0.0
+    gained = lambda name: after.get(name, 0.0) - before.get(name, 0.0)
+    assert gained(f"flashserve:generation_tokens_total{label}") >= 6 * 40
+    assert gained(f"flashserve:prompt_tokens_total{label}") > 0
+    success = f'flashserve:request_success_total{{finished_reason="%s",model_name="{MODEL_NAME}"}}'
+    assert gained(success % "length") == 6 and gained(success % "abort") == 3
+    assert gained(f"flashserve:time_to_first_token_seconds_count{label}") == 9
+    assert gained(f"flashserve:e2e_request_latency_seconds_count{label}") == 6
+    assert gained(f"flashserve:inter_token_latency_seconds_count{label}") >= 6 * 39
+    for name in ("num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total"):
+        assert f"flashserve:{name}{label}" in after
+
+
 def test_serve_command_reports_a_bad_model_directory(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path), "--device", "cpu", "--port", "0"]) == 2
     assert "config.json" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""The FastAPI app: ``GET|HEAD /health``, ``GET /version``, ``GET /v1/models``, ``GET /v1/models/{id}``,
-``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /tokenize``, ``POST /detokenize``.
+"""The FastAPI app: ``GET|HEAD /health``, ``GET /metrics`` (Prometheus, see ``metrics``), ``GET /version``,
+``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``POST /tokenize``, ``POST /detokenize``.
 
 Generation endpoints answer with one JSON body, or with ``stream: true`` with server-sent events: one
 ``data: {chunk}`` per engine step that brought something new, then ``data: [DONE]``. Every error has OpenAI's body
@@ -21,12 +22,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict
 
 from flashserve import __version__
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.server.driver import EngineDriver, PromptItem, RequestStream
+from flashserve.server.metrics import ServerMetrics
 from flashserve.server.prompts import chat_messages, chat_prompt_builder, completion_prompts
 from flashserve.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, InvalidRequestError,
                                         check_text, error_body)
@@ -68,6 +71,7 @@ def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None 
     CORS on for those origins."""
     app = FastAPI(title="flashserve", description="OpenAI-compatible API of a flashserve engine",
                   version=__version__)
+    metrics = driver.metrics = ServerMetrics(served_model_name)
     created = int(time.time())
     max_model_len = driver.engine.max_model_len
     model_card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "flashserve",
@@ -113,6 +117,10 @@ def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None 
         return {"status": "ok"}
 
     app.add_api_route("/health", health, methods=["HEAD"], operation_id="health_head")
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(await driver.run(metrics.render), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/version")
     async def version() -> dict:

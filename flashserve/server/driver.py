@@ -73,10 +73,15 @@ class EngineDriver:
     Args:
         engine: the engine to drive; from now on only the driver's thread may call it (``run``/``submit`` reach
             it there; reading constants such as ``engine.max_model_len`` from elsewhere is fine).
+
+    Attributes:
+        metrics: a ``ServerMetrics`` told, in the engine thread, of every request added, output handed over and
+            request aborted (None: no metrics).
     """
 
     def __init__(self, engine: LLMEngine):
         self.engine = engine
+        self.metrics = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._routes: dict[str, tuple[RequestStream, int]] = {}
         self._closed = False
@@ -131,6 +136,8 @@ class EngineDriver:
                     raise ValueError(f"prompt[{index}]: {error}" if len(prompts) > 1 else str(error)) from None
             for index, engine_id in enumerate(ids):
                 self._routes[engine_id] = (stream, index)
+            if self.metrics is not None:
+                self.metrics.on_added(ids)
             return stream
 
         return await self.run(add_all)
@@ -139,8 +146,7 @@ class EngineDriver:
         """Queue the abort of ``request_ids`` (ignored once the driver is closed: the engine is gone then)."""
         def abort(engine: LLMEngine) -> None:
             engine.abort_request(request_ids)
-            for request_id in request_ids:
-                self._routes.pop(request_id, None)
+            self._forget(request_ids)
 
         try:
             self.submit(abort)
@@ -190,6 +196,8 @@ class EngineDriver:
         except Exception as error:  # a failing step must not leave clients waiting forever
             self._fail_all(RuntimeError(f"the engine failed: {error!r}"))
             return
+        if self.metrics is not None:
+            self.metrics.on_outputs(outputs)
         batches: dict[RequestStream, list] = {}
         for output in outputs:
             route = self._routes.get(output.request_id)
@@ -206,7 +214,7 @@ class EngineDriver:
         """Abort every routed request and raise ``error`` in each waiting stream."""
         streams = {stream for stream, _ in self._routes.values()}
         self.engine.abort_request(list(self._routes))
-        self._routes.clear()
+        self._forget(list(self._routes))
         for stream in streams:
             self._send(stream, [error])
 
@@ -216,5 +224,11 @@ class EngineDriver:
             stream._loop.call_soon_threadsafe(stream._deliver, items)
         except RuntimeError:
             self.engine.abort_request(stream.request_ids)
-            for request_id in stream.request_ids:
-                self._routes.pop(request_id, None)
+            self._forget(stream.request_ids)
+
+    def _forget(self, request_ids: list[str]) -> None:
+        """Engine thread: drop the routes of aborted requests (and count the unfinished ones as aborted)."""
+        for request_id in request_ids:
+            self._routes.pop(request_id, None)
+        if self.metrics is not None:
+            self.metrics.on_aborted(request_ids)
