@@ -68,6 +68,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        "(default: $FLASHSERVE_API_KEY, else no key)")
     serve.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
                        help="comma-separated origins allowed by CORS, or '*' (default: CORS off)")
+    serve.add_argument("--max-prompt-bytes", type=int, default=4 << 20,
+                       help="the largest request body accepted, 413 above it (default 4 MiB)")
     serve.add_argument("--uvicorn-log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug", "trace"],
                        help="uvicorn's log level (default info)")
@@ -127,7 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
     server = ServerOptions(host=args.host, port=args.port, served_model_name=args.served_model_name,
                            api_key=args.api_key or os.environ.get("FLASHSERVE_API_KEY") or None,
                            allowed_origins=args.allowed_origins, chat_template=args.chat_template,
-                           uvicorn_log_level=args.uvicorn_log_level)
+                           uvicorn_log_level=args.uvicorn_log_level, max_prompt_bytes=args.max_prompt_bytes)
     try:
         server.check()  # a bad port or template fails before the model loads
         model = _model_or_demo(args.model_dir or args.model)

@@ -338,6 +338,47 @@ def test_api_key_and_cors(model_dir, monkeypatch):
         assert http.get("/health").status_code == 200
 
 
+def test_oversized_bodies_are_413(client):
+    response = client.post("/v1/completions", json={"prompt": "x" * (5 << 20)})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_long_prompts_do_not_stall_running_streams(server):
+    """A 3 MB prompt is tokenized (for seconds) in the tokenizer thread while a running stream keeps receiving
+    tokens; it is then refused (longer than max_model_len)."""
+    base_url, driver = server
+    _wait_idle(driver)
+    huge = " ".join(f"word{index}" for index in range(300_000))
+
+    async def run():
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+            chunk_times = []
+
+            async def stream():
+                body = {"prompt": "Hi", "max_tokens": 120, "ignore_eos": True, "stream": True}
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {"):
+                            chunk_times.append(time.perf_counter())
+                            if len(chunk_times) == 5:
+                                started.set()
+
+            async def flood():
+                await started.wait()
+                sent = time.perf_counter()
+                response = await http.post("/v1/completions", json={"prompt": huge, "max_tokens": 4})
+                return sent, time.perf_counter(), response
+
+            started = asyncio.Event()
+            _, (sent, answered, response) = await asyncio.gather(stream(), flood())
+            return chunk_times, sent, answered, response
+
+    chunk_times, sent, answered, response = asyncio.run(run())
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    assert sum(sent < t < answered for t in chunk_times) >= 3
+    _wait_idle(driver)
+
+
 def test_unknown_model_and_invalid_json(client):
     response = client.post("/v1/completions", json={"model": "other", "prompt": "Hi"})
     assert response.status_code == 404 and response.json()["error"]["param"] == "model"

@@ -27,19 +27,21 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict
 
 from flashserve import __version__
-from flashserve.engine.llm_engine import LLMEngine
 from flashserve.server.driver import EngineDriver, PromptItem, RequestStream
 from flashserve.server.metrics import ServerMetrics
+from flashserve.server.tokenization import ServerTokenizer
 from flashserve.server.prompts import chat_messages, chat_prompt_builder, completion_prompts
 from flashserve.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, InvalidRequestError,
                                         check_text, error_body)
 from flashserve.server.responses import ChatFormat, Choice, CompletionFormat
 
 
+DEFAULT_MAX_PROMPT_BYTES = 4 << 20
 ERROR_RESPONSES = {
     400: "invalid or unsupported field (OpenAI error body, `param` names the field)",
     401: "missing or wrong API key (only when the server runs with one)",
     404: "unknown model",
+    413: "the body is larger than --max-prompt-bytes",
     415: "the body is not application/json",
 }
 
@@ -65,13 +67,21 @@ class DetokenizeRequest(BaseModel):
 
 
 def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None = None,
-              allowed_origins: list[str] | None = None) -> FastAPI:
-    """The app serving ``driver``'s engine under the model name ``served_model_name``; with ``api_key`` every
-    ``/v1/*`` route requires ``Authorization: Bearer <api_key>``; ``allowed_origins`` (``["*"]`` for any) turns
-    CORS on for those origins."""
+              allowed_origins: list[str] | None = None, chat_template: str | None = None,
+              max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES) -> FastAPI:
+    """The app serving ``driver``'s engine under the model name ``served_model_name``.
+
+    Args:
+        api_key: when set, every ``/v1/*`` route requires ``Authorization: Bearer <api_key>``.
+        allowed_origins: origins CORS allows (``["*"]`` for any); None leaves CORS off.
+        chat_template: a Jinja chat template replacing the tokenizer's.
+        max_prompt_bytes: the largest request body (413 above it).
+    """
     app = FastAPI(title="flashserve", description="OpenAI-compatible API of a flashserve engine",
                   version=__version__)
     metrics = driver.metrics = ServerMetrics(served_model_name)
+    tokenization = ServerTokenizer(driver.engine.config, chat_template)
+    app.router.on_shutdown.append(tokenization.close)
     created = int(time.time())
     max_model_len = driver.engine.max_model_len
     model_card = {"id": served_model_name, "object": "model", "created": created, "owned_by": "flashserve",
@@ -86,6 +96,11 @@ def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None 
                                                code="invalid_api_key", error_type="authentication_error"),
                                     status_code=401)
         if request.method == "POST":
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > max_prompt_bytes:
+                return JSONResponse(error_body(f"the body has {length} bytes; the server takes at most "
+                                               f"{max_prompt_bytes} (--max-prompt-bytes)", code="request_too_large"),
+                                    status_code=413)
             content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if content_type != "application/json":
                 return JSONResponse(error_body(f"the body must be application/json, got {content_type or 'none'!r}",
@@ -142,11 +157,11 @@ def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None 
             raise InvalidRequestError("give exactly one of prompt and messages", "prompt")
         if body.prompt is not None:
             check_text(body.prompt, "prompt")
-            build = lambda engine: engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            build = lambda tokenizer: tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
-            build = lambda engine: chat_prompt_builder(chat_messages(body.messages))(engine)[0][1]
+            build = lambda tokenizer: chat_prompt_builder(chat_messages(body.messages))(tokenizer)[0][1]
         try:
-            tokens = await driver.run(build)
+            tokens = await tokenization.run(build)
         except ValueError as error:
             raise InvalidRequestError(str(error), "messages") from None
         return {"count": len(tokens), "max_model_len": max_model_len, "tokens": tokens}
@@ -158,7 +173,7 @@ def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None 
         for token in body.tokens:
             if not 0 <= token < vocab_size:
                 raise InvalidRequestError(f"token id {token} is outside the vocabulary [0, {vocab_size})", "tokens")
-        return {"prompt": await driver.run(lambda engine: engine.tokenizer.decode(body.tokens))}
+        return {"prompt": await tokenization.run(lambda tokenizer: tokenizer.decode(body.tokens))}
 
     def check_model(model: str | None) -> None:
         if model is not None and model != served_model_name:
@@ -171,7 +186,8 @@ def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None 
         params = body.sampling_params()
         prompts = completion_prompts(body.prompt)
         response_id = f"cmpl-{uuid.uuid4().hex}"
-        stream = await _add(driver, response_id, lambda engine: prompts, params, "prompt", "max_tokens")
+        stream = await _add(driver, tokenization, response_id, lambda tokenizer: prompts, params, "prompt",
+                            "max_tokens")
         fmt = CompletionFormat(response_id, int(time.time()), served_model_name, params.logprobs,
                                body.include_usage)
         return await _respond(stream, fmt, body.stream, request)
@@ -183,7 +199,8 @@ def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None 
         messages = chat_messages(body.messages)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        stream = await _add(driver, response_id, chat_prompt_builder(messages), params, "messages", max_tokens_field)
+        stream = await _add(driver, tokenization, response_id, chat_prompt_builder(messages), params, "messages",
+                            max_tokens_field)
         fmt = ChatFormat(response_id, int(time.time()), served_model_name, params.logprobs, body.include_usage)
         return await _respond(stream, fmt, body.stream, request)
 
@@ -205,29 +222,34 @@ def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None 
     return app
 
 
-async def _add(driver: EngineDriver, response_id: str, build_prompts: Callable[[LLMEngine], list[PromptItem]],
-               params, param: str, max_tokens_field: str) -> RequestStream:
+async def _add(driver: EngineDriver, tokenization: ServerTokenizer, response_id: str,
+               build_prompts: Callable[[object], list[PromptItem]], params, param: str,
+               max_tokens_field: str) -> RequestStream:
     """``driver.add`` of the prompts, tokenized, after checking that each prompt leaves room for ``max_tokens``
     (one token when it is None) within ``max_model_len`` — as vLLM, a 400 on ``max_tokens_field`` (on ``param`` when
     the prompt alone is too long), not a silently shortened answer; any other ValueError (a prompt the engine
-    refuses) becomes an ``InvalidRequestError`` on ``param``."""
-    def tokenized(engine: LLMEngine) -> list[PromptItem]:
+    refuses) becomes an ``InvalidRequestError`` on ``param``. Prompts are built and tokenized in the tokenizer
+    thread; the engine thread only queues the token ids."""
+    max_model_len = driver.engine.max_model_len
+
+    def tokenized(tokenizer) -> list[PromptItem]:
         items = []
-        for text, token_ids in build_prompts(engine):
+        for text, token_ids in build_prompts(tokenizer):
             if token_ids is None:
-                token_ids = engine.tokenizer.encode(text)
+                token_ids = tokenizer.encode(text)
             wanted = len(token_ids) + (params.max_tokens or 1)
-            if wanted > engine.max_model_len:
-                at_fault = param if len(token_ids) + 1 > engine.max_model_len else max_tokens_field
+            if wanted > max_model_len:
+                at_fault = param if len(token_ids) + 1 > max_model_len else max_tokens_field
                 raise InvalidRequestError(
-                    f"this model's maximum context length is {engine.max_model_len} tokens, but the request asks "
+                    f"this model's maximum context length is {max_model_len} tokens, but the request asks "
                     f"for {wanted} ({len(token_ids)} in the prompt, {wanted - len(token_ids)} to generate): "
                     f"shorten the prompt or lower {max_tokens_field}", at_fault)
             items.append((text, token_ids))
         return items
 
     try:
-        return await driver.add(response_id, tokenized, params)
+        items = await tokenization.run(tokenized)
+        return await driver.add(response_id, lambda engine: items, params)
     except InvalidRequestError:
         raise
     except ValueError as error:

@@ -8,7 +8,7 @@ import uvicorn
 
 from flashserve.config import Config
 from flashserve.engine.llm_engine import LLMEngine
-from flashserve.server.app import build_app
+from flashserve.server.app import DEFAULT_MAX_PROMPT_BYTES, build_app
 from flashserve.server.driver import EngineDriver
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ class ServerOptions:
         allowed_origins: comma-separated origins CORS allows (``*`` for any); None leaves CORS off.
         chat_template: a Jinja chat template file that replaces the tokenizer's.
         uvicorn_log_level: uvicorn's log level.
+        max_prompt_bytes: the largest request body accepted (413 above it).
     """
 
     host: str = "127.0.0.1"
@@ -39,6 +40,7 @@ class ServerOptions:
     allowed_origins: str | None = None
     chat_template: str | None = None
     uvicorn_log_level: str = "info"
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
 
     def check(self) -> None:
         """ValueError for a port outside 0..65535 or one that cannot be bound, or an unreadable chat template —
@@ -52,6 +54,8 @@ class ServerOptions:
             raise ValueError(f"cannot listen on {self.host}:{self.port}: {error.strerror or error}") from None
         if self.chat_template is not None and not os.path.isfile(self.chat_template):
             raise ValueError(f"chat template file {self.chat_template!r} does not exist")
+        if self.max_prompt_bytes < 1:
+            raise ValueError(f"max_prompt_bytes must be >= 1, got {self.max_prompt_bytes}")
 
 
 def serve(model: str, options: ServerOptions, **engine_options) -> None:
@@ -65,16 +69,17 @@ def serve(model: str, options: ServerOptions, **engine_options) -> None:
     Raises ValueError for an invalid model directory, engine or server option, before listening.
     """
     options.check()
-    engine = LLMEngine(Config(model=model, **engine_options))
+    chat_template = None
     if options.chat_template is not None:
         with open(options.chat_template) as template:
-            engine.tokenizer.chat_template = template.read()
+            chat_template = template.read()
+    engine = LLMEngine(Config(model=model, **engine_options))
     name = options.served_model_name or default_model_name(model)
     driver = EngineDriver(engine)
     origins = None
     if options.allowed_origins is not None:
         origins = [origin.strip() for origin in options.allowed_origins.split(",") if origin.strip()]
-    app = build_app(driver, name, options.api_key, origins)
+    app = build_app(driver, name, options.api_key, origins, chat_template, options.max_prompt_bytes)
     logger.info(startup_line(engine, name, options))
     try:
         uvicorn.run(app, host=options.host, port=options.port, log_level=options.uvicorn_log_level)

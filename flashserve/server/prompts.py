@@ -1,13 +1,12 @@
 """Request prompts -> the (text, token ids) items ``EngineDriver.add`` queues, one per engine request.
 
-The builders returned here run in the engine thread (``EngineDriver.add``), so tokenization and chat templates use
-the engine's tokenizer without sharing it across threads.
+The builders returned here take a tokenizer and run in the server's tokenizer thread (``ServerTokenizer``), never
+in the engine thread.
 """
 from collections.abc import Callable
 
 import jinja2
 
-from flashserve.engine.llm_engine import LLMEngine
 from flashserve.server.driver import PromptItem
 from flashserve.server.protocol import ChatMessage, InvalidRequestError, check_text
 
@@ -55,11 +54,10 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
     return result
 
 
-def chat_prompt_builder(messages: list[dict]) -> Callable[[LLMEngine], list[PromptItem]]:
-    """A builder (for ``EngineDriver.add``) rendering ``messages`` with the tokenizer's chat template and the
-    generation prompt; it raises ValueError when there is no template or the template refuses the messages."""
-    def build(engine: LLMEngine) -> list[PromptItem]:
-        tokenizer = engine.tokenizer
+def chat_prompt_builder(messages: list[dict]) -> Callable[[object], list[PromptItem]]:
+    """A builder ``build(tokenizer)`` rendering ``messages`` with the tokenizer's chat template and the generation
+    prompt; it raises ValueError when there is no template or the template refuses the messages."""
+    def build(tokenizer) -> list[PromptItem]:
         if tokenizer.chat_template is None:
             raise ValueError("the model's tokenizer has no chat template: use /v1/completions")
         try:
