@@ -70,6 +70,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="comma-separated origins allowed by CORS, or '*' (default: CORS off)")
     serve.add_argument("--max-prompt-bytes", type=int, default=4 << 20,
                        help="the largest request body accepted, 413 above it (default 4 MiB)")
+    serve.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="the most requests waiting for the engine, 503 above it (default unbounded)")
+    serve.add_argument("--enable-log-requests", action="store_true", help="log every request at INFO")
     serve.add_argument("--uvicorn-log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug", "trace"],
                        help="uvicorn's log level (default info)")
@@ -119,7 +122,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from flashserve.server.launch import ServerOptions, serve
+    from flashserve.server.launch import serve
+    from flashserve.server.options import ServerOptions
 
     if args.model_dir is not None and args.model is not None and args.model_dir != args.model:
         print(f"flashserve serve: error: two models given: {args.model_dir!r} and --model {args.model!r}",
@@ -129,7 +133,8 @@ def _serve(args: argparse.Namespace) -> int:
     server = ServerOptions(host=args.host, port=args.port, served_model_name=args.served_model_name,
                            api_key=args.api_key or os.environ.get("FLASHSERVE_API_KEY") or None,
                            allowed_origins=args.allowed_origins, chat_template=args.chat_template,
-                           uvicorn_log_level=args.uvicorn_log_level, max_prompt_bytes=args.max_prompt_bytes)
+                           uvicorn_log_level=args.uvicorn_log_level, max_prompt_bytes=args.max_prompt_bytes,
+                           max_waiting_requests=args.max_waiting_requests, log_requests=args.enable_log_requests)
     try:
         server.check()  # a bad port or template fails before the model loads
         model = _model_or_demo(args.model_dir or args.model)

@@ -170,7 +170,7 @@ def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None
         completion = CompletionOutput(0, new.text, list(new.token_ids), new.finish_reason,
                                       list(new.logprobs) if new.logprobs is not None else None, new.stop_reason)
         results[delta.request_id] = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids,
-                                                  [completion], delta.finished)
+                                                  [completion], delta.finished, delta.prompt_logprobs)
         return
     completion = whole.outputs[0]
     completion.text += new.text

@@ -46,7 +46,9 @@ class RequestOutput:
     """The output of one request.
 
     From ``LLM.generate`` it is the whole completion; from ``LLMEngine.step`` it carries only what is new since the
-    previous step (text, token ids and logprobs), with ``finished`` set on the last one.
+    previous step (text, token ids and logprobs), with ``finished`` set on the last one. ``prompt_logprobs`` come
+    once, on a request's first ``step`` output (vLLM v1's delta outputs do the same), and ``LLM.generate``'s
+    outputs keep them.
 
     Attributes:
         request_id: the id given to ``add_request`` (the prompt's index for ``LLM.generate``).
@@ -54,6 +56,9 @@ class RequestOutput:
         prompt_token_ids: the prompt's token ids.
         outputs: the completions (one).
         finished: whether the request has ended.
+        prompt_logprobs: None unless ``prompt_logprobs`` was asked for (and on ``step`` outputs after the first);
+            else vLLM's format: one entry per prompt token, None for the first, then {token id: ``Logprob``}
+            holding the prompt token and the ``prompt_logprobs`` most likely tokens at its position.
     """
 
     request_id: str
@@ -61,3 +66,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -18,6 +18,8 @@ class SamplingParams:
         min_p: drop tokens whose probability is below ``min_p`` times the largest one; in [0, 1].
         seed: a per-request random seed: the request then samples the same tokens whatever else is in the batch.
         max_tokens: the most tokens to generate (>= 1); None generates until a stop condition or ``max_model_len``.
+            0 is allowed together with ``prompt_logprobs``: the request only scores its prompt (it finishes after
+            the prefill with finish_reason "length" and no tokens).
         min_tokens: EOS and ``stop_token_ids`` cannot be sampled, and stop strings do not stop, before this many.
         stop: strings that end generation when they appear in the output text; cut from the text unless
             ``include_stop_str_in_output``.
@@ -29,6 +31,9 @@ class SamplingParams:
         presence_penalty: subtracted once from the logit of every token already generated (in [-2, 2]).
         frequency_penalty: subtracted from a token's logit once per time it was generated (in [-2, 2]).
         logprobs: None, or N >= 0: return the log-probability of each sampled token and of the N most likely ones.
+        prompt_logprobs: None, or N >= 0: return, for every prompt token after the first, its log-probability given
+            the tokens before it and the N most likely tokens at its position (``RequestOutput.prompt_logprobs``).
+            Such a request does not read the prefix cache (as in vLLM): every prompt position is computed.
         skip_special_tokens: leave special tokens out of the text.
     """
 
@@ -48,6 +53,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
@@ -58,7 +64,7 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         for name in ("n", "top_k", "min_tokens"):
             _check_integer(name, getattr(self, name))
-        for name in ("seed", "max_tokens", "logprobs"):
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _check_integer(name, getattr(self, name))
         if self.n != 1:
@@ -71,8 +77,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= -1 (0 or -1 disables), got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be None or an integer >= 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens must be None or an integer >= 1 (0 only with prompt_logprobs), got "
+                             f"{self.max_tokens}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -83,8 +90,9 @@ class SamplingParams:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be None or an integer >= 0, got {getattr(self, name)!r}")
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -4,6 +4,7 @@ usage, concurrency, 400s naming the field, and aborts when clients disconnect.""
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -19,7 +20,8 @@ from flashserve.config import Config
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.models.checkpoint import write_random_checkpoint
 from flashserve.server import EngineDriver, build_app
-from flashserve.server.launch import ServerOptions, startup_line
+from flashserve.server.launch import startup_line
+from flashserve.server.options import ServerOptions
 
 MODEL_NAME = "tiny-llama"
 ENGINE_OPTIONS = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=96, max_model_len=128)
@@ -32,11 +34,10 @@ def model_dir(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def _running_server(model_dir: str, engine_options: dict, api_key: str | None = None,
-                    allowed_origins: list[str] | None = None):
+def _running_server(model_dir: str, engine_options: dict, options: ServerOptions | None = None):
     """Serve ``model_dir`` from a thread on an ephemeral port of 127.0.0.1; yields (base URL, driver)."""
     driver = EngineDriver(LLMEngine(Config(model=model_dir, **engine_options)))
-    app = build_app(driver, MODEL_NAME, api_key, allowed_origins)
+    app = build_app(driver, MODEL_NAME, options)
     uvicorn_server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -244,7 +245,7 @@ def test_concurrent_requests(server, reference):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
     ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "messages"),
     # Fields the server does not implement, or misspells of real ones: refused, never ignored.
-    ("/v1/completions", {"echo": True}, "echo"),
+    ("/v1/chat/completions", {"echo": True}, "echo"),
     ("/v1/completions", {"suffix": "x"}, "suffix"),
     ("/v1/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
     ("/v1/completions", {"best_of": 2}, "best_of"),
@@ -322,7 +323,8 @@ def test_openapi_documents_the_real_statuses(client):
 def test_api_key_and_cors(model_dir, monkeypatch):
     monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
     origin = "http://app.example"
-    with _running_server(model_dir, ENGINE_OPTIONS, "s3cret", [origin]) as (base_url, _), \
+    with _running_server(model_dir, ENGINE_OPTIONS, ServerOptions(api_key="s3cret", allowed_origins=origin)) \
+            as (base_url, _), \
             httpx.Client(base_url=base_url, timeout=30) as http:
         preflight = http.options("/v1/completions", headers={"Origin": origin,
                                                               "Access-Control-Request-Method": "POST"})
@@ -336,6 +338,20 @@ def test_api_key_and_cors(model_dir, monkeypatch):
         assert http.get("/v1/models").status_code == 401
         assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert http.get("/health").status_code == 200
+
+
+def test_waiting_queue_bound_and_request_log(model_dir, monkeypatch, caplog):
+    monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    options = ServerOptions(max_waiting_requests=1, log_requests=True)
+    logger = logging.getLogger("flashserve")
+    monkeypatch.setattr(logger, "propagate", True)
+    with caplog.at_level(logging.INFO, logger="flashserve"), \
+            _running_server(model_dir, ENGINE_OPTIONS, options) as (base_url, driver), \
+            httpx.Client(base_url=base_url, timeout=30) as http:
+        assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+        two = http.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2})  # 0 + 2 waiting > 1
+        assert two.status_code == 503 and two.json()["error"]["code"] == "server_overloaded"
+    assert any("request cmpl-" in record.getMessage() for record in caplog.records)
 
 
 def test_oversized_bodies_are_413(client):

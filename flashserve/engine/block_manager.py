@@ -90,9 +90,10 @@ class BlockManager:
 
         At most ``num_tokens - 1`` tokens are reused: the last token is always recomputed, since its hidden state
         is needed to sample. The hit-rate statistics are updated by ``record_prefix_hits`` once the request is
-        admitted, so a request that waits for blocks is counted once.
+        admitted, so a request that waits for blocks is counted once. A request that does not read the cache
+        (``reads_prefix_cache``) gets no blocks.
         """
-        if not self.enable_prefix_caching:
+        if not self.reads_prefix_cache(request):
             return [], 0
         num_full_blocks = (request.num_tokens - 1) // self.block_size
         self._hash_blocks(request, num_full_blocks)
@@ -103,6 +104,12 @@ class BlockManager:
                 break
             hits.append(block_id)
         return hits, len(hits) * self.block_size
+
+    def reads_prefix_cache(self, request: Request) -> bool:
+        """Whether ``request`` may start from cached blocks: not while it still needs prompt logprobs, which come
+        from the logits of every prompt position (vLLM skips the cache for them too); its blocks are still cached
+        for others."""
+        return self.enable_prefix_caching and not request.needs_prompt_logprobs
 
     def record_prefix_hits(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
         """Count an admitted request's prompt lookup in the hit-rate statistics."""

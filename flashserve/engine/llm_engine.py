@@ -11,6 +11,7 @@ from flashserve.config import Config
 from flashserve.engine.block_manager import BlockManager
 from flashserve.engine.detokenizer import IncrementalDetokenizer, find_stop_string, stop_holdback
 from flashserve.engine.model_runner import ModelRunner
+from flashserve.engine.prompt_logprobs import PromptLogprobRows
 from flashserve.engine.request import Request
 from flashserve.engine.scheduler import Scheduler
 from flashserve.outputs import CompletionOutput, Logprob, RequestOutput
@@ -47,6 +48,9 @@ class EngineStats:
 class LLMEngine:
     """Tokenizer, scheduler, block manager and model runner, stepped one batch at a time.
 
+    ``scoring`` holds the ids of the requests whose prompt logprobs are not all computed yet; while it is empty, a
+    step does not look for prompt-logprob rows at all.
+
     Args:
         config: the engine configuration.
     """
@@ -64,6 +68,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
+        self.scoring: set[str] = set()
         self.stats = EngineStats()
 
     def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams | None = None,
@@ -91,7 +96,7 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(token_ids)} tokens: with one generated token it exceeds "
                              f"max_model_len ({self.max_model_len})")
         request = Request(request_id, text, token_ids, params, self.max_model_len)
-        needed_blocks = self.block_manager.blocks_for_tokens(request.max_total_tokens - 1)
+        needed_blocks = self.block_manager.blocks_for_tokens(max(request.max_total_tokens - 1, len(token_ids)))
         if needed_blocks > self.block_manager.num_blocks:
             raise ValueError(f"the request needs {needed_blocks} KV blocks (prompt {len(token_ids)} + max_tokens "
                              f"{params.max_tokens} tokens, within max_model_len {self.max_model_len}) but the pool "
@@ -101,6 +106,8 @@ class LLMEngine:
             request.generator.manual_seed(params.seed)
         request.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
         self.requests[request_id] = request
+        if request.needs_prompt_logprobs:
+            self.scoring.add(request_id)
         self.scheduler.add(request)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
@@ -109,6 +116,7 @@ class LLMEngine:
         single = isinstance(request_id, str) or not isinstance(request_id, Iterable)
         for one_id in [request_id] if single else list(request_id):
             request = self.requests.pop(one_id, None)
+            self.scoring.discard(one_id)
             if request is not None:
                 self.scheduler.abort(request)
 
@@ -119,7 +127,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns, for every request that sampled, what is new since its previous output.
 
-        Text that might be the start of a stop string is held back until it is known not to be one.
+        Text that might be the start of a stop string is held back until it is known not to be one. A request with
+        ``max_tokens=0`` finishes ("length") when its prefill is done: the token sampled then is dropped.
         """
         batch = self.scheduler.schedule()
         if not batch.requests:
@@ -129,14 +138,24 @@ class LLMEngine:
         decode_only = all(n == 1 and r.num_computed_tokens >= r.num_prompt_tokens
                           for r, n in zip(batch.requests, batch.num_new_tokens))
         start = time.perf_counter()
-        token_ids, logprobs = self.runner.run(batch, self.eos_token_ids)
+        prompt_rows = PromptLogprobRows.of(batch) if self.scoring else None
+        token_ids, logprobs, prompt_logprobs = self.runner.run(batch, self.eos_token_ids, prompt_rows)
         elapsed = time.perf_counter() - start
         self._record(batch, decode_only, len(token_ids), elapsed)
         self.scheduler.advance(batch)
+        for request, entries in prompt_logprobs:
+            self._decode_logprobs(request, entries)
+            request.prompt_logprobs.extend(entries)
+            if not request.needs_prompt_logprobs:
+                self.scoring.discard(request.request_id)
         sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
         outputs = []
         for request, token_id, token_logprobs in zip(sampling, token_ids, logprobs):
-            self._append_token(request, token_id, token_logprobs)
+            if request.params.max_tokens == 0:
+                self.scheduler.finish(request, "length")
+                self.stats.generated_tokens -= 1
+            else:
+                self._append_token(request, token_id, token_logprobs)
             outputs.append(self._new_output(request))
             if request.is_finished:
                 del self.requests[request.request_id]
@@ -160,9 +179,7 @@ class LLMEngine:
         params = request.params
         request.token_ids.append(token_id)
         if request.logprobs is not None:
-            for logprob_token_id, logprob in token_logprobs.items():
-                logprob.decoded_token = self.tokenizer.decode([logprob_token_id],
-                                                              skip_special_tokens=params.skip_special_tokens)
+            self._decode_logprobs(request, [token_logprobs])
             request.logprobs.append(token_logprobs)
         past_min = request.num_output_tokens >= params.min_tokens
         is_eos = not params.ignore_eos and token_id in self.eos_token_ids
@@ -188,8 +205,17 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(request, reason)
 
+    def _decode_logprobs(self, request: Request, entries: list[dict[int, Logprob]]) -> None:
+        """Set the ``decoded_token`` of every Logprob of ``entries``: its token's text on its own."""
+        skip_special_tokens = request.params.skip_special_tokens
+        for entry in entries:
+            for token_id, logprob in entry.items():
+                logprob.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
+
     def _new_output(self, request: Request) -> RequestOutput:
-        """The request's text, tokens and logprobs not yet returned by ``step``."""
+        """The request's text, tokens and logprobs not yet returned by ``step``, and its prompt logprobs if this is
+        its first output (the one before any token was sent)."""
+        prompt_logprobs = request.prompt_logprobs if request.num_sent_tokens == 0 else None
         holdback = 0 if request.is_finished else stop_holdback(request.params)
         text_end = max(request.num_sent_chars, len(request.output_text) - holdback)
         text = request.output_text[request.num_sent_chars:text_end]
@@ -202,7 +228,7 @@ class LLMEngine:
             request.num_sent_logprobs = len(request.logprobs)
         completion = CompletionOutput(0, text, new_tokens, request.finish_reason, logprobs, request.stop_reason)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion],
-                             request.is_finished)
+                             request.is_finished, prompt_logprobs)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (and the hit-rate statistics); returns True (vLLM's signature).

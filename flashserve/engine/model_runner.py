@@ -7,7 +7,8 @@ block_size)`` columns, so that decode metadata keeps one shape whatever the sequ
 buffers (``InputBuffers``), runs the forward pass, takes the last hidden row of every request that samples, and
 samples; reading the sampled token ids is the step's only wait on the device. On CUDA (unless ``enforce_eager``)
 decode-only steps replay CUDA graphs captured at start-up (``DecodeGraphs``); batches larger than the largest
-captured size and every other step run eagerly.
+captured size and every other step run eagerly. A step in which a request computes prompt positions whose prompt
+logprobs it asked for runs eagerly too, and scores those rows after sampling (``prompt_logprobs``).
 
 Start-up, each phase logged with its duration: load the weights; size the KV cache; warm up (compile and autotune
 every kernel variant a request can need, see ``warmup``; CUDA only); capture the decode graphs.
@@ -30,6 +31,8 @@ from flashserve.context import AttentionContext, set_context
 from flashserve.engine import warmup
 from flashserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from flashserve.engine.input_buffers import InputBuffers
+from flashserve.engine.prompt_logprobs import PromptLogprobRows
+from flashserve.engine.request import Request
 from flashserve.engine.sampler import Sampler
 from flashserve.engine.scheduler import ScheduledBatch
 from flashserve.kernels import tuning_cache
@@ -54,6 +57,8 @@ class ModelRunner:
         num_kv_blocks: blocks in the KV pool.
         kv_cache: (num_layers, 2, num_kv_blocks, block_size, num_kv_heads, head_dim).
         graphs: the decode CUDA graphs, or None (CPU, ``enforce_eager``).
+        max_logit_rows: the most prompt-logprob rows whose logits exist at once (the largest sampling batch, which
+            the memory profile accounts for).
         startup_times_s: seconds spent in each start-up phase ("load_weights", "profile_memory", "warm_up",
             "capture_graphs"), in order.
     """
@@ -73,6 +78,7 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or limit
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.sampler = Sampler(self.device, config.seed)
+        self.max_logit_rows = max(1, min(config.max_num_seqs, config.max_num_batched_tokens))
         use_graphs = self.device.type == "cuda" and not config.enforce_eager
         largest_decode = min(config.max_num_seqs, config.max_num_batched_tokens)
         graph_sizes = capture_sizes(config.max_cudagraph_capture_size, largest_decode) if use_graphs else []
@@ -201,18 +207,20 @@ class ModelRunner:
         return peak - current
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, eos_token_ids: list[int]
-            ) -> tuple[list[int], list[dict[int, Logprob] | None]]:
+    def run(self, batch: ScheduledBatch, eos_token_ids: list[int], prompt_rows: PromptLogprobRows | None = None
+            ) -> tuple[list[int], list[dict[int, Logprob] | None], list[tuple[Request, list[dict[int, Logprob]]]]]:
         """Compute the batch's tokens and sample one token for every request with ``batch.samples`` set.
 
-        Returns the sampled token ids and per-token logprob dicts, in the order of the sampling requests.
+        Returns the sampled token ids and per-token logprob dicts, in the order of the sampling requests, and the
+        prompt logprob dicts of ``prompt_rows`` (``PromptLogprobRows.of(batch)``), per request.
         """
         num_reqs = len(batch.requests)
         graph_size = None
-        if self.graphs is not None and sum(batch.num_new_tokens) == num_reqs:
+        if self.graphs is not None and prompt_rows is None and sum(batch.num_new_tokens) == num_reqs:
             graph_size = self.graphs.padded_size(num_reqs)
         inputs = self.inputs.prepare(batch, graph_size)
         sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
+        logits = hidden = None
         if graph_size is not None:
             logits = self.graphs.replay(graph_size)
             logits = logits[:num_reqs] if len(sampling) == num_reqs else logits[inputs.logits_indices]
@@ -222,12 +230,13 @@ class ModelRunner:
                 hidden = self.model(inputs.input_ids, inputs.positions)
             finally:
                 set_context(None)
-            if not sampling:
-                return [], []
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        if not sampling:
-            return [], []
-        return self.sampler(logits.float(), sampling, eos_token_ids)
+            if sampling:
+                logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        token_ids, logprobs = self.sampler(logits.float(), sampling, eos_token_ids) if sampling else ([], [])
+        del logits
+        if prompt_rows is None:
+            return token_ids, logprobs, []
+        return token_ids, logprobs, prompt_rows.compute(self.model, hidden, self.max_logit_rows)
 
 
 def _parameter_bytes(model: torch.nn.Module) -> int:

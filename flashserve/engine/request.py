@@ -39,13 +39,16 @@ class Request:
         status, finish_reason: lifecycle.
         stop_reason: the stop string or stop token id that ended the request (None otherwise, EOS included).
         output_text, logprobs: detokenized output and per-token logprobs (when asked for).
+        prompt_logprobs: with ``params.prompt_logprobs``, the prompt tokens' logprob dicts computed so far, after
+            None for the first token (see ``flashserve.engine.prompt_logprobs``); None otherwise.
         detokenizer: the request's IncrementalDetokenizer (set by the engine).
         num_sent_tokens, num_sent_chars, num_sent_logprobs: how much of the output ``step`` has already returned.
     """
 
     __slots__ = ("request_id", "prompt", "params", "prompt_token_ids", "token_ids", "num_prompt_tokens",
                  "num_computed_tokens", "block_ids", "block_hashes", "num_cached_blocks", "max_total_tokens",
-                 "generator", "status", "finish_reason", "stop_reason", "output_text", "logprobs", "detokenizer",
+                 "generator", "status", "finish_reason", "stop_reason", "output_text", "logprobs", "prompt_logprobs",
+                 "detokenizer",
                  "num_sent_tokens", "num_sent_chars", "num_sent_logprobs")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
@@ -68,6 +71,7 @@ class Request:
         self.stop_reason: str | int | None = None
         self.output_text = ""
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs is not None else None
         self.detokenizer = None
         self.num_sent_tokens = 0
         self.num_sent_chars = 0
@@ -87,6 +91,11 @@ class Request:
     def output_token_ids(self) -> list[int]:
         """The generated token ids."""
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt logprobs were asked for and some are still to be computed."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

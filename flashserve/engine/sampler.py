@@ -60,9 +60,11 @@ class Sampler:
         token_list = tokens.tolist()
         logprob_list: list[dict[int, Logprob] | None] = [None] * len(requests)
         if raw_logprobs is not None:
-            for i, p in enumerate(params):
-                if p.logprobs is not None:
-                    logprob_list[i] = _top_logprobs(raw_logprobs[i], token_list[i], p.logprobs)
+            rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+            dicts = logprob_dicts(raw_logprobs[rows] if len(rows) < len(requests) else raw_logprobs,
+                                  [token_list[i] for i in rows], [params[i].logprobs for i in rows])
+            for i, entry in zip(rows, dicts):
+                logprob_list[i] = entry
         return token_list, logprob_list
 
     def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -154,13 +156,21 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
-def _top_logprobs(logprobs: torch.Tensor, token_id: int, num_top: int) -> dict[int, Logprob]:
-    """{token id: Logprob} of the sampled token and the ``num_top`` most likely tokens of one (vocab,) row; a
-    token's rank is 1 + the number of tokens strictly more likely."""
-    sampled = logprobs[token_id]
-    result = {token_id: Logprob(float(sampled), int((logprobs > sampled).sum()) + 1)}
-    if num_top > 0:
-        values, indices = logprobs.topk(min(num_top, logprobs.shape[0]))
-        for rank, (value, index) in enumerate(zip(values.tolist(), indices.tolist()), start=1):
-            result.setdefault(index, Logprob(value, rank))
+def logprob_dicts(logprobs: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[dict[int, Logprob]]:
+    """Per row of ``logprobs`` (N, vocab): {token id: Logprob} of ``token_ids[i]`` and of the row's ``num_top[i]``
+    most likely tokens. A token's rank is 1 + the number of tokens strictly more likely; the top tokens are ranked
+    by their order. The results reach the host in one transfer per tensor, whatever N is."""
+    if not token_ids:
+        return []
+    chosen = logprobs.gather(1, _to_device(token_ids, torch.int64, logprobs.device).unsqueeze(1))
+    ranks = (logprobs > chosen).sum(dim=1) + 1
+    most = min(max(num_top), logprobs.shape[1])
+    top_values, top_indices = logprobs.topk(most, dim=1) if most > 0 else (chosen[:, :0], chosen[:, :0])
+    result = []
+    for token_id, value, rank, values, indices, count in zip(token_ids, chosen.squeeze(1).tolist(), ranks.tolist(),
+                                                           top_values.tolist(), top_indices.tolist(), num_top):
+        entry = {token_id: Logprob(value, rank)}
+        for top_rank, (top_value, index) in enumerate(zip(values[:count], indices[:count]), start=1):
+            entry.setdefault(index, Logprob(top_value, top_rank))
+        result.append(entry)
     return result

@@ -95,7 +95,8 @@ class Scheduler:
             if not self.block_manager.allocate_slots(request, num_new, computed_blocks):
                 break
             self.waiting.popleft()
-            self.block_manager.record_prefix_hits(request.num_tokens, num_hit_tokens)
+            if self.block_manager.reads_prefix_cache(request):
+                self.block_manager.record_prefix_hits(request.num_tokens, num_hit_tokens)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit_tokens
             self.running.append(request)

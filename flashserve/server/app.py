@@ -11,12 +11,12 @@ Generation endpoints answer with one JSON body, or with ``stream: true`` with se
 requests aborted in the engine, streaming or not.
 """
 import asyncio
+import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-
-import hmac
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from flashserve import __version__
 from flashserve.server.driver import EngineDriver, PromptItem, RequestStream
 from flashserve.server.metrics import ServerMetrics
+from flashserve.server.options import ServerOptions
 from flashserve.server.tokenization import ServerTokenizer
 from flashserve.server.prompts import chat_messages, chat_prompt_builder, completion_prompts
 from flashserve.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, InvalidRequestError,
@@ -36,13 +37,14 @@ from flashserve.server.protocol import (ChatCompletionRequest, ChatMessage, Comp
 from flashserve.server.responses import ChatFormat, Choice, CompletionFormat
 
 
-DEFAULT_MAX_PROMPT_BYTES = 4 << 20
+logger = logging.getLogger(__name__)
 ERROR_RESPONSES = {
     400: "invalid or unsupported field (OpenAI error body, `param` names the field)",
     401: "missing or wrong API key (only when the server runs with one)",
     404: "unknown model",
     413: "the body is larger than --max-prompt-bytes",
     415: "the body is not application/json",
+    503: "too many requests waiting (--max-waiting-requests)",
 }
 
 
@@ -66,21 +68,16 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None = None,
-              allowed_origins: list[str] | None = None, chat_template: str | None = None,
-              max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES) -> FastAPI:
-    """The app serving ``driver``'s engine under the model name ``served_model_name``.
-
-    Args:
-        api_key: when set, every ``/v1/*`` route requires ``Authorization: Bearer <api_key>``.
-        allowed_origins: origins CORS allows (``["*"]`` for any); None leaves CORS off.
-        chat_template: a Jinja chat template replacing the tokenizer's.
-        max_prompt_bytes: the largest request body (413 above it).
-    """
+def build_app(driver: EngineDriver, served_model_name: str, options: ServerOptions | None = None) -> FastAPI:
+    """The app serving ``driver``'s engine under the model name ``served_model_name``, with ``options``' API key,
+    CORS origins, chat template, body limit, waiting-queue bound and request log (``ServerOptions``; its host and
+    port are uvicorn's business)."""
+    options = options if options is not None else ServerOptions()
+    api_key, max_prompt_bytes = options.api_key, options.max_prompt_bytes
     app = FastAPI(title="flashserve", description="OpenAI-compatible API of a flashserve engine",
                   version=__version__)
     metrics = driver.metrics = ServerMetrics(served_model_name)
-    tokenization = ServerTokenizer(driver.engine.config, chat_template)
+    tokenization = ServerTokenizer(driver.engine.config, options.read_chat_template())
     app.router.on_shutdown.append(tokenization.close)
     created = int(time.time())
     max_model_len = driver.engine.max_model_len
@@ -107,12 +104,13 @@ def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None 
                                                code="unsupported_media_type"), status_code=415)
         return await call_next(request)
 
-    if allowed_origins is not None:  # added last, so it runs first: preflight requests need no key
-        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
+    if options.origins is not None:  # added last, so it runs first: preflight requests need no key
+        app.add_middleware(CORSMiddleware, allow_origins=options.origins, allow_methods=["*"], allow_headers=["*"])
 
     @app.exception_handler(InvalidRequestError)
     async def invalid_request(request: Request, error: InvalidRequestError) -> JSONResponse:
-        return JSONResponse(error_body(str(error), error.param, error.code), status_code=error.status_code)
+        return JSONResponse(error_body(str(error), error.param, error.code, error.error_type),
+                            status_code=error.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -186,10 +184,10 @@ def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None 
         params = body.sampling_params()
         prompts = completion_prompts(body.prompt)
         response_id = f"cmpl-{uuid.uuid4().hex}"
-        stream = await _add(driver, tokenization, response_id, lambda tokenizer: prompts, params, "prompt",
-                            "max_tokens")
         fmt = CompletionFormat(response_id, int(time.time()), served_model_name, params.logprobs,
-                               body.include_usage)
+                               body.include_usage, body.echo, body.prompt_logprobs)
+        stream = await _add(driver, tokenization, response_id, fmt.prompt_builder(prompts), params, "prompt",
+                            "max_tokens", options)
         return await _respond(stream, fmt, body.stream, request)
 
     @app.post("/v1/chat/completions")
@@ -200,7 +198,7 @@ def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None 
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         stream = await _add(driver, tokenization, response_id, chat_prompt_builder(messages), params, "messages",
-                            max_tokens_field)
+                            max_tokens_field, options)
         fmt = ChatFormat(response_id, int(time.time()), served_model_name, params.logprobs, body.include_usage)
         return await _respond(stream, fmt, body.stream, request)
 
@@ -224,12 +222,13 @@ def build_app(driver: EngineDriver, served_model_name: str, api_key: str | None 
 
 async def _add(driver: EngineDriver, tokenization: ServerTokenizer, response_id: str,
                build_prompts: Callable[[object], list[PromptItem]], params, param: str,
-               max_tokens_field: str) -> RequestStream:
+               max_tokens_field: str, options: ServerOptions) -> RequestStream:
     """``driver.add`` of the prompts, tokenized, after checking that each prompt leaves room for ``max_tokens``
     (one token when it is None) within ``max_model_len`` — as vLLM, a 400 on ``max_tokens_field`` (on ``param`` when
     the prompt alone is too long), not a silently shortened answer; any other ValueError (a prompt the engine
     refuses) becomes an ``InvalidRequestError`` on ``param``. Prompts are built and tokenized in the tokenizer
-    thread; the engine thread only queues the token ids."""
+    thread; the engine thread only queues the token ids — or answers 503 when ``options.max_waiting_requests``
+    requests are already waiting."""
     max_model_len = driver.engine.max_model_len
 
     def tokenized(tokenizer) -> list[PromptItem]:
@@ -247,13 +246,25 @@ async def _add(driver: EngineDriver, tokenization: ServerTokenizer, response_id:
             items.append((text, token_ids))
         return items
 
+    def admit(engine) -> list[PromptItem]:
+        limit = options.max_waiting_requests
+        if limit is not None and len(engine.scheduler.waiting) + len(items) > limit:
+            raise InvalidRequestError(f"the server is overloaded: {len(engine.scheduler.waiting)} requests are "
+                                      f"waiting (--max-waiting-requests {limit}); retry later", None,
+                                      status_code=503, code="server_overloaded", error_type="server_error")
+        return items
+
     try:
         items = await tokenization.run(tokenized)
-        return await driver.add(response_id, lambda engine: items, params)
+        stream = await driver.add(response_id, admit, params)
     except InvalidRequestError:
         raise
     except ValueError as error:
         raise InvalidRequestError(str(error), param) from None
+    if options.log_requests:
+        logger.info("request %s: %d prompt(s) of %s tokens, %s", response_id, len(items),
+                    [len(token_ids) for _, token_ids in items], params)
+    return stream
 
 
 async def _respond(stream: RequestStream, fmt: CompletionFormat | ChatFormat, streaming: bool, request: Request):

@@ -2,11 +2,11 @@
 
 Field names and defaults follow OpenAI's API, plus vLLM's extra sampling fields (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``,
-``skip_special_tokens``). A field the server does not implement (``suffix``, ``echo``, ``logit_bias``,
-``response_format``, ``tools``, a misspelt name, ...) is refused, never ignored: the body models forbid extra fields
-and the app answers 400 naming it. ``user`` (an end-user identifier that changes no output) is accepted. Invalid
-values raise ``InvalidRequestError`` naming the field, which the app turns into an HTTP 400 with an OpenAI-style
-error body.
+``skip_special_tokens``, ``prompt_logprobs``). A field the server does not implement (``suffix``, ``logit_bias``,
+``best_of``, chat ``echo``, ``response_format``, ``tools``, a misspelt name, ...) is refused, never ignored: the body
+models forbid extra fields and the app answers 400 naming it. ``user`` (an end-user identifier that changes no
+output) is accepted. Invalid values raise ``InvalidRequestError`` naming the field, which the app turns into an HTTP
+400 with an OpenAI-style error body.
 """
 from pydantic import BaseModel, ConfigDict
 
@@ -21,11 +21,13 @@ SEED_RANGE = (-(1 << 63), 1 << 64)
 class InvalidRequestError(ValueError):
     """A request the server refuses; ``param`` names the offending field (None when no single field is at fault)."""
 
-    def __init__(self, message: str, param: str | None = None, status_code: int = 400, code: str | None = None):
+    def __init__(self, message: str, param: str | None = None, status_code: int = 400, code: str | None = None,
+                 error_type: str = "invalid_request_error"):
         super().__init__(message)
         self.param = param
         self.status_code = status_code
         self.code = code
+        self.error_type = error_type
 
 
 def error_body(message: str, param: str | None = None, code: str | None = None,
@@ -76,6 +78,7 @@ class _GenerationRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -83,22 +86,27 @@ class _GenerationRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling_params(self, max_tokens: int | None, max_tokens_field: str, logprobs: int | None,
-                         logprobs_field: str) -> SamplingParams:
-        """Build the SamplingParams; ``*_field`` name the request fields those values came from (for errors)."""
+                         logprobs_field: str, prompt_logprobs: int | None = None) -> SamplingParams:
+        """Build the SamplingParams; ``*_field`` name the request fields those values came from (for errors);
+        ``prompt_logprobs`` is what the engine computes (the request's own field when None)."""
         if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
             raise InvalidRequestError(f"seed must be in [-2**63, 2**64), got {self.seed}", "seed")
         for stop in [self.stop] if isinstance(self.stop, str) else self.stop or []:
             check_text(stop, "stop")
-        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-            raise InvalidRequestError(f"{logprobs_field} must be in [0, {MAX_LOGPROBS}], got {logprobs}",
-                                      logprobs_field)
+        for value, field in ((logprobs, logprobs_field), (self.prompt_logprobs, "prompt_logprobs")):
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidRequestError(f"{field} must be in [0, {MAX_LOGPROBS}], got {value}", field)
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidRequestError("prompt_logprobs are not available when stream is true (as in vLLM)",
+                                      "prompt_logprobs")
+        prompt_logprobs = self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs
         values = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                       seed=self.seed, min_tokens=self.min_tokens, stop=self.stop,
                       stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                       include_stop_str_in_output=self.include_stop_str_in_output,
                       repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                       frequency_penalty=self.frequency_penalty, logprobs=logprobs,
-                      skip_special_tokens=self.skip_special_tokens)
+                      prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens)
         try:
             given = {name: value for name, value in values.items() if value is not None}
             return SamplingParams(**given, max_tokens=max_tokens)
@@ -110,15 +118,33 @@ class _GenerationRequest(BaseModel):
 
 
 class CompletionRequest(_GenerationRequest):
-    """``POST /v1/completions``: ``prompt`` is a string, a list of token ids, or a list of those (a batch)."""
+    """``POST /v1/completions``: ``prompt`` is a string, a list of token ids, or a list of those (a batch).
+
+    ``echo`` puts the prompt before the completion in ``text`` and, with ``logprobs``, the prompt tokens' logprobs
+    before the completion's (the first token's null). ``max_tokens: 0`` is allowed with ``echo`` or
+    ``prompt_logprobs``: the prompt is scored and nothing is generated (lm-eval's loglikelihood requests).
+    """
 
     prompt: str | list[int] | list[str | list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
+    echo: bool = False
 
     def sampling_params(self) -> SamplingParams:
-        """The request's SamplingParams; ``InvalidRequestError`` naming the field for an invalid value."""
-        return self._sampling_params(self.max_tokens, "max_tokens", self.logprobs, "logprobs")
+        """The request's SamplingParams; ``InvalidRequestError`` naming the field for an invalid value.
+
+        The engine computes prompt logprobs for ``prompt_logprobs``, for ``echo`` with ``logprobs`` (as many top
+        tokens as the larger asks for), and for ``echo`` with ``max_tokens: 0`` (a request that only scores its
+        prompt; with neither logprobs field it asks for none beyond the prompt token's own).
+        """
+        if self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None:
+            raise InvalidRequestError("max_tokens must be >= 1, or 0 with echo or prompt_logprobs (to only score "
+                                      "the prompt)", "max_tokens")
+        wanted = [self.prompt_logprobs] if self.prompt_logprobs is not None else []
+        if self.echo and (self.logprobs is not None or self.max_tokens == 0):
+            wanted.append(self.logprobs or 0)
+        return self._sampling_params(self.max_tokens, "max_tokens", self.logprobs, "logprobs",
+                                     max(wanted) if wanted else None)
 
 
 class TextPart(BaseModel):
