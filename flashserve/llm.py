@@ -69,15 +69,22 @@ class LLM:
         return self._run(items, _params_per_prompt(sampling_params, len(items)), use_tqdm)
 
     def _run(self, items: list[tuple], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
-        """Queue (prompt, token ids or None) items, step until all finish, and assemble the outputs in order."""
+        """Queue (prompt, token ids or None) items, step until all finish, and assemble the outputs in order.
+
+        A prompt with ``n > 1`` runs as n engine requests (``SamplingParams.copies``) whose completions are
+        gathered into one RequestOutput (``outputs[j].index == j``)."""
         engine = self.engine
-        ids = []
+        ids, groups = [], []
         try:
             for (prompt, token_ids), params in zip(items, params_list):
-                request_id = str(self._next_id)
+                parent_id = str(self._next_id)
                 self._next_id += 1
-                engine.add_request(request_id, prompt, params, prompt_token_ids=token_ids)
-                ids.append(request_id)
+                copies = params.copies()
+                group = [parent_id] if len(copies) == 1 else [f"{parent_id}-{j}" for j in range(len(copies))]
+                for request_id, copy in zip(group, copies):
+                    engine.add_request(request_id, prompt, copy, prompt_token_ids=token_ids)
+                    ids.append(request_id)
+                groups.append((parent_id, group))
         except ValueError:
             for request_id in ids:
                 engine.abort_request(request_id)
@@ -98,7 +105,7 @@ class LLM:
             for request_id in ids:
                 if request_id in engine.requests:
                     engine.abort_request(request_id)
-        return [results[request_id] for request_id in ids]
+        return [_gather(parent_id, [results[request_id] for request_id in group]) for parent_id, group in groups]
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (and the hit-rate statistics); returns True, as vLLM does on success."""
@@ -180,3 +187,18 @@ def _accumulate(results: dict[str, RequestOutput], delta: RequestOutput) -> None
     if new.logprobs is not None:
         completion.logprobs.extend(new.logprobs)
     whole.finished = delta.finished
+
+
+def _gather(parent_id: str, outputs: list[RequestOutput]) -> RequestOutput:
+    """The n completions of one prompt as one RequestOutput (the first copy's, renamed, with all completions)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    first = outputs[0]
+    completions = []
+    for index, output in enumerate(outputs):
+        completion = output.outputs[0]
+        completion.index = index
+        completions.append(completion)
+    return RequestOutput(parent_id, first.prompt, first.prompt_token_ids, completions,
+                         all(output.finished for output in outputs), first.prompt_logprobs)
+

@@ -17,7 +17,7 @@ class CompletionOutput:
     """One completion of a request.
 
     Attributes:
-        index: the completion's index within the request (always 0: n = 1).
+        index: the completion's index among the request's n completions (0 for n = 1).
         text: the generated text (stop string cut unless ``include_stop_str_in_output``).
         token_ids: the generated token ids (an EOS or stop token that ended generation included).
         finish_reason: "stop" (EOS, stop token or stop string), "length" (max_tokens or max_model_len), or None

@@ -1,8 +1,11 @@
 """How one request is sampled and when it stops: vLLM's ``SamplingParams`` names and meanings."""
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 GREEDY_TEMPERATURE = 1e-5
+MAX_LOGIT_BIAS = 100.0
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # an odd 64-bit constant: copy j of a seeded request draws from seed + j * stride
 
 
 @dataclass(slots=True)
@@ -10,7 +13,8 @@ class SamplingParams:
     """Sampling and stopping options of one request.
 
     Attributes:
-        n: completions per prompt; only 1 is supported.
+        n: completions per prompt (>= 1). ``LLM.generate`` and the server run each as a request of its own
+            (``copies``); ``LLMEngine.add_request`` itself takes n = 1.
         temperature: 0 is exact greedy (argmax), and so is any temperature below ``GREEDY_TEMPERATURE`` (1e-5, as in
             vLLM); otherwise logits are divided by it before sampling.
         top_p: nucleus sampling, keep the smallest set of tokens whose probability mass reaches ``top_p``; in (0, 1].
@@ -35,6 +39,8 @@ class SamplingParams:
             the tokens before it and the N most likely tokens at its position (``RequestOutput.prompt_logprobs``).
             Such a request does not read the prefix cache (as in vLLM): every prompt position is computed.
         skip_special_tokens: leave special tokens out of the text.
+        logit_bias: {token id: bias in [-100, 100]} added to those logits before anything else (penalties,
+            temperature, filtering); logprobs stay those of the model.
     """
 
     n: int = 1
@@ -55,6 +61,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -67,8 +74,8 @@ class SamplingParams:
         for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _check_integer(name, getattr(self, name))
-        if self.n != 1:
-            raise ValueError(f"n must be 1 (n > 1 is not supported), got {self.n}")
+        if self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -105,6 +112,27 @@ class SamplingParams:
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in stop_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = stop_ids
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+            for token_id, bias in self.logit_bias.items():
+                if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                    raise ValueError(f"logit_bias keys must be non-negative token ids, got {token_id!r}")
+                if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -MAX_LOGIT_BIAS <= bias \
+                        <= MAX_LOGIT_BIAS:
+                    raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token "
+                                     f"{token_id}")
+
+    def copies(self) -> list["SamplingParams"]:
+        """The ``n`` single-completion requests these parameters stand for: n = 1 each; with a seed, copy ``j``
+        draws from its own seed (copy 0 from ``seed`` itself), so the n samples differ and are reproducible."""
+        if self.n == 1:
+            return [self]
+        result = []
+        for index in range(self.n):
+            seed = None if self.seed is None else (self.seed + index * _SEED_STRIDE) % (1 << 64)
+            result.append(dataclasses.replace(self, n=1, seed=seed))
+        return result
 
     @property
     def greedy(self) -> bool:

@@ -33,7 +33,8 @@ def _tokens(outputs):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(n=2), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2), dict(min_p=1.5),
+    dict(n=0), dict(n=1.5), dict(logit_bias={5: 100.5}), dict(logit_bias={-1: 1.0}), dict(logit_bias={"5": 1.0}),
+    dict(logit_bias=[5]), dict(logit_bias={5: True}), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2), dict(min_p=1.5),
     dict(max_tokens=0), dict(min_tokens=-1), dict(min_tokens=5, max_tokens=4), dict(repetition_penalty=0.0),
     dict(presence_penalty=2.5), dict(frequency_penalty=-3.0), dict(logprobs=-1), dict(stop=[""]),
     dict(stop=[1]), dict(stop_token_ids=[-1]), dict(seed="x"), dict(temperature=float("nan")),
@@ -67,6 +68,36 @@ def test_seeded_requests_do_not_depend_on_the_batch(llm):
     alone = _tokens(llm.generate(PROMPTS[:1], params[:1], use_tqdm=False))
     assert forward[:2] == backward[:2]
     assert alone[0] == forward[0]
+
+
+def test_n_completions_per_prompt(llm):
+    seeded = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=6, ignore_eos=True)
+    outputs = llm.generate(PROMPTS[:2], seeded, use_tqdm=False)
+    assert [len(output.outputs) for output in outputs] == [3, 3]
+    assert [completion.index for completion in outputs[0].outputs] == [0, 1, 2]
+    samples = [completion.token_ids for completion in outputs[0].outputs]
+    assert len({tuple(tokens) for tokens in samples}) > 1
+    again = llm.generate(PROMPTS[:2], seeded, use_tqdm=False)
+    assert [[c.token_ids for c in o.outputs] for o in again] == [[c.token_ids for c in o.outputs] for o in outputs]
+    single = llm.generate(PROMPTS[:1], SamplingParams(temperature=1.0, seed=11, max_tokens=6, ignore_eos=True),
+                          use_tqdm=False)
+    assert single[0].outputs[0].token_ids == samples[0]  # copy 0 samples like the request with n = 1
+    greedy = llm.generate(PROMPTS[:1], SamplingParams(n=2, temperature=0, max_tokens=4), use_tqdm=False)
+    assert greedy[0].outputs[0].token_ids == greedy[0].outputs[1].token_ids and greedy[0].finished
+    with pytest.raises(ValueError, match="n = 1"):
+        llm.engine.add_request("n2", PROMPTS[0], SamplingParams(n=2))
+
+
+def test_logit_bias(llm):
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logit_bias={42: 100.0})
+    assert _tokens(llm.generate(PROMPTS, params, use_tqdm=False)) == [[42] * 5] * 3
+    unbiased = _tokens(llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                                    use_tqdm=False))[0]
+    banned = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logit_bias={unbiased[0]: -100.0})
+    assert _tokens(llm.generate(PROMPTS[:1], banned, use_tqdm=False))[0][0] != unbiased[0]
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate(PROMPTS[:1], SamplingParams(logit_bias={10 ** 6: 1.0}), use_tqdm=False)
+    assert not llm.engine.requests
 
 
 def test_top_k_1_equals_greedy(llm):

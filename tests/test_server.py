@@ -225,7 +225,11 @@ def test_concurrent_requests(server, reference):
 
 @pytest.mark.parametrize("path, fields, param", [
     ("/v1/completions", {"temperature": -1}, "temperature"),
-    ("/v1/completions", {"n": 2}, "n"),
+    ("/v1/completions", {"n": 17}, "n"),
+    ("/v1/completions", {"n": 0}, "n"),
+    ("/v1/completions", {"logit_bias": {"x": 1}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"100000": 1}}, "logit_bias"),
     ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"top_p": 0}, "top_p"),
     ("/v1/completions", {"temperature": "hot"}, "temperature"),
@@ -247,7 +251,6 @@ def test_concurrent_requests(server, reference):
     # Fields the server does not implement, or misspells of real ones: refused, never ignored.
     ("/v1/chat/completions", {"echo": True}, "echo"),
     ("/v1/completions", {"suffix": "x"}, "suffix"),
-    ("/v1/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
     ("/v1/completions", {"best_of": 2}, "best_of"),
     ("/v1/completions", {"temprature": 0}, "temprature"),
     ("/v1/completions", {"stream_options": {"include_usage": True, "extra": 1}}, "stream_options"),
@@ -271,6 +274,31 @@ def test_bad_fields_are_400_naming_the_field(client, server, path, fields, param
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
     _wait_idle(server[1])
+
+
+def test_n_completions_seed_and_logit_bias(client):
+    body = {"prompt": ["Hello", "The sky"], "max_tokens": 6, "temperature": 1.0, "n": 3, "seed": 7,
+            "ignore_eos": True, "best_of": 3}
+    first = client.post("/v1/completions", json=body).json()
+    assert [choice["index"] for choice in first["choices"]] == list(range(6))
+    texts = [choice["text"] for choice in first["choices"]]
+    assert len(set(texts[:3])) > 1  # three different samples of the first prompt
+    assert client.post("/v1/completions", json=body).json()["choices"] == first["choices"]  # reproducible
+    one = client.post("/v1/completions", json=dict(body, prompt="Hello", n=1, best_of=None)).json()
+    prompt_tokens = sum(client.post("/tokenize", json={"prompt": p}).json()["count"] for p in body["prompt"])
+    assert first["usage"]["prompt_tokens"] == prompt_tokens  # each prompt counted once, not n times
+    assert first["usage"]["completion_tokens"] == 6 * 6
+    assert one["choices"][0]["text"] == texts[0]  # copy 0 of a seeded request samples like n = 1
+    with client.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                             "max_tokens": 4, "n": 2, "stream": True}) as response:
+        indices = {event["choices"][0]["index"] for event in _events(response)[:-1] if event["choices"]}
+    assert indices == {0, 1}
+    biased = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "temperature": 0,
+                                                  "ignore_eos": True, "logit_bias": {"42": 100}}).json()
+    assert biased["choices"][0]["logprobs"] is None
+    tokens = client.post("/tokenize", json={"prompt": biased["choices"][0]["text"],
+                                            "add_special_tokens": False}).json()["tokens"]
+    assert set(tokens) == {42}
 
 
 def test_room_for_max_tokens_and_user_are_accepted(client):

@@ -75,9 +75,9 @@ class LLMEngine:
                     prompt_token_ids: list[int] | None = None) -> None:
         """Queue a request; ``prompt`` is text or token ids (``prompt_token_ids`` overrides the tokenization).
 
-        Raises ValueError (and queues nothing) for a duplicate id, an empty prompt, token ids outside the
-        vocabulary, a prompt with no room for one new token within ``max_model_len``, or a request that needs more
-        KV blocks than the whole pool.
+        Raises ValueError (and queues nothing) for a duplicate id, n != 1, an empty prompt, token ids (of the
+        prompt or of ``logit_bias``) outside the vocabulary, a prompt with no room for one new token within
+        ``max_model_len``, or a request that needs more KV blocks than the whole pool.
         """
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -89,6 +89,12 @@ class LLMEngine:
             prompt_token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         if prompt_token_ids is None:
             raise ValueError("prompt must be a string or a list of token ids")
+        if params.n != 1:
+            raise ValueError(f"add_request takes n = 1 (got n = {params.n}): add params.copies() as requests of "
+                             "their own, as LLM.generate and the server do")
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise ValueError(f"logit_bias has token id {max(params.logit_bias)}, outside the vocabulary "
+                             f"[0, {self.vocab_size})")
         token_ids = _token_id_list(prompt_token_ids, self.vocab_size)
         if not token_ids:
             raise ValueError("prompt must not be empty (it has no tokens)")

@@ -1,7 +1,7 @@
 """Turns each sampling request's logits into its next token, with vLLM's semantics for every option.
 
-Order: penalties (repetition over prompt + output tokens, presence and frequency over output tokens), min_tokens
-(EOS and stop tokens masked), then greedy rows take the argmax; the other rows are divided by their temperature,
+Order: ``logit_bias``, penalties (repetition over prompt + output tokens, presence and frequency over output
+tokens), min_tokens (EOS and stop tokens masked), then greedy rows take the argmax; the other rows are divided by their temperature,
 filtered by top-k, top-p and min-p, and sampled by the exponential race ``argmax(p / q)``, q ~ Exp(1) — equivalent
 to drawing from ``p``. A request with a seed draws its q from its own ``torch.Generator``, one row of
 ``vocab_size`` draws per token, so its tokens do not depend on the rest of the batch or on its position in it.
@@ -47,6 +47,7 @@ class Sampler:
         params = [request.params for request in requests]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        logits = _apply_logit_bias(logits, params)
         logits = self._apply_penalties(logits, requests)
         logits = self._apply_min_tokens(logits, requests, eos_token_ids)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -174,3 +175,19 @@ def logprob_dicts(logprobs: torch.Tensor, token_ids: list[int], num_top: list[in
             entry.setdefault(index, Logprob(top_value, top_rank))
         result.append(entry)
     return result
+
+
+def _apply_logit_bias(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """``logits`` plus each row's ``logit_bias`` (a new tensor when any row has one), in one indexed add."""
+    rows, columns, biases = [], [], []
+    for row, row_params in enumerate(params):
+        if row_params.logit_bias:
+            rows += [row] * len(row_params.logit_bias)
+            columns += list(row_params.logit_bias)
+            biases += list(row_params.logit_bias.values())
+    if not rows:
+        return logits
+    device = logits.device
+    index = (torch.tensor(rows, device=device), torch.tensor(columns, device=device))
+    return logits.index_put(index, torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
+

@@ -185,7 +185,7 @@ def build_app(driver: EngineDriver, served_model_name: str, options: ServerOptio
         prompts = completion_prompts(body.prompt)
         response_id = f"cmpl-{uuid.uuid4().hex}"
         fmt = CompletionFormat(response_id, int(time.time()), served_model_name, params.logprobs,
-                               body.include_usage, body.echo, body.prompt_logprobs)
+                               body.include_usage, body.echo, body.prompt_logprobs, params.n)
         stream = await _add(driver, tokenization, response_id, fmt.prompt_builder(prompts), params, "prompt",
                             "max_tokens", options)
         return await _respond(stream, fmt, body.stream, request)
@@ -199,7 +199,8 @@ def build_app(driver: EngineDriver, served_model_name: str, options: ServerOptio
         max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         stream = await _add(driver, tokenization, response_id, chat_prompt_builder(messages), params, "messages",
                             max_tokens_field, options)
-        fmt = ChatFormat(response_id, int(time.time()), served_model_name, params.logprobs, body.include_usage)
+        fmt = ChatFormat(response_id, int(time.time()), served_model_name, params.logprobs, body.include_usage,
+                         params.n)
         return await _respond(stream, fmt, body.stream, request)
 
     def openapi() -> dict:
@@ -248,15 +249,21 @@ async def _add(driver: EngineDriver, tokenization: ServerTokenizer, response_id:
 
     def admit(engine) -> list[PromptItem]:
         limit = options.max_waiting_requests
-        if limit is not None and len(engine.scheduler.waiting) + len(items) > limit:
+        if limit is not None and len(engine.scheduler.waiting) + len(requests) > limit:
             raise InvalidRequestError(f"the server is overloaded: {len(engine.scheduler.waiting)} requests are "
                                       f"waiting (--max-waiting-requests {limit}); retry later", None,
                                       status_code=503, code="server_overloaded", error_type="server_error")
-        return items
+        return requests
 
+    vocab_size = driver.engine.vocab_size
+    if params.logit_bias and max(params.logit_bias) >= vocab_size:
+        raise InvalidRequestError(f"logit_bias has token id {max(params.logit_bias)}, outside the vocabulary "
+                                  f"[0, {vocab_size})", "logit_bias")
+    copies = params.copies()  # n completions per prompt, prompt-major: choice i * n + j is copy j of prompt i
     try:
         items = await tokenization.run(tokenized)
-        stream = await driver.add(response_id, admit, params)
+        requests = [item for item in items for _ in copies]
+        stream = await driver.add(response_id, admit, copies * len(items))
     except InvalidRequestError:
         raise
     except ValueError as error:

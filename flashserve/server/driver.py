@@ -109,13 +109,13 @@ class EngineDriver:
         return await asyncio.wrap_future(self.submit(fn))
 
     async def add(self, request_id: str, build_prompts: Callable[[LLMEngine], list[PromptItem]],
-                  params: SamplingParams) -> RequestStream:
+                  params: SamplingParams | list[SamplingParams]) -> RequestStream:
         """Add one engine request per prompt, all or none, and return their ``RequestStream``.
 
         Args:
             request_id: the group's id; request ``i`` is ``f"{request_id}-{i}"`` in the engine.
             build_prompts: called in the engine thread (it may use ``engine.tokenizer``) to give the prompts.
-            params: the sampling parameters of every request of the group.
+            params: the sampling parameters of every request of the group, or a list of one per prompt.
 
         Raises ValueError (nothing is added) when ``build_prompts`` or ``LLMEngine.add_request`` does; a message
         about prompt ``i`` of several starts with ``prompt[i]:``.
@@ -126,9 +126,10 @@ class EngineDriver:
             prompts = build_prompts(engine)
             ids = [f"{request_id}-{index}" for index in range(len(prompts))]
             stream = RequestStream(self, ids, loop)
+            params_list = params if isinstance(params, list) else [params] * len(prompts)
             for index, (engine_id, (text, token_ids)) in enumerate(zip(ids, prompts)):
                 try:
-                    engine.add_request(engine_id, text, params, prompt_token_ids=token_ids)
+                    engine.add_request(engine_id, text, params_list[index], prompt_token_ids=token_ids)
                 except Exception as error:
                     engine.abort_request(ids[:index])
                     if not isinstance(error, ValueError):

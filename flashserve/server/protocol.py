@@ -2,9 +2,10 @@
 
 Field names and defaults follow OpenAI's API, plus vLLM's extra sampling fields (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``,
-``skip_special_tokens``, ``prompt_logprobs``). A field the server does not implement (``suffix``, ``logit_bias``,
-``best_of``, chat ``echo``, ``response_format``, ``tools``, a misspelt name, ...) is refused, never ignored: the body
-models forbid extra fields and the app answers 400 naming it. ``user`` (an end-user identifier that changes no
+``skip_special_tokens``, ``prompt_logprobs``); ``n`` up to 16, ``logit_bias`` (token id -> bias in [-100, 100]),
+``best_of`` equal to ``n``. A field the server does not implement (``suffix``, chat ``echo``, ``response_format``,
+``tools``, a misspelt name, ...) is refused, never ignored: the body models forbid extra fields and the app answers
+400 naming it; so is a ``best_of`` it cannot honour (other than ``n``). ``user`` (an end-user identifier that changes no
 output) is accepted. Invalid values raise ``InvalidRequestError`` naming the field, which the app turns into an HTTP
 400 with an OpenAI-style error body.
 """
@@ -12,6 +13,8 @@ from pydantic import BaseModel, ConfigDict
 
 from flashserve.sampling_params import SamplingParams
 
+MAX_N = 16
+"""The most completions one request may ask for per prompt."""
 MAX_LOGPROBS = 20
 """The most top log-probabilities a request may ask for per token (vLLM's default ``max_logprobs``)."""
 SEED_RANGE = (-(1 << 63), 1 << 64)
@@ -79,6 +82,7 @@ class _GenerationRequest(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -100,13 +104,23 @@ class _GenerationRequest(BaseModel):
             raise InvalidRequestError("prompt_logprobs are not available when stream is true (as in vLLM)",
                                       "prompt_logprobs")
         prompt_logprobs = self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs
+        if not 1 <= self.n <= MAX_N:
+            raise InvalidRequestError(f"n must be in [1, {MAX_N}], got {self.n}", "n")
+        logit_bias = None
+        if self.logit_bias is not None:
+            try:
+                logit_bias = {int(token): bias for token, bias in self.logit_bias.items()}
+            except ValueError:
+                raise InvalidRequestError("logit_bias keys must be token ids (integers as strings), got "
+                                          f"{list(self.logit_bias)}", "logit_bias") from None
         values = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                       seed=self.seed, min_tokens=self.min_tokens, stop=self.stop,
                       stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                       include_stop_str_in_output=self.include_stop_str_in_output,
                       repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                       frequency_penalty=self.frequency_penalty, logprobs=logprobs,
-                      prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens)
+                      prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
+                      logit_bias=logit_bias)
         try:
             given = {name: value for name, value in values.items() if value is not None}
             return SamplingParams(**given, max_tokens=max_tokens)
@@ -129,6 +143,7 @@ class CompletionRequest(_GenerationRequest):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    best_of: int | None = None
 
     def sampling_params(self) -> SamplingParams:
         """The request's SamplingParams; ``InvalidRequestError`` naming the field for an invalid value.
@@ -137,6 +152,9 @@ class CompletionRequest(_GenerationRequest):
         tokens as the larger asks for), and for ``echo`` with ``max_tokens: 0`` (a request that only scores its
         prompt; with neither logprobs field it asks for none beyond the prompt token's own).
         """
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError(f"best_of must equal n ({self.n}) on this server (it does not rank extra "
+                                      f"samples), got {self.best_of}", "best_of")
         if self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None:
             raise InvalidRequestError("max_tokens must be >= 1, or 0 with echo or prompt_logprobs (to only score "
                                       "the prompt)", "max_tokens")

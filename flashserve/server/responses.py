@@ -66,9 +66,10 @@ def prompt_logprobs_body(choice: Choice, num_top: int | None = None) -> list[dic
     return body
 
 
-def usage(choices: list[Choice]) -> dict:
-    """OpenAI's ``usage``: prompt, completion and total token counts over all choices."""
-    prompt_tokens = sum(choice.num_prompt_tokens for choice in choices)
+def usage(choices: list[Choice], n: int = 1) -> dict:
+    """OpenAI's ``usage``: prompt, completion and total token counts over all choices; with ``n`` completions per
+    prompt (choices prompt-major) each prompt counts once."""
+    prompt_tokens = sum(choice.num_prompt_tokens for choice in choices[::n])
     completion_tokens = sum(len(choice.token_ids) for choice in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -86,12 +87,13 @@ class _Format:
     chunk_object_name = ""
 
     def __init__(self, response_id: str, created: int, model: str, num_top_logprobs: int | None,
-                 include_usage: bool = False):
+                 include_usage: bool = False, n: int = 1):
         self.response_id = response_id
         self.created = created
         self.model = model
         self.num_top_logprobs = num_top_logprobs
         self.include_usage = include_usage
+        self.n = n  # completions per prompt: choice i * n + j is completion j of prompt i
 
     def _body(self, object_name: str, choices: list[dict]) -> dict:
         return {"id": self.response_id, "object": object_name, "created": self.created, "model": self.model,
@@ -105,7 +107,7 @@ class _Format:
 
     def usage_chunk(self, choices: list[Choice]) -> dict:
         """The last chunk of a stream with ``include_usage``: no choices, the usage."""
-        return dict(self._body(self.chunk_object_name, []), usage=usage(choices))
+        return dict(self._body(self.chunk_object_name, []), usage=usage(choices, self.n))
 
 
 class CompletionFormat(_Format):
@@ -121,8 +123,9 @@ class CompletionFormat(_Format):
     object_name = chunk_object_name = "text_completion"
 
     def __init__(self, response_id: str, created: int, model: str, num_top_logprobs: int | None,
-                 include_usage: bool = False, echo: bool = False, num_prompt_logprobs: int | None = None):
-        super().__init__(response_id, created, model, num_top_logprobs, include_usage)
+                 include_usage: bool = False, echo: bool = False, num_prompt_logprobs: int | None = None,
+                 n: int = 1):
+        super().__init__(response_id, created, model, num_top_logprobs, include_usage, n)
         self.echo: list[EchoedPrompt] | None = [] if echo else None
         self.num_prompt_logprobs = num_prompt_logprobs
         self._stream_offsets: dict[int, int] = {}
@@ -149,12 +152,12 @@ class CompletionFormat(_Format):
         offsets start at ``text_offset``, and the offset after them is kept for the next chunk of a stream."""
         pairs = list(zip(token_ids, logprobs or ()))
         if echoes:
-            text = self.echo[index].text + text
+            text = self.echo[index // self.n].text + text
             if self.num_top_logprobs is not None:
                 pairs = list(zip(choice.prompt_token_ids, choice.prompt_logprobs)) + pairs
         body = {"index": index, "text": text, "logprobs": None, "finish_reason": choice.finish_reason}
         if self.num_top_logprobs is not None:
-            first_token = self.echo[index].first_token if echoes else ""
+            first_token = self.echo[index // self.n].first_token if echoes else ""
             body["logprobs"], self._stream_offsets[index] = self._logprobs(pairs, first_token, text_offset)
         return body
 
@@ -197,7 +200,7 @@ class CompletionFormat(_Format):
             if self.num_prompt_logprobs is not None:
                 body["prompt_logprobs"] = prompt_logprobs_body(choice, self.num_prompt_logprobs)
             bodies.append(body)
-        return dict(self._body(self.object_name, bodies), usage=usage(choices))
+        return dict(self._body(self.object_name, bodies), usage=usage(choices, self.n))
 
 
 class ChatFormat(_Format):
@@ -235,7 +238,7 @@ class ChatFormat(_Format):
             for index, choice in enumerate(choices)])
         if choices and choices[0].prompt_logprobs is not None:
             body["prompt_logprobs"] = prompt_logprobs_body(choices[0])
-        return dict(body, usage=usage(choices))
+        return dict(body, usage=usage(choices, self.n))
 
 
 def _token_logprob(entry: Logprob) -> dict:
