@@ -223,6 +223,28 @@ def test_invalid_arguments_raise_value_error(name, change):
         flash_attn_with_kvcache(**args)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_dense_cache_with_more_rows_than_the_batch(backend, monkeypatch):
+    """FA2 accepts a dense cache whose batch is larger than q's: sequence b reads (and appends to) row b."""
+    if backend == "torch":
+        monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 1, 4, 32, generator=generator).half()
+    k_cache = torch.randn(5, 24, 2, 32, generator=generator).half()
+    v_cache = torch.randn(5, 24, 2, 32, generator=generator).half()
+    k_new = torch.randn(2, 1, 2, 32, generator=generator).half()
+    v_new = torch.randn(2, 1, 2, 32, generator=generator).half()
+    seqlens = torch.tensor([7, 13], dtype=torch.int32)
+    caches = k_cache.clone(), v_cache.clone()
+    out = flash_attn_with_kvcache(q, *caches, k=k_new, v=v_new, cache_seqlens=seqlens, causal=True)
+    expected = flash_attn_with_kvcache(q, k_cache[:2].clone(), v_cache[:2].clone(), k=k_new, v=v_new,
+                                       cache_seqlens=seqlens, causal=True)
+    assert torch.equal(out, expected)
+    assert torch.equal(caches[0][1, 13], k_new[1, 0]) and torch.equal(caches[0][2:], k_cache[2:])
+    with pytest.raises(ValueError, match="k_cache"):
+        flash_attn_with_kvcache(torch.randn(6, 1, 4, 32).half(), k_cache, v_cache, cache_seqlens=3)
+
+
 def test_cache_leftpad_is_not_implemented():
     args = _valid_args()
     with pytest.raises(NotImplementedError, match="cache_leftpad"):

@@ -10,6 +10,11 @@ from flashserve.kernels.flash_attn_interface import (
     flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
 )
+from flashserve.kernels.packed_interface import (
+    flash_attn_kvpacked_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 
 # Decode attention (flash-decoding), merging attention states, the KV-cache write, fused layer helpers.
 from flashserve.kernels.activation import silu_and_mul

@@ -223,7 +223,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Args:
         q: (B, Sq, H, D) fp16/bf16/fp32 (fp32 runs with IEEE fp32 dots), last dimension contiguous; D <= 256.
         k_cache, v_cache: paged (num_blocks, page_size, Hk, D) with ``block_table``, any page_size >= 1; or dense
-            (B_cache, max_seqlen, Hk, D). Any strides with the last dimension contiguous. ``H % Hk == 0``.
+            (B_cache, max_seqlen, Hk, D), sequence b in row ``cache_batch_idx[b]`` or, without it, row b
+            (B_cache >= B). Any strides with the last dimension contiguous. ``H % Hk == 0``.
         k, v: optional (B, Snew, Hk, D) new tokens, written into the caches in place at positions
             ``cache_seqlens[b] .. cache_seqlens[b] + Snew - 1`` before attention (requires ``cache_seqlens``).
         rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2), rotary_dim <= D, seqlen_ro >= the cache

@@ -44,8 +44,8 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
         if cache_batch_idx is not None:
             _validate.check_index_tensor("cache_batch_idx", cache_batch_idx, 1, device)
             _validate.check_shape("cache_batch_idx", cache_batch_idx, (batch,))
-        elif k_cache.shape[0] != batch:
-            raise ValueError(f"k_cache must have {batch} rows (dense cache without cache_batch_idx), "
+        elif k_cache.shape[0] < batch:  # FA2: the cache's batch is its own, sequence b uses row b
+            raise ValueError(f"k_cache must have at least {batch} rows (dense cache without cache_batch_idx), "
                              f"got shape {tuple(k_cache.shape)}")
         capacity = k_cache.shape[1]
     if (k is None) != (v is None):
