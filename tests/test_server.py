@@ -510,6 +510,51 @@ def test_serve_command_reports_a_bad_model_directory(tmp_path, capsys):
     assert "two models" in capsys.readouterr().err
 
 
+def test_serve_command_end_to_end(model_dir, tmp_path):
+    """``python -m flashserve serve DIR`` as a user runs it: the start-up line, a completion with the API key from
+    the environment, the CORS header, a chat template file, and a clean exit on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    env = dict(os.environ, FLASHSERVE_ATTENTION_BACKEND="torch", FLASHSERVE_API_KEY="k3y")
+    command = [sys.executable, "-m", "flashserve", "serve", model_dir, "--port", str(port), "--device", "cpu",
+               "--dtype", "float32", "--max-model-len", "128", "--num-kv-blocks", "64", "--block-size", "4",
+               "--allowed-origins", "http://app.example", "--chat-template", str(template),
+               "--uvicorn-log-level", "warning"]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        base_url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base_url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        headers = {"Authorization": "Bearer k3y", "Origin": "http://app.example"}
+        name = os.path.basename(model_dir)
+        response = httpx.post(base_url + "/v1/completions", headers=headers, timeout=30,
+                              json={"model": name, "prompt": "Hi", "max_tokens": 3, "ignore_eos": True})
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
+        assert response.headers["access-control-allow-origin"] == "http://app.example"
+        assert httpx.post(base_url + "/v1/completions", json={"prompt": "Hi"}, timeout=30).status_code == 401
+        tokens = httpx.post(base_url + "/tokenize", timeout=30,
+                            json={"messages": [{"role": "user", "content": "Hi"}]}).json()["tokens"]
+        prompt = httpx.post(base_url + "/detokenize", json={"tokens": tokens}, timeout=30).json()["prompt"]
+        assert prompt == "Hi\n"  # the template file's rendering
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    # uvicorn shuts down gracefully, then re-raises the signal it caught: a SIGTERM exit status, no traceback.
+    assert process.returncode in (0, -signal.SIGTERM) and "Traceback" not in stderr, stderr
+    assert f"serving '{os.path.basename(model_dir)}' (LlamaForCausalLM" in stderr and "API key required" in stderr
+
+
 def test_serve_command_checks_port_and_template_before_loading(tmp_path, capsys, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("the model must not load")
