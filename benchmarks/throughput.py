@@ -62,6 +62,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup-requests", type=int, default=None,
                         help="requests of workload 1's untimed warm-up run (default: --num-requests)")
     parser.add_argument("--quick", action="store_true", help="tiny model and workloads (CPU smoke run)")
+    parser.add_argument("--write-checkpoint", metavar="DIR", default=None,
+                        help="only write the benchmark's random checkpoint into DIR (e.g. to serve it) and exit")
     args = parser.parse_args()
     if args.quick:
         args.num_requests, args.min_len, args.max_len = 8, 8, 32
@@ -239,6 +241,9 @@ def _plot(result: dict, path: str) -> None:
 
 def main() -> None:
     args = _parse_args()
+    if args.write_checkpoint is not None:
+        _build_model(args, args.write_checkpoint)
+        return
     os.makedirs(args.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as directory:
         model = args.model or _build_model(args, directory)
