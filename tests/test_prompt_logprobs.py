@@ -8,7 +8,6 @@ Runs on the PyTorch reference attention, except one test through the environment
 import json
 import random
 
-import httpx
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -17,7 +16,7 @@ from flashserve import LLM, SamplingParams
 from flashserve.engine.prompt_logprobs import PromptLogprobRows
 from flashserve.engine.request import Request
 from flashserve.engine.scheduler import ScheduledBatch
-from test_server import ENGINE_OPTIONS, _events, _wait_idle, client, model_dir, server  # noqa: F401 (fixtures)
+from test_server import _events, _wait_idle, client, model_dir, server  # noqa: F401 (fixtures)
 
 TOLERANCE = 1e-4
 GREEDY = dict(temperature=0, max_tokens=4, ignore_eos=True)
