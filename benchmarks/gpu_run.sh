@@ -18,7 +18,8 @@ steps=${*:-tests prefill layouts decode merge cache}
     echo "=== $step $(date -u +%FT%TZ)"
     limit_var=TIMEOUT_${step}; limit=${!limit_var:-${STEP_TIMEOUT_S:-300}}
     case $step in
-      tests) timeout "$limit" python3 -m pytest -q -m gpu -n ${PYTEST_WORKERS:-12} --tb=short -rf tests ;;
+      tests) FLASHSERVE_AUTOTUNE=${FLASHSERVE_AUTOTUNE:-0} timeout "$limit" python3 -m pytest -q -m gpu \
+               -n ${PYTEST_WORKERS:-12} --tb=short -rf tests ;;
       prefill) timeout "$limit" python3 benchmarks/bench_prefill.py --out "$RESULTS" ;;
       layouts) timeout "$limit" python3 benchmarks/bench_layouts.py --out "$RESULTS" ;;
       decode) timeout "$limit" python3 benchmarks/bench_decode.py --out "$RESULTS" ;;

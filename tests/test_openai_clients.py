@@ -6,12 +6,12 @@ import os
 import random
 
 import httpx
-import openai
 import pytest
 
+from flashserve.models.checkpoint import write_random_checkpoint
 from test_server import ENGINE_OPTIONS, MODEL_NAME, _running_server
 
-from flashserve.models.checkpoint import write_random_checkpoint
+openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,19 @@ import time
 
 import httpx
 import pytest
-import uvicorn
 
-from flashserve import LLM, SamplingParams
-from flashserve.cli import main
-from flashserve.config import Config
-from flashserve.engine.llm_engine import LLMEngine
-from flashserve.models.checkpoint import write_random_checkpoint
-from flashserve.server import EngineDriver, build_app
-from flashserve.server.launch import startup_line
-from flashserve.server.options import ServerOptions
+# The GPU image has no server stack unless its wheels are carried (see benchmarks/serving_gpu.sh): skip there.
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from flashserve import LLM, SamplingParams  # noqa: E402
+from flashserve.cli import main  # noqa: E402
+from flashserve.config import Config  # noqa: E402
+from flashserve.engine.llm_engine import LLMEngine  # noqa: E402
+from flashserve.models.checkpoint import write_random_checkpoint  # noqa: E402
+from flashserve.server import EngineDriver, build_app  # noqa: E402
+from flashserve.server.launch import startup_line  # noqa: E402
+from flashserve.server.options import ServerOptions  # noqa: E402
 
 MODEL_NAME = "tiny-llama"
 ENGINE_OPTIONS = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=96, max_model_len=128)
