@@ -2,14 +2,13 @@
 echo, seed, logit_bias, errors), and a few hundred generated malformed requests (each a 4xx with OpenAI's error
 body, the server alive afterwards)."""
 import json
-import os
 import random
 
 import httpx
 import pytest
 
 from flashserve.models.checkpoint import write_random_checkpoint
-from test_server import ENGINE_OPTIONS, MODEL_NAME, _running_server
+from test_server import MODEL_NAME, reference_server
 
 openai = pytest.importorskip("openai")
 
@@ -17,16 +16,8 @@ openai = pytest.importorskip("openai")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model_dir = write_random_checkpoint(str(tmp_path_factory.mktemp("clients-llama")), "LlamaForCausalLM", seed=12)
-    previous = os.environ.get("FLASHSERVE_ATTENTION_BACKEND")
-    os.environ["FLASHSERVE_ATTENTION_BACKEND"] = "torch"
-    try:
-        with _running_server(model_dir, ENGINE_OPTIONS) as running:
-            yield running
-    finally:
-        if previous is None:
-            os.environ.pop("FLASHSERVE_ATTENTION_BACKEND", None)
-        else:
-            os.environ["FLASHSERVE_ATTENTION_BACKEND"] = previous
+    with reference_server(model_dir) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -58,9 +58,9 @@ def _running_server(model_dir: str, engine_options: dict, options: ServerOptions
         sock.close()
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
-    """(base URL, driver) of a running server; the reference attention is forced for the module."""
+@contextlib.contextmanager
+def reference_server(model_dir: str):
+    """``_running_server`` with ENGINE_OPTIONS and the reference attention forced while it runs."""
     previous = os.environ.get("FLASHSERVE_ATTENTION_BACKEND")
     os.environ["FLASHSERVE_ATTENTION_BACKEND"] = "torch"
     try:
@@ -71,6 +71,13 @@ def server(model_dir):
             os.environ.pop("FLASHSERVE_ATTENTION_BACKEND", None)
         else:
             os.environ["FLASHSERVE_ATTENTION_BACKEND"] = previous
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """(base URL, driver) of a running server; the reference attention is forced for the module."""
+    with reference_server(model_dir) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
