@@ -70,6 +70,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.scoring: set[str] = set()
         self.stats = EngineStats()
+        self._token_texts: dict[tuple[int, bool], str] = {}  # (token id, skip_special_tokens) -> its text alone
 
     def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None) -> None:
@@ -212,11 +213,17 @@ class LLMEngine:
             self.scheduler.finish(request, reason)
 
     def _decode_logprobs(self, request: Request, entries: list[dict[int, Logprob]]) -> None:
-        """Set the ``decoded_token`` of every Logprob of ``entries``: its token's text on its own."""
+        """Set the ``decoded_token`` of every Logprob of ``entries``: its token's text on its own (each token is
+        decoded once per engine and remembered: prompt logprobs with many top tokens repeat the same few)."""
         skip_special_tokens = request.params.skip_special_tokens
+        texts = self._token_texts
         for entry in entries:
             for token_id, logprob in entry.items():
-                logprob.decoded_token = self.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
+                key = (token_id, skip_special_tokens)
+                text = texts.get(key)
+                if text is None:
+                    text = texts[key] = self.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
+                logprob.decoded_token = text
 
     def _new_output(self, request: Request) -> RequestOutput:
         """The request's text, tokens and logprobs not yet returned by ``step``, and its prompt logprobs if this is
