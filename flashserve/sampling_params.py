@@ -123,6 +123,12 @@ class SamplingParams:
                     raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token "
                                      f"{token_id}")
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """ValueError (starting with "logit_bias") when ``logit_bias`` names a token outside [0, vocab_size)."""
+        if self.logit_bias and max(self.logit_bias) >= vocab_size:
+            raise ValueError(f"logit_bias has token id {max(self.logit_bias)}, outside the vocabulary "
+                             f"[0, {vocab_size})")
+
     def copies(self) -> list["SamplingParams"]:
         """The ``n`` single-completion requests these parameters stand for: n = 1 each; with a seed, copy ``j``
         draws from its own seed (copy 0 from ``seed`` itself), so the n samples differ and are reproducible."""

@@ -34,7 +34,8 @@ def _tokens(outputs):
 
 @pytest.mark.parametrize("kwargs", [
     dict(n=0), dict(n=1.5), dict(logit_bias={5: 100.5}), dict(logit_bias={-1: 1.0}), dict(logit_bias={"5": 1.0}),
-    dict(logit_bias=[5]), dict(logit_bias={5: True}), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2), dict(min_p=1.5),
+    dict(logit_bias=[5]), dict(logit_bias={5: True}), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5),
+    dict(top_k=-2), dict(min_p=1.5),
     dict(max_tokens=0), dict(min_tokens=-1), dict(min_tokens=5, max_tokens=4), dict(repetition_penalty=0.0),
     dict(presence_penalty=2.5), dict(frequency_penalty=-3.0), dict(logprobs=-1), dict(stop=[""]),
     dict(stop=[1]), dict(stop_token_ids=[-1]), dict(seed="x"), dict(temperature=float("nan")),

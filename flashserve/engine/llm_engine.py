@@ -93,9 +93,7 @@ class LLMEngine:
         if params.n != 1:
             raise ValueError(f"add_request takes n = 1 (got n = {params.n}): add params.copies() as requests of "
                              "their own, as LLM.generate and the server do")
-        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
-            raise ValueError(f"logit_bias has token id {max(params.logit_bias)}, outside the vocabulary "
-                             f"[0, {self.vocab_size})")
+        params.check_vocabulary(self.vocab_size)
         token_ids = _token_id_list(prompt_token_ids, self.vocab_size)
         if not token_ids:
             raise ValueError("prompt must not be empty (it has no tokens)")

@@ -78,16 +78,16 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or limit
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.sampler = Sampler(self.device, config.seed)
-        self.max_logit_rows = max(1, min(config.max_num_seqs, config.max_num_batched_tokens))
+        # the most requests a step can sample: the largest decode batch, and the most prompt-logprob rows at once
+        self.max_logit_rows = min(config.max_num_seqs, config.max_num_batched_tokens)
         use_graphs = self.device.type == "cuda" and not config.enforce_eager
-        largest_decode = min(config.max_num_seqs, config.max_num_batched_tokens)
-        graph_sizes = capture_sizes(config.max_cudagraph_capture_size, largest_decode) if use_graphs else []
+        graph_sizes = capture_sizes(config.max_cudagraph_capture_size, self.max_logit_rows) if use_graphs else []
         padded_rows = graph_sizes[-1] if graph_sizes else 0
         self.inputs = InputBuffers(max(config.max_num_batched_tokens, padded_rows),
                                    max(config.max_num_seqs, padded_rows), self.max_blocks_per_seq, self.block_size,
                                    self.device)
         start = self._phase("load_weights", start, f"{_parameter_bytes(self.model) / GIB:.2f} GiB of weights")
-        self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks(graph_sizes[-1:])
+        self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks(padded_rows)
         spec = self.spec
         self.kv_cache = torch.zeros(spec.num_layers, 2, self.num_kv_blocks, self.block_size, spec.num_kv_heads,
                                     spec.head_dim, dtype=self.dtype, device=self.device)
@@ -98,7 +98,7 @@ class ModelRunner:
                             f"({self.num_kv_blocks * self.block_size} tokens, {self.kv_cache.nbytes / GIB:.2f} GiB)")
         self.graphs = None
         if self.device.type == "cuda":
-            eager_sizes = range(padded_rows + 1, largest_decode + 1)
+            eager_sizes = range(padded_rows + 1, self.max_logit_rows + 1)
             passes = self.warm_up(eager_sizes)
             start = self._phase("warm_up", start, f"{passes} forward passes")
         if graph_sizes:
@@ -133,11 +133,11 @@ class ModelRunner:
         element = torch.empty((), dtype=self.dtype).element_size()
         return spec.num_layers * 2 * self.block_size * spec.num_kv_heads * spec.head_dim * element
 
-    def _default_num_blocks(self, graph_sizes: list[int]) -> int:
-        """The KV pool size when ``num_kv_blocks`` is not given (see the module docstring); ``graph_sizes`` holds
-        the largest CUDA-graph batch size, if any."""
+    def _default_num_blocks(self, largest_graph: int) -> int:
+        """The KV pool size when ``num_kv_blocks`` is not given (see the module docstring); ``largest_graph`` is the
+        largest CUDA-graph batch size (0: no graphs)."""
         if self.device.type == "cuda":
-            return self._profile_num_blocks(graph_sizes)
+            return self._profile_num_blocks(largest_graph)
         tokens = max(self.max_model_len, 4 * self.config.max_num_batched_tokens)
         num_blocks = -(-tokens // self.block_size)
         if num_blocks * self.block_bytes > CPU_KV_CACHE_MAX_BYTES:
@@ -145,16 +145,16 @@ class ModelRunner:
         return num_blocks
 
     @torch.inference_mode()
-    def _profile_num_blocks(self, graph_sizes: list[int]) -> int:
+    def _profile_num_blocks(self, largest_graph: int) -> int:
         """Run the largest step (and the largest graph's decode batch) over a stand-in cache, measure the peaks,
         and size the pool from what is left."""
         num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
         num_seqs = max(1, min(self.config.max_num_seqs, num_tokens))
         activation_bytes = self._profile_step(num_tokens, num_seqs)
         graph_bytes = 0
-        if graph_sizes:
-            size = graph_sizes[-1]
-            graph_bytes = self._profile_step(size, size, sample=False) + size * self.spec.vocab_size * 4
+        if largest_graph:
+            graph_bytes = (self._profile_step(largest_graph, largest_graph, sample=False)
+                           + largest_graph * self.spec.vocab_size * 4)
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * self.config.gpu_memory_utilization - (total - free) - activation_bytes - graph_bytes
         num_blocks = int(budget // self.block_bytes)

@@ -1,9 +1,9 @@
 """Turns each sampling request's logits into its next token, with vLLM's semantics for every option.
 
 Order: ``logit_bias``, penalties (repetition over prompt + output tokens, presence and frequency over output
-tokens), min_tokens (EOS and stop tokens masked), then greedy rows take the argmax; the other rows are divided by their temperature,
-filtered by top-k, top-p and min-p, and sampled by the exponential race ``argmax(p / q)``, q ~ Exp(1) — equivalent
-to drawing from ``p``. A request with a seed draws its q from its own ``torch.Generator``, one row of
+tokens), min_tokens (EOS and stop tokens masked), then greedy rows take the argmax; the other rows are divided by
+their temperature, filtered by top-k, top-p and min-p, and sampled by the exponential race ``argmax(p / q)``,
+q ~ Exp(1) — equivalent to drawing from ``p``. A request with a seed draws its q from its own ``torch.Generator``, one row of
 ``vocab_size`` draws per token, so its tokens do not depend on the rest of the batch or on its position in it.
 Requests without a seed share the engine's generator. Common batches take short paths with the same results: all
 greedy is one argmax; all sampling skips the argmax and the row gathers; no seeds draws all the noise at once.

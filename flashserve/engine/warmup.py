@@ -25,7 +25,7 @@ from flashserve.sampling_params import SamplingParams
 def warm_up_prefill(runner, show_progress: bool = True) -> int:
     """Run the prefill variants; returns the number of forward passes."""
     max_query = min(runner.config.max_num_batched_tokens, runner.max_model_len)
-    pairs = [(q, k) for q, k in paged_attention.prefill_warmup_lengths(max_query, runner.max_model_len)]
+    pairs = paged_attention.prefill_warmup_lengths(max_query, runner.max_model_len)
     device = runner.device
     block_table = torch.zeros((1, runner.max_blocks_per_seq), dtype=torch.int32, device=device)
     for query_length, key_length in tqdm(pairs, desc="Warming up prefill kernels", unit="shape",

@@ -255,10 +255,10 @@ async def _add(driver: EngineDriver, tokenization: ServerTokenizer, response_id:
                                       status_code=503, code="server_overloaded", error_type="server_error")
         return requests
 
-    vocab_size = driver.engine.vocab_size
-    if params.logit_bias and max(params.logit_bias) >= vocab_size:
-        raise InvalidRequestError(f"logit_bias has token id {max(params.logit_bias)}, outside the vocabulary "
-                                  f"[0, {vocab_size})", "logit_bias")
+    try:
+        params.check_vocabulary(driver.engine.vocab_size)
+    except ValueError as error:
+        raise InvalidRequestError(str(error), "logit_bias") from None
     copies = params.copies()  # n completions per prompt, prompt-major: choice i * n + j is copy j of prompt i
     try:
         items = await tokenization.run(tokenized)
