@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The server issue's serving runs on the GPU machine, in one call: a random-weight Qwen3-0.6B-shaped checkpoint,
 # `flashserve serve` on it, then benchmarks/serving.py with 4K in : 1K out and 8K in : 64 out at concurrency 16,
-# the /metrics text, and the server's GPU test. Usage (repo root, on the device machine):
+# the inter-token latency under a flood of long prompts (benchmarks/itl_flood.py), the /metrics text, and the
+# server's GPU test. Usage (repo root, on the device machine):
 #   bash benchmarks/serving_gpu.sh OUT_DIR
 # SMOKE=1 checks the script on a CPU: a tiny model, 4 prompts of 32 tokens asking for 8, no GPU test.
 #
@@ -39,6 +40,12 @@ for workload in "${workloads[@]}"; do
   python3 benchmarks/serving.py --base-url "http://127.0.0.1:$port" --tokenizer "$model" --num-prompts "$prompts" \
     --random-input-len "$1" --random-output-len "$2" --max-concurrency 16 --out "$out/serving-$1-$2"
 done
+if [ "$smoke" = 1 ]; then
+  flood=(--streams 2 --output-len 16 --flood 2 --flood-bytes 200000 --prefill-words 10)
+else
+  flood=(--streams 8 --output-len 256 --flood 4 --flood-bytes 1000000 --prefill-words 800)
+fi
+python3 benchmarks/itl_flood.py --base-url "http://127.0.0.1:$port" "${flood[@]}" --out "$out"
 curl -s "http://127.0.0.1:$port/metrics" > "$out/metrics.txt"
 kill "$server"
 wait "$server"
