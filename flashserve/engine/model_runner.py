@@ -35,7 +35,7 @@ from flashserve.engine.prompt_logprobs import PromptLogprobRows
 from flashserve.engine.request import Request
 from flashserve.engine.sampler import Sampler
 from flashserve.engine.scheduler import ScheduledBatch
-from flashserve.kernels import tuning_cache
+from flashserve.kernels import skinny_gemm_plans, tuning_cache
 from flashserve.models.loader import load_model
 from flashserve.outputs import Logprob
 
@@ -115,12 +115,14 @@ class ModelRunner:
         return now
 
     def warm_up(self, decode_batch_sizes: range, show_progress: bool = True) -> int:
-        """Compile (and autotune) every kernel variant of the prefill, eager decode and sampling paths
-        (``flashserve.engine.warmup``); returns the number of forward passes run. Autotuning results are saved
-        to disk (``flashserve.kernels.tuning_cache``), so the next start skips the tuning. The sampler's shared
-        random stream starts afresh afterwards."""
-        passes = warmup.warm_up_prefill(self, show_progress)
-        passes += warmup.warm_up_decode(self, decode_batch_sizes, show_progress)
+        """Compile (and autotune) every kernel variant of the prefill, eager decode, small-M matrix product and
+        sampling paths (``flashserve.engine.warmup``); returns the number of forward passes run. Autotuning
+        results are saved to disk (``flashserve.kernels.tuning_cache``), so the next start skips the tuning. The
+        sampler's shared random stream starts afresh afterwards."""
+        with skinny_gemm_plans.tuning():
+            passes = warmup.warm_up_prefill(self, show_progress)
+            passes += warmup.warm_up_decode(self, decode_batch_sizes, show_progress)
+            passes += warmup.warm_up_linear(self, show_progress)
         warmup.warm_up_sampler(self)
         tuning_cache.save_all()
         self.sampler = Sampler(self.device, self.config.seed)

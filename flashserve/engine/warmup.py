@@ -11,6 +11,10 @@ shape is covered), with dummy inputs that write nothing into the KV cache (slot 
 - decode: one forward pass per distinct decode launch variant over the batch sizes that run eagerly (all of
   them with ``enforce_eager``, else those above the largest CUDA graph: captured sizes are compiled by their
   capture);
+- the small-M matrix products: one prefill pass (and the LM head over every row) per row bucket of
+  ``flashserve.kernels.skinny_gemm_plans`` up to ``MAX_ROWS``, so that every projection has its plan (measured
+  once against cuBLAS inside ``skinny_gemm_plans.tuning()``, which ``ModelRunner.warm_up`` opens, or read from
+  disk) and its kernels compiled before any graph is captured;
 - the sampler: greedy, sampled (temperature, top-k, top-p, min-p, seeded), penalties and logprobs.
 """
 import torch
@@ -18,7 +22,7 @@ from tqdm.auto import tqdm
 
 from flashserve.context import AttentionContext, set_context
 from flashserve.engine.request import Request
-from flashserve.kernels import paged_attention
+from flashserve.kernels import paged_attention, skinny_gemm_plans
 from flashserve.sampling_params import SamplingParams
 
 
@@ -26,18 +30,9 @@ def warm_up_prefill(runner, show_progress: bool = True) -> int:
     """Run the prefill variants; returns the number of forward passes."""
     max_query = min(runner.config.max_num_batched_tokens, runner.max_model_len)
     pairs = paged_attention.prefill_warmup_lengths(max_query, runner.max_model_len)
-    device = runner.device
-    block_table = torch.zeros((1, runner.max_blocks_per_seq), dtype=torch.int32, device=device)
     for query_length, key_length in tqdm(pairs, desc="Warming up prefill kernels", unit="shape",
                                          disable=not show_progress, leave=False):
-        positions = torch.arange(key_length - query_length, key_length, device=device)
-        context = AttentionContext(
-            slot_mapping=torch.full((query_length,), -1, dtype=torch.int64, device=device),
-            cu_seqlens_q=torch.tensor([0, query_length], dtype=torch.int32, device=device),
-            seqused_k=torch.tensor([key_length], dtype=torch.int32, device=device),
-            block_table=block_table, max_seqlen_q=query_length, max_seqlen_k=key_length, is_decode=False)
-        input_ids = torch.randint(0, runner.spec.vocab_size, (query_length,), device=device)
-        _forward(runner, input_ids, positions, context)
+        _forward_one_sequence(runner, query_length, key_length)
     return len(pairs)
 
 
@@ -55,6 +50,18 @@ def warm_up_decode(runner, batch_sizes: range, show_progress: bool = True) -> in
         inputs = runner.inputs.prepare_padding(batch)
         _forward(runner, inputs.input_ids, inputs.positions, inputs.context)
     return len(variants)
+
+
+def warm_up_linear(runner, show_progress: bool = True) -> int:
+    """Run one single-sequence prefill of ``rows`` tokens per row bucket (``rows`` capped at
+    ``max_num_batched_tokens`` and ``max_model_len``), with the LM head over all rows; returns the number of
+    passes."""
+    limit = min(runner.config.max_num_batched_tokens, runner.max_model_len)
+    row_counts = sorted({min(bucket, limit) for bucket in skinny_gemm_plans.ROW_BUCKETS})
+    for rows in tqdm(row_counts, desc="Warming up matrix products", unit="shape", disable=not show_progress,
+                     leave=False):
+        _forward_one_sequence(runner, rows, rows, all_logits=True)
+    return len(row_counts)
 
 
 def warm_up_sampler(runner) -> None:
@@ -79,11 +86,26 @@ def warm_up_sampler(runner) -> None:
         runner.sampler(logits, requests, list(runner.spec.eos_token_ids) or [0])
 
 
+def _forward_one_sequence(runner, query_length: int, key_length: int, all_logits: bool = False) -> None:
+    """A prefill of ``query_length`` new tokens of one sequence of ``key_length`` tokens (writing nothing)."""
+    device = runner.device
+    context = AttentionContext(
+        slot_mapping=torch.full((query_length,), -1, dtype=torch.int64, device=device),
+        cu_seqlens_q=torch.tensor([0, query_length], dtype=torch.int32, device=device),
+        seqused_k=torch.tensor([key_length], dtype=torch.int32, device=device),
+        block_table=torch.zeros((1, runner.max_blocks_per_seq), dtype=torch.int32, device=device),
+        max_seqlen_q=query_length, max_seqlen_k=key_length, is_decode=False)
+    input_ids = torch.randint(0, runner.spec.vocab_size, (query_length,), device=device)
+    positions = torch.arange(key_length - query_length, key_length, device=device)
+    _forward(runner, input_ids, positions, context, all_logits)
+
+
 @torch.inference_mode()
-def _forward(runner, input_ids: torch.Tensor, positions: torch.Tensor, context: AttentionContext) -> None:
+def _forward(runner, input_ids: torch.Tensor, positions: torch.Tensor, context: AttentionContext,
+             all_logits: bool = False) -> None:
     set_context(context)
     try:
         hidden = runner.model(input_ids, positions)
-        runner.model.compute_logits(hidden[-1:])
+        runner.model.compute_logits(hidden if all_logits else hidden[-1:])
     finally:
         set_context(None)

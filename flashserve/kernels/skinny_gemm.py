@@ -1,0 +1,270 @@
+"""Small-M matrix products at the memory-bandwidth limit: ``linear`` (``x @ weight.T + bias``, optionally plus a
+residual) and ``linear_silu_and_mul`` (a SwiGLU gate/up product with ``silu(gate) * up`` in its epilogue), for the
+decode batch sizes, M <= ``MAX_ROWS`` rows.
+
+With so few rows a projection reads its whole weight to produce a few output rows: its time is the weight's bytes
+over the HBM bandwidth, and cuBLAS's tiles (made for large M) leave much of that bandwidth unused. The kernel
+computes the transposed product ``out.T = weight @ x.T``: a program owns ``BLOCK_N`` output features and one of
+``split_k`` ranges of K (split-K: when the feature blocks alone are too few to fill the GPU), streams its
+(BLOCK_N, BLOCK_K) weight tiles through Triton's software pipeline and multiplies each with the (BLOCK_K, BLOCK_M)
+tile of ``x.T`` on the tensor cores (BLOCK_M: the rows padded to a power of two >= 16; padding rows are masked).
+Each weight byte is read once. With ``split_k == 1`` the epilogue (bias, SiLU-and-mul, residual) runs in the same
+program; otherwise every split writes an fp32 partial sum and a second kernel adds the splits (in a fixed order:
+results are deterministic) and runs the epilogue.
+
+Rounding follows the unfused operations: ``x @ weight.T + bias`` is rounded to x's dtype, then the SiLU-and-mul
+(``silu(gate) * up`` in fp32, as ``flashserve.kernels.silu_and_mul``) or the residual add (fp32) is applied and
+the result rounded once more.
+
+Which implementation runs: torch (``F.linear``, then the ``silu_and_mul`` kernel or the add) when ``use_triton``
+says so (CPU without ``TRITON_INTERPRET=1``, ``FLASHSERVE_ATTENTION_BACKEND=torch``), for more than ``MAX_ROWS``
+rows, and where the launch plan of ``skinny_gemm_plans`` found cuBLAS faster; the kernel with the plan's config
+otherwise.
+No call synchronises with the host, so the kernel path can be captured in a CUDA graph.
+"""
+import logging
+
+import torch
+import triton
+import triton.compiler.errors
+import triton.language as tl
+import triton.runtime.errors
+
+from flashserve.kernels import _validate, skinny_gemm_plans
+from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels._launch import cdiv
+from flashserve.kernels.activation import silu_and_mul
+from flashserve.kernels.reference import layers as reference
+from flashserve.kernels.skinny_gemm_plans import MAX_ROWS, GemmConfig
+
+__all__ = ["MAX_ROWS", "linear", "linear_silu_and_mul", "launch"]
+LOGGER = logging.getLogger("flashserve")
+
+
+@triton.jit
+def _epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
+              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr):
+    """Store the (BLOCK_N, BLOCK_M) fp32 tile ``acc`` (features x rows; ``acc_up`` the up half when GATED) as
+    out[rows, cols] after bias, rounding to the output dtype, SiLU-and-mul and residual add."""
+    dtype = out_ptr.dtype.element_ty
+    col_mask = cols < n_out
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+    y = acc.to(dtype).to(tl.float32)
+    if GATED:
+        if HAS_BIAS:
+            acc_up += tl.load(bias_ptr + n_out + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+        up = acc_up.to(dtype).to(tl.float32)
+        y = y / (1.0 + tl.exp(-y)) * up
+    mask = col_mask[:, None] & (rows < M)[None, :]
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + rows[None, :] * stride_rm + cols[:, None], mask=mask, other=0.0)
+        y += residual.to(tl.float32)
+    tl.store(out_ptr + rows[None, :] * stride_om + cols[:, None], y.to(dtype), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, M, n_out, K, k_per_split,
+                        stride_xm, stride_wn, stride_rm, stride_om,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    # Features past n_out wrap around to valid weight rows (no load mask); their results are never stored.
+    w_rows = (cols % n_out).to(tl.int64)
+    k_start = pid_k * k_per_split
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :]
+    w_up_ptrs = w_ptr + (w_rows + n_out)[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + rows[None, :] * stride_xm + offs_k[:, None]
+    row_mask = (rows < M)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(0, k_per_split, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            xt = tl.load(x_ptrs, mask=row_mask, other=0.0)
+        else:
+            k_mask = (offs_k + k) < K
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            xt = tl.load(x_ptrs, mask=row_mask & k_mask[:, None], other=0.0)
+        acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+        if GATED:
+            if EVEN_K:
+                w_up = tl.load(w_up_ptrs)
+            else:
+                w_up = tl.load(w_up_ptrs, mask=k_mask[None, :], other=0.0)
+            acc_up = tl.dot(w_up, xt, acc_up, input_precision=DOT_PRECISION)
+        w_ptrs += BLOCK_K
+        w_up_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if WRITE_PARTIAL:
+        width = 2 * n_out if GATED else n_out
+        partial = partial_ptr + pid_k * M * width + rows[None, :] * width + cols[:, None]
+        mask = (cols < n_out)[:, None] & row_mask
+        tl.store(partial, acc, mask=mask)
+        if GATED:
+            tl.store(partial + n_out, acc_up, mask=mask)
+    else:
+        _epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
+                  HAS_BIAS, HAS_RESIDUAL, GATED)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _split_k_reduce_kernel(partial_ptr, bias_ptr, residual_ptr, out_ptr, M, n_out, split_k, stride_rm, stride_om,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr):
+    """Sum the split_k fp32 partials (split_k, M, width) of a feature block, then run the epilogue."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    width = 2 * n_out if GATED else n_out
+    mask = (cols < n_out)[:, None] & (rows < M)[None, :]
+    partial = partial_ptr + rows[None, :] * width + cols[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for _ in range(0, split_k):
+        acc += tl.load(partial, mask=mask, other=0.0)
+        if GATED:
+            acc_up += tl.load(partial + n_out, mask=mask, other=0.0)
+        partial += M * width
+    _epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
+              HAS_BIAS, HAS_RESIDUAL, GATED)
+
+
+skinny_gemm_plans.attach(_skinny_gemm_kernel)
+
+
+def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual_rows: torch.Tensor | None,
+           gated: bool, config: GemmConfig) -> torch.Tensor:
+    """Run the kernel with ``config`` on checked arguments: x_rows (M, K) with 1 <= M <= MAX_ROWS, weight (N, K)
+    (N = 2 * n_out when ``gated``), both with unit stride in K; returns out (M, n_out) in x's dtype."""
+    num_rows, k = x_rows.shape
+    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+    out = torch.empty((num_rows, n_out), dtype=x_rows.dtype, device=x_rows.device)
+    block_m = skinny_gemm_plans.block_rows(num_rows)
+    k_blocks = cdiv(k, config.block_k)
+    blocks_per_split = cdiv(k_blocks, config.split_k)
+    split_k = cdiv(k_blocks, blocks_per_split)  # no empty split
+    k_per_split = blocks_per_split * config.block_k
+    n_blocks = cdiv(n_out, config.block_n)
+    partial = out
+    if split_k > 1:
+        partial = torch.empty((split_k, num_rows, (2 if gated else 1) * n_out), dtype=torch.float32,
+                              device=x_rows.device)
+    has_bias, has_residual = bias is not None, residual_rows is not None
+    bias = bias if has_bias else weight
+    residual_rows = residual_rows if has_residual else out
+    _skinny_gemm_kernel[(n_blocks, split_k)](
+        x_rows, weight, bias, residual_rows, out, partial, num_rows, n_out, k, k_per_split,
+        x_rows.stride(0), weight.stride(0), residual_rows.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, WRITE_PARTIAL=split_k > 1,
+        EVEN_K=k % k_per_split == 0, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, GATED=gated,
+        DOT_PRECISION="ieee" if x_rows.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    if split_k > 1:
+        reduce_block = max(16, min(128, 4096 // block_m))
+        _split_k_reduce_kernel[(cdiv(n_out, reduce_block),)](
+            partial, bias, residual_rows, out, num_rows, n_out, split_k, residual_rows.stride(0), out.stride(0),
+            BLOCK_M=block_m, BLOCK_N=reduce_block, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, GATED=gated,
+            num_warps=4)
+    return out
+
+
+def _check(x, weight, bias, residual, gated: bool) -> int:
+    """Validate the arguments (ValueError naming the bad one); returns the number of output features."""
+    _validate.check_tensor("x", x, None, _validate.ATTENTION_DTYPES)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    _validate.check_last_dim_contiguous("x", x)
+    _validate.check_tensor("weight", weight, 2, (x.dtype,), x.device)
+    _validate.check_last_dim_contiguous("weight", weight)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape (N, {x.shape[-1]}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if gated and weight.shape[0] % 2:
+        raise ValueError(f"weight must have an even number of rows (gate and up halves), got {weight.shape[0]}")
+    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+    if bias is not None:
+        _validate.check_tensor("bias", bias, 1, (x.dtype,), x.device)
+        _validate.check_shape("bias", bias, (weight.shape[0],))
+        _validate.check_last_dim_contiguous("bias", bias)
+    if residual is not None:
+        _validate.check_tensor("residual", residual, None, (x.dtype,), x.device)
+        _validate.check_shape("residual", residual, (*x.shape[:-1], n_out))
+        _validate.check_last_dim_contiguous("residual", residual)
+    return n_out
+
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+TUNING_WARMUP_MS, TUNING_REP_MS = 5, 25
+
+
+def _run(x, weight, bias, residual, gated: bool):
+    """The kernel's output (x.shape[:-1] + (n_out,)), or None where the reference should run instead."""
+    if not use_triton(x):
+        return None
+    x_rows = x.reshape(-1, x.shape[-1])  # a copy only for inputs whose rows are not evenly strided
+    num_rows, k = x_rows.shape
+    if not 0 < num_rows <= MAX_ROWS or k == 0:
+        return None
+    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+    key = (n_out, k, skinny_gemm_plans.row_bucket(num_rows), _DTYPE_NAMES[x.dtype], gated)
+    config = skinny_gemm_plans.lookup(key)
+    if config is None or skinny_gemm_plans.tuning_active():
+        config = _decide(key, x, weight, bias, gated)
+    if config == skinny_gemm_plans.CUBLAS:
+        return None
+    residual_rows = residual.reshape(num_rows, -1) if residual is not None else None
+    out = launch(x_rows, weight, bias, residual_rows, gated, config)
+    return out.view(*x.shape[:-1], n_out)
+
+
+def _decide(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            gated: bool) -> GemmConfig:
+    """The plan of ``key`` from ``skinny_gemm_plans.decide``; a tuning measures each config on this weight with
+    random rows of the bucket's size (do_bench, L2 flushed before each call)."""
+    n_out, k, bucket, _, _ = key
+    default = skinny_gemm_plans.default_config(n_out, k, bucket, x.dtype, gated, x.device)
+    sample = torch.randn((bucket, k), dtype=x.dtype, device=x.device)
+    torch_fn = _gated_fallback if gated else reference.linear
+
+    def measure(config: GemmConfig) -> float:
+        if config == skinny_gemm_plans.CUBLAS:
+            return _median_us(lambda: torch_fn(sample, weight, bias))
+        try:
+            return _median_us(lambda: launch(sample, weight, bias, None, gated, config))
+        except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError) as error:
+            LOGGER.debug("skinny_gemm config %s does not run: %s", config, error)
+            return float("inf")
+
+    return skinny_gemm_plans.decide(key, x.dtype, x.device, default, measure)
+
+
+def _median_us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=TUNING_WARMUP_MS, rep=TUNING_REP_MS, return_mode="median") * 1e3
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias (+ residual)``: x (..., K), weight (N, K), bias (N,), residual (..., N), all of x's
+    dtype and device, unit stride in the last dimension; returns a new (..., N) tensor of x's dtype. See the module
+    docstring for the rounding and for which implementation runs."""
+    _check(x, weight, bias, residual, False)
+    out = _run(x, weight, bias, residual, False)
+    return out if out is not None else reference.linear(x, weight, bias, residual)
+
+
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu_and_mul(x @ weight.T + bias)`` in one product: weight (2I, K) holds the gate rows then the up rows
+    (bias (2I,) likewise); x (..., K) -> (..., I) of x's dtype."""
+    _check(x, weight, bias, None, True)
+    out = _run(x, weight, bias, None, True)
+    return out if out is not None else _gated_fallback(x, weight, bias)
+
+
+def _gated_fallback(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The unfused path: torch's product, then the ``silu_and_mul`` kernel (its reference on the CPU)."""
+    return silu_and_mul(torch.nn.functional.linear(x, weight, bias))
