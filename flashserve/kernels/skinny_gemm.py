@@ -9,8 +9,9 @@ computes the transposed product ``out.T = weight @ x.T``: a program owns ``BLOCK
 (BLOCK_N, BLOCK_K) weight tiles through Triton's software pipeline and multiplies each with the (BLOCK_K, BLOCK_M)
 tile of ``x.T`` on the tensor cores (BLOCK_M: the rows padded to a power of two >= 16; padding rows are masked).
 Each weight byte is read once. With ``split_k == 1`` the epilogue (bias, SiLU-and-mul, residual) runs in the same
-program; otherwise every split writes an fp32 partial sum and a second kernel adds the splits (in a fixed order:
-results are deterministic) and runs the epilogue.
+program; otherwise every split writes an fp32 partial tile and the split that finishes last (an atomic ticket per
+feature block) adds all of them in split order (results are deterministic) and runs the epilogue — one launch,
+no memset: the last split also resets its ticket counter.
 
 Rounding follows the unfused operations: ``x @ weight.T + bias`` is rounded to x's dtype, then the SiLU-and-mul
 (``silu(gate) * up`` in fp32, as ``flashserve.kernels.silu_and_mul``) or the residual add (fp32) is applied and
@@ -64,10 +65,10 @@ def _epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr
 
 
 @triton.jit(do_not_specialize=["M"])
-def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, M, n_out, K, k_per_split,
-                        stride_xm, stride_wn, stride_rm, stride_om,
+def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, counter_ptr, M, n_out, K,
+                        k_per_split, split_k, stride_xm, stride_wn, stride_rm, stride_om,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        WRITE_PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -101,46 +102,53 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
         w_ptrs += BLOCK_K
         w_up_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    if WRITE_PARTIAL:
-        width = 2 * n_out if GATED else n_out
-        partial = partial_ptr + pid_k * M * width + rows[None, :] * width + cols[:, None]
-        mask = (cols < n_out)[:, None] & row_mask
-        tl.store(partial, acc, mask=mask)
+    if SPLIT:
+        # Split-K in one launch: every split stores its fp32 partial tile into (split_k, BLOCK_M, width) and takes
+        # a ticket; the split that arrives last (the atomic orders the stores before it) sums all the partials in
+        # split order, runs the epilogue and resets the feature block's counter to 0 for the next launch.
+        padded = tl.num_programs(0) * BLOCK_N
+        width = 2 * padded if GATED else padded
+        tile = partial_ptr + rows[None, :] * width + cols[:, None]
+        tl.store(tile + pid_k * BLOCK_M * width, acc)
         if GATED:
-            tl.store(partial + n_out, acc_up, mask=mask)
+            tl.store(tile + pid_k * BLOCK_M * width + padded, acc_up)
+        ticket = tl.atomic_add(counter_ptr + pid_n, 1)
+        if ticket == split_k - 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for split in range(0, split_k):
+                acc += tl.load(tile + split * BLOCK_M * width, cache_modifier=".cg")
+                if GATED:
+                    acc_up += tl.load(tile + split * BLOCK_M * width + padded, cache_modifier=".cg")
+            tl.store(counter_ptr + pid_n, 0)
+            _epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
+                      HAS_BIAS, HAS_RESIDUAL, GATED)
     else:
         _epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
                   HAS_BIAS, HAS_RESIDUAL, GATED)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _split_k_reduce_kernel(partial_ptr, bias_ptr, residual_ptr, out_ptr, M, n_out, split_k, stride_rm, stride_om,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr):
-    """Sum the split_k fp32 partials (split_k, M, width) of a feature block, then run the epilogue."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
-    width = 2 * n_out if GATED else n_out
-    mask = (cols < n_out)[:, None] & (rows < M)[None, :]
-    partial = partial_ptr + rows[None, :] * width + cols[:, None]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for _ in range(0, split_k):
-        acc += tl.load(partial, mask=mask, other=0.0)
-        if GATED:
-            acc_up += tl.load(partial + n_out, mask=mask, other=0.0)
-        partial += M * width
-    _epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
-              HAS_BIAS, HAS_RESIDUAL, GATED)
-
-
 skinny_gemm_plans.attach(_skinny_gemm_kernel)
+COUNTER_SLOTS = 4096  # split-K feature blocks one launch can have
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> torch.Tensor:
+    """The device's zeroed split-K counters (each launch leaves them zero again). Made at the first split-K launch
+    on the device, which must not be inside a CUDA-graph capture (the warm-up makes it first)."""
+    counters = _counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the first split-K skinny_gemm launch on a device must run before CUDA-graph capture")
+        counters = _counters[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return counters
 
 
 def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual_rows: torch.Tensor | None,
            gated: bool, config: GemmConfig) -> torch.Tensor:
     """Run the kernel with ``config`` on checked arguments: x_rows (M, K) with 1 <= M <= MAX_ROWS, weight (N, K)
-    (N = 2 * n_out when ``gated``), both with unit stride in K; returns out (M, n_out) in x's dtype."""
+    (N = 2 * n_out when ``gated``), both with unit stride in K; returns out (M, n_out) in x's dtype. Launches of
+    split-K configs on one device must not overlap (they share its counters: one stream)."""
     num_rows, k = x_rows.shape
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     out = torch.empty((num_rows, n_out), dtype=x_rows.dtype, device=x_rows.device)
@@ -150,26 +158,22 @@ def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     split_k = cdiv(k_blocks, blocks_per_split)  # no empty split
     k_per_split = blocks_per_split * config.block_k
     n_blocks = cdiv(n_out, config.block_n)
-    partial = out
+    partial, counters = out, out
     if split_k > 1:
-        partial = torch.empty((split_k, num_rows, (2 if gated else 1) * n_out), dtype=torch.float32,
-                              device=x_rows.device)
+        if n_blocks > COUNTER_SLOTS:
+            raise ValueError(f"split-K needs at most {COUNTER_SLOTS} feature blocks, got {n_blocks}")
+        counters = _split_counters(x_rows.device)
+        partial = torch.empty((split_k, block_m, (2 if gated else 1) * n_blocks * config.block_n),
+                              dtype=torch.float32, device=x_rows.device)
     has_bias, has_residual = bias is not None, residual_rows is not None
-    bias = bias if has_bias else weight
-    residual_rows = residual_rows if has_residual else out
     _skinny_gemm_kernel[(n_blocks, split_k)](
-        x_rows, weight, bias, residual_rows, out, partial, num_rows, n_out, k, k_per_split,
-        x_rows.stride(0), weight.stride(0), residual_rows.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, WRITE_PARTIAL=split_k > 1,
+        x_rows, weight, bias if has_bias else weight, residual_rows if has_residual else out, out, partial, counters,
+        num_rows, n_out, k, k_per_split, split_k, x_rows.stride(0), weight.stride(0),
+        residual_rows.stride(0) if has_residual else 0, out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=split_k > 1,
         EVEN_K=k % k_per_split == 0, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, GATED=gated,
         DOT_PRECISION="ieee" if x_rows.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages)
-    if split_k > 1:
-        reduce_block = max(16, min(128, 4096 // block_m))
-        _split_k_reduce_kernel[(cdiv(n_out, reduce_block),)](
-            partial, bias, residual_rows, out, num_rows, n_out, split_k, residual_rows.stride(0), out.stride(0),
-            BLOCK_M=block_m, BLOCK_N=reduce_block, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, GATED=gated,
-            num_warps=4)
     return out
 
 
@@ -199,21 +203,20 @@ def _check(x, weight, bias, residual, gated: bool) -> int:
 
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-TUNING_WARMUP_MS, TUNING_REP_MS = 5, 25
+TUNING_WARMUP_MS, TUNING_REP_MS = 2, 10
 
 
-def _run(x, weight, bias, residual, gated: bool):
-    """The kernel's output (x.shape[:-1] + (n_out,)), or None where the reference should run instead."""
+def _run(x, weight, bias, residual, gated: bool, n_out: int):
+    """The kernel's output (x.shape[:-1] + (n_out,)), or None where torch should run instead."""
     if not use_triton(x):
         return None
     x_rows = x.reshape(-1, x.shape[-1])  # a copy only for inputs whose rows are not evenly strided
     num_rows, k = x_rows.shape
     if not 0 < num_rows <= MAX_ROWS or k == 0:
         return None
-    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     key = (n_out, k, skinny_gemm_plans.row_bucket(num_rows), _DTYPE_NAMES[x.dtype], gated)
     config = skinny_gemm_plans.lookup(key)
-    if config is None or skinny_gemm_plans.tuning_active():
+    if config is None:
         config = _decide(key, x, weight, bias, gated)
     if config == skinny_gemm_plans.CUBLAS:
         return None
@@ -227,7 +230,7 @@ def _decide(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """The plan of ``key`` from ``skinny_gemm_plans.decide``; a tuning measures each config on this weight with
     random rows of the bucket's size (do_bench, L2 flushed before each call)."""
     n_out, k, bucket, _, _ = key
-    default = skinny_gemm_plans.default_config(n_out, k, bucket, x.dtype, gated, x.device)
+    default = skinny_gemm_plans.default_config(n_out, k, bucket, x.dtype, x.device)
     sample = torch.randn((bucket, k), dtype=x.dtype, device=x.device)
     torch_fn = _gated_fallback if gated else reference.linear
 
@@ -252,16 +255,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``x @ weight.T + bias (+ residual)``: x (..., K), weight (N, K), bias (N,), residual (..., N), all of x's
     dtype and device, unit stride in the last dimension; returns a new (..., N) tensor of x's dtype. See the module
     docstring for the rounding and for which implementation runs."""
-    _check(x, weight, bias, residual, False)
-    out = _run(x, weight, bias, residual, False)
+    out = _run(x, weight, bias, residual, False, _check(x, weight, bias, residual, False))
     return out if out is not None else reference.linear(x, weight, bias, residual)
 
 
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu_and_mul(x @ weight.T + bias)`` in one product: weight (2I, K) holds the gate rows then the up rows
     (bias (2I,) likewise); x (..., K) -> (..., I) of x's dtype."""
-    _check(x, weight, bias, None, True)
-    out = _run(x, weight, bias, None, True)
+    out = _run(x, weight, bias, None, True, _check(x, weight, bias, None, True))
     return out if out is not None else _gated_fallback(x, weight, bias)
 
 

@@ -42,9 +42,10 @@ class GemmConfig:
 
 
 CUBLAS = GemmConfig(0, 0, 0, 0, 0)
-# (block_n, block_k, num_warps, num_stages) tried by the tuning, each with the split-K ways of ``split_choices``.
-TILE_CHOICES = ((64, 128, 4, 4), (32, 256, 4, 3), (128, 128, 8, 3), (64, 256, 4, 3), (16, 512, 4, 3),
-                (64, 64, 4, 4), (32, 128, 4, 4), (16, 128, 4, 4))
+# (block_n, block_k, num_warps, num_stages) tried by the tuning, each with the split-K ways of ``split_ways`` and
+# without split-K: 16-32 KB weight tiles, 2-3 of them in flight per program. Few, because each is compiled per
+# row tile (16, 32, 64 rows), split or not, gated or not.
+TILE_CHOICES = ((64, 128, 4, 4), (32, 256, 4, 4), (128, 128, 8, 3), (64, 256, 4, 3), (64, 64, 4, 4))
 SPLIT_CHOICES = (1, 2, 4, 8, 16)
 ALL_CONFIGS = [GemmConfig(n, k, s, w, st) for (n, k, w, st), s in itertools.product(TILE_CHOICES, SPLIT_CHOICES)]
 ALL_CONFIGS.append(CUBLAS)
@@ -84,28 +85,25 @@ def split_ways(n_out: int, k: int, block_n: int, block_k: int, sms: int) -> int:
     return ways
 
 
-def default_config(n_out: int, k: int, rows: int, dtype: torch.dtype, gated: bool,
-                   device: torch.device) -> GemmConfig:
-    """The table's plan (no measurement): 64 features x 128 of K per tile for 16-row tiles (64 of K for fp32 or
-    for 64-row tiles), fewer features per program for gated products (two weight tiles per step), split-K to
-    about two programs per SM."""
+def default_config(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
+    """The table's plan (no measurement; one of the tuning's candidates): 64 features x 128 of K per tile, 4
+    stages (64 of K for fp32 or for 64-row tiles), split-K to about two programs per SM."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
-    block_n = 32 if gated else 64
-    block_k = 64 if dtype == torch.float32 or block_rows(rows) >= 64 else 128
-    stages = 4 if block_rows(rows) <= 32 else 3
-    return GemmConfig(block_n, block_k, split_ways(n_out, k, block_n, block_k, _device_sms(device)), 4, stages)
+    block_n, block_k, warps, stages = TILE_CHOICES[4] if dtype == torch.float32 or block_rows(rows) >= 64 \
+        else TILE_CHOICES[0]
+    return GemmConfig(block_n, block_k, split_ways(n_out, k, block_n, block_k, _device_sms(device)), warps, stages)
 
 
-def candidates(n_out: int, k: int, dtype: torch.dtype, gated: bool, device: torch.device) -> list[GemmConfig]:
+def candidates(n_out: int, k: int, dtype: torch.dtype, device: torch.device) -> list[GemmConfig]:
     """Configs the tuning measures for a shape: every tile choice that fits K and the dtype, each with its
-    ``split_ways`` and without split-K, plus the table's default."""
+    ``split_ways`` and without split-K (the table's default is among them)."""
     sms = _device_sms(device)
     found = []
     for block_n, block_k, warps, stages in TILE_CHOICES:
         if block_k > max(64, next_power_of_2(k)) or (dtype == torch.float32 and block_k > 128):
             continue
-        for ways in {1, split_ways(n_out, k, block_n, block_k, sms)}:
+        for ways in sorted({1, split_ways(n_out, k, block_n, block_k, sms)}):
             found.append(GemmConfig(block_n, block_k, ways, warps, stages))
     return found
 
@@ -150,14 +148,13 @@ def tuning_enabled(device: torch.device) -> bool:
     return _tuning_depth > 0 and prefill_tuning.use_autotune(device)
 
 
-def tuning_active() -> bool:
-    """Whether a ``tuning()`` block is open (a plan that is only the table's default may then be measured)."""
-    return _tuning_depth > 0
-
-
 def lookup(key: tuple) -> GemmConfig | None:
-    """The plan in use for ``key`` (a config, or CUBLAS), or None when there is none yet (one dict lookup)."""
-    return _plans.get(key)
+    """The plan in use for ``key`` (a config, or CUBLAS), or None when ``decide`` should make it: there is none
+    yet, or only the table's default while a ``tuning()`` block is open. Steady state: one dict lookup."""
+    config = _plans.get(key)
+    if _tuning_depth > 0 and key not in _tuned_keys:
+        return None
+    return config
 
 
 def decide(key: tuple, dtype: torch.dtype, device: torch.device, default: GemmConfig, measure) -> GemmConfig:
@@ -172,8 +169,8 @@ def decide(key: tuple, dtype: torch.dtype, device: torch.device, default: GemmCo
     if key in _tuned_keys:
         _plans[key] = table.cache[key]
     elif tuning_enabled(device):
-        n_out, k, _, _, gated = key
-        table.cache[key] = _plans[key] = tune(measure, candidates(n_out, k, dtype, gated, device))
+        n_out, k = key[:2]
+        table.cache[key] = _plans[key] = tune(measure, candidates(n_out, k, dtype, device))
         _tuned_keys.add(key)
         _persistence.save(device)
     else:
