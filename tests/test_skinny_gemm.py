@@ -162,13 +162,15 @@ GPU_SHAPES = {"qkv": (4096, 1024, False), "down": (1024, 3072, False), "gate_up"
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
 def test_every_candidate_gpu(shape, dtype):
+    """bf16: every config the tuning may pick; fp16: the table's."""
     n_out, k, gated = GPU_SHAPES[shape]
     device = torch.device("cuda")
-    configs = skinny_gemm_plans.candidates(n_out, k, dtype, device)
-    configs.append(skinny_gemm_plans.default_config(n_out, k, 64, dtype, device))
+    configs = [skinny_gemm_plans.default_config(n_out, k, 1, dtype, device)]
+    if dtype == torch.bfloat16:
+        configs += skinny_gemm_plans.candidates(n_out, k, dtype, device)
     for config in configs:
-        for rows in (1, 5, 16, 64):
-            check_product(rows, n_out, k, dtype, config, bias=rows == 5, residual=rows == 16 and not gated,
+        for rows in (1, 5, 64):
+            check_product(rows, n_out, k, dtype, config, bias=rows == 5, residual=rows == 64 and not gated,
                           gated=gated, device="cuda")
 
 

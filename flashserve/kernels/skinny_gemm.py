@@ -112,6 +112,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
         tl.store(tile + pid_k * BLOCK_M * width, acc)
         if GATED:
             tl.store(tile + pid_k * BLOCK_M * width + padded, acc_up)
+        tl.debug_barrier()  # every thread's partial stores precede the (one-thread, acq_rel) ticket
         ticket = tl.atomic_add(counter_ptr + pid_n, 1)
         if ticket == split_k - 1:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
