@@ -80,7 +80,8 @@ def run_shape(model_name: str, name: str, n: int, k: int, gated: bool) -> list[d
 
 
 def _config_name(config) -> str:
-    return f"n{config.block_n}k{config.block_k}s{config.split_k}w{config.num_warps}st{config.num_stages}"
+    kind = "dot" if config.use_dot else "fma"
+    return f"{kind} n{config.block_n}k{config.block_k}s{config.split_k}w{config.num_warps}st{config.num_stages}"
 
 
 def markdown(rows, copy_tbs: float) -> str:

@@ -42,6 +42,7 @@ def check_product(rows, n_out, k, dtype, config, bias=False, residual=False, gat
 
 
 CONFIGS = [GemmConfig(32, 32, 1, 4, 1), GemmConfig(16, 16, 2, 4, 1), GemmConfig(16, 32, 3, 4, 1)]
+FMA_CONFIGS = [GemmConfig(32, 32, 1, 4, 1, False), GemmConfig(16, 16, 3, 4, 1, False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -55,6 +56,15 @@ def test_linear_kernel(rows, n_out, k, dtype, config):
 @pytest.mark.parametrize("rows, bias", [(3, True), (33, False)])
 def test_gated_kernel(rows, bias, config):
     check_product(rows, 24, 48, torch.float16, config, bias=bias, gated=True)
+
+
+@pytest.mark.parametrize("config", FMA_CONFIGS, ids=["nosplit", "split3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fma_path_one_row(config, dtype):
+    check_product(1, 40, 80, dtype, config, bias=True, residual=True)
+    check_product(1, 24, 40, dtype, config, gated=True)
+    with pytest.raises(ValueError, match="one row"):
+        skinny_gemm.launch(torch.zeros(2, 16), torch.zeros(8, 16), None, None, False, config)
 
 
 def test_public_functions_match_the_unfused_ops():
@@ -109,7 +119,7 @@ def test_tune_prefers_cublas_unless_faster():
 
 def test_candidates_are_storable_and_split_to_fill_the_gpu():
     for n_out, k in [(4096, 1024), (151936, 1024), (1024, 3072), (28672, 4096)]:
-        found = skinny_gemm_plans.candidates(n_out, k, torch.bfloat16, torch.device("cpu"))
+        found = skinny_gemm_plans.candidates(n_out, k, 1, torch.bfloat16, torch.device("cpu"))
         assert found and all(config in skinny_gemm_plans.ALL_CONFIGS for config in found)
     assert skinny_gemm_plans.split_ways(4096, 1024, 64, 128, 132) == 4  # 64 programs, 8 K tiles: 2 per split
     assert skinny_gemm_plans.split_ways(1024, 4096, 64, 128, 132) == 16  # 16 programs, 32 K tiles
@@ -167,9 +177,10 @@ def test_every_candidate_gpu(shape, dtype):
     device = torch.device("cuda")
     configs = [skinny_gemm_plans.default_config(n_out, k, 1, dtype, device)]
     if dtype == torch.bfloat16:
-        configs += skinny_gemm_plans.candidates(n_out, k, dtype, device)
+        configs += skinny_gemm_plans.candidates(n_out, k, 64, dtype, device)
+        configs += [c for c in skinny_gemm_plans.candidates(n_out, k, 1, dtype, device) if not c.use_dot]
     for config in configs:
-        for rows in (1, 5, 64):
+        for rows in ((1,) if not config.use_dot else (1, 5, 64)):
             check_product(rows, n_out, k, dtype, config, bias=rows == 5, residual=rows == 64 and not gated,
                           gated=gated, device="cuda")
 

@@ -31,14 +31,16 @@ KEY_NAMES = ("n_out", "k", "row_bucket", "dtype", "gated")
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch of ``skinny_gemm``: output features per program, K per tile, split-K ways, warps, stages.
-    ``block_n == 0`` is the cuBLAS marker (``CUBLAS``)."""
+    """One launch of ``skinny_gemm``: output features per program, K per tile, split-K ways, warps, stages, and
+    whether the product runs on ``tl.dot`` (else FMAs: one-row inputs only). ``block_n == 0`` is the cuBLAS marker
+    (``CUBLAS``)."""
 
     block_n: int
     block_k: int
     split_k: int
     num_warps: int
     num_stages: int
+    use_dot: bool = True
 
 
 CUBLAS = GemmConfig(0, 0, 0, 0, 0)
@@ -46,8 +48,12 @@ CUBLAS = GemmConfig(0, 0, 0, 0, 0)
 # without split-K: 16-32 KB weight tiles, 2-3 of them in flight per program. Few, because each is compiled per
 # row tile (16, 32, 64 rows), split or not, gated or not.
 TILE_CHOICES = ((64, 128, 4, 4), (32, 256, 4, 4), (128, 128, 8, 3), (64, 256, 4, 3), (64, 64, 4, 4))
+# One-row inputs also try the FMA path (no tensor cores): (BLOCK_N, BLOCK_K) fp32 partial sums in registers.
+FMA_TILE_CHOICES = ((32, 128, 4, 3), (64, 128, 8, 3), (16, 256, 4, 3))
 SPLIT_CHOICES = (1, 2, 4, 8, 16)
 ALL_CONFIGS = [GemmConfig(n, k, s, w, st) for (n, k, w, st), s in itertools.product(TILE_CHOICES, SPLIT_CHOICES)]
+ALL_CONFIGS += [GemmConfig(n, k, s, w, st, False)
+                for (n, k, w, st), s in itertools.product(FMA_TILE_CHOICES, SPLIT_CHOICES)]
 ALL_CONFIGS.append(CUBLAS)
 INTERPRETER_CONFIG = GemmConfig(128, 128, 1, 4, 1)  # the fastest tiles in the interpreter (fewest programs)
 
@@ -95,16 +101,17 @@ def default_config(n_out: int, k: int, rows: int, dtype: torch.dtype, device: to
     return GemmConfig(block_n, block_k, split_ways(n_out, k, block_n, block_k, _device_sms(device)), warps, stages)
 
 
-def candidates(n_out: int, k: int, dtype: torch.dtype, device: torch.device) -> list[GemmConfig]:
-    """Configs the tuning measures for a shape: every tile choice that fits K and the dtype, each with its
-    ``split_ways`` and without split-K (the table's default is among them)."""
+def candidates(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.device) -> list[GemmConfig]:
+    """Configs the tuning measures for a shape and row bucket: every tile choice that fits K and the dtype (the FMA
+    ones too for one row), each with its ``split_ways`` and without split-K (the table's default is among them)."""
     sms = _device_sms(device)
+    tiles = [(tile, True) for tile in TILE_CHOICES] + [(tile, False) for tile in FMA_TILE_CHOICES if rows == 1]
     found = []
-    for block_n, block_k, warps, stages in TILE_CHOICES:
+    for (block_n, block_k, warps, stages), use_dot in tiles:
         if block_k > max(64, next_power_of_2(k)) or (dtype == torch.float32 and block_k > 128):
             continue
         for ways in sorted({1, split_ways(n_out, k, block_n, block_k, sms)}):
-            found.append(GemmConfig(block_n, block_k, ways, warps, stages))
+            found.append(GemmConfig(block_n, block_k, ways, warps, stages, use_dot))
     return found
 
 
@@ -169,8 +176,8 @@ def decide(key: tuple, dtype: torch.dtype, device: torch.device, default: GemmCo
     if key in _tuned_keys:
         _plans[key] = table.cache[key]
     elif tuning_enabled(device):
-        n_out, k = key[:2]
-        table.cache[key] = _plans[key] = tune(measure, candidates(n_out, k, dtype, device))
+        n_out, k, bucket = key[:3]
+        table.cache[key] = _plans[key] = tune(measure, candidates(n_out, k, bucket, dtype, device))
         _tuned_keys.add(key)
         _persistence.save(device)
     else:
