@@ -213,7 +213,7 @@ def test_cuda_graph_replay_gpu():
         graph.replay()
         for got, want in zip(captured, eager()):
             assert torch.equal(got, want)  # deterministic split-K: bit-identical
-    assert not skinny_gemm._counters[device].any()
+    assert not skinny_gemm._counters[x.device].any()
 
 
 @pytest.mark.gpu
@@ -233,3 +233,25 @@ def test_tuning_gpu(monkeypatch, tmp_path):
     assert any(path.name.startswith("skinny_gemm-") for path in (tmp_path / "autotune").iterdir())
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w), atol=2e-2, rtol=2e-2)
     skinny_gemm_plans.reset()
+
+
+def test_warm_up_linear_covers_every_bucket(tmp_path, monkeypatch):
+    """The start-up pass (GPU only in the engine) on a CPU runner: one pass per row bucket, capped at the token
+    budget (24 rows stand for the bucket of 32), writing nothing into the cache."""
+    from flashserve import LLM
+    from flashserve.engine import warmup
+    from flashserve.models.checkpoint import write_random_checkpoint
+
+    monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    directory = write_random_checkpoint(str(tmp_path / "llama"), "LlamaForCausalLM", seed=1)
+    llm = LLM(directory, dtype="float32", device="cpu", max_model_len=64, max_num_batched_tokens=24)
+    runner = llm.engine.runner
+    before = runner.kv_cache.clone()
+    seen = []
+    monkeypatch.setattr(warmup, "_forward_one_sequence", lambda runner, q, k, all_logits: seen.append((q, k)))
+    assert warmup.warm_up_linear(runner, show_progress=False) == 6
+    assert seen == [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (24, 24)]
+    monkeypatch.undo()
+    monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    assert warmup.warm_up_linear(runner, show_progress=False) == 6
+    assert torch.equal(runner.kv_cache, before)
