@@ -64,6 +64,7 @@ def test_shared_prefix_blocks():
     short = shared + [_request([7, 8, 9, 10, 50], 13)]  # its current token (position 13) is in block 3
     assert cascade.shared_prefix_blocks(short, 4) == 3
     assert cascade.shared_prefix_blocks([_request([1, 2], 8), _request([5, 2], 8)], 4) == 0
+    assert cascade.shared_prefix_blocks([_request([1, 2, 3], 12), _request([1], 3)], 4, min_blocks=3) == 0
 
 
 def test_plan_thresholds(monkeypatch):

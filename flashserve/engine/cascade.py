@@ -34,17 +34,20 @@ def shared_prefix_blocks(requests: list[Request], block_size: int, min_blocks: i
     ``min_blocks - 1`` is compared first (O(1) per request, the usual rejection); then slices compare in C and a
     mismatch narrows by bisection."""
     first = requests[0].block_ids
-    count = min(len(first), min(request.num_computed_tokens for request in requests) // block_size)
-    if count < min_blocks:
+    if len(first) < min_blocks:
         return 0
     probe = first[min_blocks - 1]
-    if any(request.block_ids[min_blocks - 1] != probe for request in requests):
+    if any(len(request.block_ids) < min_blocks or request.block_ids[min_blocks - 1] != probe
+           for request in requests):
+        return 0
+    count = min(len(first), min(request.num_computed_tokens for request in requests) // block_size)
+    if count < min_blocks:
         return 0
     for request in requests[1:]:
         ids = request.block_ids
         if ids[:count] == first[:count]:
             continue
-        low, high = min_blocks - 1, count - 1  # the common length is in [low, high]
+        low, high = 0, count - 1  # the common length is in [low, high]
         while low < high:
             middle = (low + high + 1) // 2
             if ids[:middle] == first[:middle]:
