@@ -81,28 +81,42 @@ def _greedy(llm, prompts, tokens=5):
     return [output.outputs[0].token_ids for output in llm.generate(prompts, params, use_tqdm=False)]
 
 
-def test_engine_greedy_outputs_identical(tmp_path, monkeypatch):
-    """Prompts sharing 32 cached tokens decode with cascade attention (it runs) and give the same greedy tokens as
-    with it switched off (on the PyTorch reference attention, for speed: the kernels are tested above)."""
-    monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+def check_engine_outputs(directory: str, device: str, monkeypatch) -> None:
+    """Prompts sharing 34 cached tokens decode with cascade attention (it runs) and give the same greedy tokens as
+    with it switched off."""
     monkeypatch.setattr(cascade, "MIN_REQUESTS", 2)
     monkeypatch.setattr(cascade, "MIN_PREFIX_TOKENS", 16)
     calls = []
     original = attention_module.cascade_decode
     monkeypatch.setattr(attention_module, "cascade_decode", lambda *args: calls.append(1) or original(*args))
-    directory = write_random_checkpoint(str(tmp_path / "llama"), "LlamaForCausalLM", seed=3)
     rng = random.Random(0)
     prefix = [rng.randrange(6, 300) for _ in range(34)]
     prompts = [prefix + [rng.randrange(6, 300) for _ in range(n)] for n in (1, 3, 6, 2)]
     outputs = {}
     for enabled in ("1", "0"):
         monkeypatch.setenv("FLASHSERVE_CASCADE_ATTENTION", enabled)
-        llm = LLM(directory, dtype="float32", device="cpu", block_size=8, enable_prefix_caching=True)
+        llm = LLM(directory, dtype="float32", device=device, block_size=8, enable_prefix_caching=True,
+                  max_model_len=128)
         _greedy(llm, [prefix + [5]], tokens=1)  # caches the prefix's blocks: the batch below shares them
         outputs[enabled] = _greedy(llm, prompts)
         if enabled == "1":
             assert calls, "cascade attention never ran"
+        del llm
     assert outputs["1"] == outputs["0"]
+
+
+def test_engine_greedy_outputs_identical(tmp_path, monkeypatch):
+    """On the PyTorch reference attention, for speed (the kernels are tested above)."""
+    monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    check_engine_outputs(write_random_checkpoint(str(tmp_path / "llama"), "LlamaForCausalLM", seed=3), "cpu",
+                         monkeypatch)
+
+
+@pytest.mark.gpu
+def test_engine_greedy_outputs_identical_gpu(tmp_path, monkeypatch):
+    """With CUDA graphs: cascade steps run eagerly, the others replay graphs."""
+    check_engine_outputs(write_random_checkpoint(str(tmp_path / "llama"), "LlamaForCausalLM", seed=3), "cuda",
+                         monkeypatch)
 
 
 @pytest.mark.gpu
