@@ -10,7 +10,8 @@ gate_up runs ours fused with the SiLU-and-mul (its output is half as wide) again
 are tuned at the first call (``skinny_gemm_plans.tuning()``; ``--no-tune``: the table only); the HBM copy
 bandwidth is measured in the same run. Bar: "linear" >= 85% of the copy bandwidth at M <= 8 for every shape
 with >= 8 MB of weights (printed at the end); ratio = torch µs / linear µs.
-Usage: python benchmarks/bench_gemm.py [--out DIR] [--no-tune] [--models Qwen3-0.6B,Llama-3.1-8B]
+``--sweep 1,8`` also times every tuning candidate at those row counts (to revise the plan table).
+Usage: python benchmarks/bench_gemm.py [--out DIR] [--no-tune] [--models Qwen3-0.6B,Llama-3.1-8B] [--sweep 1,8]
 """
 import math
 import os
@@ -43,7 +44,17 @@ def per_call_us(call, weights, x) -> float:
     return common.graph_us(lambda: [call(x, w) for w in weights], warmup_ms=10, rep_ms=50) / len(weights)
 
 
-def run_shape(model_name: str, name: str, n: int, k: int, gated: bool) -> list[dict]:
+def sweep(weights, x, n_out: int, k: int, gated: bool) -> list[dict]:
+    """Every tuning candidate of this shape and row count, timed like the rest (to revise the plan table)."""
+    found = []
+    for config in skinny_gemm_plans.candidates(n_out, k, skinny_gemm_plans.row_bucket(x.shape[0]), x.dtype,
+                                               x.device):
+        kernel = lambda a, w: skinny_gemm.launch(a, w, None, None, gated, config)  # noqa: E731
+        found.append(dict(config=_config_name(config), us=per_call_us(kernel, weights, x)))
+    return sorted(found, key=lambda entry: entry["us"])
+
+
+def run_shape(model_name: str, name: str, n: int, k: int, gated: bool, sweep_rows=()) -> list[dict]:
     weight_bytes = n * k * 2
     copies = max(2, math.ceil(ROTATION_BYTES / weight_bytes))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -67,6 +78,8 @@ def run_shape(model_name: str, name: str, n: int, k: int, gated: bool) -> list[d
             check = skinny_gemm.launch(x, weights[0], None, None, gated, config)
             oracle = reference.linear_silu_and_mul if gated else reference.linear
             row["max_abs_diff"] = (check.float() - oracle(x.float(), weights[0].float())).abs().max().item()
+            if rows in sweep_rows:
+                row["sweep"] = sweep(weights, x, key[0], k, gated)
         for column in ("torch", "linear", "kernel"):
             if f"{column}_us" in row:
                 row[f"{column}_tbs"] = weight_bytes / row[f"{column}_us"] / 1e6
@@ -110,6 +123,8 @@ def main():
     parser = common.argument_parser(__doc__)
     parser.add_argument("--no-tune", action="store_true", help="use the plan table only (FLASHSERVE_AUTOTUNE=0)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
+    parser.add_argument("--sweep", default="", help="comma-separated row counts (<= 64) at which every tuning "
+                        "candidate is also timed (in the JSON and a table of the best three)")
     args = parser.parse_args()
     if args.no_tune:
         os.environ["FLASHSERVE_AUTOTUNE"] = "0"
@@ -117,11 +132,17 @@ def main():
     rows = []
     for model_name in args.models.split(","):
         for name, n, k, gated in projections(MODELS[model_name]):
-            rows += run_shape(model_name, name, n, k, gated)
+            rows += run_shape(model_name, name, n, k, gated, [int(m) for m in args.sweep.split(",") if m])
     env = common.environment()
     verdict = bar_lines(rows, copy_tbs)
     text = common.section_header("Small-M matrix products vs torch.matmul", env) + markdown(rows, copy_tbs)
     text += "\n\n" + "\n".join(f"- {line}" for line in verdict)
+    swept = [r for r in rows if "sweep" in r]
+    if swept:
+        text += "\n\nEvery candidate (best three, TB/s of weight bytes):\n\n" + common.markdown_table(
+            ["model", "proj", "M", "best configs"],
+            [[r["model"], r["proj"], r["m"], "; ".join(
+                f"{e['config']} {r['weight_mb'] / e['us']:.2f}" for e in r["sweep"][:3])] for r in swept])
     common.write_results(args.out, "bench_gemm", text, dict(meta=env, copy_tbs=copy_tbs, rows=rows))
 
 
