@@ -84,10 +84,15 @@ def test_fused_moe_end_to_end_and_validation():
     assert fused_experts(x[:0], w13, w2, weights[:0], ids[:0]).shape == (0, 32)
 
 
-@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_m", [(1, 1, 8, 16), (5, 2, 8, 4), (33, 8, 128, 16)])
-def test_moe_align_block_size(num_tokens, top_k, num_experts, block_m):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_m",
+                         [(1, 1, 8, 16), (5, 2, 8, 4), (33, 8, 128, 16), (300, 4, 6, 16), (3, 2, 200, 32)])
+def test_moe_align_block_size(num_tokens, top_k, num_experts, block_m, backend, monkeypatch):
     """Every pair appears once, in its expert's padded run, in pair order; runs are block-aligned; the grid covers
-    them; experts without pairs have no blocks."""
+    them; experts without pairs have no blocks. The Triton kernels (several chunks for 33 x 8 pairs over 128
+    experts, an expert count that is not a power of two) and the reference give the same."""
+    if backend == "torch":
+        monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
     rng = random.Random(num_tokens)
     ids = torch.tensor([rng.sample(range(num_experts), top_k) for _ in range(num_tokens)], dtype=torch.int32)
     sorted_ids, block_experts, num_padded = moe_align_block_size(ids, block_m, num_experts)

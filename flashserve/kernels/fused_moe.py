@@ -5,9 +5,10 @@
 
 1. ``moe_routing``: softmax over the router logits in fp32, ``torch.topk`` (Hugging Face's router, ties included),
    optional renormalisation of the top-k weights (``norm_topk_prob``).
-2. ``moe_align_block_size``: the T * top_k (token, expert) pairs sorted by expert, each expert's run padded to a
-   multiple of the GEMM's BLOCK_M — computed with device ops of static shape (no host sync: CUDA-graph safe).
-   The launch grid covers the worst case; programs past the padded total exit at once.
+2. ``moe_align_block_size`` (``fused_moe_align``, three small launches): the T * top_k (token, expert) pairs
+   sorted by expert, each expert's run padded to a multiple of the GEMM's BLOCK_M, on the device with shapes that
+   never depend on the routing (no host sync: CUDA-graph safe). The GEMMs' grids cover the worst case; programs
+   past the padded total exit at once.
 3. Gate/up grouped GEMM: each program takes BLOCK_M rows of one expert, multiplies the gathered hidden states by
    that expert's gate and up rows and stores ``silu(gate) * up`` (fp32 epilogue, rounded once) per pair.
 4. Down grouped GEMM: the same walk over the activations, the product scaled by the pair's routing weight and
@@ -23,6 +24,7 @@ import triton.language as tl
 from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import cdiv
+from flashserve.kernels.fused_moe_align import moe_align_block_size
 from flashserve.kernels.fused_moe_configs import MoeGemmConfig, moe_configs
 from flashserve.kernels.reference import moe as reference
 
@@ -78,37 +80,6 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, blo
         tokens = pairs // top_k
         out_ptrs = out_ptr + tokens[:, None] * stride_om + offs_n[None, :]
         tl.atomic_add(out_ptrs, acc * routing_weights[:, None], mask=out_mask)
-
-
-def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group the (token, expert) pairs by expert and pad each expert's run to a multiple of ``block_m``.
-
-    topk_ids (T, k) int -> (sorted_pair_ids (R,) int32, block_experts (R / block_m,) int32,
-    num_padded (1,) int32). Pair p is (token p // k, its j = p % k choice); sorted_pair_ids lists the pairs of
-    expert 0, then of expert 1, ..., each run padded with -1 to a multiple of block_m; block_experts[b] is the
-    expert of rows [b * block_m, (b + 1) * block_m); num_padded the padded total. R, a multiple of block_m, is the
-    worst case over all routings of T * k pairs (shapes never depend on the data: no host sync); rows past
-    num_padded are -1 and their blocks' expert ids are num_experts. Experts without pairs get no rows.
-    """
-    flat = topk_ids.reshape(-1).long()
-    num_pairs = flat.numel()
-    device = topk_ids.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded_counts = (counts + block_m - 1) // block_m * block_m
-    padded_ends = torch.cumsum(padded_counts, 0)
-    padded_starts = padded_ends - padded_counts
-    starts = torch.cumsum(counts, 0) - counts
-    order = torch.sort(flat, stable=True).indices
-    sorted_experts = flat[order]
-    destinations = padded_starts[sorted_experts] + torch.arange(num_pairs, device=device) - starts[sorted_experts]
-    max_rows = cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
-    sorted_pair_ids = torch.full((max_rows,), -1, dtype=torch.int32, device=device)
-    sorted_pair_ids.scatter_(0, destinations, order.to(torch.int32))
-    block_starts = torch.arange(0, max_rows, block_m, device=device)
-    block_experts = torch.searchsorted(padded_ends, block_starts, right=True).to(torch.int32)
-    return sorted_pair_ids, block_experts, padded_ends[-1:].to(torch.int32)
 
 
 def _launch(a, b, out, topk_weights, top_k, gated, config: MoeGemmConfig, alignment) -> None:

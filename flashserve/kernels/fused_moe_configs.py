@@ -4,9 +4,11 @@ A configuration is chosen from the number of token-expert pairs a call routes (`
 model meets only a few of them (one per bucket of ``TOKEN_BUCKETS``) and the engine's warm-up, which runs every
 prefill length class and decode batch size, compiles them all before serving.
 
-Each entry gives one ``MoeGemmConfig`` for the gate/up GEMM and one for the down GEMM. The table entries are the
-shapes of ``benchmarks/bench_moe.py`` (Qwen3-30B-A3B and Mixtral 8x7B layers); ``python benchmarks/bench_moe.py
---tune`` sweeps the candidates on a GPU and prints entries in this format.
+Each entry gives one ``MoeGemmConfig`` for the gate/up GEMM and one for the down GEMM (of the same BLOCK_M: one
+permutation serves both). The table holds the shapes of ``benchmarks/bench_moe.py`` (Qwen3-30B-A3B and Mixtral
+8x7B layers); its entries are first choices by the tiles' arithmetic (narrow tiles while few rows reach an expert,
+wide ones for prefill), not yet measured: ``python benchmarks/bench_moe.py --tune`` sweeps the candidates on a GPU
+and prints entries in this format to replace them.
 """
 from dataclasses import dataclass
 

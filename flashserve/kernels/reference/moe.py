@@ -44,3 +44,43 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         down = F.linear(activated.to(compute_dtype), w2[expert].to(compute_dtype))
         out.index_add_(0, tokens, down * flat_weights[rows, None])
     return out.to(hidden_states.dtype)
+
+
+def max_sorted_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """The most rows the padded permutation of ``num_pairs`` pairs can need (each expert that gets a pair adds at
+    most ``block_m - 1`` padding rows), rounded up to a multiple of ``block_m``."""
+    return -(-(num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m) * block_m
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of ``fused_moe_align.moe_align_block_size`` in device ops of static shape (a stable sort by
+    expert): the same outputs.
+
+    Groups the (token, expert) pairs by expert and pads each expert's run to a multiple of ``block_m``.
+
+    topk_ids (T, k) int -> (sorted_pair_ids (R,) int32, block_experts (R / block_m,) int32,
+    num_padded (1,) int32). Pair p is (token p // k, its j = p % k choice); sorted_pair_ids lists the pairs of
+    expert 0, then of expert 1, ..., each run padded with -1 to a multiple of block_m; block_experts[b] is the
+    expert of rows [b * block_m, (b + 1) * block_m); num_padded the padded total. R, a multiple of block_m, is the
+    worst case over all routings of T * k pairs (shapes never depend on the data: no host sync); rows past
+    num_padded are -1 and their blocks' expert ids are num_experts. Experts without pairs get no rows.
+    """
+    flat = topk_ids.reshape(-1).long()
+    num_pairs = flat.numel()
+    device = topk_ids.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded_counts = (counts + block_m - 1) // block_m * block_m
+    padded_ends = torch.cumsum(padded_counts, 0)
+    padded_starts = padded_ends - padded_counts
+    starts = torch.cumsum(counts, 0) - counts
+    order = torch.sort(flat, stable=True).indices
+    sorted_experts = flat[order]
+    destinations = padded_starts[sorted_experts] + torch.arange(num_pairs, device=device) - starts[sorted_experts]
+    max_rows = max_sorted_rows(num_pairs, num_experts, block_m)
+    sorted_pair_ids = torch.full((max_rows,), -1, dtype=torch.int32, device=device)
+    sorted_pair_ids.scatter_(0, destinations, order.to(torch.int32))
+    block_starts = torch.arange(0, max_rows, block_m, device=device)
+    block_experts = torch.searchsorted(padded_ends, block_starts, right=True).to(torch.int32)
+    return sorted_pair_ids, block_experts, padded_ends[-1:].to(torch.int32)
