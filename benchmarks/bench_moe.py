@@ -11,7 +11,7 @@ bytes) against the copy bandwidth; 4096 tokens in TFLOP/s (6 x T x k x H x I) ag
 8192 x 8192 bf16 matrices. Bars of issue 13: >= 70% of the copy bandwidth at >= 4 tokens, >= 50% of the matmul rate
 at 4096 tokens.
 
---tune: per shape and token bucket of ``fused_moe_configs.TOKEN_BUCKETS``, every candidate tile of each GEMM timed
+--tune: per shape and token bucket of ``moe_configs.TOKEN_BUCKETS``, every candidate tile of each GEMM timed
 alone from a CUDA graph (summed over the bucket's token counts); prints the best as ``TUNED_CONFIGS`` entries.
 
 --e2e: a random-weight Qwen3-30B-A3B-shaped checkpoint with 8 of its 48 layers (~11 GB, bf16, written on the GPU
@@ -35,8 +35,8 @@ import types
 import torch
 
 import common
-from flashserve.kernels import fused_moe as kernel
-from flashserve.kernels.fused_moe_configs import TOKEN_BUCKETS, MoeGemmConfig, moe_configs
+from flashserve.kernels import moe as kernel
+from flashserve.kernels.moe_configs import TOKEN_BUCKETS, MoeGemmConfig, moe_configs
 from flashserve.kernels.reference import moe as reference
 
 # name -> (hidden, experts, top_k, expert intermediate)
@@ -272,7 +272,7 @@ def main():
         tuned = [tune_shape(name) for name in names]
         payload["tuned"] = [dict(key=t["key"], configs=[[vars_of(c) for c in pair] for pair in t["configs"]])
                             for t in tuned]
-        text += "\n### Tuned launch configurations (paste into fused_moe_configs.TUNED_CONFIGS)\n\n```python\n"
+        text += "\n### Tuned launch configurations (paste into moe_configs.TUNED_CONFIGS)\n\n```python\n"
         for t in tuned:
             text += f"{t['key']}: (\n" + "".join(f"    ({config_source(up)}, {config_source(down)}),\n"
                                                   for up, down in t["configs"]) + "),\n"

@@ -10,8 +10,8 @@ import random
 import pytest
 import torch
 
-from flashserve.kernels.fused_moe import fused_experts, fused_moe, moe_align_block_size
-from flashserve.kernels.fused_moe_configs import MoeGemmConfig, moe_configs
+from flashserve.kernels.moe import fused_experts, fused_moe, moe_align_block_size
+from flashserve.kernels.moe_configs import MoeGemmConfig, moe_configs
 from flashserve.kernels.reference import moe as reference
 
 
@@ -118,6 +118,7 @@ def test_launch_configs():
     assert up.block_m == down.block_m == 16
     assert moe_configs(4096, 8, 4096, 14336, 2)[0].block_m == 128
     assert moe_configs(3, 6, 40, 36, 2)[0].block_m == 16  # the default table elsewhere
+    assert all(config.block_k <= 32 and config.num_stages <= 3 for config in moe_configs(64, 8, 64, 32, 2, 4))
 
 
 @pytest.mark.gpu

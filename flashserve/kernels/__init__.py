@@ -21,8 +21,8 @@ from flashserve.kernels.packed_interface import (
 from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.cache import reshape_and_cache_flash
 from flashserve.kernels.decode import flash_attn_with_kvcache
-from flashserve.kernels.fused_moe import fused_experts, fused_moe, moe_routing
-from flashserve.kernels.fused_moe_align import moe_align_block_size
+from flashserve.kernels.moe import fused_experts, fused_moe, moe_routing
+from flashserve.kernels.moe_align import moe_align_block_size
 from flashserve.kernels.merge import merge_attn_states
 from flashserve.kernels.norm import fused_add_rms_norm, rms_norm
 from flashserve.kernels.qk_rope_cache import qk_norm_rope_and_cache

@@ -9,7 +9,7 @@ loader (``moe_loading``) copies each into its slice of the stacked parameter, so
 import torch
 from torch import nn
 
-from flashserve.kernels.fused_moe import fused_moe
+from flashserve.kernels.moe import fused_moe
 from flashserve.models.layers import Linear, copy_weight_loader
 from flashserve.models.spec import ModelSpec
 

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of the fused mixture-of-experts layer (``flashserve.kernels.fused_moe``).
+"""Plain-PyTorch reference of the fused mixture-of-experts layer (``flashserve.kernels.moe``).
 
 Same contracts as the kernels: ``moe_routing`` is softmax then ``torch.topk`` (exactly Hugging Face's router, so
 ties break the same way), ``fused_experts`` loops over the experts that received tokens, as Hugging Face's
@@ -54,7 +54,7 @@ def max_sorted_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference of ``fused_moe_align.moe_align_block_size`` in device ops of static shape (a stable sort by
+    """Reference of ``moe_align.moe_align_block_size`` in device ops of static shape (a stable sort by
     expert): the same outputs.
 
     Groups the (token, expert) pairs by expert and pads each expert's run to a multiple of ``block_m``.

@@ -5,7 +5,7 @@
 
 1. ``moe_routing``: softmax over the router logits in fp32, ``torch.topk`` (Hugging Face's router, ties included),
    optional renormalisation of the top-k weights (``norm_topk_prob``).
-2. ``moe_align_block_size`` (``fused_moe_align``, three small launches): the T * top_k (token, expert) pairs
+2. ``moe_align_block_size`` (``moe_align``, three small launches): the T * top_k (token, expert) pairs
    sorted by expert, each expert's run padded to a multiple of the GEMM's BLOCK_M, on the device with shapes that
    never depend on the routing (no host sync: CUDA-graph safe). The GEMMs' grids cover the worst case; programs
    past the padded total exit at once.
@@ -15,7 +15,7 @@
    added atomically into the token's fp32 output row (the k contributions of a token meet there).
 
 Weights are stacked per expert: ``w13`` (E, 2I, H) holds each expert's gate rows then its up rows (Hugging Face's
-``experts.gate_up_proj``), ``w2`` (E, H, I) its down projection. Tiles come from ``fused_moe_configs``.
+``experts.gate_up_proj``), ``w2`` (E, H, I) its down projection. Tiles come from ``moe_configs``.
 """
 import torch
 import triton
@@ -24,8 +24,8 @@ import triton.language as tl
 from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import cdiv
-from flashserve.kernels.fused_moe_align import moe_align_block_size
-from flashserve.kernels.fused_moe_configs import MoeGemmConfig, moe_configs
+from flashserve.kernels.moe_align import moe_align_block_size
+from flashserve.kernels.moe_configs import MoeGemmConfig, moe_configs
 from flashserve.kernels.reference import moe as reference
 
 moe_routing = reference.moe_routing
@@ -79,7 +79,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, blo
         routing_weights = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
         tokens = pairs // top_k
         out_ptrs = out_ptr + tokens[:, None] * stride_om + offs_n[None, :]
-        tl.atomic_add(out_ptrs, acc * routing_weights[:, None], mask=out_mask)
+        tl.atomic_add(out_ptrs, acc * routing_weights[:, None], mask=out_mask, sem="relaxed")
 
 
 def _launch(a, b, out, topk_weights, top_k, gated, config: MoeGemmConfig, alignment) -> None:
@@ -125,7 +125,7 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         hidden_states: (T, H) fp16/bf16/fp32, contiguous.
         w13: (E, 2I, H), each expert's gate rows then up rows; w2: (E, H, I); both of hidden_states' dtype.
         topk_weights: (T, k) fp32 routing weights; topk_ids: (T, k) int32/int64 expert ids in [0, E).
-        configs: (gate/up, down) tiles; default from ``fused_moe_configs.moe_configs``.
+        configs: (gate/up, down) tiles; default from ``moe_configs.moe_configs``.
     Returns (T, H) in hidden_states' dtype: the weighted sum of each token's k expert outputs (products in fp32,
     the activation rounded once to the input dtype, the sum in fp32 then rounded once). ValueError on bad input.
     """
@@ -137,7 +137,8 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=hidden_states.device)
     if num_tokens == 0:
         return out.to(hidden_states.dtype)
-    up_config, down_config = configs or moe_configs(num_tokens, num_experts, hidden, intermediate, top_k)
+    up_config, down_config = configs or moe_configs(num_tokens, num_experts, hidden, intermediate, top_k,
+                                                    hidden_states.element_size())
     topk_weights = topk_weights.contiguous()
     activated = torch.empty(num_tokens * top_k, intermediate, dtype=hidden_states.dtype, device=out.device)
     alignment = moe_align_block_size(topk_ids, up_config.block_m, num_experts)

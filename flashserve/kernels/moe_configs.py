@@ -10,7 +10,7 @@ permutation serves both). The table holds the shapes of ``benchmarks/bench_moe.p
 wide ones for prefill), not yet measured: ``python benchmarks/bench_moe.py --tune`` sweeps the candidates on a GPU
 and prints entries in this format to replace them.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +48,7 @@ TUNED_CONFIGS: dict[tuple[int, int, int, int], tuple[tuple[MoeGemmConfig, MoeGem
         (MoeGemmConfig(16, 64, 128, 4, 4), MoeGemmConfig(16, 64, 128, 4, 4)),
         (MoeGemmConfig(64, 128, 64, 8, 3), MoeGemmConfig(64, 128, 64, 8, 3)),
         (MoeGemmConfig(128, 128, 64, 8, 3), MoeGemmConfig(128, 128, 64, 8, 3)),
-        (MoeGemmConfig(128, 256, 64, 8, 3), MoeGemmConfig(128, 128, 64, 8, 3)),
+        (MoeGemmConfig(128, 128, 64, 8, 3), MoeGemmConfig(128, 128, 64, 8, 3)),
     ),
 }
 
@@ -62,10 +62,15 @@ def bucket_index(num_pairs: int) -> int:
 
 
 def moe_configs(num_tokens: int, num_experts: int, hidden_size: int, intermediate_size: int, top_k: int,
-                table: dict | None = None) -> tuple[MoeGemmConfig, MoeGemmConfig]:
+                element_size: int = 2, table: dict | None = None) -> tuple[MoeGemmConfig, MoeGemmConfig]:
     """(gate_up config, down config) for a call routing ``num_tokens`` tokens to ``top_k`` of ``num_experts``
     experts of the given shape: the table's entry when the shape is in ``table`` (default ``TUNED_CONFIGS``), else
-    ``DEFAULT_CONFIGS``."""
+    ``DEFAULT_CONFIGS``. The tiles are sized for 2-byte inputs; for fp32 (``element_size`` 4, the tests' and
+    parity runs' precision) BLOCK_K drops to 32 and the stages to 3, which keeps the buffers in shared memory."""
     table = TUNED_CONFIGS if table is None else table
     configs = table.get((num_experts, hidden_size, intermediate_size, top_k), DEFAULT_CONFIGS)
-    return configs[bucket_index(num_tokens * top_k)]
+    pair = configs[bucket_index(num_tokens * top_k)]
+    if element_size <= 2:
+        return pair
+    return tuple(replace(config, block_k=min(config.block_k, 32), num_stages=min(config.num_stages, 3))
+                 for config in pair)
