@@ -21,7 +21,8 @@ routing, the KV cache) over the copy bandwidth.
 
 Usage (GPU): python benchmarks/bench_moe.py [--tune] [--e2e] [--shapes qwen3-30b-a3b,mixtral-8x7b] [--out DIR].
 ``TRITON_INTERPRET=1 python benchmarks/bench_moe.py --quick [--tune]``: tiny shapes in float32 on the CPU (the
-kernels in Triton's interpreter, wall-clock timers), to check the script.
+kernels in Triton's interpreter, wall-clock timers), to check the script; ``--quick --e2e`` (better without the
+interpreter, which is slow for whole models) checks the end-to-end part on a tiny checkpoint.
 """
 import itertools
 import math
@@ -49,6 +50,10 @@ QWEN3_30B_A3B_8L = dict(hidden_size=2048, num_hidden_layers=8, num_attention_hea
                         head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
                         num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960,
                         rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
+QUICK_E2E = dict(QWEN3_30B_A3B_8L, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                 vocab_size=1000, max_position_embeddings=4096)
+E2E_SPEC = QWEN3_30B_A3B_8L
 
 
 def bench_us(fn) -> float:
@@ -208,23 +213,25 @@ def e2e(work_dir: str, copy_tbs: float) -> dict:
     from flashserve import LLM
     from latency import decode_batch, write_checkpoint
 
-    spec = QWEN3_30B_A3B_8L
+    spec = E2E_SPEC
     directory = os.path.join(work_dir, "qwen3-30b-a3b-8-layers")
-    info = write_checkpoint(directory, "Qwen3MoeForCausalLM", spec, torch.bfloat16, "cuda")
-    llm = LLM(directory, dtype="bfloat16", max_model_len=4096, max_num_seqs=64, enable_prefix_caching=False)
+    info = write_checkpoint(directory, "Qwen3MoeForCausalLM", spec, DTYPE, DEVICE)
+    llm = LLM(directory, dtype=DTYPE, device=DEVICE, max_model_len=4096, max_num_seqs=64,
+              enable_prefix_caching=False)
     hidden, layers, heads, kv_heads, head_dim = (spec[k] for k in ("hidden_size", "num_hidden_layers",
                                                                   "num_attention_heads", "num_key_value_heads",
                                                                   "head_dim"))
-    attention_bytes = layers * 2 * hidden * head_dim * (2 * heads + 2 * kv_heads)
-    lm_head_bytes = spec["vocab_size"] * hidden * 2
-    expert_bytes = 3 * hidden * spec["moe_intermediate_size"] * 2
+    element = torch.empty((), dtype=DTYPE).element_size()
+    attention_bytes = layers * element * hidden * head_dim * (2 * heads + 2 * kv_heads)
+    lm_head_bytes = spec["vocab_size"] * hidden * element
+    expert_bytes = 3 * hidden * spec["moe_intermediate_size"] * element
     run = types.SimpleNamespace(args=types.SimpleNamespace(prompt_len=128, decode_steps=32), rng=random.Random(0),
-                                cuda=True)
+                                cuda=DEVICE == "cuda")
     rows = []
     for batch in (1, 64):
         row = decode_batch(run, llm.engine, batch)
         experts_hit = spec["num_experts"] * (1 - (1 - spec["num_experts_per_tok"] / spec["num_experts"]) ** batch)
-        kv_bytes = batch * row["mean_context"] * layers * 2 * kv_heads * head_dim * 2
+        kv_bytes = batch * row["mean_context"] * layers * 2 * kv_heads * head_dim * element
         step_bytes = attention_bytes + lm_head_bytes + layers * experts_hit * expert_bytes + kv_bytes
         rows.append(dict(batch=batch, ms=row["ms"], graph_gpu_ms=row.get("graph_gpu_ms"),
                          expected_experts_hit_per_layer=experts_hit, step_bytes=step_bytes,
@@ -235,8 +242,8 @@ def e2e(work_dir: str, copy_tbs: float) -> dict:
 
 def use_quick_settings() -> None:
     """--quick: the CPU, float32 (the interpreter computes bfloat16 wrongly), tiny shapes and token counts."""
-    global DEVICE, DTYPE, SHAPES, DECODE_TOKENS, PREFILL_TOKENS
-    DEVICE, DTYPE, SHAPES = "cpu", torch.float32, QUICK_SHAPES
+    global DEVICE, DTYPE, SHAPES, DECODE_TOKENS, PREFILL_TOKENS, E2E_SPEC
+    DEVICE, DTYPE, SHAPES, E2E_SPEC = "cpu", torch.float32, QUICK_SHAPES, QUICK_E2E
     DECODE_TOKENS, PREFILL_TOKENS = QUICK_DECODE_TOKENS, QUICK_PREFILL_TOKENS
 
 
