@@ -2,7 +2,8 @@
 device-side token permutation.
 
 Error bar (FlashAttention's rule): the kernel's max error against the fp32 reference must be at most twice that of
-the same math done in the input precision in plain PyTorch. On the CPU the kernels run in Triton's interpreter
+the same math done in the input precision in plain PyTorch (plus 1e-5 of the output's scale: in fp32 that math is
+the reference itself). On the CPU the kernels run in Triton's interpreter
 (tiny shapes, fp32/fp16); the GPU variants cover token counts up to 4096 and expert counts up to 128.
 """
 import random
@@ -39,7 +40,8 @@ def _check_against_reference(num_tokens, hidden, intermediate, num_experts, top_
     same_precision = reference.fused_experts(x, w13, w2, weights, ids, compute_dtype=dtype)
     error = (out.float() - exact).abs().max().item()
     bar = (same_precision.float() - exact).abs().max().item()
-    assert error <= 2 * bar + 1e-6, (error, bar)
+    # In fp32 the same-precision run is the reference itself (bar 0): allow the summation-order error.
+    assert error <= 2 * bar + 1e-5 * exact.abs().max().item(), (error, bar)
     if unused_experts:
         assert int(ids.max()) < num_experts - unused_experts
 
@@ -89,8 +91,9 @@ def test_fused_moe_end_to_end_and_validation():
                          [(1, 1, 8, 16), (5, 2, 8, 4), (33, 8, 128, 16), (300, 4, 6, 16), (3, 2, 200, 32)])
 def test_moe_align_block_size(num_tokens, top_k, num_experts, block_m, backend, monkeypatch):
     """Every pair appears once, in its expert's padded run, in pair order; runs are block-aligned; the grid covers
-    them; experts without pairs have no blocks. The Triton kernels (several chunks for 33 x 8 pairs over 128
-    experts, an expert count that is not a power of two) and the reference give the same."""
+    them; experts without pairs have no blocks. The Triton kernels (the single-launch path for few pairs, several
+    chunks for 33 x 8 pairs over 128 experts and 300 x 4 over 6, expert counts that are not powers of two) and the
+    reference give the same."""
     if backend == "torch":
         monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
     rng = random.Random(num_tokens)
