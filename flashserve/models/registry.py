@@ -16,10 +16,10 @@ class ArchitectureTraits:
         o_bias: the same for the output projection.
         mlp_bias_key: config key that switches on biases of the MLP projections, None when they never exist.
         qk_norm: RMSNorm over each head of q and k before rotary (Qwen3).
-        sliding_window: "none" (never), "all" (every layer when ``sliding_window`` is set: Mistral) or
+        sliding_window: "none" (never), "all" (every layer when ``sliding_window`` is set: Mistral, Mixtral),
             "layer_types" (the layers whose ``layer_types`` entry is "sliding_attention", only when
-            ``use_sliding_window`` is true: Qwen2/Qwen3), or "enabled" (every layer when ``use_sliding_window``
-            is true: Qwen3-MoE).
+            ``use_sliding_window`` is true: Qwen2/Qwen3, Qwen2-MoE) or "enabled" (every layer when
+            ``use_sliding_window`` is true: Qwen3-MoE).
         moe_style: None for dense models, else how config.json describes the experts ("qwen" or "mixtral",
             see ``moe_spec.parse_moe``).
     """
