@@ -88,12 +88,13 @@ def test_fused_moe_end_to_end_and_validation():
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("num_tokens,top_k,num_experts,block_m",
-                         [(1, 1, 8, 16), (5, 2, 8, 4), (33, 8, 128, 16), (300, 4, 6, 16), (3, 2, 200, 32)])
+                         [(1, 1, 8, 16), (5, 2, 8, 4), (33, 8, 128, 16), (300, 4, 6, 16), (3, 2, 200, 32),
+                          (1100, 4, 256, 16)])
 def test_moe_align_block_size(num_tokens, top_k, num_experts, block_m, backend, monkeypatch):
     """Every pair appears once, in its expert's padded run, in pair order; runs are block-aligned; the grid covers
     them; experts without pairs have no blocks. The Triton kernels (the single-launch path for few pairs, several
-    chunks for 33 x 8 pairs over 128 experts and 300 x 4 over 6, expert counts that are not powers of two) and the
-    reference give the same."""
+    chunks for 33 x 8 pairs over 128 experts and 300 x 4 over 6, more chunks than one prefix step takes for
+    1100 x 4 over 256, expert counts that are not powers of two) and the reference give the same."""
     if backend == "torch":
         monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
     rng = random.Random(num_tokens)

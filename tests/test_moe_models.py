@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flashserve.models import ModelSpec, load_model, write_random_checkpoint
+from flashserve.models import DecoderForCausalLM, ModelSpec, load_model, load_spec, write_random_checkpoint
+from flashserve.models.loader import iter_checkpoint_tensors, load_weights
 from flashserve.models.moe import SparseMoeBlock
 from moe_cases import MOE_CASES
 
@@ -96,3 +97,13 @@ def test_missing_expert_tensor_is_named(moe_checkpoints, tmp_path):
     save_file(tensors, str(directory / "model.safetensors"))
     with pytest.raises(ValueError, match=r"missing weights: model\.layers\.1\.mlp\.experts\.4\.up_proj\.weight"):
         load_model(str(directory))
+
+
+def test_experts_load_in_place(moe_checkpoints):
+    """Each per-expert tensor is copied into its slice of the preallocated stacked parameter: no parameter is
+    replaced or re-stacked (so no second copy of the experts is ever built)."""
+    directory = moe_checkpoints["qwen3-moe"]
+    model = DecoderForCausalLM(load_spec(directory))
+    before = {name: param.data_ptr() for name, param in model.named_parameters()}
+    load_weights(model, iter_checkpoint_tensors(directory))
+    assert {name: param.data_ptr() for name, param in model.named_parameters()} == before

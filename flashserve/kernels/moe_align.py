@@ -25,6 +25,7 @@ from flashserve.kernels.reference import moe as reference
 
 _ONE_HOT_ELEMENTS = 16384  # BLOCK_P * BLOCK_E of the one-hot tiles of the chunked path
 _SINGLE_ONE_HOT_ELEMENTS = 32768  # ... and of the single-launch path (8 warps)
+_FILL_BLOCK = 4096  # rows set to -1 per step
 
 
 @triton.jit
@@ -40,7 +41,8 @@ def _chunk_one_hot(ids_ptr, chunk, num_pairs, BLOCK_P: tl.constexpr, BLOCK_E: tl
 
 @triton.jit
 def _write_layout(counts, padded_starts_ptr, block_experts_ptr, num_padded_ptr, sorted_ids_ptr, max_rows,
-                  num_blocks, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+                  num_blocks, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
+                  FILL_BLOCK: tl.constexpr):
     """From the pairs per expert: each expert's padded start, the padded total, every block's expert, and every
     row of sorted_ids set to -1."""
     experts = tl.arange(0, BLOCK_E)
@@ -53,9 +55,9 @@ def _write_layout(counts, padded_starts_ptr, block_experts_ptr, num_padded_ptr, 
         blocks = block_start + tl.arange(0, BLOCK_R)
         finished = (ends[None, :] <= blocks[:, None] * BLOCK_M) & real_expert[None, :]
         tl.store(block_experts_ptr + blocks, tl.sum(finished.to(tl.int32), axis=1), mask=blocks < num_blocks)
-    for row_start in range(0, max_rows, BLOCK_R):
-        rows = row_start + tl.arange(0, BLOCK_R)
-        tl.store(sorted_ids_ptr + rows, tl.full((BLOCK_R,), -1, tl.int32), mask=rows < max_rows)
+    for row_start in range(0, max_rows, FILL_BLOCK):
+        rows = row_start + tl.arange(0, FILL_BLOCK)
+        tl.store(sorted_ids_ptr + rows, tl.full((FILL_BLOCK,), -1, tl.int32), mask=rows < max_rows)
 
 
 @triton.jit
@@ -75,12 +77,13 @@ def _scatter_chunk(offs_p, valid, ids, one_hot, expert_bases_ptr, padded_starts_
 @triton.jit(do_not_specialize=["num_pairs", "max_rows", "num_blocks"])
 def _align_single_kernel(ids_ptr, padded_starts_ptr, block_experts_ptr, num_padded_ptr, sorted_ids_ptr,
                          num_pairs, max_rows, num_blocks, num_experts,
-                         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
+                         FILL_BLOCK: tl.constexpr):
     """All pairs in one chunk: the whole permutation in one program."""
     offs_p, valid, ids, one_hot = _chunk_one_hot(ids_ptr, 0, num_pairs, BLOCK_P, BLOCK_E)
     counts = tl.sum(one_hot.to(tl.int32), axis=0)
     _write_layout(counts, padded_starts_ptr, block_experts_ptr, num_padded_ptr, sorted_ids_ptr, max_rows,
-                  num_blocks, num_experts, BLOCK_M, BLOCK_E, BLOCK_R)
+                  num_blocks, num_experts, BLOCK_M, BLOCK_E, BLOCK_R, FILL_BLOCK)
     tl.debug_barrier()  # the padded starts and the -1 rows are written before any thread scatters
     _scatter_chunk(offs_p, valid, ids, one_hot, padded_starts_ptr, padded_starts_ptr, sorted_ids_ptr, False)
 
@@ -96,14 +99,20 @@ def _count_kernel(ids_ptr, chunk_counts_ptr, num_pairs, BLOCK_P: tl.constexpr, B
 @triton.jit(do_not_specialize=["num_chunks", "max_rows", "num_blocks"])
 def _offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_starts_ptr, block_experts_ptr, num_padded_ptr,
                     sorted_ids_ptr, num_chunks, max_rows, num_blocks, num_experts,
-                    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    FILL_BLOCK: tl.constexpr):
+    """Exclusive prefix sums of the chunk counts over the chunks (BLOCK_C chunks a step), then the layout."""
     experts = tl.arange(0, BLOCK_E)
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
-    for chunk in range(0, num_chunks):
-        tl.store(chunk_offsets_ptr + chunk * BLOCK_E + experts, counts)
-        counts += tl.load(chunk_counts_ptr + chunk * BLOCK_E + experts)
+    for chunk_start in range(0, num_chunks, BLOCK_C):
+        chunks = chunk_start + tl.arange(0, BLOCK_C)
+        offsets = chunks[:, None] * BLOCK_E + experts[None, :]
+        real = (chunks < num_chunks)[:, None]
+        tile = tl.load(chunk_counts_ptr + offsets, mask=real, other=0)
+        tl.store(chunk_offsets_ptr + offsets, counts[None, :] + tl.cumsum(tile, axis=0) - tile, mask=real)
+        counts += tl.sum(tile, axis=0)
     _write_layout(counts, padded_starts_ptr, block_experts_ptr, num_padded_ptr, sorted_ids_ptr, max_rows,
-                  num_blocks, num_experts, BLOCK_M, BLOCK_E, BLOCK_R)
+                  num_blocks, num_experts, BLOCK_M, BLOCK_E, BLOCK_R, FILL_BLOCK)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -146,7 +155,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
     if num_pairs <= single_block_p:  # decode-sized routings: one launch
         _align_single_kernel[(1,)](ids, padded_starts, block_experts, num_padded, sorted_pair_ids, num_pairs,
                                    max_rows, num_blocks, num_experts, BLOCK_M=block_m, BLOCK_P=single_block_p,
-                                   BLOCK_E=block_e, BLOCK_R=block_r, num_warps=8)
+                                   BLOCK_E=block_e, BLOCK_R=block_r, FILL_BLOCK=_FILL_BLOCK, num_warps=8)
         return sorted_pair_ids, block_experts, num_padded
     block_p = max(16, min(256, _ONE_HOT_ELEMENTS // block_e))  # one variant per model, whatever T is
     num_chunks = cdiv(num_pairs, block_p)
@@ -155,7 +164,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
     _count_kernel[(num_chunks,)](ids, chunk_counts, num_pairs, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4)
     _offsets_kernel[(1,)](chunk_counts, chunk_offsets, padded_starts, block_experts, num_padded, sorted_pair_ids,
                           num_chunks, max_rows, num_blocks, num_experts, BLOCK_M=block_m, BLOCK_E=block_e,
-                          BLOCK_R=block_r, num_warps=4)
+                          BLOCK_R=block_r, BLOCK_C=block_r, FILL_BLOCK=_FILL_BLOCK, num_warps=4)
     _scatter_kernel[(num_chunks,)](ids, chunk_offsets, padded_starts, sorted_pair_ids, num_pairs,
                                    BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4)
     return sorted_pair_ids, block_experts, num_padded
