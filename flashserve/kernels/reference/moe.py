@@ -4,6 +4,7 @@ Same contracts as the kernels: ``moe_routing`` is softmax then ``torch.topk`` (e
 ties break the same way), ``fused_experts`` loops over the experts that received tokens, as Hugging Face's
 ``Qwen3MoeExperts`` does, but with the kernel's numerics: products accumulated in fp32, ``silu(gate) * up``
 rounded once to the input dtype, the k weighted contributions of a token summed in fp32 and rounded once.
+``moe_align_block_size`` is the token permutation of ``flashserve.kernels.moe_align`` in device ops (a stable sort).
 """
 import torch
 import torch.nn.functional as F
