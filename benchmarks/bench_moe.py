@@ -183,7 +183,8 @@ def time_gemm(shape, num_tokens, config, gated, tensors) -> float:
     except Exception as error:  # noqa: BLE001 - a tile that does not fit (shared memory, registers) is skipped
         print(f"    skip {config}: {str(error).splitlines()[0][:80]}")
         return math.inf
-    return graph_us(run, warmup_ms=5, rep_ms=20)
+    us = graph_us(run, warmup_ms=5, rep_ms=20)
+    return math.inf if math.isnan(us) else us  # a capture that failed never wins
 
 
 def tune_shape(name: str) -> dict:
