@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then every benchmark. Usage (on the device machine, repo root):
-#   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache gemm cascade
+#   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache gemm cascade moe
 #                                              throughput latency
 #                                              serving (needs the server wheels: see benchmarks/serving_gpu.sh)
 # Per-step time limits: TIMEOUT_<step>=SECONDS (default STEP_TIMEOUT_S, else 300).
@@ -28,6 +28,7 @@ steps=${*:-tests prefill layouts decode merge cache}
       cache) timeout "$limit" python3 benchmarks/bench_cache_write.py --out "$RESULTS" ;;
       gemm) timeout "$limit" python3 benchmarks/bench_gemm.py --out "$RESULTS" ;;
       cascade) timeout "$limit" python3 benchmarks/bench_cascade.py --out "$RESULTS" ;;
+      moe) timeout "$limit" python3 benchmarks/bench_moe.py --out "$RESULTS" ${MOE_ARGS:-} ;;
       throughput) timeout "$limit" python3 benchmarks/throughput.py --out "$RESULTS" ;;
       latency) timeout "$limit" python3 benchmarks/latency.py --out "$RESULTS" ${LATENCY_ARGS:-} ;;
       serving) timeout "$limit" bash benchmarks/serving_gpu.sh "$RESULTS/serving" ;;

@@ -15,10 +15,11 @@ import pytest
 
 from flashserve import LLM, SamplingParams
 from hf_parity import checkpoint_with_continuations
+from moe_cases import MOE_CASES
 
 # (architecture, config overrides): Mistral also with a sliding window shorter than the prompts.
 ARCHITECTURES = [("LlamaForCausalLM", {}), ("Qwen2ForCausalLM", {}), ("Qwen3ForCausalLM", {}),
-                 ("MistralForCausalLM", {}), ("MistralForCausalLM", {"sliding_window": 8})]
+                 ("MistralForCausalLM", {}), ("MistralForCausalLM", {"sliding_window": 8}), *MOE_CASES.values()]
 NEW_TOKENS = 6
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from flashserve.context import AttentionContext, set_context
 from flashserve.models.layers import rotary_inverse_frequencies
+from moe_cases import MOE_CASES
 from flashserve.models import (DecoderForCausalLM, ModelSpec, demo_model_path, load_model, load_spec,
                                write_random_checkpoint)
 
@@ -26,8 +27,9 @@ CASES = {
     "qwen3": ("Qwen3ForCausalLM", {"head_dim": 32}),
     "mistral": ("MistralForCausalLM", {"sliding_window": None}),
     "mistral-window": ("MistralForCausalLM", {"sliding_window": 7}),
+    **MOE_CASES,
 }
-PAGED_CASES = ["llama", "llama3-tied", "qwen2", "qwen3", "mistral-window"]
+PAGED_CASES = ["llama", "llama3-tied", "qwen2", "qwen3", "mistral-window", *MOE_CASES]
 PROMPT_LENGTHS = (1, 5, 10, 17)
 BLOCK_SIZE = 4
 ATOL = 1e-4

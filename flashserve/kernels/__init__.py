@@ -1,4 +1,5 @@
-"""flashserve's kernel library: FlashAttention-compatible attention and fused layer helpers, written in Triton.
+"""flashserve's kernel library: FlashAttention-compatible attention, fused layer helpers and the fused
+mixture-of-experts layer, written in Triton.
 
 Dispatch (see ``flashserve.kernels._dispatch``): CUDA tensors run the Triton kernels; CPU tensors run them under
 ``TRITON_INTERPRET=1`` and otherwise the plain-PyTorch reference in ``flashserve.kernels.reference``;
@@ -17,10 +18,12 @@ from flashserve.kernels.packed_interface import (
 )
 
 # Decode attention (flash-decoding), merging attention states, the KV-cache write, fused layer helpers, small-M
-# matrix products.
+# matrix products, fused MoE.
 from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.cache import reshape_and_cache_flash
 from flashserve.kernels.decode import flash_attn_with_kvcache
+from flashserve.kernels.moe import fused_experts, fused_moe, moe_routing
+from flashserve.kernels.moe_align import moe_align_block_size
 from flashserve.kernels.merge import merge_attn_states
 from flashserve.kernels.norm import fused_add_rms_norm, rms_norm
 from flashserve.kernels.skinny_gemm import linear, linear_silu_and_mul

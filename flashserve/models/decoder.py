@@ -1,7 +1,9 @@
-"""One decoder-only transformer for Llama 2/3/3.1/3.2, Qwen2/2.5, Qwen3 and Mistral.
+"""One decoder-only transformer for Llama 2/3/3.1/3.2, Qwen2/2.5, Qwen3, Mistral and the mixture-of-experts
+Qwen2-MoE, Qwen3-MoE and Mixtral.
 
 The architectures differ only in data carried by ``ModelSpec`` (q/k/v and output biases, per-head q/k RMSNorm,
-rope scaling, sliding windows, tied embeddings). Module names follow Hugging Face's, except that q/k/v and
+rope scaling, sliding windows, tied embeddings, and which layers run routed experts instead of the dense MLP:
+``spec.moe``, see ``moe.SparseMoeBlock``). Module names follow Hugging Face's, except that q/k/v and
 gate/up are fused (``qkv_proj``, ``gate_up_proj``); ``packed_modules_mapping`` tells the loader where the HF
 tensors go.
 
@@ -14,6 +16,7 @@ from torch import nn
 from flashserve.kernels import linear_silu_and_mul
 from flashserve.models.attention import Attention
 from flashserve.models.layers import LMHead, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from flashserve.models.moe import SparseMoeBlock
 from flashserve.models.spec import ModelSpec
 
 
@@ -45,12 +48,14 @@ class SelfAttention(nn.Module):
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate and up fused into one product whose epilogue
-    applies the SiLU-and-mul."""
+    applies the SiLU-and-mul; of ``spec.intermediate_size`` unless ``intermediate_size`` is given (a shared
+    expert's)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_up_proj = MergedLinear(spec.hidden_size, [spec.intermediate_size] * 2, (0, 1), spec.mlp_bias)
-        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias)
+        intermediate_size = intermediate_size or spec.intermediate_size
+        self.gate_up_proj = MergedLinear(spec.hidden_size, [intermediate_size] * 2, (0, 1), spec.mlp_bias)
+        self.down_proj = Linear(intermediate_size, spec.hidden_size, spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(linear_silu_and_mul(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
@@ -64,7 +69,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = SelfAttention(spec, rotary, spec.sliding_windows[layer_index])
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec)
+        sparse = spec.moe is not None and spec.moe.sparse_layers[layer_index]
+        self.mlp = SparseMoeBlock(spec, MLP) if sparse else MLP(spec)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
         """Returns (this block's output, residual stream before adding it); the caller adds them."""

@@ -3,8 +3,9 @@
 Weights come from ``model.safetensors`` or the shards listed in ``model.safetensors.index.json`` (any other
 ``*.safetensors`` files in the directory when there is neither). Each tensor is placed by its parameter's
 ``weight_loader``; q/k/v and gate/up tensors go into the fused parameters through
-``DecoderForCausalLM.packed_modules_mapping``. Pickle weights (``*.bin``, ``*.pt``, ``*.pth``) can run arbitrary
-code when loaded and are refused unless ``allow_pickle=True``.
+``DecoderForCausalLM.packed_modules_mapping``, per-expert tensors of mixture-of-experts checkpoints into their
+slices of the stacked expert parameters (``moe_loading``). Pickle weights (``*.bin``, ``*.pt``, ``*.pth``) can run
+arbitrary code when loaded and are refused unless ``allow_pickle=True``.
 """
 import glob
 import json
@@ -14,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from flashserve.models.decoder import DecoderForCausalLM
+from flashserve.models.moe_loading import canonical_name, expert_target
 from flashserve.models.spec import ModelSpec, load_spec
 
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
@@ -96,7 +98,8 @@ def load_weights(model: DecoderForCausalLM, tensors) -> None:
     for name, tensor in tensors:
         if _ignored(name, model):
             continue
-        target, shard_id = _target_name(name, model.packed_modules_mapping)
+        name = canonical_name(name)
+        target, shard_id = expert_target(name) or _target_name(name, model.packed_modules_mapping)
         param = params.get(target)
         if param is None:
             unexpected.append(name)
@@ -109,6 +112,8 @@ def load_weights(model: DecoderForCausalLM, tensors) -> None:
         except ValueError as error:
             raise ValueError(f"checkpoint tensor {name}: {error}") from None
         loaded.add(name)
+        if shard_id is None and hasattr(param, "checkpoint_names"):  # a stacked expert tensor saved whole
+            loaded.update(_checkpoint_names(target, param))
     if unexpected:
         raise ValueError(f"checkpoint has unexpected weights: {', '.join(sorted(unexpected))}")
     missing = sorted(set(_expected_names(model)) - loaded)
@@ -139,7 +144,10 @@ def _expected_names(model: DecoderForCausalLM) -> list[str]:
     for hf_name, (fused, shard_id) in model.packed_modules_mapping.items():
         fused_parts.setdefault(fused, []).append((hf_name, shard_id))
     names = []
-    for name, _ in model.named_parameters():
+    for name, param in model.named_parameters():
+        if hasattr(param, "checkpoint_names"):
+            names.extend(_checkpoint_names(name, param))
+            continue
         parts = name.split(".")
         fused = next((part for part in parts if part in fused_parts), None)
         if fused is None:
@@ -148,3 +156,9 @@ def _expected_names(model: DecoderForCausalLM) -> list[str]:
         index = parts.index(fused)
         names.extend(".".join(parts[:index] + [hf_name] + parts[index + 1:]) for hf_name, _ in fused_parts[fused])
     return names
+
+
+def _checkpoint_names(name: str, param) -> list[str]:
+    """The per-tensor checkpoint names of a parameter stacked from several (``param.checkpoint_names``)."""
+    prefix = name.rsplit(".", 1)[0]
+    return [f"{prefix}.{part}" for part in param.checkpoint_names]

@@ -16,9 +16,12 @@ class ArchitectureTraits:
         o_bias: the same for the output projection.
         mlp_bias_key: config key that switches on biases of the MLP projections, None when they never exist.
         qk_norm: RMSNorm over each head of q and k before rotary (Qwen3).
-        sliding_window: "none" (never), "all" (every layer when ``sliding_window`` is set: Mistral) or
+        sliding_window: "none" (never), "all" (every layer when ``sliding_window`` is set: Mistral, Mixtral),
             "layer_types" (the layers whose ``layer_types`` entry is "sliding_attention", only when
-            ``use_sliding_window`` is true: Qwen2/Qwen3).
+            ``use_sliding_window`` is true: Qwen2/Qwen3, Qwen2-MoE) or "enabled" (every layer when
+            ``use_sliding_window`` is true: Qwen3-MoE).
+        moe_style: None for dense models, else how config.json describes the experts ("qwen" or "mixtral",
+            see ``moe_spec.parse_moe``).
     """
 
     model_type: str
@@ -27,6 +30,7 @@ class ArchitectureTraits:
     mlp_bias_key: str | None
     qk_norm: bool
     sliding_window: str
+    moe_style: str | None = None
 
 
 ARCHITECTURES: dict[str, ArchitectureTraits] = {
@@ -34,6 +38,9 @@ ARCHITECTURES: dict[str, ArchitectureTraits] = {
     "Qwen2ForCausalLM": ArchitectureTraits("qwen2", True, False, None, False, "layer_types"),
     "Qwen3ForCausalLM": ArchitectureTraits("qwen3", None, None, None, True, "layer_types"),
     "MistralForCausalLM": ArchitectureTraits("mistral", False, False, None, False, "all"),
+    "Qwen2MoeForCausalLM": ArchitectureTraits("qwen2_moe", True, False, None, False, "layer_types", "qwen"),
+    "Qwen3MoeForCausalLM": ArchitectureTraits("qwen3_moe", None, None, None, True, "enabled", "qwen"),
+    "MixtralForCausalLM": ArchitectureTraits("mixtral", False, False, None, False, "all", "mixtral"),
 }
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flashserve.models.moe_spec import MoeSpec, parse_moe
 from flashserve.models.registry import get_traits
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -23,7 +24,8 @@ class ModelSpec:
     ``rope_scaling`` is None for plain rotary, else a dict with ``rope_type`` ("linear" or "llama3") and its
     parameters (``factor``; for llama3 also ``low_freq_factor``, ``high_freq_factor``,
     ``original_max_position_embeddings``). ``sliding_windows`` holds one entry per layer: None for full attention,
-    else the Hugging Face window ``w`` (a query sees itself and the ``w - 1`` keys before it).
+    else the Hugging Face window ``w`` (a query sees itself and the ``w - 1`` keys before it). ``moe`` describes
+    the routed experts of mixture-of-experts checkpoints (None for dense ones).
     """
 
     architecture: str
@@ -47,6 +49,7 @@ class ModelSpec:
     torch_dtype: torch.dtype
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    moe: MoeSpec | None = None
 
     @classmethod
     def from_config(cls, config: dict, generation_config: dict | None = None) -> "ModelSpec":
@@ -92,6 +95,7 @@ class ModelSpec:
             torch_dtype=_parse_dtype(config.get("torch_dtype") or config.get("dtype") or "float32"),
             eos_token_ids=_eos_ids(generation_config or {}, config),
             bos_token_id=config.get("bos_token_id"),
+            moe=parse_moe(config, traits.moe_style, num_layers),
         )
 
 
@@ -141,6 +145,8 @@ def _parse_sliding_windows(config: dict, mode: str, num_layers: int) -> tuple[in
         return (None,) * num_layers
     if mode == "all":
         return (int(window),) * num_layers
+    if mode == "enabled":
+        return (int(window) if config.get("use_sliding_window", False) else None,) * num_layers
     if not config.get("use_sliding_window", False):
         return (None,) * num_layers
     layer_types = config.get("layer_types") or [

@@ -1,0 +1,165 @@
+"""Fused mixture-of-experts: routing, token permutation on the device, and two grouped-GEMM launches.
+
+``fused_moe(hidden_states, w13, w2, router_logits, top_k, renormalize)`` computes, for every token t,
+``sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` over its ``top_k`` experts e (Qwen2/Qwen3-MoE, Mixtral):
+
+1. ``moe_routing``: softmax over the router logits in fp32, ``torch.topk`` (Hugging Face's router, ties included),
+   optional renormalisation of the top-k weights (``norm_topk_prob``).
+2. ``moe_align_block_size`` (``moe_align``, three small launches): the T * top_k (token, expert) pairs
+   sorted by expert, each expert's run padded to a multiple of the GEMM's BLOCK_M, on the device with shapes that
+   never depend on the routing (no host sync: CUDA-graph safe). The GEMMs' grids cover the worst case; programs
+   past the padded total exit at once.
+3. Gate/up grouped GEMM: each program takes BLOCK_M rows of one expert, multiplies the gathered hidden states by
+   that expert's gate and up rows and stores ``silu(gate) * up`` (fp32 epilogue, rounded once) per pair.
+4. Down grouped GEMM: the same walk over the activations, the product scaled by the pair's routing weight and
+   added atomically into the token's fp32 output row (the k contributions of a token meet there).
+
+Weights are stacked per expert: ``w13`` (E, 2I, H) holds each expert's gate rows then its up rows (Hugging Face's
+``experts.gate_up_proj``), ``w2`` (E, H, I) its down projection. Tiles come from ``moe_configs``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from flashserve.kernels import _validate
+from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels._launch import cdiv
+from flashserve.kernels.moe_align import moe_align_block_size
+from flashserve.kernels.moe_configs import MoeGemmConfig, moe_configs
+from flashserve.kernels.reference import moe as reference
+
+moe_routing = reference.moe_routing
+
+
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr,
+                         N, K, top_k, a_rows_per_pair_divisor, up_offset,
+                         stride_am, stride_be, stride_bn, stride_om,
+                         GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One (BLOCK_M pairs of one expert) x (BLOCK_N output columns) tile of ``a[rows] @ b[expert].T``.
+
+    GATED: b rows [n] and [up_offset + n] give gate and up; stores silu(gate) * up at the pair's row of out.
+    Else: scales by the pair's routing weight and atomically adds into out's row of the pair's token."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    num_padded = tl.load(num_padded_ptr)
+    if pid_m * BLOCK_M >= num_padded:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair_ids = tl.load(sorted_ids_ptr + offs_m)
+    valid = pair_ids >= 0
+    pairs = tl.where(valid, pair_ids, 0).to(tl.int64)
+    expert = tl.load(block_experts_ptr + pid_m).to(tl.int64)
+    a_rows = pairs // a_rows_per_pair_divisor
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        k_mask = offs_k < K - k_start
+        a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+        b_mask = k_mask[:, None] & n_mask[None, :]
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if GATED:
+            b_up = tl.load(b_ptrs + up_offset * stride_bn, mask=b_mask, other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    out_mask = valid[:, None] & n_mask[None, :]
+    if GATED:
+        activated = acc / (1.0 + tl.exp(-acc)) * acc_up
+        out_ptrs = out_ptr + pairs[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, activated.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        routing_weights = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
+        tokens = pairs // top_k
+        out_ptrs = out_ptr + tokens[:, None] * stride_om + offs_n[None, :]
+        tl.atomic_add(out_ptrs, acc * routing_weights[:, None], mask=out_mask, sem="relaxed")
+
+
+def _launch(a, b, out, topk_weights, top_k, gated, config: MoeGemmConfig, alignment) -> None:
+    sorted_pair_ids, block_experts, num_padded = alignment
+    n = b.shape[1] // 2 if gated else b.shape[1]
+    grid = (block_experts.numel(), cdiv(n, config.block_n))
+    _grouped_gemm_kernel[grid](
+        a, b, out, topk_weights, sorted_pair_ids, block_experts, num_padded,
+        n, b.shape[2], top_k, top_k if gated else 1, n if gated else 0,
+        a.stride(0), b.stride(0), b.stride(1), out.stride(0),
+        GATED=gated, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def _check(hidden_states, w13, w2, topk_weights, topk_ids) -> None:
+    _validate.check_tensor("hidden_states", hidden_states, 2, _validate.ATTENTION_DTYPES)
+    device, dtype = hidden_states.device, hidden_states.dtype
+    _validate.check_tensor("w13", w13, 3, (dtype,), device)
+    _validate.check_tensor("w2", w2, 3, (dtype,), device)
+    num_experts, hidden = w13.shape[0], hidden_states.shape[1]
+    if w13.shape[1] % 2 or w13.shape[2] != hidden:
+        raise ValueError(f"w13 must have shape (E, 2I, {hidden}), got {tuple(w13.shape)}")
+    _validate.check_shape("w2", w2, (num_experts, hidden, w13.shape[1] // 2))
+    for name, tensor in (("hidden_states", hidden_states), ("w13", w13), ("w2", w2)):
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    _validate.check_tensor("topk_ids", topk_ids, 2, (torch.int32, torch.int64), device)
+    _validate.check_tensor("topk_weights", topk_weights, 2, (torch.float32,), device)
+    if topk_ids.shape[0] != hidden_states.shape[0] or not 1 <= topk_ids.shape[1] <= num_experts:
+        raise ValueError(f"topk_ids must have shape ({hidden_states.shape[0]}, k) with 1 <= k <= {num_experts}, "
+                         f"got {tuple(topk_ids.shape)}")
+    _validate.check_shape("topk_weights", topk_weights, topk_ids.shape)
+
+
+def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, configs: tuple[MoeGemmConfig, MoeGemmConfig] | None = None
+                  ) -> torch.Tensor:
+    """The experts' part of the layer for routed tokens, in two grouped-GEMM launches.
+
+    Args:
+        hidden_states: (T, H) fp16/bf16/fp32, contiguous.
+        w13: (E, 2I, H), each expert's gate rows then up rows; w2: (E, H, I); both of hidden_states' dtype.
+        topk_weights: (T, k) fp32 routing weights; topk_ids: (T, k) int32/int64 expert ids in [0, E).
+        configs: (gate/up, down) tiles; default from ``moe_configs.moe_configs``.
+    Returns (T, H) in hidden_states' dtype: the weighted sum of each token's k expert outputs (products in fp32,
+    the activation rounded once to the input dtype, the sum in fp32 then rounded once). ValueError on bad input.
+    """
+    _check(hidden_states, w13, w2, topk_weights, topk_ids)
+    if not use_triton(hidden_states):
+        return reference.fused_experts(hidden_states, w13, w2, topk_weights, topk_ids)
+    num_tokens, top_k = topk_ids.shape
+    num_experts, hidden, intermediate = w2.shape
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=hidden_states.device)
+    if num_tokens == 0:
+        return out.to(hidden_states.dtype)
+    up_config, down_config = configs or moe_configs(num_tokens, num_experts, hidden, intermediate, top_k,
+                                                    hidden_states.element_size())
+    topk_weights = topk_weights.contiguous()
+    activated = torch.empty(num_tokens * top_k, intermediate, dtype=hidden_states.dtype, device=out.device)
+    alignment = moe_align_block_size(topk_ids, up_config.block_m, num_experts)
+    _launch(hidden_states, w13, activated, topk_weights, top_k, True, up_config, alignment)
+    if down_config.block_m != up_config.block_m:
+        alignment = moe_align_block_size(topk_ids, down_config.block_m, num_experts)
+    _launch(activated, w2, out, topk_weights, top_k, False, down_config, alignment)
+    return out if hidden_states.dtype == torch.float32 else out.to(hidden_states.dtype)
+
+
+def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor,
+              top_k: int, renormalize: bool) -> torch.Tensor:
+    """Route (``moe_routing``) then run the experts (``fused_experts``): (T, H) -> (T, H).
+
+    router_logits: (T, E) in any float dtype; top_k in [1, E]; renormalize: divide the top-k probabilities by
+    their sum (Qwen's ``norm_topk_prob``, always true for Mixtral)."""
+    _validate.check_tensor("router_logits", router_logits, 2, _validate.ATTENTION_DTYPES, hidden_states.device)
+    if router_logits.shape != (hidden_states.shape[0], w13.shape[0]):
+        raise ValueError(f"router_logits must have shape ({hidden_states.shape[0]}, {w13.shape[0]}), "
+                         f"got {tuple(router_logits.shape)}")
+    if not isinstance(top_k, int) or not 1 <= top_k <= w13.shape[0]:
+        raise ValueError(f"top_k must be an int in [1, {w13.shape[0]}], got {top_k!r}")
+    topk_weights, topk_ids = moe_routing(router_logits, top_k, renormalize)
+    return fused_experts(hidden_states, w13, w2, topk_weights, topk_ids)

@@ -1,0 +1,157 @@
+"""The fused-MoE kernel against its plain-PyTorch reference, the routing against Hugging Face's router, and the
+device-side token permutation.
+
+Error bar (FlashAttention's rule): the kernel's max error against the fp32 reference must be at most twice that of
+the same math done in the input precision in plain PyTorch (plus 1e-5 of the output's scale: in fp32 that math is
+the reference itself). On the CPU the kernels run in Triton's interpreter
+(tiny shapes, fp32/fp16); the GPU variants cover token counts up to 4096 and expert counts up to 128.
+"""
+import random
+
+import pytest
+import torch
+
+from flashserve.kernels.moe import fused_experts, fused_moe, moe_align_block_size
+from flashserve.kernels.moe_configs import MoeGemmConfig, moe_configs
+from flashserve.kernels.reference import moe as reference
+
+
+def _moe_inputs(num_tokens, hidden, intermediate, num_experts, top_k, dtype, device, seed=0, unused_experts=0):
+    """Random layer inputs; the last ``unused_experts`` experts get no token (their logits are very negative)."""
+    generator = torch.Generator().manual_seed(seed)
+    randn = lambda *shape, scale=1.0: (torch.randn(*shape, generator=generator) * scale).to(dtype).to(device)
+    x = randn(num_tokens, hidden)
+    w13 = randn(num_experts, 2 * intermediate, hidden, scale=hidden ** -0.5)
+    w2 = randn(num_experts, hidden, intermediate, scale=intermediate ** -0.5)
+    logits = torch.randn(num_tokens, num_experts, generator=generator)
+    if unused_experts:
+        logits[:, num_experts - unused_experts:] = -1e4
+    return x, w13, w2, logits.to(device)
+
+
+def _check_against_reference(num_tokens, hidden, intermediate, num_experts, top_k, dtype, device="cpu",
+                             unused_experts=0, configs=None):
+    x, w13, w2, logits = _moe_inputs(num_tokens, hidden, intermediate, num_experts, top_k, dtype, device,
+                                     unused_experts=unused_experts)
+    weights, ids = reference.moe_routing(logits, top_k, True)
+    out = fused_experts(x, w13, w2, weights, ids, configs)
+    assert out.dtype == dtype and out.shape == x.shape
+    exact = reference.fused_experts(x.float(), w13.float(), w2.float(), weights, ids)
+    same_precision = reference.fused_experts(x, w13, w2, weights, ids, compute_dtype=dtype)
+    error = (out.float() - exact).abs().max().item()
+    bar = (same_precision.float() - exact).abs().max().item()
+    # In fp32 the same-precision run is the reference itself (bar 0): allow the summation-order error.
+    assert error <= 2 * bar + 1e-5 * exact.abs().max().item(), (error, bar)
+    if unused_experts:
+        assert int(ids.max()) < num_experts - unused_experts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 8, 1), (3, 8, 2), (7, 16, 4), (2, 8, 8)])
+def test_fused_experts_matches_reference(num_tokens, num_experts, top_k, dtype):
+    _check_against_reference(num_tokens, 32, 24, num_experts, top_k, dtype)
+
+
+def test_fused_experts_with_experts_that_get_no_token_and_several_tiles():
+    """Experts without tokens, hidden and intermediate sizes that are not multiples of the tiles, several tiles
+    along each dimension (16-row blocks, 16-column tiles, 16-deep K steps)."""
+    config = MoeGemmConfig(16, 16, 16, 4, 1)
+    _check_against_reference(20, 40, 36, 8, 2, torch.float32, unused_experts=5, configs=(config, config))
+
+
+def test_fused_moe_routes_like_hugging_face():
+    """moe_routing is HF's router (softmax, torch.topk, optional renormalisation), ties included."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    weights, ids = reference.moe_routing(logits, 2, False)
+    probs = torch.softmax(logits, dim=-1)
+    expected_weights, expected_ids = torch.topk(probs, 2, dim=-1)
+    assert torch.equal(ids.long(), expected_ids) and torch.equal(weights, expected_weights)
+    renormalised, _ = reference.moe_routing(logits, 2, True)
+    assert torch.allclose(renormalised.sum(-1), torch.ones(2))
+
+
+def test_fused_moe_end_to_end_and_validation():
+    x, w13, w2, logits = _moe_inputs(4, 32, 16, 8, 2, torch.float32, "cpu")
+    out = fused_moe(x, w13, w2, logits, 2, False)
+    weights, ids = reference.moe_routing(logits, 2, False)
+    assert torch.allclose(out, reference.fused_experts(x, w13, w2, weights, ids), atol=1e-5)
+    with pytest.raises(ValueError, match="top_k"):
+        fused_moe(x, w13, w2, logits, 9, False)
+    with pytest.raises(ValueError, match="router_logits"):
+        fused_moe(x, w13, w2, logits[:, :4], 2, False)
+    with pytest.raises(ValueError, match="w2"):
+        fused_experts(x, w13, w2[:, :, :8], weights, ids)
+    with pytest.raises(ValueError, match="topk_weights"):
+        fused_experts(x, w13, w2, weights.half(), ids)
+    assert fused_experts(x[:0], w13, w2, weights[:0], ids[:0]).shape == (0, 32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("num_tokens,top_k,num_experts,block_m",
+                         [(1, 1, 8, 16), (5, 2, 8, 4), (33, 8, 128, 16), (300, 4, 6, 16), (3, 2, 200, 32),
+                          (1100, 4, 256, 16)])
+def test_moe_align_block_size(num_tokens, top_k, num_experts, block_m, backend, monkeypatch):
+    """Every pair appears once, in its expert's padded run, in pair order; runs are block-aligned; the grid covers
+    them; experts without pairs have no blocks. The Triton kernels (the single-launch path for few pairs, several
+    chunks for 33 x 8 pairs over 128 experts and 300 x 4 over 6, more chunks than one prefix step takes for
+    1100 x 4 over 256, expert counts that are not powers of two) and the reference give the same."""
+    if backend == "torch":
+        monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    rng = random.Random(num_tokens)
+    ids = torch.tensor([rng.sample(range(num_experts), top_k) for _ in range(num_tokens)], dtype=torch.int32)
+    sorted_ids, block_experts, num_padded = moe_align_block_size(ids, block_m, num_experts)
+    flat = ids.reshape(-1)
+    total = int(num_padded)
+    counts = torch.bincount(flat.long(), minlength=num_experts)
+    assert total == int(((counts + block_m - 1) // block_m * block_m).sum())
+    assert sorted_ids.numel() % block_m == 0 and sorted_ids.numel() >= total
+    assert block_experts.numel() == sorted_ids.numel() // block_m
+    assert bool((sorted_ids[total:] == -1).all()) and bool((block_experts[total // block_m:] == num_experts).all())
+    expected_runs = []
+    for expert in range(num_experts):
+        pairs = (flat == expert).nonzero().squeeze(1).tolist()
+        expected_runs += pairs + [-1] * (-len(pairs) % block_m)
+    assert sorted_ids[:total].tolist() == expected_runs
+    experts_of_rows = block_experts[: total // block_m].repeat_interleave(block_m)
+    real = sorted_ids[:total] >= 0
+    assert torch.equal(experts_of_rows[real], flat[sorted_ids[:total][real].long()])
+
+
+def test_launch_configs():
+    up, down = moe_configs(1, 128, 2048, 768, 8)
+    assert up.block_m == down.block_m == 16
+    assert moe_configs(4096, 8, 4096, 14336, 2)[0].block_m == 128
+    assert moe_configs(3, 6, 40, 36, 2)[0].block_m == 16  # the default table elsewhere
+    assert all(config.block_k <= 32 and config.num_stages <= 3 for config in moe_configs(64, 8, 64, 32, 2, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("num_tokens", [1, 4, 17, 64, 300, 4096])
+@pytest.mark.parametrize("num_experts,top_k,unused", [(8, 2, 0), (64, 6, 20), (128, 8, 0), (16, 1, 7)])
+def test_fused_experts_on_gpu(num_tokens, num_experts, top_k, unused, dtype):
+    _check_against_reference(num_tokens, 256, 192, num_experts, top_k, dtype, "cuda", unused_experts=unused)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 64, 4096])
+def test_fused_experts_on_gpu_tuned_shape(num_tokens):
+    """The Qwen3-30B-A3B layer shape through its table entries, in bf16."""
+    _check_against_reference(num_tokens, 2048, 768, 128, 8, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_fused_moe_in_a_cuda_graph():
+    """No host sync: a captured call replays on new routings (other experts, other counts) correctly."""
+    x, w13, w2, logits = _moe_inputs(16, 256, 128, 32, 4, torch.bfloat16, "cuda")
+    static_logits = logits.clone()
+    fused_moe(x, w13, w2, static_logits, 4, True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fused_moe(x, w13, w2, static_logits, 4, True)
+    for seed in range(3):
+        static_logits.copy_(torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed)).cuda())
+        graph.replay()
+        expected = fused_moe(x, w13, w2, static_logits, 4, True)
+        assert torch.allclose(static_out.float(), expected.float(), atol=2e-2, rtol=2e-2)

@@ -1,0 +1,109 @@
+"""Mixture-of-experts model side: MoeSpec from config.json, and the loader's placement of expert tensors
+(per-expert names, Mixtral's w1/w3/w2, stacked tensors saved whole, missing experts). Parity with Hugging Face is in
+test_models.py and test_engine_parity.py (the MOE_CASES)."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flashserve.models import DecoderForCausalLM, ModelSpec, load_model, load_spec, write_random_checkpoint
+from flashserve.models.loader import iter_checkpoint_tensors, load_weights
+from flashserve.models.moe import SparseMoeBlock
+from moe_cases import MOE_CASES
+
+QWEN_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 6, "num_attention_heads": 4, "vocab_size": 100, "num_experts": 8,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+
+
+def test_sparse_layers_follow_decoder_sparse_step_and_mlp_only_layers():
+    spec = ModelSpec.from_config(dict(QWEN_MOE, decoder_sparse_step=2, mlp_only_layers=[3]))
+    assert spec.moe.sparse_layers == (False, True, False, False, False, True)
+    assert spec.moe.num_experts == 8 and spec.moe.top_k == 2 and spec.moe.expert_intermediate_size == 32
+    assert not spec.moe.renormalize and spec.moe.shared_expert_intermediate_size == 0
+    saved_style = dict(QWEN_MOE, num_local_experts=8, norm_topk_prob=True)  # transformers 5 writes this key
+    del saved_style["num_experts"]
+    assert ModelSpec.from_config(saved_style).moe.num_experts == 8
+    assert ModelSpec.from_config(saved_style).moe.renormalize
+    assert ModelSpec.from_config(dict(QWEN_MOE, architectures=["Qwen3ForCausalLM"])).moe is None
+
+
+def test_sliding_window_of_qwen3_moe_needs_use_sliding_window():
+    assert ModelSpec.from_config(dict(QWEN_MOE, sliding_window=8)).sliding_windows == (None,) * 6
+    assert ModelSpec.from_config(dict(QWEN_MOE, sliding_window=8, use_sliding_window=True)).sliding_windows == (8,) * 6
+
+
+@pytest.mark.parametrize("overrides,match", [({"num_experts_per_tok": 9}, "num_experts_per_tok"),
+                                             ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
+                                             ({"decoder_sparse_step": 0}, "decoder_sparse_step")])
+def test_invalid_moe_configs_raise(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ModelSpec.from_config(dict(QWEN_MOE, **overrides))
+    with pytest.raises(ValueError, match="qkv_bias"):
+        ModelSpec.from_config(dict(QWEN_MOE, architectures=["Qwen2MoeForCausalLM"], qkv_bias=False))
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    return {name: write_random_checkpoint(str(root / name), arch, seed=3, **overrides)
+            for name, (arch, overrides) in MOE_CASES.items()}
+
+
+@pytest.mark.parametrize("case", ["qwen2-moe", "mixtral"])
+def test_expert_tensors_land_in_their_slices(moe_checkpoints, case):
+    model, spec = load_model(moe_checkpoints[case])
+    tensors = load_file(f"{moe_checkpoints[case]}/model.safetensors")
+    layer = next(i for i, sparse in enumerate(spec.moe.sparse_layers) if sparse)
+    block = model.model.layers[layer].mlp
+    assert isinstance(block, SparseMoeBlock)
+    prefix = f"model.layers.{layer}." + ("block_sparse_moe" if case == "mixtral" else "mlp")
+    names = ("w1", "w3", "w2") if case == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    for expert in range(spec.moe.num_experts):
+        gate, up, down = (tensors[f"{prefix}.experts.{expert}.{name}.weight"] for name in names)
+        assert torch.equal(block.experts.gate_up_proj[expert], torch.cat((gate, up)))
+        assert torch.equal(block.experts.down_proj[expert], down)
+    assert torch.equal(block.gate.weight, tensors[f"{prefix}.gate.weight"])
+
+
+def test_stacked_expert_tensors_saved_whole_load_the_same(moe_checkpoints, tmp_path):
+    """transformers 5's in-memory layout (experts.gate_up_proj (E, 2I, H), experts.down_proj (E, H, I))."""
+    source = moe_checkpoints["qwen3-moe"]
+    reference, spec = load_model(source)
+    tensors = load_file(f"{source}/model.safetensors")
+    for layer in (i for i, sparse in enumerate(spec.moe.sparse_layers) if sparse):
+        prefix = f"model.layers.{layer}.mlp.experts"
+        experts = range(spec.moe.num_experts)
+        gate_up = [torch.cat((tensors.pop(f"{prefix}.{e}.gate_proj.weight"),
+                              tensors.pop(f"{prefix}.{e}.up_proj.weight"))) for e in experts]
+        tensors[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
+        tensors[f"{prefix}.down_proj"] = torch.stack([tensors.pop(f"{prefix}.{e}.down_proj.weight") for e in experts])
+    directory = tmp_path / "stacked"
+    directory.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (directory / name).write_bytes(open(f"{source}/{name}", "rb").read())
+    save_file(tensors, str(directory / "model.safetensors"))
+    model, _ = load_model(str(directory))
+    for (name, ours), (_, theirs) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(ours, theirs), name
+
+
+def test_missing_expert_tensor_is_named(moe_checkpoints, tmp_path):
+    source = moe_checkpoints["mixtral"]
+    tensors = load_file(f"{source}/model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.4.w3.weight"]
+    directory = tmp_path / "missing"
+    directory.mkdir()
+    (directory / "config.json").write_bytes(open(f"{source}/config.json", "rb").read())
+    save_file(tensors, str(directory / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing weights: model\.layers\.1\.mlp\.experts\.4\.up_proj\.weight"):
+        load_model(str(directory))
+
+
+def test_experts_load_in_place(moe_checkpoints):
+    """Each per-expert tensor is copied into its slice of the preallocated stacked parameter: no parameter is
+    replaced or re-stacked (so no second copy of the experts is ever built)."""
+    directory = moe_checkpoints["qwen3-moe"]
+    model = DecoderForCausalLM(load_spec(directory))
+    before = {name: param.data_ptr() for name, param in model.named_parameters()}
+    load_weights(model, iter_checkpoint_tensors(directory))
+    assert {name: param.data_ptr() for name, param in model.named_parameters()} == before
