@@ -15,11 +15,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from flashserve.sampling_params import StructuredOutputsParams
 
 MAX_CACHED_GRAMMARS = 512
-# xgrammar (through 0.2.9 at least, mlc-ai/xgrammar#800) lowers a string with minLength/maxLength to a repetition
-# of this character class, which lets raw control characters (U+0000-U+001F) into the JSON: those the JSON
-# standard forbids unescaped. The rewrite keeps them out (escapes stay unreachable in such strings, as before).
-_BOUNDED_STRING_CHARACTER = r'[^\"\\\r\n]'
-_JSON_STRING_CHARACTER = r'[^\0-\x1f\"\\]'
+# The character classes xgrammar's JSON-schema grammars (0.2.9) use inside strings, rewritten to the characters JSON
+# allows unescaped (and only valid UTF-8): the class of a string with minLength/maxLength lets raw control
+# characters (U+0000-U+001F) in (mlc-ai/xgrammar#800), and both let UTF-8-encoded surrogates (U+D800-U+DFFF,
+# bytes no decoder accepts) in. Escapes stay unreachable in length-bounded strings, as before.
+_STRING_CHARACTER_CLASSES = (r'[^\"\\\r\n]', r'[^\0-\x1f\"\\\r\n]')
+_JSON_STRING_CHARACTER = r'[^\0-\x1f\"\\\uD800-\uDFFF]'
 _XGRAMMAR_LOG_PREFIX = re.compile(r"^\[[\d:]+\] [^ ]+:\d+: (Check failed: .*? is false: )?")
 
 
@@ -41,10 +42,10 @@ def build_grammar(spec: StructuredOutputsParams):
     try:
         if kind == "json":
             grammar = xgr.Grammar.from_json_schema(spec.key[1], any_whitespace=False, strict_mode=True)
-            text = str(grammar)
-            if _BOUNDED_STRING_CHARACTER not in text:
-                return grammar
-            return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHARACTER, _JSON_STRING_CHARACTER))
+            text = original = str(grammar)
+            for character_class in _STRING_CHARACTER_CLASSES:
+                text = text.replace(character_class, _JSON_STRING_CHARACTER)
+            return grammar if text == original else xgr.Grammar.from_ebnf(text)
         if kind == "json_object":
             return xgr.Grammar.builtin_json_grammar()
         if kind == "regex":

@@ -32,8 +32,8 @@ from flashserve.server.metrics import ServerMetrics
 from flashserve.server.options import ServerOptions
 from flashserve.server.tokenization import ServerTokenizer
 from flashserve.server.prompts import chat_messages, chat_prompt_builder, completion_prompts
-from flashserve.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, InvalidRequestError,
-                                        check_text, error_body)
+from flashserve.server.errors import InvalidRequestError, error_body
+from flashserve.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, check_text
 from flashserve.server.responses import ChatFormat, Choice, CompletionFormat
 
 
@@ -193,14 +193,15 @@ def build_app(driver: EngineDriver, served_model_name: str, options: ServerOptio
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        params = body.sampling_params()
+        tools = body.tool_plan(options.tool_call_parser)
+        params = body.sampling_params(tools.constraint)
         messages = chat_messages(body.messages)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        stream = await _add(driver, tokenization, response_id, chat_prompt_builder(messages), params, "messages",
-                            max_tokens_field, options)
+        stream = await _add(driver, tokenization, response_id, chat_prompt_builder(messages, tools.template_tools),
+                            params, "messages", max_tokens_field, options)
         fmt = ChatFormat(response_id, int(time.time()), served_model_name, params.logprobs, body.include_usage,
-                         params.n)
+                         params.n, tools)
         return await _respond(stream, fmt, body.stream, request)
 
     def openapi() -> dict:
