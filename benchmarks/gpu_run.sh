@@ -2,6 +2,8 @@
 # One call on the GPU machine: GPU tests, then every benchmark. Usage (on the device machine, repo root):
 #   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache throughput latency
 #                                              serving (needs the server wheels: see benchmarks/serving_gpu.sh)
+#                                              structured (needs the wheels of xgrammar, apache-tvm-ffi, jsonschema
+#                                              and pydantic in .whl, downloaded as benchmarks/serving_gpu.sh shows)
 # Per-step time limits: TIMEOUT_<step>=SECONDS (default STEP_TIMEOUT_S, else 300).
 # Results go under $OUT (or ./out): one log, and results.tar.gz holding each benchmark's JSON, markdown and PNG.
 set -uo pipefail
@@ -28,6 +30,9 @@ steps=${*:-tests prefill layouts decode merge cache}
       throughput) timeout "$limit" python3 benchmarks/throughput.py --out "$RESULTS" ;;
       latency) timeout "$limit" python3 benchmarks/latency.py --out "$RESULTS" ${LATENCY_ARGS:-} ;;
       serving) timeout "$limit" bash benchmarks/serving_gpu.sh "$RESULTS/serving" ;;
+      structured) if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
+        PYTHONPATH=/tmp/site:$PYTHONPATH timeout "$limit" python3 -m pytest -q -rs tests/test_structured_outputs_gpu.py
+        PYTHONPATH=/tmp/site:$PYTHONPATH timeout "$limit" python3 benchmarks/structured_outputs.py --out "$RESULTS" ;;
       *) echo "unknown step $step" ;;
     esac
   done
