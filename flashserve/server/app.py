@@ -1,4 +1,4 @@
-"""The FastAPI app: ``GET|HEAD /health``, ``GET /metrics`` (Prometheus, see ``metrics``), ``GET /version``,
+"""The FastAPI app: ``GET /`` (the chat page of ``chat_page``, unless ``--no-ui``), ``GET|HEAD /health``, ``GET /metrics`` (Prometheus, see ``metrics``), ``GET /version``,
 ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``POST /tokenize``, ``POST /detokenize``.
 
@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict
 
 from flashserve import __version__
+from flashserve.server.chat_page import add_chat_page
 from flashserve.server.driver import EngineDriver, PromptItem, RequestStream
 from flashserve.server.metrics import ServerMetrics
 from flashserve.server.options import ServerOptions
@@ -124,6 +125,9 @@ def build_app(driver: EngineDriver, served_model_name: str, options: ServerOptio
         else:
             message = f"invalid {'.'.join(location)}: {first.get('msg')}" if location else first.get("msg")
         return JSONResponse(error_body(message, param), status_code=400)
+
+    if options.ui:
+        add_chat_page(app)
 
     @app.get("/health")
     async def health() -> dict:

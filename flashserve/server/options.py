@@ -23,6 +23,7 @@ class ServerOptions:
         max_waiting_requests: the most requests waiting for the engine; over it a new request gets a 503 (None:
             unbounded, as vLLM).
         log_requests: log each request (id, prompts, prompt tokens, sampling parameters) at INFO.
+        ui: serve the chat page at ``/`` (``flashserve.server.chat_page``).
         tool_call_parser: how replies of chat requests with ``tool_choice: "auto"`` are parsed for tool calls
             ("hermes" or "llama3_json", see ``flashserve.server.tool_parsers``); None: "auto" is refused.
     """
@@ -38,6 +39,7 @@ class ServerOptions:
     max_waiting_requests: int | None = None
     log_requests: bool = False
     tool_call_parser: str | None = None
+    ui: bool = True
 
     def check(self) -> None:
         """ValueError for a port outside 0..65535 or one that cannot be bound, or an unreadable chat template —
