@@ -1,6 +1,7 @@
-"""The FastAPI app: ``GET /`` (the chat page of ``chat_page``, unless ``--no-ui``), ``GET|HEAD /health``, ``GET /metrics`` (Prometheus, see ``metrics``), ``GET /version``,
-``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``POST /tokenize``, ``POST /detokenize``.
+"""The FastAPI app: ``GET /`` and ``GET /ui/{file}`` (the chat page of ``chat_page``, unless ``--no-ui``),
+``GET|HEAD /health``, ``GET /metrics`` (Prometheus, see ``metrics``), ``GET /version``, ``GET /v1/models``,
+``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /tokenize``,
+``POST /detokenize``.
 
 Generation endpoints answer with one JSON body, or with ``stream: true`` with server-sent events: one
 ``data: {chunk}`` per engine step that brought something new, then ``data: [DONE]``. Every error has OpenAI's body
