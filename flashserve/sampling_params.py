@@ -111,6 +111,9 @@ class SamplingParams:
         skip_special_tokens: leave special tokens out of the text.
         logit_bias: {token id: bias in [-100, 100]} added to those logits before anything else (penalties,
             temperature, filtering); logprobs stay those of the model.
+        detokenize: turn the output into text (and set each logprob's ``decoded_token``); False returns token ids
+            only (the text stays empty), for a caller that detokenizes elsewhere, as the server does outside the
+            engine thread. Stop strings need the text: with ``stop`` set it must stay True.
         structured_outputs: a ``StructuredOutputsParams`` constraining the output (JSON schema, regex, choice,
             grammar); tokens the grammar does not allow are masked before sampling, so the logprobs of such a
             request are those of the constrained distribution. Not combinable with ``min_tokens`` (the grammar
@@ -136,6 +139,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    detokenize: bool = True
     structured_outputs: StructuredOutputsParams | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
@@ -181,6 +185,10 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         self.stop_strings = tuple(stop)
+        if not isinstance(self.detokenize, bool):
+            raise ValueError(f"detokenize must be True or False, got {self.detokenize!r}")
+        if stop and not self.detokenize:
+            raise ValueError("stop strings need the text: detokenize must be True when stop is set")
         if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
             raise ValueError(f"stop_token_ids must be a list of non-negative integers, got {self.stop_token_ids!r}")
         stop_ids = list(self.stop_token_ids or [])

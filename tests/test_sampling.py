@@ -41,6 +41,7 @@ def _tokens(outputs):
     dict(stop=[1]), dict(stop_token_ids=[-1]), dict(seed="x"), dict(temperature=float("nan")),
     dict(temperature=float("inf")), dict(temperature="0.5"), dict(repetition_penalty=float("nan")), dict(top_k=5.0),
     dict(top_k=True), dict(max_tokens=3.0), dict(logprobs=True), dict(stop_token_ids=5), dict(stop=5),
+    dict(detokenize=1), dict(detokenize=False, stop="x"),
 ])
 def test_invalid_sampling_params_raise(kwargs):
     with pytest.raises(ValueError):
@@ -214,6 +215,16 @@ def test_logprobs_hold_the_sampled_token_and_the_top_n(llm):
                                                        ignore_eos=True), use_tqdm=False)[0].outputs[0]
     for token_id, entry in zip(sampled.token_ids, sampled.logprobs):
         assert list(entry) == [token_id] and entry[token_id].rank >= 1
+
+
+def test_detokenize_false_returns_the_same_tokens_without_text(llm):
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=1, ignore_eos=True)
+    with_text = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    without = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=6, logprobs=1, ignore_eos=True,
+                                                       detokenize=False), use_tqdm=False)
+    for a, b in zip(with_text, without):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids and a.outputs[0].text and b.outputs[0].text == ""
+        assert all(lp.decoded_token is None for entry in b.outputs[0].logprobs for lp in entry.values())
 
 
 def test_incremental_detokenizer_never_splits_characters(llm):

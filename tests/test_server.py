@@ -213,6 +213,36 @@ def test_logprobs_and_stop_strings(client, reference):
     assert stopped["finish_reason"] == "stop" and stopped["text"] == text[:text.index(stop)]
 
 
+def test_detokenization_happens_outside_the_engine_thread(server, client, model_dir, monkeypatch):
+    """The engine thread only steps: every output text (stop strings included) is built in the event loop's
+    thread, and a request stopped there ends exactly as ``LLM.generate`` ends it (text, tokens, usage)."""
+    from flashserve.engine.detokenizer import OutputText
+    threads = set()
+    add = OutputText.add
+
+    def recording_add(self, *args):
+        threads.add(threading.current_thread().name)
+        return add(self, *args)
+
+    monkeypatch.setattr(OutputText, "add", recording_add)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    llm = LLM(model_dir, **ENGINE_OPTIONS)
+    text = llm.generate([PROMPTS[1]], params, use_tqdm=False)[0].outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    stopped = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
+    expected = llm.generate([PROMPTS[1]], stopped, use_tqdm=False)[0].outputs[0]
+    threads.clear()
+    body = {"prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stop": [stop]}
+    answer = client.post("/v1/completions", json=body).json()
+    streamed = client.post("/v1/completions", json=dict(body, stream=True, stream_options={"include_usage": True}))
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert threads and "flashserve-engine" not in threads
+    assert answer["choices"][0]["text"] == expected.text and answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["usage"]["completion_tokens"] == len(expected.token_ids) == chunks[-1]["usage"]["completion_tokens"]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == expected.text
+    _wait_idle(server[1])
+
+
 def test_concurrent_requests(server, reference):
     async def run_all():
         async with httpx.AsyncClient(base_url=server[0], timeout=30) as http:

@@ -6,6 +6,10 @@ already turned into text, and the same plus the new ones — and emits the diffe
 an incomplete character ("\\ufffd"), nothing is emitted and the bytes wait for the next token. When the request
 ends, whatever is left is flushed as it is.
 
+``OutputText`` builds on it what a request returns: its text with stop strings found and cut, the part of the text
+not yet sent, and the text of each logprob token. The engine uses it when it detokenizes (``LLM``); the server runs
+it outside the engine thread, on token ids the engine returns untouched (``SamplingParams.detokenize=False``).
+
 With a fast tokenizer the windows go straight to its Rust ``tokenizers.Tokenizer`` (what ``decode`` calls without
 clean-up, minus the per-call Python conversions, which dominate for windows of a few tokens).
 """
@@ -65,3 +69,80 @@ def stop_holdback(params: SamplingParams) -> int:
     if params.include_stop_str_in_output or not params.stop_strings:
         return 0
     return max(len(stop) for stop in params.stop_strings) - 1
+
+
+class OutputText:
+    """One request's output text, built token by token, with its stop strings.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        prompt_token_ids: the request's prompt.
+        params: its sampling parameters (stop strings, ``min_tokens``, ``include_stop_str_in_output``,
+            ``skip_special_tokens``).
+    """
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+        self.params = params
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
+        self.text = ""
+        self.num_sent_chars = 0
+        self.holdback_chars = stop_holdback(params)
+
+    def add(self, token_ids: list[int], num_output_tokens: int, finish_reason: str | None) -> str | None:
+        """Extend the text by the last token of ``token_ids`` (prompt + output so far).
+
+        Args:
+            num_output_tokens: the output tokens in ``token_ids``, the new one included.
+            finish_reason: "stop" when the new token is an EOS or stop token (its text is left out unless
+                ``include_stop_str_in_output``), "length" when it is the last one allowed, else None.
+
+        Returns the stop string that ends the text now (the text is cut after it, or before it unless
+        ``include_stop_str_in_output``), or None.
+        """
+        params = self.params
+        if finish_reason == "stop":
+            kept = token_ids if params.include_stop_str_in_output else token_ids[:-1]
+            delta = self.detokenizer.step(kept, flush=True)
+        else:
+            delta = self.detokenizer.step(token_ids)
+            if finish_reason == "length":
+                delta += self.detokenizer.step(token_ids, flush=True)
+        text = self.text + delta
+        stop_string = None
+        if delta and num_output_tokens >= params.min_tokens and params.stop_strings:
+            match = find_stop_string(text, len(delta), params)
+            if match is not None:
+                stop_string = text[match[0]:match[1]]
+                text = text[:match[1] if params.include_stop_str_in_output else match[0]]
+        self.text = text
+        return stop_string
+
+    def take_unsent(self, finished: bool) -> str:
+        """The text not returned before, less what may still turn out to start a stop string (unless finished)."""
+        end = max(self.num_sent_chars, len(self.text) - (0 if finished else self.holdback_chars))
+        unsent = self.text[self.num_sent_chars:end]
+        self.num_sent_chars = end
+        return unsent
+
+
+class TokenTexts:
+    """Each token's text on its own, decoded once and remembered (logprob entries repeat the same few tokens).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._texts: dict[tuple[int, bool], str] = {}
+
+    def fill(self, entries: list[dict | None], skip_special_tokens: bool) -> None:
+        """Set the ``decoded_token`` of every Logprob in ``entries`` (dicts of token id -> Logprob; None skipped)."""
+        texts = self._texts
+        for entry in entries:
+            for token_id, logprob in (entry or {}).items():
+                key = (token_id, skip_special_tokens)
+                text = texts.get(key)
+                if text is None:
+                    text = texts[key] = self.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
+                logprob.decoded_token = text

@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 
 from flashserve.config import Config
 from flashserve.engine.block_manager import BlockManager
+from flashserve.engine.detokenizer import OutputText, TokenTexts
 from flashserve.engine.grammars import GrammarCompiler
-from flashserve.engine.detokenizer import IncrementalDetokenizer, find_stop_string, stop_holdback
 from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.prompt_logprobs import PromptLogprobRows
 from flashserve.engine.request import Request, RequestStatus
@@ -76,7 +76,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.scoring: set[str] = set()
         self.stats = EngineStats()
-        self._token_texts: dict[tuple[int, bool], str] = {}  # (token id, skip_special_tokens) -> its text alone
+        self.token_texts = TokenTexts(self.tokenizer)
         self.grammar_compiler: GrammarCompiler | None = None
         self.grammar_waitlist = GrammarWaitlist(self.eos_token_ids)
 
@@ -120,7 +120,8 @@ class LLMEngine:
         if params.seed is not None:
             request.generator = torch.Generator(device=self.runner.device)
             request.generator.manual_seed(params.seed)
-        request.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+        if params.detokenize:
+            request.text = OutputText(self.tokenizer, token_ids, params)
         self.requests[request_id] = request
         if request.needs_prompt_logprobs:
             self.scoring.add(request_id)
@@ -176,7 +177,8 @@ class LLMEngine:
         self._record(batch, decode_only, len(token_ids), elapsed)
         self.scheduler.advance(batch)
         for request, entries in prompt_logprobs:
-            self._decode_logprobs(request, entries)
+            if request.text is not None:
+                self.token_texts.fill(entries, request.params.skip_special_tokens)
             request.prompt_logprobs.extend(entries)
             if not request.needs_prompt_logprobs:
                 self.scoring.discard(request.request_id)
@@ -225,7 +227,8 @@ class LLMEngine:
         params = request.params
         request.token_ids.append(token_id)
         if request.logprobs is not None:
-            self._decode_logprobs(request, [token_logprobs])
+            if request.text is not None:
+                self.token_texts.fill([token_logprobs], params.skip_special_tokens)
             request.logprobs.append(token_logprobs)
         past_min = request.num_output_tokens >= params.min_tokens
         is_eos = not params.ignore_eos and token_id in self.eos_token_ids
@@ -234,45 +237,21 @@ class LLMEngine:
         if grammar_done or (past_min and (is_eos or token_id in params.stop_token_ids)):
             reason = "stop"
             request.stop_reason = None if is_eos or grammar_done else token_id
-            kept = request.token_ids if params.include_stop_str_in_output else request.token_ids[:-1]
-            delta = request.detokenizer.step(kept, flush=True)
-        else:
-            delta = request.detokenizer.step(request.token_ids)
-            if request.num_tokens >= request.max_total_tokens:
-                reason = "length"
-                delta += request.detokenizer.step(request.token_ids, flush=True)
-        text = request.output_text + delta
-        if delta and past_min and params.stop_strings:
-            match = find_stop_string(text, len(delta), params)
-            if match is not None:
-                request.stop_reason = text[match[0]:match[1]]
-                text = text[:match[1] if params.include_stop_str_in_output else match[0]]
+        elif request.num_tokens >= request.max_total_tokens:
+            reason = "length"
+        if request.text is not None:
+            stop_string = request.text.add(request.token_ids, request.num_output_tokens, reason)
+            if stop_string is not None:
+                request.stop_reason = stop_string
                 reason = "stop"
-        request.output_text = text
         if reason is not None:
             self.scheduler.finish(request, reason)
-
-    def _decode_logprobs(self, request: Request, entries: list[dict[int, Logprob]]) -> None:
-        """Set the ``decoded_token`` of every Logprob of ``entries``: its token's text on its own (each token is
-        decoded once per engine and remembered: prompt logprobs with many top tokens repeat the same few)."""
-        skip_special_tokens = request.params.skip_special_tokens
-        texts = self._token_texts
-        for entry in entries:
-            for token_id, logprob in entry.items():
-                key = (token_id, skip_special_tokens)
-                text = texts.get(key)
-                if text is None:
-                    text = texts[key] = self.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
-                logprob.decoded_token = text
 
     def _new_output(self, request: Request) -> RequestOutput:
         """The request's text, tokens and logprobs not yet returned by ``step``, and its prompt logprobs if this is
         its first output (the one before any token was sent)."""
         prompt_logprobs = request.prompt_logprobs if request.num_sent_tokens == 0 else None
-        holdback = 0 if request.is_finished else stop_holdback(request.params)
-        text_end = max(request.num_sent_chars, len(request.output_text) - holdback)
-        text = request.output_text[request.num_sent_chars:text_end]
-        request.num_sent_chars = text_end
+        text = "" if request.text is None else request.text.take_unsent(request.is_finished)
         new_tokens = request.token_ids[request.num_prompt_tokens + request.num_sent_tokens:]
         request.num_sent_tokens += len(new_tokens)
         logprobs = None

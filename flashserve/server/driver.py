@@ -3,7 +3,8 @@
 The engine is not thread-safe, so every call into it (add, abort, step, and anything passed to ``run``) happens in
 the driver's thread. That thread drains a command queue, runs one ``step()`` while requests are unfinished (and
 sleeps on the queue when none are), and hands each step's outputs to the asyncio event loop of the coroutine that
-added the request, where they land in that request group's ``asyncio.Queue``.
+added the request, where they are detokenized (``flashserve.server.detokenization``: the engine runs the requests
+with ``detokenize=False``) and land in that request group's ``asyncio.Queue``.
 """
 import asyncio
 import concurrent.futures
@@ -16,6 +17,7 @@ import torch
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.outputs import RequestOutput
 from flashserve.sampling_params import SamplingParams
+from flashserve.server.detokenization import RequestDetokenizer, ServerDetokenizer
 
 PromptItem = tuple[str | None, list[int] | None]
 """One prompt for ``LLMEngine.add_request``: (text or None, token ids or None; the ids win when both are given)."""
@@ -25,15 +27,18 @@ class RequestStream:
     """The outputs of a group of engine requests added together (one per prompt), as an async iterator.
 
     Iterating yields ``(index, RequestOutput)`` pairs: ``index`` is the prompt's position in the group and the
-    output carries only what is new since that request's previous output (``LLMEngine.step`` semantics). Iteration
+    output carries only what is new since that request's previous output (``LLMEngine.step`` semantics, text
+    included: each output is detokenized when it arrives, outside the engine thread). Iteration
     ends once every request of the group has finished. ``abort()`` drops the requests that have not finished; call it
     whenever the consumer stops early (a disconnected client), or their KV blocks stay in use until they end.
     """
 
-    def __init__(self, driver: "EngineDriver", request_ids: list[str], loop: asyncio.AbstractEventLoop):
+    def __init__(self, driver: "EngineDriver", request_ids: list[str], loop: asyncio.AbstractEventLoop,
+                 detokenizers: list[RequestDetokenizer]):
         self.request_ids = request_ids
         self._driver = driver
         self._loop = loop
+        self._detokenizers = detokenizers
         self._queue: asyncio.Queue = asyncio.Queue()
         self._unfinished = len(request_ids)
 
@@ -62,8 +67,27 @@ class RequestStream:
         return item
 
     def _deliver(self, items: list) -> None:
-        """Event-loop side: enqueue ``(index, output)`` pairs or an exception (called through the loop)."""
+        """Event-loop side: detokenize and enqueue ``(index, output)`` pairs, or enqueue an exception (called
+        through the loop). A request finished here by a stop string is aborted in the engine; what the engine
+        still sends for it is dropped."""
+        metrics = self._driver.metrics
         for item in items:
+            if not isinstance(item, BaseException):
+                index, output = item
+                detokenizer = self._detokenizers[index]
+                if detokenizer.finished:
+                    continue
+                try:
+                    output, stopped_here = detokenizer.process(output)
+                except Exception as error:  # a client must not wait forever for an output that cannot come
+                    self.abort()
+                    item = RuntimeError(f"detokenization failed: {error!r}")
+                else:
+                    if stopped_here:
+                        self._driver._abort([self.request_ids[index]])
+                    if metrics is not None:
+                        metrics.on_outputs([output])
+                    item = (index, output)
             self._queue.put_nowait(item)
 
 
@@ -73,14 +97,16 @@ class EngineDriver:
     Args:
         engine: the engine to drive; from now on only the driver's thread may call it (``run``/``submit`` reach
             it there; reading constants such as ``engine.max_model_len`` from elsewhere is fine).
+        detokenizer: what turns the outputs into text in the event loops (None: one with its own tokenizer).
 
     Attributes:
-        metrics: a ``ServerMetrics`` told, in the engine thread, of every request added, output handed over and
-            request aborted (None: no metrics).
+        metrics: a ``ServerMetrics`` told of every request added and aborted (in the engine thread) and of every
+            output once detokenized (in its event loop); None: no metrics.
     """
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, detokenizer: ServerDetokenizer | None = None):
         self.engine = engine
+        self.detokenizer = detokenizer or ServerDetokenizer(engine.config)
         self.metrics = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._routes: dict[str, tuple[RequestStream, int]] = {}
@@ -125,16 +151,20 @@ class EngineDriver:
         def add_all(engine: LLMEngine) -> RequestStream:
             prompts = build_prompts(engine)
             ids = [f"{request_id}-{index}" for index in range(len(prompts))]
-            stream = RequestStream(self, ids, loop)
             params_list = params if isinstance(params, list) else [params] * len(prompts)
+            detokenizers = []
             for index, (engine_id, (text, token_ids)) in enumerate(zip(ids, prompts)):
                 try:
-                    engine.add_request(engine_id, text, params_list[index], prompt_token_ids=token_ids)
+                    if token_ids is None:
+                        token_ids = engine.tokenizer.encode(text)
+                    detokenizers.append(self.detokenizer.start(token_ids, params_list[index]))
+                    engine.add_request(engine_id, text, detokenizers[-1].engine_params, prompt_token_ids=token_ids)
                 except Exception as error:
                     engine.abort_request(ids[:index])
                     if not isinstance(error, ValueError):
                         raise
                     raise ValueError(f"prompt[{index}]: {error}" if len(prompts) > 1 else str(error)) from None
+            stream = RequestStream(self, ids, loop, detokenizers)
             for index, engine_id in enumerate(ids):
                 self._routes[engine_id] = (stream, index)
             if self.metrics is not None:
@@ -197,8 +227,6 @@ class EngineDriver:
         except Exception as error:  # a failing step must not leave clients waiting forever
             self._fail_all(RuntimeError(f"the engine failed: {error!r}"))
             return
-        if self.metrics is not None:
-            self.metrics.on_outputs(outputs)
         batches: dict[RequestStream, list] = {}
         for output in outputs:
             route = self._routes.get(output.request_id)

@@ -7,8 +7,8 @@ cache), ``generation_tokens_total``, ``num_preemptions_total``, ``prefix_cache_q
 Histograms (seconds): ``time_to_first_token_seconds``, ``inter_token_latency_seconds``,
 ``e2e_request_latency_seconds``.
 
-Everything is read or recorded in the engine thread: the per-request times when the driver adds a request, hands
-over a step's outputs, or aborts; the gauges and counters from the engine's own statistics at each scrape (the
+The per-request times are recorded when the driver adds a request or aborts one (in the engine thread) and when
+an output has been detokenized (in its event loop's thread); the gauges and counters from the engine's own statistics at each scrape (the
 counters advance by what the statistics gained since the previous scrape, so a prefix-cache reset never makes
 them go back).
 """
