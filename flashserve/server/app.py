@@ -255,8 +255,9 @@ async def _add(driver: EngineDriver, tokenization: ServerTokenizer, response_id:
 
     def admit(engine) -> list[PromptItem]:
         limit = options.max_waiting_requests
-        if limit is not None and len(engine.scheduler.waiting) + len(requests) > limit:
-            raise InvalidRequestError(f"the server is overloaded: {len(engine.scheduler.waiting)} requests are "
+        waiting = len(engine.scheduler.waiting) + len(engine.grammar_waitlist)
+        if limit is not None and waiting + len(requests) > limit:
+            raise InvalidRequestError(f"the server is overloaded: {waiting} requests are "
                                       f"waiting (--max-waiting-requests {limit}); retry later", None,
                                       status_code=503, code="server_overloaded", error_type="server_error")
         return requests
