@@ -188,3 +188,17 @@ def test_abort_while_the_grammar_compiles(llm, monkeypatch):
     engine.abort_request("waiting")
     assert not engine.has_unfinished()
     release.set()
+
+
+def test_a_failed_compilation_aborts_the_request(llm, monkeypatch):
+    compiler = llm.engine._grammars()
+
+    def failing_compile(grammar):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(compiler._compiler, "compile_grammar", failing_compile)
+    spec = StructuredOutputsParams(regex="[0-9]{5}z")
+    (output,) = llm.generate(["x"], _constrained(spec=spec), use_tqdm=False)
+    assert output.outputs[0].finish_reason == "abort" and not llm.engine.has_unfinished()
+    monkeypatch.undo()
+    assert llm.generate(["x"], _constrained(spec=spec, temperature=0), use_tqdm=False)[0].outputs[0].text.endswith("z")

@@ -19,8 +19,9 @@ from flashserve.engine.structured_outputs import GrammarWaitlist, RequestGrammar
 from flashserve.outputs import CompletionOutput, Logprob, RequestOutput
 from flashserve.sampling_params import SamplingParams
 
-GRAMMAR_WAIT_S = 0.05
+GRAMMAR_WAIT_S = 0.01
 """How long a step with nothing to run but requests waiting for their grammar blocks on the compilation."""
+
 
 @dataclass(slots=True)
 class EngineStats:
