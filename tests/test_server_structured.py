@@ -84,6 +84,23 @@ def test_vllm_extras(client, extra, check):
     assert completion.choices[0].finish_reason == "stop" and check(completion.choices[0].text)
 
 
+def test_openai_parse_with_a_pydantic_model(client):
+    """The client's own structured-outputs helper: a pydantic model becomes a strict json_schema."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        kind: Literal["cat", "dog"]
+        name: str = Field(max_length=8)
+        age: int = Field(ge=0, le=30)
+
+    completion = client.chat.completions.parse(model=MODEL_NAME, messages=MESSAGES, max_tokens=60, temperature=0.7,
+                                               seed=2, response_format=Pet)
+    pet = completion.choices[0].message.parsed
+    assert isinstance(pet, Pet) and pet.kind in ("cat", "dog") and len(pet.name) <= 8
+
+
 def test_streamed_json_schema(client):
     stream = _chat(client, stream=True, seed=4, temperature=1.0,
                    response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
