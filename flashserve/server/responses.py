@@ -237,6 +237,7 @@ class ChatFormat(_Format):
         if self.tools is not None:
             stream = self._streams.setdefault(index, self.tools.stream())
             content, calls = stream.feed(completion.text, finish_reason is not None)
+            content = content or None  # OpenAI's tool-call deltas carry null content
             finish_reason = stream.finish_reason(finish_reason)
         message = {"role": "assistant", "content": content} if is_first else {"content": content}
         if calls:

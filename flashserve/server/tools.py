@@ -27,6 +27,8 @@ ANY_OBJECT = {"type": "object"}
 
 
 class FunctionDefinition(BaseModel):
+    """A tool's function: its name, description and JSON schema of its parameters."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str
@@ -36,6 +38,8 @@ class FunctionDefinition(BaseModel):
 
 
 class Tool(BaseModel):
+    """One entry of ``tools`` (only functions exist)."""
+
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["function"]
@@ -43,12 +47,16 @@ class Tool(BaseModel):
 
 
 class FunctionName(BaseModel):
+    """The function a named ``tool_choice`` picks."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str
 
 
 class NamedToolChoice(BaseModel):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["function"]
