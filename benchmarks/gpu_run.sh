@@ -2,8 +2,12 @@
 # One call on the GPU machine: GPU tests, then every benchmark. Usage (on the device machine, repo root):
 #   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache throughput latency
 #                                              serving (needs the server wheels: see benchmarks/serving_gpu.sh)
-#                                              structured (needs the wheels of xgrammar, apache-tvm-ffi, jsonschema
-#                                              and pydantic in .whl, downloaded as benchmarks/serving_gpu.sh shows)
+#                                              structured (needs xgrammar and jsonschema wheels in .whl, without
+#                                              their torch/transformers dependencies, which the image has:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     xgrammar==0.2.9 apache-tvm-ffi pydantic pydantic-core annotated-types typing-inspection typing-extensions \
+#     jsonschema jsonschema-specifications referencing rpds-py attrs
 # Per-step time limits: TIMEOUT_<step>=SECONDS (default STEP_TIMEOUT_S, else 300).
 # Results go under $OUT (or ./out): one log, and results.tar.gz holding each benchmark's JSON, markdown and PNG.
 set -uo pipefail
