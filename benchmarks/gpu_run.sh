@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then every benchmark. Usage (on the device machine, repo root):
-#   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache throughput latency
+#   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache gemm cascade
+#                                              throughput latency
 #                                              serving (needs the server wheels: see benchmarks/serving_gpu.sh)
 #                                              structured (needs xgrammar and jsonschema wheels in .whl, without
 #                                              their torch/transformers dependencies, which the image has:
@@ -31,6 +32,8 @@ steps=${*:-tests prefill layouts decode merge cache}
       decode) timeout "$limit" python3 benchmarks/bench_decode.py --out "$RESULTS" ;;
       merge) timeout "$limit" python3 benchmarks/bench_merge.py --out "$RESULTS" ;;
       cache) timeout "$limit" python3 benchmarks/bench_cache_write.py --out "$RESULTS" ;;
+      gemm) timeout "$limit" python3 benchmarks/bench_gemm.py --out "$RESULTS" ;;
+      cascade) timeout "$limit" python3 benchmarks/bench_cascade.py --out "$RESULTS" ;;
       throughput) timeout "$limit" python3 benchmarks/throughput.py --out "$RESULTS" ;;
       latency) timeout "$limit" python3 benchmarks/latency.py --out "$RESULTS" ${LATENCY_ARGS:-} ;;
       serving) timeout "$limit" bash benchmarks/serving_gpu.sh "$RESULTS/serving" ;;

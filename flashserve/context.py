@@ -6,6 +6,26 @@ import torch
 
 
 @dataclass(slots=True)
+class SharedPrefix:
+    """A decode batch's shared prefix for cascade attention (``flashserve.kernels.cascade.cascade_decode``): every
+    request's first ``length`` keys are the same cached blocks.
+
+    Attributes:
+        block_table: (1, P) int32, the prefix's blocks; length: P * block_size.
+        seqused_k: (1,) int32 holding ``length``; cu_seqlens_q: (2,) int32 holding [0, B].
+        suffix_block_table: (B, max_blocks - P) int32, each request's blocks after the prefix.
+        suffix_seqused_k: (B,) int32, each request's KV length after the prefix.
+    """
+
+    block_table: torch.Tensor
+    length: int
+    seqused_k: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    suffix_block_table: torch.Tensor
+    suffix_seqused_k: torch.Tensor
+
+
+@dataclass(slots=True)
 class AttentionContext:
     """Metadata of the batch being run; all index tensors live on the model's device.
 
@@ -19,6 +39,7 @@ class AttentionContext:
         max_seqlen_q: largest query length in the batch.
         max_seqlen_k: largest KV length in the batch.
         is_decode: every request has exactly one query token.
+        shared_prefix: set on a decode step that runs cascade attention (eager only), else None.
     """
 
     slot_mapping: torch.Tensor
@@ -28,6 +49,7 @@ class AttentionContext:
     max_seqlen_q: int
     max_seqlen_k: int
     is_decode: bool
+    shared_prefix: SharedPrefix | None = None
 
 
 _context: AttentionContext | None = None

@@ -28,7 +28,7 @@ import torch
 
 from flashserve.config import Config
 from flashserve.context import AttentionContext, set_context
-from flashserve.engine import warmup
+from flashserve.engine import cascade, warmup
 from flashserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from flashserve.engine.input_buffers import InputBuffers
 from flashserve.engine.prompt_logprobs import PromptLogprobRows
@@ -36,7 +36,7 @@ from flashserve.engine.request import Request
 from flashserve.engine.sampler import Sampler
 from flashserve.engine.scheduler import ScheduledBatch
 from flashserve.engine.structured_outputs import TokenBitmask
-from flashserve.kernels import tuning_cache
+from flashserve.kernels import skinny_gemm_plans, tuning_cache
 from flashserve.models.loader import load_model
 from flashserve.outputs import Logprob
 
@@ -58,6 +58,8 @@ class ModelRunner:
         num_kv_blocks: blocks in the KV pool.
         kv_cache: (num_layers, 2, num_kv_blocks, block_size, num_kv_heads, head_dim).
         graphs: the decode CUDA graphs, or None (CPU, ``enforce_eager``).
+        use_cascade: whether decode steps whose requests share a long cached prefix run cascade attention
+            (eagerly; ``flashserve.engine.cascade``).
         max_logit_rows: the most prompt-logprob rows whose logits exist at once (the largest sampling batch, which
             the memory profile accounts for).
         startup_times_s: seconds spent in each start-up phase ("load_weights", "profile_memory", "warm_up",
@@ -79,6 +81,8 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or limit
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.sampler = Sampler(self.device, config.seed)
+        self.use_cascade = (config.enable_prefix_caching and cascade.cascade_enabled()
+                            and all(window is None for window in self.spec.sliding_windows))
         # the most requests a step can sample: the largest decode batch, and the most prompt-logprob rows at once
         self.max_logit_rows = min(config.max_num_seqs, config.max_num_batched_tokens)
         self.token_bitmask = TokenBitmask(self.max_logit_rows, self.spec.vocab_size, self.device)
@@ -117,12 +121,15 @@ class ModelRunner:
         return now
 
     def warm_up(self, decode_batch_sizes: range, show_progress: bool = True) -> int:
-        """Compile (and autotune) every kernel variant of the prefill, eager decode and sampling paths
-        (``flashserve.engine.warmup``); returns the number of forward passes run. Autotuning results are saved
-        to disk (``flashserve.kernels.tuning_cache``), so the next start skips the tuning. The sampler's shared
-        random stream starts afresh afterwards."""
-        passes = warmup.warm_up_prefill(self, show_progress)
-        passes += warmup.warm_up_decode(self, decode_batch_sizes, show_progress)
+        """Compile (and autotune) every kernel variant of the prefill, eager decode, small-M matrix product and
+        sampling paths (``flashserve.engine.warmup``); returns the number of forward passes run. Autotuning
+        results are saved to disk (``flashserve.kernels.tuning_cache``), so the next start skips the tuning. The
+        sampler's shared random stream starts afresh afterwards."""
+        with skinny_gemm_plans.tuning():
+            passes = warmup.warm_up_prefill(self, show_progress)
+            passes += warmup.warm_up_decode(self, decode_batch_sizes, show_progress)
+            passes += warmup.warm_up_cascade(self, show_progress)
+            passes += warmup.warm_up_linear(self, show_progress)
         warmup.warm_up_sampler(self)
         tuning_cache.save_all()
         self.sampler = Sampler(self.device, self.config.seed)
@@ -217,8 +224,10 @@ class ModelRunner:
         prompt logprob dicts of ``prompt_rows`` (``PromptLogprobRows.of(batch)``), per request.
         """
         num_reqs = len(batch.requests)
+        decode_only = prompt_rows is None and sum(batch.num_new_tokens) == num_reqs
+        shared_blocks = cascade.plan(batch.requests, self.block_size) if decode_only and self.use_cascade else 0
         graph_size = None
-        if self.graphs is not None and prompt_rows is None and sum(batch.num_new_tokens) == num_reqs:
+        if self.graphs is not None and decode_only and not shared_blocks:
             graph_size = self.graphs.padded_size(num_reqs)
         inputs = self.inputs.prepare(batch, graph_size)
         sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
@@ -227,7 +236,10 @@ class ModelRunner:
             logits = self.graphs.replay(graph_size)
             logits = logits[:num_reqs] if len(sampling) == num_reqs else logits[inputs.logits_indices]
         else:
-            set_context(inputs.context)
+            context = inputs.context
+            if shared_blocks:
+                context = cascade.with_shared_prefix(context, shared_blocks, self.block_size)
+            set_context(context)
             try:
                 hidden = self.model(inputs.input_ids, inputs.positions)
             finally:

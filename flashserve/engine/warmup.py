@@ -11,14 +11,22 @@ shape is covered), with dummy inputs that write nothing into the KV cache (slot 
 - decode: one forward pass per distinct decode launch variant over the batch sizes that run eagerly (all of
   them with ``enforce_eager``, else those above the largest CUDA graph: captured sizes are compiled by their
   capture);
+- the small-M matrix products: one prefill pass (and the LM head over every row) per row bucket of
+  ``flashserve.kernels.skinny_gemm_plans`` up to ``MAX_ROWS``, so that every projection has its plan (measured
+  once against cuBLAS inside ``skinny_gemm_plans.tuning()``, which ``ModelRunner.warm_up`` opens, or read from
+  disk) and its kernels compiled before any graph is captured;
+- cascade attention (when the runner uses it): one decode step with a shared prefix per distinct launch variant
+  of its two attention halves (``warm_up_cascade``);
 - the sampler: greedy, sampled (temperature, top-k, top-p, min-p, seeded), penalties and logprobs.
 """
 import torch
 from tqdm.auto import tqdm
 
 from flashserve.context import AttentionContext, set_context
+from flashserve.engine import cascade
 from flashserve.engine.request import Request
-from flashserve.kernels import paged_attention
+from flashserve.kernels import paged_attention, skinny_gemm_plans
+from flashserve.kernels.prefill_tuning import HEAD_PACKING_MAX_QUERY, LENGTH_CLASS_BOUNDS, length_class
 from flashserve.sampling_params import SamplingParams
 
 
@@ -26,18 +34,9 @@ def warm_up_prefill(runner, show_progress: bool = True) -> int:
     """Run the prefill variants; returns the number of forward passes."""
     max_query = min(runner.config.max_num_batched_tokens, runner.max_model_len)
     pairs = paged_attention.prefill_warmup_lengths(max_query, runner.max_model_len)
-    device = runner.device
-    block_table = torch.zeros((1, runner.max_blocks_per_seq), dtype=torch.int32, device=device)
     for query_length, key_length in tqdm(pairs, desc="Warming up prefill kernels", unit="shape",
                                          disable=not show_progress, leave=False):
-        positions = torch.arange(key_length - query_length, key_length, device=device)
-        context = AttentionContext(
-            slot_mapping=torch.full((query_length,), -1, dtype=torch.int64, device=device),
-            cu_seqlens_q=torch.tensor([0, query_length], dtype=torch.int32, device=device),
-            seqused_k=torch.tensor([key_length], dtype=torch.int32, device=device),
-            block_table=block_table, max_seqlen_q=query_length, max_seqlen_k=key_length, is_decode=False)
-        input_ids = torch.randint(0, runner.spec.vocab_size, (query_length,), device=device)
-        _forward(runner, input_ids, positions, context)
+        _forward_one_sequence(runner, query_length, key_length)
     return len(pairs)
 
 
@@ -55,6 +54,52 @@ def warm_up_decode(runner, batch_sizes: range, show_progress: bool = True) -> in
         inputs = runner.inputs.prepare_padding(batch)
         _forward(runner, inputs.input_ids, inputs.positions, inputs.context)
     return len(variants)
+
+
+def warm_up_cascade(runner, show_progress: bool = True) -> int:
+    """Run one cascade-attention decode step (``flashserve.engine.cascade``) per distinct launch variant: batch
+    sizes from ``cascade.MIN_REQUESTS`` grouped by their decode variant and by the prefill kernel's view of the
+    batch as one query sequence (head packing, length class), times one prefix length per key-length class.
+    Returns the number of passes (0 when the runner does not use cascade attention)."""
+    if not runner.use_cascade:
+        return 0
+    spec, block_size = runner.spec, runner.block_size
+    capacity = runner.max_blocks_per_seq * block_size
+    variants = {}
+    for batch in range(cascade.MIN_REQUESTS, runner.max_logit_rows + 1):
+        key = (paged_attention.decode_variant(batch, spec.num_heads, spec.num_kv_heads, spec.head_dim, capacity,
+                                              runner.device), batch < HEAD_PACKING_MAX_QUERY, length_class(batch))
+        variants.setdefault(key, batch)
+    min_blocks = -(-cascade.MIN_PREFIX_TOKENS // block_size)
+    prefix_blocks = sorted({min(runner.max_blocks_per_seq - 1, -(-tokens // block_size))
+                            for tokens in (cascade.MIN_PREFIX_TOKENS, LENGTH_CLASS_BOUNDS[-1], capacity)})
+    pairs = [(batch, blocks) for batch in variants.values() for blocks in prefix_blocks if blocks >= min_blocks]
+    device = runner.device
+    for batch, blocks in tqdm(pairs, desc="Warming up cascade attention", unit="shape", disable=not show_progress,
+                              leave=False):
+        length = blocks * block_size + 1  # the prefix and each request's current token
+        context = AttentionContext(
+            slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device=device),
+            cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device=device),
+            seqused_k=torch.full((batch,), length, dtype=torch.int32, device=device),
+            block_table=torch.zeros((batch, runner.max_blocks_per_seq), dtype=torch.int32, device=device),
+            max_seqlen_q=1, max_seqlen_k=length, is_decode=True)
+        input_ids = torch.randint(0, spec.vocab_size, (batch,), device=device)
+        positions = torch.full((batch,), length - 1, dtype=torch.int64, device=device)
+        _forward(runner, input_ids, positions, cascade.with_shared_prefix(context, blocks, block_size))
+    return len(pairs)
+
+
+def warm_up_linear(runner, show_progress: bool = True) -> int:
+    """Run one single-sequence prefill of ``rows`` tokens per row bucket (``rows`` capped at
+    ``max_num_batched_tokens`` and ``max_model_len``), with the LM head over all rows; returns the number of
+    passes."""
+    limit = min(runner.config.max_num_batched_tokens, runner.max_model_len)
+    row_counts = sorted({min(bucket, limit) for bucket in skinny_gemm_plans.ROW_BUCKETS})
+    for rows in tqdm(row_counts, desc="Warming up matrix products", unit="shape", disable=not show_progress,
+                     leave=False):
+        _forward_one_sequence(runner, rows, rows, all_logits=True)
+    return len(row_counts)
 
 
 def warm_up_sampler(runner) -> None:
@@ -79,11 +124,26 @@ def warm_up_sampler(runner) -> None:
         runner.sampler(logits, requests, list(runner.spec.eos_token_ids) or [0])
 
 
+def _forward_one_sequence(runner, query_length: int, key_length: int, all_logits: bool = False) -> None:
+    """A prefill of ``query_length`` new tokens of one sequence of ``key_length`` tokens (writing nothing)."""
+    device = runner.device
+    context = AttentionContext(
+        slot_mapping=torch.full((query_length,), -1, dtype=torch.int64, device=device),
+        cu_seqlens_q=torch.tensor([0, query_length], dtype=torch.int32, device=device),
+        seqused_k=torch.tensor([key_length], dtype=torch.int32, device=device),
+        block_table=torch.zeros((1, runner.max_blocks_per_seq), dtype=torch.int32, device=device),
+        max_seqlen_q=query_length, max_seqlen_k=key_length, is_decode=False)
+    input_ids = torch.randint(0, runner.spec.vocab_size, (query_length,), device=device)
+    positions = torch.arange(key_length - query_length, key_length, device=device)
+    _forward(runner, input_ids, positions, context, all_logits)
+
+
 @torch.inference_mode()
-def _forward(runner, input_ids: torch.Tensor, positions: torch.Tensor, context: AttentionContext) -> None:
+def _forward(runner, input_ids: torch.Tensor, positions: torch.Tensor, context: AttentionContext,
+             all_logits: bool = False) -> None:
     set_context(context)
     try:
         hidden = runner.model(input_ids, positions)
-        runner.model.compute_logits(hidden[-1:])
+        runner.model.compute_logits(hidden if all_logits else hidden[-1:])
     finally:
         set_context(None)

@@ -16,11 +16,13 @@ from flashserve.kernels.packed_interface import (
     flash_attn_varlen_qkvpacked_func,
 )
 
-# Decode attention (flash-decoding), merging attention states, the KV-cache write, fused layer helpers.
+# Decode attention (flash-decoding), merging attention states, the KV-cache write, fused layer helpers, small-M
+# matrix products.
 from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.cache import reshape_and_cache_flash
 from flashserve.kernels.decode import flash_attn_with_kvcache
 from flashserve.kernels.merge import merge_attn_states
 from flashserve.kernels.norm import fused_add_rms_norm, rms_norm
+from flashserve.kernels.skinny_gemm import linear, linear_silu_and_mul
 from flashserve.kernels.qk_rope_cache import qk_norm_rope_and_cache
 from flashserve.kernels.rotary import apply_rotary

@@ -5,7 +5,8 @@ strided views of one big buffer — and installs the batch's metadata with ``fla
 Grouped-query attention is left to the kernels (query head ``h`` reads KV head ``h // (H // Hk)``).
 
 Per layer and step this is two launches: one fused kernel for the optional per-head q/k RMSNorm, the rotary and
-the KV-cache write, then the attention kernel (plus the split-KV combine of a decode). It calls the engine entry
+the KV-cache write, then the attention kernel (plus the split-KV combine of a decode; a decode step whose context
+carries a ``shared_prefix`` runs cascade attention, ``flashserve.kernels.cascade``). It calls the engine entry
 points of ``flashserve.kernels.paged_attention``, which skip the public API's argument checks: the runner builds
 the metadata in one fixed layout, and the shapes of q, k and v follow from the model's spec.
 """
@@ -14,6 +15,7 @@ from torch import nn
 
 from flashserve.context import get_context
 from flashserve.kernels import paged_attention
+from flashserve.kernels.cascade import cascade_decode
 
 
 class Attention(nn.Module):
@@ -49,6 +51,11 @@ class Attention(nn.Module):
         eps = q_norm.eps if q_norm is not None else 0.0
         paged_attention.qk_norm_rope_cache(q, k, v, self.rotary.cos_sin_cache, positions, self.k_cache,
                                            self.v_cache, context.slot_mapping, q_weight, k_weight, eps)
+        if context.shared_prefix is not None:
+            shared = context.shared_prefix
+            return cascade_decode(q, self.k_cache, self.v_cache, shared.block_table, shared.length, shared.seqused_k,
+                                  shared.cu_seqlens_q, shared.suffix_block_table, shared.suffix_seqused_k,
+                                  self.softmax_scale)
         if context.is_decode:
             return paged_attention.decode(q, self.k_cache, self.v_cache, context.seqused_k, context.block_table,
                                           self.softmax_scale, self.window_left)

@@ -11,7 +11,7 @@ hidden states (T, hidden_size); per-request boundaries live in the attention con
 import torch
 from torch import nn
 
-from flashserve.kernels import silu_and_mul
+from flashserve.kernels import linear_silu_and_mul
 from flashserve.models.attention import Attention
 from flashserve.models.layers import LMHead, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding
 from flashserve.models.spec import ModelSpec
@@ -44,7 +44,8 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate and up fused."""
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate and up fused into one product whose epilogue
+    applies the SiLU-and-mul."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -52,7 +53,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(linear_silu_and_mul(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
 
 
 class DecoderLayer(nn.Module):

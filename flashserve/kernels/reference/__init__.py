@@ -4,4 +4,5 @@ from flashserve.kernels.reference.attention import attention_batch, attention_ma
 from flashserve.kernels.reference.varlen import attention_varlen, gather_paged_kv
 
 from flashserve.kernels.reference.decode import flash_attn_with_kvcache, merge_attn_states, reshape_and_cache_flash
-from flashserve.kernels.reference.layers import apply_rotary, fused_add_rms_norm, rms_norm, silu_and_mul
+from flashserve.kernels.reference.layers import (
+    apply_rotary, fused_add_rms_norm, linear, linear_silu_and_mul, rms_norm, silu_and_mul)

@@ -72,3 +72,19 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x (..., 2I) -> silu(x[..., :I]) * x[..., I:] computed in fp32, returned in x's dtype."""
     gate, up = x.float().chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of ``flashserve.kernels.skinny_gemm.linear``: ``F.linear`` in x's dtype, then the residual added
+    in fp32 and rounded to x's dtype."""
+    out = torch.nn.functional.linear(x, weight, bias)
+    if residual is None:
+        return out
+    return (out.float() + residual.float()).to(x.dtype)
+
+
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of ``flashserve.kernels.skinny_gemm.linear_silu_and_mul``: ``silu_and_mul(F.linear(x, weight,
+    bias))``."""
+    return silu_and_mul(torch.nn.functional.linear(x, weight, bias))

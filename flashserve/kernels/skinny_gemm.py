@@ -1,0 +1,296 @@
+"""Small-M matrix products at the memory-bandwidth limit: ``linear`` (``x @ weight.T + bias``, optionally plus a
+residual) and ``linear_silu_and_mul`` (a SwiGLU gate/up product with ``silu(gate) * up`` in its epilogue), for the
+decode batch sizes, M <= ``MAX_ROWS`` rows.
+
+With so few rows a projection reads its whole weight to produce a few output rows: its time is the weight's bytes
+over the HBM bandwidth, and cuBLAS's tiles (made for large M) leave much of that bandwidth unused. The kernel
+computes the transposed product ``out.T = weight @ x.T``: a program owns ``BLOCK_N`` output features and one of
+``split_k`` ranges of K (split-K: when the feature blocks alone are too few to fill the GPU), streams its
+(BLOCK_N, BLOCK_K) weight tiles through Triton's software pipeline and multiplies each with the (BLOCK_K, BLOCK_M)
+tile of ``x.T`` on the tensor cores (BLOCK_M: the rows padded to a power of two >= 16; padding rows are masked),
+or, for one row, with FMAs into per-K partial sums reduced at the end (``use_dot=False`` configs).
+Each weight byte is read once. With ``split_k == 1`` the epilogue (bias, SiLU-and-mul, residual) runs in the same
+program; otherwise every split writes an fp32 partial tile and the split that finishes last (an atomic ticket per
+feature block) adds all of them in split order (results are deterministic) and runs the epilogue — one launch,
+no memset: the last split also resets its ticket counter.
+
+Rounding follows the unfused operations: ``x @ weight.T + bias`` is rounded to x's dtype, then the SiLU-and-mul
+(``silu(gate) * up`` in fp32, as ``flashserve.kernels.silu_and_mul``) or the residual add (fp32) is applied and
+the result rounded once more.
+
+Which implementation runs: torch (``F.linear``, then the ``silu_and_mul`` kernel or the add) when ``use_triton``
+says so (CPU without ``TRITON_INTERPRET=1``, ``FLASHSERVE_ATTENTION_BACKEND=torch``), for more than ``MAX_ROWS``
+rows, and where the launch plan of ``skinny_gemm_plans`` found cuBLAS faster; the kernel with the plan's config
+otherwise.
+No call synchronises with the host, so the kernel path can be captured in a CUDA graph.
+"""
+import logging
+
+import torch
+import triton
+import triton.compiler.errors
+import triton.language as tl
+import triton.runtime.errors
+
+from flashserve.kernels import _validate, skinny_gemm_plans
+from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels._launch import cdiv
+from flashserve.kernels.activation import silu_and_mul
+from flashserve.kernels.reference import layers as reference
+from flashserve.kernels.skinny_gemm_plans import MAX_ROWS, GemmConfig
+
+__all__ = ["MAX_ROWS", "linear", "linear_silu_and_mul", "launch"]
+LOGGER = logging.getLogger("flashserve")
+
+
+@triton.jit
+def _epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
+              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr):
+    """Store the (BLOCK_N, BLOCK_M) fp32 tile ``acc`` (features x rows; ``acc_up`` the up half when GATED) as
+    out[rows, cols] after bias, rounding to the output dtype, SiLU-and-mul and residual add."""
+    dtype = out_ptr.dtype.element_ty
+    col_mask = cols < n_out
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+    y = acc.to(dtype).to(tl.float32)
+    if GATED:
+        if HAS_BIAS:
+            acc_up += tl.load(bias_ptr + n_out + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+        up = acc_up.to(dtype).to(tl.float32)
+        y = y / (1.0 + tl.exp(-y)) * up
+    mask = col_mask[:, None] & (rows < M)[None, :]
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + rows[None, :] * stride_rm + cols[:, None], mask=mask, other=0.0)
+        y += residual.to(tl.float32)
+    tl.store(out_ptr + rows[None, :] * stride_om + cols[:, None], y.to(dtype), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, counter_ptr, M, n_out, K,
+                        k_per_split, split_k, stride_xm, stride_wn, stride_rm, stride_om,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, USE_DOT: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_M)
+    # Features past n_out wrap around to valid weight rows (no load mask); their results are never stored.
+    w_rows = (cols % n_out).to(tl.int64)
+    k_start = pid_k * k_per_split
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :]
+    w_up_ptrs = w_ptr + (w_rows + n_out)[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_ptr + rows[None, :] * stride_xm + offs_k[:, None]
+    row_mask = (rows < M)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # USE_DOT False (one row): FMAs into (BLOCK_N, BLOCK_K) partial sums, reduced over K after the loop.
+    acc_k = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_k_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in range(0, k_per_split, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            if GATED:
+                w_up = tl.load(w_up_ptrs)
+        else:
+            k_mask = (offs_k + k) < K
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            if GATED:
+                w_up = tl.load(w_up_ptrs, mask=k_mask[None, :], other=0.0)
+        if USE_DOT:
+            if EVEN_K:
+                xt = tl.load(x_ptrs, mask=row_mask, other=0.0)
+            else:
+                xt = tl.load(x_ptrs, mask=row_mask & k_mask[:, None], other=0.0)
+            acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
+            if GATED:
+                acc_up = tl.dot(w_up, xt, acc_up, input_precision=DOT_PRECISION)
+        else:
+            if EVEN_K:
+                x_row = tl.load(x_ptr + offs_k[None, :] + k).to(tl.float32)
+            else:
+                x_row = tl.load(x_ptr + offs_k[None, :] + k, mask=k_mask[None, :], other=0.0).to(tl.float32)
+            acc_k += w.to(tl.float32) * x_row
+            if GATED:
+                acc_k_up += w_up.to(tl.float32) * x_row
+        w_ptrs += BLOCK_K
+        w_up_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if not USE_DOT:
+        acc = tl.sum(acc_k, axis=1)[:, None]
+        acc_up = tl.sum(acc_k_up, axis=1)[:, None]
+    if SPLIT:
+        # Split-K in one launch: every split stores its fp32 partial tile into (split_k, BLOCK_M, width) and takes
+        # a ticket; the split that arrives last (the atomic orders the stores before it) sums all the partials in
+        # split order, runs the epilogue and resets the feature block's counter to 0 for the next launch.
+        padded = tl.num_programs(0) * BLOCK_N
+        width = 2 * padded if GATED else padded
+        tile = partial_ptr + rows[None, :] * width + cols[:, None]
+        tl.store(tile + pid_k * BLOCK_M * width, acc)
+        if GATED:
+            tl.store(tile + pid_k * BLOCK_M * width + padded, acc_up)
+        tl.debug_barrier()  # every thread's partial stores precede the (one-thread, acq_rel) ticket
+        ticket = tl.atomic_add(counter_ptr + pid_n, 1)
+        if ticket == split_k - 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for split in range(0, split_k):
+                acc += tl.load(tile + split * BLOCK_M * width, cache_modifier=".cg")
+                if GATED:
+                    acc_up += tl.load(tile + split * BLOCK_M * width + padded, cache_modifier=".cg")
+            tl.store(counter_ptr + pid_n, 0)
+            _epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
+                      HAS_BIAS, HAS_RESIDUAL, GATED)
+    else:
+        _epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
+                  HAS_BIAS, HAS_RESIDUAL, GATED)
+
+
+skinny_gemm_plans.attach(_skinny_gemm_kernel)
+COUNTER_SLOTS = 4096  # split-K feature blocks one launch can have
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> torch.Tensor:
+    """The device's zeroed split-K counters (each launch leaves them zero again). Made at the first split-K launch
+    on the device, which must not be inside a CUDA-graph capture (the warm-up makes it first)."""
+    counters = _counters.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the first split-K skinny_gemm launch on a device must run before CUDA-graph capture")
+        counters = _counters[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return counters
+
+
+def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual_rows: torch.Tensor | None,
+           gated: bool, config: GemmConfig) -> torch.Tensor:
+    """Run the kernel with ``config`` on checked arguments: x_rows (M, K) with 1 <= M <= MAX_ROWS, weight (N, K)
+    (N = 2 * n_out when ``gated``), both with unit stride in K; returns out (M, n_out) in x's dtype. Launches of
+    split-K configs on one device must not overlap (they share its counters: one stream)."""
+    num_rows, k = x_rows.shape
+    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+    out = torch.empty((num_rows, n_out), dtype=x_rows.dtype, device=x_rows.device)
+    if not config.use_dot and num_rows != 1:
+        raise ValueError(f"a config without tl.dot serves one row, got {num_rows}")
+    block_m = skinny_gemm_plans.block_rows(num_rows) if config.use_dot else 1
+    k_blocks = cdiv(k, config.block_k)
+    blocks_per_split = cdiv(k_blocks, config.split_k)
+    split_k = cdiv(k_blocks, blocks_per_split)  # no empty split
+    k_per_split = blocks_per_split * config.block_k
+    n_blocks = cdiv(n_out, config.block_n)
+    partial, counters = out, out
+    if split_k > 1:
+        if n_blocks > COUNTER_SLOTS:
+            raise ValueError(f"split-K needs at most {COUNTER_SLOTS} feature blocks, got {n_blocks}")
+        counters = _split_counters(x_rows.device)
+        partial = torch.empty((split_k, block_m, (2 if gated else 1) * n_blocks * config.block_n),
+                              dtype=torch.float32, device=x_rows.device)
+    has_bias, has_residual = bias is not None, residual_rows is not None
+    _skinny_gemm_kernel[(n_blocks, split_k)](
+        x_rows, weight, bias if has_bias else weight, residual_rows if has_residual else out, out, partial, counters,
+        num_rows, n_out, k, k_per_split, split_k, x_rows.stride(0), weight.stride(0),
+        residual_rows.stride(0) if has_residual else 0, out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=split_k > 1,
+        EVEN_K=k % k_per_split == 0, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, GATED=gated,
+        USE_DOT=config.use_dot, DOT_PRECISION="ieee" if x_rows.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+def _check(x, weight, bias, residual, gated: bool) -> int:
+    """Validate the arguments (ValueError naming the bad one); returns the number of output features."""
+    _validate.check_tensor("x", x, None, _validate.ATTENTION_DTYPES)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    _validate.check_last_dim_contiguous("x", x)
+    _validate.check_tensor("weight", weight, 2, (x.dtype,), x.device)
+    _validate.check_last_dim_contiguous("weight", weight)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape (N, {x.shape[-1]}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if gated and weight.shape[0] % 2:
+        raise ValueError(f"weight must have an even number of rows (gate and up halves), got {weight.shape[0]}")
+    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+    if bias is not None:
+        _validate.check_tensor("bias", bias, 1, (x.dtype,), x.device)
+        _validate.check_shape("bias", bias, (weight.shape[0],))
+        _validate.check_last_dim_contiguous("bias", bias)
+    if residual is not None:
+        _validate.check_tensor("residual", residual, None, (x.dtype,), x.device)
+        _validate.check_shape("residual", residual, (*x.shape[:-1], n_out))
+        _validate.check_last_dim_contiguous("residual", residual)
+    return n_out
+
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+TUNING_WARMUP_MS, TUNING_REP_MS = 2, 10
+
+
+def _run(x, weight, bias, residual, gated: bool, n_out: int):
+    """The kernel's output (x.shape[:-1] + (n_out,)), or None where torch should run instead."""
+    if not use_triton(x):
+        return None
+    x_rows = x.reshape(-1, x.shape[-1])  # a copy only for inputs whose rows are not evenly strided
+    num_rows, k = x_rows.shape
+    if not 0 < num_rows <= MAX_ROWS or k == 0:
+        return None
+    key = (n_out, k, skinny_gemm_plans.row_bucket(num_rows), _DTYPE_NAMES[x.dtype], gated)
+    config = skinny_gemm_plans.lookup(key)
+    if config is None:
+        config = _decide(key, x, weight, bias, gated)
+    if config == skinny_gemm_plans.CUBLAS:
+        return None
+    residual_rows = residual.reshape(num_rows, -1) if residual is not None else None
+    out = launch(x_rows, weight, bias, residual_rows, gated, config)
+    return out.view(*x.shape[:-1], n_out)
+
+
+def _decide(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            gated: bool) -> GemmConfig:
+    """The plan of ``key`` from ``skinny_gemm_plans.decide``; a tuning measures each config on this weight with
+    random rows of the bucket's size (do_bench, L2 flushed before each call)."""
+    n_out, k, bucket, _, _ = key
+    default = skinny_gemm_plans.default_config(n_out, k, bucket, x.dtype, x.device)
+    torch_fn = _gated_fallback if gated else reference.linear
+    samples = []  # made at the first measurement only (never during a CUDA-graph capture, which measures nothing)
+
+    def measure(config: GemmConfig) -> float:
+        if not samples:
+            samples.append(torch.randn((bucket, k), dtype=x.dtype, device=x.device))
+        sample = samples[0]
+        if config == skinny_gemm_plans.CUBLAS:
+            return _median_us(lambda: torch_fn(sample, weight, bias))
+        try:
+            return _median_us(lambda: launch(sample, weight, bias, None, gated, config))
+        except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError) as error:
+            LOGGER.debug("skinny_gemm config %s does not run: %s", config, error)
+            return float("inf")
+
+    return skinny_gemm_plans.decide(key, x.dtype, x.device, default, measure)
+
+
+def _median_us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=TUNING_WARMUP_MS, rep=TUNING_REP_MS, return_mode="median") * 1e3
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias (+ residual)``: x (..., K), weight (N, K), bias (N,), residual (..., N), all of x's
+    dtype and device, unit stride in the last dimension; returns a new (..., N) tensor of x's dtype. See the module
+    docstring for the rounding and for which implementation runs."""
+    out = _run(x, weight, bias, residual, False, _check(x, weight, bias, residual, False))
+    return out if out is not None else reference.linear(x, weight, bias, residual)
+
+
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu_and_mul(x @ weight.T + bias)`` in one product: weight (2I, K) holds the gate rows then the up rows
+    (bias (2I,) likewise); x (..., K) -> (..., I) of x's dtype."""
+    out = _run(x, weight, bias, None, True, _check(x, weight, bias, None, True))
+    return out if out is not None else _gated_fallback(x, weight, bias)
+
+
+def _gated_fallback(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The unfused path: torch's product, then the ``silu_and_mul`` kernel (its reference on the CPU)."""
+    return silu_and_mul(torch.nn.functional.linear(x, weight, bias))

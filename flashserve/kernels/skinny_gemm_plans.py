@@ -1,0 +1,204 @@
+"""Launch plans of the small-M matrix product (``skinny_gemm``): which config, or cuBLAS, per (output features,
+K, row bucket, dtype, gated).
+
+A plan comes from, in order: the plans tuned in this process or read from disk; otherwise, inside ``tuning()`` (the
+engine's start-up warm-up), a one-time measurement of the candidate configs against cuBLAS (``tune``), kept and
+saved; otherwise the default of the table (``default_config``), which is never measured and never saved. So a
+CUDA-graph capture, which runs outside ``tuning()``, never benchmarks anything.
+
+Tuned plans persist through ``flashserve.kernels.tuning_cache.PersistentTuning`` (one JSON file per GPU name,
+Triton version and kernel source, under ``$FLASHSERVE_CACHE_DIR/autotune``): ``PlanTable`` offers the Autotuner
+attributes it reads (``fn``, ``keys``, ``configs``, ``cache``), ``configs`` being every config a plan can hold
+(``ALL_CONFIGS``; its last entry, ``CUBLAS``, means "run torch").
+
+Tuning is on by default on Hopper and newer GPUs; ``FLASHSERVE_AUTOTUNE=0`` switches it off (the table then
+decides), as for the prefill kernel.
+"""
+import contextlib
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from flashserve.kernels import prefill_tuning, tuning_cache
+from flashserve.kernels._launch import cdiv, next_power_of_2
+
+MAX_ROWS = 64  # the kernel path serves x with at most this many rows
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # plans are made per power-of-two bucket of the row count
+KEY_NAMES = ("n_out", "k", "row_bucket", "dtype", "gated")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch of ``skinny_gemm``: output features per program, K per tile, split-K ways, warps, stages, and
+    whether the product runs on ``tl.dot`` (else FMAs: one-row inputs only). ``block_n == 0`` is the cuBLAS marker
+    (``CUBLAS``)."""
+
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    use_dot: bool = True
+
+
+CUBLAS = GemmConfig(0, 0, 0, 0, 0)
+# (block_n, block_k, num_warps, num_stages) tried by the tuning, each with the split-K ways of ``split_ways`` and
+# without split-K: 16-32 KB weight tiles, 2-3 of them in flight per program. Few, because each is compiled per
+# row tile (16, 32, 64 rows), split or not, gated or not.
+TILE_CHOICES = ((64, 128, 4, 4), (32, 256, 4, 4), (128, 128, 8, 3), (64, 256, 4, 3), (64, 64, 4, 4))
+# One-row inputs also try the FMA path (no tensor cores): (BLOCK_N, BLOCK_K) fp32 partial sums in registers.
+FMA_TILE_CHOICES = ((32, 128, 4, 3), (64, 128, 8, 3), (16, 256, 4, 3))
+SPLIT_CHOICES = (1, 2, 4, 8, 16)
+ALL_CONFIGS = [GemmConfig(n, k, s, w, st) for (n, k, w, st), s in itertools.product(TILE_CHOICES, SPLIT_CHOICES)]
+ALL_CONFIGS += [GemmConfig(n, k, s, w, st, False)
+                for (n, k, w, st), s in itertools.product(FMA_TILE_CHOICES, SPLIT_CHOICES)]
+ALL_CONFIGS.append(CUBLAS)
+INTERPRETER_CONFIG = GemmConfig(128, 128, 1, 4, 1)  # the fastest tiles in the interpreter (fewest programs)
+
+
+def row_bucket(num_rows: int) -> int:
+    """The power-of-two bucket (1, 2, 4, ..., 64) a row count's plan is kept under."""
+    return next_power_of_2(num_rows)
+
+
+def block_rows(num_rows: int) -> int:
+    """BLOCK_M of the kernel for ``num_rows`` rows: the bucket, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, next_power_of_2(num_rows))
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device, read once."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, so that tests meet split-K
+    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def split_ways(n_out: int, k: int, block_n: int, block_k: int, sms: int) -> int:
+    """Split-K ways that bring the programs to about two per SM, keeping >= 2 K tiles per split (a power of two
+    from SPLIT_CHOICES)."""
+    programs = cdiv(n_out, block_n)
+    ways = 1
+    while (ways * 2 <= SPLIT_CHOICES[-1] and programs * ways < 2 * sms
+           and cdiv(k, block_k) >= 4 * ways):
+        ways *= 2
+    return ways
+
+
+def default_config(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
+    """The table's plan (no measurement; one of the tuning's candidates): 64 features x 128 of K per tile, 4
+    stages (64 of K for fp32 or for 64-row tiles), split-K to about two programs per SM."""
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    block_n, block_k, warps, stages = TILE_CHOICES[4] if dtype == torch.float32 or block_rows(rows) >= 64 \
+        else TILE_CHOICES[0]
+    return GemmConfig(block_n, block_k, split_ways(n_out, k, block_n, block_k, _device_sms(device)), warps, stages)
+
+
+def candidates(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.device) -> list[GemmConfig]:
+    """Configs the tuning measures for a shape and row bucket: every tile choice that fits K and the dtype (the FMA
+    ones too for one row), each with its ``split_ways`` and without split-K (the table's default is among them)."""
+    sms = _device_sms(device)
+    tiles = [(tile, True) for tile in TILE_CHOICES] + [(tile, False) for tile in FMA_TILE_CHOICES if rows == 1]
+    found = []
+    for (block_n, block_k, warps, stages), use_dot in tiles:
+        if block_k > max(64, next_power_of_2(k)) or (dtype == torch.float32 and block_k > 128):
+            continue
+        for ways in sorted({1, split_ways(n_out, k, block_n, block_k, sms)}):
+            found.append(GemmConfig(block_n, block_k, ways, warps, stages, use_dot))
+    return found
+
+
+class PlanTable:
+    """The tuned plans, shaped like a ``triton.autotune`` Autotuner for ``PersistentTuning``: ``cache`` maps a key
+    (KEY_NAMES values) to a config of ``configs``; ``fn`` is the kernel whose source keys the file."""
+
+    def __init__(self, kernel):
+        self.fn = kernel
+        self.keys = list(KEY_NAMES)
+        self.configs = ALL_CONFIGS
+        self.cache: dict[tuple, GemmConfig] = {}
+
+
+_plans: dict[tuple, GemmConfig] = {}  # every plan in use: tuned, read from disk, or the table's default
+_tuned_keys: set[tuple] = set()
+_persistence: tuning_cache.PersistentTuning | None = None
+_tuning_depth = 0
+
+
+def attach(kernel) -> None:
+    """Tie the plans' file to ``kernel``'s source (``skinny_gemm`` calls this once at import)."""
+    global _persistence
+    _persistence = tuning_cache.PersistentTuning("skinny_gemm", PlanTable(kernel), depends=(candidates,))
+
+
+@contextlib.contextmanager
+def tuning():
+    """Within this block a shape without a tuned plan is measured once (on tuning devices); outside, it gets the
+    table's default. The engine's warm-up runs inside, CUDA-graph capture outside."""
+    global _tuning_depth
+    _tuning_depth += 1
+    try:
+        yield
+    finally:
+        _tuning_depth -= 1
+
+
+def tuning_enabled(device: torch.device) -> bool:
+    """Whether a plan missing on ``device`` is measured now: inside ``tuning()``, on a GPU that autotunes."""
+    return _tuning_depth > 0 and prefill_tuning.use_autotune(device)
+
+
+def lookup(key: tuple) -> GemmConfig | None:
+    """The plan in use for ``key`` (a config, or CUBLAS), or None when ``decide`` should make it: there is none
+    yet, or only the table's default while a ``tuning()`` block is open. Steady state: one dict lookup."""
+    config = _plans.get(key)
+    if _tuning_depth > 0 and key not in _tuned_keys:
+        return None
+    return config
+
+
+def decide(key: tuple, dtype: torch.dtype, device: torch.device, default: GemmConfig, measure) -> GemmConfig:
+    """The plan of ``key`` (KEY_NAMES values), made once and kept: a tuned plan (this process or the file), else
+    ``tune(measure, candidates(...))`` when tuning is enabled (saved to the file), else ``default`` (kept in memory
+    only, so a later ``tuning()`` block still measures it). ``measure(config)`` returns the median µs of one call
+    with that config (CUBLAS: the torch path)."""
+    table = _persistence.autotuner
+    if device not in _persistence.devices:
+        _persistence.load(device)
+        _tuned_keys.update(table.cache)
+    if key in _tuned_keys:
+        _plans[key] = table.cache[key]
+    elif tuning_enabled(device):
+        n_out, k, bucket = key[:3]
+        table.cache[key] = _plans[key] = tune(measure, candidates(n_out, k, bucket, dtype, device))
+        _tuned_keys.add(key)
+        _persistence.save(device)
+    else:
+        _plans[key] = default
+    return _plans[key]
+
+
+def tune(measure, configs: list[GemmConfig]) -> GemmConfig:
+    """The fastest of ``configs`` and CUBLAS by ``measure`` (CUBLAS wins ties: ours only where it is faster)."""
+    best, best_us = CUBLAS, measure(CUBLAS)
+    for config in configs:
+        us = measure(config)
+        if us < best_us:
+            best, best_us = config, us
+    return best
+
+
+def reset() -> None:
+    """Forget every plan in memory (tests)."""
+    _plans.clear()
+    _tuned_keys.clear()
+    if _persistence is not None:
+        _persistence.autotuner.cache.clear()
+        _persistence.devices.clear()

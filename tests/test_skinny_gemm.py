@@ -1,0 +1,257 @@
+"""The small-M matrix product (``flashserve.kernels.skinny_gemm``) and its launch plans: kernel results against
+an fp32 oracle (FlashAttention's rule: error <= 2x that of the same math in the input dtype), split-K and ragged K,
+the fused epilogues, dispatch, argument checks, the tuning policy and its persistence; GPU tests at real shapes,
+every candidate config, and inside a CUDA graph."""
+import math
+
+import pytest
+import torch
+
+from flashserve.kernels import linear, linear_silu_and_mul, skinny_gemm, skinny_gemm_plans, tuning_cache
+from flashserve.kernels.reference import layers as reference
+from flashserve.kernels.skinny_gemm_plans import CUBLAS, GemmConfig
+
+
+def _randn(*shape, dtype, device="cpu", seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
+
+
+def _fp32(*tensors):
+    return [t.float() if t is not None else None for t in tensors]
+
+
+def check_product(rows, n_out, k, dtype, config, bias=False, residual=False, gated=False, device="cpu"):
+    """The kernel with ``config`` against the fp32 oracle, within 2x the error of torch in ``dtype`` (+ a floor)."""
+    x = _randn(rows, k, dtype=dtype, device=device)
+    w = _randn(2 * n_out if gated else n_out, k, dtype=dtype, device=device, seed=1) / math.sqrt(k)
+    b = _randn(w.shape[0], dtype=dtype, device=device, seed=2) if bias else None
+    r = _randn(rows, n_out, dtype=dtype, device=device, seed=3) if residual else None
+    out = skinny_gemm.launch(x, w, b, r, gated, config)
+    if config.split_k > 1 and x.device in skinny_gemm._counters:  # every launch leaves its split counters at 0
+        assert not skinny_gemm._counters[x.device].any()
+    if gated:
+        expected = reference.linear_silu_and_mul(*_fp32(x, w, b))
+        same_math = reference.linear_silu_and_mul(x, w, b)
+    else:
+        expected = reference.linear(*_fp32(x, w, b, r))
+        same_math = reference.linear(x, w, b, r)
+    assert out.shape == (rows, n_out) and out.dtype == dtype
+    error = (out.float() - expected).abs().max().item()
+    floor = 1e-5 if dtype == torch.float32 else 1e-3
+    assert error <= 2 * (same_math.float() - expected).abs().max().item() + floor, (error, config)
+
+
+CONFIGS = [GemmConfig(32, 32, 1, 4, 1), GemmConfig(16, 16, 2, 4, 1), GemmConfig(16, 32, 3, 4, 1)]
+FMA_CONFIGS = [GemmConfig(32, 32, 1, 4, 1, False), GemmConfig(16, 16, 3, 4, 1, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"n{c.block_n}k{c.block_k}s{c.split_k}")
+@pytest.mark.parametrize("rows, n_out, k", [(1, 40, 64), (5, 33, 80), (17, 48, 40)])
+def test_linear_kernel(rows, n_out, k, dtype, config):
+    check_product(rows, n_out, k, dtype, config, bias=rows == 5, residual=rows == 17)
+
+
+@pytest.mark.parametrize("config", CONFIGS[:2], ids=["nosplit", "split2"])
+@pytest.mark.parametrize("rows, bias", [(3, True), (33, False)])
+def test_gated_kernel(rows, bias, config):
+    check_product(rows, 24, 48, torch.float16, config, bias=bias, gated=True)
+
+
+@pytest.mark.parametrize("config", FMA_CONFIGS, ids=["nosplit", "split3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fma_path_one_row(config, dtype):
+    check_product(1, 40, 80, dtype, config, bias=True, residual=True)
+    check_product(1, 24, 40, dtype, config, gated=True)
+    with pytest.raises(ValueError, match="one row"):
+        skinny_gemm.launch(torch.zeros(2, 16), torch.zeros(8, 16), None, None, False, config)
+
+
+def test_public_functions_match_the_unfused_ops():
+    """linear / linear_silu_and_mul on leading batch dimensions, through the plan (the interpreter's default)."""
+    skinny_gemm_plans.reset()
+    x = _randn(2, 3, 64, dtype=torch.float32)
+    w = _randn(96, 64, dtype=torch.float32, seed=1)
+    b = _randn(96, dtype=torch.float32, seed=2)
+    r = _randn(2, 3, 96, dtype=torch.float32, seed=3)
+    torch.testing.assert_close(linear(x, w, b, r), torch.nn.functional.linear(x, w, b) + r, atol=1e-4, rtol=1e-4)
+    gated = linear_silu_and_mul(x, w, b)
+    assert gated.shape == (2, 3, 48)
+    torch.testing.assert_close(gated, reference.linear_silu_and_mul(x, w, b), atol=1e-4, rtol=1e-4)
+
+
+def test_dispatch_runs_torch_where_the_kernel_does_not_apply(monkeypatch):
+    calls = []
+    monkeypatch.setattr(skinny_gemm, "launch", lambda *args: calls.append(args))
+    w = _randn(32, 16, dtype=torch.float32)
+    big = _randn(skinny_gemm.MAX_ROWS + 1, 16, dtype=torch.float32)
+    torch.testing.assert_close(linear(big, w), big @ w.T)
+    assert linear(big[:0], w).shape == (0, 32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU without the interpreter: torch
+    torch.testing.assert_close(linear(big[:4], w), big[:4] @ w.T)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    skinny_gemm_plans.reset()
+    monkeypatch.setattr(skinny_gemm_plans, "default_config", lambda *args: CUBLAS)  # the plan says cuBLAS
+    torch.testing.assert_close(linear_silu_and_mul(big[:4], w), reference.linear_silu_and_mul(big[:4], w))
+    skinny_gemm_plans.reset()
+    assert calls == []
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: linear(torch.zeros(2, 8), torch.zeros(4, 9)), "weight must have shape"),
+    (lambda: linear(torch.zeros(2, 8), torch.zeros(4, 8, dtype=torch.float16)), "weight must have dtype"),
+    (lambda: linear(torch.zeros(2, 8), torch.zeros(8, 4).T), "weight must be contiguous"),
+    (lambda: linear(torch.zeros(2, 8), torch.zeros(4, 8), torch.zeros(5)), "bias must have shape"),
+    (lambda: linear(torch.zeros(2, 8), torch.zeros(4, 8), None, torch.zeros(2, 5)), "residual must have shape"),
+    (lambda: linear(torch.zeros(2, 8, dtype=torch.int32), torch.zeros(4, 8)), "x must have dtype"),
+    (lambda: linear_silu_and_mul(torch.zeros(2, 8), torch.zeros(5, 8)), "even number of rows"),
+])
+def test_bad_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_tune_prefers_cublas_unless_faster():
+    times = {CUBLAS: 10.0, CONFIGS[0]: 10.0, CONFIGS[1]: 9.0, CONFIGS[2]: float("inf")}
+    assert skinny_gemm_plans.tune(times.get, CONFIGS) == CONFIGS[1]
+    assert skinny_gemm_plans.tune(times.get, [CONFIGS[0], CONFIGS[2]]) == CUBLAS
+
+
+def test_candidates_are_storable_and_split_to_fill_the_gpu():
+    for n_out, k in [(4096, 1024), (151936, 1024), (1024, 3072), (28672, 4096)]:
+        found = skinny_gemm_plans.candidates(n_out, k, 1, torch.bfloat16, torch.device("cpu"))
+        assert found and all(config in skinny_gemm_plans.ALL_CONFIGS for config in found)
+    assert skinny_gemm_plans.split_ways(4096, 1024, 64, 128, 132) == 4  # 64 programs, 8 K tiles: 2 per split
+    assert skinny_gemm_plans.split_ways(1024, 4096, 64, 128, 132) == 16  # 16 programs, 32 K tiles
+    assert skinny_gemm_plans.split_ways(151936, 1024, 64, 128, 132) == 1
+
+
+@pytest.fixture
+def _persisting_cuda(monkeypatch, tmp_path):
+    """A 'cuda' device that persists without a GPU (as in test_tuning_cache) and tunes when asked."""
+    monkeypatch.setenv("FLASHSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(tuning_cache, "gpu_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(skinny_gemm_plans.prefill_tuning, "use_autotune", lambda device: True)
+    monkeypatch.setattr(skinny_gemm_plans, "_device_sms", lambda device: 132)
+    skinny_gemm_plans.reset()
+    yield torch.device("cuda", 0)
+    skinny_gemm_plans.reset()
+
+
+def test_tuning_only_inside_the_block_and_persisted(_persisting_cuda):
+    device = _persisting_cuda
+    key = (4096, 1024, 1, "bfloat16", False)
+    measured = []
+
+    def measure(config):
+        measured.append(config)
+        return 1.0 if config == CUBLAS else 2.0 - 0.1 * (config == CONFIGS[0])
+
+    default = CONFIGS[0]
+    assert skinny_gemm_plans.decide(key, torch.bfloat16, device, default, measure) == default
+    assert measured == []  # outside tuning(): the table, nothing measured
+    with skinny_gemm_plans.tuning():
+        assert skinny_gemm_plans.decide(key, torch.bfloat16, device, default, measure) == CUBLAS
+        count = len(measured)
+        assert count > 2 and skinny_gemm_plans.decide(key, torch.bfloat16, device, default, measure) == CUBLAS
+        assert len(measured) == count  # measured once
+    skinny_gemm_plans.reset()
+    with skinny_gemm_plans.tuning():  # a new process reads the file instead of measuring
+        assert skinny_gemm_plans.decide(key, torch.bfloat16, device, default, measure) == CUBLAS
+    assert len(measured) == count
+
+
+# --- GPU: real shapes, every candidate config, CUDA graphs, tuning (skipped without CUDA) ---
+
+GPU_SHAPES = {"qkv": (4096, 1024, False), "down": (1024, 3072, False), "gate_up": (3072, 1024, True),
+              "o-8b": (4096, 4096, False)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", list(GPU_SHAPES))
+def test_every_candidate_gpu(shape, dtype):
+    """bf16: every config the tuning may pick; fp16: the table's."""
+    n_out, k, gated = GPU_SHAPES[shape]
+    device = torch.device("cuda")
+    configs = [skinny_gemm_plans.default_config(n_out, k, 1, dtype, device)]
+    if dtype == torch.bfloat16:
+        configs += skinny_gemm_plans.candidates(n_out, k, 64, dtype, device)
+        configs += [c for c in skinny_gemm_plans.candidates(n_out, k, 1, dtype, device) if not c.use_dot]
+    for config in configs:
+        for rows in ((1,) if not config.use_dot else (1, 5, 64)):
+            check_product(rows, n_out, k, dtype, config, bias=rows == 5, residual=rows == 64 and not gated,
+                          gated=gated, device="cuda")
+
+
+@pytest.mark.gpu
+def test_ragged_shapes_gpu():
+    for config in (GemmConfig(64, 128, 4, 4, 4), GemmConfig(32, 256, 1, 4, 3)):
+        check_product(7, 1000, 1000, torch.bfloat16, config, bias=True, residual=True, device="cuda")
+        check_product(33, 500, 200, torch.bfloat16, config, gated=True, device="cuda")
+    check_product(3, 256, 512, torch.float32, GemmConfig(64, 64, 4, 4, 4), device="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_gpu():
+    """Split-K and plain launches captured in a graph: replays with new inputs match eager calls."""
+    device = torch.device("cuda")
+    x = _randn(8, 1024, dtype=torch.bfloat16, device=device)
+    w = _randn(4096, 1024, dtype=torch.bfloat16, device=device, seed=1) / 32
+    gate_up = _randn(6144, 1024, dtype=torch.bfloat16, device=device, seed=2) / 32
+    configs = (GemmConfig(64, 128, 4, 4, 4), GemmConfig(64, 128, 1, 4, 4))
+    eager = lambda: [skinny_gemm.launch(x, w, None, None, False, c) for c in configs] + [  # noqa: E731
+        skinny_gemm.launch(x, gate_up, None, None, True, configs[0])]
+    eager()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = eager()
+    for seed in range(3):
+        x.copy_(_randn(8, 1024, dtype=torch.bfloat16, device=device, seed=10 + seed))
+        graph.replay()
+        for got, want in zip(captured, eager()):
+            assert torch.equal(got, want)  # deterministic split-K: bit-identical
+    assert not skinny_gemm._counters[x.device].any()
+
+
+@pytest.mark.gpu
+def test_tuning_gpu(monkeypatch, tmp_path):
+    """Inside tuning() a plan is measured once and saved; the linear path then follows it."""
+    monkeypatch.setenv("FLASHSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(skinny_gemm_plans.prefill_tuning, "use_autotune", lambda device: True)
+    skinny_gemm_plans.reset()
+    device = torch.device("cuda")
+    x = _randn(4, 1024, dtype=torch.bfloat16, device=device)
+    w = _randn(4096, 1024, dtype=torch.bfloat16, device=device, seed=1) / 32
+    with skinny_gemm_plans.tuning():
+        out = linear(x, w)
+    key = (4096, 1024, 4, "bfloat16", False)
+    plan = skinny_gemm_plans.lookup(key)
+    assert plan in skinny_gemm_plans.ALL_CONFIGS and key in skinny_gemm_plans._tuned_keys
+    assert any(path.name.startswith("skinny_gemm-") for path in (tmp_path / "autotune").iterdir())
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w), atol=2e-2, rtol=2e-2)
+    skinny_gemm_plans.reset()
+
+
+def test_warm_up_linear_covers_every_bucket(tmp_path, monkeypatch):
+    """The start-up pass (GPU only in the engine) on a CPU runner: one pass per row bucket, capped at the token
+    budget (24 rows stand for the bucket of 32), writing nothing into the cache."""
+    from flashserve import LLM
+    from flashserve.engine import warmup
+    from flashserve.models.checkpoint import write_random_checkpoint
+
+    monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    directory = write_random_checkpoint(str(tmp_path / "llama"), "LlamaForCausalLM", seed=1)
+    llm = LLM(directory, dtype="float32", device="cpu", max_model_len=64, max_num_batched_tokens=24)
+    runner = llm.engine.runner
+    before = runner.kv_cache.clone()
+    seen = []
+    monkeypatch.setattr(warmup, "_forward_one_sequence", lambda runner, q, k, all_logits: seen.append((q, k)))
+    assert warmup.warm_up_linear(runner, show_progress=False) == 6
+    assert seen == [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (24, 24)]
+    monkeypatch.undo()
+    monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    assert warmup.warm_up_linear(runner, show_progress=False) == 6
+    assert torch.equal(runner.kv_cache, before)
