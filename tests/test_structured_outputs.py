@@ -202,3 +202,36 @@ def test_a_failed_compilation_aborts_the_request(llm, monkeypatch):
     assert output.outputs[0].finish_reason == "abort" and not llm.engine.has_unfinished()
     monkeypatch.undo()
     assert llm.generate(["x"], _constrained(spec=spec, temperature=0), use_tqdm=False)[0].outputs[0].text.endswith("z")
+
+
+def test_token_bitmask_matches_xgrammar_and_leaves_plain_batches_alone():
+    import torch
+    import xgrammar
+
+    from flashserve.engine.request import Request
+    from flashserve.engine.structured_outputs import TokenBitmask
+
+    vocab = 1000
+    bitmask = TokenBitmask(8, vocab, torch.device("cpu"))
+    plain = [Request(f"r{i}", None, [1, 2], SamplingParams(), 64) for i in range(3)]
+    logits = torch.randn(3, vocab)
+    assert bitmask.apply(logits, plain) is logits  # nothing to do: the very same tensor
+
+    class FixedGrammar:  # a request grammar whose matcher's next-token mask is a given random bitmask row
+        def __init__(self, row):
+            self.matcher = self
+            self.row = row
+
+    words = torch.randint(-2**31, 2**31 - 1, (3, bitmask.host.shape[1]), dtype=torch.int32)
+    plain[0].grammar, plain[2].grammar = FixedGrammar(words[0]), FixedGrammar(words[2])
+
+    class Filler:
+        def batch_fill_next_token_bitmask(self, matchers, host, rows):
+            for matcher, row in zip(matchers, rows):
+                host[row] = matcher.row
+
+    bitmask._batch_matcher = Filler()
+    masked = bitmask.apply(logits, plain)
+    expected = logits.clone()
+    xgrammar.apply_token_bitmask_inplace(expected, words, indices=[0, 2])
+    assert torch.equal(masked, expected) and torch.equal(logits[1], masked[1])
