@@ -150,7 +150,7 @@ def test_grammars_compile_once_off_the_engine_thread(llm, monkeypatch):
     compiler = engine._grammars()
     release = threading.Event()
     threads, calls = [], []
-    original = compiler._compiler.compile_grammar
+    original = compiler._compile
 
     def slow_compile(grammar):
         threads.append(threading.current_thread().name)
@@ -158,7 +158,7 @@ def test_grammars_compile_once_off_the_engine_thread(llm, monkeypatch):
         release.wait(10)
         return original(grammar)
 
-    monkeypatch.setattr(compiler._compiler, "compile_grammar", slow_compile)
+    monkeypatch.setattr(compiler, "_compile", slow_compile)
     schema = {"type": "object", "properties": {"slow": {"type": "integer", "minimum": 0, "maximum": 3}},
               "required": ["slow"]}
     engine.add_request("plain", "Hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
@@ -182,8 +182,8 @@ def test_abort_while_the_grammar_compiles(llm, monkeypatch):
     engine = llm.engine
     compiler = engine._grammars()
     release = threading.Event()
-    original = compiler._compiler.compile_grammar
-    monkeypatch.setattr(compiler._compiler, "compile_grammar", lambda g: (release.wait(10), original(g))[1])
+    original = compiler._compile
+    monkeypatch.setattr(compiler, "_compile", lambda g: (release.wait(10), original(g))[1])
     engine.add_request("waiting", "Hi", _constrained(spec=StructuredOutputsParams(regex="[0-9]{4}x")))
     engine.abort_request("waiting")
     assert not engine.has_unfinished()
@@ -196,7 +196,7 @@ def test_a_failed_compilation_aborts_the_request(llm, monkeypatch):
     def failing_compile(grammar):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(compiler._compiler, "compile_grammar", failing_compile)
+    monkeypatch.setattr(compiler, "_compile", failing_compile)
     spec = StructuredOutputsParams(regex="[0-9]{5}z")
     (output,) = llm.generate(["x"], _constrained(spec=spec), use_tqdm=False)
     assert output.outputs[0].finish_reason == "abort" and not llm.engine.has_unfinished()

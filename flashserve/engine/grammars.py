@@ -63,20 +63,38 @@ def build_grammar(spec: StructuredOutputsParams):
 class GrammarCompiler:
     """Compiles grammars for one tokenizer in a worker thread, each distinct one once.
 
+    The worker first reads the vocabulary (its own copy of the tokenizer, xgrammar's ``TokenizerInfo``: about a
+    second for a 150k-token vocabulary), so that neither that nor any compilation ever runs on the engine thread.
+
     Args:
-        tokenizer: the Hugging Face tokenizer the outputs are decoded with.
+        tokenizer_path: the Hugging Face tokenizer the outputs are decoded with (a local directory).
         vocab_size: the model's vocabulary size (rows of its logits; may exceed the tokenizer's).
         stop_token_ids: the tokens that end a completed grammar (the engine's EOS tokens).
     """
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int]):
-        xgr = _xgrammar()
+    def __init__(self, tokenizer_path: str, vocab_size: int, stop_token_ids: list[int]):
+        _xgrammar()  # a missing package is a ValueError now, not a failed compilation later
         self.vocab_size = vocab_size
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=list(stop_token_ids) or None)
-        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashserve-grammar")
+        self._compiler = None
+        self._setup = self._executor.submit(self._make_compiler, tokenizer_path, vocab_size, list(stop_token_ids))
         self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
+
+    def _make_compiler(self, tokenizer_path: str, vocab_size: int, stop_token_ids: list[int]) -> None:
+        """Worker thread: xgrammar's compiler for the tokenizer."""
+        from transformers import AutoTokenizer
+
+        xgr = _xgrammar()
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=stop_token_ids or None)
+        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+
+    def _compile(self, grammar):
+        """Worker thread: the ``CompiledGrammar`` of ``grammar`` (after the compiler's set-up, whose error, if
+        any, it raises)."""
+        self._setup.result()
+        return self._compiler.compile_grammar(grammar)
 
     def submit(self, spec: StructuredOutputsParams) -> Future:
         """The future ``CompiledGrammar`` of ``spec`` (a cached one when the same grammar was asked for before);
@@ -87,7 +105,7 @@ class GrammarCompiler:
             self._cache.move_to_end(key)
             return future
         grammar = build_grammar(spec)
-        future = self._cache[key] = self._executor.submit(self._compiler.compile_grammar, grammar)
+        future = self._cache[key] = self._executor.submit(self._compile, grammar)
         while len(self._cache) > MAX_CACHED_GRAMMARS:
             self._cache.popitem(last=False)
         return future

@@ -130,9 +130,10 @@ class LLMEngine:
             self.scheduler.add(request)
 
     def _grammars(self) -> GrammarCompiler:
-        """The grammar compiler, made on first use (it reads the whole vocabulary once)."""
+        """The grammar compiler, made on first use (its worker thread reads the whole vocabulary once)."""
         if self.grammar_compiler is None:
-            self.grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            self.grammar_compiler = GrammarCompiler(self.config.tokenizer or self.config.model, self.vocab_size,
+                                                    self.eos_token_ids)
         return self.grammar_compiler
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
