@@ -74,7 +74,6 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer_path: str, vocab_size: int, stop_token_ids: list[int]):
         _xgrammar()  # a missing package is a ValueError now, not a failed compilation later
-        self.vocab_size = vocab_size
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashserve-grammar")
         self._compiler = None
         self._setup = self._executor.submit(self._make_compiler, tokenizer_path, vocab_size, list(stop_token_ids))
@@ -109,7 +108,3 @@ class GrammarCompiler:
         while len(self._cache) > MAX_CACHED_GRAMMARS:
             self._cache.popitem(last=False)
         return future
-
-    def close(self) -> None:
-        """Stop the worker thread (compilations already queued are dropped)."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
