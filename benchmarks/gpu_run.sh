@@ -3,6 +3,12 @@
 #   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache gemm cascade moe
 #                                              throughput latency
 #                                              serving (needs the server wheels: see benchmarks/serving_gpu.sh)
+#                                              structured (needs xgrammar and jsonschema wheels in .whl, without
+#                                              their torch/transformers dependencies, which the image has:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     xgrammar==0.2.9 apache-tvm-ffi pydantic pydantic-core annotated-types typing-inspection typing-extensions \
+#     jsonschema jsonschema-specifications referencing rpds-py attrs
 # Per-step time limits: TIMEOUT_<step>=SECONDS (default STEP_TIMEOUT_S, else 300).
 # Results go under $OUT (or ./out): one log, and results.tar.gz holding each benchmark's JSON, markdown and PNG.
 set -uo pipefail
@@ -32,6 +38,9 @@ steps=${*:-tests prefill layouts decode merge cache}
       throughput) timeout "$limit" python3 benchmarks/throughput.py --out "$RESULTS" ;;
       latency) timeout "$limit" python3 benchmarks/latency.py --out "$RESULTS" ${LATENCY_ARGS:-} ;;
       serving) timeout "$limit" bash benchmarks/serving_gpu.sh "$RESULTS/serving" ;;
+      structured) if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
+        PYTHONPATH=/tmp/site:$PYTHONPATH timeout "$limit" python3 -m pytest -q -rs tests/test_structured_outputs_gpu.py
+        PYTHONPATH=/tmp/site:$PYTHONPATH timeout "$limit" python3 benchmarks/structured_outputs.py --out "$RESULTS" ;;
       *) echo "unknown step $step" ;;
     esac
   done

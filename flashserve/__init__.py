@@ -13,6 +13,7 @@ configure_logging()
 _EXPORTS = {
     "LLM": "flashserve.llm",
     "SamplingParams": "flashserve.sampling_params",
+    "StructuredOutputsParams": "flashserve.sampling_params",
     "RequestOutput": "flashserve.outputs",
     "CompletionOutput": "flashserve.outputs",
     "Logprob": "flashserve.outputs",

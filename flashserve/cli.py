@@ -73,6 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting-requests", type=int, default=None,
                        help="the most requests waiting for the engine, 503 above it (default unbounded)")
     serve.add_argument("--enable-log-requests", action="store_true", help="log every request at INFO")
+    serve.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                       help="parse chat replies for tool calls (tool_choice 'auto') in this model family's format")
+    serve.add_argument("--no-ui", dest="ui", action="store_false", help="do not serve the chat page at /")
     serve.add_argument("--uvicorn-log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug", "trace"],
                        help="uvicorn's log level (default info)")
@@ -134,7 +137,8 @@ def _serve(args: argparse.Namespace) -> int:
                            api_key=args.api_key or os.environ.get("FLASHSERVE_API_KEY") or None,
                            allowed_origins=args.allowed_origins, chat_template=args.chat_template,
                            uvicorn_log_level=args.uvicorn_log_level, max_prompt_bytes=args.max_prompt_bytes,
-                           max_waiting_requests=args.max_waiting_requests, log_requests=args.enable_log_requests)
+                           max_waiting_requests=args.max_waiting_requests, log_requests=args.enable_log_requests,
+                           tool_call_parser=args.tool_call_parser, ui=args.ui)
     try:
         server.check()  # a bad port or template fails before the model loads
         model = _model_or_demo(args.model_dir or args.model)

@@ -1,11 +1,81 @@
 """How one request is sampled and when it stops: vLLM's ``SamplingParams`` names and meanings."""
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGIT_BIAS = 100.0
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # an odd 64-bit constant: copy j of a seeded request draws from seed + j * stride
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """A constraint on the output (vLLM's names): exactly one of the fields is set.
+
+    The output is decoded under a grammar (``flashserve.engine.structured_outputs``, built on xgrammar) so that
+    it always matches; the request ends ("stop") when the grammar is complete. Only the shape of the values is
+    checked here; an invalid schema, regex or grammar is a ValueError naming the field when the request is added.
+
+    Attributes:
+        json: a JSON schema (a dict, or its JSON text): the output is one JSON value valid under it, written
+            compactly (``", "`` and ``": "`` separators, no other whitespace; no properties beyond the schema's).
+        regex: the output matches this regular expression entirely.
+        choice: the output is exactly one of these strings.
+        grammar: an EBNF grammar (xgrammar's / GBNF dialect, start rule ``root``).
+        json_object: the output is any JSON object (OpenAI's ``response_format: {"type": "json_object"}``).
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object is not False:
+            if self.json_object is not True:
+                raise ValueError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}")
+            given.append("json_object")
+        if len(given) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar and "
+                             f"json_object, got {given or 'none'}")
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    schema = json.loads(self.json)
+                except ValueError as error:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {error}") from None
+            else:
+                schema = self.json
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError(f"structured_outputs.json must be a JSON schema (an object), got {self.json!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or any(not isinstance(c, str) or not c for c in self.choice)):
+            raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, got "
+                             f"{self.choice!r}")
+
+    @property
+    def kind(self) -> str:
+        """The field that is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        if self.json_object:
+            return "json_object"
+        return next(name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, text) identifying the grammar: equal keys share one compiled grammar. A schema's key keeps its
+        property order (the output follows it)."""
+        kind = self.kind
+        if kind == "json_object":
+            return kind, ""
+        value = getattr(self, kind)
+        return kind, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 @dataclass(slots=True)
@@ -44,6 +114,10 @@ class SamplingParams:
         detokenize: turn the output into text (and set each logprob's ``decoded_token``); False returns token ids
             only (the text stays empty), for a caller that detokenizes elsewhere, as the server does outside the
             engine thread. Stop strings need the text: with ``stop`` set it must stay True.
+        structured_outputs: a ``StructuredOutputsParams`` constraining the output (JSON schema, regex, choice,
+            grammar); tokens the grammar does not allow are masked before sampling, so the logprobs of such a
+            request are those of the constrained distribution. Not combinable with ``min_tokens`` (the grammar
+            decides where the output ends).
     """
 
     n: int = 1
@@ -66,6 +140,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False, default=())
 
     def __post_init__(self) -> None:
@@ -130,6 +205,13 @@ class SamplingParams:
                         <= MAX_LOGIT_BIAS:
                     raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {bias!r} for token "
                                      f"{token_id}")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError("structured_outputs must be a StructuredOutputsParams, got "
+                                 f"{type(self.structured_outputs).__name__}")
+            if self.min_tokens:
+                raise ValueError("min_tokens cannot be combined with structured_outputs (the grammar decides where "
+                                 "the output ends)")
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """ValueError (starting with "logit_bias") when ``logit_bias`` names a token outside [0, vocab_size)."""

@@ -74,7 +74,8 @@ def test_errors_are_typed(client):
     assert error.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}],
-                                       response_format={"type": "json_object"})
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "x", "schema": {"type": "strin"}}})
     assert error.value.body["param"] == "response_format"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt="Hi")

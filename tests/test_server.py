@@ -59,12 +59,13 @@ def _running_server(model_dir: str, engine_options: dict, options: ServerOptions
 
 
 @contextlib.contextmanager
-def reference_server(model_dir: str):
-    """``_running_server`` with ENGINE_OPTIONS and the reference attention forced while it runs."""
+def reference_server(model_dir: str, options: ServerOptions | None = None, **engine_options):
+    """``_running_server`` with ENGINE_OPTIONS (updated by ``engine_options``) and ``options``, the reference
+    attention forced while it runs."""
     previous = os.environ.get("FLASHSERVE_ATTENTION_BACKEND")
     os.environ["FLASHSERVE_ATTENTION_BACKEND"] = "torch"
     try:
-        with _running_server(model_dir, ENGINE_OPTIONS) as running:
+        with _running_server(model_dir, dict(ENGINE_OPTIONS, **engine_options), options) as running:
             yield running
     finally:
         if previous is None:
@@ -294,7 +295,7 @@ def test_concurrent_requests(server, reference):
     ("/v1/completions", {"best_of": 2}, "best_of"),
     ("/v1/completions", {"temprature": 0}, "temprature"),
     ("/v1/completions", {"stream_options": {"include_usage": True, "extra": 1}}, "stream_options"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format"),
     ("/v1/chat/completions", {"tools": []}, "tools"),
     ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
     # Text JSON allows and no tokenizer accepts.

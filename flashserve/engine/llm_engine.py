@@ -10,12 +10,17 @@ from transformers import AutoTokenizer
 from flashserve.config import Config
 from flashserve.engine.block_manager import BlockManager
 from flashserve.engine.detokenizer import OutputText, TokenTexts
+from flashserve.engine.grammars import GrammarCompiler
 from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.prompt_logprobs import PromptLogprobRows
-from flashserve.engine.request import Request
+from flashserve.engine.request import Request, RequestStatus
 from flashserve.engine.scheduler import Scheduler
+from flashserve.engine.structured_outputs import GrammarWaitlist, RequestGrammar
 from flashserve.outputs import CompletionOutput, Logprob, RequestOutput
 from flashserve.sampling_params import SamplingParams
+
+GRAMMAR_WAIT_S = 0.01
+"""How long a step with nothing to run but requests waiting for their grammar blocks on the compilation."""
 
 
 @dataclass(slots=True)
@@ -49,7 +54,9 @@ class LLMEngine:
     """Tokenizer, scheduler, block manager and model runner, stepped one batch at a time.
 
     ``scoring`` holds the ids of the requests whose prompt logprobs are not all computed yet; while it is empty, a
-    step does not look for prompt-logprob rows at all.
+    step does not look for prompt-logprob rows at all. Requests with ``structured_outputs`` wait in
+    ``grammar_waitlist`` (outside the scheduler) until their grammar is compiled (see
+    ``flashserve.engine.structured_outputs``); the grammar compiler starts with the first such request.
 
     Args:
         config: the engine configuration.
@@ -71,6 +78,8 @@ class LLMEngine:
         self.scoring: set[str] = set()
         self.stats = EngineStats()
         self.token_texts = TokenTexts(self.tokenizer)
+        self.grammar_compiler: GrammarCompiler | None = None
+        self.grammar_waitlist = GrammarWaitlist(self.eos_token_ids)
 
     def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None) -> None:
@@ -78,7 +87,8 @@ class LLMEngine:
 
         Raises ValueError (and queues nothing) for a duplicate id, n != 1, an empty prompt, token ids (of the
         prompt or of ``logit_bias``) outside the vocabulary, a prompt with no room for one new token within
-        ``max_model_len``, or a request that needs more KV blocks than the whole pool.
+        ``max_model_len``, a request that needs more KV blocks than the whole pool, or an invalid
+        ``structured_outputs`` schema, regex or grammar (the message starts with ``structured_outputs.<field>``).
         """
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -106,6 +116,8 @@ class LLMEngine:
             raise ValueError(f"the request needs {needed_blocks} KV blocks (prompt {len(token_ids)} + max_tokens "
                              f"{params.max_tokens} tokens, within max_model_len {self.max_model_len}) but the pool "
                              f"has {self.block_manager.num_blocks}")
+        if params.structured_outputs is not None:
+            request.grammar = RequestGrammar(self._grammars().submit(params.structured_outputs))
         if params.seed is not None:
             request.generator = torch.Generator(device=self.runner.device)
             request.generator.manual_seed(params.seed)
@@ -114,7 +126,15 @@ class LLMEngine:
         self.requests[request_id] = request
         if request.needs_prompt_logprobs:
             self.scoring.add(request_id)
-        self.scheduler.add(request)
+        if request.grammar is None or self.grammar_waitlist.admit(request):
+            self.scheduler.add(request)
+
+    def _grammars(self) -> GrammarCompiler:
+        """The grammar compiler, made on first use (its worker thread reads the whole vocabulary once)."""
+        if self.grammar_compiler is None:
+            self.grammar_compiler = GrammarCompiler(self.config.tokenizer or self.config.model, self.vocab_size,
+                                                    self.eos_token_ids)
+        return self.grammar_compiler
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Drop a request (or each of an iterable of ids, as vLLM allows) wherever it is and free its blocks;
@@ -123,23 +143,32 @@ class LLMEngine:
         for one_id in [request_id] if single else list(request_id):
             request = self.requests.pop(one_id, None)
             self.scoring.discard(one_id)
-            if request is not None:
+            if request is None:
+                continue
+            if self.grammar_waitlist.discard(one_id) is not None:
+                request.status, request.finish_reason = RequestStatus.FINISHED, "abort"
+            else:
                 self.scheduler.abort(request)
 
     def has_unfinished(self) -> bool:
-        """Whether any request is waiting or running."""
-        return self.scheduler.has_unfinished()
+        """Whether any request is waiting (for the scheduler or for its grammar) or running."""
+        return self.scheduler.has_unfinished() or len(self.grammar_waitlist) > 0
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns, for every request that sampled, what is new since its previous output.
 
         Text that might be the start of a stop string is held back until it is known not to be one. A request with
-        ``max_tokens=0`` finishes ("length") when its prefill is done: the token sampled then is dropped.
+        ``max_tokens=0`` finishes ("length") when its prefill is done: the token sampled then is dropped. A request
+        whose grammar failed to compile ends with "abort".
         """
+        failed = self._admit_compiled() if self.grammar_waitlist else []
         batch = self.scheduler.schedule()
         if not batch.requests:
-            if batch.preempted or not self.has_unfinished():
-                return []
+            if not self.scheduler.has_unfinished():
+                self.grammar_waitlist.wait(GRAMMAR_WAIT_S)  # nothing else to do (no wait when none is compiling)
+                return failed
+            if batch.preempted:
+                return failed
             raise RuntimeError("the scheduler could not schedule any request: this is a bug")
         decode_only = all(n == 1 and r.num_computed_tokens >= r.num_prompt_tokens
                           for r, n in zip(batch.requests, batch.num_new_tokens))
@@ -156,7 +185,7 @@ class LLMEngine:
             if not request.needs_prompt_logprobs:
                 self.scoring.discard(request.request_id)
         sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
-        outputs = []
+        outputs = failed
         for request, token_id, token_logprobs in zip(sampling, token_ids, logprobs):
             if request.params.max_tokens == 0:
                 self.scheduler.finish(request, "length")
@@ -166,6 +195,20 @@ class LLMEngine:
             outputs.append(self._new_output(request))
             if request.is_finished:
                 del self.requests[request.request_id]
+        return outputs
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Move the requests whose grammar is compiled to the scheduler; the outputs of those whose grammar
+        failed (finished, "abort")."""
+        ready, failed = self.grammar_waitlist.take_ready()
+        for request in ready:
+            self.scheduler.add(request)
+        outputs = []
+        for request in failed:
+            request.status, request.finish_reason = RequestStatus.FINISHED, "abort"
+            outputs.append(self._new_output(request))
+            del self.requests[request.request_id]
+            self.scoring.discard(request.request_id)
         return outputs
 
     def _record(self, batch, decode_only: bool, num_sampled: int, elapsed: float) -> None:
@@ -191,10 +234,11 @@ class LLMEngine:
             request.logprobs.append(token_logprobs)
         past_min = request.num_output_tokens >= params.min_tokens
         is_eos = not params.ignore_eos and token_id in self.eos_token_ids
+        grammar_done = request.grammar is not None and request.grammar.accept(token_id)
         reason = None
-        if past_min and (is_eos or token_id in params.stop_token_ids):
+        if grammar_done or (past_min and (is_eos or token_id in params.stop_token_ids)):
             reason = "stop"
-            request.stop_reason = None if is_eos else token_id
+            request.stop_reason = None if is_eos or grammar_done else token_id
         elif request.num_tokens >= request.max_total_tokens:
             reason = "length"
         if request.text is not None:

@@ -35,6 +35,7 @@ from flashserve.engine.prompt_logprobs import PromptLogprobRows
 from flashserve.engine.request import Request
 from flashserve.engine.sampler import Sampler
 from flashserve.engine.scheduler import ScheduledBatch
+from flashserve.engine.structured_outputs import TokenBitmask
 from flashserve.kernels import skinny_gemm_plans, tuning_cache
 from flashserve.models.loader import load_model
 from flashserve.outputs import Logprob
@@ -84,6 +85,7 @@ class ModelRunner:
                             and all(window is None for window in self.spec.sliding_windows))
         # the most requests a step can sample: the largest decode batch, and the most prompt-logprob rows at once
         self.max_logit_rows = min(config.max_num_seqs, config.max_num_batched_tokens)
+        self.token_bitmask = TokenBitmask(self.max_logit_rows, self.spec.vocab_size, self.device)
         use_graphs = self.device.type == "cuda" and not config.enforce_eager
         graph_sizes = capture_sizes(config.max_cudagraph_capture_size, self.max_logit_rows) if use_graphs else []
         padded_rows = graph_sizes[-1] if graph_sizes else 0
@@ -244,7 +246,9 @@ class ModelRunner:
                 set_context(None)
             if sampling:
                 logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        token_ids, logprobs = self.sampler(logits.float(), sampling, eos_token_ids) if sampling else ([], [])
+        if sampling:
+            logits = self.token_bitmask.apply(logits.float(), sampling)  # structured outputs: forbidden -> -inf
+        token_ids, logprobs = self.sampler(logits, sampling, eos_token_ids) if sampling else ([], [])
         del logits
         if prompt_rows is None:
             return token_ids, logprobs, []

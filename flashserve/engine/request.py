@@ -42,13 +42,15 @@ class Request:
         logprobs: per-token logprobs (when asked for).
         prompt_logprobs: with ``params.prompt_logprobs``, the prompt tokens' logprob dicts computed so far, after
             None for the first token (see ``flashserve.engine.prompt_logprobs``); None otherwise.
+        grammar: with ``params.structured_outputs``, its ``RequestGrammar`` (compiled grammar and matcher; see
+            ``flashserve.engine.structured_outputs``); None otherwise.
         num_sent_tokens, num_sent_logprobs: how much of the output ``step`` has already returned.
     """
 
     __slots__ = ("request_id", "prompt", "params", "prompt_token_ids", "token_ids", "num_prompt_tokens",
                  "num_computed_tokens", "block_ids", "block_hashes", "num_cached_blocks", "max_total_tokens",
                  "generator", "status", "finish_reason", "stop_reason", "text", "logprobs", "prompt_logprobs",
-                 "num_sent_tokens", "num_sent_logprobs")
+                 "grammar", "num_sent_tokens", "num_sent_logprobs")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
                  max_model_len: int, generator: torch.Generator | None = None):
@@ -71,6 +73,7 @@ class Request:
         self.text = None
         self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs is not None else None
+        self.grammar = None
         self.num_sent_tokens = 0
         self.num_sent_logprobs = 0
 

@@ -1,6 +1,7 @@
-"""The FastAPI app: ``GET|HEAD /health``, ``GET /metrics`` (Prometheus, see ``metrics``), ``GET /version``,
-``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``POST /tokenize``, ``POST /detokenize``.
+"""The FastAPI app: ``GET /`` and ``GET /ui/{file}`` (the chat page of ``chat_page``, unless ``--no-ui``),
+``GET|HEAD /health``, ``GET /metrics`` (Prometheus, see ``metrics``), ``GET /version``, ``GET /v1/models``,
+``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST /v1/chat/completions``, ``POST /tokenize``,
+``POST /detokenize``.
 
 Generation endpoints answer with one JSON body, or with ``stream: true`` with server-sent events: one
 ``data: {chunk}`` per engine step that brought something new, then ``data: [DONE]``. Every error has OpenAI's body
@@ -27,13 +28,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict
 
 from flashserve import __version__
+from flashserve.server.chat_page import add_chat_page
 from flashserve.server.driver import EngineDriver, PromptItem, RequestStream
 from flashserve.server.metrics import ServerMetrics
 from flashserve.server.options import ServerOptions
 from flashserve.server.tokenization import ServerTokenizer
 from flashserve.server.prompts import chat_messages, chat_prompt_builder, completion_prompts
-from flashserve.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, InvalidRequestError,
-                                        check_text, error_body)
+from flashserve.server.errors import InvalidRequestError, error_body
+from flashserve.server.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, check_text
 from flashserve.server.responses import ChatFormat, Choice, CompletionFormat
 
 
@@ -125,6 +127,9 @@ def build_app(driver: EngineDriver, served_model_name: str, options: ServerOptio
             message = f"invalid {'.'.join(location)}: {first.get('msg')}" if location else first.get("msg")
         return JSONResponse(error_body(message, param), status_code=400)
 
+    if options.ui:
+        add_chat_page(app)
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
@@ -193,14 +198,15 @@ def build_app(driver: EngineDriver, served_model_name: str, options: ServerOptio
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
-        params = body.sampling_params()
+        tools = body.tool_plan(options.tool_call_parser)
+        params = body.sampling_params(tools.constraint)
         messages = chat_messages(body.messages)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        stream = await _add(driver, tokenization, response_id, chat_prompt_builder(messages), params, "messages",
-                            max_tokens_field, options)
+        stream = await _add(driver, tokenization, response_id, chat_prompt_builder(messages, tools.template_tools),
+                            params, "messages", max_tokens_field, options)
         fmt = ChatFormat(response_id, int(time.time()), served_model_name, params.logprobs, body.include_usage,
-                         params.n)
+                         params.n, tools)
         return await _respond(stream, fmt, body.stream, request)
 
     def openapi() -> dict:
@@ -249,8 +255,9 @@ async def _add(driver: EngineDriver, tokenization: ServerTokenizer, response_id:
 
     def admit(engine) -> list[PromptItem]:
         limit = options.max_waiting_requests
-        if limit is not None and len(engine.scheduler.waiting) + len(requests) > limit:
-            raise InvalidRequestError(f"the server is overloaded: {len(engine.scheduler.waiting)} requests are "
+        waiting = len(engine.scheduler.waiting) + len(engine.grammar_waitlist)
+        if limit is not None and waiting + len(requests) > limit:
+            raise InvalidRequestError(f"the server is overloaded: {waiting} requests are "
                                       f"waiting (--max-waiting-requests {limit}); retry later", None,
                                       status_code=503, code="server_overloaded", error_type="server_error")
         return requests

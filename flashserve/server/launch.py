@@ -49,4 +49,5 @@ def startup_line(engine: LLMEngine, name: str, options: ServerOptions) -> str:
     return (f"serving {name!r} ({runner.spec.architecture}, {str(runner.dtype).removeprefix('torch.')}, "
             f"{runner.device}, max_model_len {engine.max_model_len}, KV cache {blocks} blocks = "
             f"{blocks * runner.block_size} tokens, {graph_text}"
-            f"{', API key required' if options.api_key else ''}) on http://{options.host}:{options.port}")
+            f"{', API key required' if options.api_key else ''}) on http://{options.host}:{options.port}"
+            f"{' (chat page at /)' if options.ui else ''}")

@@ -3,6 +3,8 @@ import os
 import socket
 from dataclasses import dataclass
 
+from flashserve.server.tool_parsers import TOOL_CALL_PARSERS
+
 DEFAULT_MAX_PROMPT_BYTES = 4 << 20
 
 
@@ -21,6 +23,9 @@ class ServerOptions:
         max_waiting_requests: the most requests waiting for the engine; over it a new request gets a 503 (None:
             unbounded, as vLLM).
         log_requests: log each request (id, prompts, prompt tokens, sampling parameters) at INFO.
+        ui: serve the chat page at ``/`` (``flashserve.server.chat_page``).
+        tool_call_parser: how replies of chat requests with ``tool_choice: "auto"`` are parsed for tool calls
+            ("hermes" or "llama3_json", see ``flashserve.server.tool_parsers``); None: "auto" is refused.
     """
 
     host: str = "127.0.0.1"
@@ -33,6 +38,8 @@ class ServerOptions:
     max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
     max_waiting_requests: int | None = None
     log_requests: bool = False
+    tool_call_parser: str | None = None
+    ui: bool = True
 
     def check(self) -> None:
         """ValueError for a port outside 0..65535 or one that cannot be bound, or an unreadable chat template —
@@ -50,6 +57,9 @@ class ServerOptions:
             raise ValueError(f"max_prompt_bytes must be >= 1, got {self.max_prompt_bytes}")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError(f"max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_CALL_PARSERS)}, got "
+                             f"{self.tool_call_parser!r}")
 
     @property
     def origins(self) -> list[str] | None:

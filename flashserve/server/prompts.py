@@ -3,6 +3,7 @@
 The builders returned here take a tokenizer and run in the server's tokenizer thread (``ServerTokenizer``), never
 in the engine thread.
 """
+import json
 from collections.abc import Callable
 
 import jinja2
@@ -50,18 +51,35 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
         for value in (content, message.role):
             if isinstance(value, str):
                 check_text(value, "messages")
-        result.append(dict(message.model_dump(exclude_none=True), content=content or ""))
+        entry = dict(message.model_dump(exclude_none=True), content=content or "")
+        if isinstance(entry.get("tool_calls"), list):
+            entry["tool_calls"] = [_template_tool_call(call) for call in entry["tool_calls"]]
+        result.append(entry)
     return result
 
 
-def chat_prompt_builder(messages: list[dict]) -> Callable[[object], list[PromptItem]]:
-    """A builder ``build(tokenizer)`` rendering ``messages`` with the tokenizer's chat template and the generation
-    prompt; it raises ValueError when there is no template or the template refuses the messages."""
+def _template_tool_call(call):
+    """An assistant message's tool call as chat templates take it: JSON-string arguments decoded into an object
+    (Qwen's and Llama's templates write ``arguments | tojson``), as vLLM does."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return dict(call, function=dict(function, arguments=arguments))
+
+
+def chat_prompt_builder(messages: list[dict], tools: list[dict] | None = None) -> Callable[[object], list[PromptItem]]:
+    """A builder ``build(tokenizer)`` rendering ``messages`` (and ``tools``, OpenAI's tool dicts) with the
+    tokenizer's chat template and the generation prompt; it raises ValueError when there is no template or the
+    template refuses the messages."""
     def build(tokenizer) -> list[PromptItem]:
         if tokenizer.chat_template is None:
             raise ValueError("the model's tokenizer has no chat template: use /v1/completions")
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
         except jinja2.TemplateError as error:
             raise ValueError(f"the chat template rejected the messages: {error}") from None
         return [(text, tokenizer.encode(text, add_special_tokens=False))]

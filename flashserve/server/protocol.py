@@ -3,15 +3,19 @@
 Field names and defaults follow OpenAI's API, plus vLLM's extra sampling fields (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``,
 ``skip_special_tokens``, ``prompt_logprobs``); ``n`` up to 16, ``logit_bias`` (token id -> bias in [-100, 100]),
-``best_of`` equal to ``n``. A field the server does not implement (``suffix``, chat ``echo``, ``response_format``,
-``tools``, a misspelt name, ...) is refused, never ignored: the body models forbid extra fields and the app answers
-400 naming it; so is a ``best_of`` it cannot honour (other than ``n``). ``user`` (an end-user identifier that changes no
-output) is accepted. Invalid values raise ``InvalidRequestError`` naming the field, which the app turns into an HTTP
-400 with an OpenAI-style error body.
+``best_of`` equal to ``n``; the output constraints of ``flashserve.server.structured`` (``response_format``,
+``structured_outputs``, ``guided_*``) and, in chat, the tools of ``flashserve.server.tools``. A field the server does
+not implement (``suffix``, chat ``echo``, a misspelt name, ...) is refused, never ignored: the body models forbid
+extra fields and the app answers 400 naming it; so is a ``best_of`` it cannot honour (other than ``n``). ``user``
+(an end-user identifier that changes no output) is accepted. Invalid values raise ``InvalidRequestError`` naming
+the field, which the app turns into an HTTP 400 with an OpenAI-style error body.
 """
 from pydantic import BaseModel, ConfigDict
 
-from flashserve.sampling_params import SamplingParams
+from flashserve.sampling_params import SamplingParams, StructuredOutputsParams
+from flashserve.server.errors import InvalidRequestError
+from flashserve.server.structured import StructuredOutputFields
+from flashserve.server.tools import ToolFields
 
 MAX_N = 16
 """The most completions one request may ask for per prompt."""
@@ -19,24 +23,6 @@ MAX_LOGPROBS = 20
 """The most top log-probabilities a request may ask for per token (vLLM's default ``max_logprobs``)."""
 SEED_RANGE = (-(1 << 63), 1 << 64)
 """Seeds torch generators accept: [-2**63, 2**64)."""
-
-
-class InvalidRequestError(ValueError):
-    """A request the server refuses; ``param`` names the offending field (None when no single field is at fault)."""
-
-    def __init__(self, message: str, param: str | None = None, status_code: int = 400, code: str | None = None,
-                 error_type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.param = param
-        self.status_code = status_code
-        self.code = code
-        self.error_type = error_type
-
-
-def error_body(message: str, param: str | None = None, code: str | None = None,
-               error_type: str = "invalid_request_error") -> dict:
-    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 def check_text(text: str, param: str) -> None:
@@ -57,8 +43,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(BaseModel):
-    """The fields both endpoints share."""
+class _GenerationRequest(StructuredOutputFields):
+    """The fields both endpoints share (the constraints of ``flashserve.server.structured`` included)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -90,9 +76,16 @@ class _GenerationRequest(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def _sampling_params(self, max_tokens: int | None, max_tokens_field: str, logprobs: int | None,
-                         logprobs_field: str, prompt_logprobs: int | None = None) -> SamplingParams:
+                         logprobs_field: str, prompt_logprobs: int | None = None,
+                         structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         """Build the SamplingParams; ``*_field`` name the request fields those values came from (for errors);
-        ``prompt_logprobs`` is what the engine computes (the request's own field when None)."""
+        ``prompt_logprobs`` is what the engine computes (the request's own field when None);
+        ``structured_outputs`` the constraint (the request's constraint fields' when None)."""
+        requested, field = self.structured_outputs_params()
+        if structured_outputs is not None and requested is not None:
+            raise InvalidRequestError(f"{field} cannot be combined with a tool_choice that constrains the output "
+                                      "(required or a named function)", field)
+        structured_outputs = structured_outputs or requested
         if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
             raise InvalidRequestError(f"seed must be in [-2**63, 2**64), got {self.seed}", "seed")
         for stop in [self.stop] if isinstance(self.stop, str) else self.stop or []:
@@ -120,7 +113,7 @@ class _GenerationRequest(BaseModel):
                       repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                       frequency_penalty=self.frequency_penalty, logprobs=logprobs,
                       prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
-                      logit_bias=logit_bias)
+                      logit_bias=logit_bias, structured_outputs=structured_outputs)
         try:
             given = {name: value for name, value in values.items() if value is not None}
             return SamplingParams(**given, max_tokens=max_tokens)
@@ -184,13 +177,16 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
 
 
-class ChatCompletionRequest(_GenerationRequest):
-    """``POST /v1/chat/completions``: the reply to ``messages``, formatted with the tokenizer's chat template.
+class ChatCompletionRequest(_GenerationRequest, ToolFields):
+    """``POST /v1/chat/completions``: the reply to ``messages``, formatted with the tokenizer's chat template
+    (with the ``tools``, see ``flashserve.server.tools``).
 
     ``max_completion_tokens`` (OpenAI's newer name) wins over ``max_tokens``; with neither, the reply may run to
     ``max_model_len``. ``logprobs: true`` returns the sampled tokens' log-probabilities and ``top_logprobs`` the
     most likely alternatives.
     """
+
+    model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatMessage]
     max_tokens: int | None = None
@@ -198,8 +194,9 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
 
-    def sampling_params(self) -> SamplingParams:
-        """The request's SamplingParams; ``InvalidRequestError`` naming the field for an invalid value."""
+    def sampling_params(self, tool_constraint: StructuredOutputsParams | None = None) -> SamplingParams:
+        """The request's SamplingParams (constrained by ``tool_constraint``, a ``ToolPlan``'s, when given);
+        ``InvalidRequestError`` naming the field for an invalid value."""
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs to be true", "top_logprobs")
         if self.max_completion_tokens is not None:
@@ -207,4 +204,5 @@ class ChatCompletionRequest(_GenerationRequest):
         else:
             max_tokens, max_tokens_field = self.max_tokens, "max_tokens"
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, max_tokens_field, logprobs, "top_logprobs")
+        return self._sampling_params(max_tokens, max_tokens_field, logprobs, "top_logprobs",
+                                     structured_outputs=tool_constraint)

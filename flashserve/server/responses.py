@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from flashserve.outputs import Logprob, RequestOutput
 from flashserve.server.driver import PromptItem
+from flashserve.server.tools import ReplyStream, ToolPlan
 
 MIN_LOGPROB = -9999.0
 
@@ -205,10 +206,17 @@ class CompletionFormat(_Format):
 
 class ChatFormat(_Format):
     """``/v1/chat/completions`` bodies (``object`` "chat.completion" / "chat.completion.chunk"; logprobs as
-    ``{"content": [{token, logprob, bytes, top_logprobs}]}``; the first chunk of a choice carries the role)."""
+    ``{"content": [{token, logprob, bytes, top_logprobs}]}``; the first chunk of a choice carries the role). With a
+    ``ToolPlan`` (``flashserve.server.tools``), messages and deltas carry the reply's ``tool_calls``."""
 
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
+
+    def __init__(self, response_id: str, created: int, model: str, num_top_logprobs: int | None,
+                 include_usage: bool = False, n: int = 1, tools: ToolPlan | None = None):
+        super().__init__(response_id, created, model, num_top_logprobs, include_usage, n)
+        self.tools = tools if tools is not None and tools.mode != "none" else None
+        self._streams: dict[int, ReplyStream] = {}
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, Logprob]]) -> dict | None:
         if self.num_top_logprobs is None:
@@ -225,17 +233,30 @@ class ChatFormat(_Format):
         completion = delta.outputs[0]
         if not (is_first or completion.text or completion.token_ids or completion.finish_reason):
             return None
-        message = {"role": "assistant", "content": completion.text} if is_first else {"content": completion.text}
+        content, calls, finish_reason = completion.text, [], completion.finish_reason
+        if self.tools is not None:
+            stream = self._streams.setdefault(index, self.tools.stream())
+            content, calls = stream.feed(completion.text, finish_reason is not None)
+            content = content or None  # OpenAI's tool-call deltas carry null content
+            finish_reason = stream.finish_reason(finish_reason)
+        message = {"role": "assistant", "content": content} if is_first else {"content": content}
+        if calls:
+            message["tool_calls"] = calls
         logprobs = self._logprobs(completion.token_ids, completion.logprobs or [])
         return self._chunk_body([{"index": index, "delta": message, "logprobs": logprobs,
-                                  "finish_reason": completion.finish_reason}])
+                                  "finish_reason": finish_reason}])
 
     def response(self, choices: list[Choice]) -> dict:
         """The non-streamed body; vLLM's ``prompt_logprobs`` at its top when the request asked for them."""
-        body = self._body(self.object_name, [
-            {"index": index, "message": {"role": "assistant", "content": choice.text},
-             "logprobs": self._logprobs(choice.token_ids, choice.logprobs), "finish_reason": choice.finish_reason}
-            for index, choice in enumerate(choices)])
+        bodies = []
+        for index, choice in enumerate(choices):
+            message, finish_reason = {"role": "assistant", "content": choice.text}, choice.finish_reason
+            if self.tools is not None:
+                message, finish_reason = self.tools.message(choice.text, finish_reason)
+            bodies.append({"index": index, "message": message,
+                           "logprobs": self._logprobs(choice.token_ids, choice.logprobs),
+                           "finish_reason": finish_reason})
+        body = self._body(self.object_name, bodies)
         if choices and choices[0].prompt_logprobs is not None:
             body["prompt_logprobs"] = prompt_logprobs_body(choices[0])
         return dict(body, usage=usage(choices, self.n))
