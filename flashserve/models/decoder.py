@@ -7,30 +7,38 @@ tensors go.
 
 Tokens of the whole batch are packed along one dimension: ``forward(input_ids (T,), positions (T,))`` returns
 hidden states (T, hidden_size); per-request boundaries live in the attention context.
+
+Under tensor parallelism (``flashserve.distributed``) the projections are split over the ranks (Megatron's
+column / row split) and each rank's attention runs its own query and KV heads; with one rank the parallel layers
+are the plain ones.
 """
 import torch
 from torch import nn
 
+from flashserve.distributed.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
+                                           RowParallelLinear, VocabParallelEmbedding)
 from flashserve.kernels import silu_and_mul
 from flashserve.models.attention import Attention
-from flashserve.models.layers import LMHead, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from flashserve.models.layers import RMSNorm, RotaryEmbedding
 from flashserve.models.spec import ModelSpec
 
 
 class SelfAttention(nn.Module):
     """Fused QKV projection, then (in ``Attention``) optional per-head q/k RMSNorm, rotary and paged attention, then
-    the output projection."""
+    the output projection. ``num_heads``/``num_kv_heads`` are this rank's heads."""
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, sliding_window: int | None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = MergedLinear(spec.hidden_size, self.split_sizes, ("q", "k", "v"), spec.attention_bias)
-        self.o_proj = Linear(q_size, spec.hidden_size, spec.o_bias)
+        self.qkv_proj = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads,
+                                          spec.attention_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_local_heads, self.qkv_proj.num_local_kv_heads
+        self.head_dim = spec.head_dim
+        self.split_sizes = self.qkv_proj.output_sizes
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.o_bias,
+                                        "num_attention_heads * head_dim")
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
-        self.attn = Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, rotary,
+        self.attn = Attention(self.num_heads, self.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, rotary,
                               sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -48,8 +56,10 @@ class MLP(nn.Module):
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.gate_up_proj = MergedLinear(spec.hidden_size, [spec.intermediate_size] * 2, (0, 1), spec.mlp_bias)
-        self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias)
+        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2, (0, 1),
+                                                       spec.mlp_bias, names=("intermediate_size",) * 2)
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias,
+                                           "intermediate_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -83,7 +93,7 @@ class DecoderModel(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
-        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, rotary, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -111,8 +121,8 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = DecoderModel(spec)
-        self.lm_head = LMHead(spec.vocab_size, spec.hidden_size,
-                              self.model.embed_tokens if spec.tie_word_embeddings else None)
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size,
+                                      self.model.embed_tokens if spec.tie_word_embeddings else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: (T,) int64 packed over the batch -> hidden (T, hidden_size)."""
