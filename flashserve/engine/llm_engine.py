@@ -12,7 +12,7 @@ from flashserve.config import Config
 from flashserve.distributed.launch import start_group
 from flashserve.engine.block_manager import BlockManager
 from flashserve.engine.detokenizer import IncrementalDetokenizer, find_stop_string, stop_holdback
-from flashserve.engine.input_buffers import END_OF_CALL
+from flashserve.engine.input_buffers import END_OF_CALL, SHUTDOWN
 from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.prompt_logprobs import PromptLogprobRows
 from flashserve.engine.request import Request
@@ -257,14 +257,20 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion],
                              request.is_finished, prompt_logprobs)
 
-    def follow(self) -> None:
-        """A rank other than 0 under torchrun: run rank 0's steps until its current ``generate`` call ends."""
-        self.runner.follow()
+    def follow(self) -> int:
+        """A rank other than 0 under torchrun: run rank 0's steps until its current ``generate`` call ends
+        (returns ``END_OF_CALL``) or rank 0 stops serving (``SHUTDOWN``)."""
+        return self.runner.follow()
 
-    def end_call(self) -> None:
-        """Rank 0 under torchrun: tell the other ranks that a ``generate`` call is over (``follow`` returns)."""
+    def end_call(self, kind: int = END_OF_CALL) -> None:
+        """Rank 0 under torchrun: tell the other ranks that a ``generate`` call is over, or (``SHUTDOWN``) that
+        serving is (their ``follow`` returns ``kind``)."""
         if self.parallel is not None and self.parallel.follows_per_call:
-            self.runner.signal_followers(END_OF_CALL)
+            self.runner.signal_followers(kind)
+
+    def stop_followers(self) -> None:
+        """Rank 0 under torchrun, at the end of serving: the other ranks' ``follow`` returns ``SHUTDOWN``."""
+        self.end_call(SHUTDOWN)
 
     def close(self) -> None:
         """Stop the tensor-parallel workers and leave the group (nothing to do with one rank). Idempotent."""

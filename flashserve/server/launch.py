@@ -30,6 +30,13 @@ def serve(model: str, options: ServerOptions, **engine_options) -> None:
     """
     options.check()
     engine = LLMEngine(Config(model=model, **engine_options))
+    if not engine.is_driver:  # another rank under torchrun: run rank 0's steps until it stops serving
+        from flashserve.engine.input_buffers import SHUTDOWN
+
+        while engine.follow() != SHUTDOWN:
+            pass
+        engine.close()
+        return
     name = options.served_model_name or default_model_name(model)
     driver = EngineDriver(engine)
     app = build_app(driver, name, options)
@@ -38,6 +45,8 @@ def serve(model: str, options: ServerOptions, **engine_options) -> None:
         uvicorn.run(app, host=options.host, port=options.port, log_level=options.uvicorn_log_level)
     finally:
         driver.close()
+        engine.stop_followers()
+        engine.close()
 
 
 def startup_line(engine: LLMEngine, name: str, options: ServerOptions) -> str:
