@@ -98,15 +98,21 @@ def start_group(config: Config) -> tuple[ParallelGroup | None, Config]:
     size = config.tensor_parallel_size
     if size == 1:
         return None, config
+    torchrun = dist.is_initialized() or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    on_cuda = config.torch_device.type == "cuda"
+    if on_cuda and not torchrun:
+        if config.torch_device.index not in (None, 0):
+            raise ValueError(f"device must be 'cuda' with tensor_parallel_size > 1 (rank r runs on cuda:r; pick the "
+                             f"GPUs with CUDA_VISIBLE_DEVICES), got {config.device!r}")
+        _check_gpus(size, "tensor_parallel_size")
     check_split(load_spec(config.model), size)
     if _active is not None:
         gc.collect()  # a dropped engine in a reference cycle closes its group here
     if _active is not None:
         raise ValueError("tensor_parallel_size: another tensor-parallel engine of this process is still open; "
                          "close it first (LLM.close())")
-    on_cuda = config.torch_device.type == "cuda"
     backend = "nccl" if on_cuda else "gloo"
-    if dist.is_initialized() or ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+    if torchrun:
         group, rank_config = _join(config, backend)
     else:
         group, rank_config = _spawn(config, backend)
@@ -139,11 +145,6 @@ def _spawn(config: Config, backend: str) -> tuple[ParallelGroup, Config]:
     """Start workers 1 .. size - 1 and make this process rank 0."""
     size = config.tensor_parallel_size
     on_cuda = config.torch_device.type == "cuda"
-    if on_cuda:
-        if config.torch_device.index not in (None, 0):
-            raise ValueError(f"device must be 'cuda' with tensor_parallel_size > 1 (rank r runs on cuda:r; pick the "
-                             f"GPUs with CUDA_VISIBLE_DEVICES), got {config.device!r}")
-        _check_gpus(size, "tensor_parallel_size")
     address = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(os.environ["MASTER_PORT"]) if os.environ.get("MASTER_PORT") else free_port(address)
     init_method = f"tcp://{address}:{port}"

@@ -15,8 +15,7 @@ are the plain ones.
 import torch
 from torch import nn
 
-from flashserve.distributed.layers import (MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                                           RowParallelLinear, VocabParallelEmbedding)
+from flashserve.distributed import layers as parallel  # a module, not its names: it imports models.layers
 from flashserve.kernels import silu_and_mul
 from flashserve.models.attention import Attention
 from flashserve.models.layers import RMSNorm, RotaryEmbedding
@@ -29,13 +28,13 @@ class SelfAttention(nn.Module):
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, sliding_window: int | None):
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads,
-                                          spec.attention_bias)
+        self.qkv_proj = parallel.QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads,
+                                                   spec.num_kv_heads, spec.attention_bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_local_heads, self.qkv_proj.num_local_kv_heads
         self.head_dim = spec.head_dim
         self.split_sizes = self.qkv_proj.output_sizes
-        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.o_bias,
-                                        "num_attention_heads * head_dim")
+        self.o_proj = parallel.RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.o_bias,
+                                                 "num_attention_heads * head_dim")
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.attn = Attention(self.num_heads, self.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, rotary,
@@ -56,10 +55,11 @@ class MLP(nn.Module):
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2, (0, 1),
-                                                       spec.mlp_bias, names=("intermediate_size",) * 2)
-        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias,
-                                           "intermediate_size")
+        self.gate_up_proj = parallel.MergedColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2,
+                                                                (0, 1), spec.mlp_bias,
+                                                                names=("intermediate_size",) * 2)
+        self.down_proj = parallel.RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias,
+                                                    "intermediate_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -93,7 +93,7 @@ class DecoderModel(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
-        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = parallel.VocabParallelEmbedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, rotary, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -121,8 +121,8 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = DecoderModel(spec)
-        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size,
-                                      self.model.embed_tokens if spec.tie_word_embeddings else None)
+        self.lm_head = parallel.ParallelLMHead(spec.vocab_size, spec.hidden_size,
+                                               self.model.embed_tokens if spec.tie_word_embeddings else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: (T,) int64 packed over the batch -> hidden (T, hidden_size)."""
