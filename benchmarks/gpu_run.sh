@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then every benchmark. Usage (on the device machine, repo root):
 #   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache throughput latency
+#                                              tp (tensor-parallel GPU tests and benchmarks/tp_latency.py; 2+ GPUs)
 #                                              serving (needs the server wheels: see benchmarks/serving_gpu.sh)
 # Per-step time limits: TIMEOUT_<step>=SECONDS (default STEP_TIMEOUT_S, else 300).
 # Results go under $OUT (or ./out): one log, and results.tar.gz holding each benchmark's JSON, markdown and PNG.
@@ -19,7 +20,7 @@ steps=${*:-tests prefill layouts decode merge cache}
     limit_var=TIMEOUT_${step}; limit=${!limit_var:-${STEP_TIMEOUT_S:-300}}
     case $step in
       tests) FLASHSERVE_AUTOTUNE=${FLASHSERVE_AUTOTUNE:-0} timeout "$limit" python3 -m pytest -q -m gpu \
-               -n ${PYTEST_WORKERS:-12} --tb=short -rf tests ;;
+               -n ${PYTEST_WORKERS:-12} --tb=short -rf --ignore=tests/test_tensor_parallel_gpu.py tests ;;
       prefill) timeout "$limit" python3 benchmarks/bench_prefill.py --out "$RESULTS" ;;
       layouts) timeout "$limit" python3 benchmarks/bench_layouts.py --out "$RESULTS" ;;
       decode) timeout "$limit" python3 benchmarks/bench_decode.py --out "$RESULTS" ;;
@@ -27,6 +28,9 @@ steps=${*:-tests prefill layouts decode merge cache}
       cache) timeout "$limit" python3 benchmarks/bench_cache_write.py --out "$RESULTS" ;;
       throughput) timeout "$limit" python3 benchmarks/throughput.py --out "$RESULTS" ;;
       latency) timeout "$limit" python3 benchmarks/latency.py --out "$RESULTS" ${LATENCY_ARGS:-} ;;
+      tp) FLASHSERVE_AUTOTUNE=${FLASHSERVE_AUTOTUNE:-0} timeout "$limit" python3 -m pytest -q -m gpu --tb=short -rf \
+            tests/test_tensor_parallel_gpu.py
+          timeout "$limit" python3 benchmarks/tp_latency.py --out "$RESULTS" ${TP_LATENCY_ARGS:-} ;;
       serving) timeout "$limit" bash benchmarks/serving_gpu.sh "$RESULTS/serving" ;;
       *) echo "unknown step $step" ;;
     esac
