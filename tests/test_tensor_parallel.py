@@ -264,3 +264,38 @@ def test_torchrun_two_nodes_on_one_machine(llama_dir, tmp_path):
     expected = [[o.outputs[0].token_ids for o in single.generate(prompts, params, use_tqdm=False)]
                 for prompts in ([[7, 8, 9], [10, 11, 12, 13]], [[20, 21]])]
     assert results[0] == expected
+
+
+def test_each_rank_loads_only_its_slices(llama_dir):
+    """Build every rank's shard in this process (loading runs no collective) and put the slices back together."""
+    import torch
+    from safetensors.torch import load_file
+
+    from flashserve.distributed.state import set_tp_group
+    from flashserve.models.loader import load_model
+
+    full = load_file(os.path.join(llama_dir, "model.safetensors"))
+    size, shards = 4, []
+    try:
+        for rank in range(size):
+            set_tp_group(rank, size)
+            shards.append(load_model(llama_dir, "float32", "cpu")[0])
+    finally:
+        set_tp_group(0, 1)
+    whole = sum(t.numel() for t in full.values())
+    norms = sum(t.numel() for name, t in full.items() if "norm" in name)
+    for shard in shards:  # 1/4 of every split tensor (and its padding), the norms whole
+        held = sum(p.numel() for p in shard.parameters())
+        assert held - norms < (whole - norms) / size * 1.3
+    layer = "model.layers.0."
+    q_rows = [shard.model.layers[0].self_attn.qkv_proj.weight[:16 * 1] for shard in shards]  # 1 head of 16 each
+    assert torch.equal(torch.cat(q_rows), full[layer + "self_attn.q_proj.weight"])
+    k_rows = [shard.model.layers[0].self_attn.qkv_proj.weight[16:32] for shard in shards]  # 2 KV heads, 4 ranks
+    k_full = full[layer + "self_attn.k_proj.weight"]
+    assert all(torch.equal(k, k_full[(rank // 2) * 16:(rank // 2 + 1) * 16]) for rank, k in enumerate(k_rows))
+    down = torch.cat([shard.model.layers[0].mlp.down_proj.weight for shard in shards], dim=1)
+    assert torch.equal(down, full[layer + "mlp.down_proj.weight"])
+    embed = torch.cat([shard.model.embed_tokens.weight for shard in shards])
+    vocab = full["model.embed_tokens.weight"].shape[0]
+    assert embed.shape[0] % (64 * size) == 0 and torch.equal(embed[:vocab], full["model.embed_tokens.weight"])
+    assert not embed[vocab:].any()
