@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -176,16 +177,29 @@ def test_invalid_tensor_parallel_size(llama_dir):
             LLM(llama_dir, device="cpu", tensor_parallel_size=value)
 
 
-def test_two_engines_in_a_row_and_the_cli(llama_dir, capsys):
+def test_two_engines_in_a_row_and_the_cli(llama_dir, capsys, monkeypatch):
+    """Also: one broadcast per step (and one at shutdown); MASTER_PORT chooses the rendezvous port."""
+    import flashserve.engine.model_runner as model_runner
+    from flashserve.distributed.launch import free_port
+
     prompts = [[7, 8, 9], [10, 11, 12, 13, 14]]
     expected = [o.outputs[0].token_ids for o in LLM(llama_dir, device="cpu").generate(prompts, GREEDY, use_tqdm=False)]
+    broadcasts = []
+    broadcast = model_runner.broadcast_from_driver
+    monkeypatch.setattr(model_runner, "broadcast_from_driver", lambda x: (broadcasts.append(1), broadcast(x)))
     first = LLM(llama_dir, device="cpu", tensor_parallel_size=2)
     assert [o.outputs[0].token_ids for o in first.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    assert len(broadcasts) == first.engine.stats.num_steps
     workers = list(first.engine.parallel.workers)
     del first  # garbage collection stops the workers
     assert all(not process.is_alive() for process in workers)
+    assert len(broadcasts) == NEW_TOKENS + 1
+    port = free_port("127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
     second = LLM(llama_dir, device="cpu", tensor_parallel_size=2)
     assert [o.outputs[0].token_ids for o in second.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    with pytest.raises(OSError), socket.socket() as probe:  # rank 0's rendezvous store listens there
+        probe.bind(("127.0.0.1", port))
     second.close()
     second.close()
     assert not multiprocessing.active_children()

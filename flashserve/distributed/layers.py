@@ -86,8 +86,10 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         tp, rank = tp_size(), tp_rank()
         self.num_local_heads = _split(num_heads, tp, "num_attention_heads")
         if tp >= num_kv_heads:
-            replicas = _split(tp, num_kv_heads, "tensor_parallel_size over num_key_value_heads")
-            kv_shards, kv_index = num_kv_heads, rank // replicas
+            if tp % num_kv_heads:
+                raise ValueError(f"tensor_parallel_size ({tp}) is not a multiple of num_key_value_heads "
+                                 f"({num_kv_heads}): the KV heads cannot be replicated evenly")
+            kv_shards, kv_index = num_kv_heads, rank // (tp // num_kv_heads)
         else:
             _split(num_kv_heads, tp, "num_key_value_heads")
             kv_shards, kv_index = tp, rank
