@@ -63,7 +63,8 @@ class ParallelGroup:
 
     def close(self, runner=None) -> None:
         """Leave the group: rank 0 of a spawned group tells its workers to stop (through ``runner``) and waits
-        for them; the group is destroyed if ``start_group`` created it. Idempotent."""
+        for them; ``runner``'s CUDA graphs are freed (NCCL cannot destroy a communicator that graphs still use)
+        and the group is destroyed if ``start_group`` created it. Idempotent."""
         global _active
         if self.closed:
             return
@@ -75,6 +76,8 @@ class ParallelGroup:
                 runner.signal_followers(SHUTDOWN)
             except Exception as error:  # a worker that died: terminated below
                 logger.warning("could not tell the tensor-parallel workers to stop: %s", error)
+        if runner is not None:
+            runner.release_graphs()
         for process in self.workers:
             process.join(WORKER_JOIN_TIMEOUT_S)
             if process.is_alive():
@@ -201,6 +204,7 @@ def worker_main(config: Config, rank: int, size: int, init_method: str, parent_p
         runner = ModelRunner(config)
         while runner.follow() != SHUTDOWN:
             pass
+        runner.release_graphs()
     finally:
         dist.destroy_process_group()
 

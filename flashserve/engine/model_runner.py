@@ -277,6 +277,12 @@ class ModelRunner:
                 for _ in prompt_row_logits(self.model, hidden, rows, self.max_logit_rows):
                     pass
 
+    def release_graphs(self) -> None:
+        """Free the CUDA graphs (the runner runs eagerly afterwards); done before leaving a tensor-parallel group."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     def signal_followers(self, kind: int) -> None:
         """Rank 0: tell the other ranks that a ``generate`` call ended (``END_OF_CALL``) or to stop (``SHUTDOWN``)."""
         if tp_size() > 1:
