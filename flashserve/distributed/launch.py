@@ -205,6 +205,10 @@ def worker_main(config: Config, rank: int, size: int, init_method: str, parent_p
         while runner.follow() != SHUTDOWN:
             pass
         runner.release_graphs()
+    except Exception:
+        if _parent_gone(parent_pid):  # rank 0 was killed (e.g. a server's SIGTERM): its sockets closed first
+            os._exit(1)
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -214,3 +218,14 @@ def _exit_with_parent(parent_pid: int) -> None:
     while os.getppid() == parent_pid:
         time.sleep(PARENT_POLL_INTERVAL_S)
     os._exit(1)
+
+
+def _parent_gone(parent_pid: int, wait_s: float = 2.0) -> bool:
+    """Whether the parent dies within ``wait_s`` (a collective fails as soon as the dead parent's sockets close,
+    slightly before the process is gone)."""
+    deadline = time.monotonic() + wait_s
+    while os.getppid() == parent_pid:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

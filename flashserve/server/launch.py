@@ -50,12 +50,15 @@ def serve(model: str, options: ServerOptions, **engine_options) -> None:
 
 
 def startup_line(engine: LLMEngine, name: str, options: ServerOptions) -> str:
-    """One line saying what is served and where: model, architecture, dtype, device, context, KV cache, graphs."""
+    """One line saying what is served and where: model, architecture, dtype, device (and tensor-parallel ranks),
+    context, KV cache, graphs."""
     runner = engine.runner
     graphs = runner.graphs
     graph_text = f"CUDA graphs for batch 1..{graphs.max_size}" if graphs is not None else "no CUDA graphs"
     blocks = runner.num_kv_blocks
+    ranks = engine.config.tensor_parallel_size
+    device = f"{runner.device} + {ranks - 1} tensor-parallel ranks" if ranks > 1 else str(runner.device)
     return (f"serving {name!r} ({runner.spec.architecture}, {str(runner.dtype).removeprefix('torch.')}, "
-            f"{runner.device}, max_model_len {engine.max_model_len}, KV cache {blocks} blocks = "
+            f"{device}, max_model_len {engine.max_model_len}, KV cache {blocks} blocks = "
             f"{blocks * runner.block_size} tokens, {graph_text}"
             f"{', API key required' if options.api_key else ''}) on http://{options.host}:{options.port}")
