@@ -313,3 +313,44 @@ def test_each_rank_loads_only_its_slices(llama_dir):
     vocab = full["model.embed_tokens.weight"].shape[0]
     assert embed.shape[0] % (64 * size) == 0 and torch.equal(embed[:vocab], full["model.embed_tokens.weight"])
     assert not embed[vocab:].any()
+
+
+def test_serve_with_two_ranks(llama_dir):
+    """``flashserve serve -tp 2``: greedy completions equal to one rank's; SIGTERM ends the server and its worker."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from flashserve.distributed.launch import free_port
+
+    port = free_port("127.0.0.1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    command = [sys.executable, "-m", "flashserve", "serve", llama_dir, "--port", str(port), "--device", "cpu",
+               "-tp", "2", "--uvicorn-log-level", "warning"]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        base_url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base_url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        response = httpx.post(base_url + "/v1/completions", timeout=60, json={
+            "prompt": [[7, 8, 9], [10, 11, 12, 13]], "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        texts = [choice["text"] for choice in response.json()["choices"]]
+        children = subprocess.run(["ps", "-ww", "--ppid", str(process.pid), "-o", "pid=,args="], capture_output=True,
+                                  text=True).stdout
+        workers = [int(line.split()[0]) for line in children.splitlines() if "spawn_main" in line]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode in (0, -signal.SIGTERM) and "Traceback" not in stderr, stderr
+    assert "+ 1 tensor-parallel ranks" in stderr
+    single = LLM(llama_dir, device="cpu")
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert texts == [o.outputs[0].text for o in single.generate([[7, 8, 9], [10, 11, 12, 13]], params,
+                                                                use_tqdm=False)]
+    assert len(workers) == 1, children
+    deadline = time.monotonic() + 10
+    while _alive(workers[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(workers[0])
