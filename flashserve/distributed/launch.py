@@ -140,6 +140,8 @@ def _join(config: Config, backend: str) -> tuple[ParallelGroup, Config]:
     if owns_group:
         dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
     rank = dist.get_rank()
+    if rank != 0:
+        logging.getLogger("flashserve").setLevel(logging.WARNING)  # rank 0 logs the start-up
     set_tp_group(rank, size)
     return ParallelGroup(rank, size, [], owns_group), rank_config
 
