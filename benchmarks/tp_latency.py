@@ -13,9 +13,10 @@ For the tensor-parallelism issue. One bf16 random-weight checkpoint of the Llama
    ``engine.step()`` calls (perf_counter): median ms/step.
 
 Anchors measured in the same run: the HBM copy bandwidth (1 GiB device copy), from which the per-GPU weight-read
-time = bytes of rank 0's parameters (1/N of the model, plus the replicated norms) / bandwidth — the floor of a
-batch-1 step. Columns: ms/step, its ratio to TP 1's at the same B (the issue's bar: TP 2 at B1 <= 0.6x), the
-weight-read ms, the collectives ms and the broadcast ms.
+time = bytes of rank 0's parameters (1/N of the model, plus the replicated norms; an untied input embedding not
+counted: a step reads only B of its rows) / bandwidth — the floor of a batch-1 step. Columns: ms/step, its ratio
+to TP 1's at the same B (the issue's bar: TP 2 at B1 <= 0.6x), the weight-read ms, the collectives ms and the
+broadcast ms.
 
 Usage (GPU): ``python benchmarks/tp_latency.py --out DIR`` (``--sizes 1,2,4 --batch-sizes 1,64``). ``--quick``:
 a tiny model on the CPU with gloo (no graphs; collectives timed eagerly), to check the script.
@@ -24,6 +25,7 @@ Writes tp_latency.md and tp_latency.json to --out.
 import math
 import multiprocessing
 import os
+import random
 import shutil
 import statistics
 import sys
@@ -165,11 +167,11 @@ def measure_collectives(args, shape: dict, size: int, arena: int) -> dict:
             process.join(60)
 
 
-def decode_rows(args, llm) -> dict:
+def decode_rows(args, llm, rng: random.Random) -> dict:
     """{batch: median decode ms/step} of one engine (see the module docstring)."""
     engine, rows = llm.engine, {}
     for batch in args.batch_sizes:
-        prompts = random_prompts(_rng, batch, args.prompt_len, engine.vocab_size)
+        prompts = random_prompts(rng, batch, args.prompt_len, engine.vocab_size)
         ids = submit(engine, prompts, 1 + WARMUP_STEPS + args.decode_steps + 8, "tp")
         try:
             step_until(engine, lambda: has_first_token(engine, ids), 100 + 10 * batch)
@@ -202,18 +204,20 @@ def render(env: dict, results: dict, batches: list[int]) -> str:
     return "\n".join(lines)
 
 
-_rng = None
+def weight_read_bytes(model) -> int:
+    """Bytes a batch-1 step reads of this rank's parameters (an untied input embedding: none)."""
+    total = sum(param.numel() * param.element_size() for param in model.parameters())
+    embedding = model.model.embed_tokens.weight
+    if model.spec.tie_word_embeddings:
+        return total
+    return total - embedding.numel() * embedding.element_size()
 
 
 def main() -> None:
-    global _rng
-    import random
-
     from flashserve import LLM
-    from flashserve.engine.model_runner import _parameter_bytes
 
     args = parse_args()
-    _rng = random.Random(args.seed)
+    rng = random.Random(args.seed)
     env = common.environment()
     cuda = args.device == "cuda"
     shape = QUICK_LLAMA if args.quick else LLAMA_3_1_8B
@@ -236,10 +240,10 @@ def main() -> None:
                 log(f"TP {size}: engine")
                 llm = LLM(**engine_options(args, model, size))
                 try:
-                    weight_bytes = _parameter_bytes(llm.engine.runner.model)
+                    weight_bytes = weight_read_bytes(llm.engine.runner.model)
                     entry["weight_bytes_per_gpu"] = weight_bytes
                     entry["weight_read_ms"] = weight_bytes / (results.get("copy_gbs", math.nan) * 1e6)
-                    entry["decode_ms"] = decode_rows(args, llm)
+                    entry["decode_ms"] = decode_rows(args, llm, rng)
                 finally:
                     llm.close()
                     del llm
