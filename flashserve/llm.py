@@ -80,7 +80,9 @@ class LLM:
 
     def _as_driver(self, work) -> list[RequestOutput]:
         """``work()`` on rank 0 (telling torchrun's other ranks when it is over); elsewhere follow rank 0's steps
-        until then and return []."""
+        until then and return []. RuntimeError once a tensor-parallel LLM is closed."""
+        if self.engine.parallel is not None and self.engine.parallel.closed:
+            raise RuntimeError("this LLM is closed (its tensor-parallel workers have stopped)")
         if not self.engine.is_driver:
             self.engine.follow()
             return []

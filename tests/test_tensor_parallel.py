@@ -202,6 +202,8 @@ def test_two_engines_in_a_row_and_the_cli(llama_dir, capsys, monkeypatch):
         probe.bind(("127.0.0.1", port))
     second.close()
     second.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        second.generate(prompts, GREEDY, use_tqdm=False)
     assert not multiprocessing.active_children()
     capsys.readouterr()
     assert cli_main(["generate", "--model", llama_dir, "--device", "cpu", "-tp", "2", "--max-tokens", "3",
