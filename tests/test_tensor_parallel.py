@@ -356,3 +356,17 @@ def test_serve_with_two_ranks(llama_dir):
     while _alive(workers[0]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(workers[0])
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(llama_dir):
+    llm = LLM(llama_dir, device="cpu", tensor_parallel_size=2)
+    assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)) == 1
+    worker = llm.engine.parallel.workers[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(10)
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError):
+        llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+    llm.close()
+    assert time.perf_counter() - start < 30
+    assert not multiprocessing.active_children()

@@ -93,3 +93,35 @@ def test_more_ranks_than_gpus_is_a_value_error(checkpoint):
     with pytest.raises(ValueError, match="tensor_parallel_size .* is larger than the number of GPUs"):
         LLM(directory, tensor_parallel_size=size)
     assert not multiprocessing.active_children()
+
+
+DEAD_WORKER_SCRIPT = """
+import os, signal, sys
+from flashserve import LLM, SamplingParams
+if __name__ == "__main__":
+    llm = LLM(sys.argv[1], tensor_parallel_size=2, max_model_len=256, gpu_memory_utilization=0.3)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm.generate([[1, 2, 3]], params, use_tqdm=False)
+    worker = llm.engine.parallel.workers[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(10)
+    try:
+        llm.generate([[1, 2, 3]], params, use_tqdm=False)
+    except Exception as error:
+        print("RAISED", type(error).__name__, flush=True)
+    os._exit(0)  # only the error is under test, not the teardown of an aborted group
+"""
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(checkpoint):
+    """NCCL does not notice a dead peer by itself: rank 0's watcher aborts the group (run in a subprocess with a
+    time limit, so that a regression fails instead of hanging the suite)."""
+    import subprocess
+    import sys
+
+    _needs_gpus(2)
+    if "Llama" not in checkpoint[0]:
+        pytest.skip("one architecture is enough")
+    result = subprocess.run([sys.executable, "-c", DEAD_WORKER_SCRIPT, checkpoint[0]], capture_output=True,
+                            text=True, timeout=300)
+    assert "RAISED" in result.stdout, result.stderr[-3000:]

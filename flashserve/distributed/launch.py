@@ -12,7 +12,8 @@
   calling process dies (they watch their parent's pid).
 
 The backend is NCCL on CUDA and gloo on the CPU. Ranks that wait for the next step wait inside a broadcast, for as
-long as the engine is idle (a server may idle for hours), so the group is created with a long timeout.
+long as the engine is idle (a server may idle for hours), so the group is created with a long timeout; a spawned
+worker that dies makes rank 0's collectives raise (gloo by itself, NCCL through ``_watch_workers``).
 """
 import dataclasses
 import datetime
@@ -171,7 +172,26 @@ def _spawn(config: Config, backend: str) -> tuple[ParallelGroup, Config]:
         group.close()
         raise
     set_tp_group(0, size)
+    if backend == "nccl":
+        threading.Thread(target=_watch_workers, args=(group,), name="tp-worker-watch", daemon=True).start()
     return group, dataclasses.replace(config, device="cuda:0") if on_cuda else config
+
+
+def _watch_workers(group: ParallelGroup) -> None:
+    """Rank 0 of a spawned NCCL group: when a worker dies while the group is open, abort the group, so that rank
+    0's pending or next collective raises instead of waiting for the dead rank (for the group's whole timeout).
+    With gloo nothing is needed: a dead worker's sockets close and the collectives raise at once."""
+    while not group.closed:
+        dead = [process for process in group.workers if process.exitcode is not None]
+        if dead and not group.closed:
+            logger.error("tensor-parallel worker %s exited with code %s: aborting the group", dead[0].name,
+                         dead[0].exitcode)
+            try:
+                dist.distributed_c10d._abort_process_group()
+            except Exception as error:  # an experimental API: say so rather than die in a daemon thread
+                logger.error("could not abort the tensor-parallel group: %s", error)
+            return
+        time.sleep(PARENT_POLL_INTERVAL_S)
 
 
 def _check_gpus(needed: int, name: str) -> None:
