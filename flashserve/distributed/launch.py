@@ -85,7 +85,10 @@ class ParallelGroup:
                 process.terminate()
                 process.join(WORKER_JOIN_TIMEOUT_S)
         if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except Exception as error:  # e.g. a group aborted after a worker died
+                logger.warning("could not destroy the tensor-parallel group: %s", error)
         set_tp_group(0, 1)
         if _active is self:
             _active = None
