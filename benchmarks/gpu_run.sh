@@ -2,6 +2,7 @@
 # One call on the GPU machine: GPU tests, then every benchmark. Usage (on the device machine, repo root):
 #   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache gemm cascade moe
 #                                              throughput latency
+#                                              tp (tensor-parallel GPU tests and benchmarks/tp_latency.py; 2+ GPUs)
 #                                              serving (needs the server wheels: see benchmarks/serving_gpu.sh)
 #                                              structured (needs xgrammar and jsonschema wheels in .whl, without
 #                                              their torch/transformers dependencies, which the image has:
@@ -26,7 +27,7 @@ steps=${*:-tests prefill layouts decode merge cache}
     limit_var=TIMEOUT_${step}; limit=${!limit_var:-${STEP_TIMEOUT_S:-300}}
     case $step in
       tests) FLASHSERVE_AUTOTUNE=${FLASHSERVE_AUTOTUNE:-0} timeout "$limit" python3 -m pytest -q -m gpu \
-               -n ${PYTEST_WORKERS:-12} --tb=short -rf tests ;;
+               -n ${PYTEST_WORKERS:-12} --tb=short -rf --ignore=tests/test_tensor_parallel_gpu.py tests ;;
       prefill) timeout "$limit" python3 benchmarks/bench_prefill.py --out "$RESULTS" ;;
       layouts) timeout "$limit" python3 benchmarks/bench_layouts.py --out "$RESULTS" ;;
       decode) timeout "$limit" python3 benchmarks/bench_decode.py --out "$RESULTS" ;;
@@ -37,6 +38,9 @@ steps=${*:-tests prefill layouts decode merge cache}
       moe) timeout "$limit" python3 benchmarks/bench_moe.py --out "$RESULTS" ${MOE_ARGS:-} ;;
       throughput) timeout "$limit" python3 benchmarks/throughput.py --out "$RESULTS" ;;
       latency) timeout "$limit" python3 benchmarks/latency.py --out "$RESULTS" ${LATENCY_ARGS:-} ;;
+      tp) FLASHSERVE_AUTOTUNE=${FLASHSERVE_AUTOTUNE:-0} timeout "$limit" python3 -m pytest -q -m gpu --tb=short -rf \
+            tests/test_tensor_parallel_gpu.py
+          timeout "$limit" python3 benchmarks/tp_latency.py --out "$RESULTS" ${TP_LATENCY_ARGS:-} ;;
       serving) timeout "$limit" bash benchmarks/serving_gpu.sh "$RESULTS/serving" ;;
       structured) if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
         PYTHONPATH=/tmp/site:$PYTHONPATH timeout "$limit" python3 -m pytest -q -rs tests/test_structured_outputs_gpu.py

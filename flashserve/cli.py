@@ -24,6 +24,8 @@ SERVE_ENGINE_OPTIONS = [
                                         "(default min(2 * max_num_seqs, 512))"),
 ]
 ENFORCE_EAGER_HELP = "capture no CUDA graphs: run every step eagerly"
+TENSOR_PARALLEL_HELP = ("split the model over N GPUs (N - 1 worker processes are started; under torchrun, the "
+                        "world size); on the CPU over N gloo processes (default 1)")
 
 
 
@@ -45,6 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     generate.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     generate.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
+    generate.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N", help=TENSOR_PARALLEL_HELP)
     generate.add_argument("--max-cudagraph-capture-size", type=int, default=None,
                           help="largest decode batch captured in a CUDA graph (default min(2 * max_num_seqs, 512))")
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible API (completions, chat completions)")
@@ -59,6 +62,7 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, kind, help_text in SERVE_ENGINE_OPTIONS:
         serve.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=help_text)
     serve.add_argument("--enforce-eager", action="store_true", help=ENFORCE_EAGER_HELP)
+    serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N", help=TENSOR_PARALLEL_HELP)
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse the KV cache of shared prompt prefixes (default on)")
     serve.add_argument("--seed", type=int, default=0, help="seed of requests without their own (default 0)")
@@ -102,7 +106,8 @@ def _generate(args: argparse.Namespace) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
         llm = LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                  enforce_eager=args.enforce_eager, max_cudagraph_capture_size=args.max_cudagraph_capture_size)
+                  enforce_eager=args.enforce_eager, max_cudagraph_capture_size=args.max_cudagraph_capture_size,
+                  tensor_parallel_size=args.tensor_parallel_size)
         prompts = args.prompts or DEFAULT_PROMPTS
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -110,6 +115,9 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"flashserve generate: error: {error}", file=sys.stderr)
         return 2
+    if not llm.engine.is_driver:  # another rank under torchrun: rank 0 prints
+        llm.close()
+        return 0
     for output in outputs:
         completion = output.outputs[0]
         print(f"Prompt: {output.prompt!r}")
@@ -121,6 +129,7 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"{len(outputs)} prompts, {prompt_tokens} prompt tokens, {generated} generated tokens in {elapsed:.2f} s "
           f"on {llm.engine.runner.device}")
     print(f"prefill {stats.prefill_tokens_per_s:.1f} tok/s, decode {stats.decode_tokens_per_s:.1f} tok/s")
+    llm.close()
     return 0
 
 
@@ -143,7 +152,8 @@ def _serve(args: argparse.Namespace) -> int:
         server.check()  # a bad port or template fails before the model loads
         model = _model_or_demo(args.model_dir or args.model)
         serve(model, server, dtype=args.dtype, device=args.device, enforce_eager=args.enforce_eager,
-              enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, **options)
+              enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+              tensor_parallel_size=args.tensor_parallel_size, **options)
     except ValueError as error:
         print(f"flashserve serve: error: {error}", file=sys.stderr)
         return 2

@@ -33,6 +33,8 @@ class Config:
             holds the largest possible decode batch (``min(max_num_seqs, max_num_batched_tokens)``) would never
             replay and are not captured.
         seed: seed of the random stream used by requests without their own seed.
+        tensor_parallel_size: the number of ranks (GPUs, or CPU processes) the model is split over
+            (``flashserve.distributed``); 1 runs it in this process alone.
     """
 
     model: str
@@ -49,6 +51,7 @@ class Config:
     enforce_eager: bool = False
     max_cudagraph_capture_size: int | None = None
     seed: int = 0
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model):
@@ -90,6 +93,9 @@ class Config:
         elif type(self.max_cudagraph_capture_size) is not int or self.max_cudagraph_capture_size < 1:
             raise ValueError("max_cudagraph_capture_size must be an int >= 1, "
                              f"got {self.max_cudagraph_capture_size!r}")
+
+        if type(self.tensor_parallel_size) is not int or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an int >= 1, got {self.tensor_parallel_size!r}")
 
     @property
     def torch_device(self) -> torch.device:

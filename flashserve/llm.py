@@ -15,19 +15,24 @@ class LLM:
     Args:
         model: a local checkpoint directory (nothing is ever downloaded). The other options are those of
             ``flashserve.config.Config``.
+
+    With ``tensor_parallel_size=N > 1`` the model is split over N ranks: N - 1 worker processes are spawned
+    (rank r on ``cuda:r``; gloo processes on the CPU), or, under ``torchrun``, every rank runs this program and
+    ``LLM`` joins its group; then ``generate`` and ``chat`` return the outputs on rank 0 and an empty list on the
+    other ranks (which run the model's steps meanwhile). ``close()`` (or dropping the LLM) stops the workers.
     """
 
     def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "auto", device: str | None = None,
                  max_model_len: int | None = None, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_kv_blocks: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
-                 max_cudagraph_capture_size: int | None = None, seed: int = 0):
+                 max_cudagraph_capture_size: int | None = None, seed: int = 0, tensor_parallel_size: int = 1):
         config = Config(model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
                         block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                         num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                         max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
                         enforce_eager=enforce_eager, max_cudagraph_capture_size=max_cudagraph_capture_size,
-                        seed=seed)
+                        seed=seed, tensor_parallel_size=tensor_parallel_size)
         self.engine = LLMEngine(config)
         self._next_id = 0
 
@@ -48,8 +53,10 @@ class LLM:
 
         Raises ValueError, before anything runs, for any invalid prompt (see ``LLMEngine.add_request``).
         """
-        items = _normalize_prompts(prompts)
-        return self._run(items, _params_per_prompt(sampling_params, len(items)), use_tqdm)
+        def work():
+            items = _normalize_prompts(prompts)
+            return self._run(items, _params_per_prompt(sampling_params, len(items)), use_tqdm)
+        return self._as_driver(work)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -57,6 +64,9 @@ class LLM:
         """Generate replies to one conversation (a list of {"role", "content"} dicts) or to a list of them,
         formatted with the tokenizer's chat template (with the generation prompt); one SamplingParams for all
         conversations or one per conversation."""
+        return self._as_driver(lambda: self._chat(messages, sampling_params, use_tqdm))
+
+    def _chat(self, messages, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.engine.tokenizer
         if tokenizer.chat_template is None:
@@ -67,6 +77,23 @@ class LLM:
             text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
             items.append((text, tokenizer.encode(text, add_special_tokens=False)))
         return self._run(items, _params_per_prompt(sampling_params, len(items)), use_tqdm)
+
+    def _as_driver(self, work) -> list[RequestOutput]:
+        """``work()`` on rank 0 (telling torchrun's other ranks when it is over); elsewhere follow rank 0's steps
+        until then and return []. RuntimeError once a tensor-parallel LLM is closed."""
+        if self.engine.parallel is not None and self.engine.parallel.closed:
+            raise RuntimeError("this LLM is closed (its tensor-parallel workers have stopped)")
+        if not self.engine.is_driver:
+            self.engine.follow()
+            return []
+        try:
+            return work()
+        finally:
+            self.engine.end_call()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (see ``LLMEngine.close``); the LLM cannot generate afterwards."""
+        self.engine.close()
 
     def _run(self, items: list[tuple], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         """Queue (prompt, token ids or None) items, step until all finish, and assemble the outputs in order.

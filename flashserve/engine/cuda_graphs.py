@@ -100,6 +100,14 @@ class DecodeGraphs:
         hidden = self.model(step_inputs.input_ids, step_inputs.positions)
         self.logits[:size].copy_(self.model.compute_logits(hidden))
 
+    def release(self) -> None:
+        """Free every graph (before a tensor-parallel group is destroyed: NCCL cannot tear down a communicator
+        whose kernels live in graphs)."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        torch.cuda.synchronize(self.device)
+
     def replay(self, size: int) -> torch.Tensor:
         """Run the graph of ``size`` on what the input buffers hold; returns its logits (size, vocab) fp32 — a view
         of a buffer that the next replay overwrites."""

@@ -13,6 +13,12 @@ long before). On CPU the host arena is the device arena.
 The block table keeps a fixed width of ``max_blocks_per_seq`` columns; entries past a request's blocks are stale
 ids of earlier steps (valid block ids, never read: attention stops at ``seqused_k``).
 
+Under tensor parallelism the arena is also the step's message to the other ranks: it starts with a header (the
+message kind, the used sizes of the arrays, the CUDA-graph size, the number of prompt-logprob rows) and holds the
+packed rows whose logits score prompt tokens (``prompt_rows``), so rank 0 sends a whole step — or the end of a
+``generate`` call, or shutdown — in one broadcast of the device arena, which lands at the same addresses on the
+other ranks (their graphs read it in place); they read the header back with ``read_header``.
+
 A decode step replayed from a CUDA graph captured for ``padded_size`` rows is packed with padding rows after the
 real ones: token 0 at position 0, slot -1 (no cache write), KV length 0 (no key read); their outputs are ignored.
 """
@@ -24,6 +30,23 @@ import torch
 
 from flashserve.context import AttentionContext
 from flashserve.engine.scheduler import ScheduledBatch
+
+# message kinds of the header's first entry: a step to run, the end of an LLM.generate call, shutdown
+STEP, END_OF_CALL, SHUTDOWN = 1, 2, 3
+
+
+@dataclass(slots=True)
+class StepHeader:
+    """The header of the arena: what a step holds (``padded_size`` 0: not a CUDA-graph replay)."""
+
+    kind: int
+    num_tokens: int
+    num_reqs: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    num_logits: int
+    padded_size: int
+    num_prompt_rows: int
 
 
 @dataclass(slots=True)
@@ -69,9 +92,11 @@ class InputBuffers:
                  device: torch.device):
         self.block_size = block_size
         self.device = device
-        layout = [("cu_seqlens_q", (max_num_seqs + 1,), torch.int32), ("seqused_k", (max_num_seqs,), torch.int32),
+        layout = [("header", (len(StepHeader.__slots__),), torch.int64),
+                  ("cu_seqlens_q", (max_num_seqs + 1,), torch.int32), ("seqused_k", (max_num_seqs,), torch.int32),
                   ("logits_indices", (max_num_seqs,), torch.int64), ("input_ids", (max_num_tokens,), torch.int64),
                   ("positions", (max_num_tokens,), torch.int64), ("slot_mapping", (max_num_tokens,), torch.int64),
+                  ("prompt_rows", (max_num_tokens,), torch.int64),
                   ("block_table", (max_num_seqs, max_blocks_per_seq), torch.int32)]  # the block table last
         offsets, size = [], 0
         for _, shape, dtype in layout:
@@ -86,10 +111,17 @@ class InputBuffers:
         self._block_table_row_bytes = max_blocks_per_seq * 4
         self._copies_done = torch.cuda.Event() if on_cuda else None
 
-    def prepare(self, batch: ScheduledBatch, padded_size: int | None = None) -> StepInputs:
+    @property
+    def arena(self) -> torch.Tensor:
+        """The device arena: every array of the step and the header, as one uint8 tensor."""
+        return self._device_arena
+
+    def prepare(self, batch: ScheduledBatch, padded_size: int | None = None,
+                prompt_rows: list[int] | None = None) -> StepInputs:
         """Pack ``batch`` (requests before their ``num_computed_tokens`` advances) into the step's inputs.
 
         ``padded_size`` (decode-only batches, >= the number of requests): add padding rows up to that many.
+        ``prompt_rows``: the packed rows whose logits score prompt tokens (for the other ranks).
         """
         self._wait_for_copies()
         requests = batch.requests
@@ -119,17 +151,30 @@ class InputBuffers:
         self.slot_mapping.array[:num_tokens] = block_table[token_rows, positions // size] * size + positions % size
         logits_indices = cu_seqlens_q[1:][np.array(batch.samples, dtype=bool)] - 1
         self.logits_indices.array[:logits_indices.size] = logits_indices
+        num_rows = len(prompt_rows) if prompt_rows else 0
+        self.prompt_rows.array[:num_rows] = prompt_rows or []
         if padded_size is not None:
             self._write_padding(num_reqs, padded_size)
             num_reqs = num_tokens = padded_size
-        return self._upload(num_tokens, num_reqs, int(num_new.max()), int(ends.max()), logits_indices.size)
+        header = StepHeader(STEP, num_tokens, num_reqs, int(num_new.max()), int(ends.max()), logits_indices.size,
+                            padded_size or 0, num_rows)
+        return self._upload(header)
 
     def prepare_padding(self, num_reqs: int) -> StepInputs:
         """A decode step of ``num_reqs`` padding rows only (for warm-up and CUDA-graph capture)."""
         self._wait_for_copies()
         self.cu_seqlens_q.array[0] = 0
         self._write_padding(0, num_reqs)
-        return self._upload(num_reqs, num_reqs, 1, 0, num_reqs)
+        return self._upload(StepHeader(STEP, num_reqs, num_reqs, 1, 0, num_reqs, 0, 0))
+
+    def prepare_signal(self, kind: int) -> None:
+        """A message without a step (``END_OF_CALL``, ``SHUTDOWN``): only the header's kind matters."""
+        self._wait_for_copies()
+        self._upload(StepHeader(kind, 0, 0, 0, 0, 0, 0, 0))
+
+    def read_header(self) -> StepHeader:
+        """The header of the device arena (on CUDA this waits for the device: the followers' one sync)."""
+        return StepHeader(*self.header.device.tolist())
 
     def _write_padding(self, start: int, stop: int) -> None:
         """Rows ``start:stop`` of a decode step become padding (see the module docstring)."""
@@ -140,21 +185,26 @@ class InputBuffers:
         self.cu_seqlens_q.array[start + 1:stop + 1] = np.arange(start + 1, stop + 1)
         self.logits_indices.array[start:stop] = np.arange(start, stop)
 
-    def _upload(self, num_tokens: int, num_reqs: int, max_seqlen_q: int, max_seqlen_k: int,
-                num_logits: int) -> StepInputs:
-        """Copy the host arena up to the last used block-table row to the device in one copy, and describe the
-        used rows of every array."""
+    def _upload(self, header: StepHeader) -> StepInputs:
+        """Write the header, copy the host arena up to the last used block-table row to the device in one copy,
+        and describe the used rows of every array."""
+        self.header.array[:] = [getattr(header, name) for name in StepHeader.__slots__]
         if self._device_arena is not self._host_arena:
-            end = self._block_table_offset + num_reqs * self._block_table_row_bytes
+            end = self._block_table_offset + header.num_reqs * self._block_table_row_bytes
             self._device_arena[:end].copy_(self._host_arena[:end], non_blocking=True)
             self._copies_done.record()
+        return self.step_inputs(header)
+
+    def step_inputs(self, header: StepHeader) -> StepInputs:
+        """The used rows of every device array, as ``header`` describes them."""
+        num_tokens, num_reqs, num_logits = header.num_tokens, header.num_reqs, header.num_logits
         context = AttentionContext(
             slot_mapping=self.slot_mapping.device[:num_tokens],
             cu_seqlens_q=self.cu_seqlens_q.device[:num_reqs + 1],
             seqused_k=self.seqused_k.device[:num_reqs],
             block_table=self.block_table.device[:num_reqs],
-            max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k,
+            max_seqlen_q=header.max_seqlen_q,
+            max_seqlen_k=header.max_seqlen_k,
             is_decode=num_tokens == num_reqs,
         )
         return StepInputs(self.input_ids.device[:num_tokens], self.positions.device[:num_tokens], context,

@@ -1,6 +1,7 @@
 """The incremental engine: add requests, step, collect what is new; the server and ``LLM`` both drive it."""
 import operator
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -8,9 +9,11 @@ import torch
 from transformers import AutoTokenizer
 
 from flashserve.config import Config
+from flashserve.distributed.launch import start_group
 from flashserve.engine.block_manager import BlockManager
 from flashserve.engine.detokenizer import OutputText, TokenTexts
 from flashserve.engine.grammars import GrammarCompiler
+from flashserve.engine.input_buffers import END_OF_CALL, SHUTDOWN
 from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.prompt_logprobs import PromptLogprobRows
 from flashserve.engine.request import Request, RequestStatus
@@ -53,6 +56,11 @@ class EngineStats:
 class LLMEngine:
     """Tokenizer, scheduler, block manager and model runner, stepped one batch at a time.
 
+    With ``tensor_parallel_size > 1`` the engine first joins or starts its tensor-parallel group
+    (``flashserve.distributed.launch``); the scheduler, block manager and sampler run on rank 0 only
+    (``is_driver``), the other ranks follow its steps (``follow``). ``close`` (or garbage collection) stops the
+    spawned workers.
+
     ``scoring`` holds the ids of the requests whose prompt logprobs are not all computed yet; while it is empty, a
     step does not look for prompt-logprob rows at all. Requests with ``structured_outputs`` wait in
     ``grammar_waitlist`` (outside the scheduler) until their grammar is compiled (see
@@ -65,7 +73,15 @@ class LLMEngine:
     def __init__(self, config: Config):
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model, local_files_only=True)
-        self.runner = ModelRunner(config)
+        self.parallel, rank_config = start_group(config)
+        try:
+            self.runner = ModelRunner(rank_config)
+        except BaseException:
+            if self.parallel is not None:
+                self.parallel.close()
+            raise
+        self._finalizer = weakref.finalize(self, self.parallel.close, self.runner) if self.parallel else None
+        self.is_driver = self.runner.is_driver
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.spec.vocab_size
         eos = list(self.runner.spec.eos_token_ids)
@@ -263,6 +279,26 @@ class LLMEngine:
         completion = CompletionOutput(0, text, new_tokens, request.finish_reason, logprobs, request.stop_reason)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion],
                              request.is_finished, prompt_logprobs)
+
+    def follow(self) -> int:
+        """A rank other than 0 under torchrun: run rank 0's steps until its current ``generate`` call ends
+        (returns ``END_OF_CALL``) or rank 0 stops serving (``SHUTDOWN``)."""
+        return self.runner.follow()
+
+    def end_call(self, kind: int = END_OF_CALL) -> None:
+        """Rank 0 under torchrun: tell the other ranks that a ``generate`` call is over, or (``SHUTDOWN``) that
+        serving is (their ``follow`` returns ``kind``)."""
+        if self.parallel is not None and self.parallel.follows_per_call:
+            self.runner.signal_followers(kind)
+
+    def stop_followers(self) -> None:
+        """Rank 0 under torchrun, at the end of serving: the other ranks' ``follow`` returns ``SHUTDOWN``."""
+        self.end_call(SHUTDOWN)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers and leave the group (nothing to do with one rank). Idempotent."""
+        if self._finalizer is not None:
+            self._finalizer()
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (and the hit-rate statistics); returns True (vLLM's signature).

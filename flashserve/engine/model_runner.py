@@ -10,6 +10,12 @@ decode-only steps replay CUDA graphs captured at start-up (``DecodeGraphs``); ba
 captured size and every other step run eagerly. A step in which a request computes prompt positions whose prompt
 logprobs it asked for runs eagerly too, and scores those rows after sampling (``prompt_logprobs``).
 
+Under tensor parallelism (``flashserve.distributed``) every rank runs a ModelRunner over its shard of the model
+and its own KV cache (its KV heads only; the pool size is the minimum over the ranks). Start-up runs in lockstep
+(the same profiling passes, warm-up and graph captures on every rank: their forward passes hold the collectives).
+Rank 0 runs the engine; each of its steps is sent to the other ranks in one broadcast of the input arena
+(``InputBuffers``), and they run the same forward pass (and LM head) in ``follow``.
+
 Start-up, each phase logged with its duration: load the weights; size the KV cache; warm up (compile and autotune
 every kernel variant a request can need, see ``warmup``; CUDA only); capture the decode graphs.
 
@@ -28,10 +34,11 @@ import torch
 
 from flashserve.config import Config
 from flashserve.context import AttentionContext, set_context
+from flashserve.distributed.state import broadcast_from_driver, min_over_ranks, tp_rank, tp_size
 from flashserve.engine import cascade, warmup
 from flashserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
-from flashserve.engine.input_buffers import InputBuffers
-from flashserve.engine.prompt_logprobs import PromptLogprobRows
+from flashserve.engine.input_buffers import END_OF_CALL, SHUTDOWN, STEP, InputBuffers, StepInputs
+from flashserve.engine.prompt_logprobs import PromptLogprobRows, prompt_row_logits
 from flashserve.engine.request import Request
 from flashserve.engine.sampler import Sampler
 from flashserve.engine.scheduler import ScheduledBatch
@@ -53,7 +60,9 @@ class ModelRunner:
         config: the engine configuration (``max_model_len`` may be None: the checkpoint's limit is then used).
 
     Attributes:
-        model, spec: the decoder and its ModelSpec.
+        model, spec: the decoder (this rank's shard) and its ModelSpec (the whole model's).
+        num_heads, num_kv_heads: the query and KV heads of this rank.
+        is_driver: whether this is rank 0 (the one that samples), always True without tensor parallelism.
         max_model_len: the resolved context limit.
         num_kv_blocks: blocks in the KV pool.
         kv_cache: (num_layers, 2, num_kv_blocks, block_size, num_kv_heads, head_dim).
@@ -74,6 +83,9 @@ class ModelRunner:
         start = time.perf_counter()
         self.model, self.spec = load_model(config.model, config.dtype, self.device)
         self.dtype = next(self.model.parameters()).dtype
+        attention = self.model.attention_layers()[0]
+        self.num_heads, self.num_kv_heads = attention.num_heads, attention.num_kv_heads
+        self.is_driver = tp_rank() == 0
         limit = self.spec.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's "
@@ -81,7 +93,7 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or limit
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.sampler = Sampler(self.device, config.seed)
-        self.use_cascade = (config.enable_prefix_caching and cascade.cascade_enabled()
+        self.use_cascade = (config.enable_prefix_caching and cascade.cascade_enabled() and tp_size() == 1
                             and all(window is None for window in self.spec.sliding_windows))
         # the most requests a step can sample: the largest decode batch, and the most prompt-logprob rows at once
         self.max_logit_rows = min(config.max_num_seqs, config.max_num_batched_tokens)
@@ -93,9 +105,10 @@ class ModelRunner:
                                    max(config.max_num_seqs, padded_rows), self.max_blocks_per_seq, self.block_size,
                                    self.device)
         start = self._phase("load_weights", start, f"{_parameter_bytes(self.model) / GIB:.2f} GiB of weights")
-        self.num_kv_blocks = config.num_kv_blocks or self._default_num_blocks(padded_rows)
+        self.num_kv_blocks = min_over_ranks(config.num_kv_blocks or self._default_num_blocks(padded_rows),
+                                            self.device)
         spec = self.spec
-        self.kv_cache = torch.zeros(spec.num_layers, 2, self.num_kv_blocks, self.block_size, spec.num_kv_heads,
+        self.kv_cache = torch.zeros(spec.num_layers, 2, self.num_kv_blocks, self.block_size, self.num_kv_heads,
                                     spec.head_dim, dtype=self.dtype, device=self.device)
         for index, attention in enumerate(self.model.attention_layers()):
             attention.k_cache = self.kv_cache[index, 0]
@@ -105,11 +118,11 @@ class ModelRunner:
         self.graphs = None
         if self.device.type == "cuda":
             eager_sizes = range(padded_rows + 1, self.max_logit_rows + 1)
-            passes = self.warm_up(eager_sizes)
+            passes = self.warm_up(eager_sizes, show_progress=self.is_driver)
             start = self._phase("warm_up", start, f"{passes} forward passes")
         if graph_sizes:
             self.graphs = DecodeGraphs(self.model, self.inputs, graph_sizes, spec.vocab_size)
-            self.graphs.capture()
+            self.graphs.capture(show_progress=self.is_driver)
             self._phase("capture_graphs", start, f"{len(graph_sizes)} decode graphs, batch sizes 1.."
                         f"{graph_sizes[-1]}, {self.graphs.memory_bytes / GIB:.2f} GiB")
 
@@ -140,7 +153,7 @@ class ModelRunner:
         """Bytes of one KV block over all layers (K and V)."""
         spec = self.spec
         element = torch.empty((), dtype=self.dtype).element_size()
-        return spec.num_layers * 2 * self.block_size * spec.num_kv_heads * spec.head_dim * element
+        return spec.num_layers * 2 * self.block_size * self.num_kv_heads * spec.head_dim * element
 
     def _default_num_blocks(self, largest_graph: int) -> int:
         """The KV pool size when ``num_kv_blocks`` is not given (see the module docstring); ``largest_graph`` is the
@@ -186,7 +199,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         spec, device = self.spec, self.device
-        stand_in = torch.zeros(1, self.block_size, spec.num_kv_heads, spec.head_dim, dtype=self.dtype, device=device)
+        stand_in = torch.zeros(1, self.block_size, self.num_kv_heads, spec.head_dim, dtype=self.dtype, device=device)
         lengths = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
         cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
         positions = torch.cat([torch.arange(n, device=device) for n in lengths])
@@ -218,7 +231,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, eos_token_ids: list[int], prompt_rows: PromptLogprobRows | None = None
             ) -> tuple[list[int], list[dict[int, Logprob] | None], list[tuple[Request, list[dict[int, Logprob]]]]]:
-        """Compute the batch's tokens and sample one token for every request with ``batch.samples`` set.
+        """Compute the batch's tokens and sample one token for every request with ``batch.samples`` set (rank 0;
+        under tensor parallelism the other ranks run the same step in ``follow``).
 
         Returns the sampled token ids and per-token logprob dicts, in the order of the sampling requests, and the
         prompt logprob dicts of ``prompt_rows`` (``PromptLogprobRows.of(batch)``), per request.
@@ -229,23 +243,12 @@ class ModelRunner:
         graph_size = None
         if self.graphs is not None and decode_only and not shared_blocks:
             graph_size = self.graphs.padded_size(num_reqs)
-        inputs = self.inputs.prepare(batch, graph_size)
+        inputs = self.inputs.prepare(batch, graph_size, prompt_rows.rows if prompt_rows is not None else None)
+        broadcast_from_driver(self.inputs.arena)
         sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
-        logits = hidden = None
+        logits, hidden = self._forward(inputs, graph_size, len(sampling), shared_blocks)
         if graph_size is not None:
-            logits = self.graphs.replay(graph_size)
             logits = logits[:num_reqs] if len(sampling) == num_reqs else logits[inputs.logits_indices]
-        else:
-            context = inputs.context
-            if shared_blocks:
-                context = cascade.with_shared_prefix(context, shared_blocks, self.block_size)
-            set_context(context)
-            try:
-                hidden = self.model(inputs.input_ids, inputs.positions)
-            finally:
-                set_context(None)
-            if sampling:
-                logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if sampling:
             logits = self.token_bitmask.apply(logits.float(), sampling)  # structured outputs: forbidden -> -inf
         token_ids, logprobs = self.sampler(logits, sampling, eos_token_ids) if sampling else ([], [])
@@ -253,6 +256,55 @@ class ModelRunner:
         if prompt_rows is None:
             return token_ids, logprobs, []
         return token_ids, logprobs, prompt_rows.compute(self.model, hidden, self.max_logit_rows)
+
+    def _forward(self, inputs: StepInputs, graph_size: int | None, num_logits: int, shared_blocks: int = 0
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The step's (logits, hidden states): a graph replay (logits of every padded row, no hidden states), or
+        an eager pass (the logits of ``inputs.logits_indices``; None when ``num_logits`` is 0), with cascade
+        attention over the batch's first ``shared_blocks`` blocks when they are shared by every request."""
+        if graph_size is not None:
+            return self.graphs.replay(graph_size), None
+        context = inputs.context
+        if shared_blocks:
+            context = cascade.with_shared_prefix(context, shared_blocks, self.block_size)
+        set_context(context)
+        try:
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        finally:
+            set_context(None)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices]) if num_logits else None
+        return logits, hidden
+
+    @torch.inference_mode()
+    def follow(self) -> int:
+        """A rank other than 0: run the steps rank 0 broadcasts (their forward passes, LM heads and prompt-logprob
+        logits, whose collectives match rank 0's) until the end of a ``generate`` call or shutdown; returns which
+        (``END_OF_CALL`` or ``SHUTDOWN``)."""
+        while True:
+            broadcast_from_driver(self.inputs.arena)
+            header = self.inputs.read_header()
+            if header.kind != STEP:
+                if header.kind not in (END_OF_CALL, SHUTDOWN):
+                    raise RuntimeError(f"unknown message kind {header.kind} from rank 0: this is a bug")
+                return header.kind
+            inputs = self.inputs.step_inputs(header)
+            _, hidden = self._forward(inputs, header.padded_size or None, header.num_logits)
+            if header.num_prompt_rows:
+                rows = self.inputs.prompt_rows.device[:header.num_prompt_rows]
+                for _ in prompt_row_logits(self.model, hidden, rows, self.max_logit_rows):
+                    pass
+
+    def release_graphs(self) -> None:
+        """Free the CUDA graphs (the runner runs eagerly afterwards); done before leaving a tensor-parallel group."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
+    def signal_followers(self, kind: int) -> None:
+        """Rank 0: tell the other ranks that a ``generate`` call ended (``END_OF_CALL``) or to stop (``SHUTDOWN``)."""
+        if tp_size() > 1:
+            self.inputs.prepare_signal(kind)
+            broadcast_from_driver(self.inputs.arena)
 
 
 def _parameter_bytes(model: torch.nn.Module) -> int:

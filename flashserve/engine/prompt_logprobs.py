@@ -66,13 +66,19 @@ class PromptLogprobRows:
         """Each request's new prompt logprob dicts (no text yet), from the step's hidden states (T, hidden)."""
         rows = torch.tensor(self.rows, dtype=torch.long, device=hidden.device)
         entries: list[dict[int, Logprob]] = []
-        for begin in range(0, len(self.rows), max_rows):
+        for begin, logits in zip(range(0, len(self.rows), max_rows), prompt_row_logits(model, hidden, rows, max_rows)):
             end = begin + max_rows
-            logits = model.compute_logits(hidden[rows[begin:end]]).float()
-            entries += logprob_dicts(torch.log_softmax(logits, dim=-1), self.targets[begin:end],
+            entries += logprob_dicts(torch.log_softmax(logits.float(), dim=-1), self.targets[begin:end],
                                      self.num_top[begin:end])
         result, begin = [], 0
         for request, count in self.spans:
             result.append((request, entries[begin:begin + count]))
             begin += count
         return result
+
+
+def prompt_row_logits(model: torch.nn.Module, hidden: torch.Tensor, rows: torch.Tensor, max_rows: int):
+    """Yield the logits of ``hidden[rows]``, ``max_rows`` rows at a time (every rank of a tensor-parallel group
+    runs this loop: the LM head gathers over the ranks)."""
+    for begin in range(0, rows.numel(), max_rows):
+        yield model.compute_logits(hidden[rows[begin:begin + max_rows]])

@@ -46,7 +46,7 @@ def warm_up_decode(runner, batch_sizes: range, show_progress: bool = True) -> in
     capacity = runner.max_blocks_per_seq * runner.block_size
     variants = {}
     for batch in batch_sizes:
-        key = paged_attention.decode_variant(batch, spec.num_heads, spec.num_kv_heads, spec.head_dim, capacity,
+        key = paged_attention.decode_variant(batch, runner.num_heads, runner.num_kv_heads, spec.head_dim, capacity,
                                              runner.device)
         variants.setdefault(key, batch)
     for batch in tqdm(list(variants.values()), desc="Warming up decode kernels", unit="shape",

@@ -9,31 +9,38 @@ tensors go.
 
 Tokens of the whole batch are packed along one dimension: ``forward(input_ids (T,), positions (T,))`` returns
 hidden states (T, hidden_size); per-request boundaries live in the attention context.
+
+Under tensor parallelism (``flashserve.distributed``) the projections are split over the ranks (Megatron's
+column / row split) and each rank's attention runs its own query and KV heads; with one rank the parallel layers
+are the plain ones.
 """
 import torch
 from torch import nn
 
+from flashserve.distributed import layers as parallel  # a module, not its names: it imports models.layers
 from flashserve.kernels import linear_silu_and_mul
 from flashserve.models.attention import Attention
-from flashserve.models.layers import LMHead, Linear, MergedLinear, RMSNorm, RotaryEmbedding, VocabEmbedding
+from flashserve.models.layers import RMSNorm, RotaryEmbedding
 from flashserve.models.moe import SparseMoeBlock
 from flashserve.models.spec import ModelSpec
 
 
 class SelfAttention(nn.Module):
     """Fused QKV projection, then (in ``Attention``) optional per-head q/k RMSNorm, rotary and paged attention, then
-    the output projection."""
+    the output projection. ``num_heads``/``num_kv_heads`` are this rank's heads."""
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, sliding_window: int | None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
-        self.qkv_proj = MergedLinear(spec.hidden_size, self.split_sizes, ("q", "k", "v"), spec.attention_bias)
-        self.o_proj = Linear(q_size, spec.hidden_size, spec.o_bias)
+        self.qkv_proj = parallel.QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads,
+                                                   spec.num_kv_heads, spec.attention_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_local_heads, self.qkv_proj.num_local_kv_heads
+        self.head_dim = spec.head_dim
+        self.split_sizes = self.qkv_proj.output_sizes
+        self.o_proj = parallel.RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.o_bias,
+                                                 "num_attention_heads * head_dim")
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
-        self.attn = Attention(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, rotary,
+        self.attn = Attention(self.num_heads, self.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, rotary,
                               sliding_window)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -54,8 +61,10 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, intermediate_size: int | None = None):
         super().__init__()
         intermediate_size = intermediate_size or spec.intermediate_size
-        self.gate_up_proj = MergedLinear(spec.hidden_size, [intermediate_size] * 2, (0, 1), spec.mlp_bias)
-        self.down_proj = Linear(intermediate_size, spec.hidden_size, spec.mlp_bias)
+        self.gate_up_proj = parallel.MergedColumnParallelLinear(spec.hidden_size, [intermediate_size] * 2, (0, 1),
+                                                                spec.mlp_bias, names=("intermediate_size",) * 2)
+        self.down_proj = parallel.RowParallelLinear(intermediate_size, spec.hidden_size, spec.mlp_bias,
+                                                    "intermediate_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(linear_silu_and_mul(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
@@ -90,7 +99,7 @@ class DecoderModel(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
-        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = parallel.VocabParallelEmbedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, rotary, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -118,8 +127,8 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = DecoderModel(spec)
-        self.lm_head = LMHead(spec.vocab_size, spec.hidden_size,
-                              self.model.embed_tokens if spec.tie_word_embeddings else None)
+        self.lm_head = parallel.ParallelLMHead(spec.vocab_size, spec.hidden_size,
+                                               self.model.embed_tokens if spec.tie_word_embeddings else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: (T,) int64 packed over the batch -> hidden (T, hidden_size)."""

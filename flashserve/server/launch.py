@@ -30,6 +30,13 @@ def serve(model: str, options: ServerOptions, **engine_options) -> None:
     """
     options.check()
     engine = LLMEngine(Config(model=model, **engine_options))
+    if not engine.is_driver:  # another rank under torchrun: run rank 0's steps until it stops serving
+        from flashserve.engine.input_buffers import SHUTDOWN
+
+        while engine.follow() != SHUTDOWN:
+            pass
+        engine.close()
+        return
     name = options.served_model_name or default_model_name(model)
     driver = EngineDriver(engine)
     app = build_app(driver, name, options)
@@ -38,16 +45,21 @@ def serve(model: str, options: ServerOptions, **engine_options) -> None:
         uvicorn.run(app, host=options.host, port=options.port, log_level=options.uvicorn_log_level)
     finally:
         driver.close()
+        engine.stop_followers()
+        engine.close()
 
 
 def startup_line(engine: LLMEngine, name: str, options: ServerOptions) -> str:
-    """One line saying what is served and where: model, architecture, dtype, device, context, KV cache, graphs."""
+    """One line saying what is served and where: model, architecture, dtype, device (and tensor-parallel ranks),
+    context, KV cache, graphs."""
     runner = engine.runner
     graphs = runner.graphs
     graph_text = f"CUDA graphs for batch 1..{graphs.max_size}" if graphs is not None else "no CUDA graphs"
     blocks = runner.num_kv_blocks
+    ranks = engine.config.tensor_parallel_size
+    device = f"{runner.device} + {ranks - 1} tensor-parallel ranks" if ranks > 1 else str(runner.device)
     return (f"serving {name!r} ({runner.spec.architecture}, {str(runner.dtype).removeprefix('torch.')}, "
-            f"{runner.device}, max_model_len {engine.max_model_len}, KV cache {blocks} blocks = "
+            f"{device}, max_model_len {engine.max_model_len}, KV cache {blocks} blocks = "
             f"{blocks * runner.block_size} tokens, {graph_text}"
             f"{', API key required' if options.api_key else ''}) on http://{options.host}:{options.port}"
             f"{' (chat page at /)' if options.ui else ''}")
