@@ -18,6 +18,10 @@ OUT=${OUT:-out}
 RESULTS=/tmp/flashserve-results
 mkdir -p "$OUT" "$RESULTS"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ]; then  # carried wheels (server stack, xgrammar, jsonschema): installed once for every step
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 steps=${*:-tests prefill layouts decode merge cache}
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
@@ -42,9 +46,8 @@ steps=${*:-tests prefill layouts decode merge cache}
             tests/test_tensor_parallel_gpu.py
           timeout "$limit" python3 benchmarks/tp_latency.py --out "$RESULTS" ${TP_LATENCY_ARGS:-} ;;
       serving) timeout "$limit" bash benchmarks/serving_gpu.sh "$RESULTS/serving" ;;
-      structured) if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; fi
-        PYTHONPATH=/tmp/site:$PYTHONPATH timeout "$limit" python3 -m pytest -q -rs tests/test_structured_outputs_gpu.py
-        PYTHONPATH=/tmp/site:$PYTHONPATH timeout "$limit" python3 benchmarks/structured_outputs.py --out "$RESULTS" ;;
+      structured) timeout "$limit" python3 -m pytest -q -rs tests/test_structured_outputs_gpu.py
+        timeout "$limit" python3 benchmarks/structured_outputs.py --out "$RESULTS" ;;
       *) echo "unknown step $step" ;;
     esac
   done

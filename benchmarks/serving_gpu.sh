@@ -16,7 +16,7 @@ out=${1:-out}
 smoke=${SMOKE:-0}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
+if [ -d .whl ] && ! python3 -c "import fastapi, uvicorn" 2> /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
