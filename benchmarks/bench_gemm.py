@@ -48,7 +48,7 @@ def sweep(weights, x, n_out: int, k: int, gated: bool) -> list[dict]:
     """Every tuning candidate of this shape and row count, timed like the rest (to revise the plan table)."""
     found = []
     for config in skinny_gemm_plans.candidates(n_out, k, skinny_gemm_plans.row_bucket(x.shape[0]), x.dtype,
-                                               x.device):
+                                               x.device, gated):
         kernel = lambda a, w: skinny_gemm.launch(a, w, None, None, gated, config)  # noqa: E731
         found.append(dict(config=_config_name(config), us=per_call_us(kernel, weights, x)))
     return sorted(found, key=lambda entry: entry["us"])

@@ -177,8 +177,8 @@ def test_every_candidate_gpu(shape, dtype):
     device = torch.device("cuda")
     configs = [skinny_gemm_plans.default_config(n_out, k, 1, dtype, device)]
     if dtype == torch.bfloat16:
-        configs += skinny_gemm_plans.candidates(n_out, k, 64, dtype, device)
-        configs += [c for c in skinny_gemm_plans.candidates(n_out, k, 1, dtype, device) if not c.use_dot]
+        configs += skinny_gemm_plans.candidates(n_out, k, 64, dtype, device, gated)
+        configs += [c for c in skinny_gemm_plans.candidates(n_out, k, 1, dtype, device, gated) if not c.use_dot]
     for config in configs:
         for rows in ((1,) if not config.use_dot else (1, 5, 64)):
             check_product(rows, n_out, k, dtype, config, bias=rows == 5, residual=rows == 64 and not gated,

@@ -101,14 +101,35 @@ def default_config(n_out: int, k: int, rows: int, dtype: torch.dtype, device: to
     return GemmConfig(block_n, block_k, split_ways(n_out, k, block_n, block_k, _device_sms(device)), warps, stages)
 
 
-def candidates(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.device) -> list[GemmConfig]:
-    """Configs the tuning measures for a shape and row bucket: every tile choice that fits K and the dtype (the FMA
-    ones too for one row), each with its ``split_ways`` and without split-K (the table's default is among them)."""
+@functools.lru_cache(maxsize=None)
+def shared_memory_bytes(device_index: int) -> int:
+    """The shared memory one program may use on a CUDA device (opt-in maximum), read once."""
+    properties = torch.cuda.get_device_properties(device_index)
+    return getattr(properties, "shared_memory_per_block_optin", 0) or 232_448
+
+
+def pipeline_bytes(block_m: int, block_n: int, block_k: int, stages: int, gated: bool, element_bytes: int) -> int:
+    """Shared memory of the tensor-core path's software pipeline: ``stages`` copies of the row tile and of the
+    weight tile (two weight tiles, gate and up, when ``gated``)."""
+    return stages * (block_m * block_k + (2 if gated else 1) * block_n * block_k) * element_bytes
+
+
+def candidates(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.device,
+               gated: bool = False) -> list[GemmConfig]:
+    """Configs the tuning measures for a shape and row bucket: every tile choice that fits K, the dtype and the
+    device's shared memory (the FMA ones too for one row), each with its ``split_ways`` and without split-K (the
+    table's default is among them)."""
     sms = _device_sms(device)
+    smem = shared_memory_bytes(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else None
+    element_bytes = torch.finfo(dtype).bits // 8
     tiles = [(tile, True) for tile in TILE_CHOICES] + [(tile, False) for tile in FMA_TILE_CHOICES if rows == 1]
     found = []
     for (block_n, block_k, warps, stages), use_dot in tiles:
         if block_k > max(64, next_power_of_2(k)) or (dtype == torch.float32 and block_k > 128):
+            continue
+        if use_dot and smem is not None and pipeline_bytes(block_rows(rows), block_n, block_k, stages, gated,
+                                                           element_bytes) > smem:
             continue
         for ways in sorted({1, split_ways(n_out, k, block_n, block_k, sms)}):
             found.append(GemmConfig(block_n, block_k, ways, warps, stages, use_dot))
@@ -176,8 +197,8 @@ def decide(key: tuple, dtype: torch.dtype, device: torch.device, default: GemmCo
     if key in _tuned_keys:
         _plans[key] = table.cache[key]
     elif tuning_enabled(device):
-        n_out, k, bucket = key[:3]
-        table.cache[key] = _plans[key] = tune(measure, candidates(n_out, k, bucket, dtype, device))
+        n_out, k, bucket, _, gated = key
+        table.cache[key] = _plans[key] = tune(measure, candidates(n_out, k, bucket, dtype, device, gated))
         _tuned_keys.add(key)
         _persistence.save(device)
     else:
