@@ -134,6 +134,7 @@ def _persisting_cuda(monkeypatch, tmp_path):
     monkeypatch.setattr(tuning_cache, "gpu_name", lambda device: "NVIDIA H200")
     monkeypatch.setattr(skinny_gemm_plans.prefill_tuning, "use_autotune", lambda device: True)
     monkeypatch.setattr(skinny_gemm_plans, "_device_sms", lambda device: 132)
+    monkeypatch.setattr(skinny_gemm_plans, "_device_shared_memory", lambda device: 232_448)
     skinny_gemm_plans.reset()
     yield torch.device("cuda", 0)
     skinny_gemm_plans.reset()

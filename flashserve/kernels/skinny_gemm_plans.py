@@ -108,6 +108,12 @@ def shared_memory_bytes(device_index: int) -> int:
     return getattr(properties, "shared_memory_per_block_optin", 0) or 232_448
 
 
+def _device_shared_memory(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None  # the interpreter: no limit
+    return shared_memory_bytes(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def pipeline_bytes(block_m: int, block_n: int, block_k: int, stages: int, gated: bool, element_bytes: int) -> int:
     """Shared memory of the tensor-core path's software pipeline: ``stages`` copies of the row tile and of the
     weight tile (two weight tiles, gate and up, when ``gated``)."""
@@ -120,8 +126,7 @@ def candidates(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.
     device's shared memory (the FMA ones too for one row), each with its ``split_ways`` and without split-K (the
     table's default is among them)."""
     sms = _device_sms(device)
-    smem = shared_memory_bytes(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else None
+    smem = _device_shared_memory(device)
     element_bytes = torch.finfo(dtype).bits // 8
     tiles = [(tile, True) for tile in TILE_CHOICES] + [(tile, False) for tile in FMA_TILE_CHOICES if rows == 1]
     found = []
