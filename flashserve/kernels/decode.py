@@ -35,12 +35,14 @@ PROGRAMS_PER_SM = 4
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr, block_table_ptr, batch_idx_ptr, seqlens_k_ptr, alibi_ptr,
+    leftpad_ptr, capacity, num_cache_rows,
     seqlen_q, num_heads_k, head_dim, num_splits, sm_scale, softcap, window_left, window_right,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_osplit, stride_oh, stride_lb, stride_ls, stride_lsplit, stride_lh,
     stride_block_table, stride_alibi,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFT: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -55,7 +57,19 @@ def _decode_kernel(
     head = kv_head * GROUP + rows % GROUP
     dims = tl.arange(0, BLOCK_D)
     dim_valid = dims < head_dim
-    seqlen_k = tl.load(seqlens_k_ptr + batch)
+    # Memory safety without host checks: the key range never passes the cache capacity (so the block-table walk
+    # stays inside the table's width), a dense cache row outside the cache sees no key, and (below) a block id
+    # outside the cache masks its keys. Out-of-range metadata gives wrong numbers, never a wild access.
+    seqlen_k = tl.minimum(tl.maximum(tl.load(seqlens_k_ptr + batch), 0), capacity)
+    first_row = 0  # cache row of key 0 (the left pad of a dense cache)
+    if not PAGED:
+        cache_row = batch
+        if HAS_BATCH_IDX:
+            cache_row = tl.load(batch_idx_ptr + batch).to(tl.int64)
+        if HAS_LEFTPAD:  # seqlens_k holds the end row: keys are the rows [pad, end)
+            first_row = tl.minimum(tl.maximum(tl.load(leftpad_ptr + batch), 0), seqlen_k)
+            seqlen_k = seqlen_k - first_row
+        seqlen_k = tl.where((cache_row >= 0) & (cache_row < num_cache_rows), seqlen_k, 0)
     diagonal = query + seqlen_k - seqlen_q  # the key each row is aligned to (bottom right)
 
     key_lo = 0
@@ -76,10 +90,6 @@ def _decode_kernel(
         q = q.to(tl.float32)
     if HAS_ALIBI:
         slope = tl.load(alibi_ptr + batch * stride_alibi + head, mask=row_valid, other=0.0).to(tl.float32)
-    if not PAGED:
-        cache_row = batch
-        if HAS_BATCH_IDX:
-            cache_row = tl.load(batch_idx_ptr + batch).to(tl.int64)
     k_head_ptr = k_cache_ptr + kv_head * stride_kh + dims[None, :]
     v_head_ptr = v_cache_ptr + kv_head * stride_vh + dims[None, :]
 
@@ -91,12 +101,14 @@ def _decode_kernel(
         key_valid = keys < split_hi
         if PAGED:
             block = tl.load(block_table_ptr + batch * stride_block_table + keys // PAGE_SIZE, mask=key_valid,
-                            other=0).to(tl.int64)
+                            other=0)
+            key_valid = key_valid & (block >= 0) & (block < num_cache_rows)
+            block = block.to(tl.int64)
             k_offsets = block * stride_kb + (keys % PAGE_SIZE) * stride_ks
             v_offsets = block * stride_vb + (keys % PAGE_SIZE) * stride_vs
         else:
-            k_offsets = cache_row * stride_kb + keys.to(tl.int64) * stride_ks
-            v_offsets = cache_row * stride_vb + keys.to(tl.int64) * stride_vs
+            k_offsets = cache_row * stride_kb + (first_row + keys).to(tl.int64) * stride_ks
+            v_offsets = cache_row * stride_vb + (first_row + keys).to(tl.int64) * stride_vs
         kv_mask = key_valid[:, None] & dim_valid[None, :]
         k = tl.load(k_head_ptr + k_offsets[:, None], mask=kv_mask, other=0.0)
         v = tl.load(v_head_ptr + v_offsets[:, None], mask=kv_mask, other=0.0)
@@ -231,16 +243,24 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             capacity (max_blocks * page_size, or the dense cache's length) (requires k). New keys are
             rotated at their positions; q at ``cache_seqlens[b] + i`` when causal or windowed, else all of q at
             ``cache_seqlens[b]``. ``rotary_interleaved``: pairs (2j, 2j+1), else GPT-NeoX halves.
-        cache_seqlens: int or (B,) int32: tokens already in the cache (None: the whole cache capacity). Values are
-            not checked on the device (no synchronisation): lengths beyond the capacity are undefined behaviour.
+        cache_seqlens: int or (B,) int32: tokens already in the cache (None: the whole cache capacity); with
+            ``cache_leftpad``, the row where the sequence ends (the pad included), as FlashAttention 2.
         cache_batch_idx: optional (B,) int32 rows of a dense cache (not with block_table).
-        cache_leftpad: not supported (NotImplementedError).
+        cache_leftpad: optional (B,) int32, dense caches only (FlashAttention 2): sequence b's keys are the rows
+            ``cache_leftpad[b] .. cache_seqlens[b] - 1`` and the new k/v go to rows ``cache_seqlens[b] ..``. The
+            causal / window alignment and ALiBi count keys from the pad (the pad is invisible); rotary positions
+            are the cache rows (k and q rotated at ``cache_seqlens[b] ..``), as FlashAttention 2 does.
         block_table: (B, max_blocks) int32: token t of sequence b is at block ``block_table[b, t // page_size]``,
             row ``t % page_size``.
         softmax_scale: default D ** -0.5. causal: bottom-right aligned (Sq >= 1). window_size: (left, right).
         softcap: > 0 applies ``softcap * tanh(score / softcap)``. alibi_slopes: (H,) or (B, H) fp32.
         num_splits: 0 picks a split count, 1 disables splitting, n > 1 forces n splits (at most 64).
         return_softmax_lse: also return the fp32 natural-log LSE (B, H, Sq).
+
+    Index values (``cache_seqlens`` (+ Snew) within the capacity — the error names ``block_table`` when paged —,
+    block ids within ``k_cache``'s blocks, ``cache_batch_idx`` within its rows, ``0 <= cache_leftpad <=
+    cache_seqlens``) are checked on the host (one synchronisation, as FlashAttention 2), except while a CUDA graph
+    is being captured; the kernels clamp or mask them anyway, so nothing reads or writes outside the tensors.
 
     Returns:
         out (B, Sq, H, D) in q's dtype, and the LSE when asked. A row with no visible key gives zeros and LSE -inf.
@@ -251,7 +271,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if not use_triton(q):
         out, lse = reference.flash_attn_with_kvcache(
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, block_table,
-            softmax_scale, causal, (window_left, window_right), softcap, rotary_interleaved, alibi_slopes)
+            softmax_scale, causal, (window_left, window_right), softcap, rotary_interleaved, alibi_slopes,
+            cache_leftpad=cache_leftpad)
         return (out, lse) if return_softmax_lse else out
     if cache_seqlens is None:
         cache_seqlens = capacity
@@ -266,17 +287,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         window_right = 0
     out, lse = launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes,
                              softmax_scale, softcap, window_left, window_right, capacity, num_splits,
-                             return_softmax_lse)
+                             return_softmax_lse, cache_leftpad)
     return (out, lse) if return_softmax_lse else out
 
 
 def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
-                  softcap, window_left, window_right, capacity, num_splits, write_lse):
+                  softcap, window_left, window_right, capacity, num_splits, write_lse, cache_leftpad=None):
     """Launch the decode kernel (and the split combine) on validated arguments; no checks (engines call this with
-    metadata they validated once). ``seqlens_k`` (B,) int32 are the KV lengths after any append; causal masking is
+    metadata they validated once). ``seqlens_k`` (B,) int32 are the KV lengths after any append (with
+    ``cache_leftpad``, the end rows: keys are rows ``cache_leftpad[b] .. seqlens_k[b] - 1``); causal masking is
     ``window_right = 0``; ``capacity`` (tokens a sequence of the cache can hold) sets the split layout, so the
-    launch depends on shapes only and is safe to capture in a CUDA graph. Returns (out (B, Sq, H, D), lse
-    (B, H, Sq) fp32 — filled when one split is used or ``write_lse``)."""
+    launch depends on shapes only and is safe to capture in a CUDA graph. Index values are clamped or masked in
+    the kernel (never an access outside the tensors). Returns (out (B, Sq, H, D), lse (B, H, Sq) fp32 — filled
+    when one split is used or ``write_lse``)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     num_heads_k = k_cache.shape[2]
     device = q.device
@@ -302,6 +325,7 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         q, k_cache, v_cache, target_out, target_lse, block_table if paged else seqlens_k,
         seqlens_k if cache_batch_idx is None else cache_batch_idx, seqlens_k,
         seqlens_k if alibi_slopes is None else alibi_slopes,
+        seqlens_k if cache_leftpad is None else cache_leftpad, capacity, k_cache.shape[0],
         seqlen_q, num_heads_k, head_dim, splits,
         float(head_dim ** -0.5 if softmax_scale is None else softmax_scale), float(softcap),
         window_left, window_right,
@@ -311,6 +335,7 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
         GROUP=num_heads // num_heads_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
+        HAS_LEFTPAD=cache_leftpad is not None,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
         num_warps=4, num_stages=3,
