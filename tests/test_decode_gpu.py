@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from flashserve.kernels import flash_attn_with_kvcache, reference, silu_and_mul
+from flashserve.kernels import paged_attention, reference, silu_and_mul
 from test_cache_write import check_cache_write
 from test_decode import Case, make_inputs, run_case
 from test_layers import check_fused_add_rms_norm, check_rms_norm, check_rotary
@@ -38,16 +38,24 @@ def test_kvcache_gpu(name, dtype):
     run_case(dataclasses.replace(GPU_CASES[name], dtype=dtype), device="cuda")
 
 
-def test_kvcache_never_synchronises_with_tensor_seqlens():
-    calls = [make_inputs(Case(**REAL, rotary=rotary, dtype=torch.bfloat16), device="cuda")
-             for rotary in ("neox", None)]
-    for args in calls:
-        flash_attn_with_kvcache(**args)  # compile first
+def test_engine_entry_points_never_synchronise():
+    """paged_attention.decode / prefill (the engine's unchecked paths) launch without a host synchronisation (the
+    public flash_attn_with_kvcache checks its index values: one synchronisation, as FlashAttention 2)."""
+    args = make_inputs(Case(**REAL, seqlen_new=0, dtype=torch.bfloat16), device="cuda")
+    q, k_cache, v_cache, seqlens, table = (args[name] for name in ("q", "k_cache", "v_cache", "cache_seqlens",
+                                                                  "block_table"))
+    cu_seqlens_q = torch.arange(0, 2 * q.shape[0] + 1, 2, dtype=torch.int32, device="cuda")
+    prefill_q = q.repeat_interleave(2, 0).reshape(-1, *q.shape[2:])
+    calls = [lambda: paged_attention.decode(q[:, 0], k_cache, v_cache, seqlens + 1, table, 0.1),
+             lambda: paged_attention.prefill(prefill_q, k_cache, v_cache, cu_seqlens_q, seqlens + 2, table, 2,
+                                             table.shape[1] * k_cache.shape[1], 0.1)]
+    for call in calls:
+        call()  # compile first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for args in calls:
-            flash_attn_with_kvcache(**args)
+        for call in calls:
+            call()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

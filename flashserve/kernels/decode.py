@@ -10,7 +10,8 @@ Kernel structure:
   ``merge_attn_states`` (``merge.lse_weights``); the partial outputs and their LSEs share one fp32 buffer.
 - paged caches gather each tile's block ids from ``block_table`` (cast to int64 before multiplying by the block
   stride); dense caches use ``cache_batch_idx``. Strides are plain ints so Triton specialises on them.
-The grid is sized from the cache capacity, never from ``cache_seqlens`` values: no host synchronisation.
+The grid is sized from the cache capacity, never from ``cache_seqlens`` values (the launch itself needs no host
+synchronisation; the public function checks index values on the host, see its docstring).
 """
 import functools
 

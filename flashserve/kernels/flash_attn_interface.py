@@ -9,6 +9,7 @@ import torch
 
 from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels.index_checks import check_varlen_values
 from flashserve.kernels.prefill import prefill_attention
 from flashserve.kernels.reference.attention import attention_batch
 from flashserve.kernels.reference.varlen import attention_varlen
@@ -157,6 +158,7 @@ def _check_varlen_indices(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_
                              f"cannot hold max_seqlen_k={max_seqlen_k}")
     elif k.dim() != 3:
         raise ValueError(f"k must have 3 dimensions (total_k, nheads_k, headdim), got shape {tuple(k.shape)}")
+    check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table)
     return batch
 
 
@@ -189,6 +191,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             lengths.
         out: (total_q, nheads, headdim), q's dtype: written in place and returned.
         return_softmax_lse: bool. Return ``(out, softmax_lse)``.
+
+    The values of the index tensors (cumulative lengths within q and k, ``seqused_k`` within the keys or the
+    block table's capacity — that error names ``block_table`` —, block ids within the cache) are checked on the
+    host (one synchronisation), except while a CUDA graph is being captured; the kernel clamps lengths to the
+    block table and block ids into the cache anyway.
 
     Return:
         out: (total_q, nheads, headdim).

@@ -1,8 +1,8 @@
 """The append step of ``flash_attn_with_kvcache``: rotary on the new keys (and q), then the new keys and values
-written into the cache at positions ``cache_seqlens[b] ..`` through ``reshape_and_cache_flash``."""
+written into the cache at positions ``cache_seqlens[b] ..`` with the kernel of ``reshape_and_cache_flash``."""
 import torch
 
-from flashserve.kernels.cache import reshape_and_cache_flash
+from flashserve.kernels.cache import launch_cache_write
 from flashserve.kernels.rotary import rotate_in_place
 
 
@@ -22,13 +22,26 @@ def append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens
             rotate_in_place(q, rotary_cos, rotary_sin, q_positions, rotary_interleaved)
             rotate_in_place(k, rotary_cos, rotary_sin, new_positions.reshape(-1), rotary_interleaved)
         q = q.view(batch, -1, q.shape[1], head_dim)
-    block_size = k_cache.shape[1]
+    launch_cache_write(k.reshape(-1, num_heads_k, head_dim), v.reshape(-1, num_heads_k, head_dim), k_cache, v_cache,
+                       new_token_slots(new_positions, k_cache, block_table, cache_batch_idx).reshape(-1))
+    return q
+
+
+def new_token_slots(new_positions, k_cache, block_table, cache_batch_idx):
+    """(B, Snew) int64 cache slots of the new tokens (a dense cache counts as blocks of its length). A position
+    past the block table (or the dense cache) or a block id / row outside the cache gives slot -1 (not written):
+    bad metadata never makes the write leave the cache, and no index reaches ``gather`` out of range."""
+    num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+    batch = new_positions.shape[0]
     if block_table is not None:
-        blocks = block_table.long().gather(1, new_positions // block_size)
+        columns = new_positions // block_size
+        in_table = (new_positions >= 0) & (columns < block_table.shape[1])
+        blocks = block_table.long().gather(1, columns.clamp(0, block_table.shape[1] - 1))
         slots = blocks * block_size + new_positions % block_size
     else:
-        cache_rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=q.device)
-        slots = cache_rows[:, None] * block_size + new_positions
-    reshape_and_cache_flash(k.reshape(-1, num_heads_k, head_dim), v.reshape(-1, num_heads_k, head_dim),
-                            k_cache, v_cache, slots.reshape(-1))
-    return q
+        in_table = (new_positions >= 0) & (new_positions < block_size)
+        blocks = cache_batch_idx.long()[:, None] if cache_batch_idx is not None else \
+            torch.arange(batch, device=new_positions.device)[:, None]
+        slots = blocks * block_size + new_positions
+    valid = in_table & (blocks >= 0) & (blocks < num_blocks)
+    return torch.where(valid, slots, -1)
