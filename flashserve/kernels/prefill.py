@@ -54,6 +54,37 @@ def _kv_row_offsets(start_n, offs_n, load_mask, block_table_row, num_blocks, kv_
 
 
 @triton.jit
+def sequence_bounds(batch, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqused_k_ptr, total_q, total_k, max_blocks,
+                    seqlen_q_dense, seqlen_k_dense, VARLEN_Q: tl.constexpr, KV_LAYOUT: tl.constexpr,
+                    HAS_SEQUSED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """(first query row (int64), query count, first key row (int64; varlen keys only), key count) of sequence
+    ``batch``. Memory safety without host checks: every index is clamped into its tensor (query rows into q's
+    ``total_q`` tokens, key rows into k's ``total_k``, a paged key count into the block table's capacity)."""
+    q_start = tl.zeros((), tl.int64)
+    seqlen_q = seqlen_q_dense
+    if VARLEN_Q:
+        q_first = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + batch), 0), total_q)
+        seqlen_q = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + batch + 1), q_first), total_q) - q_first
+        q_start = q_first.to(tl.int64)
+    k_start = tl.zeros((), tl.int64)
+    seqlen_k = seqlen_k_dense
+    if KV_LAYOUT == 1:
+        k_first = tl.minimum(tl.maximum(tl.load(cu_seqlens_k_ptr + batch), 0), total_k)
+        if HAS_SEQUSED:
+            seqlen_k = tl.minimum(tl.maximum(tl.load(seqused_k_ptr + batch), 0), total_k - k_first)
+        else:
+            seqlen_k = tl.minimum(tl.maximum(tl.load(cu_seqlens_k_ptr + batch + 1), k_first), total_k) - k_first
+        k_start = k_first.to(tl.int64)
+    elif KV_LAYOUT == 2:
+        if HAS_SEQUSED:
+            seqlen_k = tl.load(seqused_k_ptr + batch)
+        else:
+            seqlen_k = tl.load(cu_seqlens_k_ptr + batch + 1) - tl.load(cu_seqlens_k_ptr + batch)
+        seqlen_k = tl.minimum(tl.maximum(seqlen_k, 0), max_blocks * PAGE_SIZE)
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
 def _attend_range(acc, l_i, m_i, q, lo, hi, pos, slope, seqlen_k, diag, window_left, window_right,
                   k_ptr, v_ptr, k_base, v_base, block_table_row, num_blocks, offs_d, qk_scale, softcap_log2,
                   stride_kb, stride_ks, stride_vb, stride_vs,
@@ -147,35 +178,12 @@ def _prefill_kernel(
     batch = tl.program_id(1)
     tile = tl.num_programs(2) - 1 - tl.program_id(2)  # longest causal tiles first
 
-    # Memory safety without host checks: every index is clamped into its tensor (the query rows into q's tokens,
-    # the key rows into k's, the key count into the block table's capacity; block ids in _kv_row_offsets).
-    if VARLEN_Q:
-        q_first = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + batch), 0), total_q)
-        seqlen_q = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + batch + 1), q_first), total_q) - q_first
-        q_start = q_first.to(tl.int64)
-    else:
-        q_start = tl.zeros((), tl.int64)
-        seqlen_q = seqlen_q_dense
+    q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(
+        batch, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqused_k_ptr, total_q, total_k, max_blocks, seqlen_q_dense,
+        seqlen_k_dense, VARLEN_Q, KV_LAYOUT, HAS_SEQUSED, PAGE_SIZE)
     row_start = tile * BLOCK_M
     if row_start >= seqlen_q * HEADS_PER_TILE:
         return
-
-    k_start = tl.zeros((), tl.int64)  # first key row of the sequence (varlen, not paged)
-    if KV_LAYOUT == 0:
-        seqlen_k = seqlen_k_dense
-    elif KV_LAYOUT == 1:
-        k_first = tl.minimum(tl.maximum(tl.load(cu_seqlens_k_ptr + batch), 0), total_k)
-        if HAS_SEQUSED:
-            seqlen_k = tl.minimum(tl.maximum(tl.load(seqused_k_ptr + batch), 0), total_k - k_first)
-        else:
-            seqlen_k = tl.minimum(tl.maximum(tl.load(cu_seqlens_k_ptr + batch + 1), k_first), total_k) - k_first
-        k_start = k_first.to(tl.int64)
-    else:  # paged: the block-table walk stays inside the table's width
-        if HAS_SEQUSED:
-            seqlen_k = tl.load(seqused_k_ptr + batch)
-        else:
-            seqlen_k = tl.load(cu_seqlens_k_ptr + batch + 1) - tl.load(cu_seqlens_k_ptr + batch)
-        seqlen_k = tl.minimum(tl.maximum(seqlen_k, 0), max_blocks * PAGE_SIZE)
 
     offs_r = row_start + tl.arange(0, BLOCK_M)
     pos = offs_r // HEADS_PER_TILE
