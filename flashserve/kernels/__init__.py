@@ -16,6 +16,9 @@ from flashserve.kernels.packed_interface import (
     flash_attn_varlen_qkvpacked_func,
 )
 
+# Attention scores from the forward's LSE (each key's attention mass, for KV eviction).
+from flashserve.kernels.attention_scores import attention_scores_from_lse
+
 # Decode attention (flash-decoding), merging attention states, the KV-cache write, fused layer helpers.
 from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.cache import reshape_and_cache_flash
