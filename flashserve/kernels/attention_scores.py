@@ -20,7 +20,9 @@ from flashserve.kernels.prefill import KV_DENSE, KV_PAGED, KV_VARLEN, _kv_row_of
 from flashserve.kernels.reference import scores as reference
 
 
-@triton.jit(do_not_specialize=["total_q", "total_k"])
+# As the prefill kernel: lengths, counts and window sizes are not specialised (strides are).
+@triton.jit(do_not_specialize=["total_q", "total_k", "seqlen_q_dense", "seqlen_k_dense", "out_keys", "window_left",
+                               "window_right", "max_blocks", "num_blocks"])
 def _scores_kernel(
     q_ptr, k_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqused_k_ptr, block_table_ptr, alibi_ptr,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_lb, stride_lh, stride_ob, stride_oh,

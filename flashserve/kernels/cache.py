@@ -11,7 +11,7 @@ from flashserve.kernels.index_checks import check_slots
 from flashserve.kernels.reference import decode as reference
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_slots"])
 def _cache_write_kernel(
     key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr, num_slots,
     stride_key_t, stride_key_h, stride_value_t, stride_value_h,

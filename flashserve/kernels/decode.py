@@ -33,7 +33,8 @@ MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4
 
 
-@triton.jit
+# Bounds that only clamp and mask are not specialised (seqlen_q and num_splits are: 1 is the common case).
+@triton.jit(do_not_specialize=["capacity", "num_cache_rows", "window_left", "window_right"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr, block_table_ptr, batch_idx_ptr, seqlens_k_ptr, alibi_ptr,
     leftpad_ptr, capacity, num_cache_rows,

@@ -154,8 +154,11 @@ def _attend_range(acc, l_i, m_i, q, lo, hi, pos, slope, seqlen_k, diag, window_l
     return acc, l_i, m_i
 
 
-# total_q / total_k (the varlen token counts) change with every batch: not specialised, so they compile nothing new.
-@triton.jit(do_not_specialize=["total_q", "total_k"])
+# Scalars that only bound loops and masks are not specialised (Triton compiles a variant per "== 1" / "multiple of
+# 16" class of each int argument): token counts and lengths change with every batch, the tuning classes are only
+# the autotuner's keys. Strides stay specialised (their divisibility gives vector loads).
+@triton.jit(do_not_specialize=["total_q", "total_k", "seqlen_q_dense", "seqlen_k_dense", "window_left",
+                               "window_right", "tune_seqlen_q", "tune_seqlen_k", "max_blocks", "num_blocks"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqused_k_ptr, block_table_ptr, alibi_ptr,

@@ -65,7 +65,7 @@ def _norm_rope_heads(x_ptr, stride_t, stride_h, token, heads, num_heads, weight_
     return out1, out2, xt, first, second, tail, pair_mask, tail_mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_positions", "num_slots"])
 def _qk_norm_rope_cache_kernel(
     q_ptr, k_ptr, v_ptr, cos_sin_ptr, positions_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
     q_weight_ptr, k_weight_ptr, eps, num_positions, num_slots,

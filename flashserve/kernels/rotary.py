@@ -44,7 +44,7 @@ def _rotate_heads(x_ptr, stride_t, stride_h, num_heads, token, cos, sin, half,
     tl.store(row + second[None, :], out2.to(x_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_positions"])
 def _rotary_kernel(
     x_ptr, y_ptr, cos_ptr, sin_ptr, positions_ptr, num_positions,
     x_heads, y_heads, half, stride_x_t, stride_x_h, stride_y_t, stride_y_h, stride_cos, stride_sin,
