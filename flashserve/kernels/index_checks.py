@@ -8,6 +8,11 @@ captured (a synchronisation would break the capture): there, as on the engine's 
 clamps and masks are what keep every access inside its tensor.
 """
 import torch
+import triton
+import triton.language as tl
+
+from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels._launch import next_power_of_2
 
 
 def capturing() -> bool:
@@ -44,44 +49,113 @@ def block_table_checks(block_table: torch.Tensor, seqlens: torch.Tensor, num_blo
                        lengths_name: str) -> list[tuple[torch.Tensor, str]]:
     """``seqlens`` (B,) (the tokens each sequence reads or writes) within the table's capacity and the block ids
     they use within [0, num_blocks)."""
+    too_long, bad_id = _block_table_messages(block_table, num_blocks, page_size, lengths_name)
+    return [((seqlens > block_table.shape[1] * page_size).any(), too_long),
+            (outside(block_table, 0, num_blocks, used_blocks_mask(block_table, seqlens, page_size)), bad_id)]
+
+
+def _block_table_messages(block_table: torch.Tensor, num_blocks: int, page_size: int, lengths_name: str):
+    """(lengths past the table's capacity, block ids outside the cache): the errors name ``block_table``."""
     capacity = block_table.shape[1] * page_size
-    return [
-        ((seqlens > capacity).any(),
-         f"block_table is too short: {block_table.shape[1]} blocks of {page_size} tokens hold {capacity} tokens, "
-         f"fewer than {lengths_name}"),
-        (outside(block_table, 0, num_blocks, used_blocks_mask(block_table, seqlens, page_size)),
-         f"block_table entries must be block ids in [0, {num_blocks}) (the cache's blocks)"),
-    ]
+    return (f"block_table is too short: {block_table.shape[1]} blocks of {page_size} tokens hold {capacity} tokens, "
+            f"fewer than {lengths_name}",
+            f"block_table entries must be block ids in [0, {num_blocks}) (the cache's blocks)")
+
+
+@triton.jit(do_not_specialize=["int_seqlen", "seqlen_new", "capacity", "num_rows", "num_blocks", "width"])
+def _kvcache_check_kernel(seqlens_ptr, leftpad_ptr, batch_idx_ptr, block_table_ptr, flags_ptr, int_seqlen,
+                          seqlen_new, capacity, num_rows, num_blocks, stride_table, width, page_size,
+                          SEQLENS_TENSOR: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+                          PAGED: tl.constexpr, BLOCK_W: tl.constexpr):
+    """All of ``flash_attn_with_kvcache``'s value checks for sequence ``program_id(0)`` in one launch: writes
+    ``flags[b]``, one bit per failed check (the order of ``_KVCACHE_FAILURES``)."""
+    batch = tl.program_id(0)
+    start = tl.zeros((), tl.int32) + int_seqlen
+    if SEQLENS_TENSOR:
+        start = tl.load(seqlens_ptr + batch)
+    end = start + seqlen_new
+    flags = (start < 0).to(tl.int32) | ((end > capacity).to(tl.int32) << 1)
+    if HAS_LEFTPAD:
+        pad = tl.load(leftpad_ptr + batch)
+        flags = flags | (((pad < 0) | (pad > start)).to(tl.int32) << 2)
+    if HAS_BATCH_IDX:
+        row = tl.load(batch_idx_ptr + batch)
+        flags = flags | (((row < 0) | (row >= num_rows)).to(tl.int32) << 3)
+    if PAGED:
+        bad = tl.zeros([BLOCK_W], tl.int32)
+        for first in range(0, width, BLOCK_W):
+            columns = first + tl.arange(0, BLOCK_W)
+            used = (columns < width) & (columns * page_size < end)
+            ids = tl.load(block_table_ptr + batch.to(tl.int64) * stride_table + columns, mask=used, other=0)
+            bad = bad | (used & ((ids < 0) | (ids >= num_blocks))).to(tl.int32)
+        flags = flags | (tl.max(bad, axis=0) << 4)
+    tl.store(flags_ptr + batch, flags)
+
+
+def _kvcache_failures(capacity: int, k_cache: torch.Tensor, block_table) -> list[str]:
+    """The messages of the checks, in the bit order of ``_kvcache_check_kernel``."""
+    if block_table is not None:
+        too_long, bad_id = _block_table_messages(block_table, k_cache.shape[0], k_cache.shape[1],
+                                                 "cache_seqlens + the new tokens")
+    else:
+        too_long, bad_id = f"cache_seqlens + the new tokens must be <= {capacity} (k_cache's length)", ""
+    return ["cache_seqlens must be >= 0", too_long, "cache_leftpad must be in [0, cache_seqlens] for every sequence",
+            f"cache_batch_idx entries must be rows of k_cache, in [0, {k_cache.shape[0]})", bad_id]
+
+
+def _check_kvcache_in_one_launch(cache_seqlens, seqlen_new, capacity, k_cache, block_table, cache_batch_idx,
+                                 cache_leftpad) -> None:
+    """The Triton path of ``check_kvcache_values``: one launch and one small copy to the host."""
+    batch = block_table.shape[0] if block_table is not None else (
+        cache_seqlens.shape[0] if isinstance(cache_seqlens, torch.Tensor) else
+        cache_batch_idx.shape[0] if cache_batch_idx is not None else
+        cache_leftpad.shape[0] if cache_leftpad is not None else 0)
+    if batch == 0:
+        return
+    flags = torch.empty(batch, dtype=torch.int32, device=k_cache.device)
+    seqlens_tensor = isinstance(cache_seqlens, torch.Tensor)
+    width = block_table.shape[1] if block_table is not None else 0
+    _kvcache_check_kernel[(batch,)](
+        cache_seqlens if seqlens_tensor else flags, cache_leftpad if cache_leftpad is not None else flags,
+        cache_batch_idx if cache_batch_idx is not None else flags,
+        block_table if block_table is not None else flags, flags,
+        0 if seqlens_tensor else cache_seqlens, seqlen_new, capacity, k_cache.shape[0], k_cache.shape[0],
+        block_table.stride(0) if block_table is not None else 0, width, k_cache.shape[1],
+        SEQLENS_TENSOR=seqlens_tensor, HAS_LEFTPAD=cache_leftpad is not None,
+        HAS_BATCH_IDX=cache_batch_idx is not None, PAGED=block_table is not None,
+        BLOCK_W=min(1024, next_power_of_2(max(width, 1))), num_warps=1,
+    )
+    failed = 0
+    for flag in flags.tolist():
+        failed |= flag
+    for bit, message in enumerate(_kvcache_failures(capacity, k_cache, block_table)):
+        if failed >> bit & 1:
+            raise ValueError(message)
 
 
 def check_kvcache_values(cache_seqlens, seqlen_new: int, capacity: int, k_cache: torch.Tensor, block_table,
                          cache_batch_idx, cache_leftpad) -> None:
-    """The value checks of ``flash_attn_with_kvcache`` (``cache_seqlens`` a (B,) int32 tensor or an int)."""
+    """The value checks of ``flash_attn_with_kvcache`` (``cache_seqlens`` a (B,) int32 tensor or an int): one
+    Triton launch where the kernels run (a decode call's host cost), PyTorch ops on the reference path."""
     if capturing():
         return
-    checks = []
-    if isinstance(cache_seqlens, torch.Tensor):
-        ends = cache_seqlens + seqlen_new
-        checks.append(((cache_seqlens < 0).any(), "cache_seqlens must be >= 0"))
-        if block_table is not None:
-            checks += block_table_checks(block_table, ends, k_cache.shape[0], k_cache.shape[1],
-                                         "cache_seqlens + the new tokens")
-        else:
-            checks.append(((ends > capacity).any(), f"cache_seqlens + the new tokens must be <= {capacity} "
-                                                    f"(k_cache's length)"))
-        if cache_leftpad is not None:
-            checks.append((((cache_leftpad < 0) | (cache_leftpad > cache_seqlens)).any(),
-                           "cache_leftpad must be in [0, cache_seqlens] for every sequence"))
-    elif block_table is not None:  # an int length: its bound is known on the host, the block ids are not
-        seqlens = torch.full((block_table.shape[0],), cache_seqlens + seqlen_new, device=block_table.device)
-        checks += block_table_checks(block_table, seqlens, k_cache.shape[0], k_cache.shape[1],
-                                     "cache_seqlens + the new tokens")
-    elif cache_leftpad is not None:
-        checks.append((outside(cache_leftpad, 0, cache_seqlens + 1),
-                       "cache_leftpad must be in [0, cache_seqlens] for every sequence"))
+    if use_triton(k_cache):
+        _check_kvcache_in_one_launch(cache_seqlens, seqlen_new, capacity, k_cache, block_table, cache_batch_idx,
+                                     cache_leftpad)
+        return
+    negative, too_long, bad_pad, bad_row, bad_id = _kvcache_failures(capacity, k_cache, block_table)
+    ends = cache_seqlens + seqlen_new
+    if not isinstance(cache_seqlens, torch.Tensor):
+        batch = next(t.shape[0] for t in (block_table, cache_batch_idx, cache_leftpad, k_cache) if t is not None)
+        cache_seqlens = ends = torch.full((batch,), ends, device=k_cache.device)
+    checks = [((cache_seqlens < 0).any(), negative), ((ends > capacity).any(), too_long)]
+    if cache_leftpad is not None:
+        checks.append((((cache_leftpad < 0) | (cache_leftpad > cache_seqlens)).any(), bad_pad))
     if cache_batch_idx is not None:
-        checks.append((outside(cache_batch_idx, 0, k_cache.shape[0]),
-                       f"cache_batch_idx entries must be rows of k_cache, in [0, {k_cache.shape[0]})"))
+        checks.append((outside(cache_batch_idx, 0, k_cache.shape[0]), bad_row))
+    if block_table is not None:
+        used = used_blocks_mask(block_table, ends, k_cache.shape[1])
+        checks.append((outside(block_table, 0, k_cache.shape[0], used), bad_id))
     raise_first(checks)
 
 
