@@ -74,8 +74,8 @@ def run_shape(batch: int, seqlen: int) -> dict:
                                                                  HEAD_DIM ** -0.5)))
     row["sdpa_flash_us"], row["sdpa_flash_graph_us"] = sdpa_us(SDPBackend.FLASH_ATTENTION, q_sdpa, k_sdpa, v_sdpa)
     row["sdpa_cudnn_us"], row["sdpa_cudnn_graph_us"] = sdpa_us(SDPBackend.CUDNN_ATTENTION, q_sdpa, k_sdpa, v_sdpa)
-    for name in ("paged", "paged_graph", "paged_strided", "dense", "engine", "sdpa_flash", "sdpa_flash_graph", "sdpa_cudnn",
-                 "sdpa_cudnn_graph"):
+    for name in ("paged", "paged_graph", "paged_strided", "dense", "engine", "sdpa_flash", "sdpa_flash_graph",
+                 "sdpa_cudnn", "sdpa_cudnn_graph"):
         row[f"{name}_tbs"] = kv_bytes / row[f"{name}_us"] / 1e6
     return row
 
