@@ -6,7 +6,10 @@ cuDNN backends on a contiguous (B, KVH, L, d) cache of the same content. TB/s co
 "graph" columns replay the call from a CUDA graph: device time without the host's launch gaps (small shapes are
 launch-bound in eager mode). "engine" is the engine's unchecked entry point (``paged_attention.decode``) on the
 paged cache: the public function also checks its index values on the host (one synchronisation per call, as
-FlashAttention 2), which the eager "ours" columns include. Also measures the HBM copy bandwidth in the same run.
+FlashAttention 2), which the eager "ours" columns include. "1 launch" / "2 launches" force the split-KV combine
+inside the decode kernel (the last program of each group merges) or in a second kernel (the default picks one
+launch for at most ``decode.FUSED_COMBINE_MAX_GROUPS`` groups); shapes with one split show the same time twice.
+Also measures the HBM copy bandwidth in the same run.
 Usage: python benchmarks/bench_decode.py [--out DIR]
 """
 import torch
@@ -15,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
 from flashserve.kernels import flash_attn_with_kvcache, paged_attention
+from flashserve.kernels.decode import launch_decode
 
 SHAPES = [(64, 4096), (256, 1024), (8, 32768), (1, 4096), (1, 131072)]
 HEADS, HEADS_K, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -74,8 +78,16 @@ def run_shape(batch: int, seqlen: int) -> dict:
                                                                  HEAD_DIM ** -0.5)))
     row["sdpa_flash_us"], row["sdpa_flash_graph_us"] = sdpa_us(SDPBackend.FLASH_ATTENTION, q_sdpa, k_sdpa, v_sdpa)
     row["sdpa_cudnn_us"], row["sdpa_cudnn_graph_us"] = sdpa_us(SDPBackend.CUDNN_ATTENTION, q_sdpa, k_sdpa, v_sdpa)
-    for name in ("paged", "paged_graph", "paged_strided", "dense", "engine", "sdpa_flash", "sdpa_flash_graph",
-                 "sdpa_cudnn", "sdpa_cudnn_graph"):
+    for fused, label in ((True, "one_launch"), (False, "two_launches")):
+        def engine(fused=fused):
+            return launch_decode(q, k_paged, v_paged, seqlens, block_table, None, None, HEAD_DIM ** -0.5, 0.0, -1, 0,
+                                 blocks_per_seq * PAGE, 0, False, None, fused)
+        fused_diff = (engine()[0] - ref).abs().max().item()
+        row["max_abs_diff_vs_sdpa"] = max(row["max_abs_diff_vs_sdpa"], fused_diff)
+        row[f"{label}_us"], row[f"{label}_graph_us"] = bench_us(engine), graph_bench_us(engine)
+    for name in ("paged", "paged_graph", "paged_strided", "dense", "engine", "one_launch", "one_launch_graph",
+                 "two_launches", "two_launches_graph", "sdpa_flash", "sdpa_flash_graph", "sdpa_cudnn",
+                 "sdpa_cudnn_graph"):
         row[f"{name}_tbs"] = kv_bytes / row[f"{name}_us"] / 1e6
     return row
 
@@ -96,7 +108,15 @@ def markdown(rows, copy_tbs) -> str:
             f"{r['sdpa_cudnn_us']:.1f} ({r['sdpa_cudnn_tbs']:.2f})", f"{r['sdpa_cudnn_us'] / r['paged_us']:.2f}",
             f"{r['paged_graph_us']:.1f} ({r['paged_graph_tbs']:.2f})", f"{r['sdpa_flash_graph_us']:.1f}",
             f"{r['sdpa_cudnn_graph_us']:.1f}", f"{r['sdpa_cudnn_graph_us'] / r['paged_graph_us']:.2f}"])
-    lines = [f"HBM copy bandwidth (same run): {copy_tbs:.2f} TB/s", "", common.markdown_table(header, table)]
+    combine = common.markdown_table(
+        ["B", "L", "1 launch µs", "2 launches µs", "1 launch graph µs", "2 launches graph µs", "cuDNN µs",
+         "cuDNN graph µs"],
+        [[r["batch"], r["seqlen"], f"{r['one_launch_us']:.1f}", f"{r['two_launches_us']:.1f}",
+          f"{r['one_launch_graph_us']:.1f}", f"{r['two_launches_graph_us']:.1f}", f"{r['sdpa_cudnn_us']:.1f}",
+          f"{r['sdpa_cudnn_graph_us']:.1f}"] for r in rows])
+    lines = [f"HBM copy bandwidth (same run): {copy_tbs:.2f} TB/s", "", common.markdown_table(header, table), "",
+             "Split-KV combine inside the decode kernel (1 launch) or in a second kernel (2 launches), "
+             "launch_decode on the paged cache:", "", combine]
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flashserve.kernels import flash_attn_with_kvcache
-from flashserve.kernels import reference
+from flashserve.kernels import decode, reference
 
 
 @dataclass
@@ -301,3 +301,15 @@ def test_empty_batch_or_queries(backend, empty, monkeypatch):
     out, lse = flash_attn_with_kvcache(**args, return_softmax_lse=True)
     batch, seqlen_q, heads = args["q"].shape[:3]
     assert out.shape == args["q"].shape and lse.shape == (batch, heads, seqlen_q)
+
+
+SPLIT_CASES = ["paged5-split3", "alibi-bh", "sq3-causal-split3", "mostly-empty-splits", "dense-batchidx", "fp32"]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_split_combine_in_kernel_or_in_a_second_launch(fused, monkeypatch):
+    """Both combine paths of split-KV decode: the last program of each group merges (one launch), or the combine
+    kernel does (the default for many groups)."""
+    monkeypatch.setattr(decode, "FUSED_COMBINE_MAX_GROUPS", 10 ** 6 if fused else 0)
+    for name in SPLIT_CASES:
+        run_case(CASES[name])

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from flashserve.kernels import paged_attention, reference, silu_and_mul
+from flashserve.kernels import decode, paged_attention, reference, silu_and_mul
 from test_cache_write import check_cache_write
 from test_decode import Case, make_inputs, run_case
 from test_layers import check_fused_add_rms_norm, check_rms_norm, check_rotary
@@ -36,6 +36,21 @@ GPU_CASES = {
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_kvcache_gpu(name, dtype):
     run_case(dataclasses.replace(GPU_CASES[name], dtype=dtype), device="cuda")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("shape", [dict(batch=1, cache_len=4096), dict(batch=4, cache_len=3000, num_splits=7),
+                                   dict(batch=16, cache_len=2000, seqlen_q=2, seqlen_new=2),
+                                   dict(batch=2, cache_len=30000, rotary="neox")])
+def test_split_combine_in_kernel_or_in_a_second_launch_gpu(fused, shape, monkeypatch):
+    """The one-launch combine (atomic counter, last program merges) against the two-launch one, at real sizes,
+    repeated (a race would show as a wrong or differing result)."""
+    monkeypatch.setattr(decode, "FUSED_COMBINE_MAX_GROUPS", 10 ** 6 if fused else 0)
+    case = Case(**{**REAL, **shape}, dtype=torch.bfloat16)
+    first, _ = run_case(case, device="cuda")
+    for _ in range(3):
+        again, _ = run_case(case, device="cuda")
+        assert torch.equal(first, again)
 
 
 def test_engine_entry_points_never_synchronise():

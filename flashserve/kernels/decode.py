@@ -23,7 +23,7 @@ from flashserve.kernels._dispatch import triton_interpret_enabled, use_triton
 from flashserve.kernels._launch import next_power_of_2
 from flashserve.kernels.decode_checks import check_kvcache_args
 from flashserve.kernels.kvcache_append import append_new_tokens
-from flashserve.kernels.merge import lse_weights, weighted
+from flashserve.kernels.merge import lse_weights, merge_split_rows, weighted
 from flashserve.kernels.reference import decode as reference
 
 MIN_TOKENS_PER_SPLIT = 128
@@ -31,13 +31,23 @@ MAX_SPLITS = 64
 # Paged K/V tiles are prefetched one tile ahead (their addresses come from a block-table load in the loop), so the
 # memory parallelism comes from several programs per SM: the split heuristic aims at this many.
 PROGRAMS_PER_SM = 4
+# Split layouts with at most this many (batch, row block, KV head) groups merge their splits inside the decode
+# kernel (one launch: the last program of each group combines); larger ones launch the combine kernel, which
+# spreads the merge over more programs.
+FUSED_COMBINE_MAX_GROUPS = 64
+
+
+def uses_fused_combine(splits: int, groups: int) -> bool:
+    """Whether a launch with ``splits`` splits and ``groups`` (batch x row blocks x KV heads) groups combines its
+    splits inside the decode kernel."""
+    return splits > 1 and groups <= FUSED_COMBINE_MAX_GROUPS
 
 
 # Bounds that only clamp and mask are not specialised (seqlen_q and num_splits are: 1 is the common case).
 @triton.jit(do_not_specialize=["capacity", "num_cache_rows", "window_left", "window_right"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr, block_table_ptr, batch_idx_ptr, seqlens_k_ptr, alibi_ptr,
-    leftpad_ptr, capacity, num_cache_rows,
+    leftpad_ptr, capacity, num_cache_rows, counter_ptr, final_out_ptr, final_lse_ptr,
     seqlen_q, num_heads_k, head_dim, num_splits, sm_scale, softcap, window_left, window_right,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_osplit, stride_oh, stride_lb, stride_ls, stride_lsplit, stride_lh,
@@ -46,7 +56,7 @@ def _decode_kernel(
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSED_COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     split = tl.program_id(0)
     kv_head = tl.program_id(1) % num_heads_k
@@ -155,6 +165,23 @@ def _decode_kernel(
     tl.store(out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=store_mask)
     tl.store(lse_ptr + batch * stride_lb + query * stride_ls + split * stride_lsplit + head * stride_lh, lse,
              mask=row_valid)
+    if FUSED_COMBINE:
+        # One launch: the last split program of this (batch, row block, KV head) to finish merges all the partial
+        # states. The barrier orders every thread's stores before the counter's release; the acquire side reads
+        # the states past L1 (merge_split_rows). The counters start at zero (a fresh buffer per launch).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + batch * tl.num_programs(1) + tl.program_id(1), 1, sem="acq_rel",
+                                scope="gpu")
+        if arrived == num_splits - 1:
+            merged, merged_lse = merge_split_rows(
+                out_ptr + batch * stride_ob + query * stride_os + head * stride_oh,
+                lse_ptr + batch * stride_lb + query * stride_ls + head * stride_lh, stride_osplit, stride_lsplit,
+                num_splits, row_valid, dims, dim_valid, BLOCK_M, BLOCK_S, BLOCK_D)
+            num_heads = num_heads_k * GROUP
+            final_rows = ((batch * seqlen_q + query) * num_heads + head) * head_dim  # out (B, Sq, H, D) contiguous
+            tl.store(final_out_ptr + final_rows[:, None] + dims[None, :],
+                     merged.to(final_out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+            tl.store(final_lse_ptr + (batch * num_heads + head) * seqlen_q + query, merged_lse, mask=row_valid)
 
 
 @triton.jit
@@ -294,14 +321,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
 
 def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
-                  softcap, window_left, window_right, capacity, num_splits, write_lse, cache_leftpad=None):
+                  softcap, window_left, window_right, capacity, num_splits, write_lse, cache_leftpad=None,
+                  fused_combine=None):
     """Launch the decode kernel (and the split combine) on validated arguments; no checks (engines call this with
     metadata they validated once). ``seqlens_k`` (B,) int32 are the KV lengths after any append (with
     ``cache_leftpad``, the end rows: keys are rows ``cache_leftpad[b] .. seqlens_k[b] - 1``); causal masking is
     ``window_right = 0``; ``capacity`` (tokens a sequence of the cache can hold) sets the split layout, so the
     launch depends on shapes only and is safe to capture in a CUDA graph. Index values are clamped or masked in
-    the kernel (never an access outside the tensors). Returns (out (B, Sq, H, D), lse (B, H, Sq) fp32 — filled
-    when one split is used or ``write_lse``)."""
+    the kernel (never an access outside the tensors). ``fused_combine`` (None: ``uses_fused_combine``) merges the
+    splits inside the decode kernel instead of a second launch. Returns (out (B, Sq, H, D), lse (B, H, Sq) fp32 —
+    filled when one split is used, the combine is fused, or ``write_lse``)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     num_heads_k = k_cache.shape[2]
     device = q.device
@@ -321,13 +350,17 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         target_out, target_lse = out, lse
         out_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
         lse_strides = (lse.stride(0), lse.stride(2), 0, lse.stride(1))
+    if fused_combine is None:
+        fused_combine = uses_fused_combine(splits, batch * grid[1])
+    fused_combine = fused_combine and splits > 1
+    counters = torch.zeros(batch * grid[1], dtype=torch.int32, device=device) if fused_combine else lse
     paged = block_table is not None
     upcast = q.dtype == torch.float32 or triton_interpret_enabled()
     _decode_kernel[grid](
         q, k_cache, v_cache, target_out, target_lse, block_table if paged else seqlens_k,
         seqlens_k if cache_batch_idx is None else cache_batch_idx, seqlens_k,
         seqlens_k if alibi_slopes is None else alibi_slopes,
-        seqlens_k if cache_leftpad is None else cache_leftpad, capacity, k_cache.shape[0],
+        seqlens_k if cache_leftpad is None else cache_leftpad, capacity, k_cache.shape[0], counters, out, lse,
         seqlen_q, num_heads_k, head_dim, splits,
         float(head_dim ** -0.5 if softmax_scale is None else softmax_scale), float(softcap),
         window_left, window_right,
@@ -340,9 +373,9 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         HAS_LEFTPAD=cache_leftpad is not None,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
-        num_warps=4, num_stages=3,
+        FUSED_COMBINE=fused_combine, BLOCK_S=block_s, num_warps=4, num_stages=3,
     )
-    if splits > 1:
+    if splits > 1 and not fused_combine:
         _combine_splits_kernel[combine_grid](
             out, lse, part, seqlen_q, splits, NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=write_lse,
             BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=combine_warps,
