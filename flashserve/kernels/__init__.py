@@ -22,7 +22,7 @@ from flashserve.kernels.attention_scores import attention_scores_from_lse
 # Decode attention (flash-decoding), merging attention states, the KV-cache write, fused layer helpers.
 from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.cache import reshape_and_cache_flash
-from flashserve.kernels.decode import flash_attn_with_kvcache
+from flashserve.kernels.kvcache_interface import flash_attn_with_kvcache
 from flashserve.kernels.merge import merge_attn_states
 from flashserve.kernels.norm import fused_add_rms_norm, rms_norm
 from flashserve.kernels.qk_rope_cache import qk_norm_rope_and_cache

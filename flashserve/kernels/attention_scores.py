@@ -6,7 +6,7 @@ The forward pass already knows each query row's log-sum-exp, so the weight of ke
 causal / window bounds cut the range) — a row being one (query, query head of the KV head's group) pair, as in
 the decode kernel — and accumulates the weights over the rows (sum or max). One pass over K; Q is re-read per
 key tile (from L2 for most shapes). Layouts, masks, softcap, ALiBi and the memory-safety clamps are the prefill
-kernel's (``prefill.sequence_bounds``, ``prefill._kv_row_offsets``).
+kernel's (``kv_layout.sequence_bounds``, ``kv_layout.kv_row_offsets``).
 """
 import torch
 import triton
@@ -16,7 +16,7 @@ from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import triton_interpret_enabled, use_triton
 from flashserve.kernels._launch import cdiv, next_power_of_2
 from flashserve.kernels.flash_attn_interface import check_options, check_qkv, check_varlen_indices
-from flashserve.kernels.prefill import KV_DENSE, KV_PAGED, KV_VARLEN, _kv_row_offsets, sequence_bounds
+from flashserve.kernels.kv_layout import KV_DENSE, KV_PAGED, KV_VARLEN, kv_row_offsets, sequence_bounds
 from flashserve.kernels.reference import scores as reference
 
 
@@ -54,8 +54,8 @@ def _scores_kernel(
     else:
         k_base = batch64 * stride_kb + k_start * stride_ks + kv_head.to(tl.int64) * stride_kh
         block_table_row = block_table_ptr
-    k_rows = _kv_row_offsets(key_start, offs_n, key_valid, block_table_row, num_blocks, k_base, stride_kb,
-                             stride_ks, KV_LAYOUT, PAGE_SIZE, BLOCK_N)
+    k_rows = kv_row_offsets(key_start, offs_n, key_valid, block_table_row, num_blocks, k_base, stride_kb,
+                            stride_ks, KV_LAYOUT, PAGE_SIZE, BLOCK_N)
     k = tl.load(k_ptr + k_rows[:, None] + dims[None, :], mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
 
     # The query rows that see at least one of these keys: query i sees key j when

@@ -1,4 +1,5 @@
-"""``flash_attn_with_kvcache``: attention of a few query tokens over a paged or dense KV cache (flash-decoding).
+"""The decode kernels behind ``flash_attn_with_kvcache`` (``kvcache_interface.py``): attention of a few query
+tokens over a paged or dense KV cache (flash-decoding), and their launch.
 
 Kernel structure:
 - one program per (KV split, row block x KV head, batch). The rows of a program are the ``Sq * group`` pairs
@@ -6,8 +7,9 @@ Kernel structure:
   tile is read once for the whole group.
 - each sequence's visible keys (after the causal / window bounds of the row block) are cut into ``num_splits``
   ranges, a multiple of BLOCK_N each. With one split the kernel writes the output and LSE directly; with more it
-  writes fp32 partial outputs and LSEs, and ``_combine_splits_kernel`` merges them with the combine code of
-  ``merge_attn_states`` (``merge.lse_weights``); the partial outputs and their LSEs share one fp32 buffer.
+  writes fp32 partial outputs and LSEs (one fp32 buffer), merged with the combine code of ``merge_attn_states``
+  (``merge.lse_weights``): for few (batch, row block, KV head) groups by the last split program of each group
+  (an atomic counter: one launch), else by ``_combine_splits_kernel`` (a second launch).
 - paged caches gather each tile's block ids from ``block_table`` (cast to int64 before multiplying by the block
   stride); dense caches use ``cache_batch_idx``. Strides are plain ints so Triton specialises on them.
 The grid is sized from the cache capacity, never from ``cache_seqlens`` values (the launch itself needs no host
@@ -19,12 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels._dispatch import triton_interpret_enabled, use_triton
+from flashserve.kernels._dispatch import triton_interpret_enabled
 from flashserve.kernels._launch import next_power_of_2
-from flashserve.kernels.decode_checks import check_kvcache_args
-from flashserve.kernels.kvcache_append import append_new_tokens
 from flashserve.kernels.merge import lse_weights, merge_split_rows, weighted
-from flashserve.kernels.reference import decode as reference
 
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 64
@@ -253,71 +252,6 @@ def launch_config(batch: int, seqlen_q: int, num_heads: int, num_heads_k: int, h
     combine_grid = (batch * seqlen_q, -(-num_heads // block_h))
     return ((splits, num_heads_k * row_blocks, batch), splits, block_m, block_n, block_d, combine_grid, block_h,
             block_s, 8 if block_s * block_d > 4096 else 4)
-
-
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
-                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
-                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
-    """Attention of q over a KV cache, after appending new keys/values into it in place (FlashAttention's API).
-
-    Args:
-        q: (B, Sq, H, D) fp16/bf16/fp32 (fp32 runs with IEEE fp32 dots), last dimension contiguous; D <= 256.
-        k_cache, v_cache: paged (num_blocks, page_size, Hk, D) with ``block_table``, any page_size >= 1; or dense
-            (B_cache, max_seqlen, Hk, D), sequence b in row ``cache_batch_idx[b]`` or, without it, row b
-            (B_cache >= B). Any strides with the last dimension contiguous. ``H % Hk == 0``.
-        k, v: optional (B, Snew, Hk, D) new tokens, written into the caches in place at positions
-            ``cache_seqlens[b] .. cache_seqlens[b] + Snew - 1`` before attention (requires ``cache_seqlens``).
-        rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2), rotary_dim <= D, seqlen_ro >= the cache
-            capacity (max_blocks * page_size, or the dense cache's length) (requires k). New keys are
-            rotated at their positions; q at ``cache_seqlens[b] + i`` when causal or windowed, else all of q at
-            ``cache_seqlens[b]``. ``rotary_interleaved``: pairs (2j, 2j+1), else GPT-NeoX halves.
-        cache_seqlens: int or (B,) int32: tokens already in the cache (None: the whole cache capacity); with
-            ``cache_leftpad``, the row where the sequence ends (the pad included), as FlashAttention 2.
-        cache_batch_idx: optional (B,) int32 rows of a dense cache (not with block_table).
-        cache_leftpad: optional (B,) int32, dense caches only (FlashAttention 2): sequence b's keys are the rows
-            ``cache_leftpad[b] .. cache_seqlens[b] - 1`` and the new k/v go to rows ``cache_seqlens[b] ..``. The
-            causal / window alignment and ALiBi count keys from the pad (the pad is invisible); rotary positions
-            are the cache rows (k and q rotated at ``cache_seqlens[b] ..``), as FlashAttention 2 does.
-        block_table: (B, max_blocks) int32: token t of sequence b is at block ``block_table[b, t // page_size]``,
-            row ``t % page_size``.
-        softmax_scale: default D ** -0.5. causal: bottom-right aligned (Sq >= 1). window_size: (left, right).
-        softcap: > 0 applies ``softcap * tanh(score / softcap)``. alibi_slopes: (H,) or (B, H) fp32.
-        num_splits: 0 picks a split count, 1 disables splitting, n > 1 forces n splits (at most 64).
-        return_softmax_lse: also return the fp32 natural-log LSE (B, H, Sq).
-
-    Index values (``cache_seqlens`` (+ Snew) within the capacity — the error names ``block_table`` when paged —,
-    block ids within ``k_cache``'s blocks, ``cache_batch_idx`` within its rows, ``0 <= cache_leftpad <=
-    cache_seqlens``) are checked on the host (one synchronisation, as FlashAttention 2), except while a CUDA graph
-    is being captured; the kernels clamp or mask them anyway, so nothing reads or writes outside the tensors.
-
-    Returns:
-        out (B, Sq, H, D) in q's dtype, and the LSE when asked. A row with no visible key gives zeros and LSE -inf.
-    """
-    window_left, window_right, capacity = check_kvcache_args(
-        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-        block_table, window_size, softcap, alibi_slopes, num_splits)
-    if not use_triton(q):
-        out, lse = reference.flash_attn_with_kvcache(
-            q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, block_table,
-            softmax_scale, causal, (window_left, window_right), softcap, rotary_interleaved, alibi_slopes,
-            cache_leftpad=cache_leftpad)
-        return (out, lse) if return_softmax_lse else out
-    if cache_seqlens is None:
-        cache_seqlens = capacity
-    if type(cache_seqlens) is int:
-        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
-    seqlens_k = cache_seqlens
-    if k is not None:
-        q = append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                               block_table, causal or (window_left, window_right) != (-1, -1), rotary_interleaved)
-        seqlens_k = cache_seqlens + k.shape[1]
-    if causal:
-        window_right = 0
-    out, lse = launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes,
-                             softmax_scale, softcap, window_left, window_right, capacity, num_splits,
-                             return_softmax_lse, cache_leftpad)
-    return (out, lse) if return_softmax_lse else out
 
 
 def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,

@@ -29,7 +29,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens=None, cache_batch_idx=None, block_table=None, softmax_scale=None,
                             causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
                             alibi_slopes=None, upcast=True, cache_leftpad=None):
-    """Reference of ``flashserve.kernels.decode.flash_attn_with_kvcache`` (same arguments but ``num_splits``;
+    """Reference of ``flashserve.kernels.flash_attn_with_kvcache`` (same arguments but ``num_splits``;
     ``cache_leftpad`` last). Appends k/v into the caches in place. Returns out (B, Sq, H, D) in q's dtype and
     lse (B, H, Sq) fp32. ``upcast=False`` runs the attention in the input precision (FlashAttention's baseline).
     With ``cache_leftpad`` sequence b's keys are the dense cache rows ``cache_leftpad[b] .. cache_seqlens[b] + Snew
