@@ -180,7 +180,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         v: like k.
         cu_seqlens_q: (batch_size + 1,), int32. Cumulative query lengths, used to index into q.
         cu_seqlens_k: (batch_size + 1,), int32, cumulative key lengths; may be None when paged with seqused_k.
-        max_seqlen_q: int. An upper bound of the query lengths (no host sync is done to check it).
+        max_seqlen_q: int. An upper bound of the query lengths (not checked against them).
         max_seqlen_k: int. An upper bound of the key lengths.
         dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic: as in
             ``flash_attn_func``.
