@@ -173,8 +173,10 @@ def child_sweep(specialize_all: bool) -> dict:
 def run_child(args: list[str], cache_dir: str) -> dict:
     env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"),
                FLASHSERVE_CACHE_DIR=os.path.join(cache_dir, "flashserve"), PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args], env=env, check=True,
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args], env=env,
                           capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"child {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
