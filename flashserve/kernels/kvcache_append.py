@@ -29,19 +29,18 @@ def append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens
 
 def new_token_slots(new_positions, k_cache, block_table, cache_batch_idx):
     """(B, Snew) int64 cache slots of the new tokens (a dense cache counts as blocks of its length). A position
-    past the block table (or the dense cache) or a block id / row outside the cache gives slot -1 (not written):
-    bad metadata never makes the write leave the cache, and no index reaches ``gather`` out of range."""
-    num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
-    batch = new_positions.shape[0]
+    outside the block table (or the dense cache's length) gives slot -1 (not written) and never reaches ``gather``
+    out of range; a block id or row outside the cache gives a slot the write kernel skips."""
+    block_size = k_cache.shape[1]
     if block_table is not None:
+        width = block_table.shape[1]
         columns = new_positions // block_size
-        in_table = (new_positions >= 0) & (columns < block_table.shape[1])
-        blocks = block_table.long().gather(1, columns.clamp(0, block_table.shape[1] - 1))
+        blocks = block_table.long().gather(1, columns.clamp(0, width - 1))
         slots = blocks * block_size + new_positions % block_size
+        inside = (columns >= 0) & (columns < width)
     else:
-        in_table = (new_positions >= 0) & (new_positions < block_size)
-        blocks = cache_batch_idx.long()[:, None] if cache_batch_idx is not None else \
-            torch.arange(batch, device=new_positions.device)[:, None]
-        slots = blocks * block_size + new_positions
-    valid = in_table & (blocks >= 0) & (blocks < num_blocks)
-    return torch.where(valid, slots, -1)
+        rows = cache_batch_idx.long() if cache_batch_idx is not None else \
+            torch.arange(new_positions.shape[0], device=new_positions.device)
+        slots = rows[:, None] * block_size + new_positions
+        inside = (new_positions >= 0) & (new_positions < block_size)
+    return torch.where(inside, slots, -1)
