@@ -95,6 +95,6 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
         window = (-1, -1)
     else:
         window = _validate.check_window_size(window_size)
-    check_kvcache_values(capacity if cache_seqlens is None else cache_seqlens, seqlen_new, capacity, k_cache,
+    check_kvcache_values(batch, capacity if cache_seqlens is None else cache_seqlens, seqlen_new, capacity, k_cache,
                          block_table, cache_batch_idx, cache_leftpad)
     return (*window, capacity)

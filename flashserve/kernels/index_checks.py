@@ -103,15 +103,9 @@ def _kvcache_failures(capacity: int, k_cache: torch.Tensor, block_table) -> list
             f"cache_batch_idx entries must be rows of k_cache, in [0, {k_cache.shape[0]})", bad_id]
 
 
-def _check_kvcache_in_one_launch(cache_seqlens, seqlen_new, capacity, k_cache, block_table, cache_batch_idx,
+def _check_kvcache_in_one_launch(batch, cache_seqlens, seqlen_new, capacity, k_cache, block_table, cache_batch_idx,
                                  cache_leftpad) -> None:
     """The Triton path of ``check_kvcache_values``: one launch and one small copy to the host."""
-    batch = block_table.shape[0] if block_table is not None else (
-        cache_seqlens.shape[0] if isinstance(cache_seqlens, torch.Tensor) else
-        cache_batch_idx.shape[0] if cache_batch_idx is not None else
-        cache_leftpad.shape[0] if cache_leftpad is not None else 0)
-    if batch == 0:
-        return
     flags = torch.empty(batch, dtype=torch.int32, device=k_cache.device)
     seqlens_tensor = isinstance(cache_seqlens, torch.Tensor)
     width = block_table.shape[1] if block_table is not None else 0
@@ -133,20 +127,20 @@ def _check_kvcache_in_one_launch(cache_seqlens, seqlen_new, capacity, k_cache, b
             raise ValueError(message)
 
 
-def check_kvcache_values(cache_seqlens, seqlen_new: int, capacity: int, k_cache: torch.Tensor, block_table,
-                         cache_batch_idx, cache_leftpad) -> None:
+def check_kvcache_values(batch: int, cache_seqlens, seqlen_new: int, capacity: int, k_cache: torch.Tensor,
+                         block_table, cache_batch_idx, cache_leftpad) -> None:
     """The value checks of ``flash_attn_with_kvcache`` (``cache_seqlens`` a (B,) int32 tensor or an int): one
     Triton launch where the kernels run (a decode call's host cost), PyTorch ops on the reference path."""
-    if capturing():
-        return
+    on_device = (cache_seqlens, block_table, cache_batch_idx, cache_leftpad)
+    if capturing() or batch == 0 or not any(isinstance(t, torch.Tensor) for t in on_device):
+        return  # (an int length alone was checked on the host by decode_checks)
     if use_triton(k_cache):
-        _check_kvcache_in_one_launch(cache_seqlens, seqlen_new, capacity, k_cache, block_table, cache_batch_idx,
-                                     cache_leftpad)
+        _check_kvcache_in_one_launch(batch, cache_seqlens, seqlen_new, capacity, k_cache, block_table,
+                                     cache_batch_idx, cache_leftpad)
         return
     negative, too_long, bad_pad, bad_row, bad_id = _kvcache_failures(capacity, k_cache, block_table)
     ends = cache_seqlens + seqlen_new
     if not isinstance(cache_seqlens, torch.Tensor):
-        batch = next(t.shape[0] for t in (block_table, cache_batch_idx, cache_leftpad, k_cache) if t is not None)
         cache_seqlens = ends = torch.full((batch,), ends, device=k_cache.device)
     checks = [((cache_seqlens < 0).any(), negative), ((ends > capacity).any(), too_long)]
     if cache_leftpad is not None:
