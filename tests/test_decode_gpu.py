@@ -29,6 +29,9 @@ GPU_CASES = {
     "mha-d256": Case(batch=2, heads=8, heads_k=8, head_dim=256, cache_len=1500, num_splits=3),
     "d80-rotary-partial": Case(batch=3, heads=12, heads_k=4, head_dim=80, rotary="neox", rotary_dim=64),
     "empty": Case(**{**REAL, "cache_len": 0}, seqlen_new=0),
+    "leftpad-rotary": Case(**REAL, page_size=None, leftpad=True, rotary="neox", seqlen_q=2, seqlen_new=2),
+    "leftpad-batchidx-window": Case(**REAL, page_size=None, leftpad=True, batch_idx=True, window=(700, 0),
+                                    causal=False, num_splits=4),
 }
 
 
