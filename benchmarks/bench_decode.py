@@ -4,7 +4,12 @@ bf16, H 32 / KVH 8, d 128. Ours on a paged cache (page 16, random block table), 
 view (K and V interleaved per block, as in a combined KV buffer), and on a contiguous dense cache; SDPA flash and
 cuDNN backends on a contiguous (B, KVH, L, d) cache of the same content. TB/s counts the K and V bytes once.
 "graph" columns replay the call from a CUDA graph: device time without the host's launch gaps (small shapes are
-launch-bound in eager mode). Also measures the HBM copy bandwidth in the same run.
+launch-bound in eager mode). "engine" is the engine's unchecked entry point (``paged_attention.decode``) on the
+paged cache: the public function also checks its index values on the host (one synchronisation per call, as
+FlashAttention 2), which the eager "ours" columns include. "1 launch" / "2 launches" force the split-KV combine
+inside the decode kernel (the last program of each group merges) or in a second kernel (the default picks one
+launch for at most ``decode.FUSED_COMBINE_MAX_GROUPS`` groups); shapes with one split show the same time twice.
+Also measures the HBM copy bandwidth in the same run.
 Usage: python benchmarks/bench_decode.py [--out DIR]
 """
 import torch
@@ -12,7 +17,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
-from flashserve.kernels import flash_attn_with_kvcache
+from flashserve.kernels import flash_attn_with_kvcache, paged_attention
+from flashserve.kernels.decode import launch_decode
 
 SHAPES = [(64, 4096), (256, 1024), (8, 32768), (1, 4096), (1, 131072)]
 HEADS, HEADS_K, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -67,17 +73,28 @@ def run_shape(batch: int, seqlen: int) -> dict:
                paged_us=bench_us(ours(k_paged, v_paged, block_table)),
                paged_graph_us=graph_bench_us(ours(k_paged, v_paged, block_table)),
                paged_strided_us=bench_us(ours(k_strided, v_strided, block_table)),
-               dense_us=bench_us(ours(k_dense, v_dense, None)))
+               dense_us=bench_us(ours(k_dense, v_dense, None)),
+               engine_us=bench_us(lambda: paged_attention.decode(q[:, 0], k_paged, v_paged, seqlens, block_table,
+                                                                 HEAD_DIM ** -0.5)))
     row["sdpa_flash_us"], row["sdpa_flash_graph_us"] = sdpa_us(SDPBackend.FLASH_ATTENTION, q_sdpa, k_sdpa, v_sdpa)
     row["sdpa_cudnn_us"], row["sdpa_cudnn_graph_us"] = sdpa_us(SDPBackend.CUDNN_ATTENTION, q_sdpa, k_sdpa, v_sdpa)
-    for name in ("paged", "paged_graph", "paged_strided", "dense", "sdpa_flash", "sdpa_flash_graph", "sdpa_cudnn",
+    for fused, label in ((True, "one_launch"), (False, "two_launches")):
+        def engine(fused=fused):
+            return launch_decode(q, k_paged, v_paged, seqlens, block_table, None, None, HEAD_DIM ** -0.5, 0.0, -1, 0,
+                                 blocks_per_seq * PAGE, 0, False, None, fused)
+        fused_diff = (engine()[0] - ref).abs().max().item()
+        row["max_abs_diff_vs_sdpa"] = max(row["max_abs_diff_vs_sdpa"], fused_diff)
+        row[f"{label}_us"], row[f"{label}_graph_us"] = bench_us(engine), graph_bench_us(engine)
+    for name in ("paged", "paged_graph", "paged_strided", "dense", "engine", "one_launch", "one_launch_graph",
+                 "two_launches", "two_launches_graph", "sdpa_flash", "sdpa_flash_graph", "sdpa_cudnn",
                  "sdpa_cudnn_graph"):
         row[f"{name}_tbs"] = kv_bytes / row[f"{name}_us"] / 1e6
     return row
 
 
 def markdown(rows, copy_tbs) -> str:
-    header = ["B", "L", "ours paged µs", "TB/s", "% copy", "strided µs (Δ)", "dense µs", "SDPA flash µs (TB/s)",
+    header = ["B", "L", "ours paged µs", "TB/s", "% copy", "engine µs (TB/s)", "strided µs (Δ)", "dense µs",
+              "SDPA flash µs (TB/s)",
               "cuDNN µs (TB/s)", "cuDNN / ours", "ours graph µs (TB/s)", "SDPA flash graph µs", "cuDNN graph µs",
               "cuDNN / ours (graph)"]
     table = []
@@ -85,12 +102,21 @@ def markdown(rows, copy_tbs) -> str:
         delta = (r["paged_strided_us"] / r["paged_us"] - 1) * 100
         table.append([
             r["batch"], r["seqlen"], f"{r['paged_us']:.1f}", f"{r['paged_tbs']:.2f}",
-            f"{100 * r['paged_tbs'] / copy_tbs:.0f}%", f"{r['paged_strided_us']:.1f} ({delta:+.1f}%)",
+            f"{100 * r['paged_tbs'] / copy_tbs:.0f}%", f"{r['engine_us']:.1f} ({r['engine_tbs']:.2f})",
+            f"{r['paged_strided_us']:.1f} ({delta:+.1f}%)",
             f"{r['dense_us']:.1f}", f"{r['sdpa_flash_us']:.1f} ({r['sdpa_flash_tbs']:.2f})",
             f"{r['sdpa_cudnn_us']:.1f} ({r['sdpa_cudnn_tbs']:.2f})", f"{r['sdpa_cudnn_us'] / r['paged_us']:.2f}",
             f"{r['paged_graph_us']:.1f} ({r['paged_graph_tbs']:.2f})", f"{r['sdpa_flash_graph_us']:.1f}",
             f"{r['sdpa_cudnn_graph_us']:.1f}", f"{r['sdpa_cudnn_graph_us'] / r['paged_graph_us']:.2f}"])
-    lines = [f"HBM copy bandwidth (same run): {copy_tbs:.2f} TB/s", "", common.markdown_table(header, table)]
+    combine = common.markdown_table(
+        ["B", "L", "1 launch µs", "2 launches µs", "1 launch graph µs", "2 launches graph µs", "cuDNN µs",
+         "cuDNN graph µs"],
+        [[r["batch"], r["seqlen"], f"{r['one_launch_us']:.1f}", f"{r['two_launches_us']:.1f}",
+          f"{r['one_launch_graph_us']:.1f}", f"{r['two_launches_graph_us']:.1f}", f"{r['sdpa_cudnn_us']:.1f}",
+          f"{r['sdpa_cudnn_graph_us']:.1f}"] for r in rows])
+    lines = [f"HBM copy bandwidth (same run): {copy_tbs:.2f} TB/s", "", common.markdown_table(header, table), "",
+             "Split-KV combine inside the decode kernel (1 launch) or in a second kernel (2 launches), "
+             "launch_decode on the paged cache:", "", combine]
     return "\n".join(lines)
 
 

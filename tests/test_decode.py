@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flashserve.kernels import flash_attn_with_kvcache
-from flashserve.kernels import reference
+from flashserve.kernels import decode, reference
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Case:
     strided: bool = False
     batch_idx: bool = False
     int_seqlens: bool = False
+    leftpad: bool = False  # dense caches: cache_leftpad, rows before the pad hold NaN
     dtype: torch.dtype = torch.float16
 
 
@@ -76,9 +77,13 @@ def make_inputs(case: Case, device="cpu", seed=0):
         block_table = block_table.view(case.batch, blocks_per_seq).int().to(device)
     elif case.batch_idx:
         cache_batch_idx = torch.randperm(k_cache.shape[0], generator=gen)[: case.batch].int().to(device)
-    for b in range(case.batch):  # real data in the first lengths[b] tokens of every sequence
-        n = int(lengths[b])
-        positions = torch.arange(n)
+    pads = torch.zeros(case.batch, dtype=torch.int64)
+    if case.leftpad:  # FlashAttention 2: keys are the rows [pad, cache_seqlens), the pad anywhere up to the end
+        pads = (torch.rand(case.batch, generator=gen) * (lengths + 1)).long().clamp(max=lengths)
+        pads[0] = min(3, int(lengths[0]))
+    for b in range(case.batch):  # real data in the rows pads[b] .. lengths[b] - 1 of every sequence
+        n = int(lengths[b]) - int(pads[b])
+        positions = torch.arange(n) + int(pads[b])
         if block_table is not None:
             blocks, rows = block_table[b].long().cpu()[positions // case.page_size], positions % case.page_size
         else:
@@ -90,6 +95,8 @@ def make_inputs(case: Case, device="cpu", seed=0):
                 cache_seqlens=case.cache_len if case.int_seqlens else lengths.int().to(device),
                 cache_batch_idx=cache_batch_idx, block_table=block_table, causal=case.causal,
                 window_size=case.window, softcap=case.softcap)
+    if case.leftpad:
+        args["cache_leftpad"] = pads.int().to(device)
     if case.seqlen_new:
         args["k"] = randn(case.batch, case.seqlen_new, case.heads_k, case.head_dim)
         args["v"] = randn(case.batch, case.seqlen_new, case.heads_k, case.head_dim)
@@ -177,6 +184,11 @@ CASES = {
     "alibi-bh": Case(alibi="bh", causal=False, num_splits=3),
     "fp32": Case(dtype=torch.float32, num_splits=3, seqlen_q=2, seqlen_new=2),
     "fp32-rotary-window": Case(dtype=torch.float32, rotary="neox", window=(30, 0), seqlen_q=2, seqlen_new=2),
+    "leftpad-causal-rotary": Case(page_size=None, leftpad=True, rotary="interleaved", seqlen_q=2, seqlen_new=2),
+    "leftpad-batchidx-split3": Case(page_size=None, leftpad=True, batch_idx=True, batch=3, num_splits=3),
+    "leftpad-window-alibi": Case(page_size=None, leftpad=True, window=(20, 0), causal=False, alibi="h",
+                                 seqlen_q=3, seqlen_new=1),
+    "leftpad-noncausal-noappend": Case(page_size=None, leftpad=True, causal=False, seqlen_new=0, seqlen_q=2),
 }
 
 
@@ -245,10 +257,34 @@ def test_dense_cache_with_more_rows_than_the_batch(backend, monkeypatch):
         flash_attn_with_kvcache(torch.randn(6, 1, 4, 32).half(), k_cache, v_cache, cache_seqlens=3)
 
 
-def test_cache_leftpad_is_not_implemented():
-    args = _valid_args()
-    with pytest.raises(NotImplementedError, match="cache_leftpad"):
-        flash_attn_with_kvcache(**args, cache_leftpad=torch.zeros(2, dtype=torch.int32))
+@pytest.mark.parametrize("change", [
+    lambda a: None,  # a paged cache
+    lambda a: a.update(block_table=None, k_cache=a["k_cache"][:2], v_cache=a["v_cache"][:2],
+                       cache_leftpad=a["cache_leftpad"].long()),
+    lambda a: a.update(block_table=None, k_cache=a["k_cache"][:2], v_cache=a["v_cache"][:2],
+                       cache_leftpad=a["cache_leftpad"][:1]),
+])
+def test_cache_leftpad_arguments(change):
+    args = {**_valid_args(), "cache_leftpad": torch.zeros(2, dtype=torch.int32)}
+    change(args)
+    with pytest.raises(ValueError, match="cache_leftpad"):
+        flash_attn_with_kvcache(**args)
+
+
+def test_cache_leftpad_hides_the_pad():
+    """A left-padded cache gives what the same keys at rows 0.. give, with rotary at the padded cache rows."""
+    case = Case(page_size=None, seqlen_new=2, seqlen_q=2, cache_len=30, leftpad=True, rotary="neox")
+    args = make_inputs(case)
+    pads, ends = args["cache_leftpad"].long(), args["cache_seqlens"].long()
+    out = flash_attn_with_kvcache(**_clone_caches(args))
+    for b in range(case.batch):
+        shifted = {**args, "q": args["q"][b:b + 1], "k": args["k"][b:b + 1], "v": args["v"][b:b + 1]}
+        shifted.update(cache_leftpad=None, cache_seqlens=args["cache_seqlens"][b:b + 1] - int(pads[b]),
+                       k_cache=args["k_cache"][b:b + 1, int(pads[b]):].clone(),
+                       v_cache=args["v_cache"][b:b + 1, int(pads[b]):].clone(),
+                       rotary_cos=args["rotary_cos"][int(pads[b]):], rotary_sin=args["rotary_sin"][int(pads[b]):])
+        assert int(ends[b]) >= int(pads[b])
+        assert torch.allclose(out[b:b + 1].float(), flash_attn_with_kvcache(**shifted).float(), atol=2e-3)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -265,3 +301,15 @@ def test_empty_batch_or_queries(backend, empty, monkeypatch):
     out, lse = flash_attn_with_kvcache(**args, return_softmax_lse=True)
     batch, seqlen_q, heads = args["q"].shape[:3]
     assert out.shape == args["q"].shape and lse.shape == (batch, heads, seqlen_q)
+
+
+SPLIT_CASES = ["paged5-split3", "alibi-bh", "sq3-causal-split3", "mostly-empty-splits", "dense-batchidx", "fp32"]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_split_combine_in_kernel_or_in_a_second_launch(fused, monkeypatch):
+    """Both combine paths of split-KV decode: the last program of each group merges (one launch), or the combine
+    kernel does (the default for many groups)."""
+    monkeypatch.setattr(decode, "FUSED_COMBINE_MAX_GROUPS", 10 ** 6 if fused else 0)
+    for name in SPLIT_CASES:
+        run_case(CASES[name])

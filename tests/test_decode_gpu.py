@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from flashserve.kernels import flash_attn_with_kvcache, reference, silu_and_mul
+from flashserve.kernels import decode, paged_attention, reference, silu_and_mul
 from test_cache_write import check_cache_write
 from test_decode import Case, make_inputs, run_case
 from test_layers import check_fused_add_rms_norm, check_rms_norm, check_rotary
@@ -29,6 +29,9 @@ GPU_CASES = {
     "mha-d256": Case(batch=2, heads=8, heads_k=8, head_dim=256, cache_len=1500, num_splits=3),
     "d80-rotary-partial": Case(batch=3, heads=12, heads_k=4, head_dim=80, rotary="neox", rotary_dim=64),
     "empty": Case(**{**REAL, "cache_len": 0}, seqlen_new=0),
+    "leftpad-rotary": Case(**REAL, page_size=None, leftpad=True, rotary="neox", seqlen_q=2, seqlen_new=2),
+    "leftpad-batchidx-window": Case(**REAL, page_size=None, leftpad=True, batch_idx=True, window=(700, 0),
+                                    causal=False, num_splits=4),
 }
 
 
@@ -38,16 +41,39 @@ def test_kvcache_gpu(name, dtype):
     run_case(dataclasses.replace(GPU_CASES[name], dtype=dtype), device="cuda")
 
 
-def test_kvcache_never_synchronises_with_tensor_seqlens():
-    calls = [make_inputs(Case(**REAL, rotary=rotary, dtype=torch.bfloat16), device="cuda")
-             for rotary in ("neox", None)]
-    for args in calls:
-        flash_attn_with_kvcache(**args)  # compile first
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("shape", [dict(batch=1, cache_len=4096), dict(batch=4, cache_len=3000, num_splits=7),
+                                   dict(batch=16, cache_len=2000, seqlen_q=2, seqlen_new=2),
+                                   dict(batch=2, cache_len=30000, rotary="neox")])
+def test_split_combine_in_kernel_or_in_a_second_launch_gpu(fused, shape, monkeypatch):
+    """The one-launch combine (atomic counter, last program merges) against the two-launch one, at real sizes,
+    repeated (a race would show as a wrong or differing result)."""
+    monkeypatch.setattr(decode, "FUSED_COMBINE_MAX_GROUPS", 10 ** 6 if fused else 0)
+    case = Case(**{**REAL, **shape}, dtype=torch.bfloat16)
+    first, _ = run_case(case, device="cuda")
+    for _ in range(3):
+        again, _ = run_case(case, device="cuda")
+        assert torch.equal(first, again)
+
+
+def test_engine_entry_points_never_synchronise():
+    """paged_attention.decode / prefill (the engine's unchecked paths) launch without a host synchronisation (the
+    public flash_attn_with_kvcache checks its index values: one synchronisation, as FlashAttention 2)."""
+    args = make_inputs(Case(**REAL, seqlen_new=0, dtype=torch.bfloat16), device="cuda")
+    q, k_cache, v_cache, seqlens, table = (args[name] for name in ("q", "k_cache", "v_cache", "cache_seqlens",
+                                                                  "block_table"))
+    cu_seqlens_q = torch.arange(0, 2 * q.shape[0] + 1, 2, dtype=torch.int32, device="cuda")
+    prefill_q = q.repeat_interleave(2, 0).reshape(-1, *q.shape[2:])
+    calls = [lambda: paged_attention.decode(q[:, 0], k_cache, v_cache, seqlens + 1, table, 0.1),
+             lambda: paged_attention.prefill(prefill_q, k_cache, v_cache, cu_seqlens_q, seqlens + 2, table, 2,
+                                             table.shape[1] * k_cache.shape[1], 0.1)]
+    for call in calls:
+        call()  # compile first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for args in calls:
-            flash_attn_with_kvcache(**args)
+        for call in calls:
+            call()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

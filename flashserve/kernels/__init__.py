@@ -17,11 +17,14 @@ from flashserve.kernels.packed_interface import (
     flash_attn_varlen_qkvpacked_func,
 )
 
+# Attention scores from the forward's LSE (each key's attention mass, for KV eviction).
+from flashserve.kernels.attention_scores import attention_scores_from_lse
+
 # Decode attention (flash-decoding), merging attention states, the KV-cache write, fused layer helpers, small-M
 # matrix products, fused MoE.
 from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.cache import reshape_and_cache_flash
-from flashserve.kernels.decode import flash_attn_with_kvcache
+from flashserve.kernels.kvcache_interface import flash_attn_with_kvcache
 from flashserve.kernels.moe import fused_experts, fused_moe, moe_routing
 from flashserve.kernels.moe_align import moe_align_block_size
 from flashserve.kernels.merge import merge_attn_states

@@ -1,4 +1,5 @@
-"""``flash_attn_with_kvcache``: attention of a few query tokens over a paged or dense KV cache (flash-decoding).
+"""The decode kernels behind ``flash_attn_with_kvcache`` (``kvcache_interface.py``): attention of a few query
+tokens over a paged or dense KV cache (flash-decoding), and their launch.
 
 Kernel structure:
 - one program per (KV split, row block x KV head, batch). The rows of a program are the ``Sq * group`` pairs
@@ -6,11 +7,13 @@ Kernel structure:
   tile is read once for the whole group.
 - each sequence's visible keys (after the causal / window bounds of the row block) are cut into ``num_splits``
   ranges, a multiple of BLOCK_N each. With one split the kernel writes the output and LSE directly; with more it
-  writes fp32 partial outputs and LSEs, and ``_combine_splits_kernel`` merges them with the combine code of
-  ``merge_attn_states`` (``merge.lse_weights``); the partial outputs and their LSEs share one fp32 buffer.
+  writes fp32 partial outputs and LSEs (one fp32 buffer), merged with the combine code of ``merge_attn_states``
+  (``merge.lse_weights``): for few (batch, row block, KV head) groups by the last split program of each group
+  (an atomic counter: one launch), else by ``_combine_splits_kernel`` (a second launch).
 - paged caches gather each tile's block ids from ``block_table`` (cast to int64 before multiplying by the block
   stride); dense caches use ``cache_batch_idx``. Strides are plain ints so Triton specialises on them.
-The grid is sized from the cache capacity, never from ``cache_seqlens`` values: no host synchronisation.
+The grid is sized from the cache capacity, never from ``cache_seqlens`` values (the launch itself needs no host
+synchronisation; the public function checks index values on the host, see its docstring).
 """
 import functools
 
@@ -18,31 +21,41 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels._dispatch import triton_interpret_enabled, use_triton
+from flashserve.kernels._dispatch import triton_interpret_enabled
 from flashserve.kernels._launch import next_power_of_2
-from flashserve.kernels.decode_checks import check_kvcache_args
-from flashserve.kernels.kvcache_append import append_new_tokens
-from flashserve.kernels.merge import lse_weights, weighted
-from flashserve.kernels.reference import decode as reference
+from flashserve.kernels.merge import lse_weights, merge_split_rows, weighted
 
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 64
 # Paged K/V tiles are prefetched one tile ahead (their addresses come from a block-table load in the loop), so the
 # memory parallelism comes from several programs per SM: the split heuristic aims at this many.
 PROGRAMS_PER_SM = 4
+# Split layouts with at most this many (batch, row block, KV head) groups merge their splits inside the decode
+# kernel (one launch: the last program of each group combines); larger ones launch the combine kernel, which
+# spreads the merge over more programs.
+FUSED_COMBINE_MAX_GROUPS = 64
 
 
-@triton.jit
+def uses_fused_combine(splits: int, groups: int) -> bool:
+    """Whether a launch with ``splits`` splits and ``groups`` (batch x row blocks x KV heads) groups combines its
+    splits inside the decode kernel."""
+    return splits > 1 and groups <= FUSED_COMBINE_MAX_GROUPS
+
+
+# Bounds that only clamp and mask are not specialised (seqlen_q and num_splits are: 1 is the common case).
+@triton.jit(do_not_specialize=["capacity", "num_cache_rows", "window_left", "window_right"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr, block_table_ptr, batch_idx_ptr, seqlens_k_ptr, alibi_ptr,
+    leftpad_ptr, capacity, num_cache_rows, counter_ptr, final_out_ptr, final_lse_ptr,
     seqlen_q, num_heads_k, head_dim, num_splits, sm_scale, softcap, window_left, window_right,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_osplit, stride_oh, stride_lb, stride_ls, stride_lsplit, stride_lh,
     stride_block_table, stride_alibi,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFT: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
+    HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSED_COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     split = tl.program_id(0)
     kv_head = tl.program_id(1) % num_heads_k
@@ -55,7 +68,19 @@ def _decode_kernel(
     head = kv_head * GROUP + rows % GROUP
     dims = tl.arange(0, BLOCK_D)
     dim_valid = dims < head_dim
-    seqlen_k = tl.load(seqlens_k_ptr + batch)
+    # Memory safety without host checks: the key range never passes the cache capacity (so the block-table walk
+    # stays inside the table's width), a dense cache row outside the cache sees no key, and (below) a block id
+    # outside the cache masks its keys. Out-of-range metadata gives wrong numbers, never a wild access.
+    seqlen_k = tl.minimum(tl.maximum(tl.load(seqlens_k_ptr + batch), 0), capacity)
+    first_row = 0  # cache row of key 0 (the left pad of a dense cache)
+    if not PAGED:
+        cache_row = batch
+        if HAS_BATCH_IDX:
+            cache_row = tl.load(batch_idx_ptr + batch).to(tl.int64)
+        if HAS_LEFTPAD:  # seqlens_k holds the end row: keys are the rows [pad, end)
+            first_row = tl.minimum(tl.maximum(tl.load(leftpad_ptr + batch), 0), seqlen_k)
+            seqlen_k = seqlen_k - first_row
+        seqlen_k = tl.where((cache_row >= 0) & (cache_row < num_cache_rows), seqlen_k, 0)
     diagonal = query + seqlen_k - seqlen_q  # the key each row is aligned to (bottom right)
 
     key_lo = 0
@@ -76,10 +101,6 @@ def _decode_kernel(
         q = q.to(tl.float32)
     if HAS_ALIBI:
         slope = tl.load(alibi_ptr + batch * stride_alibi + head, mask=row_valid, other=0.0).to(tl.float32)
-    if not PAGED:
-        cache_row = batch
-        if HAS_BATCH_IDX:
-            cache_row = tl.load(batch_idx_ptr + batch).to(tl.int64)
     k_head_ptr = k_cache_ptr + kv_head * stride_kh + dims[None, :]
     v_head_ptr = v_cache_ptr + kv_head * stride_vh + dims[None, :]
 
@@ -91,12 +112,14 @@ def _decode_kernel(
         key_valid = keys < split_hi
         if PAGED:
             block = tl.load(block_table_ptr + batch * stride_block_table + keys // PAGE_SIZE, mask=key_valid,
-                            other=0).to(tl.int64)
+                            other=0)
+            key_valid = key_valid & (block >= 0) & (block < num_cache_rows)
+            block = block.to(tl.int64)
             k_offsets = block * stride_kb + (keys % PAGE_SIZE) * stride_ks
             v_offsets = block * stride_vb + (keys % PAGE_SIZE) * stride_vs
         else:
-            k_offsets = cache_row * stride_kb + keys.to(tl.int64) * stride_ks
-            v_offsets = cache_row * stride_vb + keys.to(tl.int64) * stride_vs
+            k_offsets = cache_row * stride_kb + (first_row + keys).to(tl.int64) * stride_ks
+            v_offsets = cache_row * stride_vb + (first_row + keys).to(tl.int64) * stride_vs
         kv_mask = key_valid[:, None] & dim_valid[None, :]
         k = tl.load(k_head_ptr + k_offsets[:, None], mask=kv_mask, other=0.0)
         v = tl.load(v_head_ptr + v_offsets[:, None], mask=kv_mask, other=0.0)
@@ -141,6 +164,23 @@ def _decode_kernel(
     tl.store(out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=store_mask)
     tl.store(lse_ptr + batch * stride_lb + query * stride_ls + split * stride_lsplit + head * stride_lh, lse,
              mask=row_valid)
+    if FUSED_COMBINE:
+        # One launch: the last split program of this (batch, row block, KV head) to finish merges all the partial
+        # states. The barrier orders every thread's stores before the counter's release; the acquire side reads
+        # the states past L1 (merge_split_rows). The counters start at zero (a fresh buffer per launch).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + batch * tl.num_programs(1) + tl.program_id(1), 1, sem="acq_rel",
+                                scope="gpu")
+        if arrived == num_splits - 1:
+            merged, merged_lse = merge_split_rows(
+                out_ptr + batch * stride_ob + query * stride_os + head * stride_oh,
+                lse_ptr + batch * stride_lb + query * stride_ls + head * stride_lh, stride_osplit, stride_lsplit,
+                num_splits, row_valid, dims, dim_valid, BLOCK_M, BLOCK_S, BLOCK_D)
+            num_heads = num_heads_k * GROUP
+            final_rows = ((batch * seqlen_q + query) * num_heads + head) * head_dim  # out (B, Sq, H, D) contiguous
+            tl.store(final_out_ptr + final_rows[:, None] + dims[None, :],
+                     merged.to(final_out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+            tl.store(final_lse_ptr + (batch * num_heads + head) * seqlen_q + query, merged_lse, mask=row_valid)
 
 
 @triton.jit
@@ -214,69 +254,17 @@ def launch_config(batch: int, seqlen_q: int, num_heads: int, num_heads_k: int, h
             block_s, 8 if block_s * block_d > 4096 else 4)
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
-                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
-                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
-    """Attention of q over a KV cache, after appending new keys/values into it in place (FlashAttention's API).
-
-    Args:
-        q: (B, Sq, H, D) fp16/bf16/fp32 (fp32 runs with IEEE fp32 dots), last dimension contiguous; D <= 256.
-        k_cache, v_cache: paged (num_blocks, page_size, Hk, D) with ``block_table``, any page_size >= 1; or dense
-            (B_cache, max_seqlen, Hk, D), sequence b in row ``cache_batch_idx[b]`` or, without it, row b
-            (B_cache >= B). Any strides with the last dimension contiguous. ``H % Hk == 0``.
-        k, v: optional (B, Snew, Hk, D) new tokens, written into the caches in place at positions
-            ``cache_seqlens[b] .. cache_seqlens[b] + Snew - 1`` before attention (requires ``cache_seqlens``).
-        rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2), rotary_dim <= D, seqlen_ro >= the cache
-            capacity (max_blocks * page_size, or the dense cache's length) (requires k). New keys are
-            rotated at their positions; q at ``cache_seqlens[b] + i`` when causal or windowed, else all of q at
-            ``cache_seqlens[b]``. ``rotary_interleaved``: pairs (2j, 2j+1), else GPT-NeoX halves.
-        cache_seqlens: int or (B,) int32: tokens already in the cache (None: the whole cache capacity). Values are
-            not checked on the device (no synchronisation): lengths beyond the capacity are undefined behaviour.
-        cache_batch_idx: optional (B,) int32 rows of a dense cache (not with block_table).
-        cache_leftpad: not supported (NotImplementedError).
-        block_table: (B, max_blocks) int32: token t of sequence b is at block ``block_table[b, t // page_size]``,
-            row ``t % page_size``.
-        softmax_scale: default D ** -0.5. causal: bottom-right aligned (Sq >= 1). window_size: (left, right).
-        softcap: > 0 applies ``softcap * tanh(score / softcap)``. alibi_slopes: (H,) or (B, H) fp32.
-        num_splits: 0 picks a split count, 1 disables splitting, n > 1 forces n splits (at most 64).
-        return_softmax_lse: also return the fp32 natural-log LSE (B, H, Sq).
-
-    Returns:
-        out (B, Sq, H, D) in q's dtype, and the LSE when asked. A row with no visible key gives zeros and LSE -inf.
-    """
-    window_left, window_right, capacity = check_kvcache_args(
-        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-        block_table, window_size, softcap, alibi_slopes, num_splits)
-    if not use_triton(q):
-        out, lse = reference.flash_attn_with_kvcache(
-            q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, block_table,
-            softmax_scale, causal, (window_left, window_right), softcap, rotary_interleaved, alibi_slopes)
-        return (out, lse) if return_softmax_lse else out
-    if cache_seqlens is None:
-        cache_seqlens = capacity
-    if type(cache_seqlens) is int:
-        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
-    seqlens_k = cache_seqlens
-    if k is not None:
-        q = append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                               block_table, causal or (window_left, window_right) != (-1, -1), rotary_interleaved)
-        seqlens_k = cache_seqlens + k.shape[1]
-    if causal:
-        window_right = 0
-    out, lse = launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes,
-                             softmax_scale, softcap, window_left, window_right, capacity, num_splits,
-                             return_softmax_lse)
-    return (out, lse) if return_softmax_lse else out
-
-
 def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
-                  softcap, window_left, window_right, capacity, num_splits, write_lse):
+                  softcap, window_left, window_right, capacity, num_splits, write_lse, cache_leftpad=None,
+                  fused_combine=None):
     """Launch the decode kernel (and the split combine) on validated arguments; no checks (engines call this with
-    metadata they validated once). ``seqlens_k`` (B,) int32 are the KV lengths after any append; causal masking is
+    metadata they validated once). ``seqlens_k`` (B,) int32 are the KV lengths after any append (with
+    ``cache_leftpad``, the end rows: keys are rows ``cache_leftpad[b] .. seqlens_k[b] - 1``); causal masking is
     ``window_right = 0``; ``capacity`` (tokens a sequence of the cache can hold) sets the split layout, so the
-    launch depends on shapes only and is safe to capture in a CUDA graph. Returns (out (B, Sq, H, D), lse
-    (B, H, Sq) fp32 — filled when one split is used or ``write_lse``)."""
+    launch depends on shapes only and is safe to capture in a CUDA graph. Index values are clamped or masked in
+    the kernel (never an access outside the tensors). ``fused_combine`` (None: ``uses_fused_combine``) merges the
+    splits inside the decode kernel instead of a second launch. Returns (out (B, Sq, H, D), lse (B, H, Sq) fp32 —
+    filled when one split is used, the combine is fused, or ``write_lse``)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     num_heads_k = k_cache.shape[2]
     device = q.device
@@ -296,12 +284,17 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         target_out, target_lse = out, lse
         out_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
         lse_strides = (lse.stride(0), lse.stride(2), 0, lse.stride(1))
+    if fused_combine is None:
+        fused_combine = uses_fused_combine(splits, batch * grid[1])
+    fused_combine = fused_combine and splits > 1
+    counters = torch.zeros(batch * grid[1], dtype=torch.int32, device=device) if fused_combine else lse
     paged = block_table is not None
     upcast = q.dtype == torch.float32 or triton_interpret_enabled()
     _decode_kernel[grid](
         q, k_cache, v_cache, target_out, target_lse, block_table if paged else seqlens_k,
         seqlens_k if cache_batch_idx is None else cache_batch_idx, seqlens_k,
         seqlens_k if alibi_slopes is None else alibi_slopes,
+        seqlens_k if cache_leftpad is None else cache_leftpad, capacity, k_cache.shape[0], counters, out, lse,
         seqlen_q, num_heads_k, head_dim, splits,
         float(head_dim ** -0.5 if softmax_scale is None else softmax_scale), float(softcap),
         window_left, window_right,
@@ -311,11 +304,12 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
         GROUP=num_heads // num_heads_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
+        HAS_LEFTPAD=cache_leftpad is not None,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
-        num_warps=4, num_stages=3,
+        FUSED_COMBINE=fused_combine, BLOCK_S=block_s, num_warps=4, num_stages=3,
     )
-    if splits > 1:
+    if splits > 1 and not fused_combine:
         _combine_splits_kernel[combine_grid](
             out, lse, part, seqlen_q, splits, NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=write_lse,
             BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=combine_warps,

@@ -1,8 +1,9 @@
-"""Argument checks of ``flash_attn_with_kvcache`` (ValueError naming the argument; NotImplementedError for
-``cache_leftpad``). Kept apart from the kernels so that ``decode.py`` stays about the kernels and their launch."""
+"""Argument checks of ``flash_attn_with_kvcache`` (ValueError naming the argument). Kept apart from the kernels so
+that ``decode.py`` stays about the kernels and their launch."""
 import torch
 
 from flashserve.kernels import _validate
+from flashserve.kernels.index_checks import check_kvcache_values
 
 
 _NO_WINDOW = (-1, -1)
@@ -13,8 +14,8 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
     """Validate flash_attn_with_kvcache's arguments; returns ``(window_left, window_right, capacity)``, the
     capacity being the most tokens a sequence of the cache can hold.
 
-    The happy path of a plain decode call (no k/v, rotary, ALiBi or window) costs a few µs: every check stays, but
-    each is one comparison there.
+    The happy path of a plain decode call (no k/v, rotary, ALiBi or window) costs a few µs of shape checks, then
+    the value checks of ``index_checks`` (one synchronisation, none while a CUDA graph is being captured).
     """
     _validate.check_tensor("q", q, 4, _validate.ATTENTION_DTYPES)
     device, dtype = q.device, q.dtype
@@ -32,7 +33,10 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
     _validate.check_last_dim_contiguous("k_cache", k_cache)
     _validate.check_last_dim_contiguous("v_cache", v_cache)
     if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not supported by flashserve's flash_attn_with_kvcache")
+        if block_table is not None:
+            raise ValueError("cache_leftpad must be None with a paged cache (block_table given), as FlashAttention 2")
+        _validate.check_index_tensor("cache_leftpad", cache_leftpad, 1, device)
+        _validate.check_shape("cache_leftpad", cache_leftpad, (batch,))
     if block_table is not None:
         _validate.check_index_tensor("block_table", block_table, 2, device)
         if block_table.shape[0] != batch:
@@ -88,5 +92,9 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
     _validate.check_softcap(softcap)
     if type(window_size) is tuple and window_size == _NO_WINDOW:
-        return -1, -1, capacity
-    return (*_validate.check_window_size(window_size), capacity)
+        window = (-1, -1)
+    else:
+        window = _validate.check_window_size(window_size)
+    check_kvcache_values(batch, capacity if cache_seqlens is None else cache_seqlens, seqlen_new, capacity, k_cache,
+                         block_table, cache_batch_idx, cache_leftpad)
+    return (*window, capacity)

@@ -9,6 +9,7 @@ import torch
 
 from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels.index_checks import check_varlen_values
 from flashserve.kernels.prefill import prefill_attention
 from flashserve.kernels.reference.attention import attention_batch
 from flashserve.kernels.reference.varlen import attention_varlen
@@ -16,7 +17,7 @@ from flashserve.kernels.reference.varlen import attention_varlen
 MAX_HEAD_DIM = 256
 
 
-def _check_options(dropout_p, softmax_scale, window_size, softcap):
+def check_options(dropout_p, softmax_scale, window_size, softcap):
     _validate.check_dropout(dropout_p)
     if softmax_scale is not None and not isinstance(softmax_scale, (int, float)):
         raise ValueError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
@@ -24,7 +25,7 @@ def _check_options(dropout_p, softmax_scale, window_size, softcap):
     return _validate.check_window_size(window_size)
 
 
-def _check_qkv(q, k, v, q_ndim, kv_ndim):
+def check_qkv(q, k, v, q_ndim, kv_ndim):
     """Rank, dtype, device, last-dim contiguity, head dims and head counts of q, k, v (k and v alike); ``kv_ndim``
     None leaves k's rank to the caller (varlen: packed or paged) and only requires v to have the same."""
     _validate.check_tensor("q", q, q_ndim, _validate.ATTENTION_DTYPES)
@@ -90,8 +91,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             logsumexp of each row of QK^T * scaling (after softcap, bias and mask); -inf for a row with no key.
         S_dmask [optional, if return_attn_probs=True]: None.
     """
-    window = _check_options(dropout_p, softmax_scale, window_size, softcap)
-    _check_qkv(q, k, v, 4, 4)
+    window = check_options(dropout_p, softmax_scale, window_size, softcap)
+    check_qkv(q, k, v, 4, 4)
     batch, seqlen_q, nheads, head_dim = q.shape
     if k.shape[0] != batch:
         raise ValueError(f"k must have q's batch size {batch}, got shape {tuple(k.shape)}")
@@ -127,7 +128,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                            deterministic, return_attn_probs)
 
 
-def _check_varlen_indices(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table, seqused_k):
+def check_varlen_indices(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table, seqused_k):
     """Index tensors of the varlen call; returns the batch size."""
     device = q.device
     _validate.check_index_tensor("cu_seqlens_q", cu_seqlens_q, 1, device)
@@ -157,6 +158,7 @@ def _check_varlen_indices(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_
                              f"cannot hold max_seqlen_k={max_seqlen_k}")
     elif k.dim() != 3:
         raise ValueError(f"k must have 3 dimensions (total_k, nheads_k, headdim), got shape {tuple(k.shape)}")
+    check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table)
     return batch
 
 
@@ -178,7 +180,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         v: like k.
         cu_seqlens_q: (batch_size + 1,), int32. Cumulative query lengths, used to index into q.
         cu_seqlens_k: (batch_size + 1,), int32, cumulative key lengths; may be None when paged with seqused_k.
-        max_seqlen_q: int. An upper bound of the query lengths (no host sync is done to check it).
+        max_seqlen_q: int. An upper bound of the query lengths (not checked against them).
         max_seqlen_k: int. An upper bound of the key lengths.
         dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic: as in
             ``flash_attn_func``.
@@ -190,15 +192,20 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         out: (total_q, nheads, headdim), q's dtype: written in place and returned.
         return_softmax_lse: bool. Return ``(out, softmax_lse)``.
 
+    The values of the index tensors (cumulative lengths within q and k, ``seqused_k`` within the keys or the
+    block table's capacity — that error names ``block_table`` —, block ids within the cache) are checked on the
+    host (one synchronisation), except while a CUDA graph is being captured; the kernel clamps lengths to the
+    block table and block ids into the cache anyway.
+
     Return:
         out: (total_q, nheads, headdim).
         softmax_lse [optional]: (nheads, total_q), fp32 natural-log logsumexp of each row (-inf for no key).
     """
-    window = _check_options(dropout_p, softmax_scale, window_size, softcap)
-    _check_qkv(q, k, v, 3, None)
+    window = check_options(dropout_p, softmax_scale, window_size, softcap)
+    check_qkv(q, k, v, 3, None)
     max_seqlen_q = _validate.check_count("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _validate.check_count("max_seqlen_k", max_seqlen_k)
-    batch = _check_varlen_indices(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table, seqused_k)
+    batch = check_varlen_indices(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, block_table, seqused_k)
     total_q, nheads, head_dim = q.shape
     _validate.check_alibi_slopes(alibi_slopes, batch, nheads, q.device)
     _check_out(out, q)

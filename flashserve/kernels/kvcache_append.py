@@ -1,8 +1,8 @@
 """The append step of ``flash_attn_with_kvcache``: rotary on the new keys (and q), then the new keys and values
-written into the cache at positions ``cache_seqlens[b] ..`` through ``reshape_and_cache_flash``."""
+written into the cache at positions ``cache_seqlens[b] ..`` with the kernel of ``reshape_and_cache_flash``."""
 import torch
 
-from flashserve.kernels.cache import reshape_and_cache_flash
+from flashserve.kernels.cache import launch_cache_write
 from flashserve.kernels.rotary import rotate_in_place
 
 
@@ -22,13 +22,25 @@ def append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, seqlens
             rotate_in_place(q, rotary_cos, rotary_sin, q_positions, rotary_interleaved)
             rotate_in_place(k, rotary_cos, rotary_sin, new_positions.reshape(-1), rotary_interleaved)
         q = q.view(batch, -1, q.shape[1], head_dim)
+    launch_cache_write(k.reshape(-1, num_heads_k, head_dim), v.reshape(-1, num_heads_k, head_dim), k_cache, v_cache,
+                       new_token_slots(new_positions, k_cache, block_table, cache_batch_idx).reshape(-1))
+    return q
+
+
+def new_token_slots(new_positions, k_cache, block_table, cache_batch_idx):
+    """(B, Snew) int64 cache slots of the new tokens (a dense cache counts as blocks of its length). A position
+    outside the block table (or the dense cache's length) gives slot -1 (not written) and never reaches ``gather``
+    out of range; a block id or row outside the cache gives a slot the write kernel skips."""
     block_size = k_cache.shape[1]
     if block_table is not None:
-        blocks = block_table.long().gather(1, new_positions // block_size)
+        width = block_table.shape[1]
+        columns = new_positions // block_size
+        blocks = block_table.long().gather(1, columns.clamp(0, width - 1))
         slots = blocks * block_size + new_positions % block_size
+        inside = (columns >= 0) & (columns < width)
     else:
-        cache_rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=q.device)
-        slots = cache_rows[:, None] * block_size + new_positions
-    reshape_and_cache_flash(k.reshape(-1, num_heads_k, head_dim), v.reshape(-1, num_heads_k, head_dim),
-                            k_cache, v_cache, slots.reshape(-1))
-    return q
+        rows = cache_batch_idx.long() if cache_batch_idx is not None else \
+            torch.arange(new_positions.shape[0], device=new_positions.device)
+        slots = rows[:, None] * block_size + new_positions
+        inside = (new_positions >= 0) & (new_positions < block_size)
+    return torch.where(inside, slots, -1)

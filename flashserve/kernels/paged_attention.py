@@ -13,7 +13,7 @@ k_cache, v_cache (num_blocks, block_size, Hk, D); block_table (B, max_blocks) in
 import torch
 
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels.decode import launch_config, launch_decode
+from flashserve.kernels.decode import launch_config, launch_decode, uses_fused_combine
 from flashserve.kernels.prefill import prefill_attention
 from flashserve.kernels.prefill_tuning import HEAD_PACKING_MAX_QUERY, LENGTH_CLASS_BOUNDS
 from flashserve.kernels.qk_rope_cache import launch_qk_norm_rope_cache
@@ -97,10 +97,10 @@ def decode_variant(batch: int, num_heads: int, num_heads_k: int, head_dim: int, 
                    device: torch.device) -> tuple:
     """What decides which compiled variant ``decode`` launches for this batch size (its split layout and tile
     sizes): two batch sizes with equal results need one compile between them."""
-    _, splits, block_m, block_n, block_d, _, block_h, block_s, combine_warps = launch_config(
+    grid, splits, block_m, block_n, block_d, _, block_h, block_s, combine_warps = launch_config(
         batch, 1, num_heads, num_heads_k, head_dim, capacity, 0, device)
     # Triton specialises an integer argument on being 1 or a multiple of 16: that is all it sees of the split count
     # and of the partial-state strides that follow from it.
     split_ints = (splits, splits * num_heads, splits * num_heads * head_dim)
     return (*((n == 1, n % 16 == 0) for n in split_ints), block_m, block_n, block_d, block_h, block_s,
-            combine_warps)
+            combine_warps, uses_fused_combine(splits, batch * grid[1]))

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels._launch import cdiv, next_power_of_2
+from flashserve.kernels.kv_layout import KV_DENSE, KV_PAGED, KV_VARLEN, kv_row_offsets, sequence_bounds
 from flashserve.kernels.prefill_tuning import (
     HEAD_PACKING_MAX_QUERY,
     TUNED_CONFIGS,
@@ -31,28 +32,9 @@ from flashserve.kernels.tuning_cache import PersistentTuning
 
 LOG2E = 1.4426950408889634
 
-# KV layouts (constexpr KV_LAYOUT)
-KV_DENSE, KV_VARLEN, KV_PAGED = 0, 1, 2
-
-
-@triton.jit
-def _kv_row_offsets(start_n, offs_n, load_mask, block_table_row, kv_base, stride_b, stride_s,
-                    KV_LAYOUT: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """int64 element offsets of the BLOCK_N key rows ``start_n + offs_n`` (head and batch already in kv_base)."""
-    if KV_LAYOUT == 2:
-        if PAGE_SIZE % BLOCK_N == 0:
-            # The whole tile lies in one page: one block id per tile.
-            block = tl.load(block_table_row + start_n // PAGE_SIZE).to(tl.int64)
-            return kv_base + block * stride_b + ((start_n % PAGE_SIZE) + offs_n) * stride_s
-        tokens = start_n + offs_n
-        blocks = tl.load(block_table_row + tokens // PAGE_SIZE, mask=load_mask, other=0).to(tl.int64)
-        return kv_base + blocks * stride_b + (tokens % PAGE_SIZE) * stride_s
-    return kv_base + tl.cast(start_n, tl.int64) * stride_s + offs_n * stride_s
-
-
 @triton.jit
 def _attend_range(acc, l_i, m_i, q, lo, hi, pos, slope, seqlen_k, diag, window_left, window_right,
-                  k_ptr, v_ptr, k_base, v_base, block_table_row, offs_d, qk_scale, softcap_log2,
+                  k_ptr, v_ptr, k_base, v_base, block_table_row, num_blocks, offs_d, qk_scale, softcap_log2,
                   stride_kb, stride_ks, stride_vb, stride_vs,
                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, RAW_SCORES: tl.constexpr,
@@ -68,10 +50,10 @@ def _attend_range(acc, l_i, m_i, q, lo, hi, pos, slope, seqlen_k, diag, window_l
             in_seq = cols < seqlen_k
         else:
             in_seq = offs_n < BLOCK_N
-        k_rows = _kv_row_offsets(start_n, offs_n, in_seq, block_table_row, k_base, stride_kb, stride_ks,
-                                 KV_LAYOUT, PAGE_SIZE, BLOCK_N)
-        v_rows = _kv_row_offsets(start_n, offs_n, in_seq, block_table_row, v_base, stride_vb, stride_vs,
-                                 KV_LAYOUT, PAGE_SIZE, BLOCK_N)
+        k_rows = kv_row_offsets(start_n, offs_n, in_seq, block_table_row, num_blocks, k_base, stride_kb,
+                                stride_ks, KV_LAYOUT, PAGE_SIZE, BLOCK_N)
+        v_rows = kv_row_offsets(start_n, offs_n, in_seq, block_table_row, num_blocks, v_base, stride_vb,
+                                stride_vs, KV_LAYOUT, PAGE_SIZE, BLOCK_N)
         if MASKED:
             kv_mask = in_seq[:, None] & d_mask
             k = tl.load(k_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -120,7 +102,11 @@ def _attend_range(acc, l_i, m_i, q, lo, hi, pos, slope, seqlen_k, diag, window_l
     return acc, l_i, m_i
 
 
-@triton.jit
+# Scalars that only bound loops and masks are not specialised (Triton compiles a variant per "== 1" / "multiple of
+# 16" class of each int argument): token counts and lengths change with every batch, the tuning classes are only
+# the autotuner's keys. Strides stay specialised (their divisibility gives vector loads).
+@triton.jit(do_not_specialize=["total_q", "total_k", "seqlen_q_dense", "seqlen_k_dense", "window_left",
+                               "window_right", "tune_seqlen_q", "tune_seqlen_k", "max_blocks", "num_blocks"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqused_k_ptr, block_table_ptr, alibi_ptr,
@@ -129,7 +115,7 @@ def _prefill_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
-    stride_tb, stride_ab,
+    stride_tb, stride_ab, max_blocks, num_blocks, total_q, total_k,
     seqlen_q_dense, seqlen_k_dense,
     qk_scale, softcap_log2, window_left, window_right,
     tune_seqlen_q, tune_seqlen_k,
@@ -143,26 +129,12 @@ def _prefill_kernel(
     batch = tl.program_id(1)
     tile = tl.num_programs(2) - 1 - tl.program_id(2)  # longest causal tiles first
 
-    if VARLEN_Q:
-        q_start = tl.load(cu_seqlens_q_ptr + batch).to(tl.int64)
-        seqlen_q = (tl.load(cu_seqlens_q_ptr + batch + 1) - q_start).to(tl.int32)
-    else:
-        q_start = tl.zeros((), tl.int64)
-        seqlen_q = seqlen_q_dense
+    q_start, seqlen_q, k_start, seqlen_k = sequence_bounds(
+        batch, cu_seqlens_q_ptr, cu_seqlens_k_ptr, seqused_k_ptr, total_q, total_k, max_blocks, seqlen_q_dense,
+        seqlen_k_dense, VARLEN_Q, KV_LAYOUT, HAS_SEQUSED, PAGE_SIZE)
     row_start = tile * BLOCK_M
     if row_start >= seqlen_q * HEADS_PER_TILE:
         return
-
-    k_start = tl.zeros((), tl.int64)  # first key row of the sequence (varlen, not paged)
-    if KV_LAYOUT == 0:
-        seqlen_k = seqlen_k_dense
-    elif HAS_SEQUSED:
-        seqlen_k = tl.load(seqused_k_ptr + batch)
-        if KV_LAYOUT == 1:
-            k_start = tl.load(cu_seqlens_k_ptr + batch).to(tl.int64)
-    else:
-        k_start = tl.load(cu_seqlens_k_ptr + batch).to(tl.int64)
-        seqlen_k = (tl.load(cu_seqlens_k_ptr + batch + 1) - k_start).to(tl.int32)
 
     offs_r = row_start + tl.arange(0, BLOCK_M)
     pos = offs_r // HEADS_PER_TILE
@@ -223,7 +195,7 @@ def _prefill_kernel(
             start, stop = mid_end, hi
         acc, l_i, m_i = _attend_range(
             acc, l_i, m_i, q, start, stop, pos, slope, seqlen_k, diag, window_left, window_right,
-            k_ptr, v_ptr, k_base, v_base, block_table_row, offs_d, qk_scale, softcap_log2,
+            k_ptr, v_ptr, k_base, v_base, block_table_row, num_blocks, offs_d, qk_scale, softcap_log2,
             stride_kb, stride_ks, stride_vb, stride_vs, phase != 1, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
             RAW_SCORES, KV_LAYOUT, PAGE_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
 
@@ -258,6 +230,8 @@ def prefill_attention(q, k, v, out, lse, softmax_scale, causal, window_size, sof
     optionally ``seqused_k`` (B,), the number of keys used per sequence), or paged caches
     (num_blocks, page_size, Hk, D) with ``block_table`` (B, max_blocks) and ``seqused_k`` or ``cu_seqlens_k``;
     out like q, lse (H, total_q). ``max_seqlen_q``/``max_seqlen_k`` must bound the per-sequence lengths.
+    The kernel clamps every index into its tensor: cumulative lengths into q's / k's tokens, paged key lengths to
+    the block table's capacity, block ids into the cache.
     """
     varlen = q.dim() == 3
     head_dim = q.shape[-1]
@@ -322,6 +296,8 @@ def prefill_attention(q, k, v, out, lse, softmax_scale, causal, window_size, sof
         stride_ob, stride_os, stride_oh,
         stride_lb, stride_lh,
         block_table.stride(0) if block_table is not None else 0, stride_ab,
+        block_table.shape[1] if block_table is not None and k.shape[0] > 0 else 0, max(k.shape[0], 1),
+        q.shape[0], k.shape[0],
         seqlen_q, seqlen_k,
         qk_scale, softcap_log2, max(left, 0), max(right, 0),
         length_class(max_seqlen_q), length_class(max_seqlen_k),

@@ -65,10 +65,10 @@ def _norm_rope_heads(x_ptr, stride_t, stride_h, token, heads, num_heads, weight_
     return out1, out2, xt, first, second, tail, pair_mask, tail_mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_positions", "num_slots"])
 def _qk_norm_rope_cache_kernel(
     q_ptr, k_ptr, v_ptr, cos_sin_ptr, positions_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
-    q_weight_ptr, k_weight_ptr, eps,
+    q_weight_ptr, k_weight_ptr, eps, num_positions, num_slots,
     stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_cos_sin,
     stride_kc_block, stride_kc_row, stride_kc_head, stride_vc_block, stride_vc_row, stride_vc_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, HALF: tl.constexpr,
@@ -79,6 +79,7 @@ def _qk_norm_rope_cache_kernel(
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     position = tl.load(positions_ptr + token).to(tl.int64)
+    position = tl.minimum(tl.maximum(position, 0), num_positions - 1)  # never a row outside the table
     pairs = tl.arange(0, BLOCK_R)
     cos_row = cos_sin_ptr + position * stride_cos_sin + pairs
     cos = tl.load(cos_row, mask=pairs < HALF, other=0.0).to(tl.float32)
@@ -94,7 +95,7 @@ def _qk_norm_rope_cache_kernel(
             HEAD_SIZE, HALF, NORM, INTERLEAVED, BLOCK_R, BLOCK_T)
         if WRITE_CACHE:
             slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-            if slot >= 0:
+            if (slot >= 0) & (slot < num_slots):  # negative: padding; past the cache: skipped as well
                 block, row = slot // CACHE_BLOCK_SIZE, slot % CACHE_BLOCK_SIZE
                 key_dst = (key_cache_ptr + block * stride_kc_block + row * stride_kc_row
                            + heads[:, None] * stride_kc_head)
@@ -127,7 +128,8 @@ def launch_qk_norm_rope_cache(q, k, v, cos_sin_cache, positions, key_cache, valu
     """Launch the fused kernel; no validation (internal: the engine calls it every layer with checked shapes).
 
     Same arguments as ``qk_norm_rope_and_cache``; the caches (and then slot_mapping) and the norm weights may be
-    None. Tokens with a negative slot are normed and rotated but not cached.
+    None. Tokens with a negative slot (or one past the cache) are normed and rotated but not cached; positions are
+    clamped into the table's rows.
     """
     num_tokens, num_heads, head_size = q.shape
     if num_tokens == 0:
@@ -141,6 +143,7 @@ def launch_qk_norm_rope_cache(q, k, v, cos_sin_cache, positions, key_cache, valu
     _qk_norm_rope_cache_kernel[(num_tokens, head_blocks)](
         q, k, v, cos_sin_cache, positions, key_cache if write_cache else k, value_cache if write_cache else v,
         slot_mapping if write_cache else positions, q_norm_weight if norm else q, k_norm_weight if norm else k, eps,
+        cos_sin_cache.shape[0], key_cache.shape[0] * key_cache.shape[1] if write_cache else 0,
         q_stride[0], q_stride[1], k_stride[0], k_stride[1], v_stride[0], v_stride[1], cos_sin_cache.stride(0),
         kc_stride[0], kc_stride[1], kc_stride[2], vc_stride[0], vc_stride[1], vc_stride[2],
         CACHE_BLOCK_SIZE=key_cache.shape[1] if write_cache else 1, NORM=norm, WRITE_CACHE=write_cache,
@@ -164,11 +167,12 @@ def qk_norm_rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
             (e.g. views of the fused QKV projection's output). q and k are modified in place; v is only read.
         cos_sin_cache: (max_position, rotary_dim) float: cos in the first rotary_dim/2 columns, sin in the rest;
             ``rotary_dim`` even and <= D (features past it are only normed).
-        positions: (T,) int32/int64, contiguous (not range-checked on the device).
+        positions: (T,) int32/int64, contiguous (not range-checked on the host; clamped into the table).
         key_cache, value_cache: (num_blocks, block_size, Hk, D) of q's dtype, any strides with the last dimension
             contiguous; or both None: no cache write (then slot_mapping is ignored and may be None).
         slot_mapping: (T,) int64: token ``t`` goes to block ``slot // block_size``, row ``slot % block_size``; a
-            negative slot skips the write (the token is still normed and rotated). Not range-checked on the device.
+            negative slot skips the write (the token is still normed and rotated). Not range-checked on the host; a
+            slot past the cache is skipped too.
         q_norm_weight, k_norm_weight: (D,) both or neither: Hugging Face RMSNorm over each head (fp32 statistics,
             the normalised value rounded to q's dtype, times the weight, rounded again).
         eps: the norm's epsilon, >= 0. is_neox: True pairs the two halves of the rotary features, False neighbours.

@@ -44,14 +44,15 @@ def _rotate_heads(x_ptr, stride_t, stride_h, num_heads, token, cos, sin, half,
     tl.store(row + second[None, :], out2.to(x_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_positions"])
 def _rotary_kernel(
-    x_ptr, y_ptr, cos_ptr, sin_ptr, positions_ptr,
+    x_ptr, y_ptr, cos_ptr, sin_ptr, positions_ptr, num_positions,
     x_heads, y_heads, half, stride_x_t, stride_x_h, stride_y_t, stride_y_h, stride_cos, stride_sin,
     INTERLEAVED: tl.constexpr, BLOCK_HX: tl.constexpr, BLOCK_HY: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
+    position = tl.minimum(tl.maximum(position, 0), num_positions - 1)  # never a row outside the tables
     pairs = tl.arange(0, BLOCK_R)
     cos = tl.load(cos_ptr + position * stride_cos + pairs, mask=pairs < half, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + position * stride_sin + pairs, mask=pairs < half, other=0.0).to(tl.float32)
@@ -73,7 +74,7 @@ def rotate_in_place(x, cos, sin, positions, interleaved: bool, y=None) -> None:
     y_arg = y if y is not None else x
     grid = (num_tokens, 2 if y is not None else 1)
     _rotary_kernel[grid](
-        x, y_arg, cos, sin, positions,
+        x, y_arg, cos, sin, positions, cos.shape[0],
         x.shape[1], y_arg.shape[1], half, x.stride(0), x.stride(1), y_arg.stride(0), y_arg.stride(1),
         cos.stride(0), sin.stride(0),
         INTERLEAVED=interleaved, BLOCK_HX=next_power_of_2(x.shape[1]),
@@ -89,7 +90,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor | None, cos_sin_cache: torch.T
         q: (T, H, D); k: (T, Hk, D) or None; fp32/fp16/bf16, last dimension contiguous, other strides free.
         cos_sin_cache: (max_position, rotary_dim) float: cos in the first rotary_dim/2 columns, sin in the rest;
             ``rotary_dim`` even and <= D.
-        positions: (T,) int32/int64 position of each token, contiguous (not range-checked on the device).
+        positions: (T,) int32/int64 position of each token, contiguous; not range-checked on the host (no
+            synchronisation): the kernel clamps a position into the table's rows.
         is_neox: True pairs the two halves of the rotary features (GPT-NeoX, Llama/Qwen in HF), False pairs
             neighbours (GPT-J).
     """

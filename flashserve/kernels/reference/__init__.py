@@ -7,3 +7,4 @@ from flashserve.kernels.reference.decode import flash_attn_with_kvcache, merge_a
 from flashserve.kernels.reference.layers import (
     apply_rotary, fused_add_rms_norm, linear, linear_silu_and_mul, rms_norm, silu_and_mul)
 from flashserve.kernels.reference.moe import fused_experts, moe_align_block_size, moe_routing
+from flashserve.kernels.reference.scores import attention_scores_batch, attention_scores_varlen

@@ -29,6 +29,29 @@ def attention_mask(seqlen_q: int, seqlen_k: int, causal: bool, window_size: tupl
     return visible
 
 
+def masked_scores(q: torch.Tensor, k: torch.Tensor, softmax_scale: float | None, causal: bool,
+                  window_size: tuple[int, int], softcap: float, alibi_slopes: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The (B, H, Sq, Sk) attention scores in ``dtype``: scaled, softcapped, ALiBi-biased, -inf where masked.
+    q (B, Sq, H, D), k (B, Sk, Hk, D)."""
+    seqlen_q, nheads, head_dim = q.shape[1:]
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    qt = q.to(dtype).transpose(1, 2)  # (B, H, Sq, D)
+    kt = k.to(dtype).repeat_interleave(nheads // nheads_k, dim=2).transpose(1, 2)
+    scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(dtype).view(-1, nheads, 1, 1) if alibi_slopes.dim() == 2 else \
+            alibi_slopes.to(dtype).view(1, nheads, 1, 1)
+        row = torch.arange(seqlen_q, device=q.device).view(-1, 1) + (seqlen_k - seqlen_q)
+        col = torch.arange(seqlen_k, device=q.device).view(1, -1)
+        scores = scores - slopes * (row - col).abs().to(dtype)
+    visible = attention_mask(seqlen_q, seqlen_k, causal, window_size, q.device)
+    return scores.masked_fill(~visible, float("-inf"))
+
+
 def attention_batch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -51,25 +74,9 @@ def attention_batch(
     Returns:
         out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) fp32.
     """
-    batch, seqlen_q, nheads, head_dim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     dtype = torch.float32 if upcast else q.dtype
-    group = nheads // nheads_k
-    qt = q.to(dtype).transpose(1, 2)  # (B, H, Sq, D)
-    kt = k.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
-    vt = v.to(dtype).repeat_interleave(group, dim=2).transpose(1, 2)
-    scores = torch.matmul(qt, kt.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
-    if softcap > 0:
-        scores = torch.tanh(scores / softcap) * softcap
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.to(dtype).view(-1, nheads, 1, 1) if alibi_slopes.dim() == 2 else \
-            alibi_slopes.to(dtype).view(1, nheads, 1, 1)
-        row = torch.arange(seqlen_q, device=q.device).view(-1, 1) + (seqlen_k - seqlen_q)
-        col = torch.arange(seqlen_k, device=q.device).view(1, -1)
-        scores = scores - slopes * (row - col).abs().to(dtype)
-    visible = attention_mask(seqlen_q, seqlen_k, causal, window_size, q.device)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = masked_scores(q, k, softmax_scale, causal, window_size, softcap, alibi_slopes, dtype)
+    vt = v.to(dtype).repeat_interleave(q.shape[2] // k.shape[2], dim=2).transpose(1, 2)
     lse = torch.logsumexp(scores.float(), dim=-1)  # (B, H, Sq)
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key

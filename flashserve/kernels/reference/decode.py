@@ -28,10 +28,12 @@ def _token_rows(cache: torch.Tensor, b: int, positions: torch.Tensor, block_tabl
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, block_table=None, softmax_scale=None,
                             causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
-                            alibi_slopes=None, upcast=True):
-    """Reference of ``flashserve.kernels.decode.flash_attn_with_kvcache`` (same arguments; ``cache_leftpad`` and
-    ``num_splits`` do not apply). Appends k/v into the caches in place. Returns out (B, Sq, H, D) in q's dtype and
-    lse (B, H, Sq) fp32. ``upcast=False`` runs the attention in the input precision (FlashAttention's baseline)."""
+                            alibi_slopes=None, upcast=True, cache_leftpad=None):
+    """Reference of ``flashserve.kernels.flash_attn_with_kvcache`` (same arguments but ``num_splits``;
+    ``cache_leftpad`` last). Appends k/v into the caches in place. Returns out (B, Sq, H, D) in q's dtype and
+    lse (B, H, Sq) fp32. ``upcast=False`` runs the attention in the input precision (FlashAttention's baseline).
+    With ``cache_leftpad`` sequence b's keys are the dense cache rows ``cache_leftpad[b] .. cache_seqlens[b] + Snew
+    - 1``; rotary positions stay the cache rows."""
     batch, seqlen_q = q.shape[0], q.shape[1]
     if cache_seqlens is None:
         capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
@@ -56,9 +58,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     num_heads, head_dim = q.shape[2], q.shape[3]
     outs = [q.new_empty((0, seqlen_q, num_heads, head_dim))]
     lses = [torch.empty((0, num_heads, seqlen_q), dtype=torch.float32, device=q.device)]
+    pads = _seqlens_list(cache_leftpad if cache_leftpad is not None else 0, batch)
     for b in range(batch):
-        length = seqlens[b] + seqlen_new
-        blocks, rows = _token_rows(k_cache, b, torch.arange(length, device=q.device), block_table, cache_batch_idx)
+        positions = torch.arange(pads[b], seqlens[b] + seqlen_new, device=q.device)
+        blocks, rows = _token_rows(k_cache, b, positions, block_table, cache_batch_idx)
         slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         out, lse = attention_batch(q[b:b + 1], k_cache[blocks, rows][None], v_cache[blocks, rows][None],
                                    softmax_scale, causal, window_size, softcap, slopes, upcast)

@@ -1,0 +1,186 @@
+"""Range checks of the values inside index tensors (block ids, lengths, slots, rows), for the public kernel functions.
+
+Shapes and dtypes are checked without touching the device (``_validate``); values live on the GPU, so checking them
+costs one host synchronisation per call (FlashAttention 2 pays the same for its ``block_table`` bound). Each check
+builds a 0-dim bool tensor "this is wrong" on the device; ``raise_first`` copies them all to the host at once and
+raises ValueError with the message of the first that holds. The checks are skipped while a CUDA graph is being
+captured (a synchronisation would break the capture): there, as on the engine's unchecked paths, the kernels' own
+clamps and masks are what keep every access inside its tensor.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels._launch import next_power_of_2
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (no synchronisation allowed)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def raise_first(checks: list[tuple[torch.Tensor, str]]) -> None:
+    """``checks``: (0-dim bool tensor that is True when the input is wrong, error message). One synchronisation for
+    all of them; raises ValueError(message) for the first that is True."""
+    if not checks:
+        return
+    flags = torch.stack([bad.reshape(()) for bad, _ in checks]).tolist()
+    for flag, (_, message) in zip(flags, checks):
+        if flag:
+            raise ValueError(message)
+
+
+def outside(values: torch.Tensor, low: int, high: int, where: torch.Tensor | None = None) -> torch.Tensor:
+    """0-dim bool: any of ``values`` (restricted to ``where``) outside [low, high)."""
+    bad = (values < low) | (values >= high)
+    if where is not None:
+        bad = bad & where
+    return bad.any()
+
+
+def used_blocks_mask(block_table: torch.Tensor, seqlens: torch.Tensor, page_size: int) -> torch.Tensor:
+    """(B, max_blocks) bool: the block-table entries that hold one of the first ``seqlens[b]`` tokens."""
+    columns = torch.arange(block_table.shape[1], device=block_table.device)
+    return columns[None, :] * page_size < seqlens[:, None]
+
+
+def block_table_checks(block_table: torch.Tensor, seqlens: torch.Tensor, num_blocks: int, page_size: int,
+                       lengths_name: str) -> list[tuple[torch.Tensor, str]]:
+    """``seqlens`` (B,) (the tokens each sequence reads or writes) within the table's capacity and the block ids
+    they use within [0, num_blocks)."""
+    too_long, bad_id = _block_table_messages(block_table, num_blocks, page_size, lengths_name)
+    return [((seqlens > block_table.shape[1] * page_size).any(), too_long),
+            (outside(block_table, 0, num_blocks, used_blocks_mask(block_table, seqlens, page_size)), bad_id)]
+
+
+def _block_table_messages(block_table: torch.Tensor, num_blocks: int, page_size: int, lengths_name: str):
+    """(lengths past the table's capacity, block ids outside the cache): the errors name ``block_table``."""
+    capacity = block_table.shape[1] * page_size
+    return (f"block_table is too short: {block_table.shape[1]} blocks of {page_size} tokens hold {capacity} tokens, "
+            f"fewer than {lengths_name}",
+            f"block_table entries must be block ids in [0, {num_blocks}) (the cache's blocks)")
+
+
+@triton.jit(do_not_specialize=["int_seqlen", "seqlen_new", "capacity", "num_rows", "num_blocks", "width"])
+def _kvcache_check_kernel(seqlens_ptr, leftpad_ptr, batch_idx_ptr, block_table_ptr, flags_ptr, int_seqlen,
+                          seqlen_new, capacity, num_rows, num_blocks, stride_table, width, page_size,
+                          SEQLENS_TENSOR: tl.constexpr, HAS_LEFTPAD: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+                          PAGED: tl.constexpr, BLOCK_W: tl.constexpr):
+    """All of ``flash_attn_with_kvcache``'s value checks for sequence ``program_id(0)`` in one launch: writes
+    ``flags[b]``, one bit per failed check (the order of ``_KVCACHE_FAILURES``)."""
+    batch = tl.program_id(0)
+    start = tl.zeros((), tl.int32) + int_seqlen
+    if SEQLENS_TENSOR:
+        start = tl.load(seqlens_ptr + batch)
+    end = start + seqlen_new
+    flags = (start < 0).to(tl.int32) | ((end > capacity).to(tl.int32) << 1)
+    if HAS_LEFTPAD:
+        pad = tl.load(leftpad_ptr + batch)
+        flags = flags | (((pad < 0) | (pad > start)).to(tl.int32) << 2)
+    if HAS_BATCH_IDX:
+        row = tl.load(batch_idx_ptr + batch)
+        flags = flags | (((row < 0) | (row >= num_rows)).to(tl.int32) << 3)
+    if PAGED:
+        bad = tl.zeros([BLOCK_W], tl.int32)
+        for first in range(0, width, BLOCK_W):
+            columns = first + tl.arange(0, BLOCK_W)
+            used = (columns < width) & (columns * page_size < end)
+            ids = tl.load(block_table_ptr + batch.to(tl.int64) * stride_table + columns, mask=used, other=0)
+            bad = bad | (used & ((ids < 0) | (ids >= num_blocks))).to(tl.int32)
+        flags = flags | (tl.max(bad, axis=0) << 4)
+    tl.store(flags_ptr + batch, flags)
+
+
+def _kvcache_failures(capacity: int, k_cache: torch.Tensor, block_table) -> list[str]:
+    """The messages of the checks, in the bit order of ``_kvcache_check_kernel``."""
+    if block_table is not None:
+        too_long, bad_id = _block_table_messages(block_table, k_cache.shape[0], k_cache.shape[1],
+                                                 "cache_seqlens + the new tokens")
+    else:
+        too_long, bad_id = f"cache_seqlens + the new tokens must be <= {capacity} (k_cache's length)", ""
+    return ["cache_seqlens must be >= 0", too_long, "cache_leftpad must be in [0, cache_seqlens] for every sequence",
+            f"cache_batch_idx entries must be rows of k_cache, in [0, {k_cache.shape[0]})", bad_id]
+
+
+def _check_kvcache_in_one_launch(batch, cache_seqlens, seqlen_new, capacity, k_cache, block_table, cache_batch_idx,
+                                 cache_leftpad) -> None:
+    """The Triton path of ``check_kvcache_values``: one launch and one small copy to the host."""
+    flags = torch.empty(batch, dtype=torch.int32, device=k_cache.device)
+    seqlens_tensor = isinstance(cache_seqlens, torch.Tensor)
+    width = block_table.shape[1] if block_table is not None else 0
+    _kvcache_check_kernel[(batch,)](
+        cache_seqlens if seqlens_tensor else flags, cache_leftpad if cache_leftpad is not None else flags,
+        cache_batch_idx if cache_batch_idx is not None else flags,
+        block_table if block_table is not None else flags, flags,
+        0 if seqlens_tensor else cache_seqlens, seqlen_new, capacity, k_cache.shape[0], k_cache.shape[0],
+        block_table.stride(0) if block_table is not None else 0, width, k_cache.shape[1],
+        SEQLENS_TENSOR=seqlens_tensor, HAS_LEFTPAD=cache_leftpad is not None,
+        HAS_BATCH_IDX=cache_batch_idx is not None, PAGED=block_table is not None,
+        BLOCK_W=min(1024, next_power_of_2(max(width, 1))), num_warps=1,
+    )
+    failed = 0
+    for flag in flags.tolist():
+        failed |= flag
+    for bit, message in enumerate(_kvcache_failures(capacity, k_cache, block_table)):
+        if failed >> bit & 1:
+            raise ValueError(message)
+
+
+def check_kvcache_values(batch: int, cache_seqlens, seqlen_new: int, capacity: int, k_cache: torch.Tensor,
+                         block_table, cache_batch_idx, cache_leftpad) -> None:
+    """The value checks of ``flash_attn_with_kvcache`` (``cache_seqlens`` a (B,) int32 tensor or an int): one
+    Triton launch where the kernels run (a decode call's host cost), PyTorch ops on the reference path."""
+    on_device = (cache_seqlens, block_table, cache_batch_idx, cache_leftpad)
+    if capturing() or batch == 0 or not any(isinstance(t, torch.Tensor) for t in on_device):
+        return  # (an int length alone was checked on the host by decode_checks)
+    if use_triton(k_cache):
+        _check_kvcache_in_one_launch(batch, cache_seqlens, seqlen_new, capacity, k_cache, block_table,
+                                     cache_batch_idx, cache_leftpad)
+        return
+    negative, too_long, bad_pad, bad_row, bad_id = _kvcache_failures(capacity, k_cache, block_table)
+    ends = cache_seqlens + seqlen_new
+    if not isinstance(cache_seqlens, torch.Tensor):
+        cache_seqlens = ends = torch.full((batch,), ends, device=k_cache.device)
+    checks = [((cache_seqlens < 0).any(), negative), ((ends > capacity).any(), too_long)]
+    if cache_leftpad is not None:
+        checks.append((((cache_leftpad < 0) | (cache_leftpad > cache_seqlens)).any(), bad_pad))
+    if cache_batch_idx is not None:
+        checks.append((outside(cache_batch_idx, 0, k_cache.shape[0]), bad_row))
+    if block_table is not None:
+        used = used_blocks_mask(block_table, ends, k_cache.shape[1])
+        checks.append((outside(block_table, 0, k_cache.shape[0], used), bad_id))
+    raise_first(checks)
+
+
+def check_varlen_values(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                        block_table) -> None:
+    """The value checks of ``flash_attn_varlen_func``: cumulative lengths non-decreasing from 0 and within q / k,
+    ``seqused_k`` within each sequence's keys (or the block table's capacity), block ids within the cache."""
+    if capturing():
+        return
+    checks = [(((cu_seqlens_q[0] != 0) | (cu_seqlens_q.diff() < 0).any() | (cu_seqlens_q[-1] > q.shape[0])),
+               f"cu_seqlens_q must start at 0, never decrease and end <= {q.shape[0]} (q's tokens)")]
+    if cu_seqlens_k is not None and block_table is None:
+        checks.append((((cu_seqlens_k[0] != 0) | (cu_seqlens_k.diff() < 0).any() | (cu_seqlens_k[-1] > k.shape[0])),
+                       f"cu_seqlens_k must start at 0, never decrease and end <= {k.shape[0]} (k's tokens)"))
+    if block_table is not None:
+        seqlens = seqused_k if seqused_k is not None else cu_seqlens_k.diff()
+        if seqused_k is not None:
+            checks.append(((seqused_k < 0).any(), "seqused_k must be >= 0"))
+        else:
+            checks.append(((cu_seqlens_k.diff() < 0).any(), "cu_seqlens_k must never decrease"))
+        checks += block_table_checks(block_table, seqlens, k.shape[0], k.shape[1],
+                                     "seqused_k" if seqused_k is not None else "the key lengths")
+    elif seqused_k is not None:
+        checks.append((((seqused_k < 0) | (seqused_k > cu_seqlens_k.diff())).any(),
+                       "seqused_k must be in [0, cu_seqlens_k[b + 1] - cu_seqlens_k[b]] for every sequence"))
+    raise_first(checks)
+
+
+def check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
+    """``slot_mapping`` entries < num_slots (negative entries are padding)."""
+    if capturing() or slot_mapping.numel() == 0:
+        return
+    raise_first([((slot_mapping >= num_slots).any(),
+                  f"slot_mapping entries must be < {num_slots} (num_blocks * block_size) or negative (padding)")])
