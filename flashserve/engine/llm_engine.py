@@ -124,6 +124,7 @@ class LLMEngine:
             self.scoring.discard(one_id)
             if request is not None:
                 self.scheduler.abort(request)
+                self.runner.sampler.release(one_id)
 
     def has_unfinished(self) -> bool:
         """Whether any request is waiting or running."""
@@ -164,6 +165,7 @@ class LLMEngine:
             outputs.append(self._new_output(request))
             if request.is_finished:
                 del self.requests[request.request_id]
+                self.runner.sampler.release(request.request_id)
         return outputs
 
     def _record(self, batch, decode_only: bool, num_sampled: int, elapsed: float) -> None:

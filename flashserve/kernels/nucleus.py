@@ -9,6 +9,7 @@ every token tied with the last kept one is kept (the sort kept some of them, in 
 import torch
 
 from flashserve.kernels import sampling
+from flashserve.kernels._launch import upload
 from flashserve.kernels.reference import sampling as reference
 
 
@@ -30,7 +31,7 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
     if (streams is None) == (noise is None):
         raise ValueError("sample needs exactly one of streams and noise")
     device = logits.device
-    num_rows, vocab = len(rows), logits.shape[1]
+    num_rows = len(rows)
     tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
     full = [i for i, t in enumerate(truncated) if not t]
     cut = [i for i, t in enumerate(truncated) if t]
@@ -38,12 +39,12 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
         if not part:
             continue
         everything = len(part) == num_rows
-        index = None if everything else _index(part, device)
+        index = None if everything else upload(part, torch.int64, device)
 
         def pick(tensor, index=index):
             return tensor if index is None else tensor[index]
 
-        part_rows = _index([rows[i] for i in part], device)
+        part_rows = upload([rows[i] for i in part], torch.int64, device)
         chosen = run(logits, part_rows, pick(temperature), pick(top_k), pick(top_p), pick(min_p),
                      None if streams is None else pick(streams), None if noise is None else pick(noise),
                      capacity)
@@ -51,14 +52,6 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
             return chosen
         tokens[index] = chosen
     return tokens
-
-
-def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    """A host list of indices as an int64 device tensor, copied without waiting for the device on CUDA."""
-    tensor = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _race_rows(logits, rows, temperature, top_k, top_p, min_p, streams, noise, capacity) -> torch.Tensor:

@@ -189,3 +189,19 @@ def race_full_rows(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.
             best_index, num_chunks, BLOCK=_BLOCK, BLOCKS_PER_CHUNK=_BLOCKS_PER_CHUNK,
             LIBDEVICE_LOG=not triton_interpret_enabled())
     return best_index.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+def reproduces_torch_exponential(device: torch.device) -> bool:
+    """Whether ``exponential_at`` gives exactly the draws of ``exponential_`` on ``device`` (CUDA), for a call that
+    takes one draw per thread and one whose grid is capped (four and more per thread), and the same offsets."""
+    generator = torch.Generator(device=device).manual_seed(0x5EED)
+    for rows, vocab in ((3, 1000), (2, 400_000)):
+        offset = generator.get_offset()
+        stride, increment = torch_stream_layout(rows * vocab, device)
+        expected = torch.empty((rows, vocab), device=device).exponential_(generator=generator)
+        streams = torch.tensor([[0x5EED, offset // 4, r * vocab, stride] for r in range(rows)], device=device)
+        columns = torch.arange(vocab, device=device).expand(rows, -1).contiguous()
+        if generator.get_offset() != offset + increment or not torch.equal(exponential_at(streams, columns),
+                                                                            expected):
+            return False
+    return True
