@@ -44,30 +44,36 @@ def test_exponential_kernel_matches_reference(interpret):
     assert (expected > 0).all() and 0.5 < expected.mean() < 1.5
 
 
-def test_candidates_kernel_matches_reference(interpret):
-    logits = torch.randn(4, 3000) * 4
+def test_block_candidate_and_race_kernels_match_their_references(interpret):
+    logits = torch.randn(4, 2500) * 3
     rows = torch.tensor([3, 0, 1], dtype=torch.int64)
     temperature = torch.tensor([1.0, 0.5, 2.0])
-    values, indices, count, row_max, mass = sampling.gather_candidates(logits, rows, temperature, 64, depth=3.0)
-    ref = reference.gather_candidates(logits[rows], temperature, 3.0, 64)
-    torch.testing.assert_close(count, ref[2])
-    torch.testing.assert_close(mass, ref[4], rtol=1e-5, atol=0)
-    for r in range(3):
-        n = min(int(count[r]), 64)
+    block_max, block_sum = sampling.block_stats(logits, rows, temperature)
+    ref_max, ref_sum = reference.block_stats(logits[rows], temperature, sampling.BLOCK)
+    torch.testing.assert_close(block_max, ref_max)
+    torch.testing.assert_close(block_sum, ref_sum, rtol=1e-5, atol=0)
+    row_max = block_max.amax(dim=1)
+    cutoff = row_max - torch.tensor([2.0, 1.0, 30.0])  # the last row overflows 64 slots
+    values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64)
+    ref_values, ref_indices, ref_count = reference.gather_candidates(logits[rows], temperature, cutoff, 64)
+    torch.testing.assert_close(count, ref_count)
+    assert int(count[2]) > 64
+    for r in range(2):
+        n = int(count[r])
         got = sorted(zip(indices[r, :n].tolist(), values[r, :n].tolist()))
-        want = sorted(zip(ref[1][r, :n].tolist(), ref[0][r, :n].tolist()))
-        if int(count[r]) <= 64:
-            assert [i for i, _ in got] == [i for i, _ in want]
-            torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]))
-
-
-def test_race_kernel_matches_reference(interpret):
-    logits = torch.randn(3, 2500)
-    rows = torch.tensor([2, 1], dtype=torch.int64)
-    temperature, min_p = torch.tensor([0.7, 1.3]), torch.tensor([0.0, 0.1])
-    streams = _streams(2, 2500)
-    got = sampling.race_full_rows(logits, rows, temperature, min_p, streams)
-    assert got.tolist() == reference.race_full_rows(logits[rows], temperature, min_p, streams).tolist()
+        want = sorted(zip(ref_indices[r, :n].tolist(), ref_values[r, :n].tolist()))
+        assert [i for i, _ in got] == [i for i, _ in want]
+        torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]))
+    streams = _streams(3, 2500)
+    floor = row_max + torch.log(torch.tensor([0.0, 0.1, 0.0]))
+    bound = torch.full((3,), float("-inf"))
+    best, token = sampling.race_blocks(logits, rows, temperature, row_max, floor, streams, block_max, bound)
+    ref_best, ref_token = reference.race_blocks(logits[rows], temperature, row_max, floor, streams, sampling.BLOCK)
+    torch.testing.assert_close(best, ref_best, rtol=1e-5, atol=0)
+    assert token.tolist() == ref_token.tolist()
+    skipped, _ = sampling.race_blocks(logits, rows, temperature, row_max, floor, streams, block_max,
+                                      torch.full((3,), float("inf")))
+    assert (skipped == -1).all()
 
 
 def _params(num_rows, vocab, generator):
@@ -107,6 +113,19 @@ def test_sampler_rows_and_streams_on_the_reference_path():
     assert got.tolist() == want.tolist()
     with pytest.raises(ValueError, match="exactly one"):
         nucleus.sample(logits, rows, temperature, top_k, top_p, min_p, truncated)
+
+
+def test_sampler_with_streams_in_the_interpreter(interpret):
+    generator = torch.Generator().manual_seed(4)
+    vocab = 2100
+    for scale in (1.0, 6.0):
+        logits = torch.randn(6, vocab, generator=generator) * scale
+        temperature, top_k, top_p, min_p, truncated = _params(6, vocab, generator)
+        streams = _streams(6, vocab)
+        noise = reference.exponential_at(streams, torch.arange(vocab).expand(6, -1))
+        got = nucleus.sample(logits, list(range(6)), temperature, top_k, top_p, min_p, truncated, streams=streams,
+                             capacity=64)
+        assert got.tolist() == reference.sample_sorted(logits, temperature, top_k, top_p, min_p, noise).tolist()
 
 
 @pytest.mark.gpu

@@ -1,23 +1,28 @@
 """Sampling without sorting the vocabulary: top-k / top-p / min-p by partial selection, and the exponential race.
 
 The sampled token of a row is ``argmax(p / q)`` over the tokens that survive top-k, top-p and min-p, with q ~ Exp(1)
-per token (equivalent to drawing from p). Two launches replace the sort of the whole row:
+per token (equivalent to drawing from p). ``flashserve.kernels.nucleus.sample`` puts these kernels together:
 
-1. ``gather_candidates`` (one read of the logits): each row's softmax normaliser and every token whose scaled logit
-   ``x = logit / temperature`` is within ``CANDIDATE_DEPTH`` of the row's maximum, compacted into a small buffer.
-2. ``sample`` sorts only those candidates, finds the top-k / top-p boundary on them (all tokens tied with the last
-   kept one are kept), and races over the survivors; rows without top-k / top-p race over the whole row
-   (``race_full_rows``, one more read), since every token can win there.
+1. ``block_stats`` (the one full read of the logits): per block of ``BLOCK`` tokens, the largest scaled logit
+   ``x = logit / temperature`` and the softmax sum below it; hence each row's maximum and normaliser.
+2. ``gather_candidates`` compacts the tokens at or above a per-row cutoff into a small buffer, reading only the
+   blocks whose maximum reaches it: for a top-k row the k-th largest block maximum (so the top k are all in), for
+   the others probability 1 / capacity (so at most ``capacity`` tokens qualify). The candidates are sorted (a few
+   thousand per row at most) and the top-k / top-p boundary found on them.
+3. The race runs over the surviving candidates; for rows without top-k / top-p, where every token may win,
+   ``race_blocks`` then races only the blocks holding a token that could still beat the candidates' best (a
+   draw is never below 2^-24, so a token of weight w cannot beat a ratio above w * 2^24).
 
-A row whose boundary the candidates do not determine (more than ``capacity`` candidates, a top-k beyond them, or
-a nucleus heavier than their mass) falls back to the sort (``reference.sample_sorted``): exact, slower, and the
-one place that waits for the device.
+A truncated row whose boundary the candidates do not determine (too many of them for a top-k row, or a nucleus
+heavier than their mass) falls back to the sort (``reference.sample_sorted``): exact, slower, and the one place
+that waits for the device.
 
 The noise q is either given as a (R, V) tensor or computed where it is needed from the row's Philox stream
 (``streams``): ``exponential_at`` computes exactly what ``torch.Tensor.exponential_`` on CUDA writes (curand's
-Philox4x32-10, ``-log(u)``) for any element of a call, so a row can sample from its torch.Generator's stream without
+Philox4x32-10, ``-log(u)``) for any element of a call, so a row samples from its torch.Generator's stream without
 materialising V draws. ``torch_stream_layout`` gives the call geometry that torch uses (256-thread blocks, at most
-``SMs * max threads per SM / 256`` of them, 4 draws per thread and Philox call).
+``SMs * max threads per SM / 256`` of them, 4 draws per thread and Philox call), and
+``reproduces_torch_exponential`` checks the whole at start-up.
 """
 import torch
 import triton
@@ -28,10 +33,8 @@ from flashserve.kernels._dispatch import triton_interpret_enabled, use_triton
 from flashserve.kernels._launch import cdiv
 from flashserve.kernels.reference import sampling as reference
 
-CANDIDATE_DEPTH = 24.0   # candidates: x >= max(x) - 24, i.e. probability >= e^-24 ~ 4e-11 of the top token's
-DEFAULT_CAPACITY = 2048  # candidate slots per row
-_BLOCK = 1024
-_BLOCKS_PER_CHUNK = 8
+DEFAULT_CAPACITY = 4096  # candidate slots per row (a sort of this many per row stays in one thread block)
+BLOCK = 1024             # tokens per block of the block statistics
 
 
 def torch_stream_layout(numel: int, device: torch.device) -> tuple[int, int]:
@@ -90,105 +93,121 @@ def exponential_at(streams: torch.Tensor, token_ids: torch.Tensor) -> torch.Tens
     streams, token_ids = streams.contiguous(), token_ids.contiguous()
     out = torch.empty(token_ids.shape, dtype=torch.float32, device=token_ids.device)
     if token_ids.numel():
-        grid = (token_ids.shape[0], cdiv(token_ids.shape[1], _BLOCK))
-        _exponential_at_kernel[grid](streams, token_ids, out, token_ids.shape[1], BLOCK=_BLOCK,
+        grid = (token_ids.shape[0], cdiv(token_ids.shape[1], BLOCK))
+        _exponential_at_kernel[grid](streams, token_ids, out, token_ids.shape[1], BLOCK=BLOCK,
                                      LIBDEVICE_LOG=not triton_interpret_enabled())
     return out
 
 
 @triton.jit
-def _candidates_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_max_ptr, depth, vocab,
-                       mass_ptr, values_ptr, indices_ptr, count_ptr, capacity, num_chunks,
-                       BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr):
+def _block_stats_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, vocab, block_max_ptr, block_sum_ptr,
+                        num_blocks, BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
+    block = tl.program_id(1)
     row = tl.load(rows_ptr + index)
-    temperature = tl.load(temperature_ptr + index)
-    row_max = tl.load(row_max_ptr + index)
-    mass = tl.zeros((BLOCK,), dtype=tl.float32)
-    for block in range(BLOCKS_PER_CHUNK):
-        cols = (chunk * BLOCKS_PER_CHUNK + block) * BLOCK + tl.arange(0, BLOCK)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < vocab
+    logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
+    largest = tl.max(scaled, axis=0)
+    total = tl.sum(tl.where(mask, tl.exp(scaled - largest), 0.0), axis=0)
+    tl.store(block_max_ptr + index * num_blocks + block, largest)
+    tl.store(block_sum_ptr + index * num_blocks + block, total)
+
+
+def block_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.block_stats`` of ``logits[rows]`` in blocks of ``BLOCK`` tokens: the one full read of the
+    logits that the sampler makes for rows with top-k / top-p."""
+    if not use_triton(logits):
+        return reference.block_stats(logits[rows], temperature, BLOCK)
+    num_rows, num_blocks = rows.shape[0], cdiv(logits.shape[1], BLOCK)
+    block_max = torch.empty((num_rows, num_blocks), dtype=torch.float32, device=logits.device)
+    block_sum = torch.empty_like(block_max)
+    if num_rows:
+        _block_stats_kernel[(num_rows, num_blocks)](logits, rows, logits.stride(0), temperature, logits.shape[1],
+                                                    block_max, block_sum, num_blocks, BLOCK=BLOCK)
+    return block_max, block_sum
+
+
+@triton.jit
+def _candidates_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, cutoff_ptr, block_max_ptr, vocab,
+                       values_ptr, indices_ptr, count_ptr, capacity, num_blocks, BLOCK: tl.constexpr):
+    index = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    cutoff = tl.load(cutoff_ptr + index)
+    if tl.load(block_max_ptr + index * num_blocks + block) >= cutoff:  # other blocks are not even read
+        row = tl.load(rows_ptr + index)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < vocab
         logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        scaled = tl.div_rn(logits, temperature)
-        mass += tl.where(mask, tl.exp(scaled - row_max), 0.0)
-        qualifies = mask & (scaled >= row_max - depth)
+        scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
+        qualifies = mask & (scaled >= cutoff)
         flags = qualifies.to(tl.int32)
-        num = tl.sum(flags, axis=0)
-        if num > 0:
-            start = tl.atomic_add(count_ptr + index, num)
-            slots = start + tl.cumsum(flags, axis=0) - 1
-            stored = qualifies & (slots < capacity)
-            tl.store(values_ptr + index * capacity + slots, scaled, mask=stored)
-            tl.store(indices_ptr + index * capacity + slots, cols.to(tl.int64), mask=stored)
-    tl.store(mass_ptr + index * num_chunks + chunk, tl.sum(mass, axis=0))
+        start = tl.atomic_add(count_ptr + index, tl.sum(flags, axis=0))
+        slots = start + tl.cumsum(flags, axis=0) - 1
+        stored = qualifies & (slots < capacity)
+        tl.store(values_ptr + index * capacity + slots, scaled, mask=stored)
+        tl.store(indices_ptr + index * capacity + slots, cols.to(tl.int64), mask=stored)
 
 
-def gather_candidates(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
-                      capacity: int = DEFAULT_CAPACITY, depth: float = CANDIDATE_DEPTH):
-    """``reference.gather_candidates`` of ``logits[rows]`` ((R,) int64 rows of (N, V) logits, temperature (R,))."""
+def gather_candidates(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, cutoff: torch.Tensor,
+                      block_max: torch.Tensor, capacity: int = DEFAULT_CAPACITY):
+    """``reference.gather_candidates`` of ``logits[rows]``; only the blocks whose ``block_max`` (from
+    ``block_stats``) reaches the cutoff are read."""
     if not use_triton(logits):
-        return reference.gather_candidates(logits[rows], temperature, depth, capacity)
-    num_rows, vocab = rows.shape[0], logits.shape[1]
-    device = logits.device
-    row_max = logits[rows].amax(dim=1).float() / temperature if num_rows < logits.shape[0] else \
-        logits.amax(dim=1).float() / temperature
-    num_chunks = cdiv(vocab, _BLOCK * _BLOCKS_PER_CHUNK)
-    mass = torch.empty((num_rows, num_chunks), dtype=torch.float32, device=device)
+        return reference.gather_candidates(logits[rows], temperature, cutoff, capacity)
+    num_rows, device = rows.shape[0], logits.device
     values = torch.full((num_rows, capacity), float("-inf"), dtype=torch.float32, device=device)
     indices = torch.zeros((num_rows, capacity), dtype=torch.int64, device=device)
     count = torch.zeros((num_rows,), dtype=torch.int32, device=device)
     if num_rows:
-        _candidates_kernel[(num_rows, num_chunks)](
-            logits, rows, logits.stride(0), temperature, row_max, depth, vocab, mass, values, indices, count,
-            capacity, num_chunks, BLOCK=_BLOCK, BLOCKS_PER_CHUNK=_BLOCKS_PER_CHUNK)
-    return values, indices, count, row_max, mass.sum(dim=1)
+        _candidates_kernel[(num_rows, block_max.shape[1])](
+            logits, rows, logits.stride(0), temperature, cutoff, block_max, logits.shape[1], values, indices, count,
+            capacity, block_max.shape[1], BLOCK=BLOCK)
+    return values, indices, count
 
 
 @triton.jit
-def _race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_max_ptr, min_p_ptr, streams_ptr, vocab,
-                 best_ptr, best_index_ptr, num_chunks, BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr,
+def _race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_max_ptr, floor_ptr, bound_ptr,
+                 block_max_ptr, streams_ptr, vocab, best_ptr, best_index_ptr, num_blocks, BLOCK: tl.constexpr,
                  LIBDEVICE_LOG: tl.constexpr):
     index = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    row = tl.load(rows_ptr + index)
-    temperature = tl.load(temperature_ptr + index)
-    row_max = tl.load(row_max_ptr + index)
-    min_p = tl.load(min_p_ptr + index)
+    block = tl.program_id(1)
+    floor = tl.load(floor_ptr + index)
+    largest = tl.load(block_max_ptr + index * num_blocks + block)
     best = -1.0
-    best_index = 0
-    for block in range(BLOCKS_PER_CHUNK):
-        cols = (chunk * BLOCKS_PER_CHUNK + block) * BLOCK + tl.arange(0, BLOCK)
+    best_index = block * BLOCK
+    if (largest >= floor) & (largest >= tl.load(bound_ptr + index)):  # else no token of the block can win
+        row = tl.load(rows_ptr + index)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < vocab
         logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        weight = tl.exp(tl.div_rn(logits, temperature) - row_max)
-        weight = tl.where(mask & (weight >= min_p), weight, 0.0)
-        ratio = tl.where(mask, weight / _exponential(streams_ptr, index, cols, LIBDEVICE_LOG), -1.0)
-        block_best = tl.max(ratio, axis=0)
-        block_index = tl.argmax(ratio, axis=0) + (chunk * BLOCKS_PER_CHUNK + block) * BLOCK
-        better = block_best > best
-        best_index = tl.where(better, block_index, best_index)
-        best = tl.where(better, block_best, best)
-    tl.store(best_ptr + index * num_chunks + chunk, best)
-    tl.store(best_index_ptr + index * num_chunks + chunk, best_index.to(tl.int64))
+        scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
+        weight = tl.exp(scaled - tl.load(row_max_ptr + index))
+        ratio = tl.where(mask & (scaled >= floor), weight / _exponential(streams_ptr, index, cols, LIBDEVICE_LOG),
+                         -1.0)
+        best = tl.max(ratio, axis=0)
+        best_index = tl.argmax(ratio, axis=0) + block * BLOCK
+    tl.store(best_ptr + index * num_blocks + block, best)
+    tl.store(best_index_ptr + index * num_blocks + block, best_index.to(tl.int64))
 
 
-def race_full_rows(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor,
-                   streams: torch.Tensor) -> torch.Tensor:
-    """``reference.race_full_rows`` of ``logits[rows]``, the noise from ``streams`` computed in the kernel."""
+def race_blocks(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, row_max: torch.Tensor,
+                floor: torch.Tensor, streams: torch.Tensor, block_max: torch.Tensor,
+                bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.race_blocks`` of ``logits[rows]``, the noise computed in the kernel from ``streams``; blocks
+    whose ``block_max`` is below ``bound`` (no token there can beat a ratio already found) or below ``floor``
+    are neither read nor raced (their best is -1)."""
     if not use_triton(logits):
-        return reference.race_full_rows(logits[rows], temperature, min_p, streams)
-    num_rows, vocab = rows.shape[0], logits.shape[1]
-    row_max = logits[rows].amax(dim=1).float() / temperature
-    num_chunks = cdiv(vocab, _BLOCK * _BLOCKS_PER_CHUNK)
-    best = torch.empty((num_rows, num_chunks), dtype=torch.float32, device=logits.device)
-    best_index = torch.empty((num_rows, num_chunks), dtype=torch.int64, device=logits.device)
+        return reference.race_blocks(logits[rows], temperature, row_max, floor, streams, BLOCK)
+    num_rows, num_blocks = rows.shape[0], block_max.shape[1]
+    best = torch.empty((num_rows, num_blocks), dtype=torch.float32, device=logits.device)
+    best_index = torch.empty((num_rows, num_blocks), dtype=torch.int64, device=logits.device)
     if num_rows:
-        _race_kernel[(num_rows, num_chunks)](
-            logits, rows, logits.stride(0), temperature, row_max, min_p, streams.contiguous(), vocab, best,
-            best_index, num_chunks, BLOCK=_BLOCK, BLOCKS_PER_CHUNK=_BLOCKS_PER_CHUNK,
-            LIBDEVICE_LOG=not triton_interpret_enabled())
-    return best_index.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1)
+        _race_kernel[(num_rows, num_blocks)](
+            logits, rows, logits.stride(0), temperature, row_max, floor, bound, block_max, streams.contiguous(),
+            logits.shape[1], best, best_index, num_blocks, BLOCK=BLOCK, LIBDEVICE_LOG=not triton_interpret_enabled())
+    return best, best_index
 
 
 def reproduces_torch_exponential(device: torch.device) -> bool:

@@ -2,9 +2,9 @@
 
 - ``philox4x32``: the Philox4x32-10 counter-based generator (Salmon et al. 2011), in int64 arithmetic;
 - ``exponential_at``: the Exp(1) draws that ``torch.Tensor.exponential_`` on CUDA writes at given positions;
-- ``gather_candidates``: every token whose scaled logit is within ``depth`` of the row's maximum, and the row's
-  softmax normaliser;
-- ``race_full_rows``: the exponential race ``argmax(p / q)`` over whole rows (no top-k / top-p);
+- ``block_stats``: per block of tokens, the largest scaled logit and the softmax sum below it;
+- ``gather_candidates``: every token whose scaled logit reaches a per-row cutoff;
+- ``race_blocks``: the exponential race ``argmax(p / q)`` within each block of tokens;
 - ``sample_sorted``: the sort-based top-k / top-p / min-p sampler the kernels replace, exact by construction.
 """
 import torch
@@ -65,44 +65,49 @@ def exponential_at(streams: torch.Tensor, token_ids: torch.Tensor) -> torch.Tens
     return -log
 
 
-def gather_candidates(logits: torch.Tensor, temperature: torch.Tensor, depth: float, capacity: int):
-    """Tokens whose scaled logit ``x = logits / temperature`` is >= max(x) - ``depth``, and each row's softmax sum.
+def block_stats(logits: torch.Tensor, temperature: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of ``block`` consecutive tokens of each row: the largest scaled logit ``x = logits / temperature``
+    and the sum of exp(x - that largest); (R, V) -> two (R, ceil(V / block)) float32."""
+    scaled = logits.float() / temperature.unsqueeze(1)
+    num_blocks = -(-scaled.shape[1] // block)
+    padded = torch.nn.functional.pad(scaled, (0, num_blocks * block - scaled.shape[1]), value=float("-inf"))
+    padded = padded.view(scaled.shape[0], num_blocks, block)
+    block_max = padded.amax(dim=2)
+    return block_max, torch.exp(padded - block_max.unsqueeze(2)).sum(dim=2)
 
-    Args:
-        logits: (R, V) float.
-        temperature: (R,) float32 > 0.
-        depth: how far below the row's maximum (in scaled-logit units) candidates reach.
-        capacity: columns of the candidate buffers.
 
-    Returns:
-        values (R, capacity) float32 (the candidates' x, -inf past the count), indices (R, capacity) int64 (their
-        token ids, 0 past the count), count (R,) int32 (how many tokens qualified, possibly > capacity: then the
-        buffers hold an arbitrary subset), row_max (R,) float32 (max x) and mass (R,) float32 (sum of exp(x - max)).
-        The order of the candidates within a row is unspecified (the kernel's depends on scheduling).
+def gather_candidates(logits: torch.Tensor, temperature: torch.Tensor, cutoff: torch.Tensor, capacity: int):
+    """Tokens whose scaled logit ``x = logits / temperature`` is >= the row's ``cutoff`` ((R,) float32).
+
+    Returns values (R, capacity) float32 (the candidates' x, -inf past the count), indices (R, capacity) int64
+    (their token ids, 0 past the count) and count (R,) int32 (how many tokens qualified, possibly > capacity: then
+    the buffers hold an arbitrary subset). The order of the candidates within a row is unspecified.
     """
     scaled = logits.float() / temperature.unsqueeze(1)
-    row_max = scaled.amax(dim=1)
-    mass = torch.exp(scaled - row_max.unsqueeze(1)).sum(dim=1)
-    qualifies = scaled >= (row_max - depth).unsqueeze(1)
+    qualifies = scaled >= cutoff.unsqueeze(1)
     count = qualifies.sum(dim=1).to(torch.int32)
     keyed = torch.where(qualifies, scaled, torch.full_like(scaled, float("-inf")))
     width = min(capacity, scaled.shape[1])
     values, indices = keyed.topk(width, dim=1)
-    values, indices = torch.nn.functional.pad(values, (0, capacity - width), value=float("-inf")), \
-        torch.nn.functional.pad(indices, (0, capacity - width))
-    indices = torch.where(values == float("-inf"), torch.zeros_like(indices), indices)
-    return values, indices, count, row_max, mass
+    values = torch.nn.functional.pad(values, (0, capacity - width), value=float("-inf"))
+    indices = torch.nn.functional.pad(indices, (0, capacity - width))
+    return values, torch.where(values == float("-inf"), torch.zeros_like(indices), indices), count
 
 
-def race_full_rows(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor,
-                   streams: torch.Tensor) -> torch.Tensor:
-    """argmax over every token of ``exp(x - max x) / q`` with q from ``exponential_at`` (tokens with exp(x - max)
-    below ``min_p`` excluded); (R, V) -> (R,) int64."""
+def race_blocks(logits: torch.Tensor, temperature: torch.Tensor, row_max: torch.Tensor, floor: torch.Tensor,
+                streams: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exponential race per block: for each block of ``block`` tokens, the largest ``exp(x - row_max) / q`` over
+    its tokens with ``x >= floor`` (q from ``exponential_at``; -1 where none) and the token that has it;
+    (R, V) -> two (R, ceil(V / block)) tensors (float32, int64)."""
     scaled = logits.float() / temperature.unsqueeze(1)
-    weight = torch.exp(scaled - scaled.amax(dim=1, keepdim=True))
-    weight = weight.masked_fill(weight < min_p.unsqueeze(1), 0.0)
-    columns = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
-    return (weight / exponential_at(streams, columns)).argmax(dim=1)
+    vocab = scaled.shape[1]
+    columns = torch.arange(vocab, device=logits.device).expand(scaled.shape[0], -1)
+    ratio = torch.exp(scaled - row_max.unsqueeze(1)) / exponential_at(streams, columns)
+    ratio = torch.where(scaled >= floor.unsqueeze(1), ratio, torch.full_like(ratio, -1.0))
+    num_blocks = -(-vocab // block)
+    ratio = torch.nn.functional.pad(ratio, (0, num_blocks * block - vocab), value=-1.0)
+    best, where = ratio.view(scaled.shape[0], num_blocks, block).max(dim=2)
+    return best, where + torch.arange(num_blocks, device=logits.device) * block
 
 
 def sample_sorted(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
