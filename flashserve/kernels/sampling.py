@@ -115,9 +115,10 @@ def _block_stats_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, vocab
     tl.store(block_sum_ptr + index * num_blocks + block, total)
 
 
-def block_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_stats(logits: torch.Tensor, rows: torch.Tensor,
+                temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.block_stats`` of ``logits[rows]`` in blocks of ``BLOCK`` tokens: the one full read of the
-    logits that the sampler makes for rows with top-k / top-p."""
+    logits that the sampler makes."""
     if not use_triton(logits):
         return reference.block_stats(logits[rows], temperature, BLOCK)
     num_rows, num_blocks = rows.shape[0], cdiv(logits.shape[1], BLOCK)
