@@ -4,15 +4,11 @@ min-p, and the exponential race, without sorting the vocabulary; see ``flashserv
 The kept set is today's sort-based one (``reference.sample_sorted``) except where logits tie at the boundary: there
 every token tied with the last kept one is kept (the sort kept some of them, in an order it does not define).
 """
-import math
-
 import torch
 
-from flashserve.kernels import sampling
+from flashserve.kernels import sampling, selection
 from flashserve.kernels._launch import upload
 from flashserve.kernels.reference import sampling as reference
-
-_LOG_WIN_MARGIN = -26 * math.log(2.0)  # an Exp(1) draw of torch's is >= 2^-24: weight * 2^26 < best cannot win
 
 
 def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top_k: torch.Tensor,
@@ -29,7 +25,8 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
         noise: otherwise (R, V) float32 Exp(1) draws, one row per sampled row.
         capacity: candidate slots per row (at most 4096 keeps their sort within one thread block).
 
-    Returns (R,) int64 token ids. Waits for the device only when some truncated row needs the sort fallback.
+    Returns (R,) int64 token ids. Rows with top-k / top-p wait for the device once (a check for the sort fallback);
+    batches without them never wait.
     """
     if (streams is None) == (noise is None):
         raise ValueError("sample needs exactly one of streams and noise")
@@ -38,44 +35,22 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
         return _race_dense(logits[rows] if len(rows) < logits.shape[0] else logits, temperature, min_p, noise)
     row_index = upload(rows, torch.int64, device)
     block_max, block_sum = sampling.block_stats(logits, row_index, temperature)
-    row_max = block_max.amax(dim=1)
-    mass = (block_sum * torch.exp(block_max - row_max.unsqueeze(1))).sum(dim=1)
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
-    top_k_active = k < vocab
-    # Candidates: for top-k rows every token >= the k-th largest block maximum (at least k tokens, the top k among
-    # them); for the others every token of probability >= 1 / capacity (at most capacity of them).
-    num_blocks = block_max.shape[1]
-    kth_block_max = block_max.sort(dim=1, descending=True).values.gather(
-        1, (k.clamp(max=num_blocks) - 1).unsqueeze(1)).squeeze(1)
-    cutoff = torch.where(top_k_active & (k <= num_blocks), kth_block_max,
-                         torch.minimum(row_max + torch.log(mass / capacity), row_max))  # the top token always
+    row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, top_k, vocab, capacity)
     values, indices, count = sampling.gather_candidates(logits, row_index, temperature, cutoff, block_max, capacity)
     values, order = values.sort(dim=1, descending=True)
     indices = indices.gather(1, order)
-    weights = torch.exp(values - row_max.unsqueeze(1))
-    ranks = torch.arange(capacity, device=device).unsqueeze(0)
-    valid = ranks < count.unsqueeze(1)
-    in_k = valid & (ranks < k.unsqueeze(1))
-    kept_weights = weights * in_k
-    normaliser = torch.where(top_k_active, kept_weights.sum(dim=1), mass).unsqueeze(1)
-    mass_before = (kept_weights.cumsum(dim=1) - kept_weights) / normaliser
-    p = top_p.unsqueeze(1)
-    kept = in_k & ((mass_before < p) | (ranks == 0) | (p >= 1.0))
-    is_truncated = top_k_active | (top_p < 1.0)
-    boundary = torch.where(is_truncated.unsqueeze(1), values.gather(1, (kept.sum(dim=1, keepdim=True) - 1)),
-                           torch.full_like(row_max, float("-inf")).unsqueeze(1))
-    floor = row_max + torch.log(min_p)  # min-p keeps x >= max + log(min_p), i.e. p >= min_p * max p
-    survivors = valid & (values >= boundary) & (values >= floor.unsqueeze(1))
-    draws = sampling.exponential_at(streams, indices) if streams is not None else noise.gather(1, indices)
-    best, choice = torch.where(survivors, weights / draws, torch.full_like(weights, -1.0)).max(dim=1)
-    tokens = indices.gather(1, choice.unsqueeze(1)).squeeze(1)
+    tokens, best, floor, bound, fallback = selection.select_candidates(
+        values, indices, count, row_max, mass, top_k, top_p, min_p, vocab, streams, noise)
     if not all(truncated):
-        tokens = _race_rest(logits, row_index, temperature, row_max, floor, best, tokens, block_max, is_truncated,
-                            streams, noise, min_p)
-    candidate_mass = (weights * valid).sum(dim=1)
-    fallback = is_truncated & ((count > capacity) | (top_k_active & (count < k))
-                               | (~top_k_active & (count < vocab) & (candidate_mass < top_p * mass)))
-    if bool(fallback.any()):
+        if noise is not None:
+            dense = _race_dense(logits[row_index], temperature, min_p, noise)
+            tokens = torch.where(torch.tensor(truncated, device=device), tokens, dense)
+        else:
+            block_best, block_token = sampling.race_blocks(logits, row_index, temperature, row_max, floor, streams,
+                                                           block_max, bound)
+            rest_best, where = block_best.max(dim=1)
+            tokens = torch.where(rest_best > best, block_token.gather(1, where.unsqueeze(1)).squeeze(1), tokens)
+    if any(truncated) and bool(fallback.any()):
         where = fallback.nonzero().squeeze(1)
         columns = torch.arange(vocab, device=device).expand(where.shape[0], -1)
         row_noise = sampling.exponential_at(streams[where], columns) if streams is not None else noise[where]
@@ -89,18 +64,3 @@ def _race_dense(logits, temperature, min_p, noise) -> torch.Tensor:
     probs = torch.softmax(logits / temperature.unsqueeze(1), dim=-1)
     probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True), 0.0)
     return (probs / noise).argmax(dim=-1)
-
-
-def _race_rest(logits, row_index, temperature, row_max, floor, best, tokens, block_max, is_truncated, streams,
-               noise, min_p) -> torch.Tensor:
-    """Rows without top-k / top-p: every token may win, so beyond the candidates (whose best ratio is ``best``)
-    race the blocks holding a token that could beat it; truncated rows keep ``tokens``."""
-    if noise is not None:
-        dense = _race_dense(logits[row_index], temperature, min_p, noise)
-        return torch.where(is_truncated, tokens, dense)
-    bound = torch.where(is_truncated, torch.full_like(best, float("inf")),
-                        row_max + torch.log(best) + _LOG_WIN_MARGIN)
-    block_best, block_token = sampling.race_blocks(logits, row_index, temperature, row_max, floor, streams,
-                                                   block_max, bound)
-    rest_best, where = block_best.max(dim=1)
-    return torch.where(rest_best > best, block_token.gather(1, where.unsqueeze(1)).squeeze(1), tokens)

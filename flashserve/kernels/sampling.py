@@ -8,7 +8,7 @@ per token (equivalent to drawing from p). ``flashserve.kernels.nucleus.sample`` 
 2. ``gather_candidates`` compacts the tokens at or above a per-row cutoff into a small buffer, reading only the
    blocks whose maximum reaches it: for a top-k row the k-th largest block maximum (so the top k are all in), for
    the others probability 1 / capacity (so at most ``capacity`` tokens qualify). The candidates are sorted (a few
-   thousand per row at most) and the top-k / top-p boundary found on them.
+   thousand per row at most) and the top-k / top-p boundary found on them (``selection``).
 3. The race runs over the surviving candidates; for rows without top-k / top-p, where every token may win,
    ``race_blocks`` then races only the blocks holding a token that could still beat the candidates' best (a
    draw is never below 2^-24, so a token of weight w cannot beat a ratio above w * 2^24).

@@ -4,9 +4,13 @@
 - ``exponential_at``: the Exp(1) draws that ``torch.Tensor.exponential_`` on CUDA writes at given positions;
 - ``block_stats``: per block of tokens, the largest scaled logit and the softmax sum below it;
 - ``gather_candidates``: every token whose scaled logit reaches a per-row cutoff;
+- ``row_cutoffs`` and ``select_candidates``: the rows' maxima, normalisers and candidate cutoffs; top-k / top-p /
+  min-p on the sorted candidates and the race over the survivors;
 - ``race_blocks``: the exponential race ``argmax(p / q)`` within each block of tokens;
 - ``sample_sorted``: the sort-based top-k / top-p / min-p sampler the kernels replace, exact by construction.
 """
+import math
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -16,6 +20,7 @@ _TWO_POW_M32 = 2.0 ** -32
 _ONE_MINUS_HALF_EPS = 1.0 - 2.0 ** -24  # float32: 1 - eps / 2, where torch's transform stops taking the log
 # tensors of the row streams (see flashserve.kernels.sampling.NoiseStreams): seed, counter, element base, stride
 SEED, COUNTER, BASE, STRIDE = range(4)
+LOG_WIN_MARGIN = -26 * math.log(2.0)  # a draw is >= 2^-24: a token of weight w * 2^26 < best cannot win
 
 
 def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +113,56 @@ def race_blocks(logits: torch.Tensor, temperature: torch.Tensor, row_max: torch.
     ratio = torch.nn.functional.pad(ratio, (0, num_blocks * block - vocab), value=-1.0)
     best, where = ratio.view(scaled.shape[0], num_blocks, block).max(dim=2)
     return best, where + torch.arange(num_blocks, device=logits.device) * block
+
+
+def row_cutoffs(block_max: torch.Tensor, block_sum: torch.Tensor, top_k: torch.Tensor, vocab: int, capacity: int):
+    """From ``block_stats``: each row's largest scaled logit and softmax sum, and its candidate cutoff — for a
+    top-k row (0 < k <= number of blocks) the k-th largest block maximum (at least k tokens reach it), otherwise
+    the scaled logit of probability 1 / capacity (at most ``capacity`` tokens reach it), never above the maximum.
+    Returns three (R,) float32: row_max, mass, cutoff."""
+    row_max = block_max.amax(dim=1)
+    mass = (block_sum * torch.exp(block_max - row_max.unsqueeze(1))).sum(dim=1)
+    num_blocks = block_max.shape[1]
+    k = top_k.clamp(min=1, max=num_blocks)
+    kth = block_max.sort(dim=1, descending=True).values.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
+    by_mass = torch.minimum(row_max + torch.log(mass / capacity), row_max)
+    return row_max, mass, torch.where((top_k > 0) & (top_k < vocab) & (top_k <= num_blocks), kth, by_mass)
+
+
+def select_candidates(values: torch.Tensor, indices: torch.Tensor, count: torch.Tensor, row_max: torch.Tensor,
+                      mass: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                      draws: torch.Tensor, vocab: int):
+    """Top-k, top-p and min-p on each row's candidates sorted in descending order (``values``/``indices``
+    (R, C), ``count`` valid), then the race over the survivors with the Exp(1) ``draws`` at the candidates.
+
+    A row is truncated when 0 < top_k < vocab or top_p < 1; every token tied with its last kept candidate is kept.
+    Returns token (R,) int64 (the race's winner), best (R,) float32 (its ratio), floor (R,) (min-p: x >= floor is
+    kept), bound (R,) (untruncated rows: tokens with x < bound cannot beat ``best``; +inf for truncated rows) and
+    fallback (R,) bool (truncated rows whose boundary the candidates do not determine).
+    """
+    weights = torch.exp(values - row_max.unsqueeze(1))
+    ranks = torch.arange(values.shape[1], device=values.device).unsqueeze(0)
+    valid = ranks < count.unsqueeze(1)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
+    top_k_active = k < vocab
+    in_k = valid & (ranks < k.unsqueeze(1))
+    kept_weights = weights * in_k
+    normaliser = torch.where(top_k_active, kept_weights.sum(dim=1), mass).unsqueeze(1)
+    mass_before = (kept_weights.cumsum(dim=1) - kept_weights) / normaliser
+    p = top_p.unsqueeze(1)
+    kept = in_k & ((mass_before < p) | (ranks == 0) | (p >= 1.0))
+    truncated = top_k_active | (top_p < 1.0)
+    boundary = torch.where(truncated, torch.where(kept, values, torch.full_like(values, float("inf"))).amin(dim=1),
+                           torch.full_like(row_max, float("-inf")))
+    floor = row_max + torch.log(min_p)
+    survivors = valid & (values >= boundary.unsqueeze(1)) & (values >= floor.unsqueeze(1))
+    best, choice = torch.where(survivors, weights / draws, torch.full_like(weights, -1.0)).max(dim=1)
+    token = indices.gather(1, choice.unsqueeze(1)).squeeze(1)
+    bound = torch.where(truncated, torch.full_like(best, float("inf")), row_max + torch.log(best) + LOG_WIN_MARGIN)
+    candidate_mass = (weights * valid).sum(dim=1)
+    fallback = truncated & ((count > values.shape[1]) | (top_k_active & (count < k))
+                            | (~top_k_active & (count < vocab) & (candidate_mass < top_p * mass)))
+    return token, best, floor, bound, fallback
 
 
 def sample_sorted(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
