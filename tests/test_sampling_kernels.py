@@ -163,3 +163,41 @@ def test_sampler_on_cuda_equals_the_sort_based_one():
                          streams=streams)
     want = reference.sample_sorted(logits, temperature, top_k, top_p, min_p, noise)
     assert got.tolist() == want.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_sampler_on_cuda_gives_the_tokens_of_drawn_noise():
+    """The engine's Sampler computing torch's draws in its kernels samples what it samples when it draws them
+    (as flashserve did before), step after step, seeded and shared rows, every option."""
+    from flashserve import SamplingParams
+    from flashserve.engine.request import Request
+    from flashserve.engine.sampler import Sampler
+
+    device = torch.device("cuda")
+    computing, drawing = Sampler(device, seed=11), Sampler(device, seed=11)
+    assert computing.computes_noise, "exponential_at does not reproduce torch's exponential_ on this GPU"
+    drawing.computes_noise = False
+    options = [dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=20, top_p=0.8), dict(temperature=0.8),
+               dict(temperature=1.0, min_p=0.05), dict(temperature=0), dict(temperature=1.2, top_k=50)]
+
+    def requests(tag):
+        result = []
+        for i in range(48):
+            params = SamplingParams(seed=i if i % 3 == 0 else None, **options[i % len(options)])
+            request = Request(f"{tag}{i}", None, [1, 2, 3], params, max_model_len=1000)
+            if params.seed is not None:
+                request.generator = torch.Generator(device=device).manual_seed(params.seed)
+            result.append(request)
+        return result
+
+    batch_a, batch_b = requests("a"), requests("b")
+    generator = torch.Generator(device=device).manual_seed(5)
+    for step in range(4):
+        logits = torch.randn(48, 151936, device=device, generator=generator) * (2 + 3 * step)
+        tokens_a, _ = computing(logits.clone(), batch_a, eos_token_ids=[0])
+        tokens_b, _ = drawing(logits.clone(), batch_b, eos_token_ids=[0])
+        assert tokens_a == tokens_b, f"step {step}"
+        for a, b, token in zip(batch_a, batch_b, tokens_a):
+            a.token_ids.append(token)
+            b.token_ids.append(token)
