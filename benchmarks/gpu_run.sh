@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then every benchmark. Usage (on the device machine, repo root):
-#   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache throughput latency
+#   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache sampler throughput
+#                                              latency
 #                                              serving (needs the server wheels: see benchmarks/serving_gpu.sh)
 # Per-step time limits: TIMEOUT_<step>=SECONDS (default STEP_TIMEOUT_S, else 300).
 # Results go under $OUT (or ./out): one log, and results.tar.gz holding each benchmark's JSON, markdown and PNG.
@@ -25,6 +26,7 @@ steps=${*:-tests prefill layouts decode merge cache}
       decode) timeout "$limit" python3 benchmarks/bench_decode.py --out "$RESULTS" ;;
       merge) timeout "$limit" python3 benchmarks/bench_merge.py --out "$RESULTS" ;;
       cache) timeout "$limit" python3 benchmarks/bench_cache_write.py --out "$RESULTS" ;;
+      sampler) timeout "$limit" python3 benchmarks/bench_sampler.py --out "$RESULTS" ;;
       throughput) timeout "$limit" python3 benchmarks/throughput.py --out "$RESULTS" ;;
       latency) timeout "$limit" python3 benchmarks/latency.py --out "$RESULTS" ${LATENCY_ARGS:-} ;;
       serving) timeout "$limit" bash benchmarks/serving_gpu.sh "$RESULTS/serving" ;;

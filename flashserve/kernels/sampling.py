@@ -41,7 +41,8 @@ def torch_stream_layout(numel: int, device: torch.device) -> tuple[int, int]:
     """(thread stride, Philox offset increment) of a ``numel``-element ``exponential_`` call on ``device`` (CUDA),
     as torch computes them (``calc_execution_policy`` in ATen's DistributionTemplates.h)."""
     props = torch.cuda.get_device_properties(device)
-    blocks = min(props.multi_processor_count * (props.max_threads_per_multi_processor // 256), cdiv(numel, 256))
+    threads_per_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+    blocks = min(props.multi_processor_count * (threads_per_sm // 256), cdiv(numel, 256))
     stride = 256 * blocks
     return stride, ((numel - 1) // (stride * 4) + 1) * 4
 
@@ -213,9 +214,13 @@ def race_blocks(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Ten
 
 def reproduces_torch_exponential(device: torch.device) -> bool:
     """Whether ``exponential_at`` gives exactly the draws of ``exponential_`` on ``device`` (CUDA), for a call that
-    takes one draw per thread and one whose grid is capped (four and more per thread), and the same offsets."""
+    takes one draw per thread and ones whose grid is capped (several draws per thread and Philox calls), and the same
+    offsets.
+    False, too, where this torch lacks what the check needs (``Generator.get_offset``/``set_offset``)."""
+    if not all(hasattr(torch.Generator, name) for name in ("get_offset", "set_offset")):
+        return False
     generator = torch.Generator(device=device).manual_seed(0x5EED)
-    for rows, vocab in ((3, 1000), (2, 400_000)):
+    for rows, vocab in ((3, 1000), (2, 400_000), (1, 1_200_000)):
         offset = generator.get_offset()
         stride, increment = torch_stream_layout(rows * vocab, device)
         expected = torch.empty((rows, vocab), device=device).exponential_(generator=generator)
