@@ -30,10 +30,29 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
     """
     if (streams is None) == (noise is None):
         raise ValueError("sample needs exactly one of streams and noise")
+    row_index = upload(rows, torch.int64, logits.device)
+    tokens, fallback = sample_without_fallback(logits, row_index, temperature, top_k, top_p, min_p, truncated,
+                                               streams, noise, capacity)
+    if fallback is not None and bool(fallback.any()):
+        where = fallback.nonzero().squeeze(1)
+        columns = torch.arange(logits.shape[1], device=logits.device).expand(where.shape[0], -1)
+        row_noise = sampling.exponential_at(streams[where], columns) if streams is not None else noise[where]
+        tokens[where] = reference.sample_sorted(logits[row_index[where]], temperature[where], top_k[where],
+                                                top_p[where], min_p[where], row_noise)
+    return tokens
+
+
+def sample_without_fallback(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor,
+                            top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, truncated: list[bool],
+                            streams: torch.Tensor | None, noise: torch.Tensor | None,
+                            capacity: int = sampling.DEFAULT_CAPACITY) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``sample`` up to the fallback, on ``row_index`` ((R,) int64 device rows): the tokens, and None or the (R,)
+    bool rows whose token must come from the sort instead. Never waits for the device, so it can be captured in a
+    CUDA graph (with streams, noise or row_index of fixed addresses)."""
     device, vocab = logits.device, logits.shape[1]
     if noise is not None and not any(truncated):
-        return _race_dense(logits[rows] if len(rows) < logits.shape[0] else logits, temperature, min_p, noise)
-    row_index = upload(rows, torch.int64, device)
+        whole = row_index.shape[0] == logits.shape[0]
+        return _race_dense(logits if whole else logits[row_index], temperature, min_p, noise), None
     block_max, block_sum = sampling.block_stats(logits, row_index, temperature)
     row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, top_k, vocab, capacity)
     values, indices, count = sampling.gather_candidates(logits, row_index, temperature, cutoff, block_max, capacity)
@@ -50,13 +69,7 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
                                                            block_max, bound)
             rest_best, where = block_best.max(dim=1)
             tokens = torch.where(rest_best > best, block_token.gather(1, where.unsqueeze(1)).squeeze(1), tokens)
-    if any(truncated) and bool(fallback.any()):
-        where = fallback.nonzero().squeeze(1)
-        columns = torch.arange(vocab, device=device).expand(where.shape[0], -1)
-        row_noise = sampling.exponential_at(streams[where], columns) if streams is not None else noise[where]
-        tokens[where] = reference.sample_sorted(logits[row_index[where]], temperature[where], top_k[where],
-                                                top_p[where], min_p[where], row_noise)
-    return tokens
+    return tokens, fallback if any(truncated) else None
 
 
 def _race_dense(logits, temperature, min_p, noise) -> torch.Tensor:
