@@ -71,7 +71,8 @@ def _select_kernel(values_ptr, indices_ptr, count_ptr, row_max_ptr, mass_ptr, to
     kept = in_k & ((mass_before < tl.where(top_p >= 1.0, float("inf"), top_p)) | (ranks == 0))
     truncated = top_k_active | (top_p < 1.0)
     boundary = tl.where(truncated, tl.min(tl.where(kept, values, float("inf")), axis=0), float("-inf"))
-    floor = row_max + tl.log(tl.load(min_p_ptr + row))
+    min_p = tl.load(min_p_ptr + row)
+    floor = tl.where(min_p > 0.0, row_max + tl.log(tl.maximum(min_p, 1e-30)), float("-inf"))
     survivors = valid & (values >= boundary) & (values >= floor)
     if STREAMS:
         draws = _exponential(streams_ptr, row, indices, LIBDEVICE_LOG)
