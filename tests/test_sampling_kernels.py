@@ -68,12 +68,26 @@ def test_block_candidate_and_race_kernels_match_their_references(interpret):
     floor = row_max + torch.log(torch.tensor([0.0, 0.1, 0.0]))
     bound = torch.full((3,), float("-inf"))
     best, token = sampling.race_blocks(logits, rows, temperature, row_max, floor, streams, block_max, bound)
-    ref_best, ref_token = reference.race_blocks(logits[rows], temperature, row_max, floor, streams, sampling.BLOCK)
+    ref_best, ref_token = reference.race_blocks(logits[rows], temperature, row_max, floor, bound, streams,
+                                                sampling.BLOCK)
     torch.testing.assert_close(best, ref_best, rtol=1e-5, atol=0)
     assert token.tolist() == ref_token.tolist()
     skipped, _ = sampling.race_blocks(logits, rows, temperature, row_max, floor, streams, block_max,
                                       torch.full((3,), float("inf")))
     assert (skipped == -1).all()
+    ref_skipped, _ = reference.race_blocks(logits[rows], temperature, row_max, floor, torch.full((3,), float("inf")),
+                                           streams, sampling.BLOCK)
+    assert (ref_skipped == -1).all()
+
+
+@pytest.mark.parametrize("interpreted", [False, True])
+def test_start_up_check_agrees(interpreted, monkeypatch):
+    if interpreted:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.delenv("FLASHSERVE_ATTENTION_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    assert nucleus.agrees_with_the_sort(torch.device("cpu"), vocab=2500)
 
 
 def _params(num_rows, vocab, generator):

@@ -26,6 +26,7 @@ from flashserve.engine.penalties import PenaltyState
 from flashserve.engine.request import Request
 from flashserve.kernels import nucleus, sampling
 from flashserve.kernels._launch import upload
+from flashserve.kernels.reference import sampling as reference
 from flashserve.outputs import Logprob
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class Sampler:
     Attributes:
         penalties: the device-side token counts of the requests that use penalties (``release`` them when a
             request ends).
+        sort_free: whether sampling takes the sort-free kernels (on CUDA only once a start-up check found them to
+            agree with the sort there; otherwise the sort, as before).
         computes_noise: whether the race computes torch's Exp(1) draws in its kernels (CUDA, once checked) rather
             than drawing them.
     """
@@ -50,10 +53,20 @@ class Sampler:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         self.penalties = PenaltyState(self.device)
-        self.computes_noise = self.device.type == "cuda" and sampling.reproduces_torch_exponential(self.device)
-        if self.device.type == "cuda" and not self.computes_noise:
-            logger.warning("the sampling kernels do not reproduce torch's exponential_ on this GPU: drawing the "
-                           "noise instead (same outputs, slower)")
+        self.sort_free = self.computes_noise = False
+        if self.device.type != "cuda":
+            self.sort_free = True
+        else:
+            try:
+                self.sort_free = nucleus.agrees_with_the_sort(self.device)
+                self.computes_noise = self.sort_free and sampling.reproduces_torch_exponential(self.device)
+            except Exception as error:  # a kernel that does not compile here must not stop the engine
+                logger.warning("the sampling kernels failed on this GPU (%s)", error)
+            if not self.sort_free:
+                logger.warning("the sort-free sampler disagrees with the sort on this GPU: sampling by the sort")
+            elif not self.computes_noise:
+                logger.warning("the sampling kernels do not reproduce torch's exponential_ on this GPU: drawing the "
+                               "noise instead (same outputs, slower)")
         self._layouts: dict[int, tuple[int, int]] = {}
 
     def release(self, request_id: str) -> None:
@@ -105,6 +118,9 @@ class Sampler:
         params = [r.params for r in sampled]
         options = upload([[p.temperature, p.top_k, p.top_p, p.min_p] for p in params], torch.float32, self.device)
         truncated = [(p.uses_top_k and p.top_k < vocab) or p.top_p < 1.0 for p in params]
+        if not self.sort_free:
+            return reference.sample_sorted(logits[rows], options[:, 0], options[:, 1].long(), options[:, 2],
+                                           options[:, 3], self._draw_noise(sampled, vocab))
         if self.computes_noise:
             noise = {"streams": self._streams(sampled, vocab)}
         else:

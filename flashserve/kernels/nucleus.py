@@ -77,3 +77,23 @@ def _race_dense(logits, temperature, min_p, noise) -> torch.Tensor:
     probs = torch.softmax(logits / temperature.unsqueeze(1), dim=-1)
     probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True), 0.0)
     return (probs / noise).argmax(dim=-1)
+
+
+def agrees_with_the_sort(device: torch.device, vocab: int = 5000) -> bool:
+    """Whether ``sample`` gives the sort-based sampler's tokens on ``device`` for a small batch of every kind of
+    row (top-p, top-k, both, min-p, temperature only), noise computed from streams and drawn; a start-up check."""
+    generator = torch.Generator(device=device).manual_seed(1)
+    num_rows = 12
+    logits = torch.randn(num_rows, vocab, device=device, generator=generator) * 4
+    settings = [(1.0, 0, 0.9, 0.0), (0.7, 20, 0.8, 0.0), (1.0, 50, 1.0, 0.0), (0.8, 0, 1.0, 0.0),
+                (1.0, 0, 1.0, 0.1), (1.3, 5, 0.95, 0.05)]
+    columns = [[setting[j] for setting in settings] * 2 for j in range(4)]
+    temperature, top_p, min_p = (torch.tensor(columns[j], device=device) for j in (0, 2, 3))
+    top_k = torch.tensor(columns[1], device=device)
+    truncated = [0 < k < vocab or p < 1.0 for k, p in zip(columns[1], columns[2])]
+    streams = torch.tensor([[1234 + r, 4 * r, r * vocab, 4096] for r in range(num_rows)], device=device)
+    noise = sampling.exponential_at(streams, torch.arange(vocab, device=device).expand(num_rows, -1).contiguous())
+    expected = reference.sample_sorted(logits, temperature, top_k, top_p, min_p, noise)
+    rows = list(range(num_rows))
+    return all(torch.equal(sample(logits, rows, temperature, top_k, top_p, min_p, truncated, **source), expected)
+               for source in ({"streams": streams}, {"noise": noise}))

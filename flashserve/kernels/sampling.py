@@ -201,7 +201,7 @@ def race_blocks(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Ten
     whose ``block_max`` is below ``bound`` (no token there can beat a ratio already found) or below ``floor``
     are neither read nor raced (their best is -1)."""
     if not use_triton(logits):
-        return reference.race_blocks(logits[rows], temperature, row_max, floor, streams, BLOCK)
+        return reference.race_blocks(logits[rows], temperature, row_max, floor, bound, streams, BLOCK)
     num_rows, num_blocks = rows.shape[0], block_max.shape[1]
     best = torch.empty((num_rows, num_blocks), dtype=torch.float32, device=logits.device)
     best_index = torch.empty((num_rows, num_blocks), dtype=torch.int64, device=logits.device)

@@ -100,15 +100,17 @@ def gather_candidates(logits: torch.Tensor, temperature: torch.Tensor, cutoff: t
 
 
 def race_blocks(logits: torch.Tensor, temperature: torch.Tensor, row_max: torch.Tensor, floor: torch.Tensor,
-                streams: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+                bound: torch.Tensor, streams: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The exponential race per block: for each block of ``block`` tokens, the largest ``exp(x - row_max) / q`` over
-    its tokens with ``x >= floor`` (q from ``exponential_at``; -1 where none) and the token that has it;
-    (R, V) -> two (R, ceil(V / block)) tensors (float32, int64)."""
+    its tokens with ``x >= floor`` and ``x >= bound`` (q from ``exponential_at``; -1 where none) and the token that
+    has it; (R, V) -> two (R, ceil(V / block)) tensors (float32, int64). (The kernel skips only whole blocks below
+    ``bound``: tokens below it, which cannot win, may still count there.)"""
     scaled = logits.float() / temperature.unsqueeze(1)
     vocab = scaled.shape[1]
     columns = torch.arange(vocab, device=logits.device).expand(scaled.shape[0], -1)
     ratio = torch.exp(scaled - row_max.unsqueeze(1)) / exponential_at(streams, columns)
-    ratio = torch.where(scaled >= floor.unsqueeze(1), ratio, torch.full_like(ratio, -1.0))
+    eligible = (scaled >= floor.unsqueeze(1)) & (scaled >= bound.unsqueeze(1))
+    ratio = torch.where(eligible, ratio, torch.full_like(ratio, -1.0))
     num_blocks = -(-vocab // block)
     ratio = torch.nn.functional.pad(ratio, (0, num_blocks * block - vocab), value=-1.0)
     best, where = ratio.view(scaled.shape[0], num_blocks, block).max(dim=2)
