@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then every benchmark. Usage (on the device machine, repo root):
 #   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache gemm cascade moe
-#                                              scores first_call throughput latency
+#                                              scores first_call sampler throughput latency
 #                                              tp (tensor-parallel GPU tests and benchmarks/tp_latency.py; 2+ GPUs)
 #                                              serving (needs the server wheels: see benchmarks/serving_gpu.sh)
 #                                              structured (needs xgrammar and jsonschema wheels in .whl, without
@@ -42,6 +42,7 @@ steps=${*:-tests prefill layouts decode merge cache}
       moe) timeout "$limit" python3 benchmarks/bench_moe.py --out "$RESULTS" ${MOE_ARGS:-} ;;
       scores) timeout "$limit" python3 benchmarks/bench_attention_scores.py --out "$RESULTS" ;;
       first_call) timeout "$limit" python3 benchmarks/bench_first_call.py --out "$RESULTS" ;;
+      sampler) timeout "$limit" python3 benchmarks/bench_sampler.py --out "$RESULTS" ;;
       throughput) timeout "$limit" python3 benchmarks/throughput.py --out "$RESULTS" ;;
       latency) timeout "$limit" python3 benchmarks/latency.py --out "$RESULTS" ${LATENCY_ARGS:-} ;;
       tp) FLASHSERVE_AUTOTUNE=${FLASHSERVE_AUTOTUNE:-0} timeout "$limit" python3 -m pytest -q -m gpu --tb=short -rf \

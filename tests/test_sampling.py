@@ -191,13 +191,47 @@ def test_penalties_match_a_hand_computed_case():
     params = SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
     request = Request("p", None, [0, 1], params, max_model_len=100)
     request.token_ids += [3, 3, 4]  # output so far: token 3 twice, token 4 once
-    penalized = sampler._apply_penalties(logits, [request])
+    penalized = logits.clone()
+    assert sampler.penalties.apply(penalized, [request]) == [0]
     # repetition (prompt+output tokens 0, 1, 3, 4): positive / 2, negative * 2;
     # then output counts: token 3 -> -(0.25*2 + 0.5), token 4 -> -(0.25 + 0.5).
     expected = torch.tensor([[1.0, -2.0, 0.5, 1.5 - 1.0, -4.0 - 0.75, 1.0]])
     torch.testing.assert_close(penalized, expected)
-    token_ids, _ = sampler(logits, [request], eos_token_ids=[])
+    token_ids, _ = sampler(logits.clone(), [request], eos_token_ids=[])
     assert token_ids == [0]  # 2.0 / 2 = 1.0 ties token 5's 1.0; argmax takes the first
+
+
+def _penalized_from_scratch(logits, request):
+    """The penalties computed from all of a request's tokens (what the device-side counts must reproduce)."""
+    params, row = request.params, logits.clone()
+    seen = torch.tensor(sorted(set(request.token_ids)))
+    row[seen] = torch.where(row[seen] > 0, row[seen] / params.repetition_penalty, row[seen] * params.repetition_penalty)
+    counts = torch.bincount(torch.tensor(request.output_token_ids, dtype=torch.long), minlength=row.shape[0]).float()
+    return row - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+
+
+def test_penalty_counts_follow_the_sampled_tokens():
+    sampler = Sampler(torch.device("cpu"), seed=5)
+    vocab = 12
+    plain = Request("plain", None, [1, 2], SamplingParams(temperature=1.0), max_model_len=100)
+    requests = [Request(f"r{i}", None, [i, 3, 3], SamplingParams(temperature=1.0, repetition_penalty=1.5,
+                                                                 presence_penalty=0.3, frequency_penalty=0.2),
+                        max_model_len=100) for i in range(2)]
+    requests[1].token_ids += [5, 5]  # a preempted request coming back with output tokens
+    generator = torch.Generator().manual_seed(2)
+    for step in range(6):
+        batch = [requests[0], plain, requests[1]] if step % 2 else [requests[1], requests[0]]
+        logits = torch.randn(len(batch), vocab, generator=generator)
+        penalized = logits.clone()
+        sampler.penalties.apply(penalized, batch)
+        for row, request in enumerate(batch):
+            expected = logits[row] if request is plain else _penalized_from_scratch(logits[row], request)
+            torch.testing.assert_close(penalized[row], expected)
+        token_ids, _ = sampler(logits, batch, eos_token_ids=[])
+        for request, token_id in zip(batch, token_ids):
+            request.token_ids.append(token_id)
+    sampler.release("r0")
+    assert list(sampler.penalties.slots) == ["r1"] and sampler.penalties.free
 
 
 def test_logprobs_hold_the_sampled_token_and_the_top_n(llm):

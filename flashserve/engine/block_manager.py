@@ -126,6 +126,9 @@ class BlockManager:
         written by this step's forward pass, before any attention reads it.
         """
         num_tokens = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        if not computed_blocks and num_tokens <= len(request.block_ids) * self.block_size and (
+                not self.enable_prefix_caching or num_tokens // self.block_size <= request.num_cached_blocks):
+            return True  # the common decode step: room in the last block, no block filled
         num_new_blocks = self.blocks_for_tokens(num_tokens) - len(request.block_ids) - len(computed_blocks)
         num_revived = (sum(1 for block_id in computed_blocks if self.blocks[block_id].ref_count == 0)
                        if computed_blocks else 0)
@@ -181,7 +184,7 @@ class BlockManager:
                 self.free_queue[block_id] = None
                 if block.block_hash is None:
                     self.free_queue.move_to_end(block_id, last=False)
-        request.block_ids.clear()
+        request.block_ids = []  # a new list: InputBuffers rewrites the request's block-table row
         request.num_cached_blocks = 0
 
     def reset_prefix_cache(self) -> None:

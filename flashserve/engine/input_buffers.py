@@ -2,8 +2,9 @@
 
 Every step writes ``input_ids``, ``positions``, ``slot_mapping``, ``cu_seqlens_q``, ``seqused_k``, ``block_table``
 and ``logits_indices`` into preallocated host arrays with a few vectorised numpy operations (the only Python loops
-walk the requests, never their tokens or blocks one by one). The arrays are views of one host arena at fixed
-offsets, mirrored by one device arena, and a step uploads them with a single copy (from the arena's start to the
+walk the requests, never their tokens or blocks one by one). Each request's block-table row persists across steps
+and only its new blocks are written (``_BlockRows``), so a decode step costs O(requests), not O(blocks). The arrays
+are views of one host arena at fixed offsets, mirrored by one device arena, and a step uploads them with a single copy (from the arena's start to the
 last block-table row it uses): one transfer instead of one per array, which matters where each driver call costs
 tens of µs. On CUDA the host arena is pinned and the copy ``non_blocking``: nothing is allocated and nothing waits
 for the device, and the device arrays keep their addresses from step to step (what CUDA graph capture needs).
@@ -110,6 +111,7 @@ class InputBuffers:
         self._block_table_offset = offsets[-1]
         self._block_table_row_bytes = max_blocks_per_seq * 4
         self._copies_done = torch.cuda.Event() if on_cuda else None
+        self._block_rows = _BlockRows(max_num_seqs, max_blocks_per_seq)
 
     @property
     def arena(self) -> torch.Tensor:
@@ -137,13 +139,8 @@ class InputBuffers:
         self.input_ids.array[:num_tokens] = np.fromiter(
             chain.from_iterable(r.token_ids[s:e] for r, s, e in zip(requests, starts.tolist(), ends.tolist())),
             dtype=np.int64, count=num_tokens)
-        num_blocks = np.fromiter((len(r.block_ids) for r in requests), dtype=np.int64, count=num_reqs)
-        block_ids = np.fromiter(chain.from_iterable(r.block_ids for r in requests), dtype=np.int32,
-                                count=int(num_blocks.sum()))
-        block_rows = np.repeat(np.arange(num_reqs), num_blocks)
-        block_cols = np.arange(block_ids.size) - np.repeat(np.cumsum(num_blocks) - num_blocks, num_blocks)
         block_table = self.block_table.array
-        block_table[block_rows, block_cols] = block_ids
+        block_table[:num_reqs] = self._block_rows.rows_of(requests)
         token_rows = np.repeat(np.arange(num_reqs), num_new)
         positions = self.positions.array[:num_tokens]
         np.subtract(np.arange(num_tokens), np.repeat(cu_seqlens_q[:-1] - starts, num_new), out=positions)
@@ -214,3 +211,40 @@ class InputBuffers:
         """Wait until the previous step's host-to-device copies have read the host arrays."""
         if self._copies_done is not None:
             self._copies_done.synchronize()
+
+
+class _BlockRows:
+    """Each request's block-table row, kept across steps and extended by the blocks it gained since: a step copies
+    the rows of its requests in one vectorised gather instead of walking every block of every request.
+
+    A request keeps its row while it is scheduled in consecutive steps; a request missing from a step gives its row
+    back (it is rewritten whole if it returns). A new ``block_ids`` list (the block manager makes one when it frees
+    a request's blocks) also means a whole rewrite."""
+
+    def __init__(self, num_rows: int, max_blocks_per_seq: int):
+        self.table = np.zeros((num_rows, max_blocks_per_seq), dtype=np.int32)
+        self.rows: dict = {}  # request -> [row, blocks written, the block_ids list written from]
+        self.free = list(range(num_rows - 1, -1, -1))
+
+    def rows_of(self, requests) -> np.ndarray:
+        """(len(requests), max_blocks_per_seq) int32: the requests' block-table rows (stale past their blocks)."""
+        rows = self.rows
+        if len(rows) > len(requests) or any(r not in rows for r in requests):
+            scheduled = set(requests)
+            for request in [r for r in rows if r not in scheduled]:
+                self.free.append(rows.pop(request)[0])
+        table = self.table
+        indices = np.empty(len(requests), dtype=np.int64)
+        for i, request in enumerate(requests):
+            blocks = request.block_ids
+            entry = rows.get(request)
+            if entry is None:
+                entry = rows[request] = [self.free.pop(), 0, blocks]
+            elif entry[2] is not blocks:
+                entry[1], entry[2] = 0, blocks
+            written = entry[1]
+            if len(blocks) > written:
+                table[entry[0], written:len(blocks)] = blocks[written:]
+                entry[1] = len(blocks)
+            indices[i] = entry[0]
+        return table[indices]

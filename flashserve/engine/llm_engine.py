@@ -165,6 +165,7 @@ class LLMEngine:
                 request.status, request.finish_reason = RequestStatus.FINISHED, "abort"
             else:
                 self.scheduler.abort(request)
+                self.runner.sampler.release(one_id)
 
     def has_unfinished(self) -> bool:
         """Whether any request is waiting (for the scheduler or for its grammar) or running."""
@@ -211,6 +212,7 @@ class LLMEngine:
             outputs.append(self._new_output(request))
             if request.is_finished:
                 del self.requests[request.request_id]
+                self.runner.sampler.release(request.request_id)
         return outputs
 
     def _admit_compiled(self) -> list[RequestOutput]:

@@ -1,21 +1,35 @@
 """Turns each sampling request's logits into its next token, with vLLM's semantics for every option.
 
-Order: ``logit_bias``, penalties (repetition over prompt + output tokens, presence and frequency over output
-tokens), min_tokens (EOS and stop tokens masked), then greedy rows take the argmax; the other rows are divided by
-their temperature, filtered by top-k, top-p and min-p, and sampled by the exponential race ``argmax(p / q)``,
-q ~ Exp(1) — equivalent to drawing from ``p``. A request with a seed draws its q from its own ``torch.Generator``, one row of
-``vocab_size`` draws per token, so its tokens do not depend on the rest of the batch or on its position in it.
-Requests without a seed share the engine's generator. Common batches take short paths with the same results: all
-greedy is one argmax; all sampling skips the argmax and the row gathers; no seeds draws all the noise at once.
-Nothing waits for the device except the final read of the token ids.
+Order: the logits enter in ``Sampler.__call__`` (where a structured-output mask belongs, first of all), then
+``logit_bias``, penalties (``PenaltyState``: repetition over prompt + output tokens, presence and frequency over
+output tokens, from counts kept on the device), min_tokens (EOS and stop tokens masked); greedy rows take the
+argmax; the other rows are divided by their temperature, filtered by top-k, top-p and min-p, and sampled by the
+exponential race ``argmax(p / q)``, q ~ Exp(1) — equivalent to drawing from ``p`` — without sorting the vocabulary
+(``flashserve.kernels.nucleus``). A request with a seed draws its q from its own ``torch.Generator``, one row of
+``vocab_size`` draws per token, so its tokens do not depend on the rest of the batch or on its position in it;
+requests without a seed share the engine's generator, whose draws for a step form one (rows, vocab) block.
+
+On CUDA the q are not materialised: the kernels compute, at the positions they need, exactly the draws that
+``exponential_`` would have written (same seeds, same outputs as drawing them), and advance each generator as that
+call would; the engine checks once at start-up that the computed draws equal torch's and otherwise draws them
+(``Sampler.computes_noise``). On CPU they are drawn. Nothing waits for the device except the final read of the
+token ids (and the rare sort fallback of ``nucleus.sample``).
 
 Log-probabilities, when asked for, are those of the model's distribution (log-softmax of the raw logits, before
 penalties, temperature and filtering), as in vLLM v1.
 """
+import logging
+
 import torch
 
+from flashserve.engine.penalties import PenaltyState
 from flashserve.engine.request import Request
+from flashserve.kernels import nucleus, sampling
+from flashserve.kernels._launch import upload
+from flashserve.kernels.reference import sampling as reference
 from flashserve.outputs import Logprob
+
+logger = logging.getLogger(__name__)
 
 
 class Sampler:
@@ -24,19 +38,47 @@ class Sampler:
     Args:
         device: where the logits live.
         seed: seed of the generator shared by requests without their own seed.
+
+    Attributes:
+        penalties: the device-side token counts of the requests that use penalties (``release`` them when a
+            request ends).
+        sort_free: whether sampling takes the sort-free kernels (on CUDA only once a start-up check found them to
+            agree with the sort there; otherwise the sort, as before).
+        computes_noise: whether the race computes torch's Exp(1) draws in its kernels (CUDA, once checked) rather
+            than drawing them.
     """
 
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self.penalties = PenaltyState(self.device)
+        self.sort_free = self.computes_noise = False
+        if self.device.type != "cuda":
+            self.sort_free = True
+        else:
+            try:
+                self.sort_free = nucleus.agrees_with_the_sort(self.device)
+                self.computes_noise = self.sort_free and sampling.reproduces_torch_exponential(self.device)
+            except Exception as error:  # a kernel that does not compile here must not stop the engine
+                logger.warning("the sampling kernels failed on this GPU (%s)", error)
+            if not self.sort_free:
+                logger.warning("the sort-free sampler disagrees with the sort on this GPU: sampling by the sort")
+            elif not self.computes_noise:
+                logger.warning("the sampling kernels do not reproduce torch's exponential_ on this GPU: drawing the "
+                               "noise instead (same outputs, slower)")
+        self._layouts: dict[int, tuple[int, int]] = {}
+
+    def release(self, request_id: str) -> None:
+        """Forget what the sampler keeps for a request that ended."""
+        self.penalties.release(request_id)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request],
                  eos_token_ids: list[int]) -> tuple[list[int], list[dict[int, Logprob] | None]]:
         """Sample one token per row.
 
         Args:
-            logits: (N, vocab) float32, row ``i`` for ``requests[i]``.
+            logits: (N, vocab) float32, row ``i`` for ``requests[i]``; used as scratch (modified in place).
             requests: the sampling requests (their ``token_ids`` hold prompt + output so far).
             eos_token_ids: the model's EOS ids (masked while ``min_tokens`` is not reached unless ``ignore_eos``).
 
@@ -47,17 +89,18 @@ class Sampler:
         params = [request.params for request in requests]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        logits = _apply_logit_bias(logits, params)
-        logits = self._apply_penalties(logits, requests)
-        logits = self._apply_min_tokens(logits, requests, eos_token_ids)
+        _apply_logit_bias(logits, params)
+        penalized = self.penalties.apply(logits, requests)
+        _apply_min_tokens(logits, requests, eos_token_ids)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if not random_rows:
             tokens = logits.argmax(dim=-1)
         elif len(random_rows) == len(requests):
-            tokens = self._sample(logits, requests)
+            tokens = self._sample(logits, random_rows, requests)
         else:
             tokens = logits.argmax(dim=-1)
-            tokens[random_rows] = self._sample(logits[random_rows], [requests[i] for i in random_rows])
+            tokens[upload(random_rows, torch.int64, self.device)] = self._sample(logits, random_rows, requests)
+        self.penalties.record(requests, penalized, tokens)
         token_list = tokens.tolist()
         logprob_list: list[dict[int, Logprob] | None] = [None] * len(requests)
         if raw_logprobs is not None:
@@ -68,93 +111,67 @@ class Sampler:
                 logprob_list[i] = entry
         return token_list, logprob_list
 
-    def _apply_penalties(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Repetition, presence and frequency penalties, on the rows that use them."""
-        rows = [i for i, r in enumerate(requests) if r.params.uses_penalties]
-        if not rows:
-            return logits
-        logits = logits.clone()
+    def _sample(self, logits: torch.Tensor, rows: list[int], requests: list[Request]) -> torch.Tensor:
+        """Temperature, top-k, top-p, min-p and the race for ``rows`` of ``logits``; returns (len(rows),) ids."""
         vocab = logits.shape[1]
-        for i in rows:
-            request = requests[i]
-            params = request.params
-            row = logits[i]
-            if params.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(request.token_ids)), dtype=torch.long, device=logits.device)
-                seen_logits = row[seen]
-                row[seen] = torch.where(seen_logits > 0, seen_logits / params.repetition_penalty,
-                                        seen_logits * params.repetition_penalty)
-            if (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0) and request.num_output_tokens:
-                output = torch.tensor(request.output_token_ids, dtype=torch.long, device=logits.device)
-                counts = torch.zeros(vocab, dtype=logits.dtype, device=logits.device)
-                counts.scatter_add_(0, output, torch.ones_like(output, dtype=logits.dtype))
-                row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
-        return logits
-
-    def _apply_min_tokens(self, logits: torch.Tensor, requests: list[Request],
-                          eos_token_ids: list[int]) -> torch.Tensor:
-        """Mask EOS and stop tokens of requests that have not generated ``min_tokens`` yet."""
-        cloned = False
-        for i, request in enumerate(requests):
-            params = request.params
-            if request.num_output_tokens >= params.min_tokens:
-                continue
-            banned = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
-            banned = [t for t in banned if t < logits.shape[1]]
-            if not banned:
-                continue
-            if not cloned:
-                logits, cloned = logits.clone(), True
-            logits[i, banned] = float("-inf")
-        return logits
-
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Temperature, top-k, top-p, min-p, then the exponential race; (R, vocab) -> (R,) token ids."""
-        device = logits.device
-        params = [r.params for r in requests]
-        temperature = _to_device([p.temperature for p in params], logits.dtype, device)
-        logits = logits / temperature.unsqueeze(1)
-        if any(p.uses_top_k or p.top_p < 1.0 for p in params):
-            logits = _top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
-        probs = torch.softmax(logits, dim=-1)
-        if any(p.min_p > 0.0 for p in params):
-            min_p = _to_device([p.min_p for p in params], probs.dtype, device)
-            probs = probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True), 0.0)
-        shared_rows = [i for i, r in enumerate(requests) if r.generator is None]
-        if len(shared_rows) == len(requests):
-            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        sampled = [requests[i] for i in rows]
+        params = [r.params for r in sampled]
+        options = upload([[p.temperature, p.top_k, p.top_p, p.min_p] for p in params], torch.float32, self.device)
+        truncated = [(p.uses_top_k and p.top_k < vocab) or p.top_p < 1.0 for p in params]
+        if not self.sort_free:
+            return reference.sample_sorted(logits[rows], options[:, 0], options[:, 1].long(), options[:, 2],
+                                           options[:, 3], self._draw_noise(sampled, vocab))
+        if self.computes_noise:
+            noise = {"streams": self._streams(sampled, vocab)}
         else:
-            noise = torch.empty_like(probs)
-            if shared_rows:
-                noise[shared_rows] = torch.empty(len(shared_rows), probs.shape[1], dtype=probs.dtype,
-                                                 device=device).exponential_(generator=self.generator)
-            for i, request in enumerate(requests):
-                if request.generator is not None:
-                    noise[i].exponential_(generator=request.generator)
-        return (probs / noise).argmax(dim=-1)
+            noise = {"noise": self._draw_noise(sampled, vocab)}
+        return nucleus.sample(logits, rows, options[:, 0], options[:, 1].long(), options[:, 2], options[:, 3],
+                              truncated, **noise)
 
+    def _draw_noise(self, requests: list[Request], vocab: int) -> torch.Tensor:
+        """(R, vocab) Exp(1) draws: one block from the shared generator for the rows without a seed, one row from
+        its own generator for each seeded row."""
+        shared_rows = [i for i, r in enumerate(requests) if r.generator is None]
+        shape = (len(requests), vocab)
+        if len(shared_rows) == len(requests):
+            return torch.empty(shape, device=self.device).exponential_(generator=self.generator)
+        noise = torch.empty(shape, device=self.device)
+        if shared_rows:
+            noise[shared_rows] = torch.empty(len(shared_rows), vocab, device=self.device).exponential_(
+                generator=self.generator)
+        for i, request in enumerate(requests):
+            if request.generator is not None:
+                noise[i].exponential_(generator=request.generator)
+        return noise
 
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a device tensor, copied through pinned memory on CUDA so that the host does not wait
-    for the work already queued on the device."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
+    def _streams(self, requests: list[Request], vocab: int) -> torch.Tensor:
+        """(R, 4) int64 Philox streams (``sampling.exponential_at``) of the draws ``_draw_noise`` would make, and
+        every generator advanced past them."""
+        num_shared = sum(1 for r in requests if r.generator is None)
+        shared_seed = shared_counter = shared_stride = 0
+        if num_shared:
+            shared_seed, shared_counter, shared_stride = self._claim(self.generator, num_shared * vocab)
+        rows, position = [], 0
+        for request in requests:
+            if request.generator is None:
+                rows.append([shared_seed, shared_counter, position * vocab, shared_stride])
+                position += 1
+            else:
+                seed, counter, stride = self._claim(request.generator, vocab)
+                rows.append([seed, counter, 0, stride])
+        return upload(rows, torch.int64, self.device)
 
-
-def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Set to -inf the logits outside each row's top-k and outside its top-p nucleus; (R, vocab) float."""
-    vocab = logits.shape[1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-    k = _to_device([kk if kk > 0 else vocab for kk in top_k], torch.int64, logits.device).unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
-    p = _to_device(top_p, logits.dtype, logits.device).unsqueeze(1)
-    sorted_probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_logits = sorted_logits.masked_fill((mass_before >= p) & (ranks > 0) & (p < 1.0), float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    def _claim(self, generator: torch.Generator, numel: int) -> tuple[int, int, int]:
+        """(seed as int64, Philox counter, thread stride) of an ``exponential_`` call of ``numel`` draws from
+        ``generator``, whose offset is advanced as that call would."""
+        layout = self._layouts.get(numel)
+        if layout is None:
+            layout = self._layouts[numel] = sampling.torch_stream_layout(numel, self.device)
+        stride, increment = layout
+        offset = generator.get_offset()
+        generator.set_offset(offset + increment)
+        seed = generator.initial_seed()
+        return seed - (1 << 64) if seed >= 1 << 63 else seed, offset // 4, stride
 
 
 def logprob_dicts(logprobs: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[dict[int, Logprob]]:
@@ -163,7 +180,7 @@ def logprob_dicts(logprobs: torch.Tensor, token_ids: list[int], num_top: list[in
     by their order. The results reach the host in one transfer per tensor, whatever N is."""
     if not token_ids:
         return []
-    chosen = logprobs.gather(1, _to_device(token_ids, torch.int64, logprobs.device).unsqueeze(1))
+    chosen = logprobs.gather(1, upload(token_ids, torch.int64, logprobs.device).unsqueeze(1))
     ranks = (logprobs > chosen).sum(dim=1) + 1
     most = min(max(num_top), logprobs.shape[1])
     top_values, top_indices = logprobs.topk(most, dim=1) if most > 0 else (chosen[:, :0], chosen[:, :0])
@@ -177,17 +194,32 @@ def logprob_dicts(logprobs: torch.Tensor, token_ids: list[int], num_top: list[in
     return result
 
 
-def _apply_logit_bias(logits: torch.Tensor, params: list) -> torch.Tensor:
-    """``logits`` plus each row's ``logit_bias`` (a new tensor when any row has one), in one indexed add."""
+def _apply_logit_bias(logits: torch.Tensor, params: list) -> None:
+    """Add each row's ``logit_bias`` to ``logits`` in place, in one indexed add."""
     rows, columns, biases = [], [], []
     for row, row_params in enumerate(params):
         if row_params.logit_bias:
             rows += [row] * len(row_params.logit_bias)
             columns += list(row_params.logit_bias)
             biases += list(row_params.logit_bias.values())
-    if not rows:
-        return logits
-    device = logits.device
-    index = (torch.tensor(rows, device=device), torch.tensor(columns, device=device))
-    return logits.index_put(index, torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
+    if rows:
+        device = logits.device
+        index = (upload(rows, torch.int64, device), upload(columns, torch.int64, device))
+        logits.index_put_(index, upload(biases, logits.dtype, device), accumulate=True)
 
+
+def _apply_min_tokens(logits: torch.Tensor, requests: list[Request], eos_token_ids: list[int]) -> None:
+    """Mask, in place and in one indexed write, EOS and stop tokens of requests below ``min_tokens``."""
+    rows, columns = [], []
+    vocab = logits.shape[1]
+    for i, request in enumerate(requests):
+        params = request.params
+        if request.num_output_tokens >= params.min_tokens:
+            continue
+        banned = [t for t in list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
+                  if t < vocab]
+        rows += [i] * len(banned)
+        columns += banned
+    if rows:
+        device = logits.device
+        logits[upload(rows, torch.int64, device), upload(columns, torch.int64, device)] = float("-inf")

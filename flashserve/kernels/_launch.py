@@ -1,5 +1,7 @@
 """Host-side launch arithmetic in plain Python: ``triton.next_power_of_2`` and ``triton.cdiv`` are constexpr
-functions that cost microseconds per call from Python, which adds up on launch-bound decode steps."""
+functions that cost microseconds per call from Python, which adds up on launch-bound decode steps; and the upload of
+small host lists."""
+import torch
 
 
 def next_power_of_2(n: int) -> int:
@@ -18,3 +20,12 @@ def head_block_sizes(num_heads: int, head_size: int, max_tile_elements: int) -> 
     block_d = next_power_of_2(head_size)
     block_h = min(next_power_of_2(num_heads), max(1, max_tile_elements // block_d))
     return block_h, block_d, cdiv(num_heads, block_h)
+
+
+def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device``; on CUDA copied through pinned memory without waiting for the
+    work already queued on the device."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -1,0 +1,115 @@
+"""Host time per decode step at 256 running requests: scheduler, block manager, input preparation, sampler call,
+incremental detokenizer and outputs — the engine's real step path with only the model's forward pass stubbed.
+
+A tiny random-weight Llama (``write_random_checkpoint``, 2,000-token byte-level BPE tokenizer) runs on the CPU with
+``model.forward`` returning zeros and ``compute_logits`` returning fresh random logits (greedy sampling, so the
+sampler's device work is one argmax): what remains is the host's work of a step. 256 requests with prompts
+uniform in [100, 1024] tokens (random ids) are prefilled, then ``--steps`` decode steps are timed one by one.
+Phases are timed by wrapping the engine's own methods (``Scheduler.schedule``, ``InputBuffers.prepare``,
+``Sampler.__call__``, ``IncrementalDetokenizer.step``); "other" is the rest of ``LLMEngine.step`` (advancing the
+requests, stop checks, building the outputs). The sampler's argmax over the logits is device work that runs on the
+CPU here, so "sampler, host part" times the same call on 8-column logits, and "host total" is a step without the
+sampler's time plus that. Medians and minima over the timed steps, µs (on a shared machine the minima are the
+steadier figure).
+Usage: python benchmarks/host_step.py [--out DIR] [--requests 256] [--steps 100]
+"""
+import argparse
+import functools
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flashserve import LLM, SamplingParams  # noqa: E402
+from flashserve.engine import detokenizer, input_buffers, sampler, scheduler  # noqa: E402
+from flashserve.models.checkpoint import write_random_checkpoint  # noqa: E402
+
+PHASES = {"schedule": (scheduler.Scheduler, "schedule"), "prepare_inputs": (input_buffers.InputBuffers, "prepare"),
+          "sampler": (sampler.Sampler, "__call__"), "detokenize": (detokenizer.IncrementalDetokenizer, "step")}
+
+
+def _timed(spent: dict, name: str, method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - start
+    return wrapper
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    directory = tempfile.mkdtemp(prefix="flashserve-host-step-")
+    write_random_checkpoint(directory, "LlamaForCausalLM", tokenizer_vocab_size=2000, max_position_embeddings=4096)
+    blocks = args.requests * (1024 + args.steps + 64) // 16 + 64
+    llm = LLM(directory, dtype="float32", device="cpu", block_size=16, num_kv_blocks=blocks,
+              max_num_seqs=args.requests, max_model_len=4096)
+    engine = llm.engine
+    vocab = engine.vocab_size
+    model = engine.runner.model
+    generator = torch.Generator().manual_seed(0)
+    pool = [torch.randn(max(args.requests, 8192), vocab, generator=generator) for _ in range(4)]
+    model.forward = lambda input_ids, positions: torch.zeros(input_ids.shape[0], 1)
+    model.compute_logits = lambda hidden: pool[rng.randrange(4)][:hidden.shape[0]]
+    rng = random.Random(0)
+    for i in range(args.requests):
+        prompt = [rng.randrange(6, vocab) for _ in range(rng.randint(100, 1024))]
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=args.steps + 64, ignore_eos=True))
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
+        engine.step()
+    spent = {name: 0.0 for name in PHASES}
+    originals = {name: getattr(cls, attr) for name, (cls, attr) in PHASES.items()}
+    for name, (cls, attr) in PHASES.items():
+        setattr(cls, attr, _timed(spent, name, originals[name]))
+    per_step = {name: [] for name in [*PHASES, "other", "total", "host total"]}
+    try:
+        for _ in range(args.steps):
+            for name in spent:
+                spent[name] = 0.0
+            start = time.perf_counter()
+            outputs = engine.step()
+            total = time.perf_counter() - start
+            assert len(outputs) == args.requests
+            for name in PHASES:
+                per_step[name].append(spent[name] * 1e6)
+            per_step["other"].append((total - sum(spent.values())) * 1e6)
+            per_step["total"].append(total * 1e6)
+            per_step["host total"].append((total - spent["sampler"]) * 1e6)
+    finally:
+        for name, (cls, attr) in PHASES.items():
+            setattr(cls, attr, originals[name])
+    running = engine.scheduler.running
+    narrow = torch.zeros(len(running), 8)
+    sampler_host = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        engine.runner.sampler(narrow, running, engine.eos_token_ids)
+        sampler_host.append((time.perf_counter() - start) * 1e6)
+    per_step["sampler, host part"] = sampler_host
+    per_step["host total"] = [value + statistics.median(sampler_host) for value in per_step["host total"]]
+    lines = [f"host µs per decode step, {args.requests} running requests, {args.steps} steps "
+             f"({os.cpu_count()} CPUs, torch {torch.__version__})", "", "| phase | median µs | min µs |",
+             "|---|---|---|"]
+    lines += [f"| {name} | {statistics.median(values):.0f} | {min(values):.0f} |" for name, values in per_step.items()]
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "host_step.md"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

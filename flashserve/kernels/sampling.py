@@ -1,0 +1,232 @@
+"""Sampling without sorting the vocabulary: top-k / top-p / min-p by partial selection, and the exponential race.
+
+The sampled token of a row is ``argmax(p / q)`` over the tokens that survive top-k, top-p and min-p, with q ~ Exp(1)
+per token (equivalent to drawing from p). ``flashserve.kernels.nucleus.sample`` puts these kernels together:
+
+1. ``block_stats`` (the one full read of the logits): per block of ``BLOCK`` tokens, the largest scaled logit
+   ``x = logit / temperature`` and the softmax sum below it; hence each row's maximum and normaliser.
+2. ``gather_candidates`` compacts the tokens at or above a per-row cutoff into a small buffer, reading only the
+   blocks whose maximum reaches it: for a top-k row the k-th largest block maximum (so the top k are all in), for
+   the others probability 1 / capacity (so at most ``capacity`` tokens qualify). The candidates are sorted (a few
+   thousand per row at most) and the top-k / top-p boundary found on them (``selection``).
+3. The race runs over the surviving candidates; for rows without top-k / top-p, where every token may win,
+   ``race_blocks`` then races only the blocks holding a token that could still beat the candidates' best (a
+   draw is never below 2^-24, so a token of weight w cannot beat a ratio above w * 2^24).
+
+A truncated row whose boundary the candidates do not determine (too many of them for a top-k row, or a nucleus
+heavier than their mass) falls back to the sort (``reference.sample_sorted``): exact, slower, and the one place
+that waits for the device.
+
+The noise q is either given as a (R, V) tensor or computed where it is needed from the row's Philox stream
+(``streams``): ``exponential_at`` computes exactly what ``torch.Tensor.exponential_`` on CUDA writes (curand's
+Philox4x32-10, ``-log(u)``) for any element of a call, so a row samples from its torch.Generator's stream without
+materialising V draws. ``torch_stream_layout`` gives the call geometry that torch uses (256-thread blocks, at most
+``SMs * max threads per SM / 256`` of them, 4 draws per thread and Philox call), and
+``reproduces_torch_exponential`` checks the whole at start-up.
+"""
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from flashserve.kernels._dispatch import triton_interpret_enabled, use_triton
+from flashserve.kernels._launch import cdiv
+from flashserve.kernels.reference import sampling as reference
+
+DEFAULT_CAPACITY = 4096  # candidate slots per row (a sort of this many per row stays in one thread block)
+BLOCK = 1024             # tokens per block of the block statistics
+
+
+def torch_stream_layout(numel: int, device: torch.device) -> tuple[int, int]:
+    """(thread stride, Philox offset increment) of a ``numel``-element ``exponential_`` call on ``device`` (CUDA),
+    as torch computes them (``calc_execution_policy`` in ATen's DistributionTemplates.h)."""
+    props = torch.cuda.get_device_properties(device)
+    threads_per_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+    blocks = min(props.multi_processor_count * (threads_per_sm // 256), cdiv(numel, 256))
+    stride = 256 * blocks
+    return stride, ((numel - 1) // (stride * 4) + 1) * 4
+
+
+@triton.jit
+def _exponential(streams_ptr, row, tokens, LIBDEVICE_LOG: tl.constexpr):
+    """Exp(1) draws of torch's CUDA ``exponential_`` at ``tokens`` of the stream in row ``row`` of streams
+    (``LIBDEVICE_LOG``: CUDA's logf, as torch calls it; Triton's interpreter has no libdevice)."""
+    seed = tl.load(streams_ptr + row * 4)
+    counter0 = tl.load(streams_ptr + row * 4 + 1)
+    base = tl.load(streams_ptr + row * 4 + 2)
+    stride = tl.load(streams_ptr + row * 4 + 3)
+    element = base + tokens.to(tl.int64)
+    quotient = element // stride
+    thread = element - quotient * stride
+    counter = counter0 + quotient // 4
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = (thread & 0xFFFFFFFF).to(tl.uint32)
+    c3 = ((thread >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox_impl(c0, c1, c2, c3, k0, k1)
+    component = quotient % 4
+    bits = tl.where(component == 0, r0, tl.where(component == 1, r1, tl.where(component == 2, r2, r3)))
+    uniform = bits.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+    if LIBDEVICE_LOG:
+        log = libdevice.log(uniform)
+    else:
+        log = tl.log(uniform)
+    return -tl.where(uniform >= 0.99999994039535522, -5.9604644775390625e-08, log)
+
+
+@triton.jit
+def _exponential_at_kernel(streams_ptr, tokens_ptr, out_ptr, num_cols, BLOCK: tl.constexpr,
+                           LIBDEVICE_LOG: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < num_cols
+    tokens = tl.load(tokens_ptr + row * num_cols + cols, mask=mask, other=0)
+    tl.store(out_ptr + row * num_cols + cols, _exponential(streams_ptr, row, tokens, LIBDEVICE_LOG), mask=mask)
+
+
+def exponential_at(streams: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """(R, 4) int64 streams and (R, K) int64 token ids -> (R, K) float32 Exp(1) draws; see
+    ``reference.exponential_at`` for the semantics."""
+    if not use_triton(token_ids):
+        return reference.exponential_at(streams, token_ids)
+    streams, token_ids = streams.contiguous(), token_ids.contiguous()
+    out = torch.empty(token_ids.shape, dtype=torch.float32, device=token_ids.device)
+    if token_ids.numel():
+        grid = (token_ids.shape[0], cdiv(token_ids.shape[1], BLOCK))
+        _exponential_at_kernel[grid](streams, token_ids, out, token_ids.shape[1], BLOCK=BLOCK,
+                                     LIBDEVICE_LOG=not triton_interpret_enabled())
+    return out
+
+
+@triton.jit
+def _block_stats_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, vocab, block_max_ptr, block_sum_ptr,
+                        num_blocks, BLOCK: tl.constexpr):
+    index = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    row = tl.load(rows_ptr + index)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < vocab
+    logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
+    largest = tl.max(scaled, axis=0)
+    total = tl.sum(tl.where(mask, tl.exp(scaled - largest), 0.0), axis=0)
+    tl.store(block_max_ptr + index * num_blocks + block, largest)
+    tl.store(block_sum_ptr + index * num_blocks + block, total)
+
+
+def block_stats(logits: torch.Tensor, rows: torch.Tensor,
+                temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.block_stats`` of ``logits[rows]`` in blocks of ``BLOCK`` tokens: the one full read of the
+    logits that the sampler makes."""
+    if not use_triton(logits):
+        return reference.block_stats(logits[rows], temperature, BLOCK)
+    num_rows, num_blocks = rows.shape[0], cdiv(logits.shape[1], BLOCK)
+    block_max = torch.empty((num_rows, num_blocks), dtype=torch.float32, device=logits.device)
+    block_sum = torch.empty_like(block_max)
+    if num_rows:
+        _block_stats_kernel[(num_rows, num_blocks)](logits, rows, logits.stride(0), temperature, logits.shape[1],
+                                                    block_max, block_sum, num_blocks, BLOCK=BLOCK)
+    return block_max, block_sum
+
+
+@triton.jit
+def _candidates_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, cutoff_ptr, block_max_ptr, vocab,
+                       values_ptr, indices_ptr, count_ptr, capacity, num_blocks, BLOCK: tl.constexpr):
+    index = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    cutoff = tl.load(cutoff_ptr + index)
+    if tl.load(block_max_ptr + index * num_blocks + block) >= cutoff:  # other blocks are not even read
+        row = tl.load(rows_ptr + index)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < vocab
+        logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
+        qualifies = mask & (scaled >= cutoff)
+        flags = qualifies.to(tl.int32)
+        start = tl.atomic_add(count_ptr + index, tl.sum(flags, axis=0))
+        slots = start + tl.cumsum(flags, axis=0) - 1
+        stored = qualifies & (slots < capacity)
+        tl.store(values_ptr + index * capacity + slots, scaled, mask=stored)
+        tl.store(indices_ptr + index * capacity + slots, cols.to(tl.int64), mask=stored)
+
+
+def gather_candidates(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, cutoff: torch.Tensor,
+                      block_max: torch.Tensor, capacity: int = DEFAULT_CAPACITY):
+    """``reference.gather_candidates`` of ``logits[rows]``; only the blocks whose ``block_max`` (from
+    ``block_stats``) reaches the cutoff are read."""
+    if not use_triton(logits):
+        return reference.gather_candidates(logits[rows], temperature, cutoff, capacity)
+    num_rows, device = rows.shape[0], logits.device
+    values = torch.full((num_rows, capacity), float("-inf"), dtype=torch.float32, device=device)
+    indices = torch.zeros((num_rows, capacity), dtype=torch.int64, device=device)
+    count = torch.zeros((num_rows,), dtype=torch.int32, device=device)
+    if num_rows:
+        _candidates_kernel[(num_rows, block_max.shape[1])](
+            logits, rows, logits.stride(0), temperature, cutoff, block_max, logits.shape[1], values, indices, count,
+            capacity, block_max.shape[1], BLOCK=BLOCK)
+    return values, indices, count
+
+
+@triton.jit
+def _race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_max_ptr, floor_ptr, bound_ptr,
+                 block_max_ptr, streams_ptr, vocab, best_ptr, best_index_ptr, num_blocks, BLOCK: tl.constexpr,
+                 LIBDEVICE_LOG: tl.constexpr):
+    index = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    floor = tl.load(floor_ptr + index)
+    largest = tl.load(block_max_ptr + index * num_blocks + block)
+    best = -1.0
+    best_index = block * BLOCK
+    if (largest >= floor) & (largest >= tl.load(bound_ptr + index)):  # else no token of the block can win
+        row = tl.load(rows_ptr + index)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < vocab
+        logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
+        weight = tl.exp(scaled - tl.load(row_max_ptr + index))
+        ratio = tl.where(mask & (scaled >= floor), weight / _exponential(streams_ptr, index, cols, LIBDEVICE_LOG),
+                         -1.0)
+        best = tl.max(ratio, axis=0)
+        best_index = tl.argmax(ratio, axis=0) + block * BLOCK
+    tl.store(best_ptr + index * num_blocks + block, best)
+    tl.store(best_index_ptr + index * num_blocks + block, best_index.to(tl.int64))
+
+
+def race_blocks(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, row_max: torch.Tensor,
+                floor: torch.Tensor, streams: torch.Tensor, block_max: torch.Tensor,
+                bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.race_blocks`` of ``logits[rows]``, the noise computed in the kernel from ``streams``; blocks
+    whose ``block_max`` is below ``bound`` (no token there can beat a ratio already found) or below ``floor``
+    are neither read nor raced (their best is -1)."""
+    if not use_triton(logits):
+        return reference.race_blocks(logits[rows], temperature, row_max, floor, bound, streams, BLOCK)
+    num_rows, num_blocks = rows.shape[0], block_max.shape[1]
+    best = torch.empty((num_rows, num_blocks), dtype=torch.float32, device=logits.device)
+    best_index = torch.empty((num_rows, num_blocks), dtype=torch.int64, device=logits.device)
+    if num_rows:
+        _race_kernel[(num_rows, num_blocks)](
+            logits, rows, logits.stride(0), temperature, row_max, floor, bound, block_max, streams.contiguous(),
+            logits.shape[1], best, best_index, num_blocks, BLOCK=BLOCK, LIBDEVICE_LOG=not triton_interpret_enabled())
+    return best, best_index
+
+
+def reproduces_torch_exponential(device: torch.device) -> bool:
+    """Whether ``exponential_at`` gives exactly the draws of ``exponential_`` on ``device`` (CUDA), for a call that
+    takes one draw per thread and ones whose grid is capped (several draws per thread and Philox calls), and the same
+    offsets.
+    False, too, where this torch lacks what the check needs (``Generator.get_offset``/``set_offset``)."""
+    if not all(hasattr(torch.Generator, name) for name in ("get_offset", "set_offset")):
+        return False
+    generator = torch.Generator(device=device).manual_seed(0x5EED)
+    for rows, vocab in ((3, 1000), (2, 400_000), (1, 1_200_000)):
+        offset = generator.get_offset()
+        stride, increment = torch_stream_layout(rows * vocab, device)
+        expected = torch.empty((rows, vocab), device=device).exponential_(generator=generator)
+        streams = torch.tensor([[0x5EED, offset // 4, r * vocab, stride] for r in range(rows)], device=device)
+        columns = torch.arange(vocab, device=device).expand(rows, -1).contiguous()
+        if generator.get_offset() != offset + increment or not torch.equal(exponential_at(streams, columns),
+                                                                            expected):
+            return False
+    return True

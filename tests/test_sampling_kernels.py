@@ -1,0 +1,217 @@
+"""The sort-free sampler (flashserve.kernels.sampling / nucleus): Philox known answers, the torch-compatible
+exponential stream, candidate gathering and the race against their references (Triton interpreter on CPU), the
+sampler against the sort-based one with the same noise, and, on CUDA, against torch's own generator."""
+import pytest
+import torch
+
+from flashserve.kernels import nucleus, sampling
+from flashserve.kernels.reference import sampling as reference
+
+
+def _words(*values):
+    return [torch.tensor([v], dtype=torch.int64) for v in values]
+
+
+@pytest.mark.parametrize("counter, key, expected", [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_known_answers(counter, key, expected):
+    seed = torch.tensor([key[0] | (key[1] << 32)], dtype=torch.int64) if key[1] < 2 ** 31 else \
+        torch.tensor([key[0] | (key[1] << 32)], dtype=torch.uint64).view(torch.int64)
+    words = reference.philox4x32(seed, *_words(*counter))
+    assert [int(w) for w in words] == list(expected)
+
+
+def _streams(num_rows, vocab, seed=7):
+    rows = [[(seed * 1000003 + r) % (1 << 62), 4 * r, r * vocab, 256 * 3] for r in range(num_rows)]
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("FLASHSERVE_ATTENTION_BACKEND", raising=False)
+
+
+def test_exponential_kernel_matches_reference(interpret):
+    streams = _streams(3, 50)
+    tokens = torch.randint(0, 50, (3, 40))
+    expected = reference.exponential_at(streams, tokens)
+    torch.testing.assert_close(sampling.exponential_at(streams, tokens), expected, rtol=2e-6, atol=0)
+    assert (expected > 0).all() and 0.5 < expected.mean() < 1.5
+
+
+def test_block_candidate_and_race_kernels_match_their_references(interpret):
+    logits = torch.randn(4, 2500) * 3
+    rows = torch.tensor([3, 0, 1], dtype=torch.int64)
+    temperature = torch.tensor([1.0, 0.5, 2.0])
+    block_max, block_sum = sampling.block_stats(logits, rows, temperature)
+    ref_max, ref_sum = reference.block_stats(logits[rows], temperature, sampling.BLOCK)
+    torch.testing.assert_close(block_max, ref_max)
+    torch.testing.assert_close(block_sum, ref_sum, rtol=1e-5, atol=0)
+    row_max = block_max.amax(dim=1)
+    cutoff = row_max - torch.tensor([2.0, 1.0, 30.0])  # the last row overflows 64 slots
+    values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64)
+    ref_values, ref_indices, ref_count = reference.gather_candidates(logits[rows], temperature, cutoff, 64)
+    torch.testing.assert_close(count, ref_count)
+    assert int(count[2]) > 64
+    for r in range(2):
+        n = int(count[r])
+        got = sorted(zip(indices[r, :n].tolist(), values[r, :n].tolist()))
+        want = sorted(zip(ref_indices[r, :n].tolist(), ref_values[r, :n].tolist()))
+        assert [i for i, _ in got] == [i for i, _ in want]
+        torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]))
+    streams = _streams(3, 2500)
+    floor = row_max + torch.log(torch.tensor([0.0, 0.1, 0.0]))
+    bound = torch.full((3,), float("-inf"))
+    best, token = sampling.race_blocks(logits, rows, temperature, row_max, floor, streams, block_max, bound)
+    ref_best, ref_token = reference.race_blocks(logits[rows], temperature, row_max, floor, bound, streams,
+                                                sampling.BLOCK)
+    torch.testing.assert_close(best, ref_best, rtol=1e-5, atol=0)
+    assert token.tolist() == ref_token.tolist()
+    skipped, _ = sampling.race_blocks(logits, rows, temperature, row_max, floor, streams, block_max,
+                                      torch.full((3,), float("inf")))
+    assert (skipped == -1).all()
+    ref_skipped, _ = reference.race_blocks(logits[rows], temperature, row_max, floor, torch.full((3,), float("inf")),
+                                           streams, sampling.BLOCK)
+    assert (ref_skipped == -1).all()
+
+
+@pytest.mark.parametrize("interpreted", [False, True])
+def test_start_up_check_agrees(interpreted, monkeypatch):
+    if interpreted:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.delenv("FLASHSERVE_ATTENTION_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    assert nucleus.agrees_with_the_sort(torch.device("cpu"), vocab=2500)
+
+
+def _params(num_rows, vocab, generator):
+    temperature = torch.rand(num_rows, generator=generator) + 0.3
+    top_k = torch.tensor([[0, 1, 5, 40, vocab, 0][i % 6] for i in range(num_rows)])
+    top_p = torch.tensor([[0.9, 1.0, 0.5, 0.95, 0.3, 1.0][i % 6] for i in range(num_rows)])
+    min_p = torch.tensor([[0.0, 0.0, 0.05, 0.0, 0.0, 0.2][i % 6] for i in range(num_rows)])
+    truncated = [(0 < k < vocab) or p < 1 for k, p in zip(top_k.tolist(), top_p.tolist())]
+    return temperature, top_k, top_p, min_p, truncated
+
+
+@pytest.mark.parametrize("capacity", [8, 4096])
+def test_sampler_equals_the_sort_based_one_with_the_same_noise(capacity):
+    generator = torch.Generator().manual_seed(0)
+    vocab, num_rows = 500, 24
+    for trial in range(5):
+        logits = torch.randn(num_rows, vocab, generator=generator) * (1 + 3 * trial)
+        temperature, top_k, top_p, min_p, truncated = _params(num_rows, vocab, generator)
+        noise = torch.empty(num_rows, vocab).exponential_(generator=generator)
+        got = nucleus.sample(logits, list(range(num_rows)), temperature, top_k, top_p, min_p, truncated,
+                             noise=noise, capacity=capacity)
+        want = reference.sample_sorted(logits, temperature, top_k, top_p, min_p, noise)
+        assert got.tolist() == want.tolist()
+
+
+def test_sampler_rows_and_streams_on_the_reference_path():
+    generator = torch.Generator().manual_seed(1)
+    vocab = 300
+    logits = torch.randn(6, vocab, generator=generator) * 3
+    temperature, top_k, top_p, min_p, truncated = _params(4, vocab, generator)
+    rows = [5, 0, 2, 3]
+    streams = _streams(4, vocab)
+    columns = torch.arange(vocab).expand(4, -1)
+    noise = reference.exponential_at(streams, columns)
+    got = nucleus.sample(logits, rows, temperature, top_k, top_p, min_p, truncated, streams=streams)
+    want = reference.sample_sorted(logits[rows], temperature, top_k, top_p, min_p, noise)
+    assert got.tolist() == want.tolist()
+    with pytest.raises(ValueError, match="exactly one"):
+        nucleus.sample(logits, rows, temperature, top_k, top_p, min_p, truncated)
+
+
+def test_sampler_with_streams_in_the_interpreter(interpret):
+    generator = torch.Generator().manual_seed(4)
+    vocab = 2100
+    for scale in (1.0, 6.0):
+        logits = torch.randn(6, vocab, generator=generator) * scale
+        temperature, top_k, top_p, min_p, truncated = _params(6, vocab, generator)
+        streams = _streams(6, vocab)
+        noise = reference.exponential_at(streams, torch.arange(vocab).expand(6, -1))
+        got = nucleus.sample(logits, list(range(6)), temperature, top_k, top_p, min_p, truncated, streams=streams,
+                             capacity=64)
+        assert got.tolist() == reference.sample_sorted(logits, temperature, top_k, top_p, min_p, noise).tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows, vocab", [(1, 151936), (3, 151936), (256, 151936), (2, 1000), (600, 32000)])
+def test_exponential_stream_equals_torch_on_cuda(rows, vocab):
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(1234)
+    torch.empty(5, 7, device=device).exponential_(generator=generator)  # a non-zero offset
+    offset = generator.get_offset()
+    stride, increment = sampling.torch_stream_layout(rows * vocab, device)
+    expected = torch.empty(rows, vocab, device=device).exponential_(generator=generator)
+    assert generator.get_offset() == offset + increment
+    streams = torch.tensor([[1234, offset // 4, r * vocab, stride] for r in range(rows)], device=device)
+    columns = torch.arange(vocab, device=device).expand(rows, -1).contiguous()
+    got = sampling.exponential_at(streams, columns)
+    assert torch.equal(got, expected), f"{(got != expected).sum().item()} of {got.numel()} draws differ"
+    assert torch.equal(reference.exponential_at(streams, columns[:1, :4096]), expected[:1, :4096])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampler_on_cuda_equals_the_sort_based_one():
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(3)
+    vocab, num_rows = 151936, 64
+    logits = torch.randn(num_rows, vocab, device=device, generator=generator) * 4
+    temperature, top_k, top_p, min_p, truncated = (t.to(device) if isinstance(t, torch.Tensor) else t
+                                                   for t in _params(num_rows, vocab, torch.Generator()))
+    offset = generator.get_offset()
+    stride, _ = sampling.torch_stream_layout(num_rows * vocab, device)
+    noise = torch.empty(num_rows, vocab, device=device).exponential_(generator=generator)
+    streams = torch.tensor([[3, offset // 4, r * vocab, stride] for r in range(num_rows)], device=device)
+    got = nucleus.sample(logits, list(range(num_rows)), temperature, top_k, top_p, min_p, truncated,
+                         streams=streams)
+    want = reference.sample_sorted(logits, temperature, top_k, top_p, min_p, noise)
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_sampler_on_cuda_gives_the_tokens_of_drawn_noise():
+    """The engine's Sampler computing torch's draws in its kernels samples what it samples when it draws them
+    (as flashserve did before), step after step, seeded and shared rows, every option."""
+    from flashserve import SamplingParams
+    from flashserve.engine.request import Request
+    from flashserve.engine.sampler import Sampler
+
+    device = torch.device("cuda")
+    computing, drawing = Sampler(device, seed=11), Sampler(device, seed=11)
+    assert computing.computes_noise, "exponential_at does not reproduce torch's exponential_ on this GPU"
+    drawing.computes_noise = False
+    options = [dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_k=20, top_p=0.8), dict(temperature=0.8),
+               dict(temperature=1.0, min_p=0.05), dict(temperature=0), dict(temperature=1.2, top_k=50)]
+
+    def requests(tag):
+        result = []
+        for i in range(48):
+            params = SamplingParams(seed=i if i % 3 == 0 else None, **options[i % len(options)])
+            request = Request(f"{tag}{i}", None, [1, 2, 3], params, max_model_len=1000)
+            if params.seed is not None:
+                request.generator = torch.Generator(device=device).manual_seed(params.seed)
+            result.append(request)
+        return result
+
+    batch_a, batch_b = requests("a"), requests("b")
+    generator = torch.Generator(device=device).manual_seed(5)
+    for step in range(4):
+        logits = torch.randn(48, 151936, device=device, generator=generator) * (2 + 3 * step)
+        tokens_a, _ = computing(logits.clone(), batch_a, eos_token_ids=[0])
+        tokens_b, _ = drawing(logits.clone(), batch_b, eos_token_ids=[0])
+        assert tokens_a == tokens_b, f"step {step}"
+        for a, b, token in zip(batch_a, batch_b, tokens_a):
+            a.token_ids.append(token)
+            b.token_ids.append(token)
