@@ -69,7 +69,7 @@ def run_shape(model_name: str, name: str, n: int, k: int, gated: bool, sweep_row
         if rows <= skinny_gemm.MAX_ROWS:
             key = (n // 2 if gated else n, k, skinny_gemm_plans.row_bucket(rows), "bfloat16", gated)
             plan = skinny_gemm_plans.lookup(key)  # outside tuning(): the plan the first call made
-            config = plan if plan != skinny_gemm_plans.CUBLAS else skinny_gemm_plans.default_config(
+            config = plan if plan != skinny_gemm_plans.CUBLAS else skinny_gemm_plans.kernel_config(
                 key[0], k, rows, torch.bfloat16, x.device)
             row["plan"] = "cuBLAS" if plan == skinny_gemm_plans.CUBLAS else _config_name(plan)
             row["kernel_config"] = _config_name(config)

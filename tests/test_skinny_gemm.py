@@ -176,7 +176,7 @@ def test_every_candidate_gpu(shape, dtype):
     """bf16: every config the tuning may pick; fp16: the table's."""
     n_out, k, gated = GPU_SHAPES[shape]
     device = torch.device("cuda")
-    configs = [skinny_gemm_plans.default_config(n_out, k, 1, dtype, device)]
+    configs = [skinny_gemm_plans.kernel_config(n_out, k, 1, dtype, device)]
     if dtype == torch.bfloat16:
         configs += skinny_gemm_plans.candidates(n_out, k, 64, dtype, device, gated)
         configs += [c for c in skinny_gemm_plans.candidates(n_out, k, 1, dtype, device, gated) if not c.use_dot]

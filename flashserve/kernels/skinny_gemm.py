@@ -252,7 +252,7 @@ def _decide(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """The plan of ``key`` from ``skinny_gemm_plans.decide``; a tuning measures each config on this weight with
     random rows of the bucket's size (do_bench, L2 flushed before each call)."""
     n_out, k, bucket, _, _ = key
-    default = skinny_gemm_plans.default_config(n_out, k, bucket, x.dtype, x.device)
+    default = skinny_gemm_plans.default_config(n_out, k, bucket, x.dtype, x.device, gated)
     torch_fn = _gated_fallback if gated else reference.linear
     samples = []  # made at the first measurement only (never during a CUDA-graph capture, which measures nothing)
 

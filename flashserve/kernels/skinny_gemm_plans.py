@@ -91,9 +91,25 @@ def split_ways(n_out: int, k: int, block_n: int, block_k: int, sms: int) -> int:
     return ways
 
 
-def default_config(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
-    """The table's plan (no measurement; one of the tuning's candidates): 64 features x 128 of K per tile, 4
-    stages (64 of K for fp32 or for 64-row tiles), split-K to about two programs per SM."""
+def default_config(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.device,
+                   gated: bool = False) -> GemmConfig:
+    """The plan without measuring (tuning off): on CUDA, cuBLAS except where the H200 run of 2026-12-01
+    (benchmarks/RESULTS.md, "Small-M matrix products") measured ``kernel_config`` faster than cuBLAS — at <= 16 rows,
+    vocabulary-sized products (LM heads, N >= 32768: 1.03-1.04x) and narrow, long ones (N <= 2048 with K >= 2N,
+    such as Qwen3-0.6B's o and down projections: 1.07-2.4x); the gated product, the QKV projections and Llama's
+    o/down measured 0.6-0.93x. Elsewhere (the interpreter) ``kernel_config``."""
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    if gated or row_bucket(rows) > 16:
+        return CUBLAS
+    if n_out >= 32768 or (n_out <= 2048 and k >= 2 * n_out):
+        return kernel_config(n_out, k, rows, dtype, device)
+    return CUBLAS
+
+
+def kernel_config(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
+    """The table's kernel config (one of the tuning's candidates): 64 features x 128 of K per tile, 4 stages (64 of
+    K for fp32 or for 64-row tiles), split-K to about two programs per SM."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
     block_n, block_k, warps, stages = TILE_CHOICES[4] if dtype == torch.float32 or block_rows(rows) >= 64 \
