@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from flashserve.distributed.state import set_tp_group, tp_size
 from flashserve.models import DecoderForCausalLM, ModelSpec, load_model, load_spec, write_random_checkpoint
 from flashserve.models.loader import iter_checkpoint_tensors, load_weights
 from flashserve.models.moe import SparseMoeBlock
@@ -65,9 +66,19 @@ def test_expert_tensors_land_in_their_slices(moe_checkpoints, case):
     assert torch.equal(block.gate.weight, tensors[f"{prefix}.gate.weight"])
 
 
-def test_stacked_expert_tensors_saved_whole_load_the_same(moe_checkpoints, tmp_path):
-    """transformers 5's in-memory layout (experts.gate_up_proj (E, 2I, H), experts.down_proj (E, H, I))."""
+@pytest.mark.parametrize("rank, size", [(0, 1), (1, 2)])
+def test_stacked_expert_tensors_saved_whole_load_the_same(moe_checkpoints, tmp_path, rank, size):
+    """transformers 5's in-memory layout (experts.gate_up_proj (E, 2I, H), experts.down_proj (E, H, I)); also
+    rank 1's slices under tensor parallelism (cut from the stacked tensors as from the per-expert ones)."""
     source = moe_checkpoints["qwen3-moe"]
+    set_tp_group(rank, size)
+    try:
+        _compare_stacked_with_per_expert(source, tmp_path)
+    finally:
+        set_tp_group(0, 1)
+
+
+def _compare_stacked_with_per_expert(source: str, tmp_path) -> None:
     reference, spec = load_model(source)
     tensors = load_file(f"{source}/model.safetensors")
     for layer in (i for i, sparse in enumerate(spec.moe.sparse_layers) if sparse):
@@ -83,6 +94,8 @@ def test_stacked_expert_tensors_saved_whole_load_the_same(moe_checkpoints, tmp_p
         (directory / name).write_bytes(open(f"{source}/{name}", "rb").read())
     save_file(tensors, str(directory / "model.safetensors"))
     model, _ = load_model(str(directory))
+    local = spec.moe.expert_intermediate_size // tp_size()
+    assert model.model.layers[0].mlp.experts.down_proj.shape == (spec.moe.num_experts, spec.hidden_size, local)
     for (name, ours), (_, theirs) in zip(model.named_parameters(), reference.named_parameters()):
         assert torch.equal(ours, theirs), name
 

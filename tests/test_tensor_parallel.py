@@ -3,9 +3,11 @@
 Each architecture gets one tiny checkpoint chosen to hit a case of the split: Llama with tied embeddings, q/k/v,
 o and MLP biases (the row-parallel biases are added once), a vocabulary of 401 (not divisible by the ranks: padded
 to 512), 2 KV heads (fewer than 4 ranks: replicated) and a sharded checkpoint; Qwen2 with q/k/v biases; Qwen3 with
-its per-head q/k norms and a single KV head; Mistral with a sliding window shorter than the prompts. Every
-engine runs with blocks of 4 tokens, a 16-token step budget (chunked prefill), a pool small enough to preempt,
-and prefix caching (a rerun hits the cache); besides the greedy tokens it samples with seeds, and scores prompt
+its per-head q/k norms and a single KV head; Mistral with a sliding window shorter than the prompts; the
+mixture-of-experts checkpoints of ``moe_cases`` (Qwen3-MoE with a dense layer among the sparse ones, Mixtral,
+Qwen2-MoE with its shared expert), whose experts split along their intermediate dimension. Every engine runs
+with blocks of 4 tokens, a 16-token step budget (chunked prefill), a pool small enough to preempt, and prefix
+caching (a rerun hits the cache); besides the greedy tokens it samples with seeds, and scores prompt
 logprobs, all of which must equal the single-process engine's (logprobs to 1e-4). The attention runs on the
 PyTorch reference (the split is in the linear layers; the kernels are tested elsewhere).
 
@@ -27,6 +29,7 @@ import pytest
 from flashserve import LLM, SamplingParams
 from flashserve.cli import main as cli_main
 from hf_parity import checkpoint_with_continuations
+from moe_cases import MOE_CASES
 
 MODELS = {
     "llama-tied-biases-vocab401-sharded": ("LlamaForCausalLM", dict(
@@ -34,6 +37,7 @@ MODELS = {
     "qwen2-biases": ("Qwen2ForCausalLM", {}),
     "qwen3-qk-norm-1kv": ("Qwen3ForCausalLM", dict(num_key_value_heads=1)),
     "mistral-window8": ("MistralForCausalLM", dict(sliding_window=8)),
+    **MOE_CASES,
 }
 NEW_TOKENS = 6
 ENGINE = dict(dtype="float32", device="cpu", block_size=4, max_num_batched_tokens=16, num_kv_blocks=16,
@@ -161,6 +165,12 @@ def _config_only(tmp_path, llama_dir: str, **overrides) -> str:
     (dict(num_attention_heads=6, num_key_value_heads=3, head_dim=16), 2, "num_key_value_heads"),
     (dict(num_attention_heads=12, num_key_value_heads=4, head_dim=8), 6, "num_key_value_heads"),
     (dict(intermediate_size=130), 4, "intermediate_size"),
+    (dict(architectures=["Qwen3MoeForCausalLM"], num_experts=4, num_experts_per_tok=2, moe_intermediate_size=50),
+     4, "moe_intermediate_size"),
+    (dict(architectures=["Qwen2MoeForCausalLM"], num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+          shared_expert_intermediate_size=90), 4, "shared_expert_intermediate_size"),
+    (dict(architectures=["MixtralForCausalLM"], num_local_experts=4, num_experts_per_tok=2, intermediate_size=66),
+     4, "intermediate_size"),
 ])
 def test_unsplittable_model_raises_before_any_worker(tmp_path, llama_dir, overrides, size, field):
     directory = _config_only(tmp_path, llama_dir, **overrides)
@@ -169,6 +179,19 @@ def test_unsplittable_model_raises_before_any_worker(tmp_path, llama_dir, overri
         LLM(directory, tokenizer=llama_dir, device="cpu", tensor_parallel_size=size)
     assert time.perf_counter() - start < 5
     assert not multiprocessing.active_children()
+
+
+def test_dense_intermediate_size_of_an_all_sparse_model_is_not_split():
+    """Qwen3-MoE without dense layers never builds the ``intermediate_size`` MLP: only the experts' size counts."""
+    from flashserve.distributed.checks import check_split
+    from flashserve.models import ModelSpec
+
+    config = dict(architectures=["Qwen3MoeForCausalLM"], hidden_size=64, intermediate_size=130, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, vocab_size=100, num_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=32)
+    check_split(ModelSpec.from_config(config), 4)
+    with pytest.raises(ValueError, match="intermediate_size"):
+        check_split(ModelSpec.from_config(dict(config, mlp_only_layers=[0])), 4)
 
 
 def test_invalid_tensor_parallel_size(llama_dir):
@@ -315,6 +338,43 @@ def test_each_rank_loads_only_its_slices(llama_dir):
     vocab = full["model.embed_tokens.weight"].shape[0]
     assert embed.shape[0] % (64 * size) == 0 and torch.equal(embed[:vocab], full["model.embed_tokens.weight"])
     assert not embed[vocab:].any()
+
+
+def test_each_rank_loads_only_its_expert_slices(tmp_path):
+    """Qwen2-MoE at TP 4: each rank holds a quarter of every expert's gate/up rows and down columns and of the
+    shared expert; the router and the shared expert's gate are whole. Put back together: the checkpoint's tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    from flashserve.distributed.state import set_tp_group
+    from flashserve.models.checkpoint import write_random_checkpoint
+    from flashserve.models.loader import load_model
+
+    architecture, overrides = MOE_CASES["qwen2-moe"]
+    directory = write_random_checkpoint(str(tmp_path), architecture, seed=3, **overrides)
+    full = load_file(os.path.join(directory, "model.safetensors"))
+    size, blocks = 4, []
+    try:
+        for rank in range(size):
+            set_tp_group(rank, size)
+            model, spec = load_model(directory, "float32", "cpu")
+            blocks.append(model.model.layers[1].mlp)  # decoder_sparse_step 2: layer 1 is sparse
+    finally:
+        set_tp_group(0, 1)
+    prefix, local = "model.layers.1.mlp.", spec.moe.expert_intermediate_size // size
+    assert blocks[0].experts.gate_up_proj.shape == (spec.moe.num_experts, 2 * local, spec.hidden_size)
+    for expert in range(spec.moe.num_experts):
+        name = f"{prefix}experts.{expert}."
+        gate_up = [block.experts.gate_up_proj[expert] for block in blocks]
+        assert torch.equal(torch.cat([rows[:local] for rows in gate_up]), full[name + "gate_proj.weight"])
+        assert torch.equal(torch.cat([rows[local:] for rows in gate_up]), full[name + "up_proj.weight"])
+        down = torch.cat([block.experts.down_proj[expert] for block in blocks], dim=1)
+        assert torch.equal(down, full[name + "down_proj.weight"])
+    shared_down = torch.cat([block.shared_expert.down_proj.weight for block in blocks], dim=1)
+    assert torch.equal(shared_down, full[prefix + "shared_expert.down_proj.weight"])
+    for block in blocks:
+        assert torch.equal(block.gate.weight, full[prefix + "gate.weight"])
+        assert torch.equal(block.shared_expert_gate.weight, full[prefix + "shared_expert_gate.weight"])
 
 
 def test_serve_with_two_ranks(llama_dir):

@@ -1,8 +1,9 @@
 """Tensor parallelism on GPUs (NCCL, CUDA graphs with the all-reduces inside them): skipped without enough GPUs.
 
-float32: greedy tokens at TP 2 and 4 equal Hugging Face's and TP 1's for every architecture of the CPU tests, with
-decode steps replayed from graphs (batch sizes that hit and miss captured sizes, a batch above the largest graph)
-and chunked prefill; seeded sampling equal to TP 1. bfloat16: a TP-2 run whose first tokens are at least 90% TP 1's
+float32: greedy tokens at TP 2 and 4 equal Hugging Face's and TP 1's for every architecture of the CPU tests (the
+mixture-of-experts ones running the fused-MoE kernel on each rank's slice of the experts), with decode steps
+replayed from graphs (batch sizes that hit and miss captured sizes, a batch above the largest graph) and chunked
+prefill; seeded sampling equal to TP 1. bfloat16: a TP-2 run whose first tokens are at least 90% TP 1's
 (tokens may part where two logits are within bf16 rounding: the sums run in another order). Also: a
 ``tensor_parallel_size`` above the number of GPUs is a ValueError before any worker starts.
 """
@@ -14,12 +15,13 @@ import torch
 
 from flashserve import LLM, SamplingParams
 from hf_parity import checkpoint_with_continuations
+from moe_cases import MOE_CASES
 
 pytestmark = pytest.mark.gpu
 
 MODELS = [("LlamaForCausalLM", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True, vocab_size=401)),
           ("Qwen2ForCausalLM", {}), ("Qwen3ForCausalLM", dict(num_key_value_heads=1)),
-          ("MistralForCausalLM", dict(sliding_window=8))]
+          ("MistralForCausalLM", dict(sliding_window=8)), *MOE_CASES.values()]
 NEW_TOKENS = 12
 
 

@@ -5,7 +5,10 @@ from flashserve.models.spec import ModelSpec
 def check_split(spec: ModelSpec, tensor_parallel_size: int) -> None:
     """ValueError naming the config.json field that ``tensor_parallel_size`` does not divide: query heads and the
     MLP's intermediate size split evenly; KV heads split evenly, or, when there are fewer of them than ranks, the
-    ranks must be a multiple of them (each KV head then replicated). The vocabulary is padded, never refused."""
+    ranks must be a multiple of them (each KV head then replicated). Mixture-of-experts models split every expert
+    along its intermediate size (``moe_intermediate_size``, Mixtral's ``intermediate_size``) and the shared
+    expert's (``shared_expert_intermediate_size``); the dense ``intermediate_size`` counts only when some layer is
+    dense. The vocabulary is padded, never refused."""
     tp = tensor_parallel_size
     if spec.num_heads % tp:
         raise ValueError(f"num_attention_heads ({spec.num_heads}) is not divisible by tensor_parallel_size ({tp})")
@@ -14,9 +17,19 @@ def check_split(spec: ModelSpec, tensor_parallel_size: int) -> None:
                          f"({spec.num_kv_heads}): the KV heads cannot be replicated evenly")
     if tp < spec.num_kv_heads and spec.num_kv_heads % tp:
         raise ValueError(f"num_key_value_heads ({spec.num_kv_heads}) is not divisible by tensor_parallel_size ({tp})")
-    if spec.intermediate_size % tp:
-        raise ValueError(f"intermediate_size ({spec.intermediate_size}) is not divisible by tensor_parallel_size "
-                         f"({tp})")
-    if tp > 1 and spec.moe is not None:
-        raise ValueError(f"tensor_parallel_size ({tp}) > 1 is not supported yet for mixture-of-experts models "
-                         f"({spec.architecture}): their experts are not sharded; use tensor_parallel_size=1")
+    for field, size in _intermediate_sizes(spec):
+        if size % tp:
+            raise ValueError(f"{field} ({size}) is not divisible by tensor_parallel_size ({tp})")
+
+
+def _intermediate_sizes(spec: ModelSpec) -> list[tuple[str, int]]:
+    """(config.json field, size) of every intermediate dimension the model's layers split."""
+    moe = spec.moe
+    if moe is None:
+        return [("intermediate_size", spec.intermediate_size)]
+    sizes = [(moe.expert_intermediate_key, moe.expert_intermediate_size)]
+    if moe.shared_expert_intermediate_size:
+        sizes.append(("shared_expert_intermediate_size", moe.shared_expert_intermediate_size))
+    if not all(moe.sparse_layers):
+        sizes.append(("intermediate_size", spec.intermediate_size))
+    return sizes

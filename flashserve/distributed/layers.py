@@ -10,6 +10,8 @@ checkpoint is read (a rank never holds the whole model); with one rank they are 
   rank holds the one KV head its query heads read (each KV head replicated ``tp / num_kv_heads`` times).
 - ``RowParallelLinear``: the input features split (the input is the previous column-parallel output), partial
   sums all-reduced; the bias is held by rank 0 only (zeros elsewhere), so it is added once.
+- The routed experts of MoE layers (``models.moe.StackedExperts``) split the same way along each expert's
+  intermediate dimension: gate/up rows and down columns of every expert, one all-reduce per layer.
 - ``VocabParallelEmbedding`` / ``ParallelLMHead``: the vocabulary padded to a multiple of ``64 * tp`` and split
   into equal row ranges; ids outside a rank's range embed to zeros and the partial embeddings are all-reduced;
   the logits of every rank's range are all-gathered and cut back to the real vocabulary.
@@ -24,13 +26,14 @@ from flashserve.models.layers import LMHead, Linear, MergedLinear, VocabEmbeddin
 VOCAB_PADDING = 64
 
 
-def _split(total: int, parts: int, name: str) -> int:
+def split_size(total: int, parts: int, name: str) -> int:
+    """``total / parts``; ValueError naming ``name`` (a config.json field) when ``parts`` does not divide it."""
     if total % parts:
         raise ValueError(f"{name} ({total}) is not divisible by tensor_parallel_size ({parts})")
     return total // parts
 
 
-def _rows(loaded: torch.Tensor, dim: int, full: int, index: int, size: int) -> torch.Tensor:
+def shard_of(loaded: torch.Tensor, dim: int, full: int, index: int, size: int) -> torch.Tensor:
     """Slice ``index`` (of width ``size``) of ``loaded`` along ``dim``; ValueError unless ``dim`` is ``full`` long."""
     if loaded.dim() <= dim or loaded.shape[dim] != full:
         raise ValueError(f"weight of shape {tuple(loaded.shape)} does not have {full} entries along dimension {dim}")
@@ -42,13 +45,13 @@ class ColumnParallelLinear(Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         self.full_out_features = out_features
-        super().__init__(in_features, _split(out_features, tp_size(), "output features"), bias)
+        super().__init__(in_features, split_size(out_features, tp_size(), "output features"), bias)
         for param in (self.weight, self.bias):
             if param is not None:
                 param.weight_loader = self._load_rows
 
     def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        copy_weight_loader(param, _rows(loaded, 0, self.full_out_features, tp_rank(), param.shape[0]))
+        copy_weight_loader(param, shard_of(loaded, 0, self.full_out_features, tp_rank(), param.shape[0]))
 
 
 class MergedColumnParallelLinear(MergedLinear):
@@ -61,7 +64,7 @@ class MergedColumnParallelLinear(MergedLinear):
         tp = tp_size()
         num_shards = num_shards or [tp] * len(output_sizes)
         names = names or tuple(f"output size of part {shard_id}" for shard_id in shard_ids)
-        local = [_split(size, parts, name) for size, parts, name in zip(output_sizes, num_shards, names)]
+        local = [split_size(size, parts, name) for size, parts, name in zip(output_sizes, num_shards, names)]
         self.full_output_sizes = list(output_sizes)
         self.shard_indices = shard_indices or [tp_rank()] * len(output_sizes)
         super().__init__(in_features, local, shard_ids, bias)
@@ -70,7 +73,7 @@ class MergedColumnParallelLinear(MergedLinear):
         if shard_id not in self.shard_ids:
             raise ValueError(f"shard_id must be one of {self.shard_ids}, got {shard_id!r}")
         index = self.shard_ids.index(shard_id)
-        piece = _rows(loaded, 0, self.full_output_sizes[index], self.shard_indices[index], self.output_sizes[index])
+        piece = shard_of(loaded, 0, self.full_output_sizes[index], self.shard_indices[index], self.output_sizes[index])
         super()._load_shard(param, piece, shard_id)
 
 
@@ -84,14 +87,14 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool):
         tp, rank = tp_size(), tp_rank()
-        self.num_local_heads = _split(num_heads, tp, "num_attention_heads")
+        self.num_local_heads = split_size(num_heads, tp, "num_attention_heads")
         if tp >= num_kv_heads:
             if tp % num_kv_heads:
                 raise ValueError(f"tensor_parallel_size ({tp}) is not a multiple of num_key_value_heads "
                                  f"({num_kv_heads}): the KV heads cannot be replicated evenly")
             kv_shards, kv_index = num_kv_heads, rank // (tp // num_kv_heads)
         else:
-            _split(num_kv_heads, tp, "num_key_value_heads")
+            split_size(num_kv_heads, tp, "num_key_value_heads")
             kv_shards, kv_index = tp, rank
         self.num_local_kv_heads = num_kv_heads // kv_shards
         kv_size = num_kv_heads * head_dim
@@ -102,24 +105,29 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
 class RowParallelLinear(Linear):
     """``y = sum over ranks of x[:, rank's slice] @ weight[:, rank's slice].T``, plus the bias once:
-    (T, in / tp) -> (T, out), the same on every rank."""
+    (T, in / tp) -> (T, out), the same on every rank. With ``reduce_results=False`` it returns this rank's partial
+    sum (bias on rank 0 only), for a caller that adds several partial sums before one all-reduce (a MoE layer's
+    routed and shared experts)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, name: str = "input features"):
+    def __init__(self, in_features: int, out_features: int, bias: bool, name: str = "input features",
+                 reduce_results: bool = True):
         self.full_in_features = in_features
-        super().__init__(_split(in_features, tp_size(), name), out_features, bias)
+        self.reduce_results = reduce_results
+        super().__init__(split_size(in_features, tp_size(), name), out_features, bias)
         self.weight.weight_loader = self._load_columns
         if self.bias is not None:
             self.bias.weight_loader = self._load_bias
 
     def _load_columns(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        copy_weight_loader(param, _rows(loaded, 1, self.full_in_features, tp_rank(), param.shape[1]))
+        copy_weight_loader(param, shard_of(loaded, 1, self.full_in_features, tp_rank(), param.shape[1]))
 
     @staticmethod
     def _load_bias(param: nn.Parameter, loaded: torch.Tensor) -> None:
         copy_weight_loader(param, loaded if tp_rank() == 0 else torch.zeros_like(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(super().forward(x))
+        partial = super().forward(x)
+        return all_reduce(partial) if self.reduce_results else partial
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:

@@ -56,15 +56,16 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate and up fused into one product whose epilogue
     applies the SiLU-and-mul; of ``spec.intermediate_size`` unless ``intermediate_size`` is given (a shared
-    expert's)."""
+    expert's). Under tensor parallelism ``reduce_results=False`` returns this rank's partial sum (the MoE block
+    all-reduces it together with the routed experts')."""
 
-    def __init__(self, spec: ModelSpec, intermediate_size: int | None = None):
+    def __init__(self, spec: ModelSpec, intermediate_size: int | None = None, reduce_results: bool = True):
         super().__init__()
         intermediate_size = intermediate_size or spec.intermediate_size
         self.gate_up_proj = parallel.MergedColumnParallelLinear(spec.hidden_size, [intermediate_size] * 2, (0, 1),
                                                                 spec.mlp_bias, names=("intermediate_size",) * 2)
         self.down_proj = parallel.RowParallelLinear(intermediate_size, spec.hidden_size, spec.mlp_bias,
-                                                    "intermediate_size")
+                                                    "intermediate_size", reduce_results)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(linear_silu_and_mul(x, self.gate_up_proj.weight, self.gate_up_proj.bias))

@@ -9,6 +9,8 @@ loader (``moe_loading``) copies each into its slice of the stacked parameter, so
 import torch
 from torch import nn
 
+from flashserve.distributed import layers as parallel  # a module, not its names: it imports models.layers
+from flashserve.distributed.state import all_reduce, tp_rank, tp_size
 from flashserve.kernels.moe import fused_moe
 from flashserve.models.layers import Linear, copy_weight_loader
 from flashserve.models.spec import ModelSpec
@@ -23,48 +25,78 @@ class StackedExperts(nn.Module):
     stacked tensor or one expert's part with ``shard_id = (expert, part)`` (part "gate_proj", "up_proj" or
     "down_proj"). ``checkpoint_names`` lists the per-expert tensor names (relative to this module) a checkpoint
     must provide for a parameter.
+
+    Under tensor parallelism every expert is split along its intermediate dimension: rank r holds rows
+    ``[r * I / tp, (r + 1) * I / tp)`` of each expert's gate and up projections and the same columns of its down
+    projection (``local_intermediate_size = I / tp``; ValueError naming ``size_name`` unless tp divides I), cut
+    from each checkpoint tensor as it is read; the experts' output is then this rank's partial sum, which the
+    caller all-reduces.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, size_name: str):
         super().__init__()
         self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size),
-                                         requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size), requires_grad=False)
+        self.local_intermediate_size = local = parallel.split_size(intermediate_size, tp_size(), size_name)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * local, hidden_size), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, local), requires_grad=False)
         for name, parts in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
             param = getattr(self, name)
             param.weight_loader = self._load
             param.checkpoint_names = [f"{e}.{part}.weight" for e in range(num_experts) for part in parts]
 
     def _load(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        if shard_id is None:
-            copy_weight_loader(param, loaded_weight)
+        if shard_id is None:  # the whole stacked tensor: (E, 2I, H) or (E, H, I)
+            num_experts, full = param.shape[0], self.intermediate_size
+            gated = param is self.gate_up_proj
+            shape = (num_experts, 2 * full, param.shape[2]) if gated else (num_experts, param.shape[1], full)
+            if tuple(loaded_weight.shape) != shape:
+                raise ValueError(f"weight of shape {tuple(loaded_weight.shape)} does not fit stacked experts of "
+                                 f"shape {shape}")
+            for expert, weight in enumerate(loaded_weight):
+                if gated:
+                    self._load_part(param, weight[:full], expert, "gate_proj")
+                    self._load_part(param, weight[full:], expert, "up_proj")
+                else:
+                    self._load_part(param, weight, expert, "down_proj")
             return
         expert, part = shard_id
         if not 0 <= expert < param.shape[0]:
             raise ValueError(f"expert index {expert} is out of range for {param.shape[0]} experts")
+        self._load_part(param, loaded_weight, expert, part)
+
+    def _load_part(self, param: nn.Parameter, loaded_weight: torch.Tensor, expert: int, part: str) -> None:
+        """Copy this rank's slice of one expert's (I, H) gate/up or (H, I) down tensor into ``param[expert]``."""
+        full, local = self.intermediate_size, self.local_intermediate_size
         target = param.data[expert]
         half = EXPERT_PARTS[part][1]
-        if half is not None:
-            target = target.narrow(0, half * self.intermediate_size, self.intermediate_size)
-        copy_weight_loader(target, loaded_weight)
+        if half is None:
+            piece = parallel.shard_of(loaded_weight, 1, full, tp_rank(), local)
+        else:
+            target = target.narrow(0, half * local, local)
+            piece = parallel.shard_of(loaded_weight, 0, full, tp_rank(), local)
+        copy_weight_loader(target, piece)
 
 
 class SparseMoeBlock(nn.Module):
     """x (T, H) -> sum over the top-k routed experts of each token (``fused_moe``), plus the sigmoid-gated shared
-    expert when the spec has one (Qwen2-MoE). ``dense_mlp(spec, intermediate_size)`` builds the shared expert
-    (the decoder's SwiGLU ``MLP``)."""
+    expert when the spec has one (Qwen2-MoE). ``dense_mlp(spec, intermediate_size, reduce_results)`` builds the
+    shared expert (the decoder's SwiGLU ``MLP``).
+
+    Under tensor parallelism the router and the shared expert's gate are replicated, the routed experts split
+    along their intermediate dimension (``StackedExperts``) and the shared expert like the dense MLP; both give
+    this rank's partial sums, added and all-reduced once."""
 
     def __init__(self, spec: ModelSpec, dense_mlp: type):
         super().__init__()
         moe = spec.moe
         self.top_k, self.renormalize = moe.top_k, moe.renormalize
         self.gate = Linear(spec.hidden_size, moe.num_experts, False)
-        self.experts = StackedExperts(moe.num_experts, spec.hidden_size, moe.expert_intermediate_size)
+        self.experts = StackedExperts(moe.num_experts, spec.hidden_size, moe.expert_intermediate_size,
+                                      moe.expert_intermediate_key)
         self.shared_expert = None
         self.shared_expert_gate = None
         if moe.shared_expert_intermediate_size:
-            self.shared_expert = dense_mlp(spec, moe.shared_expert_intermediate_size)
+            self.shared_expert = dense_mlp(spec, moe.shared_expert_intermediate_size, reduce_results=False)
             self.shared_expert_gate = Linear(spec.hidden_size, 1, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,4 +104,4 @@ class SparseMoeBlock(nn.Module):
                         self.renormalize)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return all_reduce(out)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class MoeSpec:
-    """Routed experts of the sparse layers (and the optional shared expert beside them)."""
+    """Routed experts of the sparse layers (and the optional shared expert beside them).
+    ``expert_intermediate_key`` is the config.json field ``expert_intermediate_size`` comes from (errors name it)."""
 
     num_experts: int
     top_k: int
@@ -22,6 +23,7 @@ class MoeSpec:
     renormalize: bool
     shared_expert_intermediate_size: int
     sparse_layers: tuple[bool, ...]
+    expert_intermediate_key: str
 
 
 def parse_moe(config: dict, moe_style: str | None, num_layers: int) -> MoeSpec | None:
@@ -31,12 +33,14 @@ def parse_moe(config: dict, moe_style: str | None, num_layers: int) -> MoeSpec |
     if moe_style == "mixtral":
         num_experts = int(config["num_local_experts"])
         intermediate, renormalize, shared = int(config["intermediate_size"]), True, 0
+        intermediate_key = "intermediate_size"
         sparse_layers = (True,) * num_layers
     else:
         if config.get("qkv_bias", True) is not True:
             raise ValueError("qkv_bias=False is not supported (Qwen2-MoE's q/k/v projections have biases)")
         num_experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
-        intermediate = int(config["moe_intermediate_size"])
+        intermediate_key = "moe_intermediate_size"
+        intermediate = int(config[intermediate_key])
         renormalize = bool(config.get("norm_topk_prob", False))
         shared = int(config.get("shared_expert_intermediate_size") or 0)
         step = int(config.get("decoder_sparse_step", 1))
@@ -48,4 +52,4 @@ def parse_moe(config: dict, moe_style: str | None, num_layers: int) -> MoeSpec |
     top_k = int(config.get("num_experts_per_tok", 0))
     if any(sparse_layers) and not 1 <= top_k <= num_experts:
         raise ValueError(f"num_experts_per_tok must be in [1, num_experts={num_experts}], got {top_k}")
-    return MoeSpec(num_experts, top_k, intermediate, renormalize, shared, sparse_layers)
+    return MoeSpec(num_experts, top_k, intermediate, renormalize, shared, sparse_layers, intermediate_key)
