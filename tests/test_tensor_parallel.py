@@ -377,6 +377,38 @@ def test_each_rank_loads_only_its_expert_slices(tmp_path):
         assert torch.equal(block.shared_expert_gate.weight, full[prefix + "shared_expert_gate.weight"])
 
 
+def test_moe_block_partial_sums_add_up_with_one_all_reduce(tmp_path, monkeypatch):
+    """Qwen2-MoE's block on each of 4 ranks, built in this process with the all-reduce counted (and left out):
+    the ranks' partial outputs (routed and shared experts) sum to the single-rank block's output, and each block
+    all-reduces exactly once (the shared expert's down projection does not reduce by itself)."""
+    import torch
+
+    import flashserve.distributed.layers as parallel_layers
+    import flashserve.models.moe as moe_module
+    from flashserve.distributed.state import set_tp_group
+    from flashserve.models.checkpoint import write_random_checkpoint
+    from flashserve.models.loader import load_model
+
+    architecture, overrides = MOE_CASES["qwen2-moe"]
+    directory = write_random_checkpoint(str(tmp_path), architecture, seed=4, **overrides)
+    reductions = []
+    monkeypatch.setattr(moe_module, "all_reduce", lambda x: (reductions.append("moe"), x)[1])
+    monkeypatch.setattr(parallel_layers, "all_reduce", lambda x: (reductions.append("row"), x)[1])
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    size, partials = 4, []
+    try:
+        for rank in range(size):
+            set_tp_group(rank, size)
+            block = load_model(directory, "float32", "cpu")[0].model.layers[1].mlp
+            reductions.clear()
+            partials.append(block(x))
+            assert reductions == ["moe"]
+    finally:
+        set_tp_group(0, 1)
+    whole = load_model(directory, "float32", "cpu")[0].model.layers[1].mlp(x)
+    torch.testing.assert_close(sum(partials), whole, rtol=1e-5, atol=1e-5)
+
+
 def test_serve_with_two_ranks(llama_dir):
     """``flashserve serve -tp 2``: greedy completions equal to one rank's; SIGTERM ends the server and its worker."""
     httpx = pytest.importorskip("httpx")
