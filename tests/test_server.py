@@ -25,6 +25,7 @@ from flashserve.models.checkpoint import write_random_checkpoint  # noqa: E402
 from flashserve.server import EngineDriver, build_app  # noqa: E402
 from flashserve.server.launch import startup_line  # noqa: E402
 from flashserve.server.options import ServerOptions  # noqa: E402
+from http_helpers import wait_until_healthy  # noqa: E402
 
 MODEL_NAME = "tiny-llama"
 ENGINE_OPTIONS = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=96, max_model_len=128)
@@ -570,13 +571,8 @@ def test_serve_command_end_to_end(model_dir, tmp_path):
                "--uvicorn-log-level", "warning"]
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     try:
-        base_url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base_url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        base_url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(httpx, base_url)
         headers = {"Authorization": "Bearer k3y", "Origin": "http://app.example"}
         name = os.path.basename(model_dir)
         response = httpx.post(base_url + "/v1/completions", headers=headers, timeout=30,

@@ -29,6 +29,7 @@ import pytest
 from flashserve import LLM, SamplingParams
 from flashserve.cli import main as cli_main
 from hf_parity import checkpoint_with_continuations
+from http_helpers import wait_until_healthy
 from moe_cases import MOE_CASES
 
 MODELS = {
@@ -421,13 +422,8 @@ def test_serve_with_two_ranks(llama_dir):
                "-tp", "2", "--uvicorn-log-level", "warning"]
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     try:
-        base_url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base_url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        base_url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(httpx, base_url)
         response = httpx.post(base_url + "/v1/completions", timeout=60, json={
             "prompt": [[7, 8, 9], [10, 11, 12, 13]], "max_tokens": 4, "temperature": 0, "ignore_eos": True})
         texts = [choice["text"] for choice in response.json()["choices"]]
