@@ -1,0 +1,58 @@
+"""Each token's bytes, for byte-level BPE tokenizers (GPT-2, Llama-3, Qwen), read once from the tokenizer's JSON.
+
+For such a tokenizer (a ``BPE`` model whose decoder is exactly ``ByteLevel``) the Rust ``decode`` of ids that are
+all vocabulary tokens (no added tokens) is the UTF-8 decoding, with U+FFFD for invalid bytes, of the
+concatenation of each token's bytes: ``ByteLevel`` maps each character of a token back to its byte through GPT-2's
+byte <-> character table, or, for a token with a character outside that table, takes the token's own UTF-8 bytes.
+``token_bytes`` returns that per-token table; the incremental detokenizer uses it to decode without calling the
+tokenizer (``flashserve.engine.detokenizer``). Added tokens (special or not) get None: their text depends on
+``skip_special_tokens`` and on the added-vocabulary rules, so windows holding them go to the tokenizer.
+"""
+import json
+import weakref
+
+_TABLES: "weakref.WeakKeyDictionary[object, tuple[int, list[bytes | None] | None]]" = weakref.WeakKeyDictionary()
+
+
+def byte_level_chars() -> dict[str, int]:
+    """GPT-2's character -> byte table: printable Latin-1 bytes stand for themselves, the other bytes for the
+    characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {chr(byte): byte for byte in printable}
+    others = [byte for byte in range(256) if byte not in set(printable)]
+    chars.update({chr(256 + index): byte for index, byte in enumerate(others)})
+    return chars
+
+
+def _build(backend) -> list[bytes | None] | None:
+    """The table of a Rust ``tokenizers.Tokenizer``, or None when it is not a plain byte-level BPE tokenizer."""
+    spec = json.loads(backend.to_str())
+    decoder, model = spec.get("decoder") or {}, spec.get("model") or {}
+    if decoder.get("type") != "ByteLevel" or model.get("type") != "BPE":
+        return None
+    chars = byte_level_chars()
+    table: list[bytes | None] = [None] * backend.get_vocab_size(with_added_tokens=True)
+    for token, token_id in model["vocab"].items():
+        if token_id < len(table):
+            if all(char in chars for char in token):
+                table[token_id] = bytes(chars[char] for char in token)
+            else:
+                table[token_id] = token.encode()
+    for added in spec.get("added_tokens") or []:
+        if added["id"] < len(table):
+            table[added["id"]] = None
+    return table
+
+
+def token_bytes(tokenizer) -> list[bytes | None] | None:
+    """The bytes of every token id of a Hugging Face fast tokenizer (None for added tokens), or None for a
+    tokenizer that is not byte-level BPE (or not a fast one). Built once per tokenizer (again if tokens were added
+    since)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    size = backend.get_vocab_size(with_added_tokens=True)
+    cached = _TABLES.get(tokenizer)
+    if cached is None or cached[0] != size:
+        cached = _TABLES[tokenizer] = (size, _build(backend))
+    return cached[1]
