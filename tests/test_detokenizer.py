@@ -28,8 +28,8 @@ def _by_tokenizer(detokenizer: IncrementalDetokenizer) -> IncrementalDetokenizer
 
 
 def _random_stream(tokenizer, rng: random.Random) -> list[int]:
-    """Token ids mixing encoded text (multi-byte characters split across tokens), random ids (invalid bytes too)
-    and special tokens."""
+    """Token ids mixing encoded text (multi-byte characters split across tokens), random ids (invalid bytes too,
+    and a few past the vocabulary, as a model with padded embeddings may sample) and special tokens."""
     special_ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
     vocab_size = len(tokenizer)
     stream = []
@@ -40,7 +40,7 @@ def _random_stream(tokenizer, rng: random.Random) -> list[int]:
             start = rng.randrange(len(text))
             stream += tokenizer.encode(text[start:start + rng.randint(1, 8)], add_special_tokens=False)
         elif kind < 0.85:
-            stream.append(rng.randrange(vocab_size))
+            stream.append(rng.randrange(vocab_size + 3))
         else:
             stream.append(rng.choice(special_ids))
     return stream

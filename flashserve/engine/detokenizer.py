@@ -63,10 +63,14 @@ class IncrementalDetokenizer:
     def step(self, token_ids: list[int], flush: bool = False) -> str:
         """The new text after ``token_ids`` (prompt + output so far) grew; ``flush`` emits even a partial character."""
         if self.prefix_is_text:
+            table, new_ids = self.token_bytes, token_ids[self.read_offset:]
             try:
-                text = b"".join([self.token_bytes[token_id] for token_id in token_ids[self.read_offset:]]).decode()
-            except (TypeError, IndexError):
-                pass  # an added token, or no byte table
+                if len(new_ids) == 1:  # the usual step: one token, no join
+                    text = table[new_ids[0]].decode()
+                else:
+                    text = b"".join([table[token_id] for token_id in new_ids]).decode()
+            except (TypeError, IndexError, AttributeError):
+                pass  # an added token (None in the table) or an id past the table
             except UnicodeDecodeError as error:
                 if error.reason == "unexpected end of data" and not flush:
                     return ""  # valid bytes, then the start of a character
@@ -146,9 +150,11 @@ class OutputText:
             delta = self.detokenizer.step(token_ids)
             if finish_reason == "length":
                 delta += self.detokenizer.step(token_ids, flush=True)
+        if not delta:
+            return None
         text = self.text + delta
         stop_string = None
-        if delta and num_output_tokens >= params.min_tokens and params.stop_strings:
+        if params.stop_strings and num_output_tokens >= params.min_tokens:
             match = find_stop_string(text, len(delta), params)
             if match is not None:
                 stop_string = text[match[0]:match[1]]
