@@ -111,3 +111,25 @@ def test_other_tokenizers_have_no_byte_table(tmp_path):
     tokenizer.add_tokens(["héllo"])
     added_id = tokenizer.convert_tokens_to_ids("héllo")
     assert token_bytes(tokenizer)[added_id] is None
+
+
+def test_tokens_outside_the_byte_alphabet_decode_as_their_own_utf8():
+    # a token with "中" or "€" is not byte-level: ByteLevel keeps its UTF-8; letters keep most sequences valid
+    chars = [*byte_level_chars(), *"中€" * 20, *"abcdefghij" * 40]
+    assert "中" not in byte_level_chars() and "€" not in byte_level_chars()
+    rng = random.Random(0)
+    vocab = {}
+    while len(vocab) < 3000:
+        vocab["".join(rng.choice(chars) for _ in range(rng.randint(1, 6)))] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    table = token_bytes(tokenizer)
+    checked = 0
+    for _ in range(1000):
+        ids = [rng.randrange(len(table)) for _ in range(rng.randint(1, 4))]
+        expected = tokenizer.backend_tokenizer.decode(ids)
+        if all(table[token_id] is not None for token_id in ids) and "\ufffd" not in expected:
+            assert b"".join(table[token_id] for token_id in ids).decode() == expected
+            checked += 1
+    assert checked > 100

@@ -19,6 +19,7 @@ from flashserve.engine.prompt_logprobs import PromptLogprobRows
 from flashserve.engine.request import Request, RequestStatus
 from flashserve.engine.scheduler import Scheduler
 from flashserve.engine.structured_outputs import GrammarWaitlist, RequestGrammar
+from flashserve.engine.token_bytes import token_bytes
 from flashserve.outputs import CompletionOutput, Logprob, RequestOutput
 from flashserve.sampling_params import SamplingParams
 
@@ -94,6 +95,7 @@ class LLMEngine:
         self.scoring: set[str] = set()
         self.stats = EngineStats()
         self.token_texts = TokenTexts(self.tokenizer)
+        token_bytes(self.tokenizer)  # the detokenizer's byte table, read now rather than on the first request
         self.grammar_compiler: GrammarCompiler | None = None
         self.grammar_waitlist = GrammarWaitlist(self.eos_token_ids)
 

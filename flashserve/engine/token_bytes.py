@@ -31,16 +31,15 @@ def _build(backend) -> list[bytes | None] | None:
     if decoder.get("type") != "ByteLevel" or model.get("type") != "BPE":
         return None
     chars = byte_level_chars()
-    table: list[bytes | None] = [None] * backend.get_vocab_size(with_added_tokens=True)
-    for token, token_id in model["vocab"].items():
-        if token_id < len(table):
-            if all(char in chars for char in token):
-                table[token_id] = bytes(chars[char] for char in token)
-            else:
-                table[token_id] = token.encode()
-    for added in spec.get("added_tokens") or []:
-        if added["id"] < len(table):
-            table[added["id"]] = None
+    vocab, added_tokens = model["vocab"], spec.get("added_tokens") or []
+    table: list[bytes | None] = [None] * (max([*vocab.values(), *(added["id"] for added in added_tokens), -1]) + 1)
+    for token, token_id in vocab.items():
+        if all(char in chars for char in token):
+            table[token_id] = bytes(chars[char] for char in token)
+        else:
+            table[token_id] = token.encode()
+    for added in added_tokens:
+        table[added["id"]] = None
     return table
 
 
@@ -52,7 +51,10 @@ def token_bytes(tokenizer) -> list[bytes | None] | None:
     if backend is None:
         return None
     size = backend.get_vocab_size(with_added_tokens=True)
-    cached = _TABLES.get(tokenizer)
+    try:
+        cached = _TABLES.get(tokenizer)
+    except TypeError:  # a tokenizer that cannot be a weak key: no shortcut rather than a table per request
+        return None
     if cached is None or cached[0] != size:
         cached = _TABLES[tokenizer] = (size, _build(backend))
     return cached[1]
