@@ -111,6 +111,8 @@ def test_other_tokenizers_have_no_byte_table(tmp_path):
     tokenizer.add_tokens(["héllo"])
     added_id = tokenizer.convert_tokens_to_ids("héllo")
     assert token_bytes(tokenizer)[added_id] is None
+    tokenizer.add_special_tokens({"additional_special_tokens": [tokenizer.convert_ids_to_tokens(100)]})
+    assert token_bytes(tokenizer)[100] is None  # now special: skip_special_tokens leaves it out
 
 
 def test_tokens_outside_the_byte_alphabet_decode_as_their_own_utf8():

@@ -11,7 +11,8 @@ tokenizer (``flashserve.engine.detokenizer``). Added tokens (special or not) get
 import json
 import weakref
 
-_TABLES: "weakref.WeakKeyDictionary[object, tuple[int, list[bytes | None] | None]]" = weakref.WeakKeyDictionary()
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""tokenizer -> ((vocabulary size, number of added tokens) when built, its table or None)."""
 
 
 def byte_level_chars() -> dict[str, int]:
@@ -45,16 +46,17 @@ def _build(backend) -> list[bytes | None] | None:
 
 def token_bytes(tokenizer) -> list[bytes | None] | None:
     """The bytes of every token id of a Hugging Face fast tokenizer (None for added tokens), or None for a
-    tokenizer that is not byte-level BPE (or not a fast one). Built once per tokenizer (again if tokens were added
-    since)."""
+    tokenizer that is not byte-level BPE (or not a fast one). Built once per tokenizer, again if tokens were added
+    (or made special) since."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    size = backend.get_vocab_size(with_added_tokens=True)
+    # tokens can only be added (an existing token made special counts as added): sizes tell whether it changed
+    sizes = (backend.get_vocab_size(with_added_tokens=True), len(backend.get_added_tokens_decoder()))
     try:
         cached = _TABLES.get(tokenizer)
     except TypeError:  # a tokenizer that cannot be a weak key: no shortcut rather than a table per request
         return None
-    if cached is None or cached[0] != size:
-        cached = _TABLES[tokenizer] = (size, _build(backend))
+    if cached is None or cached[0] != sizes:
+        cached = _TABLES[tokenizer] = (sizes, _build(backend))
     return cached[1]
