@@ -20,7 +20,7 @@ def byte_level_chars() -> dict[str, int]:
     characters from U+0100 on, in byte order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = {chr(byte): byte for byte in printable}
-    others = [byte for byte in range(256) if byte not in set(printable)]
+    others = [byte for byte in range(256) if chr(byte) not in chars]
     chars.update({chr(256 + index): byte for index, byte in enumerate(others)})
     return chars
 
