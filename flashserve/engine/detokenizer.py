@@ -12,7 +12,15 @@ it outside the engine thread, on token ids the engine returns untouched (``Sampl
 
 With a fast tokenizer the windows go straight to its Rust ``tokenizers.Tokenizer`` (what ``decode`` calls without
 clean-up, minus the per-call Python conversions, which dominate for windows of a few tokens).
+
+Byte-level BPE tokenizers take a shortcut that gives the same text without calling the tokenizer
+(``flashserve.engine.token_bytes``): while the window's old tokens are vocabulary tokens whose bytes are valid
+UTF-8, decoding the window is decoding those bytes, then the new ones — the new bytes alone decide the delta. So
+the new tokens' bytes are decoded in Python: valid text is the delta (held back, as above, if it ends in
+"\\ufffd"); bytes ending in an incomplete character wait; anything else (invalid bytes, an added token, a flush of
+a partial character) takes the two decodes above.
 """
+from flashserve.engine.token_bytes import token_bytes
 from flashserve.sampling_params import SamplingParams
 
 _CONTEXT_TOKENS = 5
@@ -33,6 +41,18 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self.read_offset = len(prompt_token_ids)
         self.prefix_offset = max(self.read_offset - _CONTEXT_TOKENS, 0)
+        self.token_bytes = token_bytes(tokenizer)
+        self.prefix_is_text = self._is_text(prompt_token_ids[self.prefix_offset:self.read_offset])
+
+    def _is_text(self, token_ids: list[int]) -> bool:
+        """Whether ``token_ids`` are all in the byte table and their bytes are valid UTF-8."""
+        if self.token_bytes is None:
+            return False
+        try:
+            b"".join([self.token_bytes[token_id] for token_id in token_ids]).decode()
+        except (TypeError, IndexError, UnicodeDecodeError):
+            return False
+        return True
 
     def _decode(self, token_ids: list[int]) -> str:
         if self.backend is not None:
@@ -42,12 +62,35 @@ class IncrementalDetokenizer:
 
     def step(self, token_ids: list[int], flush: bool = False) -> str:
         """The new text after ``token_ids`` (prompt + output so far) grew; ``flush`` emits even a partial character."""
+        if self.prefix_is_text:
+            table, new_ids = self.token_bytes, token_ids[self.read_offset:]
+            try:
+                if len(new_ids) == 1:  # the usual step: one token, no join
+                    text = table[new_ids[0]].decode()
+                else:
+                    text = b"".join([table[token_id] for token_id in new_ids]).decode()
+            except (TypeError, IndexError, AttributeError):
+                pass  # an added token (None in the table) or an id past the table
+            except UnicodeDecodeError as error:
+                if error.reason == "unexpected end of data" and not flush:
+                    return ""  # valid bytes, then the start of a character
+            else:
+                if not text or (text.endswith("\ufffd") and not flush):
+                    return ""
+                self.prefix_offset = self.read_offset
+                self.read_offset = len(token_ids)
+                return text
+        return self._step_by_tokenizer(token_ids, flush)
+
+    def _step_by_tokenizer(self, token_ids: list[int], flush: bool) -> str:
+        """``step`` by decoding the window with and without the new tokens."""
         prefix_text = self._decode(token_ids[self.prefix_offset:self.read_offset])
         full_text = self._decode(token_ids[self.prefix_offset:])
         if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not flush):
             return ""
         self.prefix_offset = self.read_offset
         self.read_offset = len(token_ids)
+        self.prefix_is_text = self._is_text(token_ids[self.prefix_offset:self.read_offset])
         return full_text[len(prefix_text):]
 
 
@@ -107,9 +150,11 @@ class OutputText:
             delta = self.detokenizer.step(token_ids)
             if finish_reason == "length":
                 delta += self.detokenizer.step(token_ids, flush=True)
+        if not delta:
+            return None
         text = self.text + delta
         stop_string = None
-        if delta and num_output_tokens >= params.min_tokens and params.stop_strings:
+        if params.stop_strings and num_output_tokens >= params.min_tokens:
             match = find_stop_string(text, len(delta), params)
             if match is not None:
                 stop_string = text[match[0]:match[1]]

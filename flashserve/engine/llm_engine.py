@@ -19,6 +19,7 @@ from flashserve.engine.prompt_logprobs import PromptLogprobRows
 from flashserve.engine.request import Request, RequestStatus
 from flashserve.engine.scheduler import Scheduler
 from flashserve.engine.structured_outputs import GrammarWaitlist, RequestGrammar
+from flashserve.engine.token_bytes import token_bytes
 from flashserve.outputs import CompletionOutput, Logprob, RequestOutput
 from flashserve.sampling_params import SamplingParams
 
@@ -94,6 +95,7 @@ class LLMEngine:
         self.scoring: set[str] = set()
         self.stats = EngineStats()
         self.token_texts = TokenTexts(self.tokenizer)
+        token_bytes(self.tokenizer)  # the detokenizer's byte table, read now rather than on the first request
         self.grammar_compiler: GrammarCompiler | None = None
         self.grammar_waitlist = GrammarWaitlist(self.eos_token_ids)
 
@@ -210,7 +212,7 @@ class LLMEngine:
             else:
                 self._append_token(request, token_id, token_logprobs)
             outputs.append(self._new_output(request))
-            if request.is_finished:
+            if request.status is RequestStatus.FINISHED:
                 del self.requests[request.request_id]
                 self.runner.sampler.release(request.request_id)
         return outputs
@@ -245,22 +247,23 @@ class LLMEngine:
     def _append_token(self, request: Request, token_id: int, token_logprobs: dict[int, Logprob] | None) -> None:
         """Add a sampled token, extend the text, and finish the request when a stop condition is met."""
         params = request.params
-        request.token_ids.append(token_id)
+        token_ids = request.token_ids
+        token_ids.append(token_id)
+        num_output_tokens = len(token_ids) - request.num_prompt_tokens
         if request.logprobs is not None:
             if request.text is not None:
                 self.token_texts.fill([token_logprobs], params.skip_special_tokens)
             request.logprobs.append(token_logprobs)
-        past_min = request.num_output_tokens >= params.min_tokens
         is_eos = not params.ignore_eos and token_id in self.eos_token_ids
         grammar_done = request.grammar is not None and request.grammar.accept(token_id)
         reason = None
-        if grammar_done or (past_min and (is_eos or token_id in params.stop_token_ids)):
+        if grammar_done or (num_output_tokens >= params.min_tokens and (is_eos or token_id in params.stop_token_ids)):
             reason = "stop"
             request.stop_reason = None if is_eos or grammar_done else token_id
-        elif request.num_tokens >= request.max_total_tokens:
+        elif len(token_ids) >= request.max_total_tokens:
             reason = "length"
         if request.text is not None:
-            stop_string = request.text.add(request.token_ids, request.num_output_tokens, reason)
+            stop_string = request.text.add(token_ids, num_output_tokens, reason)
             if stop_string is not None:
                 request.stop_reason = stop_string
                 reason = "stop"
@@ -270,17 +273,19 @@ class LLMEngine:
     def _new_output(self, request: Request) -> RequestOutput:
         """The request's text, tokens and logprobs not yet returned by ``step``, and its prompt logprobs if this is
         its first output (the one before any token was sent)."""
-        prompt_logprobs = request.prompt_logprobs if request.num_sent_tokens == 0 else None
-        text = "" if request.text is None else request.text.take_unsent(request.is_finished)
-        new_tokens = request.token_ids[request.num_prompt_tokens + request.num_sent_tokens:]
-        request.num_sent_tokens += len(new_tokens)
+        finished = request.status is RequestStatus.FINISHED
+        num_sent_tokens = request.num_sent_tokens
+        prompt_logprobs = request.prompt_logprobs if num_sent_tokens == 0 else None
+        text = "" if request.text is None else request.text.take_unsent(finished)
+        new_tokens = request.token_ids[request.num_prompt_tokens + num_sent_tokens:]
+        request.num_sent_tokens = num_sent_tokens + len(new_tokens)
         logprobs = None
         if request.logprobs is not None:
             logprobs = request.logprobs[request.num_sent_logprobs:]
             request.num_sent_logprobs = len(request.logprobs)
         completion = CompletionOutput(0, text, new_tokens, request.finish_reason, logprobs, request.stop_reason)
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion],
-                             request.is_finished, prompt_logprobs)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion], finished,
+                             prompt_logprobs)
 
     def follow(self) -> int:
         """A rank other than 0 under torchrun: run rank 0's steps until its current ``generate`` call ends

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from flashserve.config import Config
 from flashserve.engine.detokenizer import OutputText, TokenTexts
+from flashserve.engine.token_bytes import token_bytes
 from flashserve.outputs import CompletionOutput, RequestOutput
 from flashserve.sampling_params import SamplingParams
 
@@ -26,6 +27,7 @@ class ServerDetokenizer:
     def __init__(self, config: Config):
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model, local_files_only=True)
         self.token_texts = TokenTexts(self.tokenizer)
+        token_bytes(self.tokenizer)  # the detokenizer's byte table, read now rather than on the first request
 
     def start(self, prompt_token_ids: list[int], params: SamplingParams) -> "RequestDetokenizer":
         """The detokenizer of one request about to be added with ``params`` (its ``engine_params`` go to the
