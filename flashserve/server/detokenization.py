@@ -31,7 +31,7 @@ class ServerDetokenizer:
 
     def start(self, prompt_token_ids: list[int], params: SamplingParams) -> "RequestDetokenizer":
         """The detokenizer of one request about to be added with ``params`` (its ``engine_params`` go to the
-        engine)."""
+        engine). Cheap, and it does not touch the tokenizer: the engine thread calls it as it adds the request."""
         return RequestDetokenizer(self, prompt_token_ids, params)
 
 
@@ -46,7 +46,7 @@ class RequestDetokenizer:
     def __init__(self, owner: ServerDetokenizer, prompt_token_ids: list[int], params: SamplingParams):
         self._owner = owner
         self._params = params
-        self._text = OutputText(owner.tokenizer, prompt_token_ids, params)
+        self._text: OutputText | None = None  # made by the first ``process``: the tokenizer is the event loop's
         self._token_ids = list(prompt_token_ids)
         self._num_prompt_tokens = len(prompt_token_ids)
         self.engine_params = dataclasses.replace(params, stop=None, detokenize=False)
@@ -55,6 +55,8 @@ class RequestDetokenizer:
     def process(self, output: RequestOutput) -> tuple[RequestOutput, bool]:
         """The output with its text (and the texts of its logprob tokens), and whether the request was finished
         here by a stop string while the engine still runs it (the caller then aborts it in the engine)."""
+        if self._text is None:
+            self._text = OutputText(self._owner.tokenizer, self._token_ids, self._params)
         completion = output.outputs[0]
         new_tokens = completion.token_ids
         finish_reason, stop_reason = completion.finish_reason, completion.stop_reason
