@@ -184,7 +184,7 @@ class ModelRunner:
                     "%.2f GiB left for the KV cache", (total - free) / GIB, activation_bytes / GIB,
                     graph_bytes / GIB, max(budget, 0) / GIB)
         if num_blocks < 1:
-            raise ValueError(f"no GPU memory is left for the KV cache (budget {budget / 2**30:.2f} GiB): raise "
+            raise ValueError(f"no GPU memory is left for the KV cache (budget {budget / GIB:.2f} GiB): raise "
                              "gpu_memory_utilization, lower max_num_batched_tokens, or pass num_kv_blocks")
         return num_blocks
 
