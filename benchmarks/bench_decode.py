@@ -7,8 +7,8 @@ cuDNN backends on a contiguous (B, KVH, L, d) cache of the same content. TB/s co
 launch-bound in eager mode). "engine" is the engine's unchecked entry point (``paged_attention.decode``) on the
 paged cache: the public function also checks its index values on the host (one synchronisation per call, as
 FlashAttention 2), which the eager "ours" columns include. "1 launch" / "2 launches" force the split-KV combine
-inside the decode kernel (the last program of each group merges) or in a second kernel (the default picks one
-launch for at most ``decode.FUSED_COMBINE_MAX_GROUPS`` groups); shapes with one split show the same time twice.
+inside the decode kernel (the last program of each group merges) or in a second kernel (the default, as
+``decode.FUSED_COMBINE_MAX_GROUPS`` is 0); shapes with one split show the same time twice.
 Also measures the HBM copy bandwidth in the same run.
 Usage: python benchmarks/bench_decode.py [--out DIR]
 """
