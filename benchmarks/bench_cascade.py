@@ -3,12 +3,12 @@
 Workload (the issue's): 64 requests sharing a 4,000-token prefix (250 blocks of 16), bf16.
 1. attention: one layer's decode attention, Qwen3-0.6B heads (16 / 8 KV, d 128) and Llama-3.1-8B heads (32 / 8),
    each request's own suffix uniform in [1, 256] tokens: the plain paged decode (``paged_attention.decode``, what
-   the engine replays from its graphs) vs ``cascade_decode``; both timed from a CUDA graph (device time) and
-   cascade also eagerly (as the engine runs it: host launch gaps included).
+   the engine replays from its graphs) vs ``cascade_decode``; both timed from a CUDA graph (device time, as the
+   engine replays them) and cascade also eagerly (host launch gaps included).
 2. engine: a random-weight Qwen3-0.6B-shaped engine (CUDA graphs, prefix caching): one request caches the prefix,
    then 64 requests of prefix + 16 own tokens are stepped to their first token; ``--steps`` decode steps are timed
-   with cascade on (the engine's choice: eager steps), then as many with it off (``runner.use_cascade = False``:
-   graph replays); median ms per ``engine.step()``.
+   with cascade on (the engine's choice: replays of its cascade graphs), then as many with it off
+   (``runner.use_cascade = False``: replays of the plain graphs); median ms per ``engine.step()``.
 Bar: the decode step >= 2x faster with cascade (section 2; section 1 shows where the time goes).
 Usage: python benchmarks/bench_cascade.py [--out DIR] [--steps N] [--sections attention,engine]
 """
@@ -39,12 +39,10 @@ def attention_row(name: str, heads: int, heads_k: int, head_dim: int) -> dict:
     prefix_len = prefix_blocks * BLOCK
     q = torch.randn(BATCH, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     scale = head_dim ** -0.5
-    prefix_seqused = torch.full((1,), prefix_len, device="cuda", dtype=torch.int32)
-    cu_seqlens = torch.tensor([0, BATCH], device="cuda", dtype=torch.int32)
+    shared_len = torch.full((1,), prefix_len, device="cuda", dtype=torch.int32)
     seqused = suffix + prefix_len
     plain = lambda: paged_attention.decode(q, k_cache, v_cache, seqused, table, scale)  # noqa: E731
-    cascaded = lambda: cascade_decode(q, k_cache, v_cache, table[:1, :prefix_blocks], prefix_len,  # noqa: E731
-                                      prefix_seqused, cu_seqlens, table[:, prefix_blocks:], suffix, scale)
+    cascaded = lambda: cascade_decode(q, k_cache, v_cache, table, seqused, shared_len, scale)  # noqa: E731
     max_diff = (plain().float() - cascaded().float()).abs().max().item()
     row = dict(model=name, heads=heads, heads_k=heads_k, head_dim=head_dim, max_abs_diff=max_diff,
                plain_graph_us=common.graph_us(plain), cascade_graph_us=common.graph_us(cascaded),

@@ -8,21 +8,14 @@ import torch
 @dataclass(slots=True)
 class SharedPrefix:
     """A decode batch's shared prefix for cascade attention (``flashserve.kernels.cascade.cascade_decode``): every
-    request's first ``length`` keys are the same cached blocks.
+    request's first ``length`` keys are the same cached blocks (the first columns of the context's block table).
 
     Attributes:
-        block_table: (1, P) int32, the prefix's blocks; length: P * block_size.
-        seqused_k: (1,) int32 holding ``length``; cu_seqlens_q: (2,) int32 holding [0, B].
-        suffix_block_table: (B, max_blocks - P) int32, each request's blocks after the prefix.
-        suffix_seqused_k: (B,) int32, each request's KV length after the prefix.
+        length: (1,) int32 on the device, the number of shared keys (a multiple of the block size), read by the
+            kernels (so a captured CUDA graph replays for any prefix length).
     """
 
-    block_table: torch.Tensor
-    length: int
-    seqused_k: torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    suffix_block_table: torch.Tensor
-    suffix_seqused_k: torch.Tensor
+    length: torch.Tensor
 
 
 @dataclass(slots=True)
@@ -39,7 +32,7 @@ class AttentionContext:
         max_seqlen_q: largest query length in the batch.
         max_seqlen_k: largest KV length in the batch.
         is_decode: every request has exactly one query token.
-        shared_prefix: set on a decode step that runs cascade attention (eager only), else None.
+        shared_prefix: set on a decode step that runs cascade attention, else None.
     """
 
     slot_mapping: torch.Tensor

@@ -7,9 +7,11 @@ whole batch, then each request's own suffix, merged by LSE. Below those sizes th
 prefix is short, or read by few requests) and saves two launches per layer.
 
 The prefix is the longest run of leading block ids common to every request of the batch (one group: the whole
-batch), cut so that each request keeps at least its current token outside it. Cascade steps run eagerly (never
-from a CUDA graph: the prefix length changes the launch grids); ``FLASHSERVE_CASCADE_ATTENTION=0`` switches
-cascade attention off, and models with sliding windows never use it.
+batch), cut so that each request keeps at least its current token outside it. The kernels read the prefix length
+on the device (``InputBuffers.shared_prefix_len``) and size their launches from the block table's width, so a
+cascade step replays a CUDA graph captured for its padded batch size like a plain decode step (graphs of both kinds
+are captured for the sizes from ``MIN_REQUESTS``); ``FLASHSERVE_CASCADE_ATTENTION=0`` switches cascade attention
+off, and models with sliding windows never use it.
 """
 import dataclasses
 import os
@@ -67,15 +69,8 @@ def plan(requests: list[Request], block_size: int) -> int:
     return shared_prefix_blocks(requests, block_size, -(-MIN_PREFIX_TOKENS // block_size))
 
 
-def with_shared_prefix(context: AttentionContext, num_blocks: int, block_size: int) -> AttentionContext:
-    """``context`` (a decode step's) with its ``shared_prefix`` set to the first ``num_blocks`` blocks. The tables
-    are views of the step's block table; the small tensors are made on the device (no host sync)."""
-    length = num_blocks * block_size
-    batch = context.seqused_k.shape[0]
-    device = context.seqused_k.device
-    shared = SharedPrefix(
-        block_table=context.block_table[:1, :num_blocks], length=length,
-        seqused_k=torch.full((1,), length, dtype=torch.int32, device=device),
-        cu_seqlens_q=torch.arange(0, batch + 1, batch, dtype=torch.int32, device=device),
-        suffix_block_table=context.block_table[:, num_blocks:], suffix_seqused_k=context.seqused_k - length)
-    return dataclasses.replace(context, shared_prefix=shared)
+def with_shared_prefix(context: AttentionContext, length: torch.Tensor) -> AttentionContext:
+    """``context`` (a decode step's) running cascade attention over the first ``length`` keys of every request:
+    ``length`` is a (1,) int32 device tensor holding a multiple of the block size (its value is read on the
+    device)."""
+    return dataclasses.replace(context, shared_prefix=SharedPrefix(length))

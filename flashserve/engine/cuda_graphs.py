@@ -5,7 +5,9 @@ driver work, for about a millisecond of GPU work on a small model). At start-up 
 forward pass — embedding, every layer, the final norm and the LM head — once per padded batch size
 (``capture_sizes``), largest first, all graphs sharing one memory pool (only one replays at a time). A decode batch
 of ``n`` requests replays the smallest captured size ``>= n``: the input buffers' padding rows (slot -1, KV length
-0) make the extra rows write nothing and read nothing, and their logits are ignored. Sampling stays outside.
+0) make the extra rows write nothing and read nothing, and their logits are ignored. Sampling stays outside. Sizes
+from ``cascade_sizes`` get a second graph whose attention is cascade attention over the shared prefix length the
+input buffers hold (``flashserve.engine.cascade``).
 
 What makes this safe: the step's inputs live in persistent device buffers (``InputBuffers``) whose addresses never
 change, the forward pass does not synchronise with the host, and no launch inside it depends on host-side
@@ -19,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flashserve.context import set_context
+from flashserve.engine.cascade import with_shared_prefix
 from flashserve.engine.input_buffers import InputBuffers
 
 
@@ -45,6 +48,7 @@ class DecodeGraphs:
         inputs: the runner's persistent input buffers (their device tensors are the graphs' inputs).
         sizes: the padded batch sizes to capture (``capture_sizes``).
         vocab_size: columns of the logits.
+        cascade_sizes: the sizes that also get a cascade-attention graph (none by default).
 
     Attributes:
         sizes: the captured sizes, ascending.
@@ -52,14 +56,16 @@ class DecodeGraphs:
             the growth of PyTorch's reserved memory.
     """
 
-    def __init__(self, model: torch.nn.Module, inputs: InputBuffers, sizes: list[int], vocab_size: int):
+    def __init__(self, model: torch.nn.Module, inputs: InputBuffers, sizes: list[int], vocab_size: int,
+                 cascade_sizes: list[int] = ()):
         self.model = model
         self.inputs = inputs
         self.sizes = sorted(sizes)
         self.device = inputs.device
         self.vocab_size = vocab_size
         self.logits: torch.Tensor | None = None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_sizes = set(cascade_sizes)
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.memory_bytes = 0
 
     @property
@@ -75,15 +81,21 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self, show_progress: bool = True) -> None:
-        """Capture every size, largest first (smaller graphs reuse the largest one's memory)."""
+        """Capture every size (and cascade variant), largest first (smaller graphs reuse the largest one's
+        memory)."""
         torch.cuda.synchronize(self.device)
         reserved_before = torch.cuda.memory_reserved(self.device)
         self.logits = torch.empty((self.sizes[-1], self.vocab_size), dtype=torch.float32, device=self.device)
         pool = torch.cuda.graph_pool_handle()
-        for size in tqdm(sorted(self.sizes, reverse=True), desc="Capturing CUDA graphs", unit="graph",
-                         disable=not show_progress, leave=False):
+        keys = [(size, cascade) for size in sorted(self.sizes, reverse=True)
+                for cascade in (False, True) if not cascade or size in self.cascade_sizes]
+        for size, cascade in tqdm(keys, desc="Capturing CUDA graphs", unit="graph", disable=not show_progress,
+                                  leave=False):
             step_inputs = self.inputs.prepare_padding(size)
-            set_context(step_inputs.context)
+            context = step_inputs.context
+            if cascade:
+                context = with_shared_prefix(context, self.inputs.shared_prefix_len.device)
+            set_context(context)
             try:
                 self._forward(step_inputs, size)  # compiles every kernel variant of this size before capture
                 torch.cuda.synchronize(self.device)
@@ -92,7 +104,7 @@ class DecodeGraphs:
                     self._forward(step_inputs, size)
             finally:
                 set_context(None)
-            self.graphs[size] = graph
+            self.graphs[size, cascade] = graph
         torch.cuda.synchronize(self.device)
         self.memory_bytes = torch.cuda.memory_reserved(self.device) - reserved_before
 
@@ -108,8 +120,14 @@ class DecodeGraphs:
         self.graphs.clear()
         torch.cuda.synchronize(self.device)
 
-    def replay(self, size: int) -> torch.Tensor:
-        """Run the graph of ``size`` on what the input buffers hold; returns its logits (size, vocab) fp32 — a view
-        of a buffer that the next replay overwrites."""
-        self.graphs[size].replay()
+    @property
+    def num_graphs(self) -> int:
+        """How many graphs are captured (plain and cascade)."""
+        return len(self.graphs)
+
+    def replay(self, size: int, cascade: bool = False) -> torch.Tensor:
+        """Run the graph of ``size`` (its cascade-attention variant when ``cascade``, a size of ``cascade_sizes``) on
+        what the input buffers hold; returns its logits (size, vocab) fp32 — a view of a buffer that the next replay
+        overwrites."""
+        self.graphs[size, cascade].replay()
         return self.logits[:size]

@@ -97,7 +97,7 @@ class InputBuffers:
                   ("cu_seqlens_q", (max_num_seqs + 1,), torch.int32), ("seqused_k", (max_num_seqs,), torch.int32),
                   ("logits_indices", (max_num_seqs,), torch.int64), ("input_ids", (max_num_tokens,), torch.int64),
                   ("positions", (max_num_tokens,), torch.int64), ("slot_mapping", (max_num_tokens,), torch.int64),
-                  ("prompt_rows", (max_num_tokens,), torch.int64),
+                  ("prompt_rows", (max_num_tokens,), torch.int64), ("shared_prefix_len", (1,), torch.int32),
                   ("block_table", (max_num_seqs, max_blocks_per_seq), torch.int32)]  # the block table last
         offsets, size = [], 0
         for _, shape, dtype in layout:
@@ -119,11 +119,12 @@ class InputBuffers:
         return self._device_arena
 
     def prepare(self, batch: ScheduledBatch, padded_size: int | None = None,
-                prompt_rows: list[int] | None = None) -> StepInputs:
+                prompt_rows: list[int] | None = None, shared_prefix_len: int = 0) -> StepInputs:
         """Pack ``batch`` (requests before their ``num_computed_tokens`` advances) into the step's inputs.
 
         ``padded_size`` (decode-only batches, >= the number of requests): add padding rows up to that many.
         ``prompt_rows``: the packed rows whose logits score prompt tokens (for the other ranks).
+        ``shared_prefix_len``: the keys a cascade-attention step shares (``shared_prefix_len.device`` then holds it).
         """
         self._wait_for_copies()
         requests = batch.requests
@@ -150,6 +151,7 @@ class InputBuffers:
         self.logits_indices.array[:logits_indices.size] = logits_indices
         num_rows = len(prompt_rows) if prompt_rows else 0
         self.prompt_rows.array[:num_rows] = prompt_rows or []
+        self.shared_prefix_len.array[0] = shared_prefix_len
         if padded_size is not None:
             self._write_padding(num_reqs, padded_size)
             num_reqs = num_tokens = padded_size
@@ -161,6 +163,7 @@ class InputBuffers:
         """A decode step of ``num_reqs`` padding rows only (for warm-up and CUDA-graph capture)."""
         self._wait_for_copies()
         self.cu_seqlens_q.array[0] = 0
+        self.shared_prefix_len.array[0] = 0
         self._write_padding(0, num_reqs)
         return self._upload(StepHeader(STEP, num_reqs, num_reqs, 1, 0, num_reqs, 0, 0))
 

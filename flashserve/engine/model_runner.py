@@ -68,7 +68,7 @@ class ModelRunner:
         kv_cache: (num_layers, 2, num_kv_blocks, block_size, num_kv_heads, head_dim).
         graphs: the decode CUDA graphs, or None (CPU, ``enforce_eager``).
         use_cascade: whether decode steps whose requests share a long cached prefix run cascade attention
-            (eagerly; ``flashserve.engine.cascade``).
+            (``flashserve.engine.cascade``; from CUDA graphs of their own where graphs are used).
         max_logit_rows: the most prompt-logprob rows whose logits exist at once (the largest sampling batch, which
             the memory profile accounts for).
         startup_times_s: seconds spent in each start-up phase ("load_weights", "profile_memory", "warm_up",
@@ -121,9 +121,10 @@ class ModelRunner:
             passes = self.warm_up(eager_sizes, show_progress=self.is_driver)
             start = self._phase("warm_up", start, f"{passes} forward passes")
         if graph_sizes:
-            self.graphs = DecodeGraphs(self.model, self.inputs, graph_sizes, spec.vocab_size)
+            cascade_sizes = [size for size in graph_sizes if self.use_cascade and size >= cascade.MIN_REQUESTS]
+            self.graphs = DecodeGraphs(self.model, self.inputs, graph_sizes, spec.vocab_size, cascade_sizes)
             self.graphs.capture(show_progress=self.is_driver)
-            self._phase("capture_graphs", start, f"{len(graph_sizes)} decode graphs, batch sizes 1.."
+            self._phase("capture_graphs", start, f"{self.graphs.num_graphs} decode graphs, batch sizes 1.."
                         f"{graph_sizes[-1]}, {self.graphs.memory_bytes / GIB:.2f} GiB")
 
     def _phase(self, name: str, start: float, detail: str) -> float:
@@ -141,7 +142,7 @@ class ModelRunner:
         with skinny_gemm_plans.tuning():
             passes = warmup.warm_up_prefill(self, show_progress)
             passes += warmup.warm_up_decode(self, decode_batch_sizes, show_progress)
-            passes += warmup.warm_up_cascade(self, show_progress)
+            passes += warmup.warm_up_cascade(self, decode_batch_sizes, show_progress)
             passes += warmup.warm_up_linear(self, show_progress)
         warmup.warm_up_sampler(self)
         tuning_cache.save_all()
@@ -241,9 +242,10 @@ class ModelRunner:
         decode_only = prompt_rows is None and sum(batch.num_new_tokens) == num_reqs
         shared_blocks = cascade.plan(batch.requests, self.block_size) if decode_only and self.use_cascade else 0
         graph_size = None
-        if self.graphs is not None and decode_only and not shared_blocks:
+        if self.graphs is not None and decode_only:
             graph_size = self.graphs.padded_size(num_reqs)
-        inputs = self.inputs.prepare(batch, graph_size, prompt_rows.rows if prompt_rows is not None else None)
+        inputs = self.inputs.prepare(batch, graph_size, prompt_rows.rows if prompt_rows is not None else None,
+                                     shared_blocks * self.block_size)
         broadcast_from_driver(self.inputs.arena)
         sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
         logits, hidden = self._forward(inputs, graph_size, len(sampling), shared_blocks)
@@ -261,12 +263,13 @@ class ModelRunner:
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The step's (logits, hidden states): a graph replay (logits of every padded row, no hidden states), or
         an eager pass (the logits of ``inputs.logits_indices``; None when ``num_logits`` is 0), with cascade
-        attention over the batch's first ``shared_blocks`` blocks when they are shared by every request."""
+        attention over the batch's first ``shared_blocks`` blocks when they are shared by every request (their
+        length is in the input buffers)."""
         if graph_size is not None:
-            return self.graphs.replay(graph_size), None
+            return self.graphs.replay(graph_size, shared_blocks > 0), None
         context = inputs.context
         if shared_blocks:
-            context = cascade.with_shared_prefix(context, shared_blocks, self.block_size)
+            context = cascade.with_shared_prefix(context, self.inputs.shared_prefix_len.device)
         set_context(context)
         try:
             hidden = self.model(inputs.input_ids, inputs.positions)

@@ -16,7 +16,8 @@ shape is covered), with dummy inputs that write nothing into the KV cache (slot 
   once against cuBLAS inside ``skinny_gemm_plans.tuning()``, which ``ModelRunner.warm_up`` opens, or read from
   disk) and its kernels compiled before any graph is captured;
 - cascade attention (when the runner uses it): one decode step with a shared prefix per distinct launch variant
-  of its two attention halves (``warm_up_cascade``);
+  of its two attention halves over the batch sizes that run eagerly (``warm_up_cascade``; captured sizes are
+  compiled by their capture);
 - the sampler: greedy, sampled (temperature, top-k, top-p, min-p, seeded), penalties and logprobs.
 """
 import torch
@@ -26,7 +27,7 @@ from flashserve.context import AttentionContext, set_context
 from flashserve.engine import cascade
 from flashserve.engine.request import Request
 from flashserve.kernels import paged_attention, skinny_gemm_plans
-from flashserve.kernels.prefill_tuning import HEAD_PACKING_MAX_QUERY, LENGTH_CLASS_BOUNDS, length_class
+from flashserve.kernels.cascade import cascade_variant
 from flashserve.sampling_params import SamplingParams
 
 
@@ -56,27 +57,26 @@ def warm_up_decode(runner, batch_sizes: range, show_progress: bool = True) -> in
     return len(variants)
 
 
-def warm_up_cascade(runner, show_progress: bool = True) -> int:
-    """Run one cascade-attention decode step (``flashserve.engine.cascade``) per distinct launch variant: batch
-    sizes from ``cascade.MIN_REQUESTS`` grouped by their decode variant and by the prefill kernel's view of the
-    batch as one query sequence (head packing, length class), times one prefix length per key-length class.
-    Returns the number of passes (0 when the runner does not use cascade attention)."""
-    if not runner.use_cascade:
-        return 0
+def warm_up_cascade(runner, batch_sizes: range, show_progress: bool = True) -> int:
+    """Run one cascade-attention decode step (``flashserve.engine.cascade``) per distinct launch variant
+    (``kernels.cascade.cascade_variant``: the launches do not depend on the prefix length) among ``batch_sizes``
+    from ``cascade.MIN_REQUESTS`` on. Returns the number of passes (0 when the runner does not use cascade
+    attention, or its context cannot hold a prefix of ``cascade.MIN_PREFIX_TOKENS`` tokens)."""
     spec, block_size = runner.spec, runner.block_size
+    blocks = -(-cascade.MIN_PREFIX_TOKENS // block_size)
+    if not runner.use_cascade or blocks >= runner.max_blocks_per_seq:
+        return 0
     capacity = runner.max_blocks_per_seq * block_size
     variants = {}
-    for batch in range(cascade.MIN_REQUESTS, runner.max_logit_rows + 1):
-        key = (paged_attention.decode_variant(batch, spec.num_heads, spec.num_kv_heads, spec.head_dim, capacity,
-                                              runner.device), batch < HEAD_PACKING_MAX_QUERY, length_class(batch))
-        variants.setdefault(key, batch)
-    min_blocks = -(-cascade.MIN_PREFIX_TOKENS // block_size)
-    prefix_blocks = sorted({min(runner.max_blocks_per_seq - 1, -(-tokens // block_size))
-                            for tokens in (cascade.MIN_PREFIX_TOKENS, LENGTH_CLASS_BOUNDS[-1], capacity)})
-    pairs = [(batch, blocks) for batch in variants.values() for blocks in prefix_blocks if blocks >= min_blocks]
+    for batch in batch_sizes:
+        if batch >= cascade.MIN_REQUESTS:
+            key = cascade_variant(batch, runner.num_heads, runner.num_kv_heads, spec.head_dim, capacity,
+                                  runner.device)
+            variants.setdefault(key, batch)
     device = runner.device
-    for batch, blocks in tqdm(pairs, desc="Warming up cascade attention", unit="shape", disable=not show_progress,
-                              leave=False):
+    prefix_len = torch.full((1,), blocks * block_size, dtype=torch.int32, device=device)
+    for batch in tqdm(list(variants.values()), desc="Warming up cascade attention", unit="shape",
+                      disable=not show_progress, leave=False):
         length = blocks * block_size + 1  # the prefix and each request's current token
         context = AttentionContext(
             slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device=device),
@@ -86,8 +86,8 @@ def warm_up_cascade(runner, show_progress: bool = True) -> int:
             max_seqlen_q=1, max_seqlen_k=length, is_decode=True)
         input_ids = torch.randint(0, spec.vocab_size, (batch,), device=device)
         positions = torch.full((batch,), length - 1, dtype=torch.int64, device=device)
-        _forward(runner, input_ids, positions, cascade.with_shared_prefix(context, blocks, block_size))
-    return len(pairs)
+        _forward(runner, input_ids, positions, cascade.with_shared_prefix(context, prefix_len))
+    return len(variants)
 
 
 def warm_up_linear(runner, show_progress: bool = True) -> int:

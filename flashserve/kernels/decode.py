@@ -48,14 +48,14 @@ def uses_fused_combine(splits: int, groups: int) -> bool:
 @triton.jit(do_not_specialize=["capacity", "num_cache_rows", "window_left", "window_right"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr, block_table_ptr, batch_idx_ptr, seqlens_k_ptr, alibi_ptr,
-    leftpad_ptr, capacity, num_cache_rows, counter_ptr, final_out_ptr, final_lse_ptr,
+    leftpad_ptr, key_start_ptr, capacity, num_cache_rows, counter_ptr, final_out_ptr, final_lse_ptr,
     seqlen_q, num_heads_k, head_dim, num_splits, sm_scale, softcap, window_left, window_right,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_osplit, stride_oh, stride_lb, stride_ls, stride_lsplit, stride_lh,
     stride_block_table, stride_alibi,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
+    HAS_KEY_START: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FUSED_COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -92,6 +92,8 @@ def _decode_kernel(
         key_hi = tl.minimum(key_hi, last_query + seqlen_k - seqlen_q + window_right + 1)
     if HAS_LEFT:
         key_lo = tl.maximum(key_lo, row_start // GROUP + seqlen_k - seqlen_q - window_left)
+    if HAS_KEY_START:  # keys before it are attended elsewhere (cascade attention's shared prefix)
+        key_lo = tl.maximum(key_lo, tl.load(key_start_ptr))
     num_keys = tl.maximum(key_hi - key_lo, 0)
     keys_per_split = tl.cdiv(tl.cdiv(num_keys, num_splits), BLOCK_N) * BLOCK_N
     split_lo = key_lo + split * keys_per_split
@@ -258,14 +260,16 @@ def launch_config(batch: int, seqlen_q: int, num_heads: int, num_heads_k: int, h
 
 def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
                   softcap, window_left, window_right, capacity, num_splits, write_lse, cache_leftpad=None,
-                  fused_combine=None):
+                  fused_combine=None, key_start=None):
     """Launch the decode kernel (and the split combine) on validated arguments; no checks (engines call this with
     metadata they validated once). ``seqlens_k`` (B,) int32 are the KV lengths after any append (with
     ``cache_leftpad``, the end rows: keys are rows ``cache_leftpad[b] .. seqlens_k[b] - 1``); causal masking is
     ``window_right = 0``; ``capacity`` (tokens a sequence of the cache can hold) sets the split layout, so the
     launch depends on shapes only and is safe to capture in a CUDA graph. Index values are clamped or masked in
     the kernel (never an access outside the tensors). ``fused_combine`` (None: ``uses_fused_combine``) merges the
-    splits inside the decode kernel instead of a second launch. Returns (out (B, Sq, H, D), lse (B, H, Sq) fp32 —
+    splits inside the decode kernel instead of a second launch. ``key_start``: optional (1,) int32 on the device,
+    the first key every sequence attends to (the keys before it are skipped; their positions still count for
+    causality and ALiBi). Returns (out (B, Sq, H, D), lse (B, H, Sq) fp32 —
     filled when one split is used, the combine is fused, or ``write_lse``)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     num_heads_k = k_cache.shape[2]
@@ -296,7 +300,8 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         q, k_cache, v_cache, target_out, target_lse, block_table if paged else seqlens_k,
         seqlens_k if cache_batch_idx is None else cache_batch_idx, seqlens_k,
         seqlens_k if alibi_slopes is None else alibi_slopes,
-        seqlens_k if cache_leftpad is None else cache_leftpad, capacity, k_cache.shape[0], counters, out, lse,
+        seqlens_k if cache_leftpad is None else cache_leftpad, seqlens_k if key_start is None else key_start,
+        capacity, k_cache.shape[0], counters, out, lse,
         seqlen_q, num_heads_k, head_dim, splits,
         float(head_dim ** -0.5 if softmax_scale is None else softmax_scale), float(softcap),
         window_left, window_right,
@@ -306,7 +311,7 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
         GROUP=num_heads // num_heads_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
-        HAS_LEFTPAD=cache_leftpad is not None,
+        HAS_LEFTPAD=cache_leftpad is not None, HAS_KEY_START=key_start is not None,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
         FUSED_COMBINE=fused_combine, BLOCK_S=block_s, num_warps=4, num_stages=3,

@@ -52,10 +52,8 @@ class Attention(nn.Module):
         paged_attention.qk_norm_rope_cache(q, k, v, self.rotary.cos_sin_cache, positions, self.k_cache,
                                            self.v_cache, context.slot_mapping, q_weight, k_weight, eps)
         if context.shared_prefix is not None:
-            shared = context.shared_prefix
-            return cascade_decode(q, self.k_cache, self.v_cache, shared.block_table, shared.length, shared.seqused_k,
-                                  shared.cu_seqlens_q, shared.suffix_block_table, shared.suffix_seqused_k,
-                                  self.softmax_scale)
+            return cascade_decode(q, self.k_cache, self.v_cache, context.block_table, context.seqused_k,
+                                  context.shared_prefix.length, self.softmax_scale)
         if context.is_decode:
             return paged_attention.decode(q, self.k_cache, self.v_cache, context.seqused_k, context.block_table,
                                           self.softmax_scale, self.window_left)
