@@ -68,10 +68,13 @@ def test_shared_prefix_blocks():
 def test_plan_thresholds(monkeypatch):
     monkeypatch.setattr(cascade, "MIN_REQUESTS", 3)
     monkeypatch.setattr(cascade, "MIN_PREFIX_TOKENS", 12)
+    monkeypatch.setattr(cascade, "MIN_SAVED_KEY_READS", 24)
     requests = [_request([1, 2, 3, 4 + i], 16) for i in range(3)]
-    assert cascade.plan(requests, 4) == 3
+    assert cascade.plan(requests, 4) == 3  # 2 x 12 key reads saved
     assert cascade.plan(requests[:2], 4) == 0  # too few requests
     assert cascade.plan(requests, 2) == 0  # 3 blocks of 2 tokens: prefix too short
+    monkeypatch.setattr(cascade, "MIN_SAVED_KEY_READS", 25)
+    assert cascade.plan(requests, 4) == 0  # saves too little
 
 
 def _greedy(llm, prompts, tokens=5):
@@ -84,6 +87,7 @@ def check_engine_outputs(directory: str, device: str, monkeypatch) -> None:
     with it switched off."""
     monkeypatch.setattr(cascade, "MIN_REQUESTS", 2)
     monkeypatch.setattr(cascade, "MIN_PREFIX_TOKENS", 16)
+    monkeypatch.setattr(cascade, "MIN_SAVED_KEY_READS", 0)
     calls = []
     original = attention_module.cascade_decode
     monkeypatch.setattr(attention_module, "cascade_decode", lambda *args: calls.append(1) or original(*args))
