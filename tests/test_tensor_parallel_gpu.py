@@ -5,7 +5,8 @@ mixture-of-experts ones running the fused-MoE kernel on each rank's slice of the
 replayed from graphs (batch sizes that hit and miss captured sizes, a batch above the largest graph) and chunked
 prefill; seeded sampling equal to TP 1. bfloat16: a TP-2 run whose first tokens are at least 90% TP 1's
 (tokens may part where two logits are within bf16 rounding: the sums run in another order). Also: a
-``tensor_parallel_size`` above the number of GPUs is a ValueError before any worker starts.
+``tensor_parallel_size`` above the number of GPUs is a ValueError before any worker starts. On one GPU: the
+collectives the engine captures replay from a CUDA graph on a one-rank NCCL group.
 """
 import multiprocessing
 import random
@@ -127,3 +128,50 @@ def test_a_dead_worker_is_an_error_not_a_hang(checkpoint):
     result = subprocess.run([sys.executable, "-c", DEAD_WORKER_SCRIPT, checkpoint[0]], capture_output=True,
                             text=True, timeout=300)
     assert "RAISED" in result.stdout, result.stderr[-3000:]
+
+
+ONE_RANK_GRAPH_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from flashserve.distributed.launch import free_port
+from flashserve.distributed.state import _all_gather_single
+
+dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port('127.0.0.1')}", rank=0, world_size=1,
+                        device_id=torch.device("cuda:0"))
+torch.cuda.set_device(0)
+x = torch.zeros(4096, device="cuda")
+gathered = torch.zeros(4096, device="cuda")
+arena = torch.zeros(1024, dtype=torch.uint8, device="cuda")
+dist.all_reduce(x)
+_all_gather_single(gathered, x)
+dist.broadcast(arena, src=0)
+torch.cuda.synchronize()
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    y = x * 2
+    dist.all_reduce(y)
+    _all_gather_single(gathered, y)
+    dist.broadcast(arena, src=0)
+for step in range(20):
+    x.copy_(torch.randn(4096, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    if not (torch.equal(y, x * 2) and torch.equal(gathered, x * 2)):
+        sys.exit(f"replay {step} is wrong")
+dist.destroy_process_group()
+print("OK", flush=True)
+"""
+
+
+def test_nccl_collectives_replay_from_cuda_graphs_on_one_rank():
+    """What one GPU can check of TP under graphs: the three collectives the engine captures (the layers'
+    all-reduce and all-gather, the arena broadcast) captured in a CUDA graph on an NCCL group of one rank replay
+    with fresh inputs (a subprocess: the group must not outlive the test)."""
+    import subprocess
+    import sys
+
+    _needs_gpus(1)
+    result = subprocess.run([sys.executable, "-c", ONE_RANK_GRAPH_SCRIPT], capture_output=True, text=True,
+                            timeout=120)
+    assert "OK" in result.stdout, result.stderr[-3000:]
