@@ -116,17 +116,20 @@ class Sampler:
         vocab = logits.shape[1]
         sampled = [requests[i] for i in rows]
         params = [r.params for r in sampled]
-        options = upload([[p.temperature, p.top_k, p.top_p, p.min_p] for p in params], torch.float32, self.device)
+        # one upload; each option a contiguous row of it (the kernels read them as dense vectors)
+        temperature, top_k, top_p, min_p = upload([[p.temperature for p in params], [p.top_k for p in params],
+                                                   [p.top_p for p in params], [p.min_p for p in params]],
+                                                  torch.float32, self.device)
+        top_k = top_k.long()
         truncated = [(p.uses_top_k and p.top_k < vocab) or p.top_p < 1.0 for p in params]
         if not self.sort_free:
-            return reference.sample_sorted(logits[rows], options[:, 0], options[:, 1].long(), options[:, 2],
-                                           options[:, 3], self._draw_noise(sampled, vocab))
+            return reference.sample_sorted(logits[rows], temperature, top_k, top_p, min_p,
+                                           self._draw_noise(sampled, vocab))
         if self.computes_noise:
             noise = {"streams": self._streams(sampled, vocab)}
         else:
             noise = {"noise": self._draw_noise(sampled, vocab)}
-        return nucleus.sample(logits, rows, options[:, 0], options[:, 1].long(), options[:, 2], options[:, 3],
-                              truncated, **noise)
+        return nucleus.sample(logits, rows, temperature, top_k, top_p, min_p, truncated, **noise)
 
     def _draw_noise(self, requests: list[Request], vocab: int) -> torch.Tensor:
         """(R, vocab) Exp(1) draws: one block from the shared generator for the rows without a seed, one row from

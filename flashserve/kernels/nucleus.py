@@ -50,6 +50,8 @@ def sample_without_fallback(logits: torch.Tensor, row_index: torch.Tensor, tempe
     bool rows whose token must come from the sort instead. Never waits for the device, so it can be captured in a
     CUDA graph (with streams, noise or row_index of fixed addresses)."""
     device, vocab = logits.device, logits.shape[1]
+    # the kernels index the per-row options as dense vectors (a no-op for contiguous ones)
+    temperature, top_k, top_p, min_p = (t.contiguous() for t in (temperature, top_k, top_p, min_p))
     if noise is not None and not any(truncated):
         whole = row_index.shape[0] == logits.shape[0]
         return _race_dense(logits if whole else logits[row_index], temperature, min_p, noise), None
