@@ -73,7 +73,7 @@ def _feature_params(directory: str, prompts: list[list[int]]) -> list[SamplingPa
 def _logprob_rows(rows) -> list | None:
     if rows is None:
         return None
-    return [None if row is None else {t: (round(lp.logprob, 4), lp.rank) for t, lp in row.items()} for row in rows]
+    return [None if row is None else {t: (lp.logprob, lp.rank) for t, lp in row.items()} for row in rows]
 
 
 def _summary(outputs) -> list[tuple]:
@@ -86,6 +86,23 @@ def _summary(outputs) -> list[tuple]:
     return result
 
 
+def _assert_same(ours: list[tuple], theirs: list[tuple]) -> None:
+    """Equal summaries; logprobs within 1e-4 (a batch that differs by a request that ended one step late changes
+    the float rounding of the others' rows)."""
+    assert len(ours) == len(theirs)
+    for one, other in zip(ours, theirs):
+        assert one[:4] == other[:4]
+        for rows, other_rows in zip(one[4:], other[4:]):
+            assert (rows is None) == (other_rows is None)
+            for row, other_row in zip(rows or [], other_rows or []):
+                assert (row is None) == (other_row is None)
+                if row is not None:
+                    assert row.keys() == other_row.keys()
+                    assert all(row[t][1] == other_row[t][1] and abs(row[t][0] - other_row[t][0]) < 1e-4
+                               for t in row)
+            assert len(rows or []) == len(other_rows or [])
+
+
 def _assert_idle(llm: LLM) -> None:
     engine = llm.engine
     assert not engine.has_unfinished() and not engine.requests
@@ -95,7 +112,9 @@ def _assert_idle(llm: LLM) -> None:
 @pytest.fixture(scope="module")
 def cases(directory):
     prompts = _prompts()
-    return prompts, _feature_params(directory, prompts)
+    with pytest.MonkeyPatch.context() as patch:  # module fixtures run before the autouse one
+        patch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+        return prompts, _feature_params(directory, prompts)
 
 
 @pytest.mark.parametrize("options", [
@@ -113,7 +132,7 @@ def test_outputs_equal_synchronous(directory, cases, options):
         results[mode] += _summary(llm.generate(prompts, params, use_tqdm=False))  # a rerun hits the cache
         preemptions[mode] = llm.engine.scheduler.num_preemptions
         _assert_idle(llm)
-    assert results[True] == results[False]
+    _assert_same(results[True], results[False])
     reasons = {summary[2] for summary in results[False]}
     assert reasons == {"stop", "length"}
     if "num_kv_blocks" in options and options["num_kv_blocks"] < 100:
@@ -191,7 +210,7 @@ def test_tensor_parallel_followers(directory, cases):
             results[mode] = _summary(llm.generate(prompts[:6], params[:6], use_tqdm=False))
         finally:
             llm.close()
-    assert results[True] == results[False]
+    _assert_same(results[True], results[False])
 
 
 @pytest.mark.gpu
@@ -205,4 +224,4 @@ def test_outputs_equal_synchronous_on_gpu_with_graphs(directory, cases):
         results[mode] = _summary(llm.generate(prompts, params, use_tqdm=False))
         results[mode] += _summary(llm.generate(prompts * 4, params * 4, use_tqdm=False))
         _assert_idle(llm)
-    assert results[True] == results[False]
+    _assert_same(results[True], results[False])
