@@ -4,16 +4,16 @@ With ``Config.async_scheduling`` (vLLM's name) a decode step costs about max(hos
 ``LLMEngine.step`` schedules and launches step N+1, then reads step N's tokens and does its host work (append the
 tokens, stop checks, detokenization, outputs) while the device runs step N+1:
 
-- A request that sampled in step N and continues gets ``PENDING_TOKEN`` appended to its ``token_ids`` when step N
-  is launched (``InflightStep.placeholders``), so the scheduler sees one more token to compute; step N+1's input
-  id for it is gathered on the device from step N's sampled tokens (``CarriedTokens``, applied by
-  ``InputBuffers.prepare`` before anything reads the inputs, and before the inputs are broadcast to tensor-parallel
-  followers), and the placeholder is overwritten once step N is read. The prefix cache never registers a block
-  whose last token is still pending (``BlockManager``).
+- A request that sampled in step N and continues gets ``PENDING_TOKEN`` appended to its ``token_ids`` once step N
+  is launched and step N-1 read (``InflightStep.placeholders``), so the scheduler sees one more token to compute;
+  step N+1's input id for it is gathered on the device from step N's sampled tokens (``CarriedTokens``, applied by
+  ``InputBuffers.prepare`` before anything reads the inputs, and before the inputs are broadcast to
+  tensor-parallel followers), and the placeholder is overwritten once step N is read. The prefix cache never
+  registers a block whose last token is still pending (``BlockManager``).
 - A request that step N's token ends by length (or ``max_tokens=0``) is known to end before the token is read: it
-  leaves the scheduler (its blocks are freed) when step N is launched (``InflightStep.final``), as the synchronous
-  engine would free them before scheduling step N+1; its token, text and finish reason (a stop token or string
-  still wins over "length") come when step N is read.
+  leaves the scheduler (its blocks are freed) at the same time (``InflightStep.final``), before step N+1 is
+  scheduled, as in the synchronous engine; its token, text and finish reason (a stop token or string still wins
+  over "length") come when step N is read.
 - A request that step N's token ends by EOS, a stop token or a stop string is found one step late: it ran in
   step N+1, whose token for it is discarded; its blocks are freed when step N is read (step N+1's cache writes
   into them are ordered on the device before any later step's).
@@ -22,9 +22,13 @@ tokens, stop checks, detokenization, outputs) while the device runs step N+1:
 
 Everything else reads only what the host knows at launch (penalties count sampled tokens on the device; min_tokens
 counts the placeholder as an output token; prompt logprobs are stored when their step is launched). Greedy and
-seeded outputs are those of the synchronous engine. Requests without a seed share one random stream, whose draws
-shift when a request that ended one step late samples in that step: their outputs are reproducible from run to run
-but not equal to the synchronous engine's.
+seeded requests get the tokens of the synchronous engine (logprobs up to float rounding: a batch that holds a
+request one step longer may round the others' rows differently). Requests without a seed share one random
+stream, whose draws shift when a request that ended one step late samples in that step: their outputs are
+reproducible from run to run but not equal to the synchronous engine's.
+
+What still waits for the device while launching a step (so it overlaps less): logprobs (their dicts are read at
+once), prompt logprobs, and top-k / top-p rows (the sampler's check for its sort fallback).
 
 On CUDA, ``TokenReadback`` copies each step's tokens into one of two pinned buffers right after sampling and
 records an event; reading a step waits for that event only, not for the step launched after it. On CPU every
