@@ -16,6 +16,7 @@ import pytest
 from flashserve import LLM, SamplingParams
 from flashserve.engine.block_manager import BlockManager
 from flashserve.engine.request import PENDING_TOKEN, Request
+from flashserve.engine.scheduler import Scheduler
 from flashserve.models.checkpoint import write_random_checkpoint
 
 MAX_TOKENS = 10
@@ -199,6 +200,15 @@ def test_a_pending_token_is_not_registered_in_the_prefix_cache():
     assert manager.allocate_slots(request, 1)
     assert request.num_cached_blocks == 1
     assert manager.blocks[request.block_ids[0]].token_ids == (5, 6, 7, 8)
+
+
+def test_a_request_preempted_before_its_token_is_read_can_finish():
+    manager = BlockManager(num_blocks=8, block_size=4)
+    scheduler = Scheduler(manager, max_num_seqs=4, max_num_batched_tokens=64)
+    request = Request("r", None, [5, 6, 7], SamplingParams(), max_model_len=64)
+    scheduler.add(request)  # waiting, as after a preemption
+    scheduler.finish(request, "stop")
+    assert request.is_finished and not scheduler.has_unfinished()
 
 
 def test_tensor_parallel_followers(directory, cases):
