@@ -3,8 +3,8 @@
 Every test runs the same requests with ``async_scheduling`` on and off and compares everything a RequestOutput
 holds: token ids, text, finish and stop reasons, logprobs and prompt logprobs. The requests mix greedy and seeded
 sampling, stop tokens and strings found in a first synchronous run (so that requests end mid-batch, one step late
-under async scheduling), an EOS made likely by a logit bias, min_tokens, max_tokens, penalties, logprobs and
-prompt logprobs, over prefix caching, chunked prefill and a pool small enough to preempt. Streaming through
+under async scheduling), an EOS made likely by a logit bias, min_tokens, max_tokens (0 included), penalties,
+logprobs and prompt logprobs, over prefix caching, chunked prefill and a pool small enough to preempt. Streaming through
 ``engine.step`` must deliver every token and character once; abort and tensor-parallel followers are covered too.
 
 Runs on the PyTorch reference attention (the engine logic does not depend on the backend).
@@ -64,7 +64,7 @@ def _feature_params(directory: str, prompts: list[list[int]]) -> list[SamplingPa
         SamplingParams(temperature=0.8, seed=5, max_tokens=MAX_TOKENS, repetition_penalty=1.3,
                        presence_penalty=0.5, frequency_penalty=0.3, prompt_logprobs=2),
         SamplingParams(temperature=1.0, seed=9, max_tokens=MAX_TOKENS, logit_bias={eos: 8.0}),
-        SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=1),
         SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=1),
         SamplingParams(temperature=0.7, min_p=0.05, seed=3, max_tokens=MAX_TOKENS, stop=[texts[8][len(texts[8]) // 2:][:2]]),
         SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logit_bias={tokens[9][0]: -50.0}),
