@@ -71,6 +71,8 @@ class Config:
             self.dtype = names[self.dtype]
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True or False, got {self.async_scheduling!r}")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:

@@ -66,7 +66,8 @@ def _feature_params(directory: str, prompts: list[list[int]]) -> list[SamplingPa
         SamplingParams(temperature=1.0, seed=9, max_tokens=MAX_TOKENS, logit_bias={eos: 8.0}),
         SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=1),
         SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=1),
-        SamplingParams(temperature=0.7, min_p=0.05, seed=3, max_tokens=MAX_TOKENS, stop=[texts[8][len(texts[8]) // 2:][:2]]),
+        SamplingParams(temperature=0.7, min_p=0.05, seed=3, max_tokens=MAX_TOKENS,
+                       stop=[texts[8][len(texts[8]) // 2:][:2]]),
         SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logit_bias={tokens[9][0]: -50.0}),
     ]
 

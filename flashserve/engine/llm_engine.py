@@ -34,8 +34,9 @@ class EngineStats:
 
     A step that only decodes (every request computes one token after its prompt) counts as decode time; any other
     step counts as prefill time. A step's time is that of the ``step`` call that launched it (with async
-    scheduling that call also read the step before). ``prefill_tokens`` are the tokens computed that were not decodes (prompt chunks and
-    recomputation after preemption); ``decode_tokens`` the tokens sampled in decode-only steps.
+    scheduling that call also read the step before). ``prefill_tokens`` are the tokens computed that were not
+    decodes (prompt chunks and recomputation after preemption); ``decode_tokens`` the tokens sampled in decode-only
+    steps.
     """
 
     num_steps: int = 0
