@@ -6,11 +6,14 @@ A tiny random-weight Llama (``write_random_checkpoint``, 2,000-token byte-level 
 sampler's device work is one argmax): what remains is the host's work of a step. 256 requests with prompts
 uniform in [100, 1024] tokens (random ids) are prefilled, then ``--steps`` decode steps are timed one by one.
 Phases are timed by wrapping the engine's own methods (``Scheduler.schedule``, ``InputBuffers.prepare``,
-``Sampler.__call__``, ``IncrementalDetokenizer.step``); "other" is the rest of ``LLMEngine.step`` (advancing the
+``Sampler.sample``, ``IncrementalDetokenizer.step``); "other" is the rest of ``LLMEngine.step`` (advancing the
 requests, stop checks, building the outputs). The sampler's argmax over the logits is device work that runs on the
 CPU here, so "sampler, host part" times the same call on 8-column logits, and "host total" is a step without the
-sampler's time plus that. Medians and minima over the timed steps, µs (on a shared machine the minima are the
-steadier figure).
+sampler's time plus that; "host before the launch" is the time from the start of ``step`` to the forward
+pass. Both engines run, with ``async_scheduling`` off (every step: schedule, launch, read, host work) and on
+(schedule and launch step N+1, then read step N and do its host work): the host work is the same, but on a GPU
+the synchronous step costs host + device time and the async one about max(host, device). Medians and minima over
+the timed steps, µs (on a shared machine the minima are the steadier figure).
 Usage: python benchmarks/host_step.py [--out DIR] [--requests 256] [--steps 100]
 """
 import argparse
@@ -31,7 +34,7 @@ from flashserve.engine import detokenizer, input_buffers, sampler, scheduler  # 
 from flashserve.models.checkpoint import write_random_checkpoint  # noqa: E402
 
 PHASES = {"schedule": (scheduler.Scheduler, "schedule"), "prepare_inputs": (input_buffers.InputBuffers, "prepare"),
-          "sampler": (sampler.Sampler, "__call__"), "detokenize": (detokenizer.IncrementalDetokenizer, "step")}
+          "sampler": (sampler.Sampler, "sample"), "detokenize": (detokenizer.IncrementalDetokenizer, "step")}
 
 
 def _timed(spent: dict, name: str, method):
@@ -45,24 +48,23 @@ def _timed(spent: dict, name: str, method):
     return wrapper
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
-    parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=100)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    directory = tempfile.mkdtemp(prefix="flashserve-host-step-")
-    write_random_checkpoint(directory, "LlamaForCausalLM", tokenizer_vocab_size=2000, max_position_embeddings=4096)
+def measure(directory: str, args, async_scheduling: bool) -> dict[str, list[float]]:
+    """Per-phase µs of ``args.steps`` decode steps of an engine with ``async_scheduling`` on or off."""
     blocks = args.requests * (1024 + args.steps + 64) // 16 + 64
     llm = LLM(directory, dtype="float32", device="cpu", block_size=16, num_kv_blocks=blocks,
-              max_num_seqs=args.requests, max_model_len=4096)
+              max_num_seqs=args.requests, max_model_len=4096, async_scheduling=async_scheduling)
     engine = llm.engine
     vocab = engine.vocab_size
     model = engine.runner.model
     generator = torch.Generator().manual_seed(0)
     pool = [torch.randn(max(args.requests, 8192), vocab, generator=generator) for _ in range(4)]
-    model.forward = lambda input_ids, positions: torch.zeros(input_ids.shape[0], 1)
+    launches = []
+
+    def forward(input_ids, positions):
+        launches.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], 1)
+
+    model.forward = forward
     model.compute_logits = lambda hidden: pool[rng.randrange(4)][:hidden.shape[0]]
     rng = random.Random(0)
     for i in range(args.requests):
@@ -74,20 +76,22 @@ def main():
     originals = {name: getattr(cls, attr) for name, (cls, attr) in PHASES.items()}
     for name, (cls, attr) in PHASES.items():
         setattr(cls, attr, _timed(spent, name, originals[name]))
-    per_step = {name: [] for name in [*PHASES, "other", "total", "host total"]}
+    per_step = {name: [] for name in [*PHASES, "other", "total", "host total", "host before the launch"]}
     try:
         for _ in range(args.steps):
             for name in spent:
                 spent[name] = 0.0
+            launches.clear()
             start = time.perf_counter()
             outputs = engine.step()
             total = time.perf_counter() - start
-            assert len(outputs) == args.requests
+            assert len(outputs) == args.requests and len(launches) == 1
             for name in PHASES:
                 per_step[name].append(spent[name] * 1e6)
             per_step["other"].append((total - sum(spent.values())) * 1e6)
             per_step["total"].append(total * 1e6)
             per_step["host total"].append((total - spent["sampler"]) * 1e6)
+            per_step["host before the launch"].append((launches[0] - start) * 1e6)
     finally:
         for name, (cls, attr) in PHASES.items():
             setattr(cls, attr, originals[name])
@@ -100,10 +104,29 @@ def main():
         sampler_host.append((time.perf_counter() - start) * 1e6)
     per_step["sampler, host part"] = sampler_host
     per_step["host total"] = [value + statistics.median(sampler_host) for value in per_step["host total"]]
+    return per_step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    directory = tempfile.mkdtemp(prefix="flashserve-host-step-")
+    write_random_checkpoint(directory, "LlamaForCausalLM", tokenizer_vocab_size=2000, max_position_embeddings=4096)
+    runs = {mode: measure(directory, args, mode) for mode in (False, True)}
     lines = [f"host µs per decode step, {args.requests} running requests, {args.steps} steps "
-             f"({os.cpu_count()} CPUs, torch {torch.__version__})", "", "| phase | median µs | min µs |",
-             "|---|---|---|"]
-    lines += [f"| {name} | {statistics.median(values):.0f} | {min(values):.0f} |" for name, values in per_step.items()]
+             f"({os.cpu_count()} CPUs, torch {torch.__version__})", "",
+             "| phase | sync median µs | sync min µs | async median µs | async min µs |", "|---|---|---|---|---|"]
+    for name in runs[False]:
+        cells = [f"{statistics.median(run[name]):.0f} | {min(run[name]):.0f}" for run in runs.values()]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    host = {mode: statistics.median(run["host total"]) for mode, run in runs.items()}
+    lines += ["", f"Expected decode step on a GPU whose step takes G µs: synchronous ≈ {host[False]:.0f} + G; "
+              f"async scheduling ≈ max({host[True]:.0f}, G) (the host work of step N runs while the device computes "
+              "step N+1)."]
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out, exist_ok=True)

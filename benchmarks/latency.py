@@ -30,6 +30,7 @@ a time limit cannot cost it; the results are rewritten after every measurement):
 Usage (GPU): ``python benchmarks/latency.py --out DIR``. ``--quick``: tiny models on the CPU in float32 (copy and
 splits skipped, CUDA counts NaN), to check the script. Writes latency.md, latency.json and latency.png to --out.
 """
+import argparse
 import gc
 import itertools
 import json
@@ -91,6 +92,8 @@ def parse_args():
     parser.add_argument("--startup-timeout", type=int, default=900, help="seconds per start-up subprocess")
     parser.add_argument("--work-dir", default=None, help="where the checkpoints go (default: the system temp dir)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                        help="the engines' async_scheduling (default on)")
     parser.add_argument("--quick", action="store_true", help="tiny models on the CPU (smoke run)")
     if "--quick" in sys.argv[1:]:
         parser.set_defaults(batch_sizes=[1, 2], decode_steps=4, prompt_len=16, max_model_len=512,
@@ -217,7 +220,8 @@ class Run:
     def llm_kwargs(self, model: str, max_model_len: int, eager: bool) -> dict:
         kwargs = dict(model=model, dtype=self.args.dtype, device=self.args.device, max_model_len=max_model_len,
                       max_num_seqs=max(256, *self.args.batch_sizes), max_num_batched_tokens=8192,
-                      enable_prefix_caching=False, enforce_eager=eager, seed=self.args.seed)
+                      enable_prefix_caching=False, enforce_eager=eager, seed=self.args.seed,
+                      async_scheduling=self.args.async_scheduling)
         if self.args.max_cudagraph_capture_size is not None:
             kwargs["max_cudagraph_capture_size"] = self.args.max_cudagraph_capture_size
         return kwargs
@@ -279,7 +283,8 @@ def submit(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> list[
 
 
 def timed_step(engine) -> float:
-    """ms of one ``engine.step()`` (which waits for the device: it reads the sampled ids)."""
+    """ms of one ``engine.step()`` (which waits for the device: it reads the sampled ids of its step, or with
+    async scheduling those of the step before, after launching its own)."""
     start = time.perf_counter()
     engine.step()
     return (time.perf_counter() - start) * 1e3

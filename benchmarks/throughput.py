@@ -59,6 +59,8 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                        help="the engine's async_scheduling (default on)")
     parser.add_argument("--warmup-requests", type=int, default=None,
                         help="requests of workload 1's untimed warm-up run (default: --num-requests)")
     parser.add_argument("--quick", action="store_true", help="tiny model and workloads (CPU smoke run)")
@@ -86,7 +88,7 @@ def _make_llm(args, model: str, enable_prefix_caching: bool):
 
     return LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               enable_prefix_caching=enable_prefix_caching, seed=args.seed)
+               enable_prefix_caching=enable_prefix_caching, seed=args.seed, async_scheduling=args.async_scheduling)
 
 
 def _sync(llm) -> None:
@@ -191,7 +193,8 @@ def _environment(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
     return dict(device=name, torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now().isoformat(timespec="seconds"), command=" ".join(sys.argv))
+                date=datetime.datetime.now().isoformat(timespec="seconds"), command=" ".join(sys.argv),
+                async_scheduling=args.async_scheduling)
 
 
 def _markdown(result: dict) -> str:

@@ -66,6 +66,8 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                        help="reuse the KV cache of shared prompt prefixes (default on)")
     serve.add_argument("--seed", type=int, default=0, help="seed of requests without their own (default 0)")
+    serve.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                       help="launch each step before reading the previous one's tokens (default on)")
     serve.add_argument("--chat-template", default=None, metavar="FILE",
                        help="a Jinja chat template file replacing the tokenizer's")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
@@ -153,7 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
         model = _model_or_demo(args.model_dir or args.model)
         serve(model, server, dtype=args.dtype, device=args.device, enforce_eager=args.enforce_eager,
               enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-              tensor_parallel_size=args.tensor_parallel_size, **options)
+              tensor_parallel_size=args.tensor_parallel_size, async_scheduling=args.async_scheduling, **options)
     except ValueError as error:
         print(f"flashserve serve: error: {error}", file=sys.stderr)
         return 2

@@ -33,6 +33,10 @@ class Config:
             holds the largest possible decode batch (``min(max_num_seqs, max_num_batched_tokens)``) would never
             replay and are not captured.
         seed: seed of the random stream used by requests without their own seed.
+        async_scheduling: schedule and launch each step before the host has read the previous step's sampled
+            tokens, and do that step's host work (stop checks, detokenization, outputs) while the device runs the
+            next one (vLLM's name; ``flashserve.engine.inflight``). Same outputs for greedy and seeded requests;
+            False runs every step synchronously.
         tensor_parallel_size: the number of ranks (GPUs, or CPU processes) the model is split over
             (``flashserve.distributed``); 1 runs it in this process alone.
     """
@@ -52,6 +56,7 @@ class Config:
     max_cudagraph_capture_size: int | None = None
     seed: int = 0
     tensor_parallel_size: int = 1
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model):
@@ -66,6 +71,8 @@ class Config:
             self.dtype = names[self.dtype]
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True or False, got {self.async_scheduling!r}")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:

@@ -26,13 +26,14 @@ class LLM:
                  max_model_len: int | None = None, block_size: int = 16, gpu_memory_utilization: float = 0.9,
                  num_kv_blocks: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  enable_prefix_caching: bool = True, enforce_eager: bool = False,
-                 max_cudagraph_capture_size: int | None = None, seed: int = 0, tensor_parallel_size: int = 1):
+                 max_cudagraph_capture_size: int | None = None, seed: int = 0, tensor_parallel_size: int = 1,
+                 async_scheduling: bool = True):
         config = Config(model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
                         block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                         num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                         max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
                         enforce_eager=enforce_eager, max_cudagraph_capture_size=max_cudagraph_capture_size,
-                        seed=seed, tensor_parallel_size=tensor_parallel_size)
+                        seed=seed, tensor_parallel_size=tensor_parallel_size, async_scheduling=async_scheduling)
         self.engine = LLMEngine(config)
         self._next_id = 0
 

@@ -8,11 +8,14 @@ hash, so a hash collision can never hand back the wrong KV.
 Free blocks wait in an LRU queue: allocation takes the block at its front, evicting whatever prefix it cached.
 A finished request releases its blocks tail first, so its last blocks (the least likely to be shared) are evicted
 before its first ones; blocks that cache nothing go to the front, to be reused first.
+
+A block whose last token is still ``PENDING_TOKEN`` (async scheduling) is registered by the request's next
+allocation, once the token is known.
 """
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from flashserve.engine.request import Request
+from flashserve.engine.request import PENDING_TOKEN, Request
 
 _ROOT_HASH = 0x5EED
 
@@ -148,8 +151,11 @@ class BlockManager:
             self._uncache(block)
             block.ref_count = 1
             request.block_ids.append(block_id)
-        if self.enable_prefix_caching and num_tokens // self.block_size > request.num_cached_blocks:
-            self._cache_full_blocks(request, num_tokens // self.block_size)
+        num_full_blocks = num_tokens // self.block_size
+        if num_full_blocks and request.token_ids[num_full_blocks * self.block_size - 1] == PENDING_TOKEN:
+            num_full_blocks -= 1  # its last token is not known yet: registered by a later step's allocation
+        if self.enable_prefix_caching and num_full_blocks > request.num_cached_blocks:
+            self._cache_full_blocks(request, num_full_blocks)
         return True
 
     def _cache_full_blocks(self, request: Request, num_full_blocks: int) -> None:

@@ -20,6 +20,11 @@ packed rows whose logits score prompt tokens (``prompt_rows``), so rank 0 sends 
 ``generate`` call, or shutdown — in one broadcast of the device arena, which lands at the same addresses on the
 other ranks (their graphs read it in place); they read the header back with ``read_header``.
 
+With async scheduling (``flashserve.engine.inflight``) the input id of a request's last token may be one the
+previous step sampled and the host has not read: ``carried_rows`` (packed rows) and ``carried_from`` (indices into
+that step's sampled tokens) travel in the arena, and right after the upload one gather on the device writes those
+input ids (queued after the copy, before the forward pass and before the arena is broadcast to the other ranks).
+
 A decode step replayed from a CUDA graph captured for ``padded_size`` rows is packed with padding rows after the
 real ones: token 0 at position 0, slot -1 (no cache write), KV length 0 (no key read); their outputs are ignored.
 """
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 
 from flashserve.context import AttentionContext
+from flashserve.engine.inflight import CarriedTokens
 from flashserve.engine.scheduler import ScheduledBatch
 
 # message kinds of the header's first entry: a step to run, the end of an LLM.generate call, shutdown
@@ -98,6 +104,7 @@ class InputBuffers:
                   ("logits_indices", (max_num_seqs,), torch.int64), ("input_ids", (max_num_tokens,), torch.int64),
                   ("positions", (max_num_tokens,), torch.int64), ("slot_mapping", (max_num_tokens,), torch.int64),
                   ("prompt_rows", (max_num_tokens,), torch.int64), ("shared_prefix_len", (1,), torch.int32),
+                  ("carried_rows", (max_num_seqs,), torch.int64), ("carried_from", (max_num_seqs,), torch.int64),
                   ("block_table", (max_num_seqs, max_blocks_per_seq), torch.int32)]  # the block table last
         offsets, size = [], 0
         for _, shape, dtype in layout:
@@ -119,12 +126,15 @@ class InputBuffers:
         return self._device_arena
 
     def prepare(self, batch: ScheduledBatch, padded_size: int | None = None,
-                prompt_rows: list[int] | None = None, shared_prefix_len: int = 0) -> StepInputs:
+                prompt_rows: list[int] | None = None, shared_prefix_len: int = 0,
+                carried: CarriedTokens | None = None) -> StepInputs:
         """Pack ``batch`` (requests before their ``num_computed_tokens`` advances) into the step's inputs.
 
         ``padded_size`` (decode-only batches, >= the number of requests): add padding rows up to that many.
         ``prompt_rows``: the packed rows whose logits score prompt tokens (for the other ranks).
         ``shared_prefix_len``: the keys a cascade-attention step shares (``shared_prefix_len.device`` then holds it).
+        ``carried`` (async scheduling): input ids to take from the previous step's sampled tokens on the device;
+        the rows they replace hold ``PENDING_TOKEN`` on the host.
         """
         self._wait_for_copies()
         requests = batch.requests
@@ -152,12 +162,21 @@ class InputBuffers:
         num_rows = len(prompt_rows) if prompt_rows else 0
         self.prompt_rows.array[:num_rows] = prompt_rows or []
         self.shared_prefix_len.array[0] = shared_prefix_len
+        num_carried = 0
+        if carried is not None:
+            num_carried = len(carried.batch_indices)
+            self.carried_rows.array[:num_carried] = cu_seqlens_q[1:][carried.batch_indices] - 1
+            self.carried_from.array[:num_carried] = carried.source_indices
         if padded_size is not None:
             self._write_padding(num_reqs, padded_size)
             num_reqs = num_tokens = padded_size
         header = StepHeader(STEP, num_tokens, num_reqs, int(num_new.max()), int(ends.max()), logits_indices.size,
                             padded_size or 0, num_rows)
-        return self._upload(header)
+        inputs = self._upload(header)
+        if num_carried:
+            tokens = carried.source.index_select(0, self.carried_from.device[:num_carried])
+            self.input_ids.device.index_copy_(0, self.carried_rows.device[:num_carried], tokens)
+        return inputs
 
     def prepare_padding(self, num_reqs: int) -> StepInputs:
         """A decode step of ``num_reqs`` padding rows only (for warm-up and CUDA-graph capture)."""

@@ -13,11 +13,12 @@ from flashserve.distributed.launch import start_group
 from flashserve.engine.block_manager import BlockManager
 from flashserve.engine.detokenizer import OutputText, TokenTexts
 from flashserve.engine.grammars import GrammarCompiler
+from flashserve.engine.inflight import InflightStep
 from flashserve.engine.input_buffers import END_OF_CALL, SHUTDOWN
 from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.prompt_logprobs import PromptLogprobRows
-from flashserve.engine.request import Request, RequestStatus
-from flashserve.engine.scheduler import Scheduler
+from flashserve.engine.request import PENDING_TOKEN, Request, RequestStatus
+from flashserve.engine.scheduler import ScheduledBatch, Scheduler
 from flashserve.engine.structured_outputs import GrammarWaitlist, RequestGrammar
 from flashserve.engine.token_bytes import token_bytes
 from flashserve.outputs import CompletionOutput, Logprob, RequestOutput
@@ -32,8 +33,10 @@ class EngineStats:
     """Running totals since the engine started.
 
     A step that only decodes (every request computes one token after its prompt) counts as decode time; any other
-    step counts as prefill time. ``prefill_tokens`` are the tokens computed that were not decodes (prompt chunks and
-    recomputation after preemption); ``decode_tokens`` the tokens sampled in decode-only steps.
+    step counts as prefill time. A step's time is that of the ``step`` call that launched it (with async
+    scheduling that call also read the step before). ``prefill_tokens`` are the tokens computed that were not
+    decodes (prompt chunks and recomputation after preemption); ``decode_tokens`` the tokens sampled in decode-only
+    steps.
     """
 
     num_steps: int = 0
@@ -98,6 +101,7 @@ class LLMEngine:
         token_bytes(self.tokenizer)  # the detokenizer's byte table, read now rather than on the first request
         self.grammar_compiler: GrammarCompiler | None = None
         self.grammar_waitlist = GrammarWaitlist(self.eos_token_ids)
+        self._inflight: InflightStep | None = None
 
     def add_request(self, request_id: str, prompt: str | list[int] | None, params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None) -> None:
@@ -168,34 +172,66 @@ class LLMEngine:
             else:
                 self.scheduler.abort(request)
                 self.runner.sampler.release(one_id)
+        inflight = self._inflight
+        if inflight is not None and all(self.requests.get(r.request_id) is not r for r in inflight.sampling):
+            self._inflight = None  # nothing left to read: its tokens are discarded
+            self.stats.generated_tokens -= len(inflight.sampling)
 
     def has_unfinished(self) -> bool:
-        """Whether any request is waiting (for the scheduler or for its grammar) or running."""
-        return self.scheduler.has_unfinished() or len(self.grammar_waitlist) > 0
+        """Whether any request is waiting (for the scheduler or for its grammar) or running, or a launched step
+        is still to be read."""
+        return self.scheduler.has_unfinished() or len(self.grammar_waitlist) > 0 or self._inflight is not None
 
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns, for every request that sampled, what is new since its previous output.
 
-        Text that might be the start of a stop string is held back until it is known not to be one. A request with
-        ``max_tokens=0`` finishes ("length") when its prefill is done: the token sampled then is dropped. A request
-        whose grammar failed to compile ends with "abort".
+        With ``async_scheduling`` the outputs are those of the step launched by the previous call: this call
+        launches the next batch first (``flashserve.engine.inflight``). Text that might be the start of a stop
+        string is held back until it is known not to be one. A request with ``max_tokens=0`` finishes ("length")
+        when its prefill is done: the token sampled then is dropped. A request whose grammar failed to compile ends
+        with "abort".
         """
-        failed = self._admit_compiled() if self.grammar_waitlist else []
+        start = time.perf_counter()
+        outputs = self._admit_compiled() if self.grammar_waitlist else []
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None and inflight.needs_sync:
+            outputs += self._read(inflight)
+            inflight = None
         batch = self.scheduler.schedule()
         if not batch.requests:
+            if inflight is not None:
+                return outputs + self._read(inflight)
             if not self.scheduler.has_unfinished():
                 self.grammar_waitlist.wait(GRAMMAR_WAIT_S)  # nothing else to do (no wait when none is compiling)
-                return failed
+                return outputs
             if batch.preempted:
-                return failed
+                return outputs
             raise RuntimeError("the scheduler could not schedule any request: this is a bug")
-        decode_only = all(n == 1 and r.num_computed_tokens >= r.num_prompt_tokens
-                          for r, n in zip(batch.requests, batch.num_new_tokens))
-        start = time.perf_counter()
+        launched = self._launch(batch, inflight)
+        if inflight is not None:
+            outputs += self._read(inflight)
+        if self.config.async_scheduling:
+            self._expect_tokens(launched)
+            launched.elapsed_s = time.perf_counter() - start
+            self._inflight = launched
+        else:
+            outputs += self._read(launched)
+            launched.elapsed_s = time.perf_counter() - start
+        self._record(launched)
+        return outputs
+
+    def _launch(self, batch: ScheduledBatch, previous: InflightStep | None) -> InflightStep:
+        """Run ``batch`` up to its sampled tokens (on the device, not read) and advance its requests; input ids
+        still pending in ``previous`` come from its tokens on the device. Prompt logprobs are stored now."""
         prompt_rows = PromptLogprobRows.of(batch) if self.scoring else None
-        token_ids, logprobs, prompt_logprobs = self.runner.run(batch, self.eos_token_ids, prompt_rows)
-        elapsed = time.perf_counter() - start
-        self._record(batch, decode_only, len(token_ids), elapsed)
+        carried = previous.carried_to(batch) if previous is not None else None
+        tokens, logprobs, prompt_logprobs = self.runner.run(batch, self.eos_token_ids, prompt_rows, carried)
+        sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
+        launched = InflightStep(batch, sampling, tokens, logprobs, decode_only=_decode_only(batch),
+                                needs_sync=any(request.grammar is not None for request in sampling))
+        if not launched.decode_only:
+            launched.prefill_tokens = sum(n for r, n in zip(batch.requests, batch.num_new_tokens)
+                                          if not (n == 1 and r.num_computed_tokens >= r.num_prompt_tokens))
         self.scheduler.advance(batch)
         for request, entries in prompt_logprobs:
             if request.text is not None:
@@ -203,14 +239,40 @@ class LLMEngine:
             request.prompt_logprobs.extend(entries)
             if not request.needs_prompt_logprobs:
                 self.scoring.discard(request.request_id)
-        sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
-        outputs = failed
-        for request, token_id, token_logprobs in zip(sampling, token_ids, logprobs):
-            if request.params.max_tokens == 0:
+        return launched
+
+    def _expect_tokens(self, launched: InflightStep) -> None:
+        """Async scheduling, once the step before ``launched`` is read: give every request that continues after
+        ``launched`` a ``PENDING_TOKEN``, and take those that its token ends by length out of the scheduler."""
+        for index, request in enumerate(launched.sampling):
+            if request.status is RequestStatus.FINISHED:
+                continue  # ended by the step read just before (its token of this step is discarded), or aborted
+            if request.params.max_tokens == 0 or len(request.token_ids) + 1 >= request.max_total_tokens:
                 self.scheduler.finish(request, "length")
+                launched.final.add(request)
+            else:
+                request.token_ids.append(PENDING_TOKEN)
+                launched.placeholders[request] = index
+
+    def _read(self, step: InflightStep) -> list[RequestOutput]:
+        """Read ``step``'s tokens (waiting for them) and do its host work: append them, check the stop conditions,
+        detokenize, and return the outputs. Tokens of requests that ended or were aborted since ``step`` was
+        launched are discarded."""
+        outputs = []
+        placeholders, final = step.placeholders, step.final
+        for request, token_id, token_logprobs in zip(step.sampling, step.tokens.tolist(), step.logprobs):
+            if self.requests.get(request.request_id) is not request:
+                self.stats.generated_tokens -= 1
+                continue
+            if request.params.max_tokens == 0:
+                reason = "length"
                 self.stats.generated_tokens -= 1
             else:
-                self._append_token(request, token_id, token_logprobs)
+                reason = self._append_token(request, token_id, token_logprobs, request in placeholders)
+            if request in final:
+                request.finish_reason = reason
+            elif reason is not None:
+                self.scheduler.finish(request, reason)
             outputs.append(self._new_output(request))
             if request.status is RequestStatus.FINISHED:
                 del self.requests[request.request_id]
@@ -231,24 +293,28 @@ class LLMEngine:
             self.scoring.discard(request.request_id)
         return outputs
 
-    def _record(self, batch, decode_only: bool, num_sampled: int, elapsed: float) -> None:
-        """Add a step to the statistics."""
+    def _record(self, step: InflightStep) -> None:
+        """Add a launched step to the statistics (the tokens it samples; the time of the call that launched it)."""
         stats = self.stats
         stats.num_steps += 1
-        stats.generated_tokens += num_sampled
-        if decode_only:
-            stats.decode_tokens += num_sampled
-            stats.decode_time_s += elapsed
+        stats.generated_tokens += len(step.sampling)
+        if step.decode_only:
+            stats.decode_tokens += len(step.sampling)
+            stats.decode_time_s += step.elapsed_s
         else:
-            stats.prefill_tokens += sum(n for r, n in zip(batch.requests, batch.num_new_tokens)
-                                        if not (n == 1 and r.num_computed_tokens >= r.num_prompt_tokens))
-            stats.prefill_time_s += elapsed
+            stats.prefill_tokens += step.prefill_tokens
+            stats.prefill_time_s += step.elapsed_s
 
-    def _append_token(self, request: Request, token_id: int, token_logprobs: dict[int, Logprob] | None) -> None:
-        """Add a sampled token, extend the text, and finish the request when a stop condition is met."""
+    def _append_token(self, request: Request, token_id: int, token_logprobs: dict[int, Logprob] | None,
+                      pending: bool = False) -> str | None:
+        """Add a sampled token (in place of the request's ``PENDING_TOKEN`` if ``pending``), extend the text;
+        returns the finish reason when a stop condition is met (None otherwise)."""
         params = request.params
         token_ids = request.token_ids
-        token_ids.append(token_id)
+        if pending:
+            token_ids[-1] = token_id
+        else:
+            token_ids.append(token_id)
         num_output_tokens = len(token_ids) - request.num_prompt_tokens
         if request.logprobs is not None:
             if request.text is not None:
@@ -267,8 +333,7 @@ class LLMEngine:
             if stop_string is not None:
                 request.stop_reason = stop_string
                 reason = "stop"
-        if reason is not None:
-            self.scheduler.finish(request, reason)
+        return reason
 
     def _new_output(self, request: Request) -> RequestOutput:
         """The request's text, tokens and logprobs not yet returned by ``step``, and its prompt logprobs if this is
@@ -339,3 +404,9 @@ def _token_id_list(token_ids, vocab_size: int) -> list[int]:
             raise ValueError(f"prompt token id {token} is outside the vocabulary [0, {vocab_size})")
         result.append(token)
     return result
+
+
+def _decode_only(batch: ScheduledBatch) -> bool:
+    """Whether every request of ``batch`` computes one token after its prompt."""
+    return all(n == 1 and r.num_computed_tokens >= r.num_prompt_tokens
+               for r, n in zip(batch.requests, batch.num_new_tokens))

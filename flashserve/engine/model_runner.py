@@ -5,7 +5,9 @@ the scheduled tokens into ``input_ids``/``positions`` and the ``AttentionContext
 cumulative query lengths, KV lengths, and a block table padded to a fixed width of ``ceil(max_model_len /
 block_size)`` columns, so that decode metadata keeps one shape whatever the sequence lengths) through persistent
 buffers (``InputBuffers``), runs the forward pass, takes the last hidden row of every request that samples, and
-samples; reading the sampled token ids is the step's only wait on the device. On CUDA (unless ``enforce_eager``)
+samples; the sampled token ids stay on the device, their copy to the host queued after them (``TokenReadback``),
+and the engine's reading them is the step's only wait on the device (with async scheduling, after it launched
+the next step: ``flashserve.engine.inflight``). On CUDA (unless ``enforce_eager``)
 decode-only steps replay CUDA graphs captured at start-up (``DecodeGraphs``); batches larger than the largest
 captured size and every other step run eagerly. A step in which a request computes prompt positions whose prompt
 logprobs it asked for runs eagerly too, and scores those rows after sampling (``prompt_logprobs``).
@@ -37,6 +39,7 @@ from flashserve.context import AttentionContext, set_context
 from flashserve.distributed.state import broadcast_from_driver, min_over_ranks, tp_rank, tp_size
 from flashserve.engine import cascade, warmup
 from flashserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from flashserve.engine.inflight import CarriedTokens, SampledTokens, TokenReadback
 from flashserve.engine.input_buffers import END_OF_CALL, SHUTDOWN, STEP, InputBuffers, StepInputs
 from flashserve.engine.prompt_logprobs import PromptLogprobRows, prompt_row_logits
 from flashserve.engine.request import Request
@@ -97,6 +100,7 @@ class ModelRunner:
                             and all(window is None for window in self.spec.sliding_windows))
         # the most requests a step can sample: the largest decode batch, and the most prompt-logprob rows at once
         self.max_logit_rows = min(config.max_num_seqs, config.max_num_batched_tokens)
+        self.readback = TokenReadback(self.max_logit_rows, self.device)
         self.token_bitmask = TokenBitmask(self.max_logit_rows, self.spec.vocab_size, self.device)
         use_graphs = self.device.type == "cuda" and not config.enforce_eager
         graph_sizes = capture_sizes(config.max_cudagraph_capture_size, self.max_logit_rows) if use_graphs else []
@@ -230,13 +234,16 @@ class ModelRunner:
         return peak - current
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, eos_token_ids: list[int], prompt_rows: PromptLogprobRows | None = None
-            ) -> tuple[list[int], list[dict[int, Logprob] | None], list[tuple[Request, list[dict[int, Logprob]]]]]:
+    def run(self, batch: ScheduledBatch, eos_token_ids: list[int], prompt_rows: PromptLogprobRows | None = None,
+            carried: CarriedTokens | None = None
+            ) -> tuple[SampledTokens, list[dict[int, Logprob] | None], list[tuple[Request, list[dict[int, Logprob]]]]]:
         """Compute the batch's tokens and sample one token for every request with ``batch.samples`` set (rank 0;
         under tensor parallelism the other ranks run the same step in ``follow``).
 
-        Returns the sampled token ids and per-token logprob dicts, in the order of the sampling requests, and the
-        prompt logprob dicts of ``prompt_rows`` (``PromptLogprobRows.of(batch)``), per request.
+        Returns the sampled token ids (on the device, their copy to the host started: nothing waits for the step
+        unless logprobs or prompt logprobs are asked for) and per-token logprob dicts, in the order of the sampling
+        requests, and the prompt logprob dicts of ``prompt_rows`` (``PromptLogprobRows.of(batch)``), per request.
+        ``carried``: input ids taken from the previous step's sampled tokens (``InputBuffers.prepare``).
         """
         num_reqs = len(batch.requests)
         decode_only = prompt_rows is None and sum(batch.num_new_tokens) == num_reqs
@@ -245,7 +252,7 @@ class ModelRunner:
         if self.graphs is not None and decode_only:
             graph_size = self.graphs.padded_size(num_reqs)
         inputs = self.inputs.prepare(batch, graph_size, prompt_rows.rows if prompt_rows is not None else None,
-                                     shared_blocks * self.block_size)
+                                     shared_blocks * self.block_size, carried)
         broadcast_from_driver(self.inputs.arena)
         sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
         logits, hidden = self._forward(inputs, graph_size, len(sampling), shared_blocks)
@@ -253,7 +260,11 @@ class ModelRunner:
             logits = logits[:num_reqs] if len(sampling) == num_reqs else logits[inputs.logits_indices]
         if sampling:
             logits = self.token_bitmask.apply(logits.float(), sampling)  # structured outputs: forbidden -> -inf
-        token_ids, logprobs = self.sampler(logits, sampling, eos_token_ids) if sampling else ([], [])
+        if sampling:
+            token_ids, logprobs = self.sampler.sample(logits, sampling, eos_token_ids)
+        else:
+            token_ids, logprobs = torch.empty(0, dtype=torch.int64, device=self.device), []
+        token_ids = self.readback.start(token_ids)
         del logits
         if prompt_rows is None:
             return token_ids, logprobs, []

@@ -5,6 +5,10 @@ import torch
 
 from flashserve.sampling_params import SamplingParams
 
+PENDING_TOKEN = -1
+"""The last entry of ``token_ids`` while its token is sampled but not yet read by the host (async scheduling,
+``flashserve.engine.inflight``)."""
+
 
 class RequestStatus(enum.Enum):
     """Where a request is: queued (or preempted), being computed, or done."""
@@ -17,8 +21,9 @@ class RequestStatus(enum.Enum):
 class Request:
     """A request as the scheduler, block manager and model runner see it.
 
-    ``token_ids`` holds the prompt followed by the generated tokens. ``num_computed_tokens`` of them have their KV in
-    the cache blocks ``block_ids`` (token ``t`` in block ``block_ids[t // block_size]``, row ``t % block_size``).
+    ``token_ids`` holds the prompt followed by the generated tokens (the last one may be ``PENDING_TOKEN``).
+    ``num_computed_tokens`` of them have their KV in the cache blocks ``block_ids`` (token ``t`` in block
+    ``block_ids[t // block_size]``, row ``t % block_size``).
     A request samples a new token in a step once all its tokens are computed; a preempted request restarts from
     ``num_computed_tokens = 0`` and recomputes prompt and output together (vLLM v1's recompute).
 

@@ -75,6 +75,12 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[Request],
                  eos_token_ids: list[int]) -> tuple[list[int], list[dict[int, Logprob] | None]]:
+        """``sample``, with the token ids read back as a list (this waits for the device)."""
+        tokens, logprob_list = self.sample(logits, requests, eos_token_ids)
+        return tokens.tolist(), logprob_list
+
+    def sample(self, logits: torch.Tensor, requests: list[Request],
+               eos_token_ids: list[int]) -> tuple[torch.Tensor, list[dict[int, Logprob] | None]]:
         """Sample one token per row.
 
         Args:
@@ -83,8 +89,9 @@ class Sampler:
             eos_token_ids: the model's EOS ids (masked while ``min_tokens`` is not reached unless ``ignore_eos``).
 
         Returns:
-            The sampled token ids, and per row None or {token id: Logprob (logprob and rank; no text)} for the
-            sampled token and the top ``params.logprobs`` tokens.
+            The sampled token ids, (N,) int64 on the device (nothing waits for them unless logprobs are asked
+            for), and per row None or {token id: Logprob (logprob and rank; no text)} for the sampled token and
+            the top ``params.logprobs`` tokens.
         """
         params = [request.params for request in requests]
         want_logprobs = any(p.logprobs is not None for p in params)
@@ -101,15 +108,15 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
             tokens[upload(random_rows, torch.int64, self.device)] = self._sample(logits, random_rows, requests)
         self.penalties.record(requests, penalized, tokens)
-        token_list = tokens.tolist()
         logprob_list: list[dict[int, Logprob] | None] = [None] * len(requests)
         if raw_logprobs is not None:
+            token_list = tokens.tolist()
             rows = [i for i, p in enumerate(params) if p.logprobs is not None]
             dicts = logprob_dicts(raw_logprobs[rows] if len(rows) < len(requests) else raw_logprobs,
                                   [token_list[i] for i in rows], [params[i].logprobs for i in rows])
             for i, entry in zip(rows, dicts):
                 logprob_list[i] = entry
-        return token_list, logprob_list
+        return tokens, logprob_list
 
     def _sample(self, logits: torch.Tensor, rows: list[int], requests: list[Request]) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p and the race for ``rows`` of ``logits``; returns (len(rows),) ids."""

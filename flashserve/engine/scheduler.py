@@ -131,18 +131,16 @@ class Scheduler:
             request.num_computed_tokens += num_new
 
     def finish(self, request: Request, reason: str) -> None:
-        """End a running request: free its blocks and drop it from the running list."""
-        self.running.remove(request)
-        self.block_manager.free(request)
-        request.status = RequestStatus.FINISHED
-        request.finish_reason = reason
-
-    def abort(self, request: Request) -> None:
-        """End a request wherever it is, freeing its blocks."""
+        """End a request wherever it is (running, or preempted while its last token was being read: async
+        scheduling), freeing its blocks."""
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status == RequestStatus.WAITING:
             self.waiting.remove(request)
         self.block_manager.free(request)
         request.status = RequestStatus.FINISHED
-        request.finish_reason = "abort"
+        request.finish_reason = reason
+
+    def abort(self, request: Request) -> None:
+        """End a request wherever it is, freeing its blocks."""
+        self.finish(request, "abort")
