@@ -1,6 +1,6 @@
-"""Launch configurations of the prefill kernel: the autotuning space for Hopper and newer, its pruning by head
-dimension and shared memory, the single default elsewhere (and under the interpreter), and the coarse length
-classes the autotuner is keyed on."""
+"""Launch configurations of the prefill kernels: the autotuning spaces for Hopper and newer (the portable kernel's
+and the TMA kernel's), their pruning by head dimension and shared memory, the single defaults elsewhere (and under
+the interpreter), and the coarse length classes the autotuners are keyed on."""
 import functools
 import os
 
@@ -29,6 +29,28 @@ TUNED_CONFIGS = [
 SHARED_MEMORY_BYTES = 227 * 1024  # per-block limit of H100/H200
 
 
+
+
+def tma_config(block_m, block_n, num_warps, num_stages, persistent=False):
+    """One point of the TMA kernel's space: tiles, warps, stages, and a persistent grid (one program per SM) or
+    one program per work item."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "PERSISTENT": persistent}, num_warps=num_warps,
+                         num_stages=num_stages)
+
+
+# The TMA kernel (head dims 16..128): 128-row tiles with 64- or 128-key tiles and 2-4 stages, 64-row tiles for two
+# programs per SM, persistent variants for short sequences (many small work items).
+TMA_CONFIGS = [
+    tma_config(128, 128, 8, 2),
+    tma_config(128, 128, 8, 3),
+    tma_config(128, 64, 8, 3),
+    tma_config(128, 64, 8, 4),
+    tma_config(64, 64, 4, 3),
+    tma_config(128, 128, 8, 2, persistent=True),
+    tma_config(128, 64, 8, 3, persistent=True),
+]
+
+
 def shared_memory_bytes(block_m, block_n, block_d, num_stages, element_size):
     """Rough shared-memory need of a config: the Q tile plus num_stages K and V tiles."""
     return (block_m * block_d + 2 * num_stages * block_n * block_d) * element_size
@@ -54,6 +76,27 @@ def prune_configs(configs, named_args, **kwargs):
             continue
         kept.append(config)
     return kept or [tuning_config(64, 32, 4, 1)]
+
+
+def prune_tma_configs(configs, named_args, **kwargs):
+    """The TMA configs whose Q tile and K/V stages fit in shared memory."""
+    args = {**named_args, **kwargs}
+    head_dim, element_size = args["HEAD_DIM"], args["q_ptr"].element_size()
+    kept = [config for config in configs
+            if shared_memory_bytes(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], head_dim, config.num_stages,
+                                   element_size) <= SHARED_MEMORY_BYTES]
+    return kept or [tma_config(64, 32, 4, 1)]
+
+
+def default_tma_config(device: torch.device, element_size: int):
+    """The TMA kernel's config when not autotuning (as ``default_config``): a dict of its meta-parameters."""
+    if device.type != "cuda":
+        block_m, block_n, num_warps, num_stages = 64, 32, 4, 1
+    elif element_size > 2:
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 2
+    else:
+        block_m, block_n, num_warps, num_stages = 128, 64, 8, 3  # one of TMA_CONFIGS
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, PERSISTENT=False, num_warps=num_warps, num_stages=num_stages)
 
 
 def default_config(device: torch.device, block_d: int, element_size: int):
