@@ -102,9 +102,11 @@ def _attend_tile(item, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr, 
                                            block_shape=[BLOCK_M, HEAD_DIM])
         o_desc = tl.make_tensor_descriptor(o_base, shape=[seqlen_q, HEAD_DIM], strides=[stride_os, 1],
                                            block_shape=[BLOCK_M, HEAD_DIM])
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_ks, 1],
+        # A descriptor dimension must be >= 1; a sequence without keys reads none (hi = 0 below).
+        k_rows = tl.maximum(seqlen_k, 1)
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[k_rows, HEAD_DIM], strides=[stride_ks, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vs, 1],
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[k_rows, HEAD_DIM], strides=[stride_vs, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
         pos = row_start + tl.arange(0, BLOCK_M)
         q = q_desc.load([row_start, 0])
