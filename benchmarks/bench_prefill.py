@@ -40,13 +40,15 @@ def sdpa_ms(backend, q, k, v, warmup_ms, rep_ms):
 
 
 def config_name(config) -> str:
-    """``128x64 w8 s3`` (+ `` persistent``) for a triton.Config or a default-config tuple/dict."""
+    """``128x64 w8 s3`` (+ `` r128`` for a register cap, `` persistent×2`` for 2 persistent programs per SM) for a
+    triton.Config or a default-config (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple."""
     if isinstance(config, tuple):
         block_m, block_n, warps, stages = config
         return f"{block_m}x{block_n} w{warps} s{stages}"
     kwargs, warps, stages = config.kwargs, config.num_warps, config.num_stages
-    persistent = " persistent" if kwargs.get("PERSISTENT") else ""
-    return f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']} w{warps} s{stages}{persistent}"
+    cap = f" r{config.maxnreg}" if getattr(config, "maxnreg", None) else ""
+    persistent = f" persistent×{kwargs['PERSISTENT']}" if kwargs.get("PERSISTENT") else ""
+    return f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']} w{warps} s{stages}{cap}{persistent}"
 
 
 def ours(kernel, q, k, v, warmup_ms, rep_ms, reference):

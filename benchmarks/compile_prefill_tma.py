@@ -1,7 +1,8 @@
 """Compile the TMA prefill kernel for a GPU target without a GPU: every candidate config, the variants
 bench_prefill runs (causal dense d 128 / d 64, causal varlen), through ``triton.compile`` (Triton ships ptxas).
 
-Catches what the interpreter misses (layouts, shared memory, TMA block rules, warp specialisation support).
+Catches what the interpreter misses (layouts, shared memory, TMA block rules); skips the configs that the
+autotuner's pruning drops for the variant.
 Usage: ``python benchmarks/compile_prefill_tma.py [--arch 90] [--dtype bf16]``; prints one line per variant and
 config (seconds, shared memory, registers per thread, local memory = spills) and exits non-zero if one failed.
 """
@@ -14,12 +15,13 @@ import tempfile
 import time
 import traceback
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
 from flashserve.kernels.kv_layout import KV_DENSE, KV_VARLEN
 from flashserve.kernels.prefill_tma import _prefill_tma_kernel
-from flashserve.kernels.prefill_tuning import TMA_CONFIGS
+from flashserve.kernels.prefill_tuning import TMA_CONFIGS, prune_tma_configs
 
 POINTERS = {"q_ptr": None, "k_ptr": None, "v_ptr": None, "out_ptr": None, "lse_ptr": "fp32",
             "cu_seqlens_q_ptr": "i32", "cu_seqlens_k_ptr": "i32", "seqused_k_ptr": "i32"}
@@ -74,14 +76,22 @@ def main() -> int:
     print(f"triton {triton.__version__}, target sm_{args.arch}, {args.dtype}")
     failures = 0
     for name, shape in VARIANTS:
+        element = torch.empty(0, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float16)
+        kept = prune_tma_configs(TMA_CONFIGS, {"HEAD_DIM": shape["HEAD_DIM"], "q_ptr": element})
         for config in TMA_CONFIGS:
+            if config not in kept:
+                print(f"pruned {name} {config} (shared memory)")
+                continue
             constexprs = {**shape, "HAS_SEQUSED": False, "CAUSAL": True, "DOT_PRECISION": "tf32", **config.kwargs}
             sig, attrs = signature(args.dtype, constexprs)
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+            if config.maxnreg:
+                options["maxnreg"] = config.maxnreg
             start = time.perf_counter()
             try:
                 kernel = triton.compile(
                     triton.compiler.ASTSource(_prefill_tma_kernel, sig, constexprs=constexprs, attrs=attrs),
-                    target=target, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                    target=target, options=options)
             except Exception as error:  # report every failing config, not only the first
                 failures += 1
                 print(f"FAIL {name} {config}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")

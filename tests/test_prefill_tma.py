@@ -76,7 +76,7 @@ def test_persistent_grid(tma_calls, monkeypatch):
     v = torch.randn(3, 100, 2, 16, dtype=torch.float16)
     expected = check_dense(q, k, v, causal=True)
     default = prefill_tma.default_tma_config
-    monkeypatch.setattr(prefill_tma, "default_tma_config", lambda *a: {**default(*a), "PERSISTENT": True})
+    monkeypatch.setattr(prefill_tma, "default_tma_config", lambda *a: {**default(*a), "PERSISTENT": 1})
     assert torch.equal(check_dense(q, k, v, causal=True), expected)
     assert len(tma_calls) == 2
 

@@ -65,7 +65,7 @@ def test_persistent_grid(tma_calls, monkeypatch):
     k = _randn(16, 512, 8, 128)
     expected = check_dense(q, k, k, causal=True)
     default = prefill_tma.default_tma_config
-    monkeypatch.setattr(prefill_tma, "default_tma_config", lambda *a: {**default(*a), "PERSISTENT": True})
+    monkeypatch.setattr(prefill_tma, "default_tma_config", lambda *a: {**default(*a), "PERSISTENT": 1})
     assert torch.equal(flash_attn_func(q, k, k, causal=True), expected)
     assert len(tma_calls) == 2
 

@@ -16,8 +16,8 @@ clamped as in ``kv_layout.sequence_bounds``). The descriptors live in a global s
 
 Work items are ordered longest first: the last query tiles of a causal mask (most key tiles) of every batch and
 head come before the first ones, heads fastest so the query heads of a KV head run side by side and share its
-K/V tiles in L2. ``PERSISTENT`` programs (one per SM) walk the items round robin; otherwise one program runs one
-item. Inside a tile the key range is cut in two: the tiles every row sees in full (no mask), then the masked
+K/V tiles in L2. With ``PERSISTENT`` = n > 0, n programs per SM walk the items round robin (n = 2 for configs
+whose registers and shared memory let two programs share an SM); with 0 one program runs one item. Inside a tile the key range is cut in two: the tiles every row sees in full (no mask), then the masked
 diagonal / sequence-end tiles.
 """
 import functools
@@ -149,8 +149,10 @@ def _prefill_tma_kernel(
     KV_LAYOUT: tl.constexpr, HAS_SEQUSED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
+    """``PERSISTENT``: programs per SM of a persistent grid, each walking the work items round robin; 0: one work
+    item per program."""
     num_tiles = tl.cdiv(max_seqlen_q, BLOCK_M)
-    if PERSISTENT:
+    if PERSISTENT > 0:
         total = num_tiles * batch_size * NUM_HEADS
         for item in range(tl.program_id(0), total, tl.num_programs(0)):
             _attend_tile(item, q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
@@ -197,7 +199,7 @@ def tma_prefill_attention(q, k, v, out, lse, strides, qk_scale, causal, batch, m
 
     def grid(config):
         work = items * cdiv(max_seqlen_q, config["BLOCK_M"])
-        return (min(work, programs) if config["PERSISTENT"] else work,)
+        return (min(work, programs * config["PERSISTENT"]) if config["PERSISTENT"] else work,)
 
     if q.is_cuda:
         ensure_allocator()
