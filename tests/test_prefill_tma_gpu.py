@@ -44,9 +44,10 @@ def test_dense(tma_calls, monkeypatch, dtype, shape, causal):
     v = _randn(batch, seqlen_k, nheads_k, head_dim, dtype=dtype)
     out = check_dense(q, k, v, causal=causal)
     assert len(tma_calls) == 1
-    monkeypatch.setenv("FLASHSERVE_PREFILL_KERNEL", "portable")
-    portable = flash_attn_func(q, k, v, causal=causal)
-    assert len(tma_calls) == 1 and (out.float() - portable.float()).abs().max().item() < 2e-2
+    if dtype == torch.bfloat16:  # and the portable kernel agrees (bf16 only: fewer compiles)
+        monkeypatch.setenv("FLASHSERVE_PREFILL_KERNEL", "portable")
+        portable = flash_attn_func(q, k, v, causal=causal)
+        assert len(tma_calls) == 1 and (out.float() - portable.float()).abs().max().item() < 2e-2
 
 
 @pytest.mark.parametrize("causal", [False, True])

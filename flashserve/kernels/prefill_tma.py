@@ -5,7 +5,7 @@ and an optional persistent grid. (Triton 3.6 to 3.9 do not warp-specialise this 
 
 It covers the common prefill case only: fp16/bf16 (fp32 too, for tests), head dim a power of two in [16, 128], no
 sliding window, softcap or ALiBi, a positive scale, keys not paged, and no GQA head packing (``prefill.py``'s
-kernel packs the heads of short queries). ``prefill_path`` decides per call; every other case, and GPUs before
+kernel packs the heads of short queries). ``use_tma`` decides per call; every other case, and GPUs before
 Hopper or a Triton without tensor descriptors, run ``prefill.py``'s portable kernel.
 
 Each (query tile, batch, head) work item builds its own 2D descriptors over the sequence's rows of one head:
@@ -17,8 +17,9 @@ clamped as in ``kv_layout.sequence_bounds``). The descriptors live in a global s
 Work items are ordered longest first: the last query tiles of a causal mask (most key tiles) of every batch and
 head come before the first ones, heads fastest so the query heads of a KV head run side by side and share its
 K/V tiles in L2. With ``PERSISTENT`` = n > 0, n programs per SM walk the items round robin (n = 2 for configs
-whose registers and shared memory let two programs share an SM); with 0 one program runs one item. Inside a tile the key range is cut in two: the tiles every row sees in full (no mask), then the masked
-diagonal / sequence-end tiles.
+whose registers and shared memory let two programs share an SM); with 0 one program runs one item. Inside a tile
+the key range is cut in two: the tiles every row sees in full (no mask), then the masked diagonal / sequence-end
+tiles.
 """
 import functools
 import os
@@ -42,6 +43,7 @@ from flashserve.kernels.tuning_cache import PersistentTuning
 # any device, the interpreter included), "portable" (always prefill.py's kernel).
 PREFILL_KERNEL_CHOICES = ("auto", "tma", "portable")
 HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
+TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32: forced ("tma") only, e.g. interpreter tests
 
 
 @triton.jit
@@ -182,7 +184,7 @@ PREFILL_TMA_TUNING = PersistentTuning("prefill_tma", _prefill_tma_kernel_tuned, 
 def tma_prefill_attention(q, k, v, out, lse, strides, qk_scale, causal, batch, max_seqlen_q, max_seqlen_k,
                           cu_seqlens_q=None, cu_seqlens_k=None, seqused_k=None):
     """Launch the TMA kernel (inputs validated, ``tma_applies`` true). Layouts as ``prefill.prefill_attention``'s
-    dense and unpaged varlen cases; ``strides``: the 20 strides of q, k, v, out (batch, token, head; batch 0 for
+    dense and unpaged varlen cases; ``strides``: the 14 strides of q, k, v, out (batch, token, head; batch 0 for
     varlen) and lse (batch, head); ``qk_scale`` = softmax scale * log2(e)."""
     varlen = q.dim() == 3
     nheads, head_dim = q.shape[-2], q.shape[-1]
@@ -211,7 +213,8 @@ def tma_prefill_attention(q, k, v, out, lse, strides, qk_scale, causal, batch, m
 
 
 def _scratch(size: int, alignment: int, stream):
-    """Triton's global scratch (the on-device tensor descriptors) from PyTorch's caching allocator."""
+    """Triton's global scratch (the on-device tensor descriptors, 128 bytes each) from PyTorch's caching allocator
+    on the current device (its blocks are 512-byte aligned, more than any ``alignment`` Triton asks for)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
@@ -255,15 +258,14 @@ def tma_applies(q, k, v, out, softmax_scale, window_size, softcap, alibi_slopes,
     folded in, or (-1, -1)), the dtypes, head dims and TMA alignment it handles, no GQA head packing."""
     if not HAS_TENSOR_DESCRIPTORS or block_table is not None or alibi_slopes is not None or softcap > 0.0:
         return False
-    if window_size[0] >= 0 or window_size[1] > 0 or heads_per_tile > 1 or (softmax_scale is not None and softmax_scale <= 0):
+    if window_size[0] >= 0 or window_size[1] > 0 or heads_per_tile > 1:
+        return False
+    if softmax_scale is not None and softmax_scale <= 0:  # the kernel scales the row max: needs a positive scale
         return False
     head_dim = q.shape[-1]
     if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1) or q.dtype not in TMA_DTYPES:
         return False
     return all(_tma_strides_ok(t) for t in (q, k, v, out)) and max_seqlen_q > 0
-
-
-TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def use_tma(q, k, v, out, softmax_scale, window_size, softcap, alibi_slopes, block_table, max_seqlen_q,
