@@ -11,6 +11,9 @@ parts: masked tiles left of the fully visible block, unmasked tiles, masked tile
 edge, sequence end); fully masked tiles are never visited. Softmax runs in fp32 with exp2 and a scale
 pre-multiplied by log2(e); the natural-log LSE is written for every row (-inf and a zero output for rows that
 see no key). Query tiles run longest first so causal work balances across the GPU.
+
+On Hopper the common case (dense or unpaged varlen, no window/softcap/ALiBi) runs ``prefill_tma``'s kernel instead
+(``FLASHSERVE_PREFILL_KERNEL`` chooses: see there).
 """
 import contextlib
 
@@ -28,6 +31,7 @@ from flashserve.kernels.prefill_tuning import (
     prune_configs,
     use_autotune,
 )
+from flashserve.kernels.prefill_tma import tma_prefill_attention, use_tma
 from flashserve.kernels.tuning_cache import PersistentTuning
 
 LOG2E = 1.4426950408889634
@@ -283,6 +287,15 @@ def prefill_attention(q, k, v, out, lse, softmax_scale, causal, window_size, sof
     if alibi_slopes is not None and alibi_slopes.dim() == 2:
         stride_ab = alibi_slopes.stride(0)
 
+    strides = (stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+               stride_ob, stride_os, stride_oh, stride_lb, stride_lh)
+    other_device = q.is_cuda and q.device.index is not None and q.device.index != torch.cuda.current_device()
+    if use_tma(q, k, v, out, softmax_scale, (left, right), softcap, alibi_slopes, block_table, max_seqlen_q,
+               heads_per_tile):
+        with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
+            tma_prefill_attention(q, k, v, out, lse, strides, scale * LOG2E, right == 0, batch, max_seqlen_q,
+                                  max_seqlen_k, cu_seqlens_q, cu_seqlens_k, seqused_k)
+        return
     args = (
         q, k, v, out, lse,
         cu_seqlens_q if cu_seqlens_q is not None else dummy,
@@ -290,11 +303,7 @@ def prefill_attention(q, k, v, out, lse, softmax_scale, causal, window_size, sof
         seqused_k if seqused_k is not None else dummy,
         block_table if block_table is not None else dummy,
         alibi_slopes if alibi_slopes is not None else dummy,
-        stride_qb, stride_qs, stride_qh,
-        stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh,
-        stride_ob, stride_os, stride_oh,
-        stride_lb, stride_lh,
+        *strides,
         block_table.stride(0) if block_table is not None else 0, stride_ab,
         block_table.shape[1] if block_table is not None and k.shape[0] > 0 else 0, max(k.shape[0], 1),
         q.shape[0], k.shape[0],
@@ -315,7 +324,6 @@ def prefill_attention(q, k, v, out, lse, softmax_scale, causal, window_size, sof
     def grid(config):
         return (head_programs, batch, cdiv(rows, config["BLOCK_M"]))
 
-    other_device = q.is_cuda and q.device.index is not None and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if other_device else contextlib.nullcontext():
         if use_autotune(q.device):
             PREFILL_TUNING.launch(q.device, grid, *args, **meta)
