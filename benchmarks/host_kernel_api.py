@@ -1,0 +1,119 @@
+"""Host time per eager call of the kernel API's entry points, the Triton launches themselves stubbed out (CPU).
+
+What a call spends in Python before its kernels start: argument checks, launch arithmetic, buffer allocations and
+the index-value checks — everything but Triton's own launcher (``JITFunction.run``, measured on the GPU by the
+benchmarks' "wall µs" columns). The Triton path is forced on CPU tensors and every kernel of the path is replaced
+by a stub that accepts its arguments and does nothing (the index-check kernel's stub reports "all values fine"),
+so the tensors are CPU tensors and the device synchronisation of the index check (GPU only) is not in the figure.
+Entry points: ``flash_attn_with_kvcache`` (paged, B1 L4096, H 32 / KVH 8, d 128, a (B,) length tensor; twice with
+the same tensors, then with a fresh length tensor per call), ``paged_attention.decode`` (the engine's unchecked
+decode, same shape) and ``merge_attn_states`` (T 4096, H 32, d 128). Medians and minima over ``--rounds`` rounds
+of ``--calls`` calls, µs per call (on a shared machine the minima are the steadier figure).
+Usage: python benchmarks/host_kernel_api.py [--out DIR] [--rounds 30] [--calls 300]
+"""
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import markdown_table, write_results  # noqa: E402
+from flashserve.kernels import decode, index_checks, kvcache_interface, merge, paged_attention  # noqa: E402
+
+HEADS, HEADS_K, HEAD_DIM, PAGE, SEQLEN = 32, 8, 128, 16, 4096
+
+
+class _StubKernel:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` does nothing; ``on_launch`` may
+    act on the arguments (the index check writes its flags)."""
+
+    def __init__(self, on_launch=None):
+        self.on_launch = on_launch
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **meta):
+        if self.on_launch is not None:
+            self.on_launch(args)
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Force the Triton path on CPU tensors with every kernel of the measured entry points stubbed."""
+    patches = [(module, "use_triton", lambda tensor: True)
+               for module in (kvcache_interface, paged_attention, merge, index_checks)]
+    patches += [(merge, "_merge_kernel", _StubKernel()), (decode, "_decode_kernel", _StubKernel()),
+                (decode, "_combine_splits_kernel", _StubKernel()),
+                (index_checks, "_kvcache_check_kernel", _StubKernel(lambda args: args[4].zero_()))]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    try:
+        for module, name, value in patches:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def per_call_us(fn, rounds: int, calls: int) -> tuple[float, float]:
+    """(median, min) over ``rounds`` of the mean µs per call of ``calls`` back-to-back calls."""
+    fn()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples), min(samples)
+
+
+def entry_points() -> dict:
+    """name -> a no-argument call of one entry point on CPU tensors."""
+    dtype = torch.bfloat16
+    blocks = SEQLEN // PAGE
+    k_cache = torch.zeros(blocks, PAGE, HEADS_K, HEAD_DIM, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    table = torch.arange(blocks, dtype=torch.int32).view(1, blocks)
+    seqlens = torch.full((1,), SEQLEN, dtype=torch.int32)
+    q = torch.zeros(1, 1, HEADS, HEAD_DIM, dtype=dtype)
+    tokens = 4096
+    states = [torch.zeros(tokens, HEADS, HEAD_DIM, dtype=dtype) for _ in range(3)]
+    lses = [torch.zeros(HEADS, tokens) for _ in range(3)]
+
+    def kvcache(lengths):
+        return kvcache_interface.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
+                                                         block_table=table, causal=True)
+    return {
+        "flash_attn_with_kvcache (same index tensors)": lambda: kvcache(seqlens),
+        "flash_attn_with_kvcache (a new length tensor per call)": lambda: kvcache(seqlens.clone()),
+        "flash_attn_with_kvcache (int cache_seqlens)": lambda: kvcache(SEQLEN),
+        "paged_attention.decode": lambda: paged_attention.decode(q[:, 0], k_cache, v_cache, seqlens, table,
+                                                                 HEAD_DIM ** -0.5),
+        "merge_attn_states": lambda: merge.merge_attn_states(states[0], states[1], lses[0], states[2], lses[1],
+                                                             lses[2]),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--calls", type=int, default=300)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with stubbed_launches():
+        timings = {name: per_call_us(fn, args.rounds, args.calls) for name, fn in entry_points().items()}
+    text = (f"host µs per eager call, launches stubbed ({os.cpu_count()} CPUs, torch {torch.__version__})\n\n"
+            + markdown_table(["entry point", "median µs", "min µs"],
+                             [[name, f"{median:.1f}", f"{low:.1f}"] for name, (median, low) in timings.items()]))
+    write_results(args.out, "host_kernel_api", text, dict(per_call_us=timings))
+
+
+if __name__ == "__main__":
+    main()
