@@ -147,7 +147,7 @@ def _check_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, o
 def _same_state(tensor, like: torch.Tensor) -> bool:
     """Whether ``tensor`` is a tensor of ``like``'s shape, dtype and device, contiguous in its last dimension."""
     return (isinstance(tensor, torch.Tensor) and tensor.shape == like.shape and tensor.dtype == like.dtype
-            and tensor.device == like.device and (tensor.stride(-1) == 1 or tensor.shape[-1] <= 1))
+            and tensor.device == like.device and (tensor.stride()[-1] == 1 or tensor.shape[-1] <= 1))
 
 
 def _fp32_lse(lse, state: torch.Tensor) -> bool:

@@ -30,7 +30,10 @@ TUNED: dict[tuple[int, int], MergeConfig] = {}
 
 def token_class(num_tokens: int) -> int:
     """Index of the class of ``num_tokens`` among ``TOKEN_CLASS_BOUNDS`` (0: at most the first bound)."""
-    return sum(num_tokens > bound for bound in TOKEN_CLASS_BOUNDS)
+    for index, bound in enumerate(TOKEN_CLASS_BOUNDS):
+        if num_tokens <= bound:
+            return index
+    return len(TOKEN_CLASS_BOUNDS)
 
 
 def choose_config(num_tokens: int, num_heads: int, head_size: int, element_size: int) -> MergeConfig:
