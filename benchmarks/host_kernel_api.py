@@ -29,36 +29,87 @@ HEADS, HEADS_K, HEAD_DIM, PAGE, SEQLEN = 32, 8, 128, 16, 4096
 
 
 class _StubKernel:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` does nothing; ``on_launch`` may
-    act on the arguments (the index check writes its flags)."""
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` does nothing but keep the last
+    arguments; ``on_launch`` may act on them (the index check writes its flags)."""
+    pre_run_hooks = ()
 
     def __init__(self, on_launch=None):
         self.on_launch = on_launch
+        self.last_call = None
 
     def __getitem__(self, grid):
         return self._launch
 
     def _launch(self, *args, **meta):
+        self.last_call = (args, meta)
         if self.on_launch is not None:
             self.on_launch(args)
 
 
+class _FakeDriver:
+    """Triton's ``driver`` as the launchers see it on a GPU machine: device 0 (no CUDA driver on the CPU)."""
+
+    class active:
+        @staticmethod
+        def get_current_device():
+            return 0
+
+
+# (module, kernel attribute, launcher attribute or None, what the stub does with the arguments)
+_KERNELS = [(merge, "_merge_kernel", "MERGE_LAUNCHER", None), (decode, "_decode_kernel", "DECODE_LAUNCHER", None),
+            (decode, "_combine_splits_kernel", "COMBINE_LAUNCHER", None),
+            (index_checks, "_kvcache_check_kernel", "KVCACHE_CHECK_LAUNCHER", lambda args: args[4].zero_())]
+
+
 @contextlib.contextmanager
 def stubbed_launches():
-    """Force the Triton path on CPU tensors with every kernel of the measured entry points stubbed."""
+    """Force the Triton path on CPU tensors with every kernel of the measured entry points stubbed: where a
+    ``_launch.CachedLauncher`` launches it, the launcher's kernel (so its key is computed, as on the GPU), else
+    the module's kernel."""
     patches = [(module, "use_triton", lambda tensor: True)
                for module in (kvcache_interface, paged_attention, merge, index_checks)]
-    patches += [(merge, "_merge_kernel", _StubKernel()), (decode, "_decode_kernel", _StubKernel()),
-                (decode, "_combine_splits_kernel", _StubKernel()),
-                (index_checks, "_kvcache_check_kernel", _StubKernel(lambda args: args[4].zero_()))]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    for module, kernel_name, launcher_name, on_launch in _KERNELS:
+        launcher = getattr(module, launcher_name, None)
+        if launcher is None:
+            patches.append((module, kernel_name, _StubKernel(on_launch)))
+        else:
+            patches.append((launcher, "kernel", _StubKernel(on_launch)))
+            patches.append((sys.modules[type(launcher).__module__], "_triton_driver", lambda: _FakeDriver))
+    saved = [(target, name, getattr(target, name)) for target, name, _ in patches]
     try:
-        for module, name, value in patches:
-            setattr(module, name, value)
-        yield
+        for target, name, value in patches:
+            setattr(target, name, value)
+        yield {kernel_name: value for (_, kernel_name, _, _), (_, name, value) in
+               zip(_KERNELS, [p for p in patches if isinstance(p[2], _StubKernel)])}
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        for target, name, value in reversed(saved):
+            setattr(target, name, value)
+
+
+def binding_us(kernel, call, rounds: int, calls: int) -> dict:
+    """Per-launch Python of the argument handling, on one recorded call of ``kernel``: Triton's ``JITFunction.run``
+    (its binder and cache key, for a CUDA sm_90 target) and ``_launch.CachedLauncher``'s key (when present)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    args, meta = call
+    options = {name: meta.pop(name) for name in ("num_warps", "num_stages") if name in meta}
+    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+    key_cache = {}
+
+    def triton_binding():
+        bound, specialization, opts = binder(*args, **meta, **options, debug=False, instrumentation_mode="")
+        return compute_cache_key(key_cache, specialization, opts), tuple(bound.values())
+    result = {"triton": per_call_us(triton_binding, rounds, calls)}
+    try:
+        from flashserve.kernels._launch import CachedLauncher
+    except ImportError:
+        return result
+    launcher = CachedLauncher(kernel)
+    entries = {launcher._key(args, meta, options): None}
+    result["cached_launcher"] = per_call_us(lambda: entries.get(launcher._key(args, meta, options)), rounds, calls)
+    return result
 
 
 def per_call_us(fn, rounds: int, calls: int) -> tuple[float, float]:
@@ -107,12 +158,31 @@ def main():
     parser.add_argument("--calls", type=int, default=300)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with stubbed_launches():
+    with stubbed_launches() as stubs:
         timings = {name: per_call_us(fn, args.rounds, args.calls) for name, fn in entry_points().items()}
+        with _patched(sys.modules["flashserve.kernels._launch"], "_triton_driver", lambda: _FakeDriver):
+            binding = {name: binding_us(getattr(module, name), stubs[name].last_call, args.rounds, args.calls)
+                       for module, name, _, _ in _KERNELS if stubs[name].last_call is not None}
     text = (f"host µs per eager call, launches stubbed ({os.cpu_count()} CPUs, torch {torch.__version__})\n\n"
             + markdown_table(["entry point", "median µs", "min µs"],
-                             [[name, f"{median:.1f}", f"{low:.1f}"] for name, (median, low) in timings.items()]))
-    write_results(args.out, "host_kernel_api", text, dict(per_call_us=timings))
+                             [[name, f"{median:.1f}", f"{low:.1f}"] for name, (median, low) in timings.items()])
+            + "\n\nPython per launch of the argument binding, on the last recorded call of each kernel (median / min "
+            "µs): Triton's JITFunction.run (binder + cache key) and CachedLauncher's key\n\n"
+            + markdown_table(["kernel", "JITFunction.run binding", "CachedLauncher key"],
+                             [[name, "%.1f / %.1f" % r["triton"],
+                               "%.1f / %.1f" % r["cached_launcher"] if "cached_launcher" in r else "-"]
+                              for name, r in binding.items()]))
+    write_results(args.out, "host_kernel_api", text, dict(per_call_us=timings, binding_us=binding))
+
+
+@contextlib.contextmanager
+def _patched(target, name, value):
+    saved = getattr(target, name, None)
+    setattr(target, name, value)
+    try:
+        yield
+    finally:
+        setattr(target, name, saved)
 
 
 if __name__ == "__main__":

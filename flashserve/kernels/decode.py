@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels._dispatch import triton_interpret_enabled
-from flashserve.kernels._launch import next_power_of_2
+from flashserve.kernels._launch import CachedLauncher, next_power_of_2
 from flashserve.kernels.merge import lse_weights, merge_split_rows, weighted
 
 MIN_TOKENS_PER_SPLIT = 128
@@ -214,6 +214,11 @@ def _combine_splits_kernel(
         tl.store(lse_ptr + (batch * NUM_HEADS + heads) * seqlen_q + query, lse, mask=head_valid)
 
 
+# Launches with the Python cost of Triton's argument binding paid once per variant (_launch.CachedLauncher).
+DECODE_LAUNCHER = CachedLauncher(_decode_kernel)
+COMBINE_LAUNCHER = CachedLauncher(_combine_splits_kernel)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -301,7 +306,7 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
     paged = block_table is not None
     upcast = q.dtype == torch.float32 or not q.is_cuda or triton_interpret_enabled()
     q_strides, k_strides, v_strides = q.stride(), k_cache.stride(), v_cache.stride()
-    _decode_kernel[grid](
+    DECODE_LAUNCHER(grid, (
         q, k_cache, v_cache, target_out, target_lse, block_table if paged else seqlens_k,
         seqlens_k if cache_batch_idx is None else cache_batch_idx, seqlens_k,
         seqlens_k if alibi_slopes is None else alibi_slopes,
@@ -313,16 +318,16 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
         v_strides[0], v_strides[1], v_strides[2], *out_strides, *lse_strides,
         block_table.stride()[0] if paged else 0,
         alibi_slopes.stride()[0] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+    ), dict(
         GROUP=num_heads // num_heads_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         PAGE_SIZE=k_shape[1] if paged else 1, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
         HAS_LEFTPAD=cache_leftpad is not None,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
-        FUSED_COMBINE=fused_combine, BLOCK_S=block_s, num_warps=4, num_stages=3,
-    )
+        FUSED_COMBINE=fused_combine, BLOCK_S=block_s,
+    ), num_warps=4, num_stages=3)
     if splits > 1 and not fused_combine:
-        _combine_splits_kernel[combine_grid](
-            out, lse, part, seqlen_q, splits, NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=write_lse,
-            BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=combine_warps,
-        )
+        COMBINE_LAUNCHER(combine_grid, (out, lse, part, seqlen_q, splits), dict(
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=write_lse, BLOCK_H=block_h, BLOCK_S=block_s,
+            BLOCK_D=block_d), num_warps=combine_warps)
     return out, lse

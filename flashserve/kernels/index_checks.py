@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import next_power_of_2
+from flashserve.kernels._launch import CachedLauncher, next_power_of_2
 from flashserve.kernels.checked_indices import CheckedIndices
 
 # flash_attn_with_kvcache's index tensors that passed their value checks (see checked_indices).
@@ -104,6 +104,9 @@ def _kvcache_check_kernel(seqlens_ptr, leftpad_ptr, batch_idx_ptr, block_table_p
     tl.store(flags_ptr + batch, flags)
 
 
+KVCACHE_CHECK_LAUNCHER = CachedLauncher(_kvcache_check_kernel)
+
+
 def _kvcache_failures(capacity: int, k_cache: torch.Tensor, block_table) -> list[str]:
     """The messages of the checks, in the bit order of ``_kvcache_check_kernel``."""
     if block_table is not None:
@@ -121,16 +124,17 @@ def _check_kvcache_in_one_launch(batch, cache_seqlens, seqlen_new, capacity, k_c
     flags = torch.empty(batch, dtype=torch.int32, device=k_cache.device)
     seqlens_tensor = isinstance(cache_seqlens, torch.Tensor)
     width = block_table.shape[1] if block_table is not None else 0
-    _kvcache_check_kernel[(batch,)](
+    KVCACHE_CHECK_LAUNCHER((batch,), (
         cache_seqlens if seqlens_tensor else flags, cache_leftpad if cache_leftpad is not None else flags,
         cache_batch_idx if cache_batch_idx is not None else flags,
         block_table if block_table is not None else flags, flags,
         0 if seqlens_tensor else cache_seqlens, seqlen_new, capacity, k_cache.shape[0], k_cache.shape[0],
-        block_table.stride(0) if block_table is not None else 0, width, k_cache.shape[1],
+        block_table.stride()[0] if block_table is not None else 0, width, k_cache.shape[1],
+    ), dict(
         SEQLENS_TENSOR=seqlens_tensor, HAS_LEFTPAD=cache_leftpad is not None,
         HAS_BATCH_IDX=cache_batch_idx is not None, PAGED=block_table is not None,
-        BLOCK_W=min(1024, next_power_of_2(max(width, 1))), num_warps=1,
-    )
+        BLOCK_W=min(1024, next_power_of_2(max(width, 1))),
+    ), num_warps=1)
     failed = 0
     for flag in flags.tolist():
         failed |= flag

@@ -11,6 +11,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate, merge_tuning
 from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels._launch import CachedLauncher
 from flashserve.kernels.reference import decode as reference
 
 _MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -116,6 +117,9 @@ def _merge_kernel(
         tl.store(out_lse_ptr + heads * stride_olse_h + token * stride_olse_t, lse, mask=row_valid)
 
 
+MERGE_LAUNCHER = CachedLauncher(_merge_kernel)
+
+
 def _check_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse) -> None:
     """ValueError naming the argument unless the five (six) tensors have the documented shapes, dtypes, device and
     last-dimension strides. The happy path compares each tensor with ``prefix_output`` at once; the named checks
@@ -195,11 +199,12 @@ def launch_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, o
     lse_out = prefix_lse if output_lse is None else output_lse
     out_stride, prefix_stride, suffix_stride = output.stride(), prefix_output.stride(), suffix_output.stride()
     prefix_lse_stride, suffix_lse_stride, out_lse_stride = prefix_lse.stride(), suffix_lse.stride(), lse_out.stride()
-    _merge_kernel[(-(-num_tokens // block_t), head_blocks)](
+    MERGE_LAUNCHER((-(-num_tokens // block_t), head_blocks), (
         output, lse_out, prefix_output, prefix_lse, suffix_output, suffix_lse, num_tokens,
         out_stride[0], out_stride[1], prefix_stride[0], prefix_stride[1], suffix_stride[0], suffix_stride[1],
         prefix_lse_stride[0], prefix_lse_stride[1], suffix_lse_stride[0], suffix_lse_stride[1],
         out_lse_stride[0], out_lse_stride[1],
+    ), dict(
         NUM_HEADS=num_heads, HEAD_SIZE=head_size, HAS_OUT_LSE=output_lse is not None, BLOCK_T=block_t,
-        BLOCK_H=block_h, BLOCK_D=block_d, EVICT_FIRST=config.evict_first, num_warps=config.num_warps,
-    )
+        BLOCK_H=block_h, BLOCK_D=block_d, EVICT_FIRST=config.evict_first,
+    ), num_warps=config.num_warps)
