@@ -60,3 +60,42 @@ def test_keys_step_aside_for_what_they_do_not_cover(launcher):
 def test_interpreted_kernels_take_tritons_own_path():
     if merge.use_triton(torch.empty(0)) and not torch.cuda.is_available():
         assert not merge.MERGE_LAUNCHER._enabled  # TRITON_INTERPRET=1: an InterpretedFunction
+
+
+class _Recording:
+    pre_run_hooks = ()
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.calls.append((args, meta))
+
+
+def test_library_call_sites_are_covered_by_the_key(launcher, monkeypatch):
+    """The decode, combine and merge call sites pass what the fast path covers (constexprs in signature order,
+    argument types it knows): on a GPU their repeated launches skip Triton's binding."""
+    if not launcher._enabled:
+        pytest.skip("this Triton release takes its own launch path")
+    from flashserve.kernels import decode, paged_attention
+    launchers = {"decode": decode.DECODE_LAUNCHER, "combine": decode.COMBINE_LAUNCHER, "merge": merge.MERGE_LAUNCHER}
+    recordings = {name: _Recording() for name in launchers}
+    python_functions = {name: library_launcher.kernel.fn for name, library_launcher in launchers.items()}
+    for name, library_launcher in launchers.items():
+        monkeypatch.setattr(library_launcher, "kernel", recordings[name])
+        monkeypatch.setattr(library_launcher, "_enabled", False)
+    for module in (paged_attention, merge):
+        monkeypatch.setattr(module, "use_triton", lambda tensor: True)
+    table = torch.arange(4, dtype=torch.int32).view(2, 2)
+    for splits_forced in (False, True):
+        monkeypatch.setattr(decode, "FUSED_COMBINE_MAX_GROUPS", 0 if splits_forced else 64)
+        paged_attention.decode(torch.zeros(2, 4, 16), torch.zeros(4, 256, 2, 16), torch.zeros(4, 256, 2, 16),
+                               torch.tensor([300, 5], dtype=torch.int32), table, 0.25)
+    merge.merge_attn_states(*(torch.zeros(3, 4, 16) for _ in range(2)), torch.zeros(4, 3), torch.zeros(3, 4, 16),
+                            torch.zeros(4, 3))
+    for name in launchers:
+        assert recordings[name].calls, name
+        fresh = _launch.CachedLauncher(JITFunction(python_functions[name]))
+        for args, meta in recordings[name].calls:
+            options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
+            assert fresh._key(args, meta, options) is not None, name
