@@ -42,8 +42,8 @@ class CachedLauncher:
     debug/instrumentation knobs, the Python type of every argument, and per argument: a tensor's dtype and
     data-pointer residue mod 128 (Triton specialises on 16-byte alignment), an int's value (a ``do_not_specialize``
     int: is it 1, is it a multiple of 16, its 32/64-bit range — all Triton can specialise an int on, so the key
-    stays finer if the flag is changed later), a bool's value. Anything else — another argument type, constexprs passed
-    out of their signature order, a Triton release other than 3.6-3.9 (where the launch call is known), the
+    stays finer if the flag is changed later), a bool's value. Anything else — another argument type, constexprs
+    passed out of their signature order, a Triton release other than 3.6-3.9 (where the launch call is known), the
     interpreter, pre-run or pipeline-inspection hooks — takes Triton's own path, as does the first call of every
     key. Not re-checked on the fast path: Triton's test that globals the kernel reads have not changed since it was
     compiled.

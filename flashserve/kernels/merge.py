@@ -125,7 +125,8 @@ def _check_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, o
     last-dimension strides. The happy path compares each tensor with ``prefix_output`` at once; the named checks
     run only to find what is wrong."""
     if (type(prefix_output) is torch.Tensor and prefix_output.dim() == 3 and prefix_output.dtype in _MERGE_DTYPES
-            and _same_state(prefix_output, prefix_output) and _same_state(output, prefix_output) and _same_state(suffix_output, prefix_output)
+            and _same_state(prefix_output, prefix_output) and _same_state(output, prefix_output)
+            and _same_state(suffix_output, prefix_output)
             and _fp32_lse(prefix_lse, prefix_output) and _fp32_lse(suffix_lse, prefix_output)
             and (output_lse is None or _fp32_lse(output_lse, prefix_output))):
         return
