@@ -160,9 +160,9 @@ def main():
     torch.set_num_threads(1)
     with stubbed_launches() as stubs:
         timings = {name: per_call_us(fn, args.rounds, args.calls) for name, fn in entry_points().items()}
-        with _patched(sys.modules["flashserve.kernels._launch"], "_triton_driver", lambda: _FakeDriver):
-            binding = {name: binding_us(getattr(module, name), stubs[name].last_call, args.rounds, args.calls)
-                       for module, name, _, _ in _KERNELS if stubs[name].last_call is not None}
+    with _patched(sys.modules["flashserve.kernels._launch"], "_triton_driver", lambda: _FakeDriver):
+        binding = {name: binding_us(getattr(module, name), stubs[name].last_call, args.rounds, args.calls)
+                   for module, name, _, _ in _KERNELS if stubs[name].last_call is not None}
     text = (f"host µs per eager call, launches stubbed ({os.cpu_count()} CPUs, torch {torch.__version__})\n\n"
             + markdown_table(["entry point", "median µs", "min µs"],
                              [[name, f"{median:.1f}", f"{low:.1f}"] for name, (median, low) in timings.items()])

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from flashserve.kernels import decode, flash_attn_with_kvcache, paged_attention, reference, silu_and_mul
+from flashserve.kernels import decode, flash_attn_with_kvcache, merge_tuning, paged_attention, reference, silu_and_mul
 from test_cache_write import check_cache_write
 from test_decode import Case, make_inputs, run_case
 from test_layers import check_fused_add_rms_norm, check_rms_norm, check_rotary
@@ -97,6 +97,14 @@ def test_repeated_public_call_with_unchanged_index_tensors_never_synchronises():
 def test_merge_gpu(tokens, heads, dtype):
     check_merge(tokens, heads, 128, dtype, device="cuda")
     check_merge(tokens, heads, 96, dtype, strided=True, device="cuda", seed=1)
+
+
+@pytest.mark.parametrize("config", merge_tuning.CANDIDATES)
+def test_every_merge_launch_config_gpu(config):
+    """Every candidate of bench_merge.py's sweep compiles and merges right (odd token and head counts, d 96)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        check_merge(613, 48, 128, dtype, device="cuda", config=config)
+        check_merge(77, 20, 96, dtype, strided=True, device="cuda", seed=1, config=config)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
