@@ -231,6 +231,24 @@ def test_unchanged_index_tensors_are_checked_once(monkeypatch):
     assert len(runs) == 5
 
 
+def test_inference_tensors_are_checked_every_time(monkeypatch):
+    """Tensors made under torch.inference_mode have no version counter: no memo, a check per call."""
+    index_checks.KVCACHE_CHECKED.clear()
+    runs = []
+    check = index_checks._check_kvcache
+    monkeypatch.setattr(index_checks, "_check_kvcache", lambda *args: runs.append(1) or check(*args))
+    with torch.inference_mode():
+        g = Guarded("cpu")
+        k_cache, v_cache, table = g.paged()
+        q, seqlens = g.randn(BATCH, 1, HEADS, HEAD_DIM), g.index((2, 5))
+        for _ in range(2):
+            flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table, causal=True)
+        table[1, 0] = BLOCKS
+        with pytest.raises(ValueError, match="block_table"):
+            flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table, causal=True)
+    assert len(runs) == 3
+
+
 def test_plain_paged_decode_checks_agree_with_the_named_checks():
     """The one-comparison path of a plain paged call returns what the full checks return (a list window_size
     takes the full path)."""
