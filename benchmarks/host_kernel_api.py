@@ -9,6 +9,11 @@ Entry points: ``flash_attn_with_kvcache`` (paged, B1 L4096, H 32 / KVH 8, d 128,
 the same tensors, then with a fresh length tensor per call), ``paged_attention.decode`` (the engine's unchecked
 decode, same shape) and ``merge_attn_states`` (T 4096, H 32, d 128). Medians and minima over ``--rounds`` rounds
 of ``--calls`` calls, µs per call (on a shared machine the minima are the steadier figure).
+Where a ``_launch.CachedLauncher`` launches a kernel, the stub replaces the launcher's kernel, so its key is in the
+figure (it replaces Triton's binding on the GPU). A second table times, on the last recorded call of each kernel,
+the part of Triton's ``JITFunction.run`` that the launcher skips (binder and cache key, for a CUDA sm_90 target)
+and the launcher's key: per launch, "before" pays the first and "after" the second (the C launcher after them is
+the same).
 Usage: python benchmarks/host_kernel_api.py [--out DIR] [--rounds 30] [--calls 300]
 """
 import argparse

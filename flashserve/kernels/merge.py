@@ -121,15 +121,6 @@ MERGE_LAUNCHER = CachedLauncher(_merge_kernel)
 
 
 def _check_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse) -> None:
-    """ValueError naming the argument unless the five (six) tensors have the documented shapes, dtypes, device and
-    last-dimension strides. The happy path compares each tensor with ``prefix_output`` at once; the named checks
-    run only to find what is wrong."""
-    if (type(prefix_output) is torch.Tensor and prefix_output.dim() == 3 and prefix_output.dtype in _MERGE_DTYPES
-            and _same_state(prefix_output, prefix_output) and _same_state(output, prefix_output)
-            and _same_state(suffix_output, prefix_output)
-            and _fp32_lse(prefix_lse, prefix_output) and _fp32_lse(suffix_lse, prefix_output)
-            and (output_lse is None or _fp32_lse(output_lse, prefix_output))):
-        return
     _validate.check_tensor("prefix_output", prefix_output, 3, _MERGE_DTYPES)
     device, dtype, shape = prefix_output.device, prefix_output.dtype, prefix_output.shape
     _validate.check_tensor("output", output, 3, (dtype,), device)
@@ -147,18 +138,6 @@ def _check_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, o
     if output_lse is not None:
         _validate.check_tensor("output_lse", output_lse, 2, (torch.float32,), device)
         _validate.check_shape("output_lse", output_lse, lse_shape)
-
-
-def _same_state(tensor, like: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a tensor of ``like``'s shape, dtype and device, contiguous in its last dimension."""
-    return (isinstance(tensor, torch.Tensor) and tensor.shape == like.shape and tensor.dtype == like.dtype
-            and tensor.device == like.device and (tensor.stride()[-1] == 1 or tensor.shape[-1] <= 1))
-
-
-def _fp32_lse(lse, state: torch.Tensor) -> bool:
-    """Whether ``lse`` is an fp32 (H, T) tensor on the device of the (T, H, D) ``state``."""
-    return (isinstance(lse, torch.Tensor) and lse.dtype == torch.float32 and lse.dim() == 2
-            and lse.shape[0] == state.shape[1] and lse.shape[1] == state.shape[0] and lse.device == state.device)
 
 
 def merge_attn_states(
