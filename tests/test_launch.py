@@ -99,3 +99,13 @@ def test_library_call_sites_are_covered_by_the_key(launcher, monkeypatch):
         for args, meta in recordings[name].calls:
             options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
             assert fresh._key(args, meta, options) is not None, name
+
+
+def test_fingerprints_of_every_covered_type():
+    fingerprint = _launch._fingerprint_function((torch.Tensor, int, int, float, bool, type(None)),
+                                                (False, False, True, False, False, False))
+    x = torch.zeros(4, dtype=torch.float16)
+    residue = x[1:].data_ptr() & 127
+    assert fingerprint(x[1:], 7, 32, 0.5, True, None) == (torch.float16, residue, 7, False, True, True, False, True)
+    assert _launch._fingerprint_function((float, type(None)), (False, False))(1.0, None) == ()
+    assert _launch._fingerprint_function((torch.Tensor, list), (False, False)) is None

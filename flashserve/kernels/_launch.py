@@ -122,7 +122,7 @@ def _fingerprint_function(kinds: tuple, do_not_specialize: tuple):
             return None
     names = ", ".join(f"a{index}" for index in range(len(kinds)))
     namespace = {}
-    exec(f"def fingerprint({names}):\n    return ({', '.join(parts)},)\n", namespace)
+    exec(f"def fingerprint({names}):\n    return ({''.join(part + ', ' for part in parts)})\n", namespace)
     return namespace["fingerprint"]
 
 
