@@ -55,8 +55,8 @@ def test_fast_launches_match_every_specialisation(dtype):
     first_round = counting.slow_calls
     for case in cases:  # every key known now: none goes through Triton's path, results still right
         _launch_case(launcher, *case, dtype)
-    assert counting.slow_calls == first_round
-    if launcher._enabled:
+    if launcher._enabled:  # (Triton 3.6-3.9)
+        assert counting.slow_calls == first_round
         assert first_round < len(cases)  # n is not specialised: some cases share a variant
 
 
