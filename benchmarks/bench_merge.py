@@ -3,14 +3,25 @@
 tokens {256, 512, 613, 1024, 1536, 4096} x heads {16, 32, 48} x head size 128, fp16 and bf16. GPU times are
 ``do_bench`` medians; TB/s counts 3 x the output bytes (two inputs read, one output written); "wall µs per call"
 is the host-side cost of a call in a tight loop (Python + launch), which bounds small merges; "graph µs" replays
-the call from a CUDA graph (device time without host launch gaps).
-Usage: python benchmarks/bench_merge.py [--out DIR]
+the call from a CUDA graph (device time without host launch gaps). Anchor of the same run: ``torch.add`` of the
+two states into the output (the same bytes read and written), and the HBM copy bandwidth.
+
+First a sweep: every launch config of ``merge_tuning.CANDIDATES`` on every shape (shorter do_bench budgets), then
+the best config per (row bytes, token class) — the geometric mean over that class's shapes and both dtypes, kept
+only when >= 2% faster than ``merge_tuning.DEFAULT`` — printed as the ``TUNED`` table for merge_tuning.py and
+installed for the rest of the run, so the main table ("ours") measures merge_attn_states with that table. The
+sweep table lists, per shape, the default's and the best config's µs. ``--no-sweep``: the main table only, with
+the table already in merge_tuning.py.
+Usage: python benchmarks/bench_merge.py [--out DIR] [--no-sweep]
 """
+import math
+
 import torch
 
-from common import (argument_parser, bench_us, environment, graph_us, markdown_table, section_header, wall_us,
-                    write_results)
-from flashserve.kernels import merge_attn_states
+from common import (argument_parser, bench_us, copy_bandwidth_tbs, environment, graph_us, markdown_table,
+                    section_header, wall_us, write_results)
+from flashserve.kernels import merge_attn_states, merge_tuning
+from flashserve.kernels.merge import launch_merge
 from flashserve.kernels.reference import merge_attn_states as merge_attn_states_torch
 
 TOKENS = [256, 512, 613, 1024, 1536, 4096]
@@ -18,34 +29,98 @@ HEADS = [16, 32, 48]
 HEAD_SIZE = 128
 
 
-def run(tokens, heads, dtype) -> dict:
+def make_states(tokens, heads, dtype):
+    """(output, prefix, prefix_lse, suffix, suffix_lse, output_lse), fresh random states."""
     def state():
         out = torch.randn(tokens, heads, HEAD_SIZE, device="cuda", dtype=dtype)
         return out, torch.randn(heads, tokens, device="cuda") * 4
 
     (prefix, prefix_lse), (suffix, suffix_lse) = state(), state()
-    output, output_lse = torch.empty_like(prefix), torch.empty_like(prefix_lse)
+    return torch.empty_like(prefix), prefix, prefix_lse, suffix, suffix_lse, torch.empty_like(prefix_lse)
+
+
+def config_name(config: merge_tuning.MergeConfig) -> str:
+    return f"{config.tile_elements}/w{config.num_warps}{'/evict' if config.evict_first else ''}"
+
+
+def sweep(tokens, heads, dtype) -> dict:
+    """µs of every candidate config on one shape (each checked against the default's output first)."""
+    args = make_states(tokens, heads, dtype)
+    launch_merge(*args, merge_tuning.DEFAULT)
+    expected = args[0].clone()
+    times = {}
+    for config in merge_tuning.CANDIDATES:
+        args[0].zero_()
+        launch_merge(*args, config)
+        if not torch.allclose(args[0].float(), expected.float(), atol=1e-2, rtol=1e-2):
+            raise RuntimeError(f"config {config} merges differently from the default")
+        times[config_name(config)] = bench_us(lambda: launch_merge(*args, config), warmup_ms=5, rep_ms=25)
+    return dict(tokens=tokens, heads=heads, dtype=str(dtype).replace("torch.", ""),
+                row_bytes=heads * HEAD_SIZE * torch.empty((), dtype=dtype).element_size(), times=times)
+
+
+def tuned_table(sweeps) -> dict:
+    """(row bytes, token class) -> the config with the least geometric-mean time relative to DEFAULT over the
+    class's shapes, when it is >= 2% faster."""
+    default = config_name(merge_tuning.DEFAULT)
+    groups = {}
+    for s in sweeps:
+        groups.setdefault((s["row_bytes"], merge_tuning.token_class(s["tokens"])), []).append(s)
+    table = {}
+    for key, members in sorted(groups.items()):
+        def score(config):
+            name = config_name(config)
+            return math.exp(sum(math.log(m["times"][name] / m["times"][default]) for m in members) / len(members))
+        best = min(merge_tuning.CANDIDATES, key=score)
+        if score(best) <= 0.98:
+            table[key] = best
+    return table
+
+
+def sweep_markdown(sweeps, table) -> str:
+    default = config_name(merge_tuning.DEFAULT)
+    rows = []
+    for s in sweeps:
+        best = min(s["times"], key=s["times"].get)
+        chosen = config_name(table.get((s["row_bytes"], merge_tuning.token_class(s["tokens"])), merge_tuning.DEFAULT))
+        nbytes = 3 * s["tokens"] * s["row_bytes"]
+        rows.append([s["tokens"], s["heads"], s["dtype"], f"{s['times'][default]:.1f}", best,
+                     f"{s['times'][best]:.1f}", f"{nbytes / s['times'][best] / 1e6:.2f}", chosen,
+                     f"{s['times'][chosen]:.1f}"])
+    lines = ["TUNED = {"] + [f"    {key}: MergeConfig{tuple(config)}," for key, config in table.items()] + ["}"]
+    return (markdown_table(["tokens", "heads", "dtype", f"default ({default}) µs", "best config", "best µs",
+                            "best TB/s", "table's config", "table's µs"], rows)
+            + "\n\nThe table for merge_tuning.py (row bytes, token class) -> config:\n\n```python\n"
+            + "\n".join(lines) + "\n```\n")
+
+
+def run(tokens, heads, dtype) -> dict:
+    output, prefix, prefix_lse, suffix, suffix_lse, output_lse = make_states(tokens, heads, dtype)
     ours = lambda: merge_attn_states(output, prefix, prefix_lse, suffix, suffix_lse, output_lse)  # noqa: E731
     torch_fn = lambda: merge_attn_states_torch(output, prefix, prefix_lse, suffix, suffix_lse, output_lse)  # noqa
+    add = lambda: torch.add(prefix, suffix, out=output)  # noqa: E731
     torch_fn()
     expected = output.clone()
     ours()
     nbytes = 3 * output.numel() * output.element_size()
     row = dict(tokens=tokens, heads=heads, head_size=HEAD_SIZE, dtype=str(dtype).replace("torch.", ""),
                max_abs_diff=(output.float() - expected.float()).abs().max().item(),
+               config=config_name(merge_tuning.choose_config(tokens, heads, HEAD_SIZE, output.element_size())),
                torch_us=bench_us(torch_fn), ours_us=bench_us(ours), ours_graph_us=graph_us(ours),
-               ours_wall_us=wall_us(ours))
+               ours_wall_us=wall_us(ours), add_us=bench_us(add))
     row["speedup"] = row["torch_us"] / row["ours_us"]
     row["ours_tbs"] = nbytes / row["ours_us"] / 1e6
+    row["add_tbs"] = nbytes / row["add_us"] / 1e6
     return row
 
 
-def markdown(rows) -> str:
+def markdown(rows, copy_tbs) -> str:
     header = ["tokens", "heads", "headsize", "dtype", "torch µs", "ours µs", "speedup", "ours TB/s",
-              "wall µs per call", "ours graph µs"]
-    return markdown_table(header, [
+              "wall µs per call", "ours graph µs", "config", "torch.add TB/s (same bytes)"]
+    return f"HBM copy bandwidth (same run): {copy_tbs:.2f} TB/s\n\n" + markdown_table(header, [
         [r["tokens"], r["heads"], r["head_size"], r["dtype"], f"{r['torch_us']:.1f}", f"{r['ours_us']:.1f}",
-         f"{r['speedup']:.1f}x", f"{r['ours_tbs']:.2f}", f"{r['ours_wall_us']:.1f}", f"{r['ours_graph_us']:.1f}"]
+         f"{r['speedup']:.1f}x", f"{r['ours_tbs']:.2f}", f"{r['ours_wall_us']:.1f}", f"{r['ours_graph_us']:.1f}",
+         r["config"], f"{r['add_tbs']:.2f}"]
         for r in rows])
 
 
@@ -68,12 +143,24 @@ def plot(rows):
 
 def main():
     parser = argument_parser(__doc__)
+    parser.add_argument("--no-sweep", action="store_true", help="skip the launch-config sweep")
     args = parser.parse_args()
-    rows = [run(tokens, heads, dtype) for dtype in (torch.float16, torch.bfloat16) for heads in HEADS
-            for tokens in TOKENS]
+    shapes = [(tokens, heads, dtype) for dtype in (torch.float16, torch.bfloat16) for heads in HEADS
+              for tokens in TOKENS]
     env = environment()
-    write_results(args.out, "bench_merge", section_header("merge_attn_states", env) + markdown(rows),
-                  dict(meta=env, rows=rows), plot(rows))
+    text = section_header("merge_attn_states", env)
+    sweeps = []
+    if not args.no_sweep:
+        sweeps = [sweep(*shape) for shape in shapes]
+        table = tuned_table(sweeps)
+        merge_tuning.TUNED.clear()
+        merge_tuning.TUNED.update(table)
+        text += "### Launch-config sweep\n\n" + sweep_markdown(sweeps, table) + "\n### merge_attn_states\n\n"
+    copy_tbs = copy_bandwidth_tbs()
+    rows = [run(*shape) for shape in shapes]
+    write_results(args.out, "bench_merge", text + markdown(rows, copy_tbs),
+                  dict(meta=env, copy_tbs=copy_tbs, rows=rows, sweeps=sweeps,
+                       tuned={str(k): list(v) for k, v in merge_tuning.TUNED.items()}), plot(rows))
 
 
 if __name__ == "__main__":

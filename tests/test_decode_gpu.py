@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from flashserve.kernels import decode, paged_attention, reference, silu_and_mul
+from flashserve.kernels import decode, flash_attn_with_kvcache, merge_tuning, paged_attention, reference, silu_and_mul
 from test_cache_write import check_cache_write
 from test_decode import Case, make_inputs, run_case
 from test_layers import check_fused_add_rms_norm, check_rms_norm, check_rotary
@@ -78,11 +78,33 @@ def test_engine_entry_points_never_synchronise():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_repeated_public_call_with_unchanged_index_tensors_never_synchronises():
+    """flash_attn_with_kvcache checks its index values once (one synchronisation); a second call with the same,
+    unchanged cache_seqlens and block_table (the next layer of the step) launches without one."""
+    args = make_inputs(Case(**REAL, seqlen_new=0, dtype=torch.bfloat16), device="cuda")
+    first = flash_attn_with_kvcache(**args)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = flash_attn_with_kvcache(**args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(first, again)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("tokens, heads", [(613, 48), (4096, 32)])
 def test_merge_gpu(tokens, heads, dtype):
     check_merge(tokens, heads, 128, dtype, device="cuda")
     check_merge(tokens, heads, 96, dtype, strided=True, device="cuda", seed=1)
+
+
+@pytest.mark.parametrize("config", merge_tuning.CANDIDATES)
+def test_every_merge_launch_config_gpu(config):
+    """Every candidate of bench_merge.py's sweep compiles and merges right (odd token and head counts, d 96)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        check_merge(613, 48, 128, dtype, device="cuda", config=config)
+        check_merge(77, 20, 96, dtype, strided=True, device="cuda", seed=1, config=config)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

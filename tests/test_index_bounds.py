@@ -200,3 +200,62 @@ def test_value_checks_are_skipped_while_capturing(monkeypatch):
     monkeypatch.setattr(index_checks, "raise_first", lambda checks: pytest.fail("a check ran during capture"))
     for name in CASES:
         make_case(name, "cpu", big=False)[1]()
+
+
+def test_unchanged_index_tensors_are_checked_once(monkeypatch):
+    """The layers of a decode step share cache_seqlens and block_table: one value check for all of them; an
+    in-place change of either brings the check back, and a failed check is never remembered."""
+    index_checks.KVCACHE_CHECKED.clear()
+    runs = []
+    check = index_checks._check_kvcache
+    monkeypatch.setattr(index_checks, "_check_kvcache", lambda *args: runs.append(1) or check(*args))
+    g = Guarded("cpu")
+    k_cache, v_cache, table = g.paged()
+    q, seqlens = g.randn(BATCH, 1, HEADS, HEAD_DIM), g.index((2, 5))
+
+    def call():
+        return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table, causal=True)
+    call()
+    call()
+    assert len(runs) == 1
+    table[1, 0] = BLOCKS  # an in-place write bumps the version counter: checked again, and refused
+    for _ in range(2):
+        with pytest.raises(ValueError, match="block_table"):
+            call()
+    assert len(runs) == 3
+    table[1, 0] = 0
+    call()
+    seqlens.add_(WIDTH * PAGE)
+    with pytest.raises(ValueError, match="block_table"):
+        call()
+    assert len(runs) == 5
+
+
+def test_inference_tensors_are_checked_every_time(monkeypatch):
+    """Tensors made under torch.inference_mode have no version counter: no memo, a check per call."""
+    index_checks.KVCACHE_CHECKED.clear()
+    runs = []
+    check = index_checks._check_kvcache
+    monkeypatch.setattr(index_checks, "_check_kvcache", lambda *args: runs.append(1) or check(*args))
+    with torch.inference_mode():
+        g = Guarded("cpu")
+        k_cache, v_cache, table = g.paged()
+        q, seqlens = g.randn(BATCH, 1, HEADS, HEAD_DIM), g.index((2, 5))
+        for _ in range(2):
+            flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table, causal=True)
+        table[1, 0] = BLOCKS
+        with pytest.raises(ValueError, match="block_table"):
+            flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table, causal=True)
+    assert len(runs) == 3
+
+
+def test_plain_paged_decode_checks_agree_with_the_named_checks():
+    """The one-comparison path of a plain paged call returns what the full checks return (a list window_size
+    takes the full path)."""
+    from flashserve.kernels.decode_checks import check_kvcache_args
+    g = Guarded("cpu")
+    k_cache, v_cache, table = g.paged()
+    q, seqlens = g.randn(BATCH, 1, HEADS, HEAD_DIM), g.index((2, 5))
+    results = [check_kvcache_args(q, k_cache, v_cache, None, None, None, None, seqlens, None, None, table, window,
+                                  0.0, None, 0) for window in ((-1, -1), [-1, -1])]
+    assert results[0] == results[1] == (-1, -1, WIDTH * PAGE)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from flashserve.kernels import merge_attn_states
+from flashserve.kernels import merge, merge_attn_states, merge_tuning
 from flashserve.kernels import reference
 
 
@@ -27,12 +27,17 @@ def make_states(tokens, heads, head_size, dtype, seed=0, strided=False, device="
     return states
 
 
-def check_merge(tokens, heads, head_size, dtype, strided=False, device="cpu", inf_fraction=0.2, seed=0):
+def check_merge(tokens, heads, head_size, dtype, strided=False, device="cpu", inf_fraction=0.2, seed=0,
+                config=None):
+    """merge_attn_states (or, with ``config``, the kernel launched with that config) against the reference."""
     (p_out, p_lse), (s_out, s_lse) = make_states(tokens, heads, head_size, dtype, seed, strided, device,
                                                  inf_fraction)
     out = torch.full((tokens, heads, head_size), float("nan"), dtype=dtype, device=device)  # NaN-poisoned
     out_lse = torch.full((heads, tokens), float("nan"), device=device)
-    merge_attn_states(out, p_out, p_lse, s_out, s_lse, out_lse)
+    if config is None:
+        merge_attn_states(out, p_out, p_lse, s_out, s_lse, out_lse)
+    else:
+        merge.launch_merge(out, p_out, p_lse, s_out, s_lse, out_lse, config)
     ref = torch.empty_like(out)
     ref_lse = torch.empty_like(out_lse)
     reference.merge_attn_states(ref, p_out, p_lse, s_out, s_lse, ref_lse)
@@ -50,6 +55,23 @@ def check_merge(tokens, heads, head_size, dtype, strided=False, device="cpu", in
 @pytest.mark.parametrize("tokens, heads, head_size", [(7, 5, 24), (13, 16, 128), (3, 3, 80)])
 def test_merge_matches_reference(tokens, heads, head_size, dtype):
     check_merge(tokens, heads, head_size, dtype)
+
+
+@pytest.mark.parametrize("config", merge_tuning.CANDIDATES)
+def test_every_launch_config_matches_reference(config):
+    """Tiles of several tokens and head blocks that do not divide the shape (the sweep's candidates)."""
+    if merge.use_triton(torch.empty(0)):
+        check_merge(37, 5, 24, torch.float16, config=config._replace(tile_elements=config.tile_elements // 16))
+        check_merge(11, 6, 32, torch.float32, strided=True, config=config._replace(tile_elements=256))
+
+
+def test_tile_shapes_pad_heads_least():
+    block_t, block_h, block_d, head_blocks = merge_tuning.tile_shape(merge_tuning.MergeConfig(4096, 4, False), 48,
+                                                                      128)
+    assert (block_t, block_h, block_d, head_blocks) == (2, 16, 128, 3)
+    assert merge_tuning.tile_shape(merge_tuning.MergeConfig(2048, 4, False), 32, 128) == (1, 16, 128, 2)
+    assert merge_tuning.tile_shape(merge_tuning.MergeConfig(8192, 8, True), 16, 80) == (4, 16, 128, 1)
+    assert merge_tuning.tile_shape(merge_tuning.MergeConfig(2048, 4, False), 5, 24) == (64, 1, 32, 5)
 
 
 def test_merge_strided_inputs():

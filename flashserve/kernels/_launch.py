@@ -1,6 +1,8 @@
 """Host-side launch arithmetic in plain Python: ``triton.next_power_of_2`` and ``triton.cdiv`` are constexpr
 functions that cost microseconds per call from Python, which adds up on launch-bound decode steps; and the upload of
 small host lists."""
+import os
+
 import torch
 
 
@@ -29,3 +31,127 @@ def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tens
     if torch.device(device).type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+class CachedLauncher:
+    """``launcher(grid, args, constexprs, **options)`` does what ``kernel[grid](*args, **constexprs, **options)``
+    does (options: ``num_warps``, ``num_stages``), with less Python per call
+    once a variant has been launched: Triton's ``JITFunction.run`` binds and specialises every argument on every
+    call (tens of µs for the decode kernel's 58 parameters); this launches the compiled kernel that Triton's own
+    path returned for an earlier call with the same key, through the same launcher call ``JITFunction.run`` makes.
+
+    The key is finer than Triton's specialisation by construction: the device, the constexprs and options, Triton's
+    debug/instrumentation knobs, the Python type of every argument, and per argument: a tensor's dtype and
+    data-pointer residue mod 128 (Triton specialises on 16-byte alignment), an int's value (a ``do_not_specialize``
+    int: is it 1, is it a multiple of 16, its 32/64-bit range — all Triton can specialise an int on, so the key
+    stays finer if the flag is changed later), a bool's value. Anything else — another argument type, constexprs
+    passed out of their signature order, a Triton release other than 3.6-3.9 (where the launch call is known), the
+    interpreter, pre-run or pipeline-inspection hooks — takes Triton's own path, as does the first call of every
+    key. Not re-checked on the fast path: Triton's test that globals the kernel reads have not changed since it was
+    compiled.
+    """
+
+    MAX_ENTRIES = 512
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self._entries: dict[tuple, object] = {}
+        self._fingerprints: dict[tuple, object] = {}  # argument types -> fingerprint function (None: unsupported)
+        self._enabled = _fast_launch_supported(kernel)
+        if self._enabled:
+            params = kernel.params
+            self._constexpr_names = tuple(p.name for p in params if p.is_constexpr)
+            self._positional = len(params) - len(self._constexpr_names)
+            self._do_not_specialize = tuple(p.do_not_specialize for p in params[:self._positional])
+            # the fast path appends the constexprs after the positional arguments: they must be the last params
+            self._enabled = all(p.is_constexpr for p in params[self._positional:])
+
+    def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
+        key = self._key(args, constexprs, options) if self._enabled else None
+        try:
+            compiled = self._entries.get(key) if key is not None else None
+        except TypeError:  # an unhashable constexpr or option value
+            key = compiled = None
+        if compiled is None:
+            compiled = self.kernel[grid](*args, **constexprs, **options)
+            if key is not None and _launchable(compiled) and len(self._entries) < self.MAX_ENTRIES:
+                self._entries[key] = compiled
+            return
+        stream = _triton_driver().active.get_current_stream(key[0])
+        full = (*args, *constexprs.values())
+        grid_1 = grid[1] if len(grid) > 1 else 1
+        grid_2 = grid[2] if len(grid) > 2 else 1
+        runtime = _triton_knobs().runtime
+        compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata,
+                     compiled.launch_metadata(grid, stream, *full), runtime.launch_enter_hook,
+                     runtime.launch_exit_hook, *full)
+
+    def _key(self, args: tuple, constexprs: dict, options: dict):
+        """The launch's key, or None (Triton's own path) when an argument or hook is outside what it covers."""
+        knobs = _triton_knobs()
+        if (len(args) != self._positional or tuple(constexprs) != self._constexpr_names or self.kernel.pre_run_hooks
+                or getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None):
+            return None
+        kinds = tuple(map(type, args))
+        fingerprint = self._fingerprints.get(kinds, _MISSING)
+        if fingerprint is _MISSING:
+            fingerprint = self._fingerprints[kinds] = _fingerprint_function(kinds, self._do_not_specialize)
+        if fingerprint is None:
+            return None
+        compilation = knobs.compilation
+        return (_triton_driver().active.get_current_device(), tuple(options.items()), tuple(constexprs.values()),
+                knobs.runtime.debug, compilation.instrumentation_mode,
+                getattr(compilation, "fpsan_homomorphic_casts", None), kinds, fingerprint(*args))
+
+
+_MISSING = object()
+
+
+def _fingerprint_function(kinds: tuple, do_not_specialize: tuple):
+    """A function of the arguments (of these types) returning what, besides their types, Triton may specialise
+    on; None if a type is not covered (tensors, int, float, bool, None)."""
+    parts = []
+    for index, (kind, unspecialised) in enumerate(zip(kinds, do_not_specialize)):
+        name = f"a{index}"
+        if issubclass(kind, torch.Tensor):
+            parts.append(f"{name}.dtype, {name}.data_ptr() & 127")
+        elif kind is int:
+            parts.append(f"{name} == 1, {name} % 16 == 0, -2147483648 <= {name} < 2147483648, "
+                         f"{name} >= 9223372036854775808" if unspecialised else name)
+        elif kind is bool:
+            parts.append(name)
+        elif kind is not float and kind is not type(None):
+            return None
+    names = ", ".join(f"a{index}" for index in range(len(kinds)))
+    namespace = {}
+    exec(f"def fingerprint({names}):\n    return ({''.join(part + ', ' for part in parts)})\n", namespace)
+    return namespace["fingerprint"]
+
+
+_FAST_LAUNCH_RELEASES = ((3, 6), (3, 7), (3, 8), (3, 9))
+
+
+def _triton_knobs():
+    from triton import knobs
+    return knobs
+
+
+def _triton_driver():
+    from triton.runtime import driver
+    return driver
+
+
+def _fast_launch_supported(kernel) -> bool:
+    """Triton 3.6-3.9, a compiled (not interpreted) ``@triton.jit`` function, and ``FLASHSERVE_FAST_LAUNCH`` not
+    "0" (read when the kernel's module is imported: the switch for every launch through Triton's own path)."""
+    if os.environ.get("FLASHSERVE_FAST_LAUNCH", "1") == "0":
+        return False
+    import triton
+    from triton.runtime.jit import JITFunction
+    release = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    return release in _FAST_LAUNCH_RELEASES and type(kernel) is JITFunction
+
+
+def _launchable(compiled) -> bool:
+    """Whether Triton's launch returned a compiled kernel with the launcher interface of 3.6-3.9."""
+    return all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata", "launch_metadata"))

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels._dispatch import triton_interpret_enabled
-from flashserve.kernels._launch import next_power_of_2
+from flashserve.kernels._launch import CachedLauncher, next_power_of_2
 from flashserve.kernels.merge import lse_weights, merge_split_rows, weighted
 
 MIN_TOKENS_PER_SPLIT = 128
@@ -218,6 +218,11 @@ def _combine_splits_kernel(
         tl.store(lse_ptr + (batch * NUM_HEADS + heads) * seqlen_q + query, lse, mask=head_valid)
 
 
+# Launches with the Python cost of Triton's argument binding paid once per variant (_launch.CachedLauncher).
+DECODE_LAUNCHER = CachedLauncher(_decode_kernel)
+COMBINE_LAUNCHER = CachedLauncher(_combine_splits_kernel)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -241,7 +246,7 @@ def choose_num_splits(num_splits: int, programs: int, capacity: int, device: tor
 
 @functools.lru_cache(maxsize=4096)
 def launch_config(batch: int, seqlen_q: int, num_heads: int, num_heads_k: int, head_dim: int, capacity: int,
-                   num_splits: int, device: torch.device) -> tuple:
+                  num_splits: int, device: torch.device) -> tuple:
     """Everything about a launch that depends on shapes only, computed once per shape (host cost: ``triton``'s
     helpers are not free to call):
     (decode grid, splits, BLOCK_M, BLOCK_N, BLOCK_D, combine grid, BLOCK_H, BLOCK_S, combine num_warps)."""
@@ -258,6 +263,21 @@ def launch_config(batch: int, seqlen_q: int, num_heads: int, num_heads_k: int, h
             block_s, 8 if block_s * block_d > 4096 else 4)
 
 
+@functools.lru_cache(maxsize=4096)
+def state_layout(batch: int, seqlen_q: int, num_heads: int, head_dim: int, splits: int) -> tuple:
+    """Where the decode kernel writes its states, from the shapes alone: (number of partial states (0 with one
+    split), output strides (batch, query, split, head), LSE strides (batch, query, split, head)). One split: the
+    contiguous out (B, Sq, H, D) and lse (B, H, Sq); more: one fp32 buffer holding the partial outputs
+    (B, Sq, splits, H, D), then their LSEs (B, Sq, splits, H)."""
+    if splits == 1:
+        return 0, (seqlen_q * num_heads * head_dim, num_heads * head_dim, 0, head_dim), \
+            (num_heads * seqlen_q, 1, 0, seqlen_q)
+    heads_per_query = splits * num_heads
+    return (batch * seqlen_q * heads_per_query,
+            (seqlen_q * heads_per_query * head_dim, heads_per_query * head_dim, num_heads * head_dim, head_dim),
+            (seqlen_q * heads_per_query, heads_per_query, num_heads, 1))
+
+
 def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
                   softcap, window_left, window_right, capacity, num_splits, write_lse, cache_leftpad=None,
                   fused_combine=None, key_start=None):
@@ -272,53 +292,49 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
     causality and ALiBi). Returns (out (B, Sq, H, D), lse (B, H, Sq) fp32 —
     filled when one split is used, the combine is fused, or ``write_lse``)."""
     batch, seqlen_q, num_heads, head_dim = q.shape
-    num_heads_k = k_cache.shape[2]
+    k_shape = k_cache.shape
+    num_heads_k = k_shape[2]
     device = q.device
     grid, splits, block_m, block_n, block_d, combine_grid, block_h, block_s, combine_warps = launch_config(
         batch, seqlen_q, num_heads, num_heads_k, head_dim, capacity, num_splits, device)
+    num_states, out_strides, lse_strides = state_layout(batch, seqlen_q, num_heads, head_dim, splits)
     out = torch.empty((batch, seqlen_q, num_heads, head_dim), dtype=q.dtype, device=device)
     lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=device)
     if splits > 1:
-        # one fp32 buffer: the partial outputs (B, Sq, splits, H, D), then their LSEs (B, Sq, splits, H)
-        num_states = batch * seqlen_q * splits * num_heads
         part = torch.empty(num_states * (head_dim + 1), dtype=torch.float32, device=device)
-        target_out = part[:num_states * head_dim].view(batch, seqlen_q, splits, num_heads, head_dim)
-        target_lse = part[num_states * head_dim:].view(batch, seqlen_q, splits, num_heads)
-        out_strides = target_out.stride()[:4]
-        lse_strides = target_lse.stride()
+        target_out, target_lse = part, part[num_states * head_dim:]
     else:
         target_out, target_lse = out, lse
-        out_strides = (out.stride(0), out.stride(1), 0, out.stride(2))
-        lse_strides = (lse.stride(0), lse.stride(2), 0, lse.stride(1))
     if fused_combine is None:
         fused_combine = uses_fused_combine(splits, batch * grid[1])
     fused_combine = fused_combine and splits > 1
     counters = torch.zeros(batch * grid[1], dtype=torch.int32, device=device) if fused_combine else lse
     paged = block_table is not None
-    upcast = q.dtype == torch.float32 or triton_interpret_enabled()
-    _decode_kernel[grid](
+    upcast = q.dtype == torch.float32 or not q.is_cuda or triton_interpret_enabled()
+    q_strides, k_strides, v_strides = q.stride(), k_cache.stride(), v_cache.stride()
+    DECODE_LAUNCHER(grid, (
         q, k_cache, v_cache, target_out, target_lse, block_table if paged else seqlens_k,
         seqlens_k if cache_batch_idx is None else cache_batch_idx, seqlens_k,
         seqlens_k if alibi_slopes is None else alibi_slopes,
         seqlens_k if cache_leftpad is None else cache_leftpad, seqlens_k if key_start is None else key_start,
-        capacity, k_cache.shape[0], counters, out, lse,
+        capacity, k_shape[0], counters, out, lse,
         seqlen_q, num_heads_k, head_dim, splits,
         float(head_dim ** -0.5 if softmax_scale is None else softmax_scale), float(softcap),
         window_left, window_right,
-        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *out_strides, *lse_strides,
-        block_table.stride(0) if paged else 0,
-        alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
+        v_strides[0], v_strides[1], v_strides[2], *out_strides, *lse_strides,
+        block_table.stride()[0] if paged else 0,
+        alibi_slopes.stride()[0] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+    ), dict(
         GROUP=num_heads // num_heads_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
+        PAGE_SIZE=k_shape[1] if paged else 1, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
         HAS_LEFTPAD=cache_leftpad is not None, HAS_KEY_START=key_start is not None,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
-        FUSED_COMBINE=fused_combine, BLOCK_S=block_s, num_warps=4, num_stages=3,
-    )
+        FUSED_COMBINE=fused_combine, BLOCK_S=block_s,
+    ), num_warps=4, num_stages=3)
     if splits > 1 and not fused_combine:
-        _combine_splits_kernel[combine_grid](
-            out, lse, part, seqlen_q, splits, NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=write_lse,
-            BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=combine_warps,
-        )
+        COMBINE_LAUNCHER(combine_grid, (out, lse, part, seqlen_q, splits), dict(
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=write_lse, BLOCK_H=block_h, BLOCK_S=block_s,
+            BLOCK_D=block_d), num_warps=combine_warps)
     return out, lse

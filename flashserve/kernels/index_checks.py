@@ -5,19 +5,31 @@ costs one host synchronisation per call (FlashAttention 2 pays the same for its 
 builds a 0-dim bool tensor "this is wrong" on the device; ``raise_first`` copies them all to the host at once and
 raises ValueError with the message of the first that holds. The checks are skipped while a CUDA graph is being
 captured (a synchronisation would break the capture): there, as on the engine's unchecked paths, the kernels' own
-clamps and masks are what keep every access inside its tensor.
+clamps and masks are what keep every access inside its tensor. ``flash_attn_with_kvcache``'s checks are also
+skipped for index tensors that already passed them unchanged (``checked_indices``: the layers of a decode step).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import next_power_of_2
+from flashserve.kernels._launch import CachedLauncher, next_power_of_2
+from flashserve.kernels.checked_indices import CheckedIndices
+
+# flash_attn_with_kvcache's index tensors that passed their value checks (see checked_indices).
+KVCACHE_CHECKED = CheckedIndices()
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
 
 
 def capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph (no synchronisation allowed)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _cuda_available() and torch.cuda.is_current_stream_capturing()
 
 
 def raise_first(checks: list[tuple[torch.Tensor, str]]) -> None:
@@ -92,6 +104,9 @@ def _kvcache_check_kernel(seqlens_ptr, leftpad_ptr, batch_idx_ptr, block_table_p
     tl.store(flags_ptr + batch, flags)
 
 
+KVCACHE_CHECK_LAUNCHER = CachedLauncher(_kvcache_check_kernel)
+
+
 def _kvcache_failures(capacity: int, k_cache: torch.Tensor, block_table) -> list[str]:
     """The messages of the checks, in the bit order of ``_kvcache_check_kernel``."""
     if block_table is not None:
@@ -109,19 +124,22 @@ def _check_kvcache_in_one_launch(batch, cache_seqlens, seqlen_new, capacity, k_c
     flags = torch.empty(batch, dtype=torch.int32, device=k_cache.device)
     seqlens_tensor = isinstance(cache_seqlens, torch.Tensor)
     width = block_table.shape[1] if block_table is not None else 0
-    _kvcache_check_kernel[(batch,)](
+    KVCACHE_CHECK_LAUNCHER((batch,), (
         cache_seqlens if seqlens_tensor else flags, cache_leftpad if cache_leftpad is not None else flags,
         cache_batch_idx if cache_batch_idx is not None else flags,
         block_table if block_table is not None else flags, flags,
         0 if seqlens_tensor else cache_seqlens, seqlen_new, capacity, k_cache.shape[0], k_cache.shape[0],
-        block_table.stride(0) if block_table is not None else 0, width, k_cache.shape[1],
+        block_table.stride()[0] if block_table is not None else 0, width, k_cache.shape[1],
+    ), dict(
         SEQLENS_TENSOR=seqlens_tensor, HAS_LEFTPAD=cache_leftpad is not None,
         HAS_BATCH_IDX=cache_batch_idx is not None, PAGED=block_table is not None,
-        BLOCK_W=min(1024, next_power_of_2(max(width, 1))), num_warps=1,
-    )
+        BLOCK_W=min(1024, next_power_of_2(max(width, 1))),
+    ), num_warps=1)
     failed = 0
     for flag in flags.tolist():
         failed |= flag
+    if not failed:
+        return
     for bit, message in enumerate(_kvcache_failures(capacity, k_cache, block_table)):
         if failed >> bit & 1:
             raise ValueError(message)
@@ -130,10 +148,21 @@ def _check_kvcache_in_one_launch(batch, cache_seqlens, seqlen_new, capacity, k_c
 def check_kvcache_values(batch: int, cache_seqlens, seqlen_new: int, capacity: int, k_cache: torch.Tensor,
                          block_table, cache_batch_idx, cache_leftpad) -> None:
     """The value checks of ``flash_attn_with_kvcache`` (``cache_seqlens`` a (B,) int32 tensor or an int): one
-    Triton launch where the kernels run (a decode call's host cost), PyTorch ops on the reference path."""
-    on_device = (cache_seqlens, block_table, cache_batch_idx, cache_leftpad)
-    if capturing() or batch == 0 or not any(isinstance(t, torch.Tensor) for t in on_device):
+    Triton launch and one synchronisation where the kernels run, PyTorch ops on the reference path. Skipped while
+    a graph is captured, and when these index tensors passed the same check unchanged (``KVCACHE_CHECKED``)."""
+    tensors = tuple(t if isinstance(t, torch.Tensor) else None
+                    for t in (cache_seqlens, block_table, cache_batch_idx, cache_leftpad))
+    if batch == 0 or all(t is None for t in tensors) or capturing():
         return  # (an int length alone was checked on the host by decode_checks)
+    ints = (batch, -1 if tensors[0] is not None else cache_seqlens, seqlen_new, capacity, *k_cache.shape[:2])
+    if KVCACHE_CHECKED.passed(tensors, ints):
+        return
+    _check_kvcache(batch, cache_seqlens, seqlen_new, capacity, k_cache, block_table, cache_batch_idx, cache_leftpad)
+    KVCACHE_CHECKED.remember(tensors, ints)
+
+
+def _check_kvcache(batch, cache_seqlens, seqlen_new, capacity, k_cache, block_table, cache_batch_idx,
+                   cache_leftpad) -> None:
     if use_triton(k_cache):
         _check_kvcache_in_one_launch(batch, cache_seqlens, seqlen_new, capacity, k_cache, block_table,
                                      cache_batch_idx, cache_leftpad)

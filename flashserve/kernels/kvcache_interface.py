@@ -42,8 +42,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
     Index values (``cache_seqlens`` (+ Snew) within the capacity — the error names ``block_table`` when paged —,
     block ids within ``k_cache``'s blocks, ``cache_batch_idx`` within its rows, ``0 <= cache_leftpad <=
-    cache_seqlens``) are checked on the host (one synchronisation, as FlashAttention 2), except while a CUDA graph
-    is being captured; the kernels clamp or mask them anyway, so nothing reads or writes outside the tensors.
+    cache_seqlens``) are checked: an int ``cache_seqlens`` on the host for free; index tensors by one check launch
+    and one synchronisation (as FlashAttention 2), except while a CUDA graph is being captured and except when the
+    same index tensor objects, unchanged since (PyTorch's version counters), passed the same check before (the
+    layers of one decode step pay one check; not for inference tensors; see ``checked_indices``). The kernels
+    clamp or mask every index anyway, so no value makes them read or write outside the tensors.
 
     Returns:
         out (B, Sq, H, D) in q's dtype, and the LSE when asked. A row with no visible key gives zeros and LSE -inf.

@@ -9,9 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels import _validate
+from flashserve.kernels import _validate, merge_tuning
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import head_block_sizes
+from flashserve.kernels._launch import CachedLauncher
 from flashserve.kernels.reference import decode as reference
 
 _MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,31 +66,58 @@ def merge_split_rows(part_out_rows, part_lse_rows, stride_out_split, stride_lse_
 
 
 @triton.jit
+def _load_state(ptr, mask, EVICT_FIRST: tl.constexpr):
+    """A tile of one input state as fp32 (0 where masked); ``EVICT_FIRST``: the bytes are read once, hint L2."""
+    if EVICT_FIRST:
+        return tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_state(ptr, value, mask, EVICT_FIRST: tl.constexpr):
+    if EVICT_FIRST:
+        tl.store(ptr, value, mask=mask, eviction_policy="evict_first")
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+# The token count only bounds the mask: not specialised (no recompile per count).
+@triton.jit(do_not_specialize=["num_tokens"])
 def _merge_kernel(
-    out_ptr, out_lse_ptr, prefix_ptr, prefix_lse_ptr, suffix_ptr, suffix_lse_ptr,
+    out_ptr, out_lse_ptr, prefix_ptr, prefix_lse_ptr, suffix_ptr, suffix_lse_ptr, num_tokens,
     stride_out_t, stride_out_h, stride_prefix_t, stride_prefix_h, stride_suffix_t, stride_suffix_h,
     stride_plse_h, stride_plse_t, stride_slse_h, stride_slse_t, stride_olse_h, stride_olse_t,
-    NUM_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, HAS_OUT_LSE: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    NUM_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, HAS_OUT_LSE: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, EVICT_FIRST: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    """Program (i, j) merges tokens ``i * BLOCK_T ..`` x heads ``j * BLOCK_H ..``: rows of the tile are
+    (token, head) pairs, token-major (a token's heads are adjacent in memory)."""
+    rows = tl.arange(0, BLOCK_T * BLOCK_H)
+    token = tl.program_id(0) * BLOCK_T + rows // BLOCK_H
+    heads = tl.program_id(1) * BLOCK_H + rows % BLOCK_H
+    row_valid = (token < num_tokens) & (heads < NUM_HEADS)
+    token = token.to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
-    head_mask = heads < NUM_HEADS
-    mask = head_mask[:, None] & (dims < HEAD_SIZE)[None, :]
-    prefix_lse = tl.load(prefix_lse_ptr + heads * stride_plse_h + token * stride_plse_t, mask=head_mask, other=0.0)
-    suffix_lse = tl.load(suffix_lse_ptr + heads * stride_slse_h + token * stride_slse_t, mask=head_mask, other=0.0)
-    prefix = tl.load(prefix_ptr + token * stride_prefix_t + heads[:, None] * stride_prefix_h + dims[None, :],
-                     mask=mask, other=0.0).to(tl.float32)
-    suffix = tl.load(suffix_ptr + token * stride_suffix_t + heads[:, None] * stride_suffix_h + dims[None, :],
-                     mask=mask, other=0.0).to(tl.float32)
+    if HEAD_SIZE == BLOCK_D:  # no dimension mask: constant along the row, so the loads stay 16-byte vectors
+        mask = tl.broadcast_to(row_valid[:, None], [BLOCK_T * BLOCK_H, BLOCK_D])
+    else:
+        mask = row_valid[:, None] & (dims < HEAD_SIZE)[None, :]
+    prefix_lse = tl.load(prefix_lse_ptr + heads * stride_plse_h + token * stride_plse_t, mask=row_valid, other=0.0)
+    suffix_lse = tl.load(suffix_lse_ptr + heads * stride_slse_h + token * stride_slse_t, mask=row_valid, other=0.0)
+    prefix = _load_state(prefix_ptr + (token * stride_prefix_t + heads * stride_prefix_h)[:, None] + dims[None, :],
+                         mask, EVICT_FIRST)
+    suffix = _load_state(suffix_ptr + (token * stride_suffix_t + heads * stride_suffix_h)[:, None] + dims[None, :],
+                         mask, EVICT_FIRST)
     weights, lse = lse_weights(tl.join(prefix_lse, suffix_lse))
     prefix_weight, suffix_weight = tl.split(weights)
     out = weighted(prefix, prefix_weight[:, None]) + weighted(suffix, suffix_weight[:, None])
-    tl.store(out_ptr + token * stride_out_t + heads[:, None] * stride_out_h + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_state(out_ptr + (token * stride_out_t + heads * stride_out_h)[:, None] + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask, EVICT_FIRST)
     if HAS_OUT_LSE:
-        tl.store(out_lse_ptr + heads * stride_olse_h + token * stride_olse_t, lse, mask=head_mask)
+        tl.store(out_lse_ptr + heads * stride_olse_h + token * stride_olse_t, lse, mask=row_valid)
+
+
+MERGE_LAUNCHER = CachedLauncher(_merge_kernel)
 
 
 def _check_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse) -> None:
@@ -138,17 +165,26 @@ def merge_attn_states(
         reference.merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse)
         return
     num_tokens, num_heads, head_size = prefix_output.shape
+    config = merge_tuning.choose_config(num_tokens, num_heads, head_size, prefix_output.element_size())
+    launch_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse, config)
+
+
+def launch_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse,
+                 config: merge_tuning.MergeConfig) -> None:
+    """Launch the merge kernel with ``config`` on validated arguments (``bench_merge.py`` sweeps the configs)."""
+    num_tokens, num_heads, head_size = prefix_output.shape
     if num_tokens == 0:
         return
-    block_h, block_d, head_blocks = head_block_sizes(num_heads, head_size, 2048)
+    block_t, block_h, block_d, head_blocks = merge_tuning.tile_shape(config, num_heads, head_size)
     lse_out = prefix_lse if output_lse is None else output_lse
     out_stride, prefix_stride, suffix_stride = output.stride(), prefix_output.stride(), suffix_output.stride()
     prefix_lse_stride, suffix_lse_stride, out_lse_stride = prefix_lse.stride(), suffix_lse.stride(), lse_out.stride()
-    _merge_kernel[(num_tokens, head_blocks)](
-        output, lse_out, prefix_output, prefix_lse, suffix_output, suffix_lse,
+    MERGE_LAUNCHER((-(-num_tokens // block_t), head_blocks), (
+        output, lse_out, prefix_output, prefix_lse, suffix_output, suffix_lse, num_tokens,
         out_stride[0], out_stride[1], prefix_stride[0], prefix_stride[1], suffix_stride[0], suffix_stride[1],
         prefix_lse_stride[0], prefix_lse_stride[1], suffix_lse_stride[0], suffix_lse_stride[1],
         out_lse_stride[0], out_lse_stride[1],
-        NUM_HEADS=num_heads, HEAD_SIZE=head_size, HAS_OUT_LSE=output_lse is not None, BLOCK_H=block_h,
-        BLOCK_D=block_d, num_warps=4,
-    )
+    ), dict(
+        NUM_HEADS=num_heads, HEAD_SIZE=head_size, HAS_OUT_LSE=output_lse is not None, BLOCK_T=block_t,
+        BLOCK_H=block_h, BLOCK_D=block_d, EVICT_FIRST=config.evict_first,
+    ), num_warps=config.num_warps)

@@ -1,0 +1,194 @@
+"""Host time per eager call of the kernel API's entry points, the Triton launches themselves stubbed out (CPU).
+
+What a call spends in Python before its kernels start: argument checks, launch arithmetic, buffer allocations and
+the index-value checks — everything but Triton's own launcher (``JITFunction.run``, measured on the GPU by the
+benchmarks' "wall µs" columns). The Triton path is forced on CPU tensors and every kernel of the path is replaced
+by a stub that accepts its arguments and does nothing (the index-check kernel's stub reports "all values fine"),
+so the tensors are CPU tensors and the device synchronisation of the index check (GPU only) is not in the figure.
+Entry points: ``flash_attn_with_kvcache`` (paged, B1 L4096, H 32 / KVH 8, d 128, a (B,) length tensor; twice with
+the same tensors, then with a fresh length tensor per call), ``paged_attention.decode`` (the engine's unchecked
+decode, same shape) and ``merge_attn_states`` (T 4096, H 32, d 128). Medians and minima over ``--rounds`` rounds
+of ``--calls`` calls, µs per call (on a shared machine the minima are the steadier figure).
+Where a ``_launch.CachedLauncher`` launches a kernel, the stub replaces the launcher's kernel, so its key is in the
+figure (it replaces Triton's binding on the GPU). A second table times, on the last recorded call of each kernel,
+the part of Triton's ``JITFunction.run`` that the launcher skips (binder and cache key, for a CUDA sm_90 target)
+and the launcher's key: per launch, "before" pays the first and "after" the second (the C launcher after them is
+the same).
+Usage: python benchmarks/host_kernel_api.py [--out DIR] [--rounds 30] [--calls 300]
+"""
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import markdown_table, write_results  # noqa: E402
+from flashserve.kernels import decode, index_checks, kvcache_interface, merge, paged_attention  # noqa: E402
+
+HEADS, HEADS_K, HEAD_DIM, PAGE, SEQLEN = 32, 8, 128, 16, 4096
+
+
+class _StubKernel:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` does nothing but keep the last
+    arguments; ``on_launch`` may act on them (the index check writes its flags)."""
+    pre_run_hooks = ()
+
+    def __init__(self, on_launch=None):
+        self.on_launch = on_launch
+        self.last_call = None
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **meta):
+        self.last_call = (args, meta)
+        if self.on_launch is not None:
+            self.on_launch(args)
+
+
+class _FakeDriver:
+    """Triton's ``driver`` as the launchers see it on a GPU machine: device 0 (no CUDA driver on the CPU)."""
+
+    class active:
+        @staticmethod
+        def get_current_device():
+            return 0
+
+
+# (module, kernel attribute, launcher attribute or None, what the stub does with the arguments)
+_KERNELS = [(merge, "_merge_kernel", "MERGE_LAUNCHER", None), (decode, "_decode_kernel", "DECODE_LAUNCHER", None),
+            (decode, "_combine_splits_kernel", "COMBINE_LAUNCHER", None),
+            (index_checks, "_kvcache_check_kernel", "KVCACHE_CHECK_LAUNCHER", lambda args: args[4].zero_())]
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Force the Triton path on CPU tensors with every kernel of the measured entry points stubbed: where a
+    ``_launch.CachedLauncher`` launches it, the launcher's kernel (so its key is computed, as on the GPU), else
+    the module's kernel."""
+    patches = [(module, "use_triton", lambda tensor: True)
+               for module in (kvcache_interface, paged_attention, merge, index_checks)]
+    for module, kernel_name, launcher_name, on_launch in _KERNELS:
+        launcher = getattr(module, launcher_name, None)
+        if launcher is None:
+            patches.append((module, kernel_name, _StubKernel(on_launch)))
+        else:
+            patches.append((launcher, "kernel", _StubKernel(on_launch)))
+            patches.append((sys.modules[type(launcher).__module__], "_triton_driver", lambda: _FakeDriver))
+    saved = [(target, name, getattr(target, name)) for target, name, _ in patches]
+    try:
+        for target, name, value in patches:
+            setattr(target, name, value)
+        yield {kernel_name: value for (_, kernel_name, _, _), (_, name, value) in
+               zip(_KERNELS, [p for p in patches if isinstance(p[2], _StubKernel)])}
+    finally:
+        for target, name, value in reversed(saved):
+            setattr(target, name, value)
+
+
+def binding_us(kernel, call, rounds: int, calls: int) -> dict:
+    """Per-launch Python of the argument handling, on one recorded call of ``kernel``: Triton's ``JITFunction.run``
+    (its binder and cache key, for a CUDA sm_90 target) and ``_launch.CachedLauncher``'s key (when present)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    args, meta = call
+    options = {name: meta.pop(name) for name in ("num_warps", "num_stages") if name in meta}
+    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+    key_cache = {}
+
+    def triton_binding():
+        bound, specialization, opts = binder(*args, **meta, **options, debug=False, instrumentation_mode="")
+        return compute_cache_key(key_cache, specialization, opts), tuple(bound.values())
+    result = {"triton": per_call_us(triton_binding, rounds, calls)}
+    try:
+        from flashserve.kernels._launch import CachedLauncher
+    except ImportError:
+        return result
+    launcher = CachedLauncher(kernel)
+    entries = {launcher._key(args, meta, options): None}
+    result["cached_launcher"] = per_call_us(lambda: entries.get(launcher._key(args, meta, options)), rounds, calls)
+    return result
+
+
+def per_call_us(fn, rounds: int, calls: int) -> tuple[float, float]:
+    """(median, min) over ``rounds`` of the mean µs per call of ``calls`` back-to-back calls."""
+    fn()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples), min(samples)
+
+
+def entry_points() -> dict:
+    """name -> a no-argument call of one entry point on CPU tensors."""
+    dtype = torch.bfloat16
+    blocks = SEQLEN // PAGE
+    k_cache = torch.zeros(blocks, PAGE, HEADS_K, HEAD_DIM, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    table = torch.arange(blocks, dtype=torch.int32).view(1, blocks)
+    seqlens = torch.full((1,), SEQLEN, dtype=torch.int32)
+    q = torch.zeros(1, 1, HEADS, HEAD_DIM, dtype=dtype)
+    tokens = 4096
+    states = [torch.zeros(tokens, HEADS, HEAD_DIM, dtype=dtype) for _ in range(3)]
+    lses = [torch.zeros(HEADS, tokens) for _ in range(3)]
+
+    def kvcache(lengths):
+        return kvcache_interface.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
+                                                         block_table=table, causal=True)
+    return {
+        "flash_attn_with_kvcache (same index tensors)": lambda: kvcache(seqlens),
+        "flash_attn_with_kvcache (a new length tensor per call)": lambda: kvcache(seqlens.clone()),
+        "flash_attn_with_kvcache (int cache_seqlens)": lambda: kvcache(SEQLEN),
+        "paged_attention.decode": lambda: paged_attention.decode(q[:, 0], k_cache, v_cache, seqlens, table,
+                                                                 HEAD_DIM ** -0.5),
+        "merge_attn_states": lambda: merge.merge_attn_states(states[0], states[1], lses[0], states[2], lses[1],
+                                                             lses[2]),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--calls", type=int, default=300)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with stubbed_launches() as stubs:
+        timings = {name: per_call_us(fn, args.rounds, args.calls) for name, fn in entry_points().items()}
+    with _patched(sys.modules["flashserve.kernels._launch"], "_triton_driver", lambda: _FakeDriver):
+        binding = {name: binding_us(getattr(module, name), stubs[name].last_call, args.rounds, args.calls)
+                   for module, name, _, _ in _KERNELS if stubs[name].last_call is not None}
+    text = (f"host µs per eager call, launches stubbed ({os.cpu_count()} CPUs, torch {torch.__version__})\n\n"
+            + markdown_table(["entry point", "median µs", "min µs"],
+                             [[name, f"{median:.1f}", f"{low:.1f}"] for name, (median, low) in timings.items()])
+            + "\n\nPython per launch of the argument binding, on the last recorded call of each kernel (median / min "
+            "µs): Triton's JITFunction.run (binder + cache key) and CachedLauncher's key\n\n"
+            + markdown_table(["kernel", "JITFunction.run binding", "CachedLauncher key"],
+                             [[name, "%.1f / %.1f" % r["triton"],
+                               "%.1f / %.1f" % r["cached_launcher"] if "cached_launcher" in r else "-"]
+                              for name, r in binding.items()]))
+    write_results(args.out, "host_kernel_api", text, dict(per_call_us=timings, binding_us=binding))
+
+
+@contextlib.contextmanager
+def _patched(target, name, value):
+    saved = getattr(target, name, None)
+    setattr(target, name, value)
+    try:
+        yield
+    finally:
+        setattr(target, name, saved)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Index tensors whose values have passed their range checks, remembered until PyTorch sees them change.
+
+The value checks of the public functions (``index_checks``) cost a device synchronisation on the GPU. The layers of
+one decode step pass the same ``cache_seqlens`` and ``block_table`` objects with the same cache geometry, so only
+the first layer's call needs the check: a later call whose index tensors are the same Python objects, unchanged
+since the check passed, with the same integers (lengths, cache sizes), skips it.
+
+"Unchanged" is PyTorch's version counter (``Tensor._version``, bumped by every in-place op on the tensor or on a
+view of it) and the data pointer. Writes PyTorch does not see — a custom kernel or a CUDA-graph replay writing the
+memory, an alias made through ``.data`` or DLPack — do not bump it, so values changed that way are not re-checked;
+the kernels still clamp or mask every index (no read or write outside the tensors), as during graph capture.
+A failed check is never remembered, and inference tensors (made under ``torch.inference_mode``) have no version
+counter, so calls with them are checked every time.
+"""
+import weakref
+
+_MAX_ENTRIES = 16
+
+
+class CheckedIndices:
+    """A small memo of (index tensors, integers) whose checks passed. Not thread-safe beyond the GIL: a race
+    only costs a repeated check."""
+
+    def __init__(self, max_entries: int = _MAX_ENTRIES):
+        self.max_entries = max_entries
+        self._entries: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _key(tensors: tuple, ints: tuple) -> tuple | None:
+        """None when a tensor cannot be followed (an inference tensor: no version counter)."""
+        if any(t is not None and t.is_inference() for t in tensors):
+            return None
+        return ints + tuple(None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors)
+
+    def passed(self, tensors: tuple, ints: tuple) -> bool:
+        """Whether these very tensors (None allowed), unchanged, passed a check with these ``ints``."""
+        key = self._key(tensors, ints)
+        refs = self._entries.get(key) if key is not None else None
+        return refs is not None and all(ref is None if t is None else ref() is t for ref, t in zip(refs, tensors))
+
+    def remember(self, tensors: tuple, ints: tuple) -> None:
+        """Record a passed check (the oldest entry makes room); nothing for tensors it cannot follow."""
+        key = self._key(tensors, ints)
+        if key is None:
+            return
+        if len(self._entries) >= self.max_entries:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = tuple(None if t is None else weakref.ref(t) for t in tensors)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
