@@ -141,6 +141,7 @@ def _widest(options: tuple[int, ...], tiles_of, target: float) -> int:
     return next((width for width in options if tiles_of(width) >= target), options[-1])
 
 
+@functools.lru_cache(maxsize=None)
 def default_configs(bucket: int, num_experts: int, hidden_size: int, intermediate_size: int,
                     element_size: int = 2, smem: int | None = None) -> tuple[MoeGemmConfig, MoeGemmConfig]:
     """The heuristic (gate_up, down) pair of a bucket of ``TOKEN_BUCKETS`` (module docstring)."""
