@@ -176,13 +176,14 @@ def tune_section(args, names: list[str], env: dict) -> str:
                                                                     down=vars_of(r["down"])) for r in t["report"]])
                  for t in tuned)
     rows = [[t["label"], r["bucket"], r["tokens"], _config_text(r["gate_up"]), _config_text(r["down"]),
-             f"{r['us']:.1f}", f"{r['default_us']:.1f}", f"{r['default_us'] / r['us']:.2f}"]
+             f"{r['gate_up_us']:.1f} + {r['down_us']:.1f}", f"{r['default_us']:.1f}",
+             f"{r['default_us'] / r['us']:.2f}"]
             for t in tuned for r in t["report"]]
     return (f"\n### Tuned launch configurations ({elapsed_s:.0f} s; table: `{path}`, copy it to "
             "`flashserve/kernels/moe_tuned/`)\n\nµs: the two GEMMs summed over the bucket's token counts.\n\n"
             + common.markdown_table(["shape", "bucket", "tokens", "gate/up (m, n, k, warps, stages, split-K)",
-                                     "down (m, n, k, warps, stages, split-K)", "tuned µs", "default µs",
-                                     "× default"], rows) + "\n")
+                                     "down (m, n, k, warps, stages, split-K)", "tuned µs (gate/up + down)",
+                                     "default µs", "× default"], rows) + "\n")
 
 
 def _config_text(config: MoeGemmConfig) -> str:

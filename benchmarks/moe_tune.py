@@ -176,11 +176,12 @@ def tune_shape(label: str, shape, smem: int, graph_us, dtype=torch.bfloat16, dev
         if best_pair is None:  # nothing ran: keep the default
             best_pair = default
         default_us = sum(timed[True][default[0]]) + sum(timed[False][default[1]])
-        print(f"  {label} bucket {bucket} (T {counts}): {best_pair[0]} + {best_pair[1]}: {best_us:.1f} µs, "
-              f"default {default_us:.1f} µs")
+        up_us, down_us = sum(timed[True][best_pair[0]]), sum(timed[False][best_pair[1]])
+        print(f"  {label} bucket {bucket} (T {counts}): {best_pair[0]} + {best_pair[1]}: {up_us:.1f} + "
+              f"{down_us:.1f} µs, default {default_us:.1f} µs")
         chosen.append(best_pair)
         report.append(dict(bucket=bucket, tokens=counts, gate_up=best_pair[0], down=best_pair[1], us=best_us,
-                           default_us=default_us))
+                           gate_up_us=up_us, down_us=down_us, default_us=default_us))
     return dict(label=label, key=(num_experts, hidden, intermediate, top_k), configs=tuple(chosen), report=report)
 
 
