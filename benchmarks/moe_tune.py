@@ -11,8 +11,8 @@ token permutation serves both GEMMs) and the BLOCK_M with the smallest summed ti
 Candidates (``candidates``): the heuristic default (``default_configs``) and the tiles worth trying for the rows an
 expert gets in that bucket: at most 8 rows per expert on average, 16-row tiles streaming the weights (narrow
 column tiles, deep K steps, 2-5 stages, split-K for the down GEMM where each share keeps K >= 2048); more rows,
-the two BLOCK_M of 16...128 nearest below the largest mean rows per expert, with tensor-core-sized tiles (3-4
-stages; 8 warps tried for 64- and 128-row tiles). Candidates that cannot fit (pipeline over the GPU's shared
+the two BLOCK_M of 16...128 nearest below the largest mean rows per expert, with tensor-core-sized tiles (BLOCK_K
+64 or 128, 3-4 stages; 8 warps tried for 64- and 128-row tiles). Candidates that cannot fit (pipeline over the GPU's shared
 memory, over 128 fp32 accumulators per thread) are dropped before compiling; one that fails to compile or launch
 is skipped.
 
@@ -74,8 +74,9 @@ def candidates(shape, bucket: int, gated: bool, smem: int) -> list[MoeGemmConfig
     else:
         block_ms = [m for m in (16, 32, 64, 128) if m <= max(16, rows)][-2:]
         block_ns = (64, 128) if gated else (64, 128, 256)
+        block_ks = (64, 128)  # 128: half the K steps of the short down GEMMs (K = 768 / tp), where it fits
         for m in block_ms:
-            block_ks, warp_counts = ((64, 128), (4,)) if m <= 32 else ((64,), (4, 8))
+            warp_counts = (4,) if m <= 32 else (4, 8)
             found += [MoeGemmConfig(m, n, k, warps, stages) for n in block_ns for k in block_ks
                       for warps in warp_counts for stages in (3, 4)]
     unique = list(dict.fromkeys(found))
