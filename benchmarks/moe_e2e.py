@@ -7,7 +7,8 @@ meta-device Hugging Face model (transformers 5 holds the experts stacked, ``mlp.
 (E, 2I, H), so they are saved that way), every tensor drawn on the GPU and saved shard by shard (~4 GB each): the
 host holds at most one shard (and safetensors' serialised copy of it), never the model. The loader reads the stacked
 experts expert by expert through safetensors slices. The peak host RSS of the process is reported beside the
-checkpoint's size as evidence; the checkpoint is deleted at the end.
+checkpoint's size as evidence (it counts the touched pages of the memory-mapped shard being read too, which are
+page cache, not a copy); the checkpoint is deleted at the end.
 
 Engine: CUDA graphs (the default), no prefix caching; per batch size (1 and 64) ``latency.decode_batch``: B random
 128-token prompts prefilled, then 3 warm-up and 32 timed decode steps, median ms/step, and the GPU time of one

@@ -9,12 +9,12 @@ the counts (each count weighs the same); per BLOCK_M the best-scoring gate/up an
 token permutation serves both GEMMs) and the BLOCK_M with the smallest summed time of the pair wins.
 
 Candidates (``candidates``): the heuristic default (``default_configs``) and the tiles worth trying for the rows an
-expert gets in that bucket: at most 8 rows per expert on average, 16-row tiles streaming the weights (narrow
-column tiles, deep K steps, 2-5 stages, split-K for the down GEMM where each share keeps K >= 2048); more rows,
-the two BLOCK_M of 16...128 nearest below the largest mean rows per expert, with tensor-core-sized tiles (BLOCK_K
-64 or 128, 3-4 stages; 8 warps tried for 64- and 128-row tiles). Candidates that cannot fit (pipeline over the GPU's shared
-memory, over 128 fp32 accumulators per thread) are dropped before compiling; one that fails to compile or launch
-is skipped.
+expert gets in that bucket. At most 8 rows per expert on average: 16-row tiles streaming the weights (narrow
+column tiles, deep K steps, 2-4 stages; for the down GEMM also split-K with 64-wide tiles where each share keeps
+K >= 2048). More rows: the two BLOCK_M of 16...128 nearest below the largest mean rows per expert, with
+tensor-core-sized tiles (BLOCK_K 64 or 128, 3-4 stages; 4 warps up to 32 rows, 4 and 8 for 64, 8 for 128).
+Candidates that cannot fit (pipeline over the GPU's shared memory, over 128 fp32 accumulators per thread) are
+dropped before compiling; one that fails to compile or launch is skipped.
 
 Output: ``DIR/moe_tuned/<GPU name>.json`` (copy it to ``flashserve/kernels/moe_tuned/``), the chosen pairs and
 their speed-up over the heuristic default per cell in the markdown. ``plan`` prints the number of compiles and
@@ -33,7 +33,7 @@ from flashserve.kernels.reference import moe as reference
 from flashserve.kernels.skinny_gemm_plans import pipeline_bytes, shared_memory_bytes
 
 MAX_TUNE_TOKENS = 4096
-COMPILE_S, TIMING_S = 1.0, 0.03  # rough H200 costs of one compile and one graph timing (for the estimate)
+COMPILE_S, TIMING_S = 1.5, 0.03  # rough H200 costs of one compile and one graph timing (for the estimate)
 MAX_ACCUMULATORS_PER_THREAD = 128
 H200_SHARED_MEMORY = 232_448  # per program (opt-in): what the CPU smoke run prunes with
 
@@ -65,18 +65,18 @@ def candidates(shape, bucket: int, gated: bool, smem: int) -> list[MoeGemmConfig
     if rows <= 8:
         if gated:
             tiles = [(16, 128), (16, 256), (32, 128), (32, 256), (64, 64), (64, 128)]
-            options = [(n, k, 4, stages, 1) for n, k in tiles for stages in (2, 3, 4, 5)]
+            options = [(n, k, 4, stages, 1) for n, k in tiles for stages in (2, 3, 4)]
         else:
-            splits = [s for s in (1, 2, 4) if intermediate // s >= MIN_SPLIT_K_DEPTH or s == 1]
-            options = [(n, k, 4, stages, split) for n in (64, 128) for k in (128, 256) for stages in (2, 3, 4)
-                       for split in splits]
+            splits = [s for s in (2, 4) if intermediate // s >= MIN_SPLIT_K_DEPTH]
+            options = [(n, k, 4, stages, 1) for n in (64, 128) for k in (128, 256) for stages in (2, 3, 4)]
+            options += [(64, k, 4, stages, split) for split in splits for k in (128, 256) for stages in (3, 4)]
         found += [MoeGemmConfig(16, *option) for option in options]
     else:
         block_ms = [m for m in (16, 32, 64, 128) if m <= max(16, rows)][-2:]
         block_ns = (64, 128) if gated else (64, 128, 256)
         block_ks = (64, 128)  # 128: half the K steps of the short down GEMMs (K = 768 / tp), where it fits
         for m in block_ms:
-            warp_counts = (4,) if m <= 32 else (4, 8)
+            warp_counts = {16: (4,), 32: (4,), 64: (4, 8), 128: (8,)}[m]
             found += [MoeGemmConfig(m, n, k, warps, stages) for n in block_ns for k in block_ks
                       for warps in warp_counts for stages in (3, 4)]
     unique = list(dict.fromkeys(found))

@@ -20,7 +20,9 @@ benchmarks/bench_moe.py --tune --out DIR`` (into DIR/moe_tuned/) on that GPU and
   of at least ``MIN_SPLIT_K_DEPTH``) while its 64-wide tiles give too few programs (Mixtral at 1 token: 2
   experts x 64 tiles for 132 SMs).
 - More rows: BLOCK_M 32, 64 or 128 by the mean rows per expert (the padding to BLOCK_M wastes up to BLOCK_M - 1
-  rows per expert; wider tiles use the tensor cores better), 128-wide down tiles, 8 warps for 128-row tiles.
+  rows per expert; wider tiles use the tensor cores better), with the output tiles vLLM's H200 tables choose for
+  these shapes (its gate/up tile of N columns is our gated tile of N / 2: gate and up side by side): 32 x 128 x 128
+  (4 warps, 3 stages), 64 x 128 x 128 and 128 x 256 x 64 (8 warps, 4 stages).
 Stages are lowered (then BLOCK_K) until a program's pipeline fits the device's shared memory.
 """
 import functools
@@ -157,11 +159,11 @@ def default_configs(bucket: int, num_experts: int, hidden_size: int, intermediat
             split_k *= 2
         up, down = MoeGemmConfig(16, up_n, 128, 4, 4), MoeGemmConfig(16, down_n, 128, 4, 4, split_k)
     elif rows <= 24:
-        up, down = MoeGemmConfig(32, 64, 128, 4, 3), MoeGemmConfig(32, 128, 64, 4, 3)
+        up, down = MoeGemmConfig(32, 64, 128, 4, 3), MoeGemmConfig(32, 128, 128, 4, 3)
     elif rows <= 96:
-        up, down = MoeGemmConfig(64, 64, 64, 4, 3), MoeGemmConfig(64, 128, 64, 4, 3)
+        up, down = MoeGemmConfig(64, 64, 128, 8, 4), MoeGemmConfig(64, 128, 128, 8, 4)
     else:
-        up, down = MoeGemmConfig(128, 128, 64, 8, 3), MoeGemmConfig(128, 128, 64, 8, 3)
+        up, down = MoeGemmConfig(128, 128, 64, 8, 4), MoeGemmConfig(128, 256, 64, 8, 4)
     return _fit(up, True, element_size, smem), _fit(down, False, element_size, smem)
 
 
