@@ -13,7 +13,8 @@
    that expert's gate and up rows and stores ``silu(gate) * up`` (fp32 epilogue, rounded once) per pair. The
    column tiles of a row block are launched one after another (L2 reuse of the gathered rows and weight tiles).
 4. Down grouped GEMM: the same walk over the activations, the product scaled by the pair's routing weight and
-   added atomically into the token's fp32 output row (the k contributions of a token meet there).
+   added atomically into the token's fp32 output row (the k contributions of a token meet there, and the K
+   shares of a split-K config's programs).
 
 Weights are stacked per expert: ``w13`` (E, 2I, H) holds each expert's gate rows then its up rows (Hugging Face's
 ``experts.gate_up_proj``), ``w2`` (E, H, I) its down projection. Tiles come from ``moe_configs``.
@@ -42,10 +43,9 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, blo
     """One (BLOCK_M pairs of one expert) x (BLOCK_N output columns) tile of ``a[rows] @ b[expert].T``.
 
     GATED: b rows [n] and [up_offset + n] give gate and up; stores silu(gate) * up at the pair's row of out.
-    Else: scales by the pair's routing weight and atomically adds into out's row of the pair's token.
-
-    Else also SPLIT_K > 1 (few rows, long K): SPLIT_K programs per tile, each over its share of K (whole
-    BLOCK_K steps), each adding its partial product.
+    Else: scales by the pair's routing weight and atomically adds into out's row of the pair's token; there
+    SPLIT_K > 1 (few rows, long K) gives SPLIT_K programs per tile, each over its share of K (whole BLOCK_K
+    steps), each adding its partial product.
 
     One program per tile (and K share) on a 1-D grid, the column tiles of a row block consecutive: the programs that
     run at the same time share their row block's gathered rows in L2, and an expert's row blocks (adjacent) its
