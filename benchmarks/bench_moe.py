@@ -154,11 +154,8 @@ def kernel_markdown(rows, copy_tbs, dense_tflops) -> str:
             + common.markdown_table(header, table))
 
 
-TUNED: list = []  # the --tune results (JSON payload)
-
-
-def tune_section(args, names: list[str], env: dict) -> str:
-    """--tune: print the sweep's size, run it, write the table file; the markdown of the chosen configs."""
+def tune_section(args, names: list[str], env: dict) -> tuple[str, list]:
+    """--tune: print the sweep's size, run it, write the table file; (markdown, JSON payload) of the choices."""
     tp_sizes = [int(size) for size in args.tune_tp.split(",") if size]
     shapes = moe_tune.tune_shapes(SHAPES, names, tp_sizes)
     smem = moe_tune.device_shared_memory() if DEVICE == "cuda" else moe_tune.H200_SHARED_MEMORY
@@ -172,18 +169,19 @@ def tune_section(args, names: list[str], env: dict) -> str:
     elapsed_s = time.perf_counter() - start
     device_name = env["gpu"] if DEVICE == "cuda" else "cpu"
     path = moe_tune.write_table(args.out, device_name, tuned, dict(env, tune_s=elapsed_s))
-    TUNED.extend(dict(label=t["label"], key=t["key"], report=[dict(r, gate_up=vars_of(r["gate_up"]),
-                                                                    down=vars_of(r["down"])) for r in t["report"]])
-                 for t in tuned)
+    payload = [dict(label=t["label"], key=t["key"], report=[dict(r, gate_up=vars_of(r["gate_up"]),
+                                                                 down=vars_of(r["down"])) for r in t["report"]])
+               for t in tuned]
     rows = [[t["label"], r["bucket"], r["tokens"], _config_text(r["gate_up"]), _config_text(r["down"]),
              f"{r['gate_up_us']:.1f} + {r['down_us']:.1f}", f"{r['default_us']:.1f}",
              f"{r['default_us'] / r['us']:.2f}"]
             for t in tuned for r in t["report"]]
-    return (f"\n### Tuned launch configurations ({elapsed_s:.0f} s; table: `{path}`, copy it to "
+    text = (f"\n### Tuned launch configurations ({elapsed_s:.0f} s; table: `{path}`, copy it to "
             "`flashserve/kernels/moe_tuned/`)\n\nµs: the two GEMMs summed over the bucket's token counts.\n\n"
             + common.markdown_table(["shape", "bucket", "tokens", "gate/up (m, n, k, warps, stages, split-K)",
                                      "down (m, n, k, warps, stages, split-K)", "tuned µs (gate/up + down)",
                                      "default µs", "× default"], rows) + "\n")
+    return text, payload
 
 
 def _config_text(config: MoeGemmConfig) -> str:
@@ -227,8 +225,8 @@ def main():
                                                         if r["tokens"] == PREFILL_TOKENS)
                  + " of the matmul rate (bar 50%).\n")
     if args.tune:
-        text += tune_section(args, names, env)
-        payload["tuned"] = TUNED
+        tune_text, payload["tuned"] = tune_section(args, names, env)
+        text += tune_text
     if args.e2e:
         result = moe_e2e.run_e2e(tempfile.mkdtemp(prefix="bench-moe-", dir=args.work_dir), E2E_SPEC, copy_rate,
                                  DTYPE, DEVICE)
