@@ -11,34 +11,38 @@ bytes) against the copy bandwidth; 4096 tokens in TFLOP/s (6 x T x k x H x I) ag
 8192 x 8192 bf16 matrices. Bars of issue 13: >= 70% of the copy bandwidth at >= 4 tokens, >= 50% of the matmul rate
 at 4096 tokens.
 
---tune: per shape and token bucket of ``moe_configs.TOKEN_BUCKETS``, every candidate tile of each GEMM timed
-alone from a CUDA graph (summed over the bucket's token counts); prints the best as ``TUNED_CONFIGS`` entries.
+--tune (``moe_tune``): per shape at each ``--tune-tp`` size (the experts' intermediate size split as each
+tensor-parallel rank runs it) and token bucket of ``moe_configs.TOKEN_BUCKETS``, every candidate config of each
+GEMM timed alone from a CUDA graph; writes the chosen table to DIR/moe_tuned/<GPU name>.json (moe_configs' format:
+copy it to flashserve/kernels/moe_tuned/) and prints the number of configs x shapes and the expected time first.
 
---e2e: a random-weight Qwen3-30B-A3B-shaped checkpoint with 8 of its 48 layers (~11 GB, bf16, written on the GPU
-by ``latency.write_checkpoint``), the engine with CUDA graphs, decode ms/step at batch 1 and 64 (128-token prompts)
-beside the bytes a step must read (attention and LM-head weights, the experts expected to be hit under uniform
-routing, the KV cache) over the copy bandwidth.
+--e2e (``moe_e2e``): a random-weight Qwen3-30B-A3B-shaped checkpoint with 8 of its 48 layers (~11 GB, bf16,
+drawn on the GPU and written shard by shard), the engine with CUDA graphs, decode ms/step at batch 1 and 64
+(128-token prompts) beside the bytes a step must read (attention, router and LM-head weights, the experts expected
+to be hit under uniform routing, the KV cache) and the time that takes at the copy bandwidth (roofline).
 
-Usage (GPU): python benchmarks/bench_moe.py [--tune] [--e2e] [--shapes qwen3-30b-a3b,mixtral-8x7b] [--out DIR].
+Usage (GPU): python benchmarks/bench_moe.py [--tune [--tune-tp 1,2,4]] [--e2e] [--skip-kernel]
+[--shapes qwen3-30b-a3b,mixtral-8x7b] [--out DIR].
 ``TRITON_INTERPRET=1 python benchmarks/bench_moe.py --quick [--tune]``: tiny shapes in float32 on the CPU (the
 kernels in Triton's interpreter, wall-clock timers), to check the script; ``--quick --e2e`` (better without the
 interpreter, which is slow for whole models) checks the end-to-end part on a tiny checkpoint.
 """
-import itertools
-import math
 import os
-import random
 import statistics
+import sys
 import tempfile
 import time
-import types
 
 import torch
 
-import common
-from flashserve.kernels import moe as kernel
-from flashserve.kernels.moe_configs import TOKEN_BUCKETS, MoeGemmConfig, moe_configs
-from flashserve.kernels.reference import moe as reference
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402 - after the repository is on the path
+import moe_e2e  # noqa: E402
+import moe_tune  # noqa: E402
+from flashserve.kernels import moe as kernel  # noqa: E402
+from flashserve.kernels.moe_configs import MoeGemmConfig, moe_configs  # noqa: E402
+from flashserve.kernels.reference import moe as reference  # noqa: E402
 
 # name -> (hidden, experts, top_k, expert intermediate)
 SHAPES = {"qwen3-30b-a3b": (2048, 128, 8, 768), "mixtral-8x7b": (4096, 8, 2, 14336)}
@@ -46,6 +50,7 @@ DECODE_TOKENS, PREFILL_TOKENS = (1, 2, 4, 8, 16, 32, 64), 4096
 DEVICE, DTYPE = "cuda", torch.bfloat16
 QUICK_SHAPES = {"qwen3-30b-a3b": (64, 16, 4, 32), "mixtral-8x7b": (32, 4, 2, 48)}
 QUICK_DECODE_TOKENS, QUICK_PREFILL_TOKENS = (1, 4), 64
+TP_SIZES = "1,2,4"
 QWEN3_30B_A3B_8L = dict(hidden_size=2048, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4,
                         head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
                         num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960,
@@ -106,6 +111,7 @@ def run_kernel_shape(name: str, copy_tbs: float, dense_tflops: float) -> list[di
     rows = []
     for num_tokens in (*DECODE_TOKENS, PREFILL_TOKENS):
         x, logits, weights, ids = layer_inputs(shape, num_tokens, seed=num_tokens)
+        configs = moe_configs(num_tokens, num_experts, hidden, intermediate, top_k, device=x.device)
         out = kernel.fused_experts(x, w13, w2, weights, ids)
         loop_out = reference.fused_experts(x, w13, w2, weights, ids, compute_dtype=DTYPE)
         hit = int(torch.unique(ids).numel())
@@ -115,9 +121,11 @@ def run_kernel_shape(name: str, copy_tbs: float, dense_tflops: float) -> list[di
                    ours_graph_us=graph_us(lambda: kernel.fused_experts(x, w13, w2, weights, ids)),
                    ours_eager_us=bench_us(lambda: kernel.fused_experts(x, w13, w2, weights, ids)),
                    layer_graph_us=graph_us(lambda: kernel.fused_moe(x, w13, w2, logits, top_k, True)),
+                   align_graph_us=graph_us(lambda: kernel.moe_align_block_size(ids, configs[0].block_m,
+                                                                               num_experts)),
                    loop_us=bench_us(lambda: reference.fused_experts(x, w13, w2, weights, ids,
                                                                     compute_dtype=DTYPE)),
-                   configs=[vars_of(c) for c in moe_configs(num_tokens, num_experts, hidden, intermediate, top_k)])
+                   configs=[vars_of(c) for c in configs])
         for key in ("ours_graph", "ours_eager", "loop"):
             row[f"{key}_tbs"] = row["expert_bytes"] / row[f"{key}_us"] / 1e6
             row[f"{key}_tflops"] = row["flops"] / row[f"{key}_us"] / 1e6
@@ -134,9 +142,11 @@ def vars_of(config: MoeGemmConfig) -> dict:
 
 
 def kernel_markdown(rows, copy_tbs, dense_tflops) -> str:
-    header = ["shape", "T", "experts hit", "ours µs (graph)", "eager µs", "layer µs (graph, + routing)",
+    header = ["shape", "T", "experts hit", "ours µs (graph)", "of it: align µs", "eager µs",
+              "layer µs (graph, + routing)",
               "TB/s", "% copy", "TFLOP/s", "% matmul", "loop µs", "× loop", "max |Δ| vs loop"]
-    table = [[r["shape"], r["tokens"], r["experts_hit"], f"{r['ours_graph_us']:.1f}", f"{r['ours_eager_us']:.1f}",
+    table = [[r["shape"], r["tokens"], r["experts_hit"], f"{r['ours_graph_us']:.1f}", f"{r['align_graph_us']:.1f}",
+              f"{r['ours_eager_us']:.1f}",
               f"{r['layer_graph_us']:.1f}", f"{r['ours_graph_tbs']:.2f}", f"{r['pct_copy']:.0f}%",
               f"{r['ours_graph_tflops']:.0f}", f"{r['pct_matmul']:.0f}%", f"{r['loop_us']:.0f}",
               f"{r['loop_us'] / r['ours_graph_us']:.1f}", f"{r['max_abs_diff_vs_loop']:.3g}"] for r in rows]
@@ -144,101 +154,38 @@ def kernel_markdown(rows, copy_tbs, dense_tflops) -> str:
             + common.markdown_table(header, table))
 
 
-def tune_candidates(bucket: int) -> list[MoeGemmConfig]:
-    """Tiles worth trying per bucket: few rows per expert at decode (narrow column tiles: more programs to stream
-    the weights with), more rows and wider tiles for prefill."""
-    block_ms = ((16,), (16, 32), (32, 64), (64, 128))[bucket]
-    block_ns = (32, 64, 128) if bucket < 2 else (64, 128, 256)
-    block_ks = (64, 128, 256) if bucket < 2 else (64, 128)
-    return [MoeGemmConfig(m, n, k, w, s) for m, n, k, w, s in
-            itertools.product(block_ms, block_ns, block_ks, (4, 8), (3, 4))]
+def tune_section(args, names: list[str], env: dict) -> tuple[str, list]:
+    """--tune: print the sweep's size, run it, write the table file; (markdown, JSON payload) of the choices."""
+    tp_sizes = [int(size) for size in args.tune_tp.split(",") if size]
+    shapes = moe_tune.tune_shapes(SHAPES, names, tp_sizes)
+    smem = moe_tune.device_shared_memory() if DEVICE == "cuda" else moe_tune.H200_SHARED_MEMORY
+    plan = moe_tune.plan(shapes, smem)
+    print(f"tune: {plan['shapes']} shapes x {plan['buckets']} buckets, {plan['compiles']} kernels to compile, "
+          f"{plan['timings']} timings: about {plan['estimate_s'] / 60:.1f} min")
+    quick = DEVICE != "cuda"
+    start = time.perf_counter()
+    tuned = [moe_tune.tune_shape(label, shape, smem, graph_us, DTYPE, DEVICE, max_tokens=PREFILL_TOKENS,
+                                 max_candidates=2 if quick else None) for label, shape in shapes]
+    elapsed_s = time.perf_counter() - start
+    device_name = env["gpu"] if DEVICE == "cuda" else "cpu"
+    path = moe_tune.write_table(args.out, device_name, tuned, dict(env, tune_s=elapsed_s))
+    payload = [dict(label=t["label"], key=t["key"], report=[dict(r, gate_up=vars_of(r["gate_up"]),
+                                                                 down=vars_of(r["down"])) for r in t["report"]])
+               for t in tuned]
+    rows = [[t["label"], r["bucket"], r["tokens"], _config_text(r["gate_up"]), _config_text(r["down"]),
+             f"{r['gate_up_us']:.1f} + {r['down_us']:.1f}", f"{r['default_us']:.1f}",
+             f"{r['default_us'] / r['us']:.2f}"]
+            for t in tuned for r in t["report"]]
+    text = (f"\n### Tuned launch configurations ({elapsed_s:.0f} s; table: `{path}`, copy it to "
+            "`flashserve/kernels/moe_tuned/`)\n\nµs: the two GEMMs summed over the bucket's token counts.\n\n"
+            + common.markdown_table(["shape", "bucket", "tokens", "gate/up (m, n, k, warps, stages, split-K)",
+                                     "down (m, n, k, warps, stages, split-K)", "tuned µs (gate/up + down)",
+                                     "default µs", "× default"], rows) + "\n")
+    return text, payload
 
 
-def config_source(config: MoeGemmConfig) -> str:
-    return f"MoeGemmConfig({', '.join(str(getattr(config, f)) for f in MoeGemmConfig.__slots__)})"
-
-
-def bucket_token_counts(bucket: int, top_k: int) -> list[int]:
-    """The token counts a bucket is timed at: its smallest and largest (1 and the bound / top_k for the first)."""
-    bounds = (0, *TOKEN_BUCKETS, 8 * TOKEN_BUCKETS[-1])
-    low, high = max(1, bounds[bucket] // top_k + 1), max(1, bounds[bucket + 1] // top_k)
-    return sorted({low, high})
-
-
-def time_gemm(shape, num_tokens, config, gated, tensors) -> float:
-    hidden, num_experts, top_k, intermediate = shape
-    x, w13, w2 = tensors
-    _, _, weights, ids = layer_inputs(shape, num_tokens, seed=7)
-    alignment = kernel.moe_align_block_size(ids, config.block_m, num_experts)
-    activated = torch.randn(num_tokens * top_k, intermediate, device=DEVICE, dtype=DTYPE)
-    out = torch.zeros(num_tokens, hidden, device=DEVICE)
-    if gated:
-        def run():
-            kernel._launch(x[:num_tokens], w13, activated, weights, top_k, True, config, alignment)
-    else:
-        def run():
-            kernel._launch(activated, w2, out, weights, top_k, False, config, alignment)
-    try:
-        run()
-    except Exception as error:  # noqa: BLE001 - a tile that does not fit (shared memory, registers) is skipped
-        print(f"    skip {config}: {str(error).splitlines()[0][:80]}")
-        return math.inf
-    us = graph_us(run, warmup_ms=5, rep_ms=20)
-    return math.inf if math.isnan(us) else us  # a capture that failed never wins
-
-
-def tune_shape(name: str) -> dict:
-    hidden, num_experts, top_k, intermediate = shape = SHAPES[name]
-    x = torch.randn(8 * TOKEN_BUCKETS[-1] // top_k + 1, hidden, device=DEVICE, dtype=DTYPE)
-    w13 = torch.randn(num_experts, 2 * intermediate, hidden, device=DEVICE, dtype=DTYPE) * 0.02
-    w2 = torch.randn(num_experts, hidden, intermediate, device=DEVICE, dtype=DTYPE) * 0.02
-    best = []
-    for bucket in range(len(TOKEN_BUCKETS) + 1):
-        counts = [min(t, PREFILL_TOKENS) for t in bucket_token_counts(bucket, top_k)]
-        pair = []
-        for gated in (True, False):
-            timed = [(sum(time_gemm(shape, t, c, gated, (x, w13, w2)) for t in counts), c)
-                     for c in tune_candidates(bucket)]
-            us, config = min(timed, key=lambda item: item[0])
-            print(f"  {name} bucket {bucket} (T {counts}) {'gate_up' if gated else 'down'}: {config} {us:.1f} µs")
-            pair.append(config)
-        if pair[0].block_m != pair[1].block_m:  # one permutation per call: keep the gate/up GEMM's block_m
-            pair[1] = min(((sum(time_gemm(shape, t, c, False, (x, w13, w2)) for t in counts), c)
-                           for c in tune_candidates(bucket) if c.block_m == pair[0].block_m),
-                          key=lambda item: item[0])[1]
-        best.append(tuple(pair))
-    return {"key": (num_experts, hidden, intermediate, top_k), "configs": best}
-
-
-def e2e(work_dir: str, copy_tbs: float) -> dict:
-    from flashserve import LLM
-    from latency import decode_batch, write_checkpoint
-
-    spec = E2E_SPEC
-    directory = os.path.join(work_dir, "qwen3-30b-a3b-8-layers")
-    info = write_checkpoint(directory, "Qwen3MoeForCausalLM", spec, DTYPE, DEVICE)
-    llm = LLM(directory, dtype=DTYPE, device=DEVICE, max_model_len=4096, max_num_seqs=64,
-              enable_prefix_caching=False)
-    hidden, layers, heads, kv_heads, head_dim = (spec[k] for k in ("hidden_size", "num_hidden_layers",
-                                                                  "num_attention_heads", "num_key_value_heads",
-                                                                  "head_dim"))
-    element = torch.empty((), dtype=DTYPE).element_size()
-    attention_bytes = layers * element * hidden * head_dim * (2 * heads + 2 * kv_heads)
-    lm_head_bytes = spec["vocab_size"] * hidden * element
-    expert_bytes = 3 * hidden * spec["moe_intermediate_size"] * element
-    run = types.SimpleNamespace(args=types.SimpleNamespace(prompt_len=128, decode_steps=32), rng=random.Random(0),
-                                cuda=DEVICE == "cuda")
-    rows = []
-    for batch in (1, 64):
-        row = decode_batch(run, llm.engine, batch)
-        experts_hit = spec["num_experts"] * (1 - (1 - spec["num_experts_per_tok"] / spec["num_experts"]) ** batch)
-        kv_bytes = batch * row["mean_context"] * layers * 2 * kv_heads * head_dim * element
-        step_bytes = attention_bytes + lm_head_bytes + layers * experts_hit * expert_bytes + kv_bytes
-        rows.append(dict(batch=batch, ms=row["ms"], graph_gpu_ms=row.get("graph_gpu_ms"),
-                         expected_experts_hit_per_layer=experts_hit, step_bytes=step_bytes,
-                         roofline_ms=step_bytes / copy_tbs / 1e9, tok_per_s=row["tok_per_s"]))
-        print(f"  e2e B={batch}: {row['ms']:.2f} ms/step, roofline {rows[-1]['roofline_ms']:.2f} ms")
-    return dict(checkpoint=info, rows=rows)
+def _config_text(config: MoeGemmConfig) -> str:
+    return ", ".join(str(getattr(config, field)) for field in MoeGemmConfig.__slots__)
 
 
 def use_quick_settings() -> None:
@@ -252,6 +199,7 @@ def main():
     parser = common.argument_parser(__doc__)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=",".join(SHAPES))
     parser.add_argument("--tune", action="store_true", help="sweep the launch configurations")
+    parser.add_argument("--tune-tp", default=TP_SIZES, help="tensor-parallel sizes whose expert shards --tune sweeps")
     parser.add_argument("--e2e", action="store_true", help="the end-to-end decode run")
     parser.add_argument("--skip-kernel", action="store_true", help="skip the kernel section")
     parser.add_argument("--work-dir", default=None, help="where the e2e checkpoint goes (default: a temp dir)")
@@ -277,23 +225,13 @@ def main():
                                                         if r["tokens"] == PREFILL_TOKENS)
                  + " of the matmul rate (bar 50%).\n")
     if args.tune:
-        tuned = [tune_shape(name) for name in names]
-        payload["tuned"] = [dict(key=t["key"], configs=[[vars_of(c) for c in pair] for pair in t["configs"]])
-                            for t in tuned]
-        text += "\n### Tuned launch configurations (paste into moe_configs.TUNED_CONFIGS)\n\n```python\n"
-        for t in tuned:
-            text += f"{t['key']}: (\n" + "".join(f"    ({config_source(up)}, {config_source(down)}),\n"
-                                                  for up, down in t["configs"]) + "),\n"
-        text += "```\n"
+        tune_text, payload["tuned"] = tune_section(args, names, env)
+        text += tune_text
     if args.e2e:
-        result = e2e(tempfile.mkdtemp(prefix="bench-moe-", dir=args.work_dir), copy_rate)
+        result = moe_e2e.run_e2e(tempfile.mkdtemp(prefix="bench-moe-", dir=args.work_dir), E2E_SPEC, copy_rate,
+                                 DTYPE, DEVICE)
         payload["e2e"] = result
-        text += "\n### End to end: Qwen3-30B-A3B shape, 8 of 48 layers, CUDA graphs\n\n" + common.markdown_table(
-            ["batch", "ms/step", "graph GPU ms", "experts hit / layer (expected)", "GB read / step", "roofline ms",
-             "% roofline"],
-            [[r["batch"], f"{r['ms']:.2f}", f"{r['graph_gpu_ms'] or math.nan:.2f}",
-              f"{r['expected_experts_hit_per_layer']:.1f}", f"{r['step_bytes'] / 1e9:.2f}",
-              f"{r['roofline_ms']:.2f}", f"{100 * r['roofline_ms'] / r['ms']:.0f}%"] for r in result["rows"]]) + "\n"
+        text += "\n### End to end: Qwen3-30B-A3B shape, 8 of 48 layers, CUDA graphs\n\n" + moe_e2e.markdown(result)
     common.write_results(args.out, "bench_moe", text, payload)
 
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then every benchmark. Usage (on the device machine, repo root):
 #   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache gemm cascade moe
+#                                              moe_tune (bench_moe.py --tune; the table it writes is installed in
+#                                              flashserve/kernels/moe_tuned/ for the later steps and copied to $OUT)
 #                                              scores first_call sampler throughput latency
 #                                              tp (tensor-parallel GPU tests and benchmarks/tp_latency.py; 2+ GPUs)
 #                                              serving (needs the server wheels: see benchmarks/serving_gpu.sh)
@@ -41,6 +43,10 @@ steps=${*:-tests prefill layouts decode merge cache}
       gemm) timeout "$limit" python3 benchmarks/bench_gemm.py --out "$RESULTS" ;;
       cascade) timeout "$limit" python3 benchmarks/bench_cascade.py --out "$RESULTS" ;;
       moe) timeout "$limit" python3 benchmarks/bench_moe.py --out "$RESULTS" ${MOE_ARGS:-} ;;
+      moe_tune) timeout "$limit" python3 benchmarks/bench_moe.py --tune --skip-kernel --out "$RESULTS/moe_tune" \
+                  && mkdir -p flashserve/kernels/moe_tuned "$OUT/moe_tuned" \
+                  && cp "$RESULTS"/moe_tune/moe_tuned/*.json flashserve/kernels/moe_tuned/ \
+                  && cp "$RESULTS"/moe_tune/moe_tuned/*.json "$OUT/moe_tuned/" ;;
       scores) timeout "$limit" python3 benchmarks/bench_attention_scores.py --out "$RESULTS" ;;
       first_call) timeout "$limit" python3 benchmarks/bench_first_call.py --out "$RESULTS" ;;
       sampler) timeout "$limit" python3 benchmarks/bench_sampler.py --out "$RESULTS" ;;

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from flashserve.kernels.moe import fused_experts, fused_moe, moe_align_block_size
-from flashserve.kernels.moe_configs import MoeGemmConfig, moe_configs
+from flashserve.kernels.moe_configs import MoeConfigTable, MoeGemmConfig, default_configs, moe_configs
+from flashserve.kernels.skinny_gemm_plans import pipeline_bytes
 from flashserve.kernels.reference import moe as reference
 
 
@@ -117,12 +118,41 @@ def test_moe_align_block_size(num_tokens, top_k, num_experts, block_m, backend, 
     assert torch.equal(experts_of_rows[real], flat[sorted_ids[:total][real].long()])
 
 
-def test_launch_configs():
-    up, down = moe_configs(1, 128, 2048, 768, 8)
-    assert up.block_m == down.block_m == 16
+def test_down_gemm_split_k():
+    """The down GEMM with K split into 2 and 3 shares (3 does not divide the 4 K steps: one share is short)."""
+    up = MoeGemmConfig(16, 16, 16, 4, 1)
+    for split_k in (2, 3):
+        down = MoeGemmConfig(16, 16, 16, 4, 1, split_k)
+        _check_against_reference(9, 40, 64, 8, 2, torch.float32, unused_experts=3, configs=(up, down))
+    x, w13, w2, logits = _moe_inputs(2, 32, 16, 4, 2, torch.float32, "cpu")
+    weights, ids = reference.moe_routing(logits, 2, True)
+    with pytest.raises(ValueError, match="split_k"):
+        fused_experts(x, w13, w2, weights, ids, (MoeGemmConfig(16, 16, 16, 4, 1, 2), up))
+
+
+def test_launch_configs_table_and_defaults():
+    """A table (the --tune file format) is used for its shapes, with its own buckets; other shapes and CPU
+    tensors get the defaults: 16-row tiles while few rows reach an expert (narrower gate/up tiles the fewer
+    experts are hit), 128-row tiles for long prefills; fp32 gets shallow tiles."""
+    config = dict(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3)
+    table = MoeConfigTable.from_json(dict(device="Some GPU", token_buckets=[100], entries=[dict(
+        num_experts=128, hidden_size=2048, intermediate_size=768, top_k=8,
+        configs=[[config, dict(config, split_k=2)], [dict(config, block_m=64), dict(config, block_m=64)]])]))
+    assert MoeConfigTable.from_json(table.to_json()) == table
+    up, down = moe_configs(12, 128, 2048, 768, 8, table=table)
+    assert up == MoeGemmConfig(32, 64, 64, 4, 3) and down.split_k == 2
+    assert moe_configs(13, 128, 2048, 768, 8, table=table)[0].block_m == 64
+    assert moe_configs(13, 128, 2048, 384, 8, table=table) == moe_configs(13, 128, 2048, 384, 8)
+    with pytest.raises(ValueError, match="pairs"):
+        MoeConfigTable.from_json(dict(table.to_json(), token_buckets=[100, 200]))
+    decode_1, decode_4 = moe_configs(1, 128, 2048, 768, 8)[0], moe_configs(4, 128, 2048, 768, 8)[0]
+    assert decode_1.block_m == decode_4.block_m == 16 and decode_1.block_n < decode_4.block_n <= 64
     assert moe_configs(4096, 8, 4096, 14336, 2)[0].block_m == 128
-    assert moe_configs(3, 6, 40, 36, 2)[0].block_m == 16  # the default table elsewhere
+    assert moe_configs(4096, 128, 2048, 768, 8)[0].block_m == 128
     assert all(config.block_k <= 32 and config.num_stages <= 3 for config in moe_configs(64, 8, 64, 32, 2, 4))
+    small_smem = default_configs(4, 8, 4096, 14336, smem=100 * 1024)
+    assert all(pipeline_bytes(c.block_m, c.block_n, c.block_k, c.num_stages, gated, 2) <= 100 * 1024
+               for c, gated in zip(small_smem, (True, False)))
 
 
 @pytest.mark.gpu
@@ -136,8 +166,22 @@ def test_fused_experts_on_gpu(num_tokens, num_experts, top_k, unused, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_tokens", [1, 64, 4096])
 def test_fused_experts_on_gpu_tuned_shape(num_tokens):
-    """The Qwen3-30B-A3B layer shape through its table entries, in bf16."""
+    """The Qwen3-30B-A3B layer shape through its configs on this GPU (the tuned table's where there is one), in
+    bf16."""
     _check_against_reference(num_tokens, 2048, 768, 128, 8, torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens,up,down", [
+    (4, MoeGemmConfig(16, 16, 128, 4, 2), MoeGemmConfig(16, 64, 128, 4, 4, 2)),
+    (64, MoeGemmConfig(16, 32, 256, 4, 4), MoeGemmConfig(16, 128, 256, 4, 2, 3)),
+    (300, MoeGemmConfig(32, 64, 128, 4, 3), MoeGemmConfig(32, 128, 64, 4, 3)),
+    (4096, MoeGemmConfig(128, 128, 64, 8, 4), MoeGemmConfig(128, 256, 64, 8, 4)),
+])
+def test_fused_experts_on_gpu_sweep_corners(num_tokens, up, down):
+    """Corners of the --tune sweep on the Qwen3-30B-A3B shape in bf16: 16-column gate/up tiles, split-K down
+    GEMMs (3 shares of 3 K steps of 256), deep K steps, the 128 x 256 tiles of long prefills."""
+    _check_against_reference(num_tokens, 2048, 768, 128, 8, torch.bfloat16, "cuda", configs=(up, down))
 
 
 @pytest.mark.gpu

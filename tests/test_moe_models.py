@@ -9,7 +9,7 @@ from flashserve.distributed.state import set_tp_group, tp_size
 from flashserve.models import DecoderForCausalLM, ModelSpec, load_model, load_spec, write_random_checkpoint
 from flashserve.models.loader import iter_checkpoint_tensors, load_weights
 from flashserve.models.moe import SparseMoeBlock
-from moe_cases import MOE_CASES
+from moe_cases import MOE_CASES, write_stacked_copy
 
 QWEN_MOE = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 6, "num_attention_heads": 4, "vocab_size": 100, "num_experts": 8,
@@ -80,24 +80,71 @@ def test_stacked_expert_tensors_saved_whole_load_the_same(moe_checkpoints, tmp_p
 
 def _compare_stacked_with_per_expert(source: str, tmp_path) -> None:
     reference, spec = load_model(source)
-    tensors = load_file(f"{source}/model.safetensors")
-    for layer in (i for i, sparse in enumerate(spec.moe.sparse_layers) if sparse):
-        prefix = f"model.layers.{layer}.mlp.experts"
-        experts = range(spec.moe.num_experts)
-        gate_up = [torch.cat((tensors.pop(f"{prefix}.{e}.gate_proj.weight"),
-                              tensors.pop(f"{prefix}.{e}.up_proj.weight"))) for e in experts]
-        tensors[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
-        tensors[f"{prefix}.down_proj"] = torch.stack([tensors.pop(f"{prefix}.{e}.down_proj.weight") for e in experts])
-    directory = tmp_path / "stacked"
-    directory.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (directory / name).write_bytes(open(f"{source}/{name}", "rb").read())
-    save_file(tensors, str(directory / "model.safetensors"))
-    model, _ = load_model(str(directory))
+    directory = write_stacked_copy(source, str(tmp_path / "stacked"))
+    model, _ = load_model(directory)
     local = spec.moe.expert_intermediate_size // tp_size()
     assert model.model.layers[0].mlp.experts.down_proj.shape == (spec.moe.num_experts, spec.hidden_size, local)
     for (name, ours), (_, theirs) in zip(model.named_parameters(), reference.named_parameters()):
         assert torch.equal(ours, theirs), name
+
+
+class _RecordingSlice:
+    """A safetensors slice that records the number of elements of every read."""
+
+    def __init__(self, inner, reads: list[int]):
+        self.inner, self.reads = inner, reads
+
+    def get_shape(self):
+        return self.inner.get_shape()
+
+    def __getitem__(self, index):
+        piece = self.inner[index]
+        self.reads.append(piece.numel())
+        return piece
+
+
+def test_stacked_experts_are_read_in_rank_slices(moe_checkpoints, tmp_path, monkeypatch):
+    """At TP 2, rank 1 reads each stacked tensor through its lazy slice, one expert's half at a time (never
+    whole): exactly the elements its parameters hold."""
+    from safetensors import safe_open
+
+    import flashserve.models.loader as loader
+
+    directory = write_stacked_copy(moe_checkpoints["qwen3-moe"], str(tmp_path / "stacked"))
+    reads: list[int] = []
+
+    class RecordingFile:
+        def __init__(self, *args, **kwargs):
+            self.inner = safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.file = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.file.keys()
+
+        def get_tensor(self, name):
+            assert not name.endswith(("experts.gate_up_proj", "experts.down_proj")), f"{name} read whole"
+            return self.file.get_tensor(name)
+
+        def get_slice(self, name):
+            return _RecordingSlice(self.file.get_slice(name), reads)
+
+    monkeypatch.setattr(loader, "safe_open", RecordingFile)
+    set_tp_group(1, 2)
+    try:
+        model, spec = load_model(directory)
+    finally:
+        set_tp_group(0, 1)
+    local, hidden = spec.moe.expert_intermediate_size // 2, spec.hidden_size
+    stacked = [p for name, p in model.named_parameters() if name.endswith(("gate_up_proj", "down_proj"))
+               and ".experts." in name]
+    assert reads and max(reads) == local * hidden
+    assert sum(reads) == sum(p.numel() for p in stacked)
 
 
 def test_missing_expert_tensor_is_named(moe_checkpoints, tmp_path):

@@ -30,7 +30,7 @@ from flashserve import LLM, SamplingParams
 from flashserve.cli import main as cli_main
 from hf_parity import checkpoint_with_continuations
 from http_helpers import wait_until_healthy
-from moe_cases import MOE_CASES
+from moe_cases import MOE_CASES, write_stacked_copy
 
 MODELS = {
     "llama-tied-biases-vocab401-sharded": ("LlamaForCausalLM", dict(
@@ -376,6 +376,33 @@ def test_each_rank_loads_only_its_expert_slices(tmp_path):
     for block in blocks:
         assert torch.equal(block.gate.weight, full[prefix + "gate.weight"])
         assert torch.equal(block.shared_expert_gate.weight, full[prefix + "shared_expert_gate.weight"])
+
+
+def test_stacked_expert_checkpoint_at_tp2(tmp_path_factory):
+    """Qwen3-MoE with each layer's experts saved as two stacked tensors, at TP 2 (each rank reads its slices of
+    them): greedy tokens equal Hugging Face's on the per-expert layout, prompt logprobs the per-expert TP-1
+    engine's."""
+    architecture, overrides = MODELS["qwen3-moe"]
+    source, prompts, expected = checkpoint_with_continuations(str(tmp_path_factory.mktemp("per-expert")),
+                                                              architecture, overrides, 3, _prompts, NEW_TOKENS)
+    stacked = write_stacked_copy(source, str(tmp_path_factory.mktemp("stacked")))
+    scoring = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2)
+
+    def run(directory: str, size: int):
+        llm = LLM(directory, tensor_parallel_size=size, **ENGINE)
+        try:
+            greedy = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+            scored = llm.generate(prompts[3], scoring, use_tqdm=False)[0].prompt_logprobs[1:]
+        finally:
+            llm.close()
+        return greedy, [{t: lp.logprob for t, lp in entry.items()} for entry in scored]
+
+    greedy, logprobs = run(stacked, 2)
+    _, single = run(source, 1)
+    assert greedy == expected
+    assert [entry.keys() for entry in logprobs] == [entry.keys() for entry in single]
+    assert all(abs(ours[t] - theirs[t]) < 1e-4 for ours, theirs in zip(logprobs, single) for t in ours)
+    assert not multiprocessing.active_children()
 
 
 def test_moe_block_partial_sums_add_up_with_one_all_reduce(tmp_path, monkeypatch):

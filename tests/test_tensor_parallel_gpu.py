@@ -3,10 +3,19 @@
 float32: greedy tokens at TP 2 and 4 equal Hugging Face's and TP 1's for every architecture of the CPU tests (the
 mixture-of-experts ones running the fused-MoE kernel on each rank's slice of the experts), with decode steps
 replayed from graphs (batch sizes that hit and miss captured sizes, a batch above the largest graph) and chunked
-prefill; seeded sampling equal to TP 1. bfloat16: a TP-2 run whose first tokens are at least 90% TP 1's
-(tokens may part where two logits are within bf16 rounding: the sums run in another order). Also: a
-``tensor_parallel_size`` above the number of GPUs is a ValueError before any worker starts. On one GPU: the
-collectives the engine captures replay from a CUDA graph on a one-rank NCCL group.
+prefill; seeded sampling equal to TP 1. Also: a ``tensor_parallel_size`` above the number of GPUs is a ValueError
+before any worker starts. On one GPU: the collectives the engine captures replay from a CUDA graph on a one-rank
+NCCL group.
+
+bfloat16 at TP 2, by the kernels' rule (error against fp32 <= 2x the error of the same math in bf16 in plain
+PyTorch), applied to the whole model: each prompt followed by its fp32 greedy continuation is scored (prompt
+logprobs: the log-probability of every next token), by Hugging Face in fp32 (the reference), by Hugging Face in
+bf16 (plain PyTorch's bf16 error) and by the TP-2 engine in bf16. Token equality is no measure here: where two
+logits (or, in MoE layers, two router scores) are within bf16 rounding of each other, any reordering of the sums
+(the all-reduce adds two partial sums) may pick the other one, and so does Hugging Face's bf16 run. The statistic is
+the mean |logprob error| over all ~1,900 scored positions: a routing flip moves a few positions a lot, and how often
+flips happen grows with the rounding error, so the mean measures both kinds of error, where the maximum would be
+decided by one near-tie.
 """
 import multiprocessing
 import random
@@ -73,21 +82,50 @@ def test_fp32_parity_with_graphs(checkpoint, size):
     assert not multiprocessing.active_children()
 
 
-def test_bf16_tp2_first_tokens(checkpoint):
+def _hf_logprobs(directory: str, sequences: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Hugging Face's log-probability of each next token of each sequence (float32 log-softmax of its logits)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).cuda()
+    scores = []
+    with torch.no_grad():
+        for sequence in sequences:
+            ids = torch.tensor([sequence], device="cuda")
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+            scores.append(logprobs.gather(1, ids[0, 1:, None])[:, 0].cpu())
+    del model
+    torch.cuda.empty_cache()
+    return scores
+
+
+def _engine_logprobs(llm: LLM, sequences: list[list[int]]) -> list[torch.Tensor]:
+    """The engine's prompt logprobs of each next token of each sequence."""
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
+    outputs = llm.generate(sequences, params, use_tqdm=False)
+    return [torch.tensor([entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], sequence[1:])])
+            for out, sequence in zip(outputs, sequences)]
+
+
+def test_bf16_tp2_logprob_error_within_twice_pytorch_bf16(checkpoint):
     _needs_gpus(2)
-    directory, prompts, _ = checkpoint
-    options = dict(dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.5)
-    single = _tokens(LLM(directory, **options), prompts, GREEDY)
+    directory, prompts, expected = checkpoint
+    sequences = [prompt + continuation for prompt, continuation in zip(prompts, expected)]
+    reference = torch.cat(_hf_logprobs(directory, sequences, torch.float32))
+    torch_bf16 = torch.cat(_hf_logprobs(directory, sequences, torch.bfloat16))
+    options = dict(dtype="bfloat16", max_model_len=512, gpu_memory_utilization=0.5, enable_prefix_caching=False)
+    single = LLM(directory, **options)
+    single_bf16 = torch.cat(_engine_logprobs(single, sequences))
+    del single
     llm = LLM(directory, tensor_parallel_size=2, **options)
     try:
-        split = _tokens(llm, prompts, GREEDY)
+        split_bf16 = torch.cat(_engine_logprobs(llm, sequences))
     finally:
         llm.close()
-    first = sum(x[0] == y[0] for x, y in zip(split, single))
-    matching = sum(a == b for x, y in zip(split, single) for a, b in zip(x, y))
-    print(f"bf16 TP 2: {first} of {len(prompts)} first tokens, {matching} of {len(prompts) * NEW_TOKENS} tokens "
-          "equal TP 1's")
-    assert first >= 0.9 * len(prompts)
+    errors = {name: (scores - reference).abs() for name, scores in
+              (("torch bf16", torch_bf16), ("TP 1 bf16", single_bf16), ("TP 2 bf16", split_bf16))}
+    print(f"|logprob - fp32| over {reference.numel()} positions: " + ", ".join(
+        f"{name} mean {error.mean():.3g} max {error.max():.3g}" for name, error in errors.items()))
+    assert errors["TP 2 bf16"].mean() <= 2 * errors["torch bf16"].mean()
 
 
 def test_more_ranks_than_gpus_is_a_value_error(checkpoint):

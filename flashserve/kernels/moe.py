@@ -10,9 +10,11 @@
    never depend on the routing (no host sync: CUDA-graph safe). The GEMMs' grids cover the worst case; programs
    past the padded total exit at once.
 3. Gate/up grouped GEMM: each program takes BLOCK_M rows of one expert, multiplies the gathered hidden states by
-   that expert's gate and up rows and stores ``silu(gate) * up`` (fp32 epilogue, rounded once) per pair.
+   that expert's gate and up rows and stores ``silu(gate) * up`` (fp32 epilogue, rounded once) per pair. The
+   column tiles of a row block are launched one after another (L2 reuse of the gathered rows and weight tiles).
 4. Down grouped GEMM: the same walk over the activations, the product scaled by the pair's routing weight and
-   added atomically into the token's fp32 output row (the k contributions of a token meet there).
+   added atomically into the token's fp32 output row (the k contributions of a token meet there, and the K
+   shares of a split-K config's programs).
 
 Weights are stacked per expert: ``w13`` (E, 2I, H) holds each expert's gate rows then its up rows (Hugging Face's
 ``experts.gate_up_proj``), ``w2`` (E, H, I) its down projection. Tiles come from ``moe_configs``.
@@ -36,13 +38,29 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, blo
                          N, K, top_k, a_rows_per_pair_divisor, up_offset,
                          stride_am, stride_be, stride_bn, stride_om,
                          GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPLIT_K: tl.constexpr):
     """One (BLOCK_M pairs of one expert) x (BLOCK_N output columns) tile of ``a[rows] @ b[expert].T``.
 
     GATED: b rows [n] and [up_offset + n] give gate and up; stores silu(gate) * up at the pair's row of out.
-    Else: scales by the pair's routing weight and atomically adds into out's row of the pair's token."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    Else: scales by the pair's routing weight and atomically adds into out's row of the pair's token; there
+    SPLIT_K > 1 (few rows, long K) gives SPLIT_K programs per tile, each over its share of K (whole BLOCK_K
+    steps), each adding its partial product.
+
+    One program per tile (and K share) on a 1-D grid, the column tiles of a row block consecutive: the programs that
+    run at the same time share their row block's gathered rows in L2, and an expert's row blocks (adjacent) its
+    weight tiles."""
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    tile = tl.program_id(0) // SPLIT_K
+    pid_m = tile // num_n_tiles
+    pid_n = tile % num_n_tiles
+    if SPLIT_K == 1:
+        k_begin = 0
+        k_end = K
+    else:
+        k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_begin = (tl.program_id(0) % SPLIT_K) * k_share
+        k_end = tl.minimum(K, k_begin + k_share)
     num_padded = tl.load(num_padded_ptr)
     if pid_m * BLOCK_M >= num_padded:
         return
@@ -55,11 +73,11 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, blo
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + (k_begin + offs_k)[None, :]
+    b_ptrs = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + (k_begin + offs_k)[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
+    for k_start in range(k_begin, k_end, BLOCK_K):
         k_mask = offs_k < K - k_start
         a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
         b_mask = k_mask[:, None] & n_mask[None, :]
@@ -85,13 +103,13 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, blo
 def _launch(a, b, out, topk_weights, top_k, gated, config: MoeGemmConfig, alignment) -> None:
     sorted_pair_ids, block_experts, num_padded = alignment
     n = b.shape[1] // 2 if gated else b.shape[1]
-    grid = (block_experts.numel(), cdiv(n, config.block_n))
+    grid = (block_experts.numel() * cdiv(n, config.block_n) * config.split_k,)
     _grouped_gemm_kernel[grid](
         a, b, out, topk_weights, sorted_pair_ids, block_experts, num_padded,
         n, b.shape[2], top_k, top_k if gated else 1, n if gated else 0,
         a.stride(0), b.stride(0), b.stride(1), out.stride(0),
         GATED=gated, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
@@ -125,7 +143,8 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         hidden_states: (T, H) fp16/bf16/fp32, contiguous.
         w13: (E, 2I, H), each expert's gate rows then up rows; w2: (E, H, I); both of hidden_states' dtype.
         topk_weights: (T, k) fp32 routing weights; topk_ids: (T, k) int32/int64 expert ids in [0, E).
-        configs: (gate/up, down) tiles; default from ``moe_configs.moe_configs``.
+        configs: (gate/up, down) tiles; default from ``moe_configs.moe_configs`` (for this device). Only the down
+            GEMM may split K (the gate/up epilogue needs whole sums).
     Returns (T, H) in hidden_states' dtype: the weighted sum of each token's k expert outputs (products in fp32,
     the activation rounded once to the input dtype, the sum in fp32 then rounded once). ValueError on bad input.
     """
@@ -138,7 +157,9 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     if num_tokens == 0:
         return out.to(hidden_states.dtype)
     up_config, down_config = configs or moe_configs(num_tokens, num_experts, hidden, intermediate, top_k,
-                                                    hidden_states.element_size())
+                                                    hidden_states.element_size(), device=hidden_states.device)
+    if up_config.split_k != 1:
+        raise ValueError(f"configs: the gate/up GEMM cannot split K, got split_k={up_config.split_k}")
     topk_weights = topk_weights.contiguous()
     activated = torch.empty(num_tokens * top_k, intermediate, dtype=hidden_states.dtype, device=out.device)
     alignment = moe_align_block_size(topk_ids, up_config.block_m, num_experts)

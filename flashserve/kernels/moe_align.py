@@ -11,7 +11,8 @@ chunks of BLOCK_P:
    earlier chunks + those before it in its chunk (a cumulative sum of the one-hot).
 
 When all pairs fit one chunk (decode: up to 32768 / next_power_of_2(E) pairs), one program does all three steps
-(``_align_single_kernel``). Every size a launch depends on comes from T * k and the model's shape, never from the
+(``_align_single_kernel``, its chunk the next power of two of the pair count: one variant per power of two, so a
+decode step of few tokens scans a small one-hot). Every size a launch depends on comes from T * k and the model's shape, never from the
 routing, so the calls can be captured in a CUDA graph; the per-step counts are not specialised on
 (``do_not_specialize``).
 """
@@ -152,9 +153,10 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
         return sorted_pair_ids, block_experts, num_padded.zero_()
     block_r = max(16, min(1024, _ONE_HOT_ELEMENTS // block_e))
     single_block_p = max(16, min(1024, _SINGLE_ONE_HOT_ELEMENTS // block_e))
-    if num_pairs <= single_block_p:  # decode-sized routings: one launch
+    if num_pairs <= single_block_p:  # decode-sized routings: one launch, a one-hot no larger than needed
         _align_single_kernel[(1,)](ids, padded_starts, block_experts, num_padded, sorted_pair_ids, num_pairs,
-                                   max_rows, num_blocks, num_experts, BLOCK_M=block_m, BLOCK_P=single_block_p,
+                                   max_rows, num_blocks, num_experts, BLOCK_M=block_m,
+                                   BLOCK_P=max(16, next_power_of_2(num_pairs)),
                                    BLOCK_E=block_e, BLOCK_R=block_r, FILL_BLOCK=_FILL_BLOCK, num_warps=8)
         return sorted_pair_ids, block_experts, num_padded
     block_p = max(16, min(256, _ONE_HOT_ELEMENTS // block_e))  # one variant per model, whatever T is

@@ -4,8 +4,9 @@ Weights come from ``model.safetensors`` or the shards listed in ``model.safetens
 ``*.safetensors`` files in the directory when there is neither). Each tensor is placed by its parameter's
 ``weight_loader``; q/k/v and gate/up tensors go into the fused parameters through
 ``DecoderForCausalLM.packed_modules_mapping``, per-expert tensors of mixture-of-experts checkpoints into their
-slices of the stacked expert parameters (``moe_loading``). Pickle weights (``*.bin``, ``*.pt``, ``*.pth``) can run
-arbitrary code when loaded and are refused unless ``allow_pickle=True``.
+slices of the stacked expert parameters (``moe_loading``); stacked expert tensors saved whole come as lazy
+safetensors slices, so a tensor-parallel rank reads only its part of them. Pickle weights (``*.bin``, ``*.pt``,
+``*.pth``) can run arbitrary code when loaded and are refused unless ``allow_pickle=True``.
 """
 import glob
 import json
@@ -15,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from flashserve.models.decoder import DecoderForCausalLM
-from flashserve.models.moe_loading import canonical_name, expert_target
+from flashserve.models.moe_loading import canonical_name, expert_target, is_stacked_experts
 from flashserve.models.spec import ModelSpec, load_spec
 
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth")
@@ -80,12 +81,14 @@ def checkpoint_files(model_dir: str, allow_pickle: bool = False) -> list[str]:
 
 
 def iter_checkpoint_tensors(model_dir: str, allow_pickle: bool = False):
-    """Yield (Hugging Face name, CPU tensor) for every tensor of the checkpoint."""
+    """Yield (Hugging Face name, CPU tensor) for every tensor of the checkpoint; a stacked expert tensor of a
+    safetensors file comes as its lazy slice (``safe_open(...).get_slice``: indexing it reads only the indexed
+    part; valid until the next item is drawn)."""
     for path in checkpoint_files(model_dir, allow_pickle):
         if path.endswith(".safetensors"):
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name) if is_stacked_experts(canonical_name(name)) else f.get_tensor(name)
         else:
             yield from torch.load(path, map_location="cpu", weights_only=True).items()
 

@@ -4,7 +4,8 @@ Module and parameter names follow Hugging Face's (transformers 5 in memory): ``m
 router, ``mlp.experts.gate_up_proj`` (E, 2I, H) and ``mlp.experts.down_proj`` (E, H, I) the stacked experts,
 ``mlp.shared_expert.*`` and ``mlp.shared_expert_gate.weight`` (1, H) Qwen2-MoE's shared expert. Checkpoints store
 the experts one tensor each (``experts.{e}.gate_proj/up_proj/down_proj.weight``, Mixtral's ``w1/w3/w2``): the
-loader (``moe_loading``) copies each into its slice of the stacked parameter, so no second copy is ever held.
+loader (``moe_loading``) copies each into its slice of the stacked parameter, so no second copy is ever held;
+stacked tensors saved whole are read expert by expert from a lazy slice, this rank's part only.
 """
 import torch
 from torch import nn
@@ -29,8 +30,8 @@ class StackedExperts(nn.Module):
     Under tensor parallelism every expert is split along its intermediate dimension: rank r holds rows
     ``[r * I / tp, (r + 1) * I / tp)`` of each expert's gate and up projections and the same columns of its down
     projection (``local_intermediate_size = I / tp``; ValueError naming ``size_name`` unless tp divides I), cut
-    from each checkpoint tensor as it is read; the experts' output is then this rank's partial sum, which the
-    caller all-reduces.
+    from each per-expert checkpoint tensor as it is read, or read alone from a stacked one; the experts' output is
+    then this rank's partial sum, which the caller all-reduces.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, size_name: str):
@@ -44,25 +45,33 @@ class StackedExperts(nn.Module):
             param.weight_loader = self._load
             param.checkpoint_names = [f"{e}.{part}.weight" for e in range(num_experts) for part in parts]
 
-    def _load(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        if shard_id is None:  # the whole stacked tensor: (E, 2I, H) or (E, H, I)
-            num_experts, full = param.shape[0], self.intermediate_size
-            gated = param is self.gate_up_proj
-            shape = (num_experts, 2 * full, param.shape[2]) if gated else (num_experts, param.shape[1], full)
-            if tuple(loaded_weight.shape) != shape:
-                raise ValueError(f"weight of shape {tuple(loaded_weight.shape)} does not fit stacked experts of "
-                                 f"shape {shape}")
-            for expert, weight in enumerate(loaded_weight):
-                if gated:
-                    self._load_part(param, weight[:full], expert, "gate_proj")
-                    self._load_part(param, weight[full:], expert, "up_proj")
-                else:
-                    self._load_part(param, weight, expert, "down_proj")
+    def _load(self, param: nn.Parameter, loaded_weight, shard_id=None) -> None:
+        if shard_id is None:
+            self._load_stacked(param, loaded_weight)
             return
         expert, part = shard_id
         if not 0 <= expert < param.shape[0]:
             raise ValueError(f"expert index {expert} is out of range for {param.shape[0]} experts")
         self._load_part(param, loaded_weight, expert, part)
+
+    def _load_stacked(self, param: nn.Parameter, loaded_weight) -> None:
+        """The whole stacked tensor, (E, 2I, H) or (E, H, I): a torch.Tensor or a lazy safetensors slice (which has
+        ``get_shape``). Each expert's slice of this rank is indexed out alone, so a slice reads only those bytes
+        and at most one expert's (I / tp, H) piece is held beside the parameter."""
+        num_experts, full, local = param.shape[0], self.intermediate_size, self.local_intermediate_size
+        gated = param is self.gate_up_proj
+        shape = (num_experts, 2 * full, param.shape[2]) if gated else (num_experts, param.shape[1], full)
+        loaded_shape = tuple(loaded_weight.get_shape() if hasattr(loaded_weight, "get_shape") else loaded_weight.shape)
+        if loaded_shape != shape:
+            raise ValueError(f"weight of shape {loaded_shape} does not fit stacked experts of shape {shape}")
+        start = tp_rank() * local
+        for expert in range(num_experts):
+            target = param.data[expert]
+            if gated:
+                copy_weight_loader(target[:local], loaded_weight[expert, start:start + local])
+                copy_weight_loader(target[local:], loaded_weight[expert, full + start:full + start + local])
+            else:
+                copy_weight_loader(target, loaded_weight[expert, :, start:start + local])
 
     def _load_part(self, param: nn.Parameter, loaded_weight: torch.Tensor, expert: int, part: str) -> None:
         """Copy this rank's slice of one expert's (I, H) gate/up or (H, I) down tensor into ``param[expert]``."""

@@ -14,6 +14,7 @@ _MIXTRAL_PARTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _MIXTRAL_EXPERT = re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.")
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _STACKED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+_STACKED_WHOLE = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 def canonical_name(name: str) -> str:
@@ -32,3 +33,8 @@ def expert_target(name: str) -> tuple[str, tuple[int, str]] | None:
         return None
     prefix, expert, part = match.groups()
     return f"{prefix}.{_STACKED[part]}", (int(expert), part)
+
+
+def is_stacked_experts(name: str) -> bool:
+    """Whether a tensor name in canonical form is a stacked tensor of all of a layer's experts."""
+    return _STACKED_WHOLE.search(name) is not None
