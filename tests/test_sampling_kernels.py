@@ -4,7 +4,7 @@ sampler against the sort-based one with the same noise, and, on CUDA, against to
 import pytest
 import torch
 
-from flashserve.kernels import nucleus, sampling
+from flashserve.kernels import nucleus, race, sampling, selection
 from flashserve.kernels.reference import sampling as reference
 
 
@@ -32,6 +32,10 @@ def _streams(num_rows, vocab, seed=7):
 
 @pytest.fixture
 def interpret(monkeypatch):
+    """Triton's interpreter on CPU tensors: the CPU run's way of testing the kernels. On a CUDA machine the kernels
+    were compiled at import (no ``TRITON_INTERPRET``) and cannot take CPU tensors: the CUDA tests cover them."""
+    if torch.cuda.is_available():
+        pytest.skip("an interpreter test (the kernels are compiled on a CUDA machine)")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("FLASHSERVE_ATTENTION_BACKEND", raising=False)
 
@@ -83,6 +87,8 @@ def test_block_candidate_and_race_kernels_match_their_references(interpret):
 @pytest.mark.parametrize("interpreted", [False, True])
 def test_start_up_check_agrees(interpreted, monkeypatch):
     if interpreted:
+        if torch.cuda.is_available():
+            pytest.skip("an interpreter test (the kernels are compiled on a CUDA machine)")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         monkeypatch.delenv("FLASHSERVE_ATTENTION_BACKEND", raising=False)
     else:
@@ -140,6 +146,33 @@ def test_sampler_with_streams_in_the_interpreter(interpret):
         got = nucleus.sample(logits, list(range(6)), temperature, top_k, top_p, min_p, truncated, streams=streams,
                              capacity=64)
         assert got.tolist() == reference.sample_sorted(logits, temperature, top_k, top_p, min_p, noise).tolist()
+
+
+def test_race_rest_in_the_interpreter_listed_and_dense(interpret, monkeypatch):
+    """The rest of the race (rows without top-k / top-p) gives the dense race's tokens, whether the tokens that may
+    win fit the slots (several chunks of the finishing loop) or overflow them (the dense blocks)."""
+    monkeypatch.setattr(race, "CHUNK", 64)
+    generator = torch.Generator().manual_seed(5)
+    vocab, num_rows = 2100, 4
+    for scale in (0.5, 3.0):
+        logits = torch.randn(num_rows + 1, vocab, generator=generator) * scale
+        rows = torch.tensor([4, 0, 2, 1])
+        temperature = torch.tensor([1.0, 0.7, 1.3, 1.0])
+        min_p = torch.tensor([0.0, 0.0, 0.1, 0.0])
+        streams = _streams(num_rows, vocab)
+        block_max, block_sum = sampling.block_stats(logits, rows, temperature)
+        no_k = torch.zeros(num_rows, dtype=torch.int64)
+        row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, no_k, vocab, 64)
+        values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64)
+        token, best, floor, bound, _ = selection.select_candidates(values, indices, count, row_max, mass, no_k,
+                                                                   torch.ones(num_rows), min_p, vocab, streams)
+        columns = torch.arange(vocab).expand(num_rows, -1)
+        noise = reference.exponential_at(streams, columns)
+        want = reference.sample_sorted(logits[rows], temperature, no_k, torch.ones(num_rows), min_p, noise)
+        for capacity in (8192, 16):
+            got = race.race_rest(logits, rows, temperature, row_max, floor, bound, streams, block_max, token, best,
+                                 capacity=capacity)
+            assert got.tolist() == want.tolist(), (scale, capacity)
 
 
 @pytest.mark.gpu

@@ -1,12 +1,13 @@
 """``sample``: the batched sampler over given rows of a logits matrix, with per-row temperature, top-k, top-p and
-min-p, and the exponential race, without sorting the vocabulary; see ``flashserve.kernels.sampling``.
+min-p, and the exponential race, without sorting the vocabulary; see ``flashserve.kernels.sampling`` (and
+``flashserve.kernels.race`` for the rows without top-k / top-p).
 
 The kept set is today's sort-based one (``reference.sample_sorted``) except where logits tie at the boundary: there
 every token tied with the last kept one is kept (the sort kept some of them, in an order it does not define).
 """
 import torch
 
-from flashserve.kernels import sampling, selection
+from flashserve.kernels import race, sampling, selection
 from flashserve.kernels._launch import upload
 from flashserve.kernels.reference import sampling as reference
 
@@ -56,8 +57,6 @@ def sample_without_fallback(logits: torch.Tensor, row_index: torch.Tensor, tempe
     block_max, block_sum = sampling.block_stats(logits, row_index, temperature)
     row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, top_k, vocab, capacity)
     values, indices, count = sampling.gather_candidates(logits, row_index, temperature, cutoff, block_max, capacity)
-    values, order = values.sort(dim=1, descending=True)
-    indices = indices.gather(1, order)
     tokens, best, floor, bound, fallback = selection.select_candidates(
         values, indices, count, row_max, mass, top_k, top_p, min_p, vocab, streams, noise)
     if not all(truncated):
@@ -65,10 +64,8 @@ def sample_without_fallback(logits: torch.Tensor, row_index: torch.Tensor, tempe
             dense = _race_dense(logits[row_index], temperature, min_p, noise)
             tokens = torch.where(torch.tensor(truncated, device=device), tokens, dense)
         else:
-            block_best, block_token = sampling.race_blocks(logits, row_index, temperature, row_max, floor, streams,
-                                                           block_max, bound)
-            rest_best, where = block_best.max(dim=1)
-            tokens = torch.where(rest_best > best, block_token.gather(1, where.unsqueeze(1)).squeeze(1), tokens)
+            tokens = race.race_rest(logits, row_index, temperature, row_max, floor, bound, streams, block_max,
+                                    tokens, best)
     return tokens, fallback if any(truncated) else None
 
 
