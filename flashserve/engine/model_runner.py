@@ -35,7 +35,7 @@ import torch
 from flashserve.config import Config
 from flashserve.context import AttentionContext, set_context
 from flashserve.distributed.state import broadcast_from_driver, min_over_ranks, tp_rank, tp_size
-from flashserve.engine import cascade, warmup
+from flashserve.engine import cascade, decode_sampling, warmup
 from flashserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from flashserve.engine.input_buffers import END_OF_CALL, SHUTDOWN, STEP, InputBuffers, StepInputs
 from flashserve.engine.prompt_logprobs import PromptLogprobRows, prompt_row_logits
@@ -125,6 +125,11 @@ class ModelRunner:
             self.graphs.capture(show_progress=self.is_driver)
             self._phase("capture_graphs", start, f"{len(graph_sizes)} decode graphs, batch sizes 1.."
                         f"{graph_sizes[-1]}, {self.graphs.memory_bytes / GIB:.2f} GiB")
+        self.decode_sampling = decode_sampling.DecodeSampling(
+            self.sampler, max(self.max_logit_rows, padded_rows), spec.vocab_size, self.device,
+            self.graphs.logits if self.graphs is not None else None)
+        if self.graphs is not None and self.is_driver:
+            self.decode_sampling.capture(graph_sizes, self.graphs.pool)
 
     def _phase(self, name: str, start: float, detail: str) -> float:
         """Record and log the duration of a start-up phase that began at ``start``; returns the time now."""
@@ -176,7 +181,8 @@ class ModelRunner:
         graph_bytes = 0
         if largest_graph:
             graph_bytes = (self._profile_step(largest_graph, largest_graph, sample=False)
-                           + largest_graph * self.spec.vocab_size * 4)
+                           + largest_graph * self.spec.vocab_size * 4
+                           + decode_sampling.workspace_bytes(largest_graph, self.spec.vocab_size))
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * self.config.gpu_memory_utilization - (total - free) - activation_bytes - graph_bytes
         num_blocks = int(budget // self.block_bytes)
@@ -249,9 +255,15 @@ class ModelRunner:
         logits, hidden = self._forward(inputs, graph_size, len(sampling), shared_blocks)
         if graph_size is not None:
             logits = logits[:num_reqs] if len(sampling) == num_reqs else logits[inputs.logits_indices]
-        if sampling:
-            logits = self.token_bitmask.apply(logits.float(), sampling)  # structured outputs: forbidden -> -inf
-        token_ids, logprobs = self.sampler(logits, sampling, eos_token_ids) if sampling else ([], [])
+        if sampling and len(sampling) == num_reqs and (graph_size is not None or self.graphs is None) \
+                and self.decode_sampling.supports(sampling):  # sampled from buffers (a graph replay on CUDA)
+            token_ids = self.decode_sampling.sample(sampling, graph_size or num_reqs,
+                                                    None if graph_size is not None else logits.float())
+            logprobs = [None] * len(sampling)
+        else:
+            if sampling:
+                logits = self.token_bitmask.apply(logits.float(), sampling)  # structured outputs: forbidden -> -inf
+            token_ids, logprobs = self.sampler(logits, sampling, eos_token_ids) if sampling else ([], [])
         del logits
         if prompt_rows is None:
             return token_ids, logprobs, []

@@ -147,6 +147,10 @@ class Sampler:
     def _streams(self, requests: list[Request], vocab: int) -> torch.Tensor:
         """(R, 4) int64 Philox streams (``sampling.exponential_at``) of the draws ``_draw_noise`` would make, and
         every generator advanced past them."""
+        return upload(self.stream_rows(requests, vocab), torch.int64, self.device)
+
+    def stream_rows(self, requests: list[Request], vocab: int) -> list[list[int]]:
+        """``_streams`` as a host list (R rows of [seed, counter, base, stride]), the generators advanced."""
         num_shared = sum(1 for r in requests if r.generator is None)
         shared_seed = shared_counter = shared_stride = 0
         if num_shared:
@@ -159,7 +163,7 @@ class Sampler:
             else:
                 seed, counter, stride = self._claim(request.generator, vocab)
                 rows.append([seed, counter, 0, stride])
-        return upload(rows, torch.int64, self.device)
+        return rows
 
     def _claim(self, generator: torch.Generator, numel: int) -> tuple[int, int, int]:
         """(seed as int64, Philox counter, thread stride) of an ``exponential_`` call of ``numel`` draws from

@@ -44,14 +44,19 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
 
 
 def sample_without_fallback(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor,
-                            top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, truncated: list[bool],
-                            streams: torch.Tensor | None, noise: torch.Tensor | None,
+                            top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                            truncated: list[bool] | None, streams: torch.Tensor | None, noise: torch.Tensor | None,
                             capacity: int = sampling.DEFAULT_CAPACITY) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``sample`` up to the fallback, on ``row_index`` ((R,) int64 device rows): the tokens, and None or the (R,)
     bool rows whose token must come from the sort instead. Never waits for the device, so it can be captured in a
-    CUDA graph (with streams, noise or row_index of fixed addresses)."""
+    CUDA graph (with streams, noise or row_index of fixed addresses). ``truncated`` None (streams only): the host
+    does not know which rows are truncated (a graph for any options): every stage runs, and the fallback flags are
+    always returned."""
     device, vocab = logits.device, logits.shape[1]
-    if noise is not None and not any(truncated):
+    if truncated is None and streams is None:
+        raise ValueError("sample_without_fallback with truncated=None needs streams")
+    some_truncated = truncated is None or any(truncated)
+    if noise is not None and not some_truncated:
         whole = row_index.shape[0] == logits.shape[0]
         return _race_dense(logits if whole else logits[row_index], temperature, min_p, noise), None
     block_max, block_sum = sampling.block_stats(logits, row_index, temperature)
@@ -59,14 +64,14 @@ def sample_without_fallback(logits: torch.Tensor, row_index: torch.Tensor, tempe
     values, indices, count = sampling.gather_candidates(logits, row_index, temperature, cutoff, block_max, capacity)
     tokens, best, floor, bound, fallback = selection.select_candidates(
         values, indices, count, row_max, mass, top_k, top_p, min_p, vocab, streams, noise)
-    if not all(truncated):
+    if truncated is None or not all(truncated):
         if noise is not None:
             dense = _race_dense(logits[row_index], temperature, min_p, noise)
             tokens = torch.where(torch.tensor(truncated, device=device), tokens, dense)
         else:
             tokens = race.race_rest(logits, row_index, temperature, row_max, floor, bound, streams, block_max,
                                     tokens, best)
-    return tokens, fallback if any(truncated) else None
+    return tokens, fallback if some_truncated else None
 
 
 def _race_dense(logits, temperature, min_p, noise) -> torch.Tensor:
