@@ -175,6 +175,34 @@ def test_race_rest_in_the_interpreter_listed_and_dense(interpret, monkeypatch):
             assert got.tolist() == want.tolist(), (scale, capacity)
 
 
+def test_shared_stream_dense_race_in_the_interpreter(interpret):
+    """Rows drawing from one shared call (bases position * vocab; a stride that is no multiple of the block) race
+    densely through the shared kernel to the tokens of the per-row dense race; a seeded row beside them."""
+    generator = torch.Generator().manual_seed(6)
+    vocab, num_rows, stride = 2100, 4, 1280
+    logits = torch.randn(num_rows + 1, vocab, generator=generator) * 0.5
+    rows = torch.tensor([4, 0, 2, 1])
+    temperature = torch.tensor([1.0, 0.7, 1.3, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.1, 0.0])
+    member = [True, False, True, True]
+    stream_rows = [[77, 8, position * vocab, stride] for position in range(3)]
+    stream_rows.insert(1, [5, 0, 0, 2304])
+    streams = torch.tensor(stream_rows)
+    shared = race.shared_stream(stream_rows, member, torch.device("cpu"))
+    assert shared.index.tolist() == [0, 2, 3] and shared.min_stride == stride
+    block_max, block_sum = sampling.block_stats(logits, rows, temperature)
+    no_k = torch.zeros(num_rows, dtype=torch.int64)
+    row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, no_k, vocab, 64)
+    values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64)
+    token, best, floor, bound, _ = selection.select_candidates(values, indices, count, row_max, mass, no_k,
+                                                               torch.ones(num_rows), min_p, vocab, streams)
+    noise = reference.exponential_at(streams, torch.arange(vocab).expand(num_rows, -1))
+    want = reference.sample_sorted(logits[rows], temperature, no_k, torch.ones(num_rows), min_p, noise)
+    got = race.race_rest(logits, rows, temperature, row_max, floor, bound, streams, block_max, token, best,
+                         shared, capacity=16)
+    assert got.tolist() == want.tolist()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows, vocab", [(1, 151936), (3, 151936), (256, 151936), (2, 1000), (600, 32000)])
@@ -195,11 +223,17 @@ def test_exponential_stream_equals_torch_on_cuda(rows, vocab):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_sampler_on_cuda_equals_the_sort_based_one():
+@pytest.mark.parametrize("shape", ["flat", "peaked"])
+def test_sampler_on_cuda_equals_the_sort_based_one(shape):
+    """Flat logits: untruncated rows race densely (their tokens that may win overflow the slots); peaked ones (a
+    head of 64 tokens 12 above the bulk, as an LM's): they race the compacted tokens."""
     device = torch.device("cuda")
     generator = torch.Generator(device=device).manual_seed(3)
     vocab, num_rows = 151936, 64
-    logits = torch.randn(num_rows, vocab, device=device, generator=generator) * 4
+    logits = torch.randn(num_rows, vocab, device=device, generator=generator) * (4 if shape == "flat" else 2)
+    if shape == "peaked":
+        head = torch.randint(0, vocab, (num_rows, 64), device=device, generator=generator)
+        logits.scatter_(1, head, logits.gather(1, head) + 12.0)
     temperature, top_k, top_p, min_p, truncated = (t.to(device) if isinstance(t, torch.Tensor) else t
                                                    for t in _params(num_rows, vocab, torch.Generator()))
     offset = generator.get_offset()

@@ -5,7 +5,8 @@ The eager ``Sampler`` costs a dozen kernel launches and their Python per step (a
 temperature, top-k, top-p, min-p, with or without seeds — from per-row options written into one pinned host arena
 and uploaded with one copy to fixed device addresses (``temperature``, ``top_k``, ``top_p``, ``min_p``, the rows'
 Philox ``streams`` and a ``greedy`` flag), so that on CUDA a step is the forward graph's replay, this graph's replay
-and one read of the token ids (and of the sort-fallback flags, in the same transfer).
+and one read of the token ids (and of the sort-fallback flags, in the same transfer). Which sampled rows draw from
+the shared generator (in order) is written too, for the dense race (``race.SharedStream``).
 
 Per padded batch size two graphs are captured: the argmax alone (a batch without sampled rows), and the whole
 sort-free sampler over every row (``nucleus.sample_without_fallback`` with ``truncated=None``) whose greedy rows
@@ -57,7 +58,9 @@ class DecodeSampling:
         rows = max_rows
         layout = [("streams", (rows, 4), torch.int64), ("top_k", (rows,), torch.int64),
                   ("temperature", (rows,), torch.float32), ("top_p", (rows,), torch.float32),
-                  ("min_p", (rows,), torch.float32), ("greedy", (rows,), torch.bool)]
+                  ("min_p", (rows,), torch.float32), ("greedy", (rows,), torch.bool),
+                  ("shared_index", (rows,), torch.int64), ("num_shared", (1,), torch.int32),
+                  ("shared_member", (rows,), torch.bool)]
         sizes = [_aligned(int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size())
                  for _, shape, dtype in layout]
         on_cuda = self.device.type == "cuda"
@@ -69,6 +72,12 @@ class DecodeSampling:
             setattr(self, name, _Field(self._host_arena, self._device_arena, offset, shape, dtype))
             offset += size
         self.row_index = torch.arange(rows, dtype=torch.int64, device=self.device)
+        self.shared = None  # the rows of the shared generator (on CUDA, where their dense race can use it)
+        if on_cuda:
+            self.shared = race.SharedStream(
+                self.shared_index.device, self.num_shared.device, self.shared_member.device,
+                sampling.torch_stream_layout(vocab_size, self.device)[0],
+                sampling.torch_stream_layout(rows * vocab_size, self.device)[0])
         self.out = torch.zeros((2, rows), dtype=torch.int64, device=self.device)  # tokens; 1: needs the fallback
         self._copy_done = torch.cuda.Event() if on_cuda else None
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
@@ -135,6 +144,10 @@ class DecodeSampling:
         self._write_placeholders(0, padded_size)
         if sampled_rows:
             streams = self.sampler.stream_rows([requests[i] for i in sampled_rows], self.vocab_size)
+            shared_rows = [i for i in sampled_rows if requests[i].generator is None]
+            self.shared_index.array[:len(shared_rows)] = shared_rows
+            self.num_shared.array[0] = len(shared_rows)
+            self.shared_member.array[shared_rows] = True
             for i, stream in zip(sampled_rows, streams):
                 params = requests[i].params
                 self.streams.array[i] = stream
@@ -155,6 +168,9 @@ class DecodeSampling:
         self.top_p.array[start:stop] = 1.0
         self.min_p.array[start:stop] = 0.0
         self.greedy.array[start:stop] = True
+        self.shared_member.array[start:stop] = False
+        self.shared_index.array[start:stop] = 0
+        self.num_shared.array[0] = 0
 
     def _run(self, size: int, sampled: bool, logits: torch.Tensor | None = None) -> None:
         """What a graph of ``size`` rows runs: the tokens (and fallback flags) into ``out``."""
@@ -167,7 +183,9 @@ class DecodeSampling:
         greedy = self.greedy.device[:size]
         tokens, fallback = nucleus.sample_without_fallback(
             logits, self.row_index[:size], self.temperature.device[:size], self.top_k.device[:size],
-            self.top_p.device[:size], self.min_p.device[:size], None, self.streams.device[:size], None)
+            self.top_p.device[:size], self.min_p.device[:size], None, self.streams.device[:size], None,
+            shared=None if self.shared is None else self.shared._replace(
+                index=self.shared.index[:size], member=self.shared.member[:size]))
         self.out[0, :size].copy_(torch.where(greedy, argmax, tokens))
         self.out[1, :size].copy_(fallback & ~greedy)
 

@@ -24,7 +24,7 @@ import torch
 
 from flashserve.engine.penalties import PenaltyState
 from flashserve.engine.request import Request
-from flashserve.kernels import nucleus, sampling
+from flashserve.kernels import nucleus, race, sampling
 from flashserve.kernels._launch import upload
 from flashserve.kernels.reference import sampling as reference
 from flashserve.outputs import Logprob
@@ -122,7 +122,9 @@ class Sampler:
             return reference.sample_sorted(logits[rows], options[:, 0], options[:, 1].long(), options[:, 2],
                                            options[:, 3], self._draw_noise(sampled, vocab))
         if self.computes_noise:
-            noise = {"streams": self._streams(sampled, vocab)}
+            stream_rows = self.stream_rows(sampled, vocab)
+            noise = {"streams": upload(stream_rows, torch.int64, self.device),
+                     "shared": race.shared_stream(stream_rows, [r.generator is None for r in sampled], self.device)}
         else:
             noise = {"noise": self._draw_noise(sampled, vocab)}
         return nucleus.sample(logits, rows, options[:, 0], options[:, 1].long(), options[:, 2], options[:, 3],
@@ -144,13 +146,9 @@ class Sampler:
                 noise[i].exponential_(generator=request.generator)
         return noise
 
-    def _streams(self, requests: list[Request], vocab: int) -> torch.Tensor:
-        """(R, 4) int64 Philox streams (``sampling.exponential_at``) of the draws ``_draw_noise`` would make, and
-        every generator advanced past them."""
-        return upload(self.stream_rows(requests, vocab), torch.int64, self.device)
-
     def stream_rows(self, requests: list[Request], vocab: int) -> list[list[int]]:
-        """``_streams`` as a host list (R rows of [seed, counter, base, stride]), the generators advanced."""
+        """The Philox streams (``sampling.exponential_at``) of the draws ``_draw_noise`` would make, as R host rows
+        of [seed, counter, base, stride], every generator advanced past them."""
         num_shared = sum(1 for r in requests if r.generator is None)
         shared_seed = shared_counter = shared_stride = 0
         if num_shared:

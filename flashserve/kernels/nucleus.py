@@ -14,7 +14,8 @@ from flashserve.kernels.reference import sampling as reference
 
 def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, min_p: torch.Tensor, truncated: list[bool], streams: torch.Tensor | None = None,
-           noise: torch.Tensor | None = None, capacity: int = sampling.DEFAULT_CAPACITY) -> torch.Tensor:
+           noise: torch.Tensor | None = None, capacity: int = sampling.DEFAULT_CAPACITY,
+           shared: race.SharedStream | None = None) -> torch.Tensor:
     """Sample one token for each of ``rows`` of ``logits``.
 
     Args:
@@ -25,6 +26,8 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
         streams: (R, 4) int64 Philox streams of the rows' noise (``sampling.exponential_at``), or None;
         noise: otherwise (R, V) float32 Exp(1) draws, one row per sampled row.
         capacity: candidate slots per row (at most 4096 keeps their sort within one thread block).
+        shared: with streams, the rows that draw from one shared ``exponential_`` call (``race.SharedStream``):
+            their dense race computes each Philox call once.
 
     Returns (R,) int64 token ids. Rows with top-k / top-p wait for the device once (a check for the sort fallback);
     batches without them never wait.
@@ -33,7 +36,7 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
         raise ValueError("sample needs exactly one of streams and noise")
     row_index = upload(rows, torch.int64, logits.device)
     tokens, fallback = sample_without_fallback(logits, row_index, temperature, top_k, top_p, min_p, truncated,
-                                               streams, noise, capacity)
+                                               streams, noise, capacity, shared)
     if fallback is not None and bool(fallback.any()):
         where = fallback.nonzero().squeeze(1)
         columns = torch.arange(logits.shape[1], device=logits.device).expand(where.shape[0], -1)
@@ -46,7 +49,8 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
 def sample_without_fallback(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor,
                             top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
                             truncated: list[bool] | None, streams: torch.Tensor | None, noise: torch.Tensor | None,
-                            capacity: int = sampling.DEFAULT_CAPACITY) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            capacity: int = sampling.DEFAULT_CAPACITY, shared: race.SharedStream | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``sample`` up to the fallback, on ``row_index`` ((R,) int64 device rows): the tokens, and None or the (R,)
     bool rows whose token must come from the sort instead. Never waits for the device, so it can be captured in a
     CUDA graph (with streams, noise or row_index of fixed addresses). ``truncated`` None (streams only): the host
@@ -70,7 +74,7 @@ def sample_without_fallback(logits: torch.Tensor, row_index: torch.Tensor, tempe
             tokens = torch.where(torch.tensor(truncated, device=device), tokens, dense)
         else:
             tokens = race.race_rest(logits, row_index, temperature, row_max, floor, bound, streams, block_max,
-                                    tokens, best)
+                                    tokens, best, shared)
     return tokens, fallback if some_truncated else None
 
 

@@ -73,6 +73,12 @@ def _exponential(streams_ptr, row, tokens, LIBDEVICE_LOG: tl.constexpr):
     r0, r1, r2, r3 = tl.philox_impl(c0, c1, c2, c3, k0, k1)
     component = quotient & 3
     bits = tl.where(component == 0, r0, tl.where(component == 1, r1, tl.where(component == 2, r2, r3)))
+    return _exponential_of_bits(bits, LIBDEVICE_LOG)
+
+
+@triton.jit
+def _exponential_of_bits(bits, LIBDEVICE_LOG: tl.constexpr):
+    """torch's Exp(1) draw of one 32-bit Philox output: curand's uniform in (0, 1], then ``-log``."""
     uniform = bits.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
     if LIBDEVICE_LOG:
         log = libdevice.fast_logf(uniform)
