@@ -27,7 +27,7 @@ from flashserve import SamplingParams
 from flashserve.engine.decode_sampling import DecodeSampling
 from flashserve.engine.request import Request
 from flashserve.engine.sampler import Sampler
-from flashserve.kernels import nucleus, sampling
+from flashserve.kernels import nucleus, race, sampling
 from flashserve.kernels.reference import sampling as reference
 
 ROWS, VOCAB, HEAD = 256, 151_936, 64
@@ -66,8 +66,10 @@ def run(name, shape, temperature, top_k, top_p, min_p, generator) -> dict:
         torch_generator.set_offset(offset + increment)
         return torch.tensor([[7, offset // 4, r * VOCAB, stride] for r in range(ROWS)], device="cuda")
 
-    def ours():
-        return nucleus.sample(logits, rows, t, k, p, m, truncated, streams=streams())
+    shared = race.shared_stream([[7, 0, r * VOCAB, stride] for r in range(ROWS)], [True] * ROWS, logits.device)
+
+    def ours():  # every row from one generator, as the engine's requests without seeds
+        return nucleus.sample(logits, rows, t, k, p, m, truncated, streams=streams(), shared=shared)
 
     def sort_based():
         noise = torch.empty(ROWS, VOCAB, device="cuda").exponential_(generator=torch_generator)
@@ -76,7 +78,8 @@ def run(name, shape, temperature, top_k, top_p, min_p, generator) -> dict:
     fixed_streams, row_index = streams(), torch.arange(ROWS, device="cuda")
 
     def ours_device():  # the part without the fallback check: capturable, so timed from a CUDA graph
-        return nucleus.sample_without_fallback(logits, row_index, t, k, p, m, truncated, fixed_streams, None)
+        return nucleus.sample_without_fallback(logits, row_index, t, k, p, m, truncated, fixed_streams, None,
+                                               shared=shared)
 
     offset = torch_generator.get_offset()
     mine = ours()

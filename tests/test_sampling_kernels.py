@@ -148,59 +148,52 @@ def test_sampler_with_streams_in_the_interpreter(interpret):
         assert got.tolist() == reference.sample_sorted(logits, temperature, top_k, top_p, min_p, noise).tolist()
 
 
+_RACE_ROWS = torch.tensor([4, 0, 2, 1])
+_RACE_TEMPERATURE = torch.tensor([1.0, 0.7, 1.3, 1.0])
+_RACE_MIN_P = torch.tensor([0.0, 0.0, 0.1, 0.0])
+
+
+def _race_rest_and_expected(logits, streams, **kwargs):
+    """``race.race_rest`` after the candidates' race for the rows of ``_RACE_ROWS`` without top-k / top-p, and
+    the sort-based sampler's tokens with the same draws."""
+    rows, temperature, min_p = _RACE_ROWS, _RACE_TEMPERATURE, _RACE_MIN_P
+    num_rows, vocab = rows.shape[0], logits.shape[1]
+    block_max, block_sum = sampling.block_stats(logits, rows, temperature)
+    no_k, no_p = torch.zeros(num_rows, dtype=torch.int64), torch.ones(num_rows)
+    row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, no_k, vocab, 64)
+    values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64)
+    token, best, floor, bound, _ = selection.select_candidates(values, indices, count, row_max, mass, no_k, no_p,
+                                                               min_p, vocab, streams)
+    noise = reference.exponential_at(streams, torch.arange(vocab).expand(num_rows, -1))
+    want = reference.sample_sorted(logits[rows], temperature, no_k, no_p, min_p, noise)
+    got = race.race_rest(logits, rows, temperature, row_max, floor, bound, streams, block_max, token, best, **kwargs)
+    return got.tolist(), want.tolist()
+
+
 def test_race_rest_in_the_interpreter_listed_and_dense(interpret, monkeypatch):
     """The rest of the race (rows without top-k / top-p) gives the dense race's tokens, whether the tokens that may
     win fit the slots (several chunks of the finishing loop) or overflow them (the dense blocks)."""
     monkeypatch.setattr(race, "CHUNK", 64)
     generator = torch.Generator().manual_seed(5)
-    vocab, num_rows = 2100, 4
     for scale in (0.5, 3.0):
-        logits = torch.randn(num_rows + 1, vocab, generator=generator) * scale
-        rows = torch.tensor([4, 0, 2, 1])
-        temperature = torch.tensor([1.0, 0.7, 1.3, 1.0])
-        min_p = torch.tensor([0.0, 0.0, 0.1, 0.0])
-        streams = _streams(num_rows, vocab)
-        block_max, block_sum = sampling.block_stats(logits, rows, temperature)
-        no_k = torch.zeros(num_rows, dtype=torch.int64)
-        row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, no_k, vocab, 64)
-        values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64)
-        token, best, floor, bound, _ = selection.select_candidates(values, indices, count, row_max, mass, no_k,
-                                                                   torch.ones(num_rows), min_p, vocab, streams)
-        columns = torch.arange(vocab).expand(num_rows, -1)
-        noise = reference.exponential_at(streams, columns)
-        want = reference.sample_sorted(logits[rows], temperature, no_k, torch.ones(num_rows), min_p, noise)
+        logits = torch.randn(5, 2100, generator=generator) * scale
         for capacity in (8192, 16):
-            got = race.race_rest(logits, rows, temperature, row_max, floor, bound, streams, block_max, token, best,
-                                 capacity=capacity)
-            assert got.tolist() == want.tolist(), (scale, capacity)
+            got, want = _race_rest_and_expected(logits, _streams(4, 2100), capacity=capacity)
+            assert got == want, (scale, capacity)
 
 
 def test_shared_stream_dense_race_in_the_interpreter(interpret):
     """Rows drawing from one shared call (bases position * vocab; a stride that is no multiple of the block) race
     densely through the shared kernel to the tokens of the per-row dense race; a seeded row beside them."""
     generator = torch.Generator().manual_seed(6)
-    vocab, num_rows, stride = 2100, 4, 1280
-    logits = torch.randn(num_rows + 1, vocab, generator=generator) * 0.5
-    rows = torch.tensor([4, 0, 2, 1])
-    temperature = torch.tensor([1.0, 0.7, 1.3, 1.0])
-    min_p = torch.tensor([0.0, 0.0, 0.1, 0.0])
-    member = [True, False, True, True]
+    vocab, stride = 2100, 1280
+    logits = torch.randn(5, vocab, generator=generator) * 0.5
     stream_rows = [[77, 8, position * vocab, stride] for position in range(3)]
     stream_rows.insert(1, [5, 0, 0, 2304])
-    streams = torch.tensor(stream_rows)
-    shared = race.shared_stream(stream_rows, member, torch.device("cpu"))
+    shared = race.shared_stream(stream_rows, [True, False, True, True], torch.device("cpu"))
     assert shared.index.tolist() == [0, 2, 3] and shared.min_stride == stride
-    block_max, block_sum = sampling.block_stats(logits, rows, temperature)
-    no_k = torch.zeros(num_rows, dtype=torch.int64)
-    row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, no_k, vocab, 64)
-    values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64)
-    token, best, floor, bound, _ = selection.select_candidates(values, indices, count, row_max, mass, no_k,
-                                                               torch.ones(num_rows), min_p, vocab, streams)
-    noise = reference.exponential_at(streams, torch.arange(vocab).expand(num_rows, -1))
-    want = reference.sample_sorted(logits[rows], temperature, no_k, torch.ones(num_rows), min_p, noise)
-    got = race.race_rest(logits, rows, temperature, row_max, floor, bound, streams, block_max, token, best,
-                         shared, capacity=16)
-    assert got.tolist() == want.tolist()
+    got, want = _race_rest_and_expected(logits, torch.tensor(stream_rows), shared=shared, capacity=16)
+    assert got == want
 
 
 @pytest.mark.gpu
