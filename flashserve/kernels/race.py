@@ -49,7 +49,14 @@ def _shared_race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_m
     thread_start = tl.program_id(0) * BLOCK
     call_start = tl.program_id(1).to(tl.int64) * 4 * stride + thread_start
     total = num_shared.to(tl.int64) * vocab
-    if (thread_start < stride) & (call_start < total):
+    needed = call_start < 0  # False: whether a row of the program's segments races densely
+    for component in tl.static_range(4):
+        position = (call_start + component * stride) // vocab
+        for part in tl.static_range(2):
+            in_block = position + part < num_shared
+            index = tl.load(shared_ptr + position + part, mask=in_block, other=0)
+            needed = needed | (in_block & (tl.load(threshold_ptr + index) < float("inf")))
+    if (thread_start < stride) & (call_start < total) & needed:
         lanes = tl.arange(0, BLOCK)
         threads = thread_start + lanes
         in_stride = threads < stride
