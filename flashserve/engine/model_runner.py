@@ -6,8 +6,9 @@ cumulative query lengths, KV lengths, and a block table padded to a fixed width 
 block_size)`` columns, so that decode metadata keeps one shape whatever the sequence lengths) through persistent
 buffers (``InputBuffers``), runs the forward pass, takes the last hidden row of every request that samples, and
 samples; reading the sampled token ids is the step's only wait on the device. On CUDA (unless ``enforce_eager``)
-decode-only steps replay CUDA graphs captured at start-up (``DecodeGraphs``); batches larger than the largest
-captured size and every other step run eagerly. A step in which a request computes prompt positions whose prompt
+decode-only steps replay CUDA graphs captured at start-up (``DecodeGraphs``), and sample by replaying a sampling
+graph (``DecodeSampling``) when their requests' options allow (the eager ``Sampler`` otherwise); batches larger
+than the largest captured size and every other step run eagerly. A step in which a request computes prompt positions whose prompt
 logprobs it asked for runs eagerly too, and scores those rows after sampling (``prompt_logprobs``).
 
 Under tensor parallelism (``flashserve.distributed``) every rank runs a ModelRunner over its shard of the model
@@ -17,7 +18,7 @@ Rank 0 runs the engine; each of its steps is sent to the other ranks in one broa
 (``InputBuffers``), and they run the same forward pass (and LM head) in ``follow``.
 
 Start-up, each phase logged with its duration: load the weights; size the KV cache; warm up (compile and autotune
-every kernel variant a request can need, see ``warmup``; CUDA only); capture the decode graphs.
+every kernel variant a request can need, see ``warmup``; CUDA only); capture the decode and sampling graphs.
 
 KV-cache size (``num_kv_blocks`` when given, otherwise):
 - CUDA: a profiling forward pass over ``max_num_batched_tokens`` tokens measures the activation peak, and one over
