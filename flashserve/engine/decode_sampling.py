@@ -95,6 +95,7 @@ class DecodeSampling:
                 return False
         return True
 
+    @torch.inference_mode()
     def capture(self, sizes: list[int], pool) -> None:
         """Capture both graphs of every size (each run once eagerly first, which compiles its kernels), into the
         decode graphs' memory ``pool`` (one graph replays at a time); they read the ``logits`` buffer."""
@@ -113,6 +114,7 @@ class DecodeSampling:
                 self.graphs[(size, sampled)] = graph
         torch.cuda.synchronize(self.device)
 
+    @torch.inference_mode()
     def sample(self, requests: list[Request], padded_size: int, logits: torch.Tensor | None = None) -> list[int]:
         """The tokens of ``requests`` (row ``i`` of the logits for ``requests[i]``; the eager ``Sampler``'s).
 
