@@ -114,3 +114,34 @@ def test_graph_replays_give_the_eager_samplers_tokens_on_cuda():
             assert got == want, (count, step)
         greedy = [_request(f"g{i}", device, temperature=0) for i in range(count)]
         assert buffered.sample(greedy, padded) == logits_buffer[:count].argmax(dim=-1).tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_engine_samples_from_graphs_with_the_eager_samplers_tokens(tmp_path):
+    """An engine whose decode steps sample from the sampling graphs generates what one sampling eagerly does:
+    greedy, shared-stream and seeded requests, every option, batches padded to captured sizes."""
+    from flashserve import LLM
+    from flashserve.models.checkpoint import write_random_checkpoint
+
+    directory = write_random_checkpoint(str(tmp_path / "q"), "Qwen3ForCausalLM", seed=0)
+    prompts = [[5 + i, 9, 17 + 3 * i, 4] for i in range(11)]
+    options = [dict(temperature=0), dict(temperature=0.6), dict(temperature=1.0, top_p=0.9, seed=3),
+               dict(temperature=0.7, top_k=20, top_p=0.8), dict(temperature=1.0, min_p=0.05, seed=4)]
+    params = [SamplingParams(max_tokens=10, ignore_eos=True, **options[i % len(options)]) for i in range(11)]
+
+    def generate(buffered: bool) -> list[list[int]]:
+        llm = LLM(directory, dtype="float32", device="cuda", block_size=4, num_kv_blocks=1024, max_num_seqs=16,
+                  seed=7)
+        runner = llm.engine.runner
+        replays = []
+        if buffered:
+            original = runner.decode_sampling.sample
+            runner.decode_sampling.sample = lambda *args: replays.append(args[1]) or original(*args)
+        else:
+            runner.decode_sampling.supports = lambda requests: False
+        outputs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert not buffered or replays, "no decode step sampled from the graphs"
+        return outputs
+
+    assert generate(True) == generate(False)
