@@ -110,8 +110,8 @@ def engine_level(logits, temperature, top_k, top_p, min_p) -> tuple[float, float
     want, _ = eager(logits.clone(), requests, eos_token_ids=[0])
     same = sum(a == b for a, b in zip(buffered.sample(requests, ROWS), want))
     eager_us = wall_us(lambda: eager(logits, requests, eos_token_ids=[0]), calls=100)
-    graph_us_ = wall_us(lambda: buffered.sample(requests, ROWS), calls=200)
-    return eager_us, graph_us_, same
+    replay_us = wall_us(lambda: buffered.sample(requests, ROWS), calls=200)
+    return eager_us, replay_us, same
 
 
 def markdown(rows) -> str:

@@ -123,8 +123,9 @@ class Sampler:
                                            options[:, 3], self._draw_noise(sampled, vocab))
         if self.computes_noise:
             stream_rows = self.stream_rows(sampled, vocab)
-            noise = {"streams": upload(stream_rows, torch.int64, self.device),
-                     "shared": race.shared_stream(stream_rows, [r.generator is None for r in sampled], self.device)}
+            shared = None if all(truncated) else race.shared_stream(  # the dense race of untruncated rows uses it
+                stream_rows, [r.generator is None for r in sampled], self.device)
+            noise = {"streams": upload(stream_rows, torch.int64, self.device), "shared": shared}
         else:
             noise = {"noise": self._draw_noise(sampled, vocab)}
         return nucleus.sample(logits, rows, options[:, 0], options[:, 1].long(), options[:, 2], options[:, 3],
