@@ -7,11 +7,12 @@ per token (equivalent to drawing from p). ``flashserve.kernels.nucleus.sample`` 
    ``x = logit / temperature`` and the softmax sum below it; hence each row's maximum and normaliser.
 2. ``gather_candidates`` compacts the tokens at or above a per-row cutoff into a small buffer, reading only the
    blocks whose maximum reaches it: for a top-k row the k-th largest block maximum (so the top k are all in), for
-   the others probability 1 / capacity (so at most ``capacity`` tokens qualify). The candidates are sorted (a few
+   the others probability 1 / capacity (so at most ``capacity`` tokens qualify). The select kernel sorts them (a few
    thousand per row at most) and the top-k / top-p boundary found on them (``selection``).
 3. The race runs over the surviving candidates; for rows without top-k / top-p, where every token may win,
-   ``race_blocks`` then races only the blocks holding a token that could still beat the candidates' best (a
-   draw is never below 2^-24, so a token of weight w cannot beat a ratio above w * 2^24).
+   ``flashserve.kernels.race`` then races the tokens that could still beat the candidates' best (a draw is never
+   below 2^-24, so a token of weight w cannot beat a ratio above w * 2^24): compacted when they are few, whole rows
+   (``race_blocks``, or the shared stream's kernel) when they are not.
 
 A truncated row whose boundary the candidates do not determine (too many of them for a top-k row, or a nucleus
 heavier than their mass) falls back to the sort (``reference.sample_sorted``): exact, slower, and the one place
