@@ -12,13 +12,22 @@ Each case also reports whether ours gives the same tokens as the sort-based samp
 The bar (issue 10): top-p over 256 x 151,936 in <= 100 µs. "ours µs" and the anchors are ``do_bench`` medians of
 eager calls (host launch gaps included: ours is then bound by Python launching its ~12 kernels); "ours graph µs"
 replays ours without the sort-fallback check from a CUDA graph: its device time. Fresh logits per case.
+The engine-level columns time one call of what a decode step does to sample, host included, to the token ids on
+the host (``wall_us``): "engine eager µs" the eager ``Sampler`` (launches and Python per step), "engine graph µs"
+``DecodeSampling.sample`` (options into the pinned buffers, one upload, one graph replay, one read of the ids).
+"temperature 0.6, flat" stands for the throughput benchmark's case on a random-weight model (logits without a
+head: half the vocabulary may still win the race, which is then dense).
 Usage: python benchmarks/bench_sampler.py [--out DIR]
 """
 import torch
 
-from common import (argument_parser, bench_us, environment, graph_us, markdown_table, section_header,
+from common import (argument_parser, bench_us, environment, graph_us, markdown_table, section_header, wall_us,
                     write_results)
-from flashserve.kernels import nucleus, sampling
+from flashserve import SamplingParams
+from flashserve.engine.decode_sampling import DecodeSampling
+from flashserve.engine.request import Request
+from flashserve.engine.sampler import Sampler
+from flashserve.kernels import nucleus, race, sampling
 from flashserve.kernels.reference import sampling as reference
 
 ROWS, VOCAB, HEAD = 256, 151_936, 64
@@ -29,6 +38,7 @@ CASES = [  # name, logits shape, temperature, top_k, top_p, min_p
     ("top-k 20, top-p 0.8, T 0.7", "peaked", 0.7, 20, 0.8, 0.0),
     ("top-k 50", "spread", 1.0, 50, 1.0, 0.0),
     ("temperature 0.8", "peaked", 0.8, 0, 1.0, 0.0),
+    ("temperature 0.6", "flat", 0.6, 0, 1.0, 0.0),
     ("min-p 0.05", "peaked", 1.0, 0, 1.0, 0.05),
 ]
 
@@ -56,8 +66,10 @@ def run(name, shape, temperature, top_k, top_p, min_p, generator) -> dict:
         torch_generator.set_offset(offset + increment)
         return torch.tensor([[7, offset // 4, r * VOCAB, stride] for r in range(ROWS)], device="cuda")
 
-    def ours():
-        return nucleus.sample(logits, rows, t, k, p, m, truncated, streams=streams())
+    shared = race.shared_stream([[7, 0, r * VOCAB, stride] for r in range(ROWS)], [True] * ROWS, logits.device)
+
+    def ours():  # every row from one generator, as the engine's requests without seeds
+        return nucleus.sample(logits, rows, t, k, p, m, truncated, streams=streams(), shared=shared)
 
     def sort_based():
         noise = torch.empty(ROWS, VOCAB, device="cuda").exponential_(generator=torch_generator)
@@ -66,7 +78,8 @@ def run(name, shape, temperature, top_k, top_p, min_p, generator) -> dict:
     fixed_streams, row_index = streams(), torch.arange(ROWS, device="cuda")
 
     def ours_device():  # the part without the fallback check: capturable, so timed from a CUDA graph
-        return nucleus.sample_without_fallback(logits, row_index, t, k, p, m, truncated, fixed_streams, None)
+        return nucleus.sample_without_fallback(logits, row_index, t, k, p, m, truncated, fixed_streams, None,
+                                               shared=shared)
 
     offset = torch_generator.get_offset()
     mine = ours()
@@ -79,17 +92,37 @@ def run(name, shape, temperature, top_k, top_p, min_p, generator) -> dict:
                ours_us=bench_us(ours), ours_graph_us=graph_us(ours_device), sort_based_us=bench_us(sort_based),
                torch_sort_us=bench_us(lambda: logits.sort(dim=-1)), argmax_us=bench_us(lambda: logits.argmax(dim=-1)))
     row["speedup"] = row["sort_based_us"] / row["ours_us"]
+    row["engine_eager_us"], row["engine_graph_us"], row["engine_same_tokens"] = engine_level(
+        logits, temperature, top_k, top_p, min_p)
     return row
+
+
+def engine_level(logits, temperature, top_k, top_p, min_p) -> tuple[float, float, int]:
+    """Wall µs per call of the eager Sampler and of DecodeSampling (graph of ROWS rows), and how many of their
+    tokens agree on a first call with equally seeded generators."""
+    device = logits.device
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    requests = [Request(f"r{i}", None, [1, 2, 3], params, max_model_len=1000) for i in range(ROWS)]
+    eager, graphed = Sampler(device, seed=3), Sampler(device, seed=3)
+    buffered = DecodeSampling(graphed, ROWS, VOCAB, device, torch.empty_like(logits))
+    buffered.capture([ROWS], torch.cuda.graph_pool_handle())
+    buffered.logits.copy_(logits)
+    want, _ = eager(logits.clone(), requests, eos_token_ids=[0])
+    same = sum(a == b for a, b in zip(buffered.sample(requests, ROWS).tolist(), want))
+    eager_us = wall_us(lambda: eager(logits, requests, eos_token_ids=[0]), calls=100)
+    replay_us = wall_us(lambda: buffered.sample(requests, ROWS).tolist(), calls=200)
+    return eager_us, replay_us, same
 
 
 def markdown(rows) -> str:
     header = ["case", "logits", "nucleus (median)", "same tokens", "ours µs", "ours graph µs", "sort-based µs",
-              "speedup", "torch.sort µs", "argmax µs"]
+              "speedup", "torch.sort µs", "argmax µs", "engine eager µs", "engine graph µs", "engine same tokens"]
     return markdown_table(header, [
         [r["case"], r["logits"], "-" if r["nucleus_median"] is None else f"{r['nucleus_median']:.0f}",
          f"{r['same_tokens']}/{r['rows']}", f"{r['ours_us']:.1f}", f"{r['ours_graph_us']:.1f}",
          f"{r['sort_based_us']:.1f}",
-         f"{r['speedup']:.1f}x", f"{r['torch_sort_us']:.1f}", f"{r['argmax_us']:.1f}"] for r in rows])
+         f"{r['speedup']:.1f}x", f"{r['torch_sort_us']:.1f}", f"{r['argmax_us']:.1f}", f"{r['engine_eager_us']:.1f}",
+         f"{r['engine_graph_us']:.1f}", f"{r['engine_same_tokens']}/{r['rows']}"] for r in rows])
 
 
 def main():

@@ -4,7 +4,7 @@ sampler against the sort-based one with the same noise, and, on CUDA, against to
 import pytest
 import torch
 
-from flashserve.kernels import nucleus, sampling
+from flashserve.kernels import nucleus, race, sampling, selection
 from flashserve.kernels.reference import sampling as reference
 
 
@@ -32,6 +32,10 @@ def _streams(num_rows, vocab, seed=7):
 
 @pytest.fixture
 def interpret(monkeypatch):
+    """Triton's interpreter on CPU tensors: the CPU run's way of testing the kernels. On a CUDA machine the kernels
+    were compiled at import (no ``TRITON_INTERPRET``) and cannot take CPU tensors: the CUDA tests cover them."""
+    if torch.cuda.is_available():
+        pytest.skip("an interpreter test (the kernels are compiled on a CUDA machine)")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("FLASHSERVE_ATTENTION_BACKEND", raising=False)
 
@@ -83,6 +87,8 @@ def test_block_candidate_and_race_kernels_match_their_references(interpret):
 @pytest.mark.parametrize("interpreted", [False, True])
 def test_start_up_check_agrees(interpreted, monkeypatch):
     if interpreted:
+        if torch.cuda.is_available():
+            pytest.skip("an interpreter test (the kernels are compiled on a CUDA machine)")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         monkeypatch.delenv("FLASHSERVE_ATTENTION_BACKEND", raising=False)
     else:
@@ -156,6 +162,54 @@ def test_sampler_with_streams_in_the_interpreter(interpret):
         assert got.tolist() == reference.sample_sorted(logits, temperature, top_k, top_p, min_p, noise).tolist()
 
 
+_RACE_ROWS = torch.tensor([4, 0, 2, 1])
+_RACE_TEMPERATURE = torch.tensor([1.0, 0.7, 1.3, 1.0])
+_RACE_MIN_P = torch.tensor([0.0, 0.0, 0.1, 0.0])
+
+
+def _race_rest_and_expected(logits, streams, **kwargs):
+    """``race.race_rest`` after the candidates' race for the rows of ``_RACE_ROWS`` without top-k / top-p, and
+    the sort-based sampler's tokens with the same draws."""
+    rows, temperature, min_p = _RACE_ROWS, _RACE_TEMPERATURE, _RACE_MIN_P
+    num_rows, vocab = rows.shape[0], logits.shape[1]
+    block_max, block_sum = sampling.block_stats(logits, rows, temperature)
+    no_k, no_p = torch.zeros(num_rows, dtype=torch.int64), torch.ones(num_rows)
+    row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, no_k, vocab, 64)
+    values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64)
+    token, best, floor, bound, _ = selection.select_candidates(values, indices, count, row_max, mass, no_k, no_p,
+                                                               min_p, vocab, streams)
+    noise = reference.exponential_at(streams, torch.arange(vocab).expand(num_rows, -1))
+    want = reference.sample_sorted(logits[rows], temperature, no_k, no_p, min_p, noise)
+    got = race.race_rest(logits, rows, temperature, row_max, floor, bound, streams, block_max, token, best, **kwargs)
+    return got.tolist(), want.tolist()
+
+
+def test_race_rest_in_the_interpreter_listed_and_dense(interpret, monkeypatch):
+    """The rest of the race (rows without top-k / top-p) gives the dense race's tokens, whether the tokens that may
+    win fit the slots (several chunks of the finishing loop) or overflow them (the dense blocks)."""
+    monkeypatch.setattr(race, "CHUNK", 64)
+    generator = torch.Generator().manual_seed(5)
+    for scale in (0.5, 3.0):
+        logits = torch.randn(5, 2100, generator=generator) * scale
+        for capacity in (8192, 16):
+            got, want = _race_rest_and_expected(logits, _streams(4, 2100), capacity=capacity)
+            assert got == want, (scale, capacity)
+
+
+def test_shared_stream_dense_race_in_the_interpreter(interpret):
+    """Rows drawing from one shared call (bases position * vocab; a stride that is no multiple of the block) race
+    densely through the shared kernel to the tokens of the per-row dense race; a seeded row beside them."""
+    generator = torch.Generator().manual_seed(6)
+    vocab, stride = 2100, 1280
+    logits = torch.randn(5, vocab, generator=generator) * 0.5
+    stream_rows = [[77, 8, position * vocab, stride] for position in range(3)]
+    stream_rows.insert(1, [5, 0, 0, 2304])
+    shared = race.shared_stream(stream_rows, [True, False, True, True], torch.device("cpu"))
+    assert shared.index.tolist() == [0, 2, 3] and shared.min_stride == stride
+    got, want = _race_rest_and_expected(logits, torch.tensor(stream_rows), shared=shared, capacity=16)
+    assert got == want
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows, vocab", [(1, 151936), (3, 151936), (256, 151936), (2, 1000), (600, 32000)])
@@ -178,11 +232,17 @@ def test_exponential_stream_equals_torch_on_cuda(rows, vocab):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_sampler_on_cuda_equals_the_sort_based_one():
+@pytest.mark.parametrize("shape", ["flat", "peaked"])
+def test_sampler_on_cuda_equals_the_sort_based_one(shape):
+    """Flat logits: untruncated rows race densely (their tokens that may win overflow the slots); peaked ones (a
+    head of 64 tokens 12 above the bulk, as an LM's): they race the compacted tokens."""
     device = torch.device("cuda")
     generator = torch.Generator(device=device).manual_seed(3)
     vocab, num_rows = 151936, 64
-    logits = torch.randn(num_rows, vocab, device=device, generator=generator) * 4
+    logits = torch.randn(num_rows, vocab, device=device, generator=generator) * (4 if shape == "flat" else 2)
+    if shape == "peaked":
+        head = torch.randint(0, vocab, (num_rows, 64), device=device, generator=generator)
+        logits.scatter_(1, head, logits.gather(1, head) + 12.0)
     temperature, top_k, top_p, min_p, truncated = (t.to(device) if isinstance(t, torch.Tensor) else t
                                                    for t in _params(num_rows, vocab, torch.Generator()))
     offset = generator.get_offset()

@@ -5,9 +5,10 @@ driver work, for about a millisecond of GPU work on a small model). At start-up 
 forward pass — embedding, every layer, the final norm and the LM head — once per padded batch size
 (``capture_sizes``), largest first, all graphs sharing one memory pool (only one replays at a time). A decode batch
 of ``n`` requests replays the smallest captured size ``>= n``: the input buffers' padding rows (slot -1, KV length
-0) make the extra rows write nothing and read nothing, and their logits are ignored. Sampling stays outside. Sizes
-from ``cascade_sizes`` get a second graph whose attention is cascade attention over the shared prefix length the
-input buffers hold (``flashserve.engine.cascade``).
+0) make the extra rows write nothing and read nothing, and their logits are ignored. Sampling has graphs of its own
+(``flashserve.engine.decode_sampling``), captured into the same pool, which read the logits buffer. Sizes from
+``cascade_sizes`` get a second graph whose attention is cascade attention over the shared prefix length the input
+buffers hold (``flashserve.engine.cascade``).
 
 What makes this safe: the step's inputs live in persistent device buffers (``InputBuffers``) whose addresses never
 change, the forward pass does not synchronise with the host, and no launch inside it depends on host-side
@@ -54,6 +55,7 @@ class DecodeGraphs:
         sizes: the captured sizes, ascending.
         memory_bytes: device memory the capture reserved (the graphs' pool and their logits buffer), measured as
             the growth of PyTorch's reserved memory.
+        pool: the graphs' memory pool (after ``capture``), for other graphs replayed between theirs.
     """
 
     def __init__(self, model: torch.nn.Module, inputs: InputBuffers, sizes: list[int], vocab_size: int,
@@ -67,6 +69,7 @@ class DecodeGraphs:
         self.cascade_sizes = set(cascade_sizes)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.memory_bytes = 0
+        self.pool = None
 
     @property
     def max_size(self) -> int:
@@ -86,7 +89,7 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         reserved_before = torch.cuda.memory_reserved(self.device)
         self.logits = torch.empty((self.sizes[-1], self.vocab_size), dtype=torch.float32, device=self.device)
-        pool = torch.cuda.graph_pool_handle()
+        pool = self.pool = torch.cuda.graph_pool_handle()
         keys = [(size, cascade) for size in sorted(self.sizes, reverse=True)
                 for cascade in (False, True) if not cascade or size in self.cascade_sizes]
         for size, cascade in tqdm(keys, desc="Capturing CUDA graphs", unit="graph", disable=not show_progress,

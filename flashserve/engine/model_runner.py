@@ -7,9 +7,10 @@ block_size)`` columns, so that decode metadata keeps one shape whatever the sequ
 buffers (``InputBuffers``), runs the forward pass, takes the last hidden row of every request that samples, and
 samples; the sampled token ids stay on the device, their copy to the host queued after them (``TokenReadback``),
 and the engine's reading them is the step's only wait on the device (with async scheduling, after it launched
-the next step: ``flashserve.engine.inflight``). On CUDA (unless ``enforce_eager``)
-decode-only steps replay CUDA graphs captured at start-up (``DecodeGraphs``); batches larger than the largest
-captured size and every other step run eagerly. A step in which a request computes prompt positions whose prompt
+the next step: ``flashserve.engine.inflight``). On CUDA (unless ``enforce_eager``) decode-only steps replay CUDA
+graphs captured at start-up (``DecodeGraphs``), and sample by replaying a sampling graph (``DecodeSampling``) when
+their requests' options allow (the eager ``Sampler`` otherwise); batches larger than the largest captured size and
+every other step run eagerly. A step in which a request computes prompt positions whose prompt
 logprobs it asked for runs eagerly too, and scores those rows after sampling (``prompt_logprobs``).
 
 Under tensor parallelism (``flashserve.distributed``) every rank runs a ModelRunner over its shard of the model
@@ -19,7 +20,7 @@ Rank 0 runs the engine; each of its steps is sent to the other ranks in one broa
 (``InputBuffers``), and they run the same forward pass (and LM head) in ``follow``.
 
 Start-up, each phase logged with its duration: load the weights; size the KV cache; warm up (compile and autotune
-every kernel variant a request can need, see ``warmup``; CUDA only); capture the decode graphs.
+every kernel variant a request can need, see ``warmup``; CUDA only); capture the decode and sampling graphs.
 
 KV-cache size (``num_kv_blocks`` when given, otherwise):
 - CUDA: a profiling forward pass over ``max_num_batched_tokens`` tokens measures the activation peak, and one over
@@ -37,7 +38,7 @@ import torch
 from flashserve.config import Config
 from flashserve.context import AttentionContext, set_context
 from flashserve.distributed.state import broadcast_from_driver, min_over_ranks, tp_rank, tp_size
-from flashserve.engine import cascade, warmup
+from flashserve.engine import cascade, decode_sampling, warmup
 from flashserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from flashserve.engine.inflight import CarriedTokens, SampledTokens, TokenReadback
 from flashserve.engine.input_buffers import END_OF_CALL, SHUTDOWN, STEP, InputBuffers, StepInputs
@@ -130,6 +131,11 @@ class ModelRunner:
             self.graphs.capture(show_progress=self.is_driver)
             self._phase("capture_graphs", start, f"{self.graphs.num_graphs} decode graphs, batch sizes 1.."
                         f"{graph_sizes[-1]}, {self.graphs.memory_bytes / GIB:.2f} GiB")
+        self.decode_sampling = decode_sampling.DecodeSampling(
+            self.sampler, max(self.max_logit_rows, padded_rows), spec.vocab_size, self.device,
+            self.graphs.logits if self.graphs is not None else None)
+        if self.graphs is not None and self.is_driver:
+            self.decode_sampling.capture(graph_sizes, self.graphs.pool)
 
     def _phase(self, name: str, start: float, detail: str) -> float:
         """Record and log the duration of a start-up phase that began at ``start``; returns the time now."""
@@ -181,7 +187,8 @@ class ModelRunner:
         graph_bytes = 0
         if largest_graph:
             graph_bytes = (self._profile_step(largest_graph, largest_graph, sample=False)
-                           + largest_graph * self.spec.vocab_size * 4)
+                           + largest_graph * self.spec.vocab_size * 4
+                           + decode_sampling.workspace_bytes(largest_graph, self.spec.vocab_size))
         free, total = torch.cuda.mem_get_info(self.device)
         budget = total * self.config.gpu_memory_utilization - (total - free) - activation_bytes - graph_bytes
         num_blocks = int(budget // self.block_bytes)
@@ -258,9 +265,13 @@ class ModelRunner:
         logits, hidden = self._forward(inputs, graph_size, len(sampling), shared_blocks)
         if graph_size is not None:
             logits = logits[:num_reqs] if len(sampling) == num_reqs else logits[inputs.logits_indices]
-        if sampling:
+        if sampling and len(sampling) == num_reqs and (graph_size is not None or self.graphs is None) \
+                and self.decode_sampling.supports(sampling):  # sampled from buffers (a graph replay on CUDA)
+            token_ids = self.decode_sampling.sample(sampling, graph_size or num_reqs,
+                                                    None if graph_size is not None else logits.float())
+            logprobs = [None] * len(sampling)
+        elif sampling:
             logits = self.token_bitmask.apply(logits.float(), sampling)  # structured outputs: forbidden -> -inf
-        if sampling:
             token_ids, logprobs = self.sampler.sample(logits, sampling, eos_token_ids)
         else:
             token_ids, logprobs = torch.empty(0, dtype=torch.int64, device=self.device), []

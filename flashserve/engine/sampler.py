@@ -24,7 +24,7 @@ import torch
 
 from flashserve.engine.penalties import PenaltyState
 from flashserve.engine.request import Request
-from flashserve.kernels import nucleus, sampling
+from flashserve.kernels import nucleus, race, sampling
 from flashserve.kernels._launch import upload
 from flashserve.kernels.reference import sampling as reference
 from flashserve.outputs import Logprob
@@ -133,7 +133,10 @@ class Sampler:
             return reference.sample_sorted(logits[rows], temperature, top_k, top_p, min_p,
                                            self._draw_noise(sampled, vocab))
         if self.computes_noise:
-            noise = {"streams": self._streams(sampled, vocab)}
+            stream_rows = self.stream_rows(sampled, vocab)
+            shared = None if all(truncated) else race.shared_stream(  # the dense race of untruncated rows uses it
+                stream_rows, [r.generator is None for r in sampled], self.device)
+            noise = {"streams": upload(stream_rows, torch.int64, self.device), "shared": shared}
         else:
             noise = {"noise": self._draw_noise(sampled, vocab)}
         return nucleus.sample(logits, rows, temperature, top_k, top_p, min_p, truncated, **noise)
@@ -154,9 +157,9 @@ class Sampler:
                 noise[i].exponential_(generator=request.generator)
         return noise
 
-    def _streams(self, requests: list[Request], vocab: int) -> torch.Tensor:
-        """(R, 4) int64 Philox streams (``sampling.exponential_at``) of the draws ``_draw_noise`` would make, and
-        every generator advanced past them."""
+    def stream_rows(self, requests: list[Request], vocab: int) -> list[list[int]]:
+        """The Philox streams (``sampling.exponential_at``) of the draws ``_draw_noise`` would make, as R host rows
+        of [seed, counter, base, stride], every generator advanced past them."""
         num_shared = sum(1 for r in requests if r.generator is None)
         shared_seed = shared_counter = shared_stride = 0
         if num_shared:
@@ -169,7 +172,7 @@ class Sampler:
             else:
                 seed, counter, stride = self._claim(request.generator, vocab)
                 rows.append([seed, counter, 0, stride])
-        return upload(rows, torch.int64, self.device)
+        return rows
 
     def _claim(self, generator: torch.Generator, numel: int) -> tuple[int, int, int]:
         """(seed as int64, Philox counter, thread stride) of an ``exponential_`` call of ``numel`` draws from

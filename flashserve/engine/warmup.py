@@ -108,6 +108,7 @@ def warm_up_sampler(runner) -> None:
     variants = [
         [SamplingParams(temperature=0)],
         [SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05)],
+        [SamplingParams(temperature=0.8), SamplingParams(temperature=0.8, seed=1)],  # the race's shared kernel
         [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=0, repetition_penalty=1.1,
                                                        presence_penalty=0.5, frequency_penalty=0.5, logprobs=2,
                                                        min_tokens=2)],

@@ -1,19 +1,21 @@
 """``sample``: the batched sampler over given rows of a logits matrix, with per-row temperature, top-k, top-p and
-min-p, and the exponential race, without sorting the vocabulary; see ``flashserve.kernels.sampling``.
+min-p, and the exponential race, without sorting the vocabulary; see ``flashserve.kernels.sampling`` (and
+``flashserve.kernels.race`` for the rows without top-k / top-p).
 
 The kept set is today's sort-based one (``reference.sample_sorted``) except where logits tie at the boundary: there
 every token tied with the last kept one is kept (the sort kept some of them, in an order it does not define).
 """
 import torch
 
-from flashserve.kernels import sampling, selection
+from flashserve.kernels import race, sampling, selection
 from flashserve.kernels._launch import upload
 from flashserve.kernels.reference import sampling as reference
 
 
 def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, min_p: torch.Tensor, truncated: list[bool], streams: torch.Tensor | None = None,
-           noise: torch.Tensor | None = None, capacity: int = sampling.DEFAULT_CAPACITY) -> torch.Tensor:
+           noise: torch.Tensor | None = None, capacity: int = sampling.DEFAULT_CAPACITY,
+           shared: race.SharedStream | None = None) -> torch.Tensor:
     """Sample one token for each of ``rows`` of ``logits``.
 
     Args:
@@ -24,6 +26,8 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
         streams: (R, 4) int64 Philox streams of the rows' noise (``sampling.exponential_at``), or None;
         noise: otherwise (R, V) float32 Exp(1) draws, one row per sampled row.
         capacity: candidate slots per row (at most 4096 keeps their sort within one thread block).
+        shared: with streams, the rows that draw from one shared ``exponential_`` call (``race.SharedStream``):
+            their dense race computes each Philox call once.
 
     Returns (R,) int64 token ids. Rows with top-k / top-p wait for the device once (a check for the sort fallback);
     batches without them never wait.
@@ -32,7 +36,7 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
         raise ValueError("sample needs exactly one of streams and noise")
     row_index = upload(rows, torch.int64, logits.device)
     tokens, fallback = sample_without_fallback(logits, row_index, temperature, top_k, top_p, min_p, truncated,
-                                               streams, noise, capacity)
+                                               streams, noise, capacity, shared)
     if fallback is not None and bool(fallback.any()):
         where = fallback.nonzero().squeeze(1)
         columns = torch.arange(logits.shape[1], device=logits.device).expand(where.shape[0], -1)
@@ -43,35 +47,37 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
 
 
 def sample_without_fallback(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor,
-                            top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, truncated: list[bool],
-                            streams: torch.Tensor | None, noise: torch.Tensor | None,
-                            capacity: int = sampling.DEFAULT_CAPACITY) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                            truncated: list[bool] | None, streams: torch.Tensor | None, noise: torch.Tensor | None,
+                            capacity: int = sampling.DEFAULT_CAPACITY, shared: race.SharedStream | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``sample`` up to the fallback, on ``row_index`` ((R,) int64 device rows): the tokens, and None or the (R,)
     bool rows whose token must come from the sort instead. Never waits for the device, so it can be captured in a
-    CUDA graph (with streams, noise or row_index of fixed addresses)."""
+    CUDA graph (with streams, noise or row_index of fixed addresses). ``truncated`` None (streams only): the host
+    does not know which rows are truncated (a graph for any options): every stage runs, and the fallback flags are
+    always returned."""
     device, vocab = logits.device, logits.shape[1]
     # the kernels index the per-row options as dense vectors (a no-op for contiguous ones)
     temperature, top_k, top_p, min_p = (t.contiguous() for t in (temperature, top_k, top_p, min_p))
-    if noise is not None and not any(truncated):
+    if truncated is None and streams is None:
+        raise ValueError("sample_without_fallback with truncated=None needs streams")
+    some_truncated = truncated is None or any(truncated)
+    if noise is not None and not some_truncated:
         whole = row_index.shape[0] == logits.shape[0]
         return _race_dense(logits if whole else logits[row_index], temperature, min_p, noise), None
     block_max, block_sum = sampling.block_stats(logits, row_index, temperature)
     row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, top_k, vocab, capacity)
     values, indices, count = sampling.gather_candidates(logits, row_index, temperature, cutoff, block_max, capacity)
-    values, order = values.sort(dim=1, descending=True)
-    indices = indices.gather(1, order)
     tokens, best, floor, bound, fallback = selection.select_candidates(
         values, indices, count, row_max, mass, top_k, top_p, min_p, vocab, streams, noise)
-    if not all(truncated):
+    if truncated is None or not all(truncated):
         if noise is not None:
             dense = _race_dense(logits[row_index], temperature, min_p, noise)
             tokens = torch.where(torch.tensor(truncated, device=device), tokens, dense)
         else:
-            block_best, block_token = sampling.race_blocks(logits, row_index, temperature, row_max, floor, streams,
-                                                           block_max, bound)
-            rest_best, where = block_best.max(dim=1)
-            tokens = torch.where(rest_best > best, block_token.gather(1, where.unsqueeze(1)).squeeze(1), tokens)
-    return tokens, fallback if any(truncated) else None
+            tokens = race.race_rest(logits, row_index, temperature, row_max, floor, bound, streams, block_max,
+                                    tokens, best, shared)
+    return tokens, fallback if some_truncated else None
 
 
 def _race_dense(logits, temperature, min_p, noise) -> torch.Tensor:

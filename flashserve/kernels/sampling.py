@@ -7,11 +7,12 @@ per token (equivalent to drawing from p). ``flashserve.kernels.nucleus.sample`` 
    ``x = logit / temperature`` and the softmax sum below it; hence each row's maximum and normaliser.
 2. ``gather_candidates`` compacts the tokens at or above a per-row cutoff into a small buffer, reading only the
    blocks whose maximum reaches it: for a top-k row the k-th largest block maximum (so the top k are all in), for
-   the others probability 1 / capacity (so at most ``capacity`` tokens qualify). The candidates are sorted (a few
+   the others probability 1 / capacity (so at most ``capacity`` tokens qualify). The select kernel sorts them (a few
    thousand per row at most) and the top-k / top-p boundary found on them (``selection``).
 3. The race runs over the surviving candidates; for rows without top-k / top-p, where every token may win,
-   ``race_blocks`` then races only the blocks holding a token that could still beat the candidates' best (a
-   draw is never below 2^-24, so a token of weight w cannot beat a ratio above w * 2^24).
+   ``flashserve.kernels.race`` then races the tokens that could still beat the candidates' best (a draw is never
+   below 2^-24, so a token of weight w cannot beat a ratio above w * 2^24): compacted when they are few, whole rows
+   (``race_blocks``, or the shared stream's kernel) when they are not.
 
 A truncated row whose boundary the candidates do not determine (too many of them for a top-k row, or a nucleus
 heavier than their mass) falls back to the sort (``reference.sample_sorted``): exact, slower, and the one place
@@ -56,19 +57,29 @@ def _exponential(streams_ptr, row, tokens, LIBDEVICE_LOG: tl.constexpr):
     counter0 = tl.load(streams_ptr + row * 4 + 1)
     base = tl.load(streams_ptr + row * 4 + 2)
     stride = tl.load(streams_ptr + row * 4 + 3)
-    element = base + tokens.to(tl.int64)
-    quotient = element // stride
-    thread = element - quotient * stride
-    counter = counter0 + quotient // 4
+    # element base + token = quotient * stride + thread, with one 64-bit division per program (the row's base) and
+    # a 32-bit one per token: the base's thread is < stride < 2^31 and a token < 2^31, so their sum fits 32 bits
+    base_quotient = base // stride
+    stride32 = stride.to(tl.uint32)
+    offset = (base - base_quotient * stride).to(tl.uint32) + tokens.to(tl.uint32)
+    wraps = offset // stride32
+    quotient = base_quotient + wraps.to(tl.int64)
+    counter = counter0 + (quotient >> 2)
     c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
     c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c2 = (thread & 0xFFFFFFFF).to(tl.uint32)
-    c3 = ((thread >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = offset - wraps * stride32
+    c3 = tl.zeros_like(c2)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
     r0, r1, r2, r3 = tl.philox_impl(c0, c1, c2, c3, k0, k1)
-    component = quotient % 4
+    component = quotient & 3
     bits = tl.where(component == 0, r0, tl.where(component == 1, r1, tl.where(component == 2, r2, r3)))
+    return _exponential_of_bits(bits, LIBDEVICE_LOG)
+
+
+@triton.jit
+def _exponential_of_bits(bits, LIBDEVICE_LOG: tl.constexpr):
+    """torch's Exp(1) draw of one 32-bit Philox output: curand's uniform in (0, 1], then ``-log``."""
     uniform = bits.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
     if LIBDEVICE_LOG:
         log = libdevice.fast_logf(uniform)
@@ -154,15 +165,18 @@ def _candidates_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, cutoff
 
 
 def gather_candidates(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, cutoff: torch.Tensor,
-                      block_max: torch.Tensor, capacity: int = DEFAULT_CAPACITY):
-    """``reference.gather_candidates`` of ``logits[rows]``; only the blocks whose ``block_max`` (from
-    ``block_stats``) reaches the cutoff are read."""
+                      block_max: torch.Tensor, capacity: int = DEFAULT_CAPACITY, count: torch.Tensor | None = None):
+    """``reference.gather_candidates`` of ``logits[rows]``, except that the slots past a row's count are left
+    unwritten (their content is unspecified: readers mask by the count); only the blocks whose ``block_max`` (from
+    ``block_stats``) reaches the cutoff are read. ``count``: an (R,) int32 zero-filled buffer to count into (so
+    that one fill serves several calls), or None for a new one."""
     if not use_triton(logits):
         return reference.gather_candidates(logits[rows], temperature, cutoff, capacity)
     num_rows, device = rows.shape[0], logits.device
-    values = torch.full((num_rows, capacity), float("-inf"), dtype=torch.float32, device=device)
-    indices = torch.zeros((num_rows, capacity), dtype=torch.int64, device=device)
-    count = torch.zeros((num_rows,), dtype=torch.int32, device=device)
+    values = torch.empty((num_rows, capacity), dtype=torch.float32, device=device)
+    indices = torch.empty((num_rows, capacity), dtype=torch.int64, device=device)
+    if count is None:
+        count = torch.zeros((num_rows,), dtype=torch.int32, device=device)
     if num_rows:
         _candidates_kernel[(num_rows, block_max.shape[1])](
             logits, rows, logits.stride(0), temperature, cutoff, block_max, logits.shape[1], values, indices, count,
@@ -176,18 +190,18 @@ def _race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_max_ptr,
                  LIBDEVICE_LOG: tl.constexpr):
     index = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
-    floor = tl.load(floor_ptr + index)
+    threshold = tl.maximum(tl.load(floor_ptr + index), tl.load(bound_ptr + index))
     largest = tl.load(block_max_ptr + index * num_blocks + block)
     best = -1.0
     best_index = block * BLOCK
-    if (largest >= floor) & (largest >= tl.load(bound_ptr + index)):  # else no token of the block can win
+    if largest >= threshold:  # else no token of the block can win
         row = tl.load(rows_ptr + index)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < vocab
         logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
         weight = tl.exp(scaled - tl.load(row_max_ptr + index))
-        ratio = tl.where(mask & (scaled >= floor), weight / _exponential(streams_ptr, index, cols, LIBDEVICE_LOG),
+        ratio = tl.where(mask & (scaled >= threshold), weight / _exponential(streams_ptr, index, cols, LIBDEVICE_LOG),
                          -1.0)
         best = tl.max(ratio, axis=0)
         best_index = tl.argmax(ratio, axis=0) + block * BLOCK
@@ -200,7 +214,8 @@ def race_blocks(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Ten
                 bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.race_blocks`` of ``logits[rows]``, the noise computed in the kernel from ``streams``; blocks
     whose ``block_max`` is below ``bound`` (no token there can beat a ratio already found) or below ``floor``
-    are neither read nor raced (their best is -1)."""
+    are neither read nor raced (their best is -1); within a block, only tokens at or above both race. A row whose
+    ``bound`` is +inf costs one load per block: ``flashserve.kernels.race`` switches rows off that way."""
     if not use_triton(logits):
         return reference.race_blocks(logits[rows], temperature, row_max, floor, bound, streams, BLOCK)
     num_rows, num_blocks = rows.shape[0], block_max.shape[1]
