@@ -16,6 +16,10 @@ workload shape (same lengths, same batch sizes, different random tokens, on the 
 prefix cache and the statistics are reset: the timed runs then meet no variant they have not seen, and caching on
 and off are compared on equal terms. ``--warmup-requests`` shrinks the warm-up of workload 1 (default: all).
 
+Beside workload 1's measured time the script prints its roofline time (``roofline.py``: weights once per decode
+step, every running request's KV once per step, at the copy bandwidth; prefill FLOPs at the dense matmul rate;
+both rates measured in the same run; CUDA only).
+
 TTFT is the time from submitting the burst to the step that returns a request's first token. Each prefix-sharing
 row also reports the prompt tokens the engine actually computed (``prefill_tokens``): with caching on it must be
 far below the ``requests × (prefix + suffix)`` computed with caching off.
@@ -34,6 +38,8 @@ import tempfile
 import time
 
 import torch
+
+import roofline
 
 QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                   head_dim=128, intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960,
@@ -135,10 +141,20 @@ def _throughput(args, llm, vocab: int) -> dict:
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     input_tokens = sum(len(p) for p in prompts)
     stats = llm.engine.stats
-    return dict(requests=len(prompts), input_tokens=input_tokens, output_tokens=output_tokens, seconds=elapsed,
-                output_tok_per_s=output_tokens / elapsed, total_tok_per_s=(input_tokens + output_tokens) / elapsed,
-                steps=stats.num_steps, ms_per_step=1e3 * elapsed / max(stats.num_steps, 1),
-                preemptions=llm.engine.scheduler.num_preemptions, warmup_requests=warm_count)
+    result = dict(requests=len(prompts), input_tokens=input_tokens, output_tokens=output_tokens, seconds=elapsed,
+                  output_tok_per_s=output_tokens / elapsed, total_tok_per_s=(input_tokens + output_tokens) / elapsed,
+                  steps=stats.num_steps, ms_per_step=1e3 * elapsed / max(stats.num_steps, 1),
+                  preemptions=llm.engine.scheduler.num_preemptions, warmup_requests=warm_count)
+    runner = llm.engine.runner
+    if runner.device.type == "cuda":
+        spec = runner.spec
+        figures = roofline.model_figures(runner.model, spec.num_layers, runner.num_heads, runner.num_kv_heads,
+                                         spec.head_dim, runner.kv_cache.element_size())
+        copy_tbs, matmul_tflops = roofline.measure_rates(runner.device)
+        result["roofline"] = roofline.roofline_seconds([len(p) for p in prompts], [p.max_tokens for p in params],
+                                                       figures, copy_tbs, matmul_tflops, args.max_num_batched_tokens)
+        result["roofline_fraction"] = result["roofline"]["seconds"] / elapsed
+    return result
 
 
 def _prefix_workload(args, seed: int, vocab: int) -> list[list[int]]:
@@ -208,10 +224,17 @@ def _markdown(result: dict) -> str:
              f"| random [{result['args']['min_len']}, {result['args']['max_len']}] | {run['requests']} | "
              f"{run['input_tokens']} | {run['output_tokens']} | {run['seconds']:.2f} | {run['steps']} | "
              f"{run['ms_per_step']:.1f} | {run['output_tok_per_s']:.0f} | {run['total_tok_per_s']:.0f} | "
-             f"{run['preemptions']} |", "",
-             "| prefix sharing | prefix caching | seconds | TTFT mean s | TTFT median s | TTFT p90 s | TTFT max s | "
-             "hit rate | prompt tok computed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{run['preemptions']} |", ""]
+    if "roofline" in run:
+        line = run["roofline"]
+        lines += [f"Roofline of that run: **{line['seconds']:.2f} s** (decode {line['decode_s']:.2f} s: "
+                  f"{line['decode_bytes'] / 1e9:.0f} GB at {line['copy_tbs']:.2f} TB/s; prefill "
+                  f"{line['prefill_s']:.2f} s: {line['prefill_flops'] / 1e12:.0f} TFLOP at "
+                  f"{line['matmul_tflops']:.0f} TFLOP/s) — measured {run['seconds']:.2f} s, "
+                  f"**{100 * run['roofline_fraction']:.0f}%** of the roofline speed.", ""]
+    lines += ["| prefix sharing | prefix caching | seconds | TTFT mean s | TTFT median s | TTFT p90 s | TTFT max s | "
+              "hit rate | prompt tok computed |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for key, label in (("prefix_on", "on"), ("prefix_off", "off")):
         row = result[key]
         lines.append(f"| {row['requests']} × ({row['prefix_len']} + {row['suffix_len']}) → {row['output_len']} | "
