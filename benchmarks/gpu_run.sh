@@ -12,7 +12,8 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     xgrammar==0.2.9 apache-tvm-ffi pydantic pydantic-core annotated-types typing-inspection typing-extensions \
 #     jsonschema jsonschema-specifications referencing rpds-py attrs
-# GPU_TESTS="tests/test_a.py tests/test_b.py" limits the tests step to those files.
+# GPU_TESTS="tests/test_a.py tests/test_b.py" limits the tests step to those files. The tests step is verbose (each
+# test's outcome as it ends: the names survive a step that runs out of time before pytest's summary).
 # Per-step time limits: TIMEOUT_<step>=SECONDS (default STEP_TIMEOUT_S, else 300).
 # Results go under $OUT (or ./out): one log, and results.tar.gz holding each benchmark's JSON, markdown and PNG.
 set -uo pipefail
@@ -33,7 +34,7 @@ steps=${*:-tests prefill layouts decode merge cache}
     echo "=== $step $(date -u +%FT%TZ)"
     limit_var=TIMEOUT_${step}; limit=${!limit_var:-${STEP_TIMEOUT_S:-300}}
     case $step in
-      tests) FLASHSERVE_AUTOTUNE=${FLASHSERVE_AUTOTUNE:-0} timeout "$limit" python3 -m pytest -q -m gpu \
+      tests) FLASHSERVE_AUTOTUNE=${FLASHSERVE_AUTOTUNE:-0} timeout "$limit" python3 -m pytest -v -m gpu \
                -n ${PYTEST_WORKERS:-12} --tb=short -rf --ignore=tests/test_tensor_parallel_gpu.py ${GPU_TESTS:-tests} ;;
       prefill) timeout "$limit" python3 benchmarks/bench_prefill.py --out "$RESULTS" ;;
       layouts) timeout "$limit" python3 benchmarks/bench_layouts.py --out "$RESULTS" ;;
