@@ -126,7 +126,7 @@ def test_graph_replays_match_eager_steps_and_hugging_face(checkpoint):
     assert graphs is not None and graphs.sizes == [1, 2, 4, 8, 16]
     replays = []
     original = graphs.replay
-    graphs.replay = lambda size: replays.append(size) or original(size)
+    graphs.replay = lambda size, *args: replays.append(size) or original(size, *args)
     for count in (1, 3, 9):  # batch sizes 1 (captured), 3 and 9 (padded to 4 and 16)
         assert _generate(llm, prompts[:count]) == expected[:count]
     assert {1, 4, 16} <= set(replays)

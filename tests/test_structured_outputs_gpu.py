@@ -18,7 +18,7 @@ def test_constrained_decode_under_cuda_graphs():
     assert llm.engine.runner.graphs is not None
     replays = []
     original = llm.engine.runner.graphs.replay
-    llm.engine.runner.graphs.replay = lambda size: (replays.append(size), original(size))[1]
+    llm.engine.runner.graphs.replay = lambda size, *args: (replays.append(size), original(size, *args))[1]
     constrained = [SamplingParams(temperature=1.0, seed=i, max_tokens=300,
                                   structured_outputs=StructuredOutputsParams(json=SCHEMAS[i % len(SCHEMAS)]))
                    for i in range(96)]
