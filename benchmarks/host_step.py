@@ -6,7 +6,8 @@ A tiny random-weight Llama (``write_random_checkpoint``, 2,000-token byte-level 
 sampler's device work is one argmax): what remains is the host's work of a step. 256 requests with prompts
 uniform in [100, 1024] tokens (random ids) are prefilled, then ``--steps`` decode steps are timed one by one.
 Phases are timed by wrapping the engine's own methods (``Scheduler.schedule``, ``InputBuffers.prepare``,
-``Sampler.sample``, ``IncrementalDetokenizer.step``); "other" is the rest of ``LLMEngine.step`` (advancing the
+``Sampler.sample``, ``IncrementalDetokenizer.step``, and ``DecodeSampling._run``: what a sampling graph replays
+on a GPU, which greedy decode steps take here); "other" is the rest of ``LLMEngine.step`` (advancing the
 requests, stop checks, building the outputs). The sampler's argmax over the logits is device work that runs on the
 CPU here, so "sampler, host part" times the same call on 8-column logits, and "host total" is a step without the
 sampler's time plus that; "host before the launch" is the time from the start of ``step`` to the forward
@@ -30,11 +31,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from flashserve import LLM, SamplingParams  # noqa: E402
-from flashserve.engine import detokenizer, input_buffers, sampler, scheduler  # noqa: E402
+from flashserve.engine import decode_sampling, detokenizer, input_buffers, sampler, scheduler  # noqa: E402
 from flashserve.models.checkpoint import write_random_checkpoint  # noqa: E402
 
 PHASES = {"schedule": (scheduler.Scheduler, "schedule"), "prepare_inputs": (input_buffers.InputBuffers, "prepare"),
-          "sampler": (sampler.Sampler, "sample"), "detokenize": (detokenizer.IncrementalDetokenizer, "step")}
+          "sampler": (sampler.Sampler, "sample"), "detokenize": (detokenizer.IncrementalDetokenizer, "step"),
+          "sampling graph": (decode_sampling.DecodeSampling, "_run")}
 
 
 def _timed(spent: dict, name: str, method):
@@ -90,7 +92,7 @@ def measure(directory: str, args, async_scheduling: bool) -> dict[str, list[floa
                 per_step[name].append(spent[name] * 1e6)
             per_step["other"].append((total - sum(spent.values())) * 1e6)
             per_step["total"].append(total * 1e6)
-            per_step["host total"].append((total - spent["sampler"]) * 1e6)
+            per_step["host total"].append((total - spent["sampler"] - spent["sampling graph"]) * 1e6)
             per_step["host before the launch"].append((launches[0] - start) * 1e6)
     finally:
         for name, (cls, attr) in PHASES.items():
