@@ -10,9 +10,9 @@ from test_flash_attn import check_dense, check_varlen, cu_seqlens
 DTYPES = [torch.float16, torch.float32]
 
 
-@pytest.fixture
-def tma_calls(monkeypatch):
-    """Force the TMA kernel and count its launches (so a test fails if the portable kernel ran instead)."""
+def force_tma_kernel(monkeypatch) -> list:
+    """Force the TMA kernel and count its launches (so a test fails if the portable kernel ran instead): returns
+    the list that receives each launch's q shape."""
     monkeypatch.setenv("FLASHSERVE_PREFILL_KERNEL", "tma")
     calls = []
     launch = prefill.tma_prefill_attention
@@ -23,6 +23,12 @@ def tma_calls(monkeypatch):
     monkeypatch.setattr(prefill, "tma_prefill_attention", counted)
     torch.manual_seed(0)
     return calls
+
+
+@pytest.fixture
+def tma_calls(monkeypatch):
+    """The TMA kernel forced on, launches counted (``force_tma_kernel``)."""
+    return force_tma_kernel(monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

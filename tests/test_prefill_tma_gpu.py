@@ -4,8 +4,9 @@ except ``test_autotuned``, which tunes the candidate set once at a benchmark sha
 import pytest
 import torch
 
-from flashserve.kernels import flash_attn_func, prefill, prefill_tma
+from flashserve.kernels import flash_attn_func, prefill_tma
 from test_flash_attn import check_dense, check_varlen, cu_seqlens
+from test_prefill_tma import force_tma_kernel
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.bfloat16, torch.float16]
@@ -17,16 +18,7 @@ def tma_calls(monkeypatch):
     if not prefill_tma.HAS_TENSOR_DESCRIPTORS or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("needs Hopper or newer and a Triton with tensor descriptors")
     monkeypatch.setenv("FLASHSERVE_AUTOTUNE", "0")
-    monkeypatch.setenv("FLASHSERVE_PREFILL_KERNEL", "tma")
-    calls = []
-    launch = prefill.tma_prefill_attention
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return launch(*args, **kwargs)
-    monkeypatch.setattr(prefill, "tma_prefill_attention", counted)
-    torch.manual_seed(0)
-    return calls
+    return force_tma_kernel(monkeypatch)
 
 
 def _randn(*shape, dtype=torch.bfloat16):
