@@ -10,7 +10,8 @@ Phases are timed by wrapping the engine's own methods (``Scheduler.schedule``, `
 on a GPU, which greedy decode steps take here); "other" is the rest of ``LLMEngine.step`` (advancing the
 requests, stop checks, building the outputs). The sampler's argmax over the logits is device work that runs on the
 CPU here, so "sampler, host part" times the same call on 8-column logits, and "host total" is a step without the
-sampler's time plus that; "host before the launch" is the time from the start of ``step`` to the forward
+sampler's time plus that (on steps that called the eager ``Sampler``; the host part of ``DecodeSampling`` is in
+"other"); "host before the launch" is the time from the start of ``step`` to the forward
 pass. Both engines run, with ``async_scheduling`` off (every step: schedule, launch, read, host work) and on
 (schedule and launch step N+1, then read step N and do its host work): the host work is the same, but on a GPU
 the synchronous step costs host + device time and the async one about max(host, device). Medians and minima over
@@ -79,6 +80,7 @@ def measure(directory: str, args, async_scheduling: bool) -> dict[str, list[floa
     for name, (cls, attr) in PHASES.items():
         setattr(cls, attr, _timed(spent, name, originals[name]))
     per_step = {name: [] for name in [*PHASES, "other", "total", "host total", "host before the launch"]}
+    eager_sampling = []  # per step: whether the eager Sampler ran (its host part is added back below)
     try:
         for _ in range(args.steps):
             for name in spent:
@@ -94,6 +96,7 @@ def measure(directory: str, args, async_scheduling: bool) -> dict[str, list[floa
             per_step["total"].append(total * 1e6)
             per_step["host total"].append((total - spent["sampler"] - spent["sampling graph"]) * 1e6)
             per_step["host before the launch"].append((launches[0] - start) * 1e6)
+            eager_sampling.append(spent["sampler"] > 0)
     finally:
         for name, (cls, attr) in PHASES.items():
             setattr(cls, attr, originals[name])
@@ -105,7 +108,9 @@ def measure(directory: str, args, async_scheduling: bool) -> dict[str, list[floa
         engine.runner.sampler(narrow, running, engine.eos_token_ids)
         sampler_host.append((time.perf_counter() - start) * 1e6)
     per_step["sampler, host part"] = sampler_host
-    per_step["host total"] = [value + statistics.median(sampler_host) for value in per_step["host total"]]
+    host_part = statistics.median(sampler_host)  # DecodeSampling's host part is in "other" already
+    per_step["host total"] = [value + host_part * eager for value, eager in zip(per_step["host total"],
+                                                                                eager_sampling)]
     return per_step
 
 
