@@ -73,20 +73,11 @@ def warm_up_cascade(runner, batch_sizes: range, show_progress: bool = True) -> i
             key = cascade_variant(batch, runner.num_heads, runner.num_kv_heads, spec.head_dim, capacity,
                                   runner.device)
             variants.setdefault(key, batch)
-    device = runner.device
-    prefix_len = torch.full((1,), blocks * block_size, dtype=torch.int32, device=device)
     for batch in tqdm(list(variants.values()), desc="Warming up cascade attention", unit="shape",
                       disable=not show_progress, leave=False):
-        length = blocks * block_size + 1  # the prefix and each request's current token
-        context = AttentionContext(
-            slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device=device),
-            cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device=device),
-            seqused_k=torch.full((batch,), length, dtype=torch.int32, device=device),
-            block_table=torch.zeros((batch, runner.max_blocks_per_seq), dtype=torch.int32, device=device),
-            max_seqlen_q=1, max_seqlen_k=length, is_decode=True)
-        input_ids = torch.randint(0, spec.vocab_size, (batch,), device=device)
-        positions = torch.full((batch,), length - 1, dtype=torch.int64, device=device)
-        _forward(runner, input_ids, positions, cascade.with_shared_prefix(context, prefix_len))
+        inputs = runner.inputs.prepare_padding(batch)  # as the graph capture does: the launches follow the shapes
+        _forward(runner, inputs.input_ids, inputs.positions,
+                 cascade.with_shared_prefix(inputs.context, runner.inputs.shared_prefix_len.device))
     return len(variants)
 
 
