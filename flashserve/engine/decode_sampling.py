@@ -25,7 +25,7 @@ import torch
 
 from flashserve.engine.input_buffers import _aligned, _Field
 from flashserve.engine.request import Request
-from flashserve.engine.sampler import Sampler
+from flashserve.engine.sampler import Sampler, truncates
 from flashserve.kernels import nucleus, race, sampling
 from flashserve.kernels.reference import sampling as reference
 
@@ -133,8 +133,7 @@ class DecodeSampling:
         else:
             self._run(padded_size, sampled, logits)
         tokens = self.out[0, :num_rows].clone()  # the next replay overwrites ``out``
-        vocab = self.vocab_size
-        if any((r.params.uses_top_k and r.params.top_k < vocab) or r.params.top_p < 1.0 for r in requests):
+        if any(truncates(r.params, self.vocab_size) for r in requests):
             where = self.out[1, :num_rows].nonzero().squeeze(1).tolist()  # flags are only raised on such rows
             if where:
                 source = self.logits if logits is None else logits

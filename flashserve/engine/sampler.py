@@ -128,7 +128,7 @@ class Sampler:
                                                    [p.top_p for p in params], [p.min_p for p in params]],
                                                   torch.float32, self.device)
         top_k = top_k.long()
-        truncated = [(p.uses_top_k and p.top_k < vocab) or p.top_p < 1.0 for p in params]
+        truncated = [truncates(p, vocab) for p in params]
         if not self.sort_free:
             return reference.sample_sorted(logits[rows], temperature, top_k, top_p, min_p,
                                            self._draw_noise(sampled, vocab))
@@ -185,6 +185,12 @@ class Sampler:
         generator.set_offset(offset + increment)
         seed = generator.initial_seed()
         return seed - (1 << 64) if seed >= 1 << 63 else seed, offset // 4, stride
+
+
+def truncates(params, vocab: int) -> bool:
+    """Whether ``params`` (SamplingParams) keep only part of a ``vocab``-token distribution by top-k or top-p: the
+    rows whose sort-free sampling may fall back to the sort."""
+    return (params.uses_top_k and params.top_k < vocab) or params.top_p < 1.0
 
 
 def logprob_dicts(logprobs: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[dict[int, Logprob]]:
