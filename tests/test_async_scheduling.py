@@ -23,8 +23,10 @@ MAX_TOKENS = 10
 
 
 @pytest.fixture(autouse=True)
-def reference_attention(monkeypatch):
-    monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+def reference_attention(request, monkeypatch):
+    """CPU tests run the PyTorch reference kernels (fast); GPU tests the Triton ones (graphs need them)."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
 
 
 @pytest.fixture(scope="module")
