@@ -291,3 +291,18 @@ def test_engine_sampler_on_cuda_gives_the_tokens_of_drawn_noise():
         for a, b, token in zip(batch_a, batch_b, tokens_a):
             a.token_ids.append(token)
             b.token_ids.append(token)
+
+
+def test_race_rest_straight_to_the_dense_race_in_the_interpreter(interpret, monkeypatch):
+    """Rows whose blocks mostly reach the threshold skip the compaction: the same tokens, seeded and shared
+    streams alike."""
+    monkeypatch.setattr(race, "DENSE_BLOCK_FRACTION", 0.0)
+    generator = torch.Generator().manual_seed(8)
+    vocab, stride = 2100, 1280
+    logits = torch.randn(5, vocab, generator=generator) * 0.5
+    stream_rows = [[77, 8, position * vocab, stride] for position in range(3)]
+    stream_rows.insert(1, [5, 0, 0, 2304])
+    shared = race.shared_stream(stream_rows, [True, False, True, True], torch.device("cpu"))
+    for kwargs in (dict(), dict(shared=shared)):
+        got, want = _race_rest_and_expected(logits, torch.tensor(stream_rows), capacity=16, **kwargs)
+        assert got == want, kwargs

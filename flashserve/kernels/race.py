@@ -7,7 +7,10 @@ beat their best (a draw is never below 2^-24). What is left is done in three lau
 1. ``sampling.gather_candidates`` compacts the tokens at or above ``max(bound, floor)`` into ``capacity`` slots per
    row (reading only the blocks whose maximum reaches it). For an LM's peaked distribution they are a small part
    of the vocabulary, so the noise (a Philox call and a logarithm per token) is computed for a few of them only.
-2. The rows whose tokens overflowed the slots (flat distributions) race whole: those of the engine's shared
+   A row where more than ``DENSE_BLOCK_FRACTION`` of the blocks reach that threshold skips the compaction (it
+   would read most of the row to overflow the slots): in practice every row of a sampling temperature without
+   truncation on a vocabulary of 100k+ tokens, whose bound lies ~17 below the maximum.
+2. The rows whose tokens overflowed the slots (flat distributions) or skipped them race whole: those of the engine's shared
    generator by ``_shared_race_kernel``, which follows the layout of torch's ``exponential_`` call (one Philox call
    gives 4 draws, ``stride`` elements apart, hence to 4 segments of the shared block of rows) so that each call is
    computed once, the others (seeded rows: one draw per Philox call anyway) block by block by
@@ -32,6 +35,9 @@ from flashserve.kernels.sampling import _exponential, _exponential_of_bits
 
 RACE_CAPACITY = 8192  # slots per row for the tokens that may still win; more of them: the row is raced densely
 CHUNK = 1024          # compacted tokens raced per step of the finishing kernel's loop
+# A row with more blocks than this fraction of them (and than its slots fill) reaching its threshold races
+# densely at once: compacting its tokens would overflow the slots anyway after a read of most of the row.
+DENSE_BLOCK_FRACTION = 0.5
 
 
 @triton.jit
@@ -40,7 +46,9 @@ def _shared_race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_m
                         LIBDEVICE_LOG: tl.constexpr):
     """Program (b, j): Philox call j of the shared stream's threads [b * BLOCK, (b + 1) * BLOCK). Its 4 draws
     belong to 4 segments of BLOCK consecutive elements, ``stride`` apart, each within at most 2 rows (BLOCK <=
-    vocab); per row part, the best ratio and its token, packed, go to the row's key by an atomic max."""
+    vocab); per row part, the best ratio and its token, packed into one key (ratio bits << 32 | vocab - 1 - token:
+    one reduction finds both), go to the row's key by an atomic max. Which lanes of a segment belong to which row
+    part is known from the segment's start alone (no reduction)."""
     num_shared = tl.load(num_shared_ptr)
     first = tl.load(shared_ptr)  # the shared stream's seed, counter and stride are those of any of its rows
     seed = tl.load(streams_ptr + first * 4)
@@ -60,6 +68,7 @@ def _shared_race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_m
         lanes = tl.arange(0, BLOCK)
         threads = thread_start + lanes
         in_stride = threads < stride
+        width = tl.minimum(stride - thread_start, BLOCK)  # lanes of the program within the stride
         zeros = tl.zeros((BLOCK,), tl.uint32)
         c0 = zeros + (counter & 0xFFFFFFFF).to(tl.uint32)
         c1 = zeros + ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
@@ -76,6 +85,7 @@ def _shared_race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_m
             else:
                 bits = r3
             start = call_start + component * stride  # the element of lane 0
+            end = tl.minimum(start + width, total)  # past the segment's last element
             elements = start + lanes
             valid = in_stride & (elements < total)
             position = start // vocab
@@ -84,9 +94,11 @@ def _shared_race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_m
                 where = position + part
                 if part == 0:
                     lanes_in = valid & (elements < split)
+                    occupied = start < end
                 else:
                     lanes_in = valid & (elements >= split)
-                if (where < num_shared) & (tl.max(lanes_in.to(tl.int32), axis=0) > 0):
+                    occupied = split < end
+                if occupied & (where < num_shared):
                     index = tl.load(shared_ptr + where)
                     threshold = tl.load(threshold_ptr + index)
                     if threshold < float("inf"):  # else the row needs no dense race
@@ -95,12 +107,10 @@ def _shared_race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_m
                         x = tl.load(logits_ptr + row * stride_row + cols, mask=lanes_in, other=float("-inf"))
                         scaled = tl.div_rn(x.to(tl.float32), tl.load(temperature_ptr + index))
                         weight = tl.exp(scaled - tl.load(row_max_ptr + index))
-                        ratio = tl.where(lanes_in & (scaled >= threshold),
-                                         weight / _exponential_of_bits(bits, LIBDEVICE_LOG), -1.0)
-                        best = tl.max(ratio, axis=0)
-                        token = tl.min(tl.where(ratio == best, cols, vocab), axis=0)
-                        key = (best.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (vocab - 1 - token)
-                        tl.atomic_max(key_ptr + index, tl.where(best >= 0.0, key, 0))
+                        ratio = weight / _exponential_of_bits(bits, LIBDEVICE_LOG)
+                        keys = (ratio.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (vocab - 1 - cols)
+                        key = tl.max(tl.where(lanes_in & (scaled >= threshold), keys, 0), axis=0)
+                        tl.atomic_max(key_ptr + index, key)
 
 
 @triton.jit
@@ -182,9 +192,13 @@ def race_rest(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.
         rest_best, where = block_best.max(dim=1)
         return torch.where(rest_best > best, block_token.gather(1, where.unsqueeze(1)).squeeze(1), token)
     num_rows, vocab = row_index.shape[0], logits.shape[1]
-    values, indices, count = sampling.gather_candidates(logits, row_index, temperature, threshold, block_max,
-                                                        capacity)
-    dense = count > capacity
+    num_blocks = block_max.shape[1]
+    # rows where most blocks may hold a winner race densely without trying to compact their tokens first
+    most_blocks = max(int(num_blocks * DENSE_BLOCK_FRACTION), capacity // sampling.BLOCK)
+    straight_to_dense = (block_max >= threshold.unsqueeze(1)).sum(dim=1) > most_blocks
+    values, indices, count = sampling.gather_candidates(
+        logits, row_index, temperature, torch.where(straight_to_dense, float("inf"), threshold), block_max, capacity)
+    dense = straight_to_dense | (count > capacity)
     if shared is not None and vocab < sampling.BLOCK:
         shared = None  # a segment of the shared kernel would span more than two rows
     keys = torch.zeros(num_rows, dtype=torch.int64, device=logits.device)
@@ -199,7 +213,6 @@ def race_rest(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.
                                                    block_max, torch.where(dense, threshold, float("inf")))
     out = torch.empty_like(token)
     if num_rows:
-        num_blocks = block_max.shape[1]
         _finish_kernel[(num_rows,)](
             values, indices, count, row_max, streams.contiguous(), block_best, block_token, keys, best, token, out,
             capacity, num_blocks, vocab, CHUNK=CHUNK, BLOCKS=next_power_of_2(num_blocks),
