@@ -196,16 +196,22 @@ def test_race_rest_in_the_interpreter_listed_and_dense(interpret, monkeypatch):
             assert got == want, (scale, capacity)
 
 
-def test_shared_stream_dense_race_in_the_interpreter(interpret):
-    """Rows drawing from one shared call (bases position * vocab; a stride that is no multiple of the block) race
-    densely through the shared kernel to the tokens of the per-row dense race; a seeded row beside them."""
-    generator = torch.Generator().manual_seed(6)
+def _shared_stream_rows(seed: int):
+    """Logits (5, 2100), the streams of 4 rows (3 of one shared call, bases position * vocab, a stride that is no
+    multiple of the block; a seeded row among them) and their ``race.SharedStream``."""
+    generator = torch.Generator().manual_seed(seed)
     vocab, stride = 2100, 1280
     logits = torch.randn(5, vocab, generator=generator) * 0.5
     stream_rows = [[77, 8, position * vocab, stride] for position in range(3)]
     stream_rows.insert(1, [5, 0, 0, 2304])
-    shared = race.shared_stream(stream_rows, [True, False, True, True], torch.device("cpu"))
-    assert shared.index.tolist() == [0, 2, 3] and shared.min_stride == stride
+    return logits, stream_rows, race.shared_stream(stream_rows, [True, False, True, True], torch.device("cpu"))
+
+
+def test_shared_stream_dense_race_in_the_interpreter(interpret):
+    """Rows drawing from one shared call race densely through the shared kernel to the tokens of the per-row
+    dense race; a seeded row beside them."""
+    logits, stream_rows, shared = _shared_stream_rows(6)
+    assert shared.index.tolist() == [0, 2, 3] and shared.min_stride == 1280
     got, want = _race_rest_and_expected(logits, torch.tensor(stream_rows), shared=shared, capacity=16)
     assert got == want
 
@@ -297,12 +303,7 @@ def test_race_rest_straight_to_the_dense_race_in_the_interpreter(interpret, monk
     """Rows whose blocks mostly reach the threshold skip the compaction: the same tokens, seeded and shared
     streams alike."""
     monkeypatch.setattr(race, "DENSE_BLOCK_FRACTION", 0.0)
-    generator = torch.Generator().manual_seed(8)
-    vocab, stride = 2100, 1280
-    logits = torch.randn(5, vocab, generator=generator) * 0.5
-    stream_rows = [[77, 8, position * vocab, stride] for position in range(3)]
-    stream_rows.insert(1, [5, 0, 0, 2304])
-    shared = race.shared_stream(stream_rows, [True, False, True, True], torch.device("cpu"))
+    logits, stream_rows, shared = _shared_stream_rows(8)
     for kwargs in (dict(), dict(shared=shared)):
         got, want = _race_rest_and_expected(logits, torch.tensor(stream_rows), capacity=16, **kwargs)
         assert got == want, kwargs
