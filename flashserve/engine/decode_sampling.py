@@ -11,8 +11,9 @@ the shared generator (in order) is written too, for the dense race (``race.Share
 Per padded batch size two graphs are captured: the argmax alone (a batch without sampled rows), and the whole
 sort-free sampler over every row (``nucleus.sample_without_fallback`` with ``truncated=None``) whose greedy rows
 then take the argmax. Padding rows and greedy rows race with placeholder options and stream (their draws are not
-taken from any generator) and their tokens are discarded. The rare truncated row whose boundary the candidates do
-not determine is sampled again, eagerly, by the sort (``nucleus.sample``'s fallback) from the logits the graph read.
+taken from any generator) and their tokens are discarded; their top-k of 1 keeps that race to one block. The rare
+truncated row whose boundary the candidates do not determine is sampled again, eagerly, by the sort
+(``nucleus.sample``'s fallback) from the logits the graph read.
 
 The tokens are those of the eager ``Sampler`` for the same batch and seeds: the same per-row kernels run on the
 same logits, and the same Philox offsets are claimed from the same generators in the same order
@@ -30,6 +31,9 @@ from flashserve.kernels import nucleus, race, sampling
 from flashserve.kernels.reference import sampling as reference
 
 _PLACEHOLDER_STREAM = [0, 0, 0, 256]  # the stream of rows whose draws are discarded (no generator is advanced)
+# Their top-k: 1 makes them truncated rows, whose race is over one block's candidates (untruncated ones would
+# race every token of the vocabulary, per-token Philox calls included, for a token that is thrown away).
+_PLACEHOLDER_TOP_K = 1
 
 
 def workspace_bytes(rows: int, vocab_size: int) -> int:
@@ -167,7 +171,7 @@ class DecodeSampling:
     def _write_placeholders(self, start: int, stop: int) -> None:
         """Rows ``start:stop`` as greedy rows with neutral options."""
         self.streams.array[start:stop] = _PLACEHOLDER_STREAM
-        self.top_k.array[start:stop] = 0
+        self.top_k.array[start:stop] = _PLACEHOLDER_TOP_K
         self.temperature.array[start:stop] = 1.0
         self.top_p.array[start:stop] = 1.0
         self.min_p.array[start:stop] = 0.0
