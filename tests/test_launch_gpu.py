@@ -36,7 +36,7 @@ class _Counting:
         return getattr(self.kernel, name)
 
 
-def _launch_case(launcher, n, stride, offset, dtype, scale, alpha=0.5):
+def _launch_case(launcher, n, stride, offset, scale, dtype, alpha=0.5):
     buffers = [torch.randn(n * stride + offset + 16, device="cuda").to(dtype) for _ in range(3)]
     x, y, out = (b[offset:offset + n * stride] for b in buffers)
     launcher((triton.cdiv(n, 128),), (x, y, out, n, stride, alpha), dict(BLOCK=128, SCALE=scale), num_warps=4)
