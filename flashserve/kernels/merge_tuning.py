@@ -25,7 +25,17 @@ CANDIDATES = tuple(MergeConfig(tile, warps, evict) for tile in (2048, 4096, 8192
 # Upper bounds of the token classes (the last class is open-ended).
 TOKEN_CLASS_BOUNDS = (768, 2048)
 # (row bytes, token class) -> config, from bench_merge.py's sweep on the H200 (it prints this table).
-TUNED: dict[tuple[int, int], MergeConfig] = {}
+TUNED: dict[tuple[int, int], MergeConfig] = {  # NVIDIA H200, triton 3.6, 2026-12-02
+    (4096, 0): MergeConfig(2048, 8, True),
+    (4096, 1): MergeConfig(4096, 4, True),
+    (4096, 2): MergeConfig(2048, 8, True),
+    (8192, 0): MergeConfig(8192, 8, True),
+    (8192, 1): MergeConfig(2048, 8, True),
+    (8192, 2): MergeConfig(2048, 8, False),
+    (12288, 0): MergeConfig(4096, 4, True),
+    (12288, 1): MergeConfig(2048, 8, True),
+    (12288, 2): MergeConfig(2048, 8, False),
+}
 
 
 def token_class(num_tokens: int) -> int:
