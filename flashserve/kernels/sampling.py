@@ -187,33 +187,26 @@ def gather_candidates(logits: torch.Tensor, rows: torch.Tensor, temperature: tor
 @triton.jit
 def _race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_max_ptr, floor_ptr, bound_ptr,
                  block_max_ptr, streams_ptr, vocab, best_ptr, best_index_ptr, num_blocks, BLOCK: tl.constexpr,
-                 BLOCKS_PER_PROGRAM: tl.constexpr, LIBDEVICE_LOG: tl.constexpr):
+                 LIBDEVICE_LOG: tl.constexpr):
     index = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
     threshold = tl.maximum(tl.load(floor_ptr + index), tl.load(bound_ptr + index))
-    for step in tl.static_range(BLOCKS_PER_PROGRAM):
-        block = tl.program_id(1) * BLOCKS_PER_PROGRAM + step
-        if block < num_blocks:
-            largest = tl.load(block_max_ptr + index * num_blocks + block)
-            best = -1.0
-            best_index = block * BLOCK
-            if largest >= threshold:  # else no token of the block can win
-                row = tl.load(rows_ptr + index)
-                cols = block * BLOCK + tl.arange(0, BLOCK)
-                mask = cols < vocab
-                logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
-                weight = tl.exp(scaled - tl.load(row_max_ptr + index))
-                ratio = tl.where(mask & (scaled >= threshold),
-                                 weight / _exponential(streams_ptr, index, cols, LIBDEVICE_LOG), -1.0)
-                best = tl.max(ratio, axis=0)
-                best_index = tl.argmax(ratio, axis=0) + block * BLOCK
-            tl.store(best_ptr + index * num_blocks + block, best)
-            tl.store(best_index_ptr + index * num_blocks + block, best_index.to(tl.int64))
-
-
-# Blocks per program of ``race_blocks``: most blocks are skipped, and a grid of one-block programs costs its launch
-# even then (24.5 µs for 256 rows x 149 blocks on an H200).
-RACE_BLOCKS_PER_PROGRAM = 8
+    largest = tl.load(block_max_ptr + index * num_blocks + block)
+    best = -1.0
+    best_index = block * BLOCK
+    if largest >= threshold:  # else no token of the block can win
+        row = tl.load(rows_ptr + index)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < vocab
+        logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
+        weight = tl.exp(scaled - tl.load(row_max_ptr + index))
+        ratio = tl.where(mask & (scaled >= threshold), weight / _exponential(streams_ptr, index, cols, LIBDEVICE_LOG),
+                         -1.0)
+        best = tl.max(ratio, axis=0)
+        best_index = tl.argmax(ratio, axis=0) + block * BLOCK
+    tl.store(best_ptr + index * num_blocks + block, best)
+    tl.store(best_index_ptr + index * num_blocks + block, best_index.to(tl.int64))
 
 
 def race_blocks(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, row_max: torch.Tensor,
@@ -229,10 +222,9 @@ def race_blocks(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Ten
     best = torch.empty((num_rows, num_blocks), dtype=torch.float32, device=logits.device)
     best_index = torch.empty((num_rows, num_blocks), dtype=torch.int64, device=logits.device)
     if num_rows:
-        _race_kernel[(num_rows, cdiv(num_blocks, RACE_BLOCKS_PER_PROGRAM))](
+        _race_kernel[(num_rows, num_blocks)](
             logits, rows, logits.stride(0), temperature, row_max, floor, bound, block_max, streams.contiguous(),
-            logits.shape[1], best, best_index, num_blocks, BLOCK=BLOCK, BLOCKS_PER_PROGRAM=RACE_BLOCKS_PER_PROGRAM,
-            LIBDEVICE_LOG=not triton_interpret_enabled())
+            logits.shape[1], best, best_index, num_blocks, BLOCK=BLOCK, LIBDEVICE_LOG=not triton_interpret_enabled())
     return best, best_index
 
 
