@@ -9,11 +9,11 @@ Entry points: ``flash_attn_with_kvcache`` (paged, B1 L4096, H 32 / KVH 8, d 128,
 the same tensors, then with a fresh length tensor per call), ``paged_attention.decode`` (the engine's unchecked
 decode, same shape) and ``merge_attn_states`` (T 4096, H 32, d 128). Medians and minima over ``--rounds`` rounds
 of ``--calls`` calls, µs per call (on a shared machine the minima are the steadier figure).
-Where a ``_launch.CachedLauncher`` launches a kernel, the stub replaces the launcher's kernel, so its key is in the
-figure (it replaces Triton's binding on the GPU). A second table times, on the last recorded call of each kernel,
-the part of Triton's ``JITFunction.run`` that the launcher skips (binder and cache key, for a CUDA sm_90 target)
-and the launcher's key: per launch, "before" pays the first and "after" the second (the C launcher after them is
-the same).
+Where a ``_launch.CachedLauncher`` launches a kernel, the stub stands for the compiled kernel that Triton's path
+returns: its launcher's fast path runs in full (key, stream, argument tuple, ``launch_metadata``) and only the C
+launcher itself (``CompiledKernel.run``) does nothing. A second table times, on the first recorded call of each
+kernel, the part of Triton's ``JITFunction.run`` that the launcher skips (binder and cache key, for a CUDA sm_90
+target) and the launcher's generic key.
 Usage: python benchmarks/host_kernel_api.py [--out DIR] [--rounds 30] [--calls 300]
 """
 import argparse
@@ -33,22 +33,41 @@ from flashserve.kernels import decode, index_checks, kvcache_interface, merge, p
 HEADS, HEADS_K, HEAD_DIM, PAGE, SEQLEN = 32, 8, 128, 16, 4096
 
 
+class _StubCompiled:
+    """Stands in for the compiled kernel Triton returns: ``run`` (the C launcher) does nothing but hand the kernel's
+    arguments to ``on_launch``."""
+    function = packed_metadata = None
+
+    def __init__(self, on_launch):
+        self.on_launch = on_launch
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, grid_0, grid_1, grid_2, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
+        if self.on_launch is not None:
+            self.on_launch(args)
+
+
 class _StubKernel:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` does nothing but keep the last
-    arguments; ``on_launch`` may act on them (the index check writes its flags)."""
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` keeps the first arguments, lets
+    ``on_launch`` act on them (the index check writes its flags) and returns a ``_StubCompiled``."""
     pre_run_hooks = ()
 
     def __init__(self, on_launch=None):
         self.on_launch = on_launch
-        self.last_call = None
+        self.first_call = None
+        self.compiled = _StubCompiled(on_launch)
 
     def __getitem__(self, grid):
         return self._launch
 
     def _launch(self, *args, **meta):
-        self.last_call = (args, meta)
+        if self.first_call is None:
+            self.first_call = (args, dict(meta))
         if self.on_launch is not None:
             self.on_launch(args)
+        return self.compiled
 
 
 class _FakeDriver:
@@ -57,6 +76,10 @@ class _FakeDriver:
     class active:
         @staticmethod
         def get_current_device():
+            return 0
+
+        @staticmethod
+        def get_current_stream(device):
             return 0
 
 
@@ -69,8 +92,8 @@ _KERNELS = [(merge, "_merge_kernel", "MERGE_LAUNCHER", None), (decode, "_decode_
 @contextlib.contextmanager
 def stubbed_launches():
     """Force the Triton path on CPU tensors with every kernel of the measured entry points stubbed: where a
-    ``_launch.CachedLauncher`` launches it, the launcher's kernel (so its key is computed, as on the GPU), else
-    the module's kernel."""
+    ``_launch.CachedLauncher`` launches it, the launcher's kernel (the launcher, with a fresh cache, then runs its
+    fast path as on the GPU), else the module's kernel."""
     patches = [(module, "use_triton", lambda tensor: True)
                for module in (kvcache_interface, paged_attention, merge, index_checks)]
     for module, kernel_name, launcher_name, on_launch in _KERNELS:
@@ -79,6 +102,7 @@ def stubbed_launches():
             patches.append((module, kernel_name, _StubKernel(on_launch)))
         else:
             patches.append((launcher, "kernel", _StubKernel(on_launch)))
+            patches.append((launcher, "_entries", {}))
             patches.append((sys.modules[type(launcher).__module__], "_triton_driver", lambda: _FakeDriver))
     saved = [(target, name, getattr(target, name)) for target, name, _ in patches]
     try:
@@ -166,12 +190,12 @@ def main():
     with stubbed_launches() as stubs:
         timings = {name: per_call_us(fn, args.rounds, args.calls) for name, fn in entry_points().items()}
     with _patched(sys.modules["flashserve.kernels._launch"], "_triton_driver", lambda: _FakeDriver):
-        binding = {name: binding_us(getattr(module, name), stubs[name].last_call, args.rounds, args.calls)
-                   for module, name, _, _ in _KERNELS if stubs[name].last_call is not None}
+        binding = {name: binding_us(getattr(module, name), stubs[name].first_call, args.rounds, args.calls)
+                   for module, name, _, _ in _KERNELS if stubs[name].first_call is not None}
     text = (f"host µs per eager call, launches stubbed ({os.cpu_count()} CPUs, torch {torch.__version__})\n\n"
             + markdown_table(["entry point", "median µs", "min µs"],
                              [[name, f"{median:.1f}", f"{low:.1f}"] for name, (median, low) in timings.items()])
-            + "\n\nPython per launch of the argument binding, on the last recorded call of each kernel (median / min "
+            + "\n\nPython per launch of the argument binding, on the first recorded call of each kernel (median / min "
             "µs): Triton's JITFunction.run (binder + cache key) and CachedLauncher's key\n\n"
             + markdown_table(["kernel", "JITFunction.run binding", "CachedLauncher key"],
                              [[name, "%.1f / %.1f" % r["triton"],
