@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
 from flashserve.kernels import flash_attn_with_kvcache, index_checks, paged_attention
-from flashserve.kernels.decode import launch_decode
+from flashserve.kernels.decode_launch import launch_decode
 
 SHAPES = [(64, 4096), (256, 1024), (8, 32768), (1, 4096), (1, 131072)]
 HEADS, HEADS_K, HEAD_DIM, PAGE = 32, 8, 128, 16

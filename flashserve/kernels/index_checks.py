@@ -150,11 +150,13 @@ def check_kvcache_values(batch: int, cache_seqlens, seqlen_new: int, capacity: i
     """The value checks of ``flash_attn_with_kvcache`` (``cache_seqlens`` a (B,) int32 tensor or an int): one
     Triton launch and one synchronisation where the kernels run, PyTorch ops on the reference path. Skipped while
     a graph is captured, and when these index tensors passed the same check unchanged (``KVCACHE_CHECKED``)."""
-    tensors = tuple(t if isinstance(t, torch.Tensor) else None
-                    for t in (cache_seqlens, block_table, cache_batch_idx, cache_leftpad))
-    if batch == 0 or all(t is None for t in tensors) or capturing():
+    seqlens_tensor = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    if batch == 0 or (seqlens_tensor is None and block_table is None and cache_batch_idx is None
+                      and cache_leftpad is None) or capturing():
         return  # (an int length alone was checked on the host by decode_checks)
-    ints = (batch, -1 if tensors[0] is not None else cache_seqlens, seqlen_new, capacity, *k_cache.shape[:2])
+    tensors = (seqlens_tensor, block_table, cache_batch_idx, cache_leftpad)
+    k_shape = k_cache.shape
+    ints = (batch, -1 if seqlens_tensor is not None else cache_seqlens, seqlen_new, capacity, k_shape[0], k_shape[1])
     if KVCACHE_CHECKED.passed(tensors, ints):
         return
     _check_kvcache(batch, cache_seqlens, seqlen_new, capacity, k_cache, block_table, cache_batch_idx, cache_leftpad)

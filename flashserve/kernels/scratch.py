@@ -1,0 +1,66 @@
+"""Scratch memory that one kernel of a call writes and a later kernel of the same call reads (split-KV decode's
+partial states), or that a kernel writes and nobody reads: reused from call to call instead of allocated each
+time (an allocation from PyTorch's caching allocator costs a few µs of host time).
+
+The rule that keeps the reuse safe: one buffer per (device, CUDA stream), used only by work queued on that stream
+while it is the current stream. Work on one stream runs in order, so the kernels of one call are done with the
+buffer before those of the next call on the same stream touch it; a call on another stream (or another thread's
+current stream) gets another buffer. Nothing that leaves a call (its outputs) may live in scratch memory.
+While the current stream is capturing a CUDA graph nothing is reused: the call gets fresh memory from the graph's
+own pool, which the graph keeps for its replays (a cached buffer could later be replaced and freed while a graph
+still points at it). A buffer grows to the largest request and never shrinks; a replaced one goes back to the
+caching allocator, which hands it out again only to work on the stream it was allocated on (this one), after the
+work already queued there.
+"""
+import torch
+
+_MAX_VIEWS = 64
+
+
+class StreamScratch:
+    """fp32 scratch buffers, one per (device, current stream). Not thread-safe beyond the GIL, which is enough:
+    threads with different current streams use different buffers, and one stream's work runs in order."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._views: dict[tuple, tuple] = {}  # (device, stream, numel, offsets) -> views of that stream's buffer
+
+    def views(self, device: torch.device, numel: int, offsets: tuple) -> tuple:
+        """``buffer[offset:]`` for each offset of ``offsets``, ``buffer`` holding at least ``numel`` fp32 values
+        (contents undefined), for work queued on the current stream of ``device``."""
+        stream = _current_stream(device)
+        if stream is _CAPTURING:
+            buffer = torch.empty(numel, dtype=torch.float32, device=device)
+            return tuple(buffer[offset:] for offset in offsets)
+        key = (device, stream, numel, offsets)
+        views = self._views.get(key)
+        if views is not None:
+            return views
+        buffer = self._buffers.get((device, stream))
+        if buffer is None or buffer.numel() < numel:
+            self._views = {k: v for k, v in self._views.items() if k[:2] != (device, stream)}
+            buffer = self._buffers[(device, stream)] = torch.empty(max(numel, 1), dtype=torch.float32, device=device)
+        views = tuple(buffer[offset:] for offset in offsets)
+        if len(self._views) < _MAX_VIEWS:
+            self._views[key] = views
+        return views
+
+    def clear(self) -> None:
+        self._buffers.clear()
+        self._views.clear()
+
+
+_CAPTURING = object()
+
+
+def _current_stream(device: torch.device):
+    """The current stream of a CUDA device as a raw handle (None off CUDA); _CAPTURING while it captures a graph."""
+    if device.type != "cuda":
+        return None
+    if torch.cuda.is_current_stream_capturing():
+        return _CAPTURING
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
+# The library's scratch memory (decode's split-KV partial states).
+SCRATCH = StreamScratch()
