@@ -139,9 +139,10 @@ class LaunchPlan:
         self.options = options
         self._tail = (*self.scalars, *constexprs.values())
         self._compiled: dict[tuple, object] = {}  # launcher state -> compiled kernel (aligned tensors)
+        self._state = launcher.state
 
     def __call__(self, tensors: tuple) -> None:
-        state = self.launcher.state()
+        state = self._state()
         aligned = state is not None and not functools.reduce(operator.or_, map(_data_ptr, tensors)) & 15
         compiled = self._compiled.get(state) if aligned else None
         if compiled is not None:

@@ -66,7 +66,9 @@ class DecodePlan:
 
     def __init__(self, q, k_cache, v_cache, block_table, cache_batch_idx, alibi_slopes, cache_leftpad, key_start,
                  softmax_scale, softcap, window_left, window_right, capacity, num_splits, write_lse, fused_combine):
-        self.out_shape, self.dtype, self.device = q.shape, q.dtype, q.device
+        # out like q where q is contiguous (empty_like is the cheapest allocation), else a contiguous tensor
+        self.out_like_q = q.is_contiguous()
+        self.out_shape, self.dtype, self.device = tuple(q.shape), q.dtype, q.device
         if q.dim() == 3:  # one query per sequence
             q = q.unsqueeze(1)
         batch, seqlen_q, num_heads, head_dim = q.shape
@@ -114,7 +116,7 @@ class DecodePlan:
     def __call__(self, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, cache_leftpad,
                  key_start):
         device = self.device
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=device)
+        out = torch.empty_like(q) if self.out_like_q else torch.empty(self.out_shape, dtype=self.dtype, device=device)
         lse = None if self.lse_shape is None else torch.empty(self.lse_shape, dtype=torch.float32, device=device)
         if self.scratch_numel:
             part, part_lse, unread_lse = SCRATCH.views(device, self.scratch_numel, self.scratch_offsets)
