@@ -49,6 +49,15 @@ def test_repeated_plain_call_skips_the_argument_checks_but_not_the_value_checks(
     assert len(checked) == 3
 
 
+def test_repeated_int_lengths_reuse_their_length_tensor():
+    args = _decode_args(int_seqlens=True)
+    capacity = args["block_table"].shape[1] * args["k_cache"].shape[1]
+    for _ in range(2):
+        torch.testing.assert_close(flash_attn_with_kvcache(**args), _reference_out(args), atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        flash_attn_with_kvcache(**{**args, "cache_seqlens": capacity + 1})
+
+
 def test_outputs_never_share_memory_across_calls():
     """Split partial states live in scratch memory reused by the next call; outputs never do."""
     first_args, second_args = _decode_args(0, num_splits=3), _decode_args(1, num_splits=3)

@@ -1,7 +1,7 @@
 """``flash_attn_with_kvcache`` (FlashAttention 2's signature): validate, append the new keys/values, then run the
 decode kernels of ``decode.py`` (or the PyTorch reference, see ``_dispatch``).
 
-Eager fast path: a plain call (a (B,) length tensor, optionally a block table, nothing appended, no rotary,
+Eager fast path: a plain call (a (B,) length tensor or an int, maybe a block table, nothing appended, no rotary,
 leftpad, ALiBi, window or softcap) whose tensors have the geometry (types, shapes, strides, dtypes, devices) and
 scalar arguments of an earlier call that passed every argument check reuses that call's result of the checks and
 its launch plan (``decode_launch.DecodePlan``): only the index-value checks (``index_checks``) and the launch remain.
@@ -14,6 +14,7 @@ from flashserve.kernels.decode_checks import check_kvcache_args
 from flashserve.kernels.decode_launch import decode_plan
 from flashserve.kernels.index_checks import check_kvcache_values
 from flashserve.kernels.kvcache_append import append_new_tokens
+from flashserve.kernels.scratch import SCRATCH
 from flashserve.kernels.reference import decode as reference
 
 
@@ -69,7 +70,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if known is not None and use_triton(q):
             capacity, plan = known
             check_kvcache_values(q.shape[0], cache_seqlens, 0, capacity, k_cache, block_table, None, None)
-            out, lse = plan(q, k_cache, v_cache, cache_seqlens, block_table, None, None, None, None)
+            lengths = SCRATCH.constant(q.device, q.shape[0], cache_seqlens) if type(cache_seqlens) is int \
+                else cache_seqlens
+            out, lse = plan(q, k_cache, v_cache, lengths, block_table, None, None, None, None)
             return (out, lse) if return_softmax_lse else out
     window_left, window_right, capacity = check_kvcache_args(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
@@ -83,7 +86,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is None:
         cache_seqlens = capacity
     if type(cache_seqlens) is int:
-        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+        cache_seqlens = SCRATCH.constant(q.device, q.shape[0], cache_seqlens)
     seqlens_k = cache_seqlens
     if k is not None:
         q = append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
@@ -109,13 +112,19 @@ _PLAIN_CALLS: dict[tuple, tuple] = {}  # _plain_call_key -> (capacity, DecodePla
 def _plain_call_key(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, num_splits,
                     return_softmax_lse):
     """What a plain call's argument checks and launch plan depend on: every tensor's shape, strides, dtype and
-    device, and the scalar arguments; None unless each tensor is a plain ``torch.Tensor`` (block_table: or None)."""
+    device, an int ``cache_seqlens``'s value, and the scalar arguments; None unless each tensor is a plain
+    ``torch.Tensor`` (block_table: or None) and ``cache_seqlens`` a tensor or an int."""
     if not (type(q) is torch.Tensor and type(k_cache) is torch.Tensor and type(v_cache) is torch.Tensor
-            and type(cache_seqlens) is torch.Tensor and (block_table is None or type(block_table) is torch.Tensor)):
+            and (block_table is None or type(block_table) is torch.Tensor)):
+        return None
+    if type(cache_seqlens) is torch.Tensor:
+        lengths = (cache_seqlens.shape, cache_seqlens.stride(), cache_seqlens.dtype, cache_seqlens.device)
+    elif type(cache_seqlens) is int:
+        lengths = cache_seqlens
+    else:
         return None
     table = None if block_table is None else (block_table.shape, block_table.stride(), block_table.dtype,
                                               block_table.device)
     return (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.device,
-            v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, cache_seqlens.shape,
-            cache_seqlens.stride(), cache_seqlens.dtype, cache_seqlens.device, table, type(softmax_scale),
+            v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, lengths, table, type(softmax_scale),
             softmax_scale, bool(causal), num_splits, bool(return_softmax_lse), decode.FUSED_COMBINE_MAX_GROUPS)

@@ -1,6 +1,7 @@
 """Scratch memory that one kernel of a call writes and a later kernel of the same call reads (split-KV decode's
-partial states), or that a kernel writes and nobody reads: reused from call to call instead of allocated each
-time (an allocation from PyTorch's caching allocator costs a few µs of host time).
+partial states), or that a kernel writes and nobody reads, and small constant tensors that kernels only read (an
+int ``cache_seqlens`` as a length tensor): reused from call to call instead of allocated (and filled) each time
+(an allocation from PyTorch's caching allocator costs a few µs of host time, a fill one more launch).
 
 The rule that keeps the reuse safe: one buffer per (device, CUDA stream), used only by work queued on that stream
 while it is the current stream. Work on one stream runs in order, so the kernels of one call are done with the
@@ -15,6 +16,7 @@ work already queued there.
 import torch
 
 _MAX_VIEWS = 64
+_MAX_CONSTANTS = 64
 
 
 class StreamScratch:
@@ -24,6 +26,7 @@ class StreamScratch:
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._views: dict[tuple, tuple] = {}  # (device, stream, numel, offsets) -> views of that stream's buffer
+        self._constants: dict[tuple, torch.Tensor] = {}  # (device, stream, numel, value) -> read-only int32 tensor
 
     def views(self, device: torch.device, numel: int, offsets: tuple) -> tuple:
         """``buffer[offset:]`` for each offset of ``offsets``, ``buffer`` holding at least ``numel`` fp32 values
@@ -45,9 +48,24 @@ class StreamScratch:
             self._views[key] = views
         return views
 
+    def constant(self, device: torch.device, numel: int, value: int) -> torch.Tensor:
+        """A (numel,) int32 tensor of ``value`` for work queued on the current stream of ``device`` that only reads
+        it (the same tensor for the same request on the same stream; a fresh one while capturing)."""
+        stream = _current_stream(device)
+        if stream is _CAPTURING:
+            return torch.full((numel,), value, dtype=torch.int32, device=device)
+        key = (device, stream, numel, value)
+        tensor = self._constants.get(key)
+        if tensor is None:
+            if len(self._constants) >= _MAX_CONSTANTS:
+                self._constants.pop(next(iter(self._constants)))
+            tensor = self._constants[key] = torch.full((numel,), value, dtype=torch.int32, device=device)
+        return tensor
+
     def clear(self) -> None:
         self._buffers.clear()
         self._views.clear()
+        self._constants.clear()
 
 
 _CAPTURING = object()
@@ -62,5 +80,5 @@ def _current_stream(device: torch.device):
     return torch._C._cuda_getCurrentRawStream(device.index)
 
 
-# The library's scratch memory (decode's split-KV partial states).
+# The library's scratch memory (decode's split-KV partial states, int lengths as tensors).
 SCRATCH = StreamScratch()
