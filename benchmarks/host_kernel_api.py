@@ -18,6 +18,7 @@ Usage: python benchmarks/host_kernel_api.py [--out DIR] [--rounds 30] [--calls 3
 """
 import argparse
 import contextlib
+import ctypes
 import os
 import statistics
 import sys
@@ -35,7 +36,7 @@ HEADS, HEADS_K, HEAD_DIM, PAGE, SEQLEN = 32, 8, 128, 16, 4096
 
 class _StubCompiled:
     """Stands in for the compiled kernel Triton returns: ``run`` (the C launcher) does nothing but hand the kernel's
-    arguments to ``on_launch``."""
+    arguments (and the grid's first size) to ``on_launch``."""
     function = packed_metadata = None
 
     def __init__(self, on_launch):
@@ -46,7 +47,7 @@ class _StubCompiled:
 
     def run(self, grid_0, grid_1, grid_2, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
         if self.on_launch is not None:
-            self.on_launch(args)
+            self.on_launch(args, grid_0)
 
 
 class _StubKernel:
@@ -66,7 +67,7 @@ class _StubKernel:
         if self.first_call is None:
             self.first_call = (args, dict(meta))
         if self.on_launch is not None:
-            self.on_launch(args)
+            self.on_launch(args, None)
         return self.compiled
 
 
@@ -86,7 +87,17 @@ class _FakeDriver:
 # (module, kernel attribute, launcher attribute or None, what the stub does with the arguments)
 _KERNELS = [(merge, "_merge_kernel", "MERGE_LAUNCHER", None), (decode, "_decode_kernel", "DECODE_LAUNCHER", None),
             (decode, "_combine_splits_kernel", "COMBINE_LAUNCHER", None),
-            (index_checks, "_kvcache_check_kernel", "KVCACHE_CHECK_LAUNCHER", lambda args: args[4].zero_())]
+            (index_checks, "_kvcache_check_kernel", "KVCACHE_CHECK_LAUNCHER", lambda args, programs: _clear_flags(
+                args[4], programs))]
+
+
+def _clear_flags(flags, programs) -> None:
+    """The index check's stub result, "every value fine": its int32 flags (a tensor, or the data pointer a
+    ``LaunchPlan`` passes, one flag per program) set to 0."""
+    if isinstance(flags, torch.Tensor):
+        flags.zero_()
+    else:
+        ctypes.memset(flags, 0, 4 * programs)
 
 
 @contextlib.contextmanager

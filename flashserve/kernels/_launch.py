@@ -128,7 +128,10 @@ class LaunchPlan:
     the scalars and constexprs (fixed here) and every tensor's dtype. Per call the plan checks the launcher's
     ``state`` (current device, knobs, hooks) and the tensors' alignment: when every data pointer is 16-byte aligned
     (all Triton specialises a pointer on) it reuses the compiled kernel it found for that state; anything else goes
-    through ``CachedLauncher.launch``, which keys every argument.
+    through ``CachedLauncher.launch``, which keys every argument. On that reuse the tensors are passed as their data
+    pointers (ints; tensors when a launch-enter hook wants to see them): Triton's C launcher then skips its
+    ``data_ptr`` call and driver query per pointer (the query only turns a CPU tensor into an error: the caller's
+    key must also pin the tensors' devices, or its caller guarantee them).
     """
 
     def __init__(self, launcher: CachedLauncher, grid: tuple, scalars: tuple, constexprs: dict, options: dict):
@@ -143,10 +146,12 @@ class LaunchPlan:
 
     def __call__(self, tensors: tuple) -> None:
         state = self._state()
-        aligned = state is not None and not functools.reduce(operator.or_, map(_data_ptr, tensors)) & 15
+        pointers = tuple(map(_data_ptr, tensors))
+        aligned = state is not None and not functools.reduce(operator.or_, pointers) & 15
         compiled = self._compiled.get(state) if aligned else None
         if compiled is not None:
-            run_compiled(compiled, state[0], self.grid, tensors + self._tail)
+            run_compiled(compiled, state[0], self.grid,
+                         (pointers if _no_hook(knobs.runtime.launch_enter_hook) else tensors) + self._tail)
             return
         compiled = self.launcher.launch(self.grid, tensors + self.scalars, self.constexprs, self.options)
         if aligned and compiled is not None and len(self._compiled) < 8:
@@ -158,13 +163,19 @@ _data_ptr = torch.Tensor.data_ptr
 
 def run_compiled(compiled, device: int, grid: tuple, full: tuple) -> None:
     """The launch ``JITFunction.run`` makes of a compiled kernel: ``grid`` has three entries, ``full`` is every
-    argument, constexprs included, in signature order. (``launch_metadata`` is None without an enter hook.)"""
+    argument, constexprs included, in signature order. (The launch metadata is only for an enter hook: not built
+    without one.)"""
     stream = _triton_driver().active.get_current_stream(device)
     runtime = knobs.runtime
     enter_hook = runtime.launch_enter_hook
-    metadata = None if enter_hook is None else compiled.launch_metadata(grid, stream, *full)
+    metadata = None if _no_hook(enter_hook) else compiled.launch_metadata(grid, stream, *full)
     compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata, enter_hook,
                  runtime.launch_exit_hook, *full)
+
+
+def _no_hook(hook) -> bool:
+    """Whether a launch hook knob holds no hook: None (Triton 3.6-) or an empty ``HookChain`` (later releases)."""
+    return hook is None or not getattr(hook, "calls", True)
 
 
 _MISSING = object()
