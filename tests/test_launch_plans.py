@@ -77,6 +77,8 @@ def test_engine_decode_and_merge_fast_paths_match_the_reference():
         out = paged_attention.decode(q[:, 0], k_cache, v_cache, seqlens, table, q.shape[-1] ** -0.5)
         assert out.shape == q[:, 0].shape
         torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+    empty = paged_attention.decode(q[:0, 0], k_cache, v_cache, seqlens[:0], table[:0], 0.25)
+    assert empty.shape == (0, *q.shape[2:])
     states = [torch.randn(5, 4, 16) for _ in range(3)]
     lses = [torch.randn(4, 5) for _ in range(3)]
     expected, expected_lse = torch.empty(5, 4, 16), torch.empty(4, 5)

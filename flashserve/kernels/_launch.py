@@ -1,6 +1,7 @@
 """Host-side launch arithmetic in plain Python: ``triton.next_power_of_2`` and ``triton.cdiv`` are constexpr
-functions that cost microseconds per call from Python, which adds up on launch-bound decode steps; and the upload of
-small host lists."""
+functions that cost microseconds per call from Python, which adds up on launch-bound decode steps; the upload of
+small host lists; and the launchers that skip Triton's per-call argument binding (``CachedLauncher``, and
+``LaunchPlan`` for launches whose every non-tensor argument is fixed)."""
 import functools
 import operator
 import os
@@ -52,7 +53,8 @@ class CachedLauncher:
     passed out of their signature order, a Triton release other than 3.6-3.9 (where the launch call is known), the
     interpreter, pre-run or pipeline-inspection hooks — takes Triton's own path, as does the first call of every
     key. Not re-checked on the fast path: Triton's test that globals the kernel reads have not changed since it was
-    compiled.
+    compiled. ``plan`` fixes everything but the tensors of a launch (``LaunchPlan``: for callers that cache plans
+    by the geometry of their inputs).
     """
 
     MAX_ENTRIES = 512

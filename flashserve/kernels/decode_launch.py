@@ -86,6 +86,7 @@ class DecodePlan:
         # kernel that writes one: one split, or the fused combine).
         lse_numel = batch * num_heads * seqlen_q
         unread_lse = not write_lse and (splits == 1 or fused_combine)
+        self.uses_scratch = splits > 1 or unread_lse
         self.scratch_numel = num_states * (head_dim + 1) + (lse_numel if unread_lse else 0)
         self.scratch_offsets = (0, num_states * head_dim, num_states * (head_dim + 1))
         self.splits = splits
@@ -118,7 +119,7 @@ class DecodePlan:
         device = self.device
         out = torch.empty_like(q) if self.out_like_q else torch.empty(self.out_shape, dtype=self.dtype, device=device)
         lse = None if self.lse_shape is None else torch.empty(self.lse_shape, dtype=torch.float32, device=device)
-        if self.scratch_numel:
+        if self.uses_scratch:
             part, part_lse, unread_lse = SCRATCH.views(device, self.scratch_numel, self.scratch_offsets)
         if self.splits == 1:
             target_out, target_lse = out, unread_lse if lse is None else lse
