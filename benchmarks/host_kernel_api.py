@@ -1,19 +1,20 @@
 """Host time per eager call of the kernel API's entry points, the Triton launches themselves stubbed out (CPU).
 
 What a call spends in Python before its kernels start: argument checks, launch arithmetic, buffer allocations and
-the index-value checks — everything but Triton's own launcher (``JITFunction.run``, measured on the GPU by the
+the index-value checks — everything but Triton's C launcher (``CompiledKernel.run``; the GPU figures are the
 benchmarks' "wall µs" columns). The Triton path is forced on CPU tensors and every kernel of the path is replaced
 by a stub that accepts its arguments and does nothing (the index-check kernel's stub reports "all values fine"),
 so the tensors are CPU tensors and the device synchronisation of the index check (GPU only) is not in the figure.
-Entry points: ``flash_attn_with_kvcache`` (paged, B1 L4096, H 32 / KVH 8, d 128, a (B,) length tensor; twice with
-the same tensors, then with a fresh length tensor per call), ``paged_attention.decode`` (the engine's unchecked
+Entry points: ``flash_attn_with_kvcache`` (paged, B1 L4096, H 32 / KVH 8, d 128, the same (B,) length tensor every
+call, a fresh length tensor per call, or an int length), ``paged_attention.decode`` (the engine's unchecked
 decode, same shape) and ``merge_attn_states`` (T 4096, H 32, d 128). Medians and minima over ``--rounds`` rounds
 of ``--calls`` calls, µs per call (on a shared machine the minima are the steadier figure).
 Where a ``_launch.CachedLauncher`` launches a kernel, the stub stands for the compiled kernel that Triton's path
 returns: its launcher's fast path runs in full (key, stream, argument tuple, ``launch_metadata``) and only the C
 launcher itself (``CompiledKernel.run``) does nothing. A second table times, on the first recorded call of each
 kernel, the part of Triton's ``JITFunction.run`` that the launcher skips (binder and cache key, for a CUDA sm_90
-target) and the launcher's generic key.
+target) and the launcher's generic key (the entry points' repeated calls launch through per-geometry
+``_launch.LaunchPlan`` s, which skip that key too: their cost is in the first table).
 Usage: python benchmarks/host_kernel_api.py [--out DIR] [--rounds 30] [--calls 300]
 """
 import argparse
