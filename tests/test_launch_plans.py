@@ -1,6 +1,8 @@
 """Per-geometry launch plans on the CPU: the eager fast paths reuse the argument checks and launch plan of a
 geometry seen before but still check index values; ``_launch.LaunchPlan`` reuses a compiled kernel only for what
 its key covers; ``scratch.StreamScratch`` hands out one buffer per stream. (Kernels run in Triton's interpreter.)"""
+import threading
+
 import pytest
 import torch
 from triton import knobs
@@ -167,3 +169,8 @@ def test_stream_scratch_reuses_one_buffer_and_grows():
     assert bigger[0].numel() >= 100
     again = scratch.views(cpu, 10, (0, 4))  # rebuilt on the grown buffer
     assert again is not first and again[0].data_ptr() == bigger[0].data_ptr()
+    other_thread = []
+    thread = threading.Thread(target=lambda: other_thread.append(scratch.views(cpu, 10, (0, 4))))
+    thread.start()
+    thread.join()
+    assert other_thread[0][0].data_ptr() != again[0].data_ptr()  # another thread: its own buffer

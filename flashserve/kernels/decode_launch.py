@@ -3,8 +3,8 @@
 repeated call with tensors of the same shapes, strides and dtypes only allocates its output and launches.
 
 Per call a plan allocates ``out`` (and ``lse`` when asked: both leave the call, so they are always fresh) and takes
-the split-KV partial states (and an LSE nobody reads) from ``scratch.SCRATCH`` (one buffer per device and stream,
-see its rule for streams and CUDA graphs); its launches are ``_launch.LaunchPlan`` s.
+the split-KV partial states (and an LSE nobody reads) from ``scratch.SCRATCH`` (one buffer per device, stream and
+thread: see its rule for streams, threads and CUDA graphs); its launches are ``_launch.LaunchPlan`` s.
 """
 import torch
 

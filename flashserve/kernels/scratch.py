@@ -3,29 +3,33 @@ partial states), or that a kernel writes and nobody reads, and small constant te
 int ``cache_seqlens`` as a length tensor): reused from call to call instead of allocated (and filled) each time
 (an allocation from PyTorch's caching allocator costs a few µs of host time, a fill one more launch).
 
-The rule that keeps the reuse safe: one buffer per (device, CUDA stream), used only by work queued on that stream
-while it is the current stream. Work on one stream runs in order, so the kernels of one call are done with the
-buffer before those of the next call on the same stream touch it; a call on another stream (or another thread's
-current stream) gets another buffer. Nothing that leaves a call (its outputs) may live in scratch memory.
+The rule that keeps the reuse safe: one buffer per (device, CUDA stream, host thread), used only by work that
+thread queues on that stream while it is the current stream. Work on one stream runs in the order it was queued,
+and one thread queues a call's kernels before the next call's, so the kernels of one call are done with the buffer
+before those of the next call touch it; a call on another stream gets another buffer, and so does a call from
+another thread (Triton releases the GIL while it launches, so two threads' launches on one stream can interleave).
+Nothing that leaves a call (its outputs) may live in scratch memory.
 While the current stream is capturing a CUDA graph nothing is reused: the call gets fresh memory from the graph's
 own pool, which the graph keeps for its replays (a cached buffer could later be replaced and freed while a graph
 still points at it). A buffer grows to the largest request and never shrinks; a replaced one goes back to the
 caching allocator, which hands it out again only to work on the stream it was allocated on (this one), after the
 work already queued there.
 """
+import threading
+
 import torch
 
+_MAX_BUFFERS = 64
 _MAX_VIEWS = 64
 _MAX_CONSTANTS = 64
 
 
 class StreamScratch:
-    """fp32 scratch buffers, one per (device, current stream). Not thread-safe beyond the GIL, which is enough:
-    threads with different current streams use different buffers, and one stream's work runs in order."""
+    """fp32 scratch buffers, one per (device, current stream, thread); the dicts need nothing beyond the GIL."""
 
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
-        self._views: dict[tuple, tuple] = {}  # (device, stream, numel, offsets) -> views of that stream's buffer
+        self._views: dict[tuple, tuple] = {}  # (device, stream, thread, numel, offsets) -> views of its buffer
         self._constants: dict[tuple, torch.Tensor] = {}  # (device, stream, numel, value) -> read-only int32 tensor
 
     def views(self, device: torch.device, numel: int, offsets: tuple) -> tuple:
@@ -35,14 +39,19 @@ class StreamScratch:
         if stream is _CAPTURING:
             buffer = torch.empty(numel, dtype=torch.float32, device=device)
             return tuple(buffer[offset:] for offset in offsets)
-        key = (device, stream, numel, offsets)
+        owner = (device, stream, threading.get_ident())
+        key = (*owner, numel, offsets)
         views = self._views.get(key)
         if views is not None:
             return views
-        buffer = self._buffers.get((device, stream))
+        buffer = self._buffers.get(owner)
         if buffer is None or buffer.numel() < numel:
-            self._views = {k: v for k, v in self._views.items() if k[:2] != (device, stream)}
-            buffer = self._buffers[(device, stream)] = torch.empty(max(numel, 1), dtype=torch.float32, device=device)
+            self._views = {k: v for k, v in self._views.items() if k[:3] != owner}
+            if buffer is None and len(self._buffers) >= _MAX_BUFFERS:  # many threads: the oldest buffer goes
+                oldest = next(iter(self._buffers))
+                del self._buffers[oldest]
+                self._views = {k: v for k, v in self._views.items() if k[:3] != oldest}
+            buffer = self._buffers[owner] = torch.empty(max(numel, 1), dtype=torch.float32, device=device)
         views = tuple(buffer[offset:] for offset in offsets)
         if len(self._views) < _MAX_VIEWS:
             self._views[key] = views
