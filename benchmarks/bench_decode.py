@@ -13,7 +13,8 @@ split-KV combine inside the decode kernel (the last program of each group merges
 default, as ``decode.FUSED_COMBINE_MAX_GROUPS`` is 0); shapes with one split show the same time twice.
 "wall µs" is the host's wall clock per eager call in a tight loop of 500 (``common.wall_us``: Python, checks and
 launches included, synchronised only at the ends) of the public function and, in brackets, of the engine's entry
-point: the eager B1 L4096 figure of issue 9's bar (<= 20 µs; cuDNN's eager call takes 17.5 µs).
+point: the eager B1 L4096 figure of issue 9's bar (<= 20 µs; cuDNN's eager call takes 17.5 µs). "host µs" is the
+host's time to queue one such call without waiting for the GPU (``common.host_us``: wrapper + Triton's C launches).
 Also measures the HBM copy bandwidth in the same run.
 Usage: python benchmarks/bench_decode.py [--out DIR] [--shapes 1x4096,64x4096]
 """
@@ -85,6 +86,9 @@ def run_shape(batch: int, seqlen: int) -> dict:
                                                                  HEAD_DIM ** -0.5)),
                paged_wall_us=common.wall_us(ours(k_paged, v_paged, block_table)),
                engine_wall_us=common.wall_us(lambda: paged_attention.decode(q[:, 0], k_paged, v_paged, seqlens,
+                                                                            block_table, HEAD_DIM ** -0.5)),
+               paged_host_us=common.host_us(ours(k_paged, v_paged, block_table)),
+               engine_host_us=common.host_us(lambda: paged_attention.decode(q[:, 0], k_paged, v_paged, seqlens,
                                                                             block_table, HEAD_DIM ** -0.5)))
     row["sdpa_flash_us"], row["sdpa_flash_graph_us"] = sdpa_us(SDPBackend.FLASH_ATTENTION, q_sdpa, k_sdpa, v_sdpa)
     row["sdpa_cudnn_us"], row["sdpa_cudnn_graph_us"] = sdpa_us(SDPBackend.CUDNN_ATTENTION, q_sdpa, k_sdpa, v_sdpa)
@@ -104,7 +108,8 @@ def run_shape(batch: int, seqlen: int) -> dict:
 
 
 def markdown(rows, copy_tbs) -> str:
-    header = ["B", "L", "ours paged µs", "TB/s", "% copy", "wall µs (engine)", "checked µs", "engine µs (TB/s)",
+    header = ["B", "L", "ours paged µs", "TB/s", "% copy", "wall µs (engine)", "host µs (engine)", "checked µs",
+              "engine µs (TB/s)",
               "strided µs (Δ)",
               "dense µs",
               "SDPA flash µs (TB/s)",
@@ -116,6 +121,7 @@ def markdown(rows, copy_tbs) -> str:
         table.append([
             r["batch"], r["seqlen"], f"{r['paged_us']:.1f}", f"{r['paged_tbs']:.2f}",
             f"{100 * r['paged_tbs'] / copy_tbs:.0f}%", f"{r['paged_wall_us']:.1f} ({r['engine_wall_us']:.1f})",
+            f"{r['paged_host_us']:.1f} ({r['engine_host_us']:.1f})",
             f"{r['paged_checked_us']:.1f}",
             f"{r['engine_us']:.1f} ({r['engine_tbs']:.2f})",
             f"{r['paged_strided_us']:.1f} ({delta:+.1f}%)",
