@@ -42,23 +42,26 @@ def test_calls_on_two_streams_at_once():
 
 
 def test_graph_replay_after_the_scratch_buffer_was_replaced():
-    """A captured decode uses memory of the graph's pool, not the stream's scratch buffer: replacing that buffer
-    (a larger split layout) and reusing the freed memory leaves the replay right."""
+    """A captured decode uses memory of the graph's pool, not the capture stream's scratch buffer: replacing that
+    buffer (a larger split layout on the same stream) and reusing the freed memory leaves the replays right."""
     args = _decode_args(0)
     call = _engine_call(args)
     expected = call().clone()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        call()
+        call()  # the side stream's scratch buffer exists now
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         out = call()
-    _engine_call(_decode_args(1, batch=2, cache_len=16000))()  # grows the current stream's scratch buffer
-    garbage = torch.full((1 << 22,), float("nan"), device="cuda")
-    for _ in range(3):
-        graph.replay()
+    bigger = _engine_call(_decode_args(1, batch=2, cache_len=16000))
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        bigger()  # grows (replaces) the side stream's buffer
+        garbage = torch.full((1 << 22,), float("nan"), device="cuda")  # may take the freed memory
+        for _ in range(3):
+            graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
     del garbage
