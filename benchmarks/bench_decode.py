@@ -11,8 +11,12 @@ each time (the check ran on the first call, as for the layers of one decode step
 earlier check before every call (what a call with fresh index tensors pays). "1 launch" / "2 launches" force the
 split-KV combine inside the decode kernel (the last program of each group merges) or in a second kernel (the
 default, as ``decode.FUSED_COMBINE_MAX_GROUPS`` is 0); shapes with one split show the same time twice.
+"wall µs" is the host's wall clock per eager call in a tight loop of 500 (``common.wall_us``: Python, checks and
+launches included, synchronised only at the ends) of the public function and, in brackets, of the engine's entry
+point: the eager B1 L4096 figure of issue 9's bar (<= 20 µs; cuDNN's eager call takes 17.5 µs). "host µs" is the
+host's time to queue one such call without waiting for the GPU (``common.host_us``: wrapper + Triton's C launches).
 Also measures the HBM copy bandwidth in the same run.
-Usage: python benchmarks/bench_decode.py [--out DIR]
+Usage: python benchmarks/bench_decode.py [--out DIR] [--shapes 1x4096,64x4096]
 """
 import torch
 import torch.nn.functional as F
@@ -20,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import common
 from flashserve.kernels import flash_attn_with_kvcache, index_checks, paged_attention
-from flashserve.kernels.decode import launch_decode
+from flashserve.kernels.decode_launch import launch_decode
 
 SHAPES = [(64, 4096), (256, 1024), (8, 32768), (1, 4096), (1, 131072)]
 HEADS, HEADS_K, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -79,7 +83,13 @@ def run_shape(batch: int, seqlen: int) -> dict:
                paged_strided_us=bench_us(ours(k_strided, v_strided, block_table)),
                dense_us=bench_us(ours(k_dense, v_dense, None)),
                engine_us=bench_us(lambda: paged_attention.decode(q[:, 0], k_paged, v_paged, seqlens, block_table,
-                                                                 HEAD_DIM ** -0.5)))
+                                                                 HEAD_DIM ** -0.5)),
+               paged_wall_us=common.wall_us(ours(k_paged, v_paged, block_table)),
+               engine_wall_us=common.wall_us(lambda: paged_attention.decode(q[:, 0], k_paged, v_paged, seqlens,
+                                                                            block_table, HEAD_DIM ** -0.5)),
+               paged_host_us=common.host_us(ours(k_paged, v_paged, block_table)),
+               engine_host_us=common.host_us(lambda: paged_attention.decode(q[:, 0], k_paged, v_paged, seqlens,
+                                                                            block_table, HEAD_DIM ** -0.5)))
     row["sdpa_flash_us"], row["sdpa_flash_graph_us"] = sdpa_us(SDPBackend.FLASH_ATTENTION, q_sdpa, k_sdpa, v_sdpa)
     row["sdpa_cudnn_us"], row["sdpa_cudnn_graph_us"] = sdpa_us(SDPBackend.CUDNN_ATTENTION, q_sdpa, k_sdpa, v_sdpa)
     for fused, label in ((True, "one_launch"), (False, "two_launches")):
@@ -98,7 +108,9 @@ def run_shape(batch: int, seqlen: int) -> dict:
 
 
 def markdown(rows, copy_tbs) -> str:
-    header = ["B", "L", "ours paged µs", "TB/s", "% copy", "checked µs", "engine µs (TB/s)", "strided µs (Δ)",
+    header = ["B", "L", "ours paged µs", "TB/s", "% copy", "wall µs (engine)", "host µs (engine)", "checked µs",
+              "engine µs (TB/s)",
+              "strided µs (Δ)",
               "dense µs",
               "SDPA flash µs (TB/s)",
               "cuDNN µs (TB/s)", "cuDNN / ours", "ours graph µs (TB/s)", "SDPA flash graph µs", "cuDNN graph µs",
@@ -108,7 +120,9 @@ def markdown(rows, copy_tbs) -> str:
         delta = (r["paged_strided_us"] / r["paged_us"] - 1) * 100
         table.append([
             r["batch"], r["seqlen"], f"{r['paged_us']:.1f}", f"{r['paged_tbs']:.2f}",
-            f"{100 * r['paged_tbs'] / copy_tbs:.0f}%", f"{r['paged_checked_us']:.1f}",
+            f"{100 * r['paged_tbs'] / copy_tbs:.0f}%", f"{r['paged_wall_us']:.1f} ({r['engine_wall_us']:.1f})",
+            f"{r['paged_host_us']:.1f} ({r['engine_host_us']:.1f})",
+            f"{r['paged_checked_us']:.1f}",
             f"{r['engine_us']:.1f} ({r['engine_tbs']:.2f})",
             f"{r['paged_strided_us']:.1f} ({delta:+.1f}%)",
             f"{r['dense_us']:.1f}", f"{r['sdpa_flash_us']:.1f} ({r['sdpa_flash_tbs']:.2f})",
@@ -149,10 +163,12 @@ def plot(rows, copy_tbs):
 
 def main():
     parser = common.argument_parser(__doc__)
+    parser.add_argument("--shapes", default=",".join(f"{b}x{n}" for b, n in SHAPES),
+                        help="comma-separated BxL (default: the ANCHORS.md shapes)")
     args = parser.parse_args()
     copy_tbs = common.copy_bandwidth_tbs()
     rows = []
-    for batch, seqlen in SHAPES:
+    for batch, seqlen in (tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")):
         rows.append(run_shape(batch, seqlen))
         torch.cuda.empty_cache()
     env = common.environment()

@@ -5,6 +5,8 @@ Timers (all medians, µs or ms as named):
   where the GPU waits for the host to launch the next kernel.
 - ``graph_us``: the same call captured once in a CUDA graph and replayed: device time free of host launch gaps.
 - ``wall_us``: host wall clock per call in a tight loop (Python, validation and launch included).
+- ``host_us``: the host's time to queue one call (no waiting for the GPU): what ``wall_us`` hides when the device
+  is slower.
 """
 import argparse
 import datetime
@@ -111,6 +113,21 @@ def wall_us(fn, calls: int = 500) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / calls * 1e6
+
+
+def host_us(fn, calls: int = 200, rounds: int = 20) -> float:
+    """Host µs per call of ``fn`` alone: the time to queue ``calls`` back-to-back calls on an idle GPU, not waiting
+    for their kernels (few enough launches that the driver's queue never fills); the minimum over ``rounds``."""
+    fn()
+    samples = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    torch.cuda.synchronize()
+    return min(samples)
 
 
 def write_results(out_dir: str, name: str, text: str, payload: dict, plot=None, echo: bool = True) -> None:

@@ -1,23 +1,25 @@
 """Host time per eager call of the kernel API's entry points, the Triton launches themselves stubbed out (CPU).
 
 What a call spends in Python before its kernels start: argument checks, launch arithmetic, buffer allocations and
-the index-value checks — everything but Triton's own launcher (``JITFunction.run``, measured on the GPU by the
+the index-value checks — everything but Triton's C launcher (``CompiledKernel.run``; the GPU figures are the
 benchmarks' "wall µs" columns). The Triton path is forced on CPU tensors and every kernel of the path is replaced
 by a stub that accepts its arguments and does nothing (the index-check kernel's stub reports "all values fine"),
 so the tensors are CPU tensors and the device synchronisation of the index check (GPU only) is not in the figure.
-Entry points: ``flash_attn_with_kvcache`` (paged, B1 L4096, H 32 / KVH 8, d 128, a (B,) length tensor; twice with
-the same tensors, then with a fresh length tensor per call), ``paged_attention.decode`` (the engine's unchecked
+Entry points: ``flash_attn_with_kvcache`` (paged, B1 L4096, H 32 / KVH 8, d 128, the same (B,) length tensor every
+call, a fresh length tensor per call, or an int length), ``paged_attention.decode`` (the engine's unchecked
 decode, same shape) and ``merge_attn_states`` (T 4096, H 32, d 128). Medians and minima over ``--rounds`` rounds
 of ``--calls`` calls, µs per call (on a shared machine the minima are the steadier figure).
-Where a ``_launch.CachedLauncher`` launches a kernel, the stub replaces the launcher's kernel, so its key is in the
-figure (it replaces Triton's binding on the GPU). A second table times, on the last recorded call of each kernel,
-the part of Triton's ``JITFunction.run`` that the launcher skips (binder and cache key, for a CUDA sm_90 target)
-and the launcher's key: per launch, "before" pays the first and "after" the second (the C launcher after them is
-the same).
+Where a ``_launch.CachedLauncher`` launches a kernel, the stub stands for the compiled kernel that Triton's path
+returns: its launcher's fast path runs in full (key, stream, argument tuple, ``launch_metadata``) and only the C
+launcher itself (``CompiledKernel.run``) does nothing. A second table times, on the first recorded call of each
+kernel, the part of Triton's ``JITFunction.run`` that the launcher skips (binder and cache key, for a CUDA sm_90
+target) and the launcher's generic key (the entry points' repeated calls launch through per-geometry
+``_launch.LaunchPlan`` s, which skip that key too: their cost is in the first table).
 Usage: python benchmarks/host_kernel_api.py [--out DIR] [--rounds 30] [--calls 300]
 """
 import argparse
 import contextlib
+import ctypes
 import os
 import statistics
 import sys
@@ -33,22 +35,41 @@ from flashserve.kernels import decode, index_checks, kvcache_interface, merge, p
 HEADS, HEADS_K, HEAD_DIM, PAGE, SEQLEN = 32, 8, 128, 16, 4096
 
 
+class _StubCompiled:
+    """Stands in for the compiled kernel Triton returns: ``run`` (the C launcher) does nothing but hand the kernel's
+    arguments (and the grid's first size) to ``on_launch``."""
+    function = packed_metadata = None
+
+    def __init__(self, on_launch):
+        self.on_launch = on_launch
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, grid_0, grid_1, grid_2, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
+        if self.on_launch is not None:
+            self.on_launch(args, grid_0)
+
+
 class _StubKernel:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` does nothing but keep the last
-    arguments; ``on_launch`` may act on them (the index check writes its flags)."""
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` keeps the first arguments, lets
+    ``on_launch`` act on them (the index check writes its flags) and returns a ``_StubCompiled``."""
     pre_run_hooks = ()
 
     def __init__(self, on_launch=None):
         self.on_launch = on_launch
-        self.last_call = None
+        self.first_call = None
+        self.compiled = _StubCompiled(on_launch)
 
     def __getitem__(self, grid):
         return self._launch
 
     def _launch(self, *args, **meta):
-        self.last_call = (args, meta)
+        if self.first_call is None:
+            self.first_call = (args, dict(meta))
         if self.on_launch is not None:
-            self.on_launch(args)
+            self.on_launch(args, None)
+        return self.compiled
 
 
 class _FakeDriver:
@@ -59,18 +80,32 @@ class _FakeDriver:
         def get_current_device():
             return 0
 
+        @staticmethod
+        def get_current_stream(device):
+            return 0
+
 
 # (module, kernel attribute, launcher attribute or None, what the stub does with the arguments)
 _KERNELS = [(merge, "_merge_kernel", "MERGE_LAUNCHER", None), (decode, "_decode_kernel", "DECODE_LAUNCHER", None),
             (decode, "_combine_splits_kernel", "COMBINE_LAUNCHER", None),
-            (index_checks, "_kvcache_check_kernel", "KVCACHE_CHECK_LAUNCHER", lambda args: args[4].zero_())]
+            (index_checks, "_kvcache_check_kernel", "KVCACHE_CHECK_LAUNCHER", lambda args, programs: _clear_flags(
+                args[4], programs))]
+
+
+def _clear_flags(flags, programs) -> None:
+    """The index check's stub result, "every value fine": its int32 flags (a tensor, or the data pointer a
+    ``LaunchPlan`` passes, one flag per program) set to 0."""
+    if isinstance(flags, torch.Tensor):
+        flags.zero_()
+    else:
+        ctypes.memset(flags, 0, 4 * programs)
 
 
 @contextlib.contextmanager
 def stubbed_launches():
     """Force the Triton path on CPU tensors with every kernel of the measured entry points stubbed: where a
-    ``_launch.CachedLauncher`` launches it, the launcher's kernel (so its key is computed, as on the GPU), else
-    the module's kernel."""
+    ``_launch.CachedLauncher`` launches it, the launcher's kernel (the launcher, with a fresh cache, then runs its
+    fast path as on the GPU), else the module's kernel."""
     patches = [(module, "use_triton", lambda tensor: True)
                for module in (kvcache_interface, paged_attention, merge, index_checks)]
     for module, kernel_name, launcher_name, on_launch in _KERNELS:
@@ -79,6 +114,7 @@ def stubbed_launches():
             patches.append((module, kernel_name, _StubKernel(on_launch)))
         else:
             patches.append((launcher, "kernel", _StubKernel(on_launch)))
+            patches.append((launcher, "_entries", {}))
             patches.append((sys.modules[type(launcher).__module__], "_triton_driver", lambda: _FakeDriver))
     saved = [(target, name, getattr(target, name)) for target, name, _ in patches]
     try:
@@ -166,12 +202,12 @@ def main():
     with stubbed_launches() as stubs:
         timings = {name: per_call_us(fn, args.rounds, args.calls) for name, fn in entry_points().items()}
     with _patched(sys.modules["flashserve.kernels._launch"], "_triton_driver", lambda: _FakeDriver):
-        binding = {name: binding_us(getattr(module, name), stubs[name].last_call, args.rounds, args.calls)
-                   for module, name, _, _ in _KERNELS if stubs[name].last_call is not None}
+        binding = {name: binding_us(getattr(module, name), stubs[name].first_call, args.rounds, args.calls)
+                   for module, name, _, _ in _KERNELS if stubs[name].first_call is not None}
     text = (f"host µs per eager call, launches stubbed ({os.cpu_count()} CPUs, torch {torch.__version__})\n\n"
             + markdown_table(["entry point", "median µs", "min µs"],
                              [[name, f"{median:.1f}", f"{low:.1f}"] for name, (median, low) in timings.items()])
-            + "\n\nPython per launch of the argument binding, on the last recorded call of each kernel (median / min "
+            + "\n\nPython per launch of the argument binding, on the first recorded call of each kernel (median / min "
             "µs): Triton's JITFunction.run (binder + cache key) and CachedLauncher's key\n\n"
             + markdown_table(["kernel", "JITFunction.run binding", "CachedLauncher key"],
                              [[name, "%.1f / %.1f" % r["triton"],

@@ -301,6 +301,7 @@ def test_empty_batch_or_queries(backend, empty, monkeypatch):
     out, lse = flash_attn_with_kvcache(**args, return_softmax_lse=True)
     batch, seqlen_q, heads = args["q"].shape[:3]
     assert out.shape == args["q"].shape and lse.shape == (batch, heads, seqlen_q)
+    assert flash_attn_with_kvcache(**args).shape == args["q"].shape  # (no LSE asked: none allocated)
 
 
 SPLIT_CASES = ["paged5-split3", "alibi-bh", "sq3-causal-split3", "mostly-empty-splits", "dense-batchidx", "fp32"]

@@ -1,9 +1,14 @@
 """Host-side launch arithmetic in plain Python: ``triton.next_power_of_2`` and ``triton.cdiv`` are constexpr
-functions that cost microseconds per call from Python, which adds up on launch-bound decode steps; and the upload of
-small host lists."""
+functions that cost microseconds per call from Python, which adds up on launch-bound decode steps; the upload of
+small host lists; and the launchers that skip Triton's per-call argument binding (``CachedLauncher``, and
+``LaunchPlan`` for launches whose every non-tensor argument is fixed)."""
+import functools
+import operator
 import os
 
 import torch
+from triton import knobs
+from triton.runtime import driver
 
 
 def next_power_of_2(n: int) -> int:
@@ -48,7 +53,8 @@ class CachedLauncher:
     passed out of their signature order, a Triton release other than 3.6-3.9 (where the launch call is known), the
     interpreter, pre-run or pipeline-inspection hooks — takes Triton's own path, as does the first call of every
     key. Not re-checked on the fast path: Triton's test that globals the kernel reads have not changed since it was
-    compiled.
+    compiled. ``plan`` fixes everything but the tensors of a launch (``LaunchPlan``: for callers that cache plans
+    by the geometry of their inputs).
     """
 
     MAX_ENTRIES = 512
@@ -67,6 +73,10 @@ class CachedLauncher:
             self._enabled = all(p.is_constexpr for p in params[self._positional:])
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
+        self.launch(grid, args, constexprs, options)
+
+    def launch(self, grid: tuple, args: tuple, constexprs: dict, options: dict):
+        """Launch; returns the compiled kernel when later launches with this key will reuse it, else None."""
         key = self._key(args, constexprs, options) if self._enabled else None
         try:
             compiled = self._entries.get(key) if key is not None else None
@@ -74,23 +84,33 @@ class CachedLauncher:
             key = compiled = None
         if compiled is None:
             compiled = self.kernel[grid](*args, **constexprs, **options)
-            if key is not None and _launchable(compiled) and len(self._entries) < self.MAX_ENTRIES:
-                self._entries[key] = compiled
-            return
-        stream = _triton_driver().active.get_current_stream(key[0])
-        full = (*args, *constexprs.values())
-        grid_1 = grid[1] if len(grid) > 1 else 1
-        grid_2 = grid[2] if len(grid) > 2 else 1
-        runtime = _triton_knobs().runtime
-        compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata,
-                     compiled.launch_metadata(grid, stream, *full), runtime.launch_enter_hook,
-                     runtime.launch_exit_hook, *full)
+            if key is None or not _launchable(compiled) or len(self._entries) >= self.MAX_ENTRIES:
+                return None
+            self._entries[key] = compiled
+            return compiled
+        run_compiled(compiled, key[0], (*grid, 1, 1)[:3], (*args, *constexprs.values()))
+        return compiled
+
+    def plan(self, grid: tuple, scalars: tuple, constexprs: dict, **options) -> "LaunchPlan":
+        """A ``LaunchPlan``: this launch with everything but the leading tensor arguments fixed."""
+        return LaunchPlan(self, grid, scalars, constexprs, options)
+
+    def state(self):
+        """What besides the arguments selects a compiled kernel: (current device, Triton's debug and
+        instrumentation knobs); None when every launch takes Triton's own path (a hook, or no fast path)."""
+        if (not self._enabled or self.kernel.pre_run_hooks
+                or _HAS_STAGES_HOOK and knobs.runtime.add_stages_inspection_hook is not None):
+            return None
+        compilation = knobs.compilation
+        return (_triton_driver().active.get_current_device(), knobs.runtime.debug, compilation.instrumentation_mode,
+                compilation.fpsan_homomorphic_casts if _HAS_FPSAN else None)
 
     def _key(self, args: tuple, constexprs: dict, options: dict):
         """The launch's key, or None (Triton's own path) when an argument or hook is outside what it covers."""
-        knobs = _triton_knobs()
-        if (len(args) != self._positional or tuple(constexprs) != self._constexpr_names or self.kernel.pre_run_hooks
-                or getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None):
+        if len(args) != self._positional or tuple(constexprs) != self._constexpr_names:
+            return None
+        state = self.state()
+        if state is None:
             return None
         kinds = tuple(map(type, args))
         fingerprint = self._fingerprints.get(kinds, _MISSING)
@@ -98,10 +118,66 @@ class CachedLauncher:
             fingerprint = self._fingerprints[kinds] = _fingerprint_function(kinds, self._do_not_specialize)
         if fingerprint is None:
             return None
-        compilation = knobs.compilation
-        return (_triton_driver().active.get_current_device(), tuple(options.items()), tuple(constexprs.values()),
-                knobs.runtime.debug, compilation.instrumentation_mode,
-                getattr(compilation, "fpsan_homomorphic_casts", None), kinds, fingerprint(*args))
+        return (*state, tuple(options.items()), tuple(constexprs.values()), kinds, fingerprint(*args))
+
+
+class LaunchPlan:
+    """``plan(tensors)`` launches ``kernel[grid](*tensors, *scalars, **constexprs, **options)`` with the least
+    Python: for callers that cache plans by the geometry of their inputs, so that a repeated call with tensors of
+    the same shapes, strides and dtypes skips both its own launch arithmetic and the launcher's generic key.
+
+    The caller's cache key must determine everything Triton specialises on except what the plan checks per call:
+    the scalars and constexprs (fixed here) and every tensor's dtype. Per call the plan checks the launcher's
+    ``state`` (current device, knobs, hooks) and the tensors' alignment: when every data pointer is 16-byte aligned
+    (all Triton specialises a pointer on) it reuses the compiled kernel it found for that state; anything else goes
+    through ``CachedLauncher.launch``, which keys every argument. On that reuse the tensors are passed as their data
+    pointers (ints; tensors when a launch-enter hook wants to see them): Triton's C launcher then skips its
+    ``data_ptr`` call and driver query per pointer (the query only turns a CPU tensor into an error: the caller's
+    key must also pin the tensors' devices, or its caller guarantee them).
+    """
+
+    def __init__(self, launcher: CachedLauncher, grid: tuple, scalars: tuple, constexprs: dict, options: dict):
+        self.launcher = launcher
+        self.grid = (*grid, 1, 1)[:3]
+        self.scalars = tuple(scalars)
+        self.constexprs = constexprs
+        self.options = options
+        self._tail = (*self.scalars, *constexprs.values())
+        self._compiled: dict[tuple, object] = {}  # launcher state -> compiled kernel (aligned tensors)
+        self._state = launcher.state
+
+    def __call__(self, tensors: tuple) -> None:
+        state = self._state()
+        pointers = tuple(map(_data_ptr, tensors))
+        aligned = state is not None and not functools.reduce(operator.or_, pointers) & 15
+        compiled = self._compiled.get(state) if aligned else None
+        if compiled is not None:
+            run_compiled(compiled, state[0], self.grid,
+                         (pointers if _no_hook(knobs.runtime.launch_enter_hook) else tensors) + self._tail)
+            return
+        compiled = self.launcher.launch(self.grid, tensors + self.scalars, self.constexprs, self.options)
+        if aligned and compiled is not None and len(self._compiled) < 8:
+            self._compiled[state] = compiled
+
+
+_data_ptr = torch.Tensor.data_ptr
+
+
+def run_compiled(compiled, device: int, grid: tuple, full: tuple) -> None:
+    """The launch ``JITFunction.run`` makes of a compiled kernel: ``grid`` has three entries, ``full`` is every
+    argument, constexprs included, in signature order. (The launch metadata is only for an enter hook: not built
+    without one.)"""
+    stream = _triton_driver().active.get_current_stream(device)
+    runtime = knobs.runtime
+    enter_hook = runtime.launch_enter_hook
+    metadata = None if _no_hook(enter_hook) else compiled.launch_metadata(grid, stream, *full)
+    compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata, enter_hook,
+                 runtime.launch_exit_hook, *full)
+
+
+def _no_hook(hook) -> bool:
+    """Whether a launch hook knob holds no hook: None (Triton 3.6-) or an empty ``HookChain`` (later releases)."""
+    return hook is None or not getattr(hook, "calls", True)
 
 
 _MISSING = object()
@@ -129,15 +205,12 @@ def _fingerprint_function(kinds: tuple, do_not_specialize: tuple):
 
 
 _FAST_LAUNCH_RELEASES = ((3, 6), (3, 7), (3, 8), (3, 9))
-
-
-def _triton_knobs():
-    from triton import knobs
-    return knobs
+# Knobs that not every supported release has (the key reads them when present).
+_HAS_STAGES_HOOK = hasattr(knobs.runtime, "add_stages_inspection_hook")
+_HAS_FPSAN = hasattr(knobs.compilation, "fpsan_homomorphic_casts")
 
 
 def _triton_driver():
-    from triton.runtime import driver
     return driver
 
 

@@ -18,7 +18,8 @@ point: no argument checks, Triton on CUDA or under the interpreter, else the PyT
 import torch
 
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels.decode import launch_config, launch_decode
+from flashserve.kernels.decode import launch_config
+from flashserve.kernels.decode_launch import launch_decode
 from flashserve.kernels.merge import merge_attn_states
 from flashserve.kernels.paged_attention import decode_variant
 from flashserve.kernels.reference import decode as reference_decode

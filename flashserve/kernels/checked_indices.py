@@ -23,30 +23,28 @@ class CheckedIndices:
 
     def __init__(self, max_entries: int = _MAX_ENTRIES):
         self.max_entries = max_entries
+        # (ints, id of each tensor) -> per tensor (weak reference, version, data pointer), None for None
         self._entries: dict[tuple, tuple] = {}
-
-    @staticmethod
-    def _key(tensors: tuple, ints: tuple) -> tuple | None:
-        """None when a tensor cannot be followed (an inference tensor: no version counter)."""
-        if any(t is not None and t.is_inference() for t in tensors):
-            return None
-        return ints + tuple(None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors)
 
     def passed(self, tensors: tuple, ints: tuple) -> bool:
         """Whether these very tensors (None allowed), unchanged, passed a check with these ``ints``."""
-        key = self._key(tensors, ints)
-        refs = self._entries.get(key) if key is not None else None
-        return refs is not None and all(ref is None if t is None else ref() is t for ref, t in zip(refs, tensors))
+        entry = self._entries.get((ints, *map(id, tensors)))
+        if entry is None:
+            return False
+        for tensor, seen in zip(tensors, entry):
+            if tensor is not None and (seen[0]() is not tensor or tensor._version != seen[1]
+                                       or tensor.data_ptr() != seen[2]):
+                return False
+        return True
 
     def remember(self, tensors: tuple, ints: tuple) -> None:
         """Record a passed check (the oldest entry makes room); nothing for tensors it cannot follow."""
-        key = self._key(tensors, ints)
-        if key is None:
+        if any(t is not None and t.is_inference() for t in tensors):
             return
         if len(self._entries) >= self.max_entries:
             self._entries.pop(next(iter(self._entries)))
-        self._entries[key] = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        self._entries[(ints, *map(id, tensors))] = tuple(
+            None if t is None else (weakref.ref(t), t._version, t.data_ptr()) for t in tensors)
 
     def clear(self) -> None:
         self._entries.clear()
-

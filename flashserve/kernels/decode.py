@@ -1,5 +1,6 @@
 """The decode kernels behind ``flash_attn_with_kvcache`` (``kvcache_interface.py``): attention of a few query
-tokens over a paged or dense KV cache (flash-decoding), and their launch.
+tokens over a paged or dense KV cache (flash-decoding), and their launch arithmetic (``decode_launch.py``
+launches them).
 
 Kernel structure:
 - one program per (KV split, row block x KV head, batch). The rows of a program are the ``Sq * group`` pairs
@@ -22,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels._dispatch import triton_interpret_enabled
 from flashserve.kernels._launch import CachedLauncher, next_power_of_2
 from flashserve.kernels.merge import lse_weights, merge_split_rows, weighted
 
@@ -48,7 +48,7 @@ def uses_fused_combine(splits: int, groups: int) -> bool:
 @triton.jit(do_not_specialize=["capacity", "num_cache_rows", "window_left", "window_right"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr, block_table_ptr, batch_idx_ptr, seqlens_k_ptr, alibi_ptr,
-    leftpad_ptr, key_start_ptr, capacity, num_cache_rows, counter_ptr, final_out_ptr, final_lse_ptr,
+    leftpad_ptr, key_start_ptr, counter_ptr, final_out_ptr, final_lse_ptr, capacity, num_cache_rows,
     seqlen_q, num_heads_k, head_dim, num_splits, sm_scale, softcap, window_left, window_right,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_osplit, stride_oh, stride_lb, stride_ls, stride_lsplit, stride_lh,
@@ -276,65 +276,3 @@ def state_layout(batch: int, seqlen_q: int, num_heads: int, head_dim: int, split
     return (batch * seqlen_q * heads_per_query,
             (seqlen_q * heads_per_query * head_dim, heads_per_query * head_dim, num_heads * head_dim, head_dim),
             (seqlen_q * heads_per_query, heads_per_query, num_heads, 1))
-
-
-def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
-                  softcap, window_left, window_right, capacity, num_splits, write_lse, cache_leftpad=None,
-                  fused_combine=None, key_start=None):
-    """Launch the decode kernel (and the split combine) on validated arguments; no checks (engines call this with
-    metadata they validated once). ``seqlens_k`` (B,) int32 are the KV lengths after any append (with
-    ``cache_leftpad``, the end rows: keys are rows ``cache_leftpad[b] .. seqlens_k[b] - 1``); causal masking is
-    ``window_right = 0``; ``capacity`` (tokens a sequence of the cache can hold) sets the split layout, so the
-    launch depends on shapes only and is safe to capture in a CUDA graph. Index values are clamped or masked in
-    the kernel (never an access outside the tensors). ``fused_combine`` (None: ``uses_fused_combine``) merges the
-    splits inside the decode kernel instead of a second launch. ``key_start``: optional (1,) int32 on the device,
-    the first key every sequence attends to (the keys before it are skipped; their positions still count for
-    causality and ALiBi). Returns (out (B, Sq, H, D), lse (B, H, Sq) fp32 —
-    filled when one split is used, the combine is fused, or ``write_lse``)."""
-    batch, seqlen_q, num_heads, head_dim = q.shape
-    k_shape = k_cache.shape
-    num_heads_k = k_shape[2]
-    device = q.device
-    grid, splits, block_m, block_n, block_d, combine_grid, block_h, block_s, combine_warps = launch_config(
-        batch, seqlen_q, num_heads, num_heads_k, head_dim, capacity, num_splits, device)
-    num_states, out_strides, lse_strides = state_layout(batch, seqlen_q, num_heads, head_dim, splits)
-    out = torch.empty((batch, seqlen_q, num_heads, head_dim), dtype=q.dtype, device=device)
-    lse = torch.empty((batch, num_heads, seqlen_q), dtype=torch.float32, device=device)
-    if splits > 1:
-        part = torch.empty(num_states * (head_dim + 1), dtype=torch.float32, device=device)
-        target_out, target_lse = part, part[num_states * head_dim:]
-    else:
-        target_out, target_lse = out, lse
-    if fused_combine is None:
-        fused_combine = uses_fused_combine(splits, batch * grid[1])
-    fused_combine = fused_combine and splits > 1
-    counters = torch.zeros(batch * grid[1], dtype=torch.int32, device=device) if fused_combine else lse
-    paged = block_table is not None
-    upcast = q.dtype == torch.float32 or not q.is_cuda or triton_interpret_enabled()
-    q_strides, k_strides, v_strides = q.stride(), k_cache.stride(), v_cache.stride()
-    DECODE_LAUNCHER(grid, (
-        q, k_cache, v_cache, target_out, target_lse, block_table if paged else seqlens_k,
-        seqlens_k if cache_batch_idx is None else cache_batch_idx, seqlens_k,
-        seqlens_k if alibi_slopes is None else alibi_slopes,
-        seqlens_k if cache_leftpad is None else cache_leftpad, seqlens_k if key_start is None else key_start,
-        capacity, k_shape[0], counters, out, lse,
-        seqlen_q, num_heads_k, head_dim, splits,
-        float(head_dim ** -0.5 if softmax_scale is None else softmax_scale), float(softcap),
-        window_left, window_right,
-        q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
-        v_strides[0], v_strides[1], v_strides[2], *out_strides, *lse_strides,
-        block_table.stride()[0] if paged else 0,
-        alibi_slopes.stride()[0] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
-    ), dict(
-        GROUP=num_heads // num_heads_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        PAGE_SIZE=k_shape[1] if paged else 1, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
-        HAS_LEFTPAD=cache_leftpad is not None, HAS_KEY_START=key_start is not None,
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
-        HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
-        FUSED_COMBINE=fused_combine, BLOCK_S=block_s,
-    ), num_warps=4, num_stages=3)
-    if splits > 1 and not fused_combine:
-        COMBINE_LAUNCHER(combine_grid, (out, lse, part, seqlen_q, splits), dict(
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=write_lse, BLOCK_H=block_h, BLOCK_S=block_s,
-            BLOCK_D=block_d), num_warps=combine_warps)
-    return out, lse

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import CachedLauncher, next_power_of_2
+from flashserve.kernels._launch import CachedLauncher, LaunchPlan, next_power_of_2
 from flashserve.kernels.checked_indices import CheckedIndices
 
 # flash_attn_with_kvcache's index tensors that passed their value checks (see checked_indices).
@@ -121,20 +121,28 @@ def _kvcache_failures(capacity: int, k_cache: torch.Tensor, block_table) -> list
 def _check_kvcache_in_one_launch(batch, cache_seqlens, seqlen_new, capacity, k_cache, block_table, cache_batch_idx,
                                  cache_leftpad) -> None:
     """The Triton path of ``check_kvcache_values``: one launch and one small copy to the host."""
-    flags = torch.empty(batch, dtype=torch.int32, device=k_cache.device)
+    device = k_cache.device
+    flags = torch.empty(batch, dtype=torch.int32, device=device)
     seqlens_tensor = isinstance(cache_seqlens, torch.Tensor)
-    width = block_table.shape[1] if block_table is not None else 0
-    KVCACHE_CHECK_LAUNCHER((batch,), (
-        cache_seqlens if seqlens_tensor else flags, cache_leftpad if cache_leftpad is not None else flags,
-        cache_batch_idx if cache_batch_idx is not None else flags,
-        block_table if block_table is not None else flags, flags,
-        0 if seqlens_tensor else cache_seqlens, seqlen_new, capacity, k_cache.shape[0], k_cache.shape[0],
-        block_table.stride()[0] if block_table is not None else 0, width, k_cache.shape[1],
-    ), dict(
-        SEQLENS_TENSOR=seqlens_tensor, HAS_LEFTPAD=cache_leftpad is not None,
-        HAS_BATCH_IDX=cache_batch_idx is not None, PAGED=block_table is not None,
-        BLOCK_W=min(1024, next_power_of_2(max(width, 1))),
-    ), num_warps=1)
+    key = (batch, None if seqlens_tensor else cache_seqlens, seqlen_new, capacity, k_cache.shape[0], k_cache.shape[1],
+           None if block_table is None else (block_table.shape[1], block_table.stride()[0]),
+           cache_batch_idx is None, cache_leftpad is None, device)
+    plan = _CHECK_PLANS.get(key)
+    if plan is None:
+        width = block_table.shape[1] if block_table is not None else 0
+        plan = KVCACHE_CHECK_LAUNCHER.plan((batch,), (
+            0 if seqlens_tensor else cache_seqlens, seqlen_new, capacity, k_cache.shape[0], k_cache.shape[0],
+            block_table.stride()[0] if block_table is not None else 0, width, k_cache.shape[1],
+        ), dict(
+            SEQLENS_TENSOR=seqlens_tensor, HAS_LEFTPAD=cache_leftpad is not None,
+            HAS_BATCH_IDX=cache_batch_idx is not None, PAGED=block_table is not None,
+            BLOCK_W=min(1024, next_power_of_2(max(width, 1))),
+        ), num_warps=1)
+        if len(_CHECK_PLANS) >= _MAX_CHECK_PLANS:
+            _CHECK_PLANS.pop(next(iter(_CHECK_PLANS)))
+        _CHECK_PLANS[key] = plan
+    plan((cache_seqlens if seqlens_tensor else flags, flags if cache_leftpad is None else cache_leftpad,
+          flags if cache_batch_idx is None else cache_batch_idx, flags if block_table is None else block_table, flags))
     failed = 0
     for flag in flags.tolist():
         failed |= flag
@@ -145,16 +153,23 @@ def _check_kvcache_in_one_launch(batch, cache_seqlens, seqlen_new, capacity, k_c
             raise ValueError(message)
 
 
+# The check launch of each geometry (the index tensors are int32 on k_cache's device: checked before).
+_MAX_CHECK_PLANS = 256
+_CHECK_PLANS: dict[tuple, LaunchPlan] = {}
+
+
 def check_kvcache_values(batch: int, cache_seqlens, seqlen_new: int, capacity: int, k_cache: torch.Tensor,
                          block_table, cache_batch_idx, cache_leftpad) -> None:
     """The value checks of ``flash_attn_with_kvcache`` (``cache_seqlens`` a (B,) int32 tensor or an int): one
     Triton launch and one synchronisation where the kernels run, PyTorch ops on the reference path. Skipped while
     a graph is captured, and when these index tensors passed the same check unchanged (``KVCACHE_CHECKED``)."""
-    tensors = tuple(t if isinstance(t, torch.Tensor) else None
-                    for t in (cache_seqlens, block_table, cache_batch_idx, cache_leftpad))
-    if batch == 0 or all(t is None for t in tensors) or capturing():
+    seqlens_tensor = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    if batch == 0 or (seqlens_tensor is None and block_table is None and cache_batch_idx is None
+                      and cache_leftpad is None) or capturing():
         return  # (an int length alone was checked on the host by decode_checks)
-    ints = (batch, -1 if tensors[0] is not None else cache_seqlens, seqlen_new, capacity, *k_cache.shape[:2])
+    tensors = (seqlens_tensor, block_table, cache_batch_idx, cache_leftpad)
+    k_shape = k_cache.shape
+    ints = (batch, -1 if seqlens_tensor is not None else cache_seqlens, seqlen_new, capacity, k_shape[0], k_shape[1])
     if KVCACHE_CHECKED.passed(tensors, ints):
         return
     _check_kvcache(batch, cache_seqlens, seqlen_new, capacity, k_cache, block_table, cache_batch_idx, cache_leftpad)

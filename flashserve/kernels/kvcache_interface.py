@@ -1,11 +1,20 @@
 """``flash_attn_with_kvcache`` (FlashAttention 2's signature): validate, append the new keys/values, then run the
-decode kernels of ``decode.py`` (or the PyTorch reference, see ``_dispatch``)."""
+decode kernels of ``decode.py`` (or the PyTorch reference, see ``_dispatch``).
+
+Eager fast path: a plain call (a (B,) length tensor or an int, maybe a block table, nothing appended, no rotary,
+leftpad, ALiBi, window or softcap) whose tensors have the geometry (types, shapes, strides, dtypes, devices) and
+scalar arguments of an earlier call that passed every argument check reuses that call's result of the checks and
+its launch plan (``decode_launch.DecodePlan``): only the index-value checks (``index_checks``) and the launch remain.
+"""
 import torch
 
+from flashserve.kernels import decode
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels.decode import launch_decode
 from flashserve.kernels.decode_checks import check_kvcache_args
+from flashserve.kernels.decode_launch import decode_plan
+from flashserve.kernels.index_checks import check_kvcache_values
 from flashserve.kernels.kvcache_append import append_new_tokens
+from flashserve.kernels.scratch import SCRATCH
 from flashserve.kernels.reference import decode as reference
 
 
@@ -51,6 +60,20 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Returns:
         out (B, Sq, H, D) in q's dtype, and the LSE when asked. A row with no visible key gives zeros and LSE -inf.
     """
+    plain_key = None
+    if (k is None and v is None and rotary_cos is None and rotary_sin is None and cache_batch_idx is None
+            and cache_leftpad is None and alibi_slopes is None and softcap == 0.0 and type(num_splits) is int
+            and type(window_size) is tuple and window_size == _NO_WINDOW):
+        plain_key = _plain_call_key(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal,
+                                    num_splits, return_softmax_lse)
+        known = _PLAIN_CALLS.get(plain_key) if plain_key is not None else None
+        if known is not None and use_triton(q):
+            capacity, plan = known
+            check_kvcache_values(q.shape[0], cache_seqlens, 0, capacity, k_cache, block_table, None, None)
+            lengths = SCRATCH.constant(q.device, q.shape[0], cache_seqlens) if type(cache_seqlens) is int \
+                else cache_seqlens
+            out, lse = plan(q, k_cache, v_cache, lengths, block_table, None, None, None, None)
+            return (out, lse) if return_softmax_lse else out
     window_left, window_right, capacity = check_kvcache_args(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
         block_table, window_size, softcap, alibi_slopes, num_splits)
@@ -63,7 +86,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is None:
         cache_seqlens = capacity
     if type(cache_seqlens) is int:
-        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+        cache_seqlens = SCRATCH.constant(q.device, q.shape[0], cache_seqlens)
     seqlens_k = cache_seqlens
     if k is not None:
         q = append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
@@ -71,7 +94,37 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlens_k = cache_seqlens + k.shape[1]
     if causal:
         window_right = 0
-    out, lse = launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes,
-                             softmax_scale, softcap, window_left, window_right, capacity, num_splits,
-                             return_softmax_lse, cache_leftpad)
+    plan = decode_plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
+                       softcap, window_left, window_right, capacity, num_splits, return_softmax_lse, cache_leftpad)
+    if plain_key is not None:  # the checks passed: later calls of this geometry take the fast path
+        if len(_PLAIN_CALLS) >= _MAX_PLAIN_CALLS:
+            _PLAIN_CALLS.pop(next(iter(_PLAIN_CALLS)))
+        _PLAIN_CALLS[plain_key] = capacity, plan
+    out, lse = plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, cache_leftpad, None)
     return (out, lse) if return_softmax_lse else out
+
+
+_NO_WINDOW = (-1, -1)
+_MAX_PLAIN_CALLS = 256
+_PLAIN_CALLS: dict[tuple, tuple] = {}  # _plain_call_key -> (capacity, DecodePlan) of plain calls that passed
+
+
+def _plain_call_key(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, num_splits,
+                    return_softmax_lse):
+    """What a plain call's argument checks and launch plan depend on: every tensor's shape, strides, dtype and
+    device, an int ``cache_seqlens``'s value, and the scalar arguments; None unless each tensor is a plain
+    ``torch.Tensor`` (block_table: or None) and ``cache_seqlens`` a tensor or an int."""
+    if not (type(q) is torch.Tensor and type(k_cache) is torch.Tensor and type(v_cache) is torch.Tensor
+            and (block_table is None or type(block_table) is torch.Tensor)):
+        return None
+    if type(cache_seqlens) is torch.Tensor:
+        lengths = (cache_seqlens.shape, cache_seqlens.stride(), cache_seqlens.dtype, cache_seqlens.device)
+    elif type(cache_seqlens) is int:
+        lengths = cache_seqlens
+    else:
+        return None
+    table = None if block_table is None else (block_table.shape, block_table.stride(), block_table.dtype,
+                                              block_table.device)
+    return (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.device,
+            v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, lengths, table, type(softmax_scale),
+            softmax_scale, bool(causal), num_splits, bool(return_softmax_lse), decode.FUSED_COMBINE_MAX_GROUPS)

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate, merge_tuning
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import CachedLauncher
+from flashserve.kernels._launch import CachedLauncher, LaunchPlan
 from flashserve.kernels.reference import decode as reference
 
 _MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -160,29 +160,70 @@ def merge_attn_states(
             side contributes nothing); both sides empty gives zeros and LSE -inf.
         output_lse: optional (H, T) fp32, written with the merged LSE.
     """
+    key = _geometry_key((output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse))
+    plan = _MERGE_PLANS.get(key) if key is not None else None
+    if plan is not None and use_triton(prefix_output):  # these checks passed for this geometry before
+        plan((output, prefix_lse if output_lse is None else output_lse, prefix_output, prefix_lse, suffix_output,
+              suffix_lse))
+        return
     _check_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse)
     if not use_triton(prefix_output):
         reference.merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse)
         return
     num_tokens, num_heads, head_size = prefix_output.shape
+    if num_tokens == 0:
+        return
     config = merge_tuning.choose_config(num_tokens, num_heads, head_size, prefix_output.element_size())
-    launch_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse, config)
+    plan = merge_plan(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse, config)
+    if key is not None:
+        if len(_MERGE_PLANS) >= _MAX_MERGE_PLANS:
+            _MERGE_PLANS.pop(next(iter(_MERGE_PLANS)))
+        _MERGE_PLANS[key] = plan
+    plan((output, prefix_lse if output_lse is None else output_lse, prefix_output, prefix_lse, suffix_output,
+          suffix_lse))
+
+
+# Eager fast path: the launch plan of each geometry (every tensor's shape, strides, dtype, device) whose argument
+# checks passed; the config is the one merge_tuning chose when the geometry was first seen.
+_MAX_MERGE_PLANS = 256
+_MERGE_PLANS: dict[tuple, LaunchPlan] = {}
+
+
+def _geometry_key(tensors: tuple):
+    """(shape, strides, dtype, device) of each tensor (None stays None); None unless each is a plain tensor."""
+    key = []
+    for tensor in tensors:
+        if tensor is None:
+            key.append(None)
+        elif type(tensor) is torch.Tensor:
+            key.append((tensor.shape, tensor.stride(), tensor.dtype, tensor.device))
+        else:
+            return None
+    return tuple(key)
 
 
 def launch_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse,
                  config: merge_tuning.MergeConfig) -> None:
     """Launch the merge kernel with ``config`` on validated arguments (``bench_merge.py`` sweeps the configs)."""
-    num_tokens, num_heads, head_size = prefix_output.shape
-    if num_tokens == 0:
+    if prefix_output.shape[0] == 0:
         return
+    merge_plan(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse, config)(
+        (output, prefix_lse if output_lse is None else output_lse, prefix_output, prefix_lse, suffix_output,
+         suffix_lse))
+
+
+def merge_plan(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse,
+               config: merge_tuning.MergeConfig) -> LaunchPlan:
+    """The merge launch for tensors of this geometry (at least one token) with ``config``; called with
+    ``(output, output_lse or prefix_lse, prefix_output, prefix_lse, suffix_output, suffix_lse)``."""
+    num_tokens, num_heads, head_size = prefix_output.shape
     block_t, block_h, block_d, head_blocks = merge_tuning.tile_shape(config, num_heads, head_size)
     lse_out = prefix_lse if output_lse is None else output_lse
     out_stride, prefix_stride, suffix_stride = output.stride(), prefix_output.stride(), suffix_output.stride()
     prefix_lse_stride, suffix_lse_stride, out_lse_stride = prefix_lse.stride(), suffix_lse.stride(), lse_out.stride()
-    MERGE_LAUNCHER((-(-num_tokens // block_t), head_blocks), (
-        output, lse_out, prefix_output, prefix_lse, suffix_output, suffix_lse, num_tokens,
-        out_stride[0], out_stride[1], prefix_stride[0], prefix_stride[1], suffix_stride[0], suffix_stride[1],
-        prefix_lse_stride[0], prefix_lse_stride[1], suffix_lse_stride[0], suffix_lse_stride[1],
+    return MERGE_LAUNCHER.plan((-(-num_tokens // block_t), head_blocks), (
+        num_tokens, out_stride[0], out_stride[1], prefix_stride[0], prefix_stride[1], suffix_stride[0],
+        suffix_stride[1], prefix_lse_stride[0], prefix_lse_stride[1], suffix_lse_stride[0], suffix_lse_stride[1],
         out_lse_stride[0], out_lse_stride[1],
     ), dict(
         NUM_HEADS=num_heads, HEAD_SIZE=head_size, HAS_OUT_LSE=output_lse is not None, BLOCK_T=block_t,

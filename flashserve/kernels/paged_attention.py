@@ -13,7 +13,8 @@ k_cache, v_cache (num_blocks, block_size, Hk, D); block_table (B, max_blocks) in
 import torch
 
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels.decode import launch_config, launch_decode, uses_fused_combine
+from flashserve.kernels.decode import launch_config, uses_fused_combine
+from flashserve.kernels.decode_launch import launch_decode
 from flashserve.kernels.prefill import prefill_attention
 from flashserve.kernels.prefill_tuning import HEAD_PACKING_MAX_QUERY, LENGTH_CLASS_BOUNDS
 from flashserve.kernels.qk_rope_cache import launch_qk_norm_rope_cache
@@ -45,16 +46,13 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sequse
     ``seqused_k[b] = 0`` gives a zero row (padding rows of a CUDA graph). The split-KV layout is chosen from the
     block table's width, never from the lengths.
     """
-    q4 = q.unsqueeze(1)
     if not use_triton(q):
         out, _ = reference_decode.flash_attn_with_kvcache(
-            q4, k_cache, v_cache, None, None, None, None, seqused_k, None, block_table, softmax_scale, True,
-            (window_left, 0), 0.0, True, None)
+            q.unsqueeze(1), k_cache, v_cache, None, None, None, None, seqused_k, None, block_table, softmax_scale,
+            True, (window_left, 0), 0.0, True, None)
         return out.squeeze(1)
-    capacity = block_table.shape[1] * k_cache.shape[1]
-    out, _ = launch_decode(q4, k_cache, v_cache, seqused_k, block_table, None, None, softmax_scale, 0.0,
-                           window_left, 0, capacity, 0, False)
-    return out.squeeze(1)
+    return launch_decode(q, k_cache, v_cache, seqused_k, block_table, None, None, softmax_scale, 0.0, window_left, 0,
+                         block_table.shape[1] * k_cache.shape[1], 0, False)[0]
 
 
 def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,

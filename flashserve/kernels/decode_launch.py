@@ -1,0 +1,138 @@
+"""Launching the decode kernels of ``decode.py`` with little host time: ``launch_decode`` finds a ``DecodePlan``
+(everything about the launch that follows from the geometry of its inputs) in a cache keyed by that geometry, so a
+repeated call with tensors of the same shapes, strides and dtypes only allocates its output and launches.
+
+Per call a plan allocates ``out`` (and ``lse`` when asked: both leave the call, so they are always fresh) and takes
+the split-KV partial states (and an LSE nobody reads) from ``scratch.SCRATCH`` (one buffer per device, stream and
+thread: see its rule for streams, threads and CUDA graphs); its launches are ``_launch.LaunchPlan`` s.
+"""
+import torch
+
+from flashserve.kernels import decode
+from flashserve.kernels._dispatch import triton_interpret_enabled
+from flashserve.kernels.decode import (COMBINE_LAUNCHER, DECODE_LAUNCHER, launch_config, state_layout,
+                                       uses_fused_combine)
+from flashserve.kernels.scratch import SCRATCH
+
+_MAX_PLANS = 1024
+_PLANS: dict[tuple, "DecodePlan"] = {}
+
+
+def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
+                  softcap, window_left, window_right, capacity, num_splits, write_lse, cache_leftpad=None,
+                  fused_combine=None, key_start=None):
+    """Launch the decode kernel (and the split combine) on validated arguments; no checks (engines call this with
+    metadata they validated once). q (B, Sq, H, D), or (B, H, D) for one query per sequence (then out is
+    (B, H, D)). ``seqlens_k`` (B,) int32 are the KV lengths after any append (with ``cache_leftpad``, the end
+    rows: keys are rows ``cache_leftpad[b] .. seqlens_k[b] - 1``); causal masking is ``window_right = 0``;
+    ``capacity`` (tokens a sequence of the cache can hold) sets the split layout, so the launch depends on shapes
+    only and is safe to capture in a CUDA graph. Index values are clamped or masked in the kernel (never an access
+    outside the tensors). ``fused_combine`` (None: ``uses_fused_combine``) merges the splits inside the decode
+    kernel instead of a second launch. ``key_start``: optional (1,) int32 on the device, the first key every
+    sequence attends to (the keys before it are skipped; their positions still count for causality and ALiBi).
+    Returns (out in q's dtype, lse (B, H, Sq) fp32 when ``write_lse``, else None)."""
+    plan = decode_plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
+                       softcap, window_left, window_right, capacity, num_splits, write_lse, cache_leftpad,
+                       fused_combine, key_start)
+    return plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, cache_leftpad, key_start)
+
+
+def decode_plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale, softcap,
+                window_left, window_right, capacity, num_splits, write_lse, cache_leftpad=None, fused_combine=None,
+                key_start=None) -> "DecodePlan":
+    """The ``DecodePlan`` of a ``launch_decode`` call with these arguments (cached by their geometry)."""
+    key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.stride(),
+           v_cache.dtype, seqlens_k.dtype, None if block_table is None else (block_table.stride(), block_table.dtype),
+           None if cache_batch_idx is None else cache_batch_idx.dtype,
+           None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride(), alibi_slopes.dtype),
+           None if cache_leftpad is None else cache_leftpad.dtype, None if key_start is None else key_start.dtype,
+           softmax_scale, softcap, window_left, window_right, capacity, num_splits, write_lse, fused_combine,
+           decode.FUSED_COMBINE_MAX_GROUPS)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = DecodePlan(q, k_cache, v_cache, block_table, cache_batch_idx, alibi_slopes, cache_leftpad, key_start,
+                          softmax_scale, softcap, window_left, window_right, capacity, num_splits, write_lse,
+                          fused_combine)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+    return plan
+
+
+class DecodePlan:
+    """One decode launch (and its combine) for inputs of one geometry: ``plan(q, k_cache, v_cache, seqlens_k,
+    block_table, cache_batch_idx, alibi_slopes, cache_leftpad, key_start)`` -> (out, lse or None). Built from
+    tensors of that geometry (their values are not read) and the scalar arguments of ``launch_decode``."""
+
+    def __init__(self, q, k_cache, v_cache, block_table, cache_batch_idx, alibi_slopes, cache_leftpad, key_start,
+                 softmax_scale, softcap, window_left, window_right, capacity, num_splits, write_lse, fused_combine):
+        # out like q where q is contiguous (empty_like is the cheapest allocation), else a contiguous tensor
+        self.out_like_q = q.is_contiguous()
+        self.out_shape, self.dtype, self.device = tuple(q.shape), q.dtype, q.device
+        if q.dim() == 3:  # one query per sequence
+            q = q.unsqueeze(1)
+        batch, seqlen_q, num_heads, head_dim = q.shape
+        k_shape = k_cache.shape
+        num_heads_k = k_shape[2]
+        grid, splits, block_m, block_n, block_d, combine_grid, block_h, block_s, combine_warps = launch_config(
+            batch, seqlen_q, num_heads, num_heads_k, head_dim, capacity, num_splits, q.device)
+        num_states, out_strides, lse_strides = state_layout(batch, seqlen_q, num_heads, head_dim, splits)
+        if fused_combine is None:
+            fused_combine = uses_fused_combine(splits, batch * grid[1])
+        self.fused_combine = fused_combine = fused_combine and splits > 1
+        self.counters = batch * grid[1] if fused_combine else 0
+        self.lse_shape = (batch, num_heads, seqlen_q) if write_lse else None
+        # Scratch: partial outputs, then their LSEs (split layouts); then an LSE nobody reads (not write_lse and a
+        # kernel that writes one: one split, or the fused combine).
+        lse_numel = batch * num_heads * seqlen_q
+        unread_lse = not write_lse and (splits == 1 or fused_combine)
+        self.uses_scratch = splits > 1 or unread_lse
+        self.scratch_numel = num_states * (head_dim + 1) + (lse_numel if unread_lse else 0)
+        self.scratch_offsets = (0, num_states * head_dim, num_states * (head_dim + 1))
+        self.splits = splits
+        paged = block_table is not None
+        upcast = q.dtype == torch.float32 or not q.is_cuda or triton_interpret_enabled()
+        q_strides, k_strides, v_strides = q.stride(), k_cache.stride(), v_cache.stride()
+        self._decode = DECODE_LAUNCHER.plan(grid, (
+            capacity, k_shape[0], seqlen_q, num_heads_k, head_dim, splits,
+            float(head_dim ** -0.5 if softmax_scale is None else softmax_scale), float(softcap),
+            window_left, window_right,
+            q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
+            v_strides[0], v_strides[1], v_strides[2], *out_strides, *lse_strides,
+            block_table.stride()[0] if paged else 0,
+            alibi_slopes.stride()[0] if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        ), dict(
+            GROUP=num_heads // num_heads_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            PAGE_SIZE=k_shape[1] if paged else 1, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
+            HAS_LEFTPAD=cache_leftpad is not None, HAS_KEY_START=key_start is not None,
+            HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
+            HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
+            FUSED_COMBINE=fused_combine, BLOCK_S=block_s,
+        ), num_warps=4, num_stages=3)
+        self._combine = None if splits == 1 or fused_combine else COMBINE_LAUNCHER.plan(
+            combine_grid, (seqlen_q, splits), dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=write_lse,
+                                                   BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d),
+            num_warps=combine_warps)
+
+    def __call__(self, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, cache_leftpad,
+                 key_start):
+        device = self.device
+        out = torch.empty_like(q) if self.out_like_q else torch.empty(self.out_shape, dtype=self.dtype, device=device)
+        lse = None if self.lse_shape is None else torch.empty(self.lse_shape, dtype=torch.float32, device=device)
+        if self.uses_scratch:
+            part, part_lse, unread_lse = SCRATCH.views(device, self.scratch_numel, self.scratch_offsets)
+        if self.splits == 1:
+            target_out, target_lse = out, unread_lse if lse is None else lse
+        else:
+            target_out, target_lse = part, part_lse
+        final_lse = lse if lse is not None else unread_lse if self.fused_combine else target_lse
+        counters = torch.zeros(self.counters, dtype=torch.int32, device=device) if self.counters else target_lse
+        self._decode((q, k_cache, v_cache, target_out, target_lse,
+                      seqlens_k if block_table is None else block_table,
+                      seqlens_k if cache_batch_idx is None else cache_batch_idx, seqlens_k,
+                      seqlens_k if alibi_slopes is None else alibi_slopes,
+                      seqlens_k if cache_leftpad is None else cache_leftpad,
+                      seqlens_k if key_start is None else key_start, counters, out, final_lse))
+        if self._combine is not None:
+            self._combine((out, part_lse if lse is None else lse, part))
+        return out, lse

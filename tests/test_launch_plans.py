@@ -1,0 +1,176 @@
+"""Per-geometry launch plans on the CPU: the eager fast paths reuse the argument checks and launch plan of a
+geometry seen before but still check index values; ``_launch.LaunchPlan`` reuses a compiled kernel only for what
+its key covers; ``scratch.StreamScratch`` hands out one buffer per stream. (Kernels run in Triton's interpreter.)"""
+import threading
+
+import pytest
+import torch
+from triton import knobs
+from triton.runtime.jit import JITFunction
+
+from flashserve.kernels import _launch, flash_attn_with_kvcache, kvcache_interface, merge, paged_attention, reference
+from flashserve.kernels.scratch import StreamScratch
+from test_decode import Case, make_inputs
+from test_launch import _kernel
+
+
+def _decode_args(seed=0, **case):
+    args = make_inputs(Case(seqlen_new=0, **case), seed=seed)
+    return {name: value for name, value in args.items() if value is not None}
+
+
+def _reference_out(args):
+    return reference.flash_attn_with_kvcache(**args, upcast=False)[0]
+
+
+def test_repeated_plain_call_skips_the_argument_checks_but_not_the_value_checks(monkeypatch):
+    """A second plain call of the same geometry (fresh tensors) skips check_kvcache_args; out-of-range values in
+    that geometry still raise ValueError naming block_table; another geometry or dtype is checked again."""
+    checked = []
+    check = kvcache_interface.check_kvcache_args
+    monkeypatch.setattr(kvcache_interface, "check_kvcache_args", lambda *args: checked.append(1) or check(*args))
+    kvcache_interface._PLAIN_CALLS.clear()
+    for seed in range(2):
+        args = _decode_args(seed, num_splits=3)
+        out = flash_attn_with_kvcache(**args)
+        torch.testing.assert_close(out, _reference_out(args), atol=2e-3, rtol=2e-3)
+    assert len(checked) == 1
+    args = _decode_args(num_splits=3)
+    capacity = args["block_table"].shape[1] * args["k_cache"].shape[1]
+    with pytest.raises(ValueError, match="block_table is too short"):
+        flash_attn_with_kvcache(**{**args, "cache_seqlens": args["cache_seqlens"] + capacity})
+    table = args["block_table"].clone()
+    table[0, 0] = args["k_cache"].shape[0]
+    with pytest.raises(ValueError, match="block_table entries"):
+        flash_attn_with_kvcache(**{**args, "block_table": table})
+    assert len(checked) == 1
+    with pytest.raises(ValueError, match="k_cache"):  # dtype is part of the geometry: the named checks run
+        flash_attn_with_kvcache(**{**args, "q": args["q"].float()})
+    strided = _decode_args(num_splits=3, strided=True)
+    torch.testing.assert_close(flash_attn_with_kvcache(**strided), _reference_out(strided), atol=2e-3, rtol=2e-3)
+    assert len(checked) == 3
+
+
+def test_repeated_int_lengths_reuse_their_length_tensor():
+    args = _decode_args(int_seqlens=True)
+    capacity = args["block_table"].shape[1] * args["k_cache"].shape[1]
+    for _ in range(2):
+        torch.testing.assert_close(flash_attn_with_kvcache(**args), _reference_out(args), atol=2e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        flash_attn_with_kvcache(**{**args, "cache_seqlens": capacity + 1})
+
+
+def test_outputs_never_share_memory_across_calls():
+    """Split partial states live in scratch memory reused by the next call; outputs never do."""
+    first_args, second_args = _decode_args(0, num_splits=3), _decode_args(1, num_splits=3)
+    first = flash_attn_with_kvcache(**first_args, return_softmax_lse=True)
+    saved = [t.clone() for t in first]
+    flash_attn_with_kvcache(**second_args, return_softmax_lse=True)
+    flash_attn_with_kvcache(**_decode_args(2, num_splits=5, cache_len=300, batch=3))  # the scratch buffer grows
+    assert all(torch.equal(t, s) for t, s in zip(first, saved))
+
+
+def test_engine_decode_and_merge_fast_paths_match_the_reference():
+    args = _decode_args(num_splits=0, cache_len=300)
+    q, k_cache, v_cache, seqlens, table = (args[n] for n in ("q", "k_cache", "v_cache", "cache_seqlens",
+                                                            "block_table"))
+    expected = _reference_out(args)[:, 0]
+    for _ in range(2):
+        out = paged_attention.decode(q[:, 0], k_cache, v_cache, seqlens, table, q.shape[-1] ** -0.5)
+        assert out.shape == q[:, 0].shape
+        torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+    empty = paged_attention.decode(q[:0, 0], k_cache, v_cache, seqlens[:0], table[:0], 0.25)
+    assert empty.shape == (0, *q.shape[2:])
+    states = [torch.randn(5, 4, 16) for _ in range(3)]
+    lses = [torch.randn(4, 5) for _ in range(3)]
+    expected, expected_lse = torch.empty(5, 4, 16), torch.empty(4, 5)
+    reference.merge_attn_states(expected, states[1], lses[1], states[2], lses[2], expected_lse)
+    for _ in range(2):
+        merge.merge_attn_states(states[0], states[1], lses[1], states[2], lses[2], lses[0])
+        torch.testing.assert_close(states[0], expected)
+        torch.testing.assert_close(lses[0], expected_lse)
+    with pytest.raises(ValueError, match="suffix_lse"):  # a new geometry: checked
+        merge.merge_attn_states(states[0], states[1], lses[1], states[2], lses[2].T.contiguous())
+
+
+class _Compiled:
+    function = packed_metadata = None
+
+    def __init__(self):
+        self.runs = []
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, grid_0, grid_1, grid_2, stream, function, metadata, launch_metadata, enter, exit, *args):
+        self.runs.append(((grid_0, grid_1, grid_2), args))
+
+
+class _Compiling:
+    """A kernel whose Triton path (``kernel[grid](...)``) returns a new compiled kernel each time."""
+    pre_run_hooks = []
+
+    def __init__(self):
+        self.slow_calls = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.slow_calls += 1
+            return _Compiled()
+        return launch
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    class Active:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+    class Driver:
+        active = Active()
+
+    monkeypatch.setattr(_launch, "_triton_driver", lambda: Driver)
+
+
+def test_launch_plans_reuse_a_compiled_kernel_only_for_what_they_cover(fake_driver, monkeypatch):
+    launcher = _launch.CachedLauncher(JITFunction(_kernel, do_not_specialize=["n"]))
+    if not launcher._enabled:
+        pytest.skip("this Triton release takes its own launch path")
+    kernel = launcher.kernel = _Compiling()
+    plan = launcher.plan((4,), (100, 1, 0.5), dict(BLOCK=64, SCALE=1), num_warps=4)
+    buffer, out = torch.zeros(64), torch.zeros(64)
+    plan((buffer, out))
+    compiled = next(iter(launcher._entries.values()))
+    plan((buffer[32:], out))  # 128-byte offset: still aligned, same kernel
+    assert kernel.slow_calls == 1
+    [(grid, args)] = compiled.runs
+    assert grid == (4, 1, 1) and args[2:] == (100, 1, 0.5, 64, 1)
+    assert args[:2] == (buffer[32:].data_ptr(), out.data_ptr())  # the pointers, not the tensors
+    plan((buffer[1:], out))  # misaligned: the launcher's generic key, a new variant
+    assert kernel.slow_calls == 2
+    monkeypatch.setattr(knobs.runtime, "debug", True)  # another knob state: another variant
+    plan((buffer, out))
+    assert kernel.slow_calls == 3
+    kernel.pre_run_hooks = [lambda *args, **kwargs: None]  # a hook: Triton's own path every time
+    plan((buffer, out))
+    plan((buffer, out))
+    assert kernel.slow_calls == 5
+
+
+def test_stream_scratch_reuses_one_buffer_and_grows():
+    scratch, cpu = StreamScratch(), torch.device("cpu")
+    first = scratch.views(cpu, 10, (0, 4))
+    assert scratch.views(cpu, 10, (0, 4)) is first
+    assert first[1].data_ptr() == first[0].data_ptr() + 16 and first[0].numel() >= 10
+    bigger = scratch.views(cpu, 100, (0, 50))
+    assert bigger[0].numel() >= 100
+    again = scratch.views(cpu, 10, (0, 4))  # rebuilt on the grown buffer
+    assert again is not first and again[0].data_ptr() == bigger[0].data_ptr()
+    other_thread = []
+    thread = threading.Thread(target=lambda: other_thread.append(scratch.views(cpu, 10, (0, 4))))
+    thread.start()
+    thread.join()
+    assert other_thread[0][0].data_ptr() != again[0].data_ptr()  # another thread: its own buffer
