@@ -62,8 +62,9 @@ ALL_CONFIGS += [GemmConfig(n, k, s, w, st, False)
 # fit the SM's shared memory: 3 of 4 stages in flight make 48-96 KB of weight loads outstanding per SM.
 STREAMK_TILE_CHOICES = ((64, 128, 4, 4), (32, 256, 4, 4), (128, 128, 8, 4), (64, 256, 8, 4))
 STREAMK_OCCUPANCY = (1, 2)
-# FMA products (<= STREAMK_FMA_MAX_ROWS rows): 8-16 KB tiles, so more programs per SM.
-STREAMK_FMA_TILE_CHOICES = ((16, 256, 4, 4), (32, 256, 8, 4))
+# FMA products (<= STREAMK_FMA_MAX_ROWS rows): Triton does not pipeline them (1 stage; the kernel prefetches one
+# tile by hand), so more programs per SM; 8-16 KB tiles, as larger ones take ~250 registers (sm_90, 4 rows).
+STREAMK_FMA_TILE_CHOICES = ((16, 256, 4, 1), (32, 256, 8, 1))
 STREAMK_FMA_OCCUPANCY = (2, 4)
 STREAMK_FMA_MAX_ROWS = 4
 ALL_CONFIGS += [GemmConfig(n, k, 0, w, st, True, p)

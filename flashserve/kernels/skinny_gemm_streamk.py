@@ -70,6 +70,37 @@ def _share(acc, acc_up, block, slot, pid, units, programs, k_tiles, features, ro
                      stride_rm, stride_om, HAS_BIAS, HAS_RESIDUAL, GATED)
 
 
+@triton.jit
+def _weight_tiles(w_ptr, unit, unit_end, k_tiles, features, offs_k, n_out, K, stride_wn, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr, GUARDED: tl.constexpr):
+    """The (BLOCK_N, BLOCK_K) weight tile of ``unit`` and its up half (GATED; else the tile again), marked
+    ``evict_first``. GUARDED: loaded only if ``unit < unit_end``, else zeros without memory traffic."""
+    block = unit // k_tiles
+    k_tile = unit - block * k_tiles
+    # Features past n_out wrap around to valid weight rows (no load mask); their results are never stored.
+    w_rows = ((block * BLOCK_N + features) % n_out).to(tl.int64)
+    ks = k_tile * BLOCK_K + offs_k
+    ptrs = w_ptr + w_rows[:, None] * stride_wn + ks[None, :]
+    if GUARDED:
+        mask = ((ks < K) & (offs_k * 0 + unit < unit_end))[None, :]  # a tensor, not a scalar bool
+        w = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+        w_up = w
+        if GATED:
+            w_up = tl.load(ptrs + n_out * stride_wn, mask=mask, other=0.0, eviction_policy="evict_first")
+    elif EVEN_K:
+        w = tl.load(ptrs, eviction_policy="evict_first")
+        w_up = w
+        if GATED:
+            w_up = tl.load(ptrs + n_out * stride_wn, eviction_policy="evict_first")
+    else:
+        mask = (ks < K)[None, :]
+        w = tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
+        w_up = w
+        if GATED:
+            w_up = tl.load(ptrs + n_out * stride_wn, mask=mask, other=0.0, eviction_policy="evict_first")
+    return w, w_up
+
+
 @triton.jit(do_not_specialize=["M", "units", "programs", "k_tiles"])
 def _streamk_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, counter_ptr, M, n_out, K, units,
                     programs, k_tiles, stride_xm, stride_wn, stride_rm, stride_om,
@@ -87,30 +118,26 @@ def _streamk_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, 
     acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     head = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # the range's first block (a partial if shared)
     head_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if not USE_DOT:  # Triton does not software-pipeline these loads (no tl.dot): prefetch one tile ahead by hand
+        w_next, w_up_next = _weight_tiles(w_ptr, unit_start, unit_end, k_tiles, features, offs_k, n_out,
+                                          K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, GATED, True)
     for unit in range(unit_start, unit_end):
         block = unit // k_tiles
         k_tile = unit - block * k_tiles
-        # Features past n_out wrap around to valid weight rows (no load mask); their results are never stored.
-        w_rows = ((block * BLOCK_N + features) % n_out).to(tl.int64)
         ks = k_tile * BLOCK_K + offs_k
-        w_ptrs = w_ptr + w_rows[:, None] * stride_wn + ks[None, :]
         k_mask = ks < K
-        if EVEN_K:
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-            if GATED:
-                w_up = tl.load(w_ptrs + n_out * stride_wn, eviction_policy="evict_first")
-        else:
-            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy="evict_first")
-            if GATED:
-                w_up = tl.load(w_ptrs + n_out * stride_wn, mask=k_mask[None, :], other=0.0,
-                               eviction_policy="evict_first")
         if USE_DOT:
+            w, w_up = _weight_tiles(w_ptr, unit, unit_end, k_tiles, features, offs_k, n_out, K, stride_wn,
+                                    BLOCK_N, BLOCK_K, EVEN_K, GATED, False)
             xt = tl.load(x_ptr + rows[None, :] * stride_xm + ks[:, None], mask=(rows < M)[None, :] & k_mask[:, None],
                          other=0.0)
             acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
             if GATED:
                 acc_up = tl.dot(w_up, xt, acc_up, input_precision=DOT_PRECISION)
         else:
+            w, w_up = w_next, w_up_next
+            w_next, w_up_next = _weight_tiles(w_ptr, unit + 1, unit_end, k_tiles, features, offs_k, n_out,
+                                              K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K, GATED, True)
             for m in tl.static_range(BLOCK_M):
                 # rows past M read row M - 1 again (no row mask); their results are never stored
                 x_m = tl.load(x_ptr + tl.minimum(M - 1, m) * stride_xm + ks, mask=k_mask, other=0.0).to(tl.float32)
