@@ -13,7 +13,7 @@ with >= 8 MB of weights (printed at the end); ratio = torch µs / linear µs.
 ``--sweep`` instead times every candidate config per shape and row bucket and writes the measured plan table
 (``benchmarks/bench_gemm_sweep.py``).
 Usage: python benchmarks/bench_gemm.py [--out DIR] [--no-tune] [--models Qwen3-0.6B,Llama-3.1-8B]
-       [--sweep [--all] [--rows 1,2,4,8,16,32,64] [--margin 0.02] [--jobs 8]]
+       [--sweep [--all] [--rows 1,2,4,8,16,32,64] [--margin 0.02] [--jobs 8] [--no-pdl]]
 """
 import math
 import os
@@ -88,8 +88,9 @@ def run_shape(model_name: str, name: str, n: int, k: int, gated: bool) -> list[d
 
 
 def config_name(config) -> str:
-    """E.g. ``dot n64k128s4w4st4`` (grid kernel, split-K 4) or ``sk-fma n16k256p2w4st4`` (stream-K, 2 per SM)."""
-    kind = "dot" if config.use_dot else "fma"
+    """E.g. ``dot n64k128s4w4st4`` (grid kernel, split-K 4), ``sk-fma n16k256p2w4st1`` (stream-K, 2 per SM),
+    ``sk-dot-pdl n64k128p1w4st4`` (stream-K with programmatic dependent launch)."""
+    kind = ("dot" if config.use_dot else "fma") + ("-pdl" if config.pdl else "")
     if config.programs_per_sm:
         return f"sk-{kind} n{config.block_n}k{config.block_k}p{config.programs_per_sm}w{config.num_warps}" \
             f"st{config.num_stages}"
@@ -130,6 +131,8 @@ def main():
                         "(a fraction) ours must be to enter the table")
     parser.add_argument("--jobs", type=int, default=8, help="with --sweep: processes compiling the kernel variants "
                         "before the timing (0: compile as the sweep goes)")
+    parser.add_argument("--no-pdl", action="store_true", help="with --sweep: keep configs with programmatic "
+                        "dependent launch out of the plan table")
     args = parser.parse_args()
     if args.sweep:
         import bench_gemm_sweep

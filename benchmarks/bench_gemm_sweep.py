@@ -9,14 +9,17 @@ that fails is reported and never chosen) and timed as bench_gemm times: a CUDA g
 rotating weight copies (>= 512 MB, so L2 never holds the next), per call. "cuBLAS" is the engine's fallback
 (``F.linear``; gated: ``F.linear`` then the ``silu_and_mul`` kernel); "matmul" is ``x @ w.T`` alone. Also the
 launch floor: an empty kernel on every SM, timed the same way: what each call costs before it reads a byte (for an
-8 MB weight, 85% of the copy bandwidth leaves ~2.3 µs per call in all).
+8 MB weight, 85% of the copy bandwidth leaves ~2.3 µs per call in all). Configs with programmatic dependent launch
+("-pdl") overlap each call with the end of the previous one; timed back to back with themselves they gain more
+than after the engine's norm or attention kernels (which do not release their dependents early): ``--no-pdl``
+keeps them out of the table ("best w/o pdl" shows what remains).
 
 Writes DIR/bench_gemm_sweep.md (the best config per shape and M, % of copy, the bar at M <= 8 for weights >= 8 MB
 with the plan the table would choose), DIR/bench_gemm_sweep.json (every timing) and DIR/skinny_gemm_table.py (the
 plans: ours where faster than cuBLAS by ``--margin``, else cuBLAS) to copy over flashserve/kernels/.
 The kernel variants are compiled first in ``--jobs`` processes at once (into Triton's on-disk cache).
 Usage: FLASHSERVE_AUTOTUNE=0 python benchmarks/bench_gemm.py --sweep [--all] [--models ...] [--rows 1,2,4]
-       [--margin 0.02] [--jobs 8] --out DIR
+       [--margin 0.02] [--jobs 8] [--no-pdl] --out DIR
 """
 import concurrent.futures
 import dataclasses
@@ -137,24 +140,28 @@ def sweep_point(weights, rows: int, n_out: int, gated: bool, everything: bool) -
         point["configs"].append(entry)
     runnable = [c for c in point["configs"] if c["correct"] and c.get("us") == c.get("us")]  # not NaN
     point["best"] = min(runnable, key=lambda c: c["us"]) if runnable else None
+    plain = [c for c in runnable if "-pdl" not in c["config"]]
+    point["best_without_pdl"] = min(plain, key=lambda c: c["us"]) if plain else None
     point["wrong"] = [c["config"] for c in point["configs"] if not c["correct"]]
     return point
 
 
-def choose(point: dict, margin: float) -> dict | None:
-    """The best config where it beats cuBLAS by ``margin``, else None (cuBLAS)."""
-    best = point["best"]
+def choose(point: dict, margin: float, pdl: bool) -> dict | None:
+    """The best config (of those without programmatic dependent launch unless ``pdl``) where it beats cuBLAS by
+    ``margin``, else None (cuBLAS)."""
+    best = point["best"] if pdl else point["best_without_pdl"]
     return best if best is not None and best["us"] < (1 - margin) * point["cublas_us"] else None
 
 
-def table_text(shapes: list[dict], env: dict, margin: float) -> str:
+def table_text(shapes: list[dict], env: dict, margin: float, pdl: bool) -> str:
     """The source of skinny_gemm_table.py holding this sweep's choices."""
-    measured = f"{env['date'][:10]}, torch {env['torch']}, triton {env['triton']}, margin {margin}"
+    measured = f"{env['date'][:10]}, torch {env['torch']}, triton {env['triton']}, margin {margin}" + (
+        "" if pdl else ", no pdl configs")
     lines = [f'"""{skinny_gemm_table.__doc__}"""', f"GPU = {env['gpu']!r}", f"MEASURED = {measured!r}",
              "PLANS: dict[tuple[int, int, int, bool], tuple | None] = {"]
     for shape in shapes:
         for point in shape["points"]:
-            chosen = choose(point, margin)
+            chosen = choose(point, margin, pdl)
             key = (shape["n_out"], shape["k"], skinny_gemm_plans.row_bucket(point["m"]), shape["gated"])
             value = "None" if chosen is None else repr(tuple(chosen["fields"]))
             best = f"{point['best']['us']:.1f}" if point["best"] else "-"
@@ -163,15 +170,17 @@ def table_text(shapes: list[dict], env: dict, margin: float) -> str:
     return "\n".join(lines + ["}", ""])
 
 
-def markdown(shapes: list[dict], copy_tbs: float, floor_us: float, margin: float) -> str:
+def markdown(shapes: list[dict], copy_tbs: float, floor_us: float, margin: float, pdl: bool) -> str:
     header = ["model", "proj", "N x K", "MB", "M", "ideal µs", "cuBLAS µs", "matmul µs", "best ours µs",
-              "best config", "ours % copy", "cuBLAS % copy", "cuBLAS/ours", "plan % copy", "wrong"]
+              "best config", "ours % copy", "cuBLAS % copy", "cuBLAS/ours", "best w/o pdl µs", "plan % copy",
+              "wrong"]
     body, bar = [], []
     for shape in shapes:
         weight_bytes = shape["weight_bytes"]
         tbs = lambda us: weight_bytes / us / 1e6  # noqa: E731
         for point in shape["points"]:
-            best, chosen = point["best"], choose(point, margin)
+            best, chosen = point["best"], choose(point, margin, pdl)
+            plain = point["best_without_pdl"]
             plan_us = chosen["us"] if chosen else point["cublas_us"]
             body.append([shape["model"], shape["proj"], f"{shape['n']}x{shape['k']}", f"{weight_bytes / 1e6:.1f}",
                          point["m"], f"{weight_bytes / copy_tbs / 1e6:.1f}", f"{point['cublas_us']:.1f}",
@@ -179,6 +188,7 @@ def markdown(shapes: list[dict], copy_tbs: float, floor_us: float, margin: float
                          best["config"] if best else "-", f"{100 * tbs(best['us']) / copy_tbs:.0f}%" if best else "-",
                          f"{100 * tbs(point['cublas_us']) / copy_tbs:.0f}%",
                          f"{point['cublas_us'] / best['us']:.2f}" if best else "-",
+                         f"{plain['us']:.1f}" if plain else "-",
                          f"{100 * tbs(plan_us) / copy_tbs:.0f}%", ", ".join(point["wrong"]) or "-"])
             if point["m"] <= bench_gemm.BAR_MAX_ROWS and weight_bytes >= bench_gemm.BAR_MIN_WEIGHT_BYTES:
                 passed = tbs(plan_us) >= bench_gemm.BAR_FRACTION * copy_tbs
@@ -220,12 +230,12 @@ def main(args) -> None:
             torch.cuda.empty_cache()
     env = common.environment()
     text = common.section_header("Small-M matrix products: config sweep", env)
-    text += markdown(shapes, copy_tbs, floor_us, args.margin)
+    text += markdown(shapes, copy_tbs, floor_us, args.margin, not args.no_pdl)
     text += f"\n\nSweep time: {time.perf_counter() - started:.0f} s"
     common.write_results(args.out, "bench_gemm_sweep", text,
                          dict(meta=env, copy_tbs=copy_tbs, launch_floor_us=floor_us, margin=args.margin,
                               shapes=shapes))
-    table = table_text(shapes, env, args.margin)
+    table = table_text(shapes, env, args.margin, not args.no_pdl)
     with open(f"{args.out}/skinny_gemm_table.py", "w") as f:
         f.write(table)
     print(f"\n{args.out}/skinny_gemm_table.py:\n{table}")

@@ -50,19 +50,20 @@ def main() -> int:
         for gated in (False, True):
             configs = {c for c in skinny_gemm_plans.ALL_CONFIGS if c.programs_per_sm and (
                 c.use_dot or rows <= skinny_gemm_plans.STREAMK_FMA_MAX_ROWS)}
-            tiles = {(c.block_n, c.block_k, c.num_warps, c.num_stages, c.use_dot) for c in configs}
-            for block_n, block_k, warps, stages, use_dot in sorted(tiles):
+            tiles = {(c.block_n, c.block_k, c.num_warps, c.num_stages, c.use_dot, c.pdl) for c in configs}
+            for block_n, block_k, warps, stages, use_dot, pdl in sorted(tiles):
                 block_m = skinny_gemm_plans.block_rows(rows) if use_dot else triton.next_power_of_2(rows)
                 constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=True, HAS_BIAS=False,
-                                  HAS_RESIDUAL=False, GATED=gated, USE_DOT=use_dot, DOT_PRECISION="tf32")
+                                  HAS_RESIDUAL=False, GATED=gated, USE_DOT=use_dot, DOT_PRECISION="tf32", PDL=pdl)
                 sig, attrs = signature(constexprs)
-                name = f"{'dot' if use_dot else 'fma'} n{block_n}k{block_k}w{warps}st{stages} M{block_m}" \
-                    f"{' gated' if gated else ''}"
+                name = f"{'dot' if use_dot else 'fma'}{'-pdl' if pdl else ''} n{block_n}k{block_k}w{warps}" \
+                    f"st{stages} M{block_m}{' gated' if gated else ''}"
                 start = time.perf_counter()
                 try:
                     kernel = triton.compile(triton.compiler.ASTSource(_streamk_kernel, sig, constexprs=constexprs,
                                                                       attrs=attrs),
-                                            target=target, options={"num_warps": warps, "num_stages": stages})
+                                            target=target, options={"num_warps": warps, "num_stages": stages,
+                                                                    "launch_pdl": pdl})
                 except Exception as error:  # report every failing variant, not only the first
                     failures += 1
                     print(f"FAIL {name}: {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)

@@ -72,12 +72,14 @@ def test_fma_path_one_row(config, dtype):
 # Stream-K on the interpreter's 4 "SMs": 4, 8 or 12 programs over 6-24 tiles, so that feature blocks are held
 # whole, shared by two programs, or by several (one tile each).
 STREAMK_CONFIGS = [GemmConfig(16, 16, 0, 4, 1, True, 1), GemmConfig(16, 32, 0, 4, 1, True, 3),
-                   GemmConfig(32, 16, 0, 4, 1, False, 2), GemmConfig(16, 32, 0, 4, 1, False, 3)]
+                   GemmConfig(32, 16, 0, 4, 1, False, 2), GemmConfig(16, 32, 0, 4, 1, False, 3),
+                   GemmConfig(16, 64, 0, 4, 1, True, 2, True)]  # pdl: a plain launch in the interpreter
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("config", STREAMK_CONFIGS,
-                         ids=lambda c: f"{'dot' if c.use_dot else 'fma'}-n{c.block_n}k{c.block_k}p{c.programs_per_sm}")
+                         ids=lambda c: f"{'dot' if c.use_dot else 'fma'}-n{c.block_n}k{c.block_k}p{c.programs_per_sm}"
+                         + ("-pdl" if c.pdl else ""))
 @pytest.mark.parametrize("rows, n_out, k", [(1, 40, 80), (3, 33, 72), (4, 48, 40), (8, 40, 80), (17, 24, 64)])
 def test_streamk_kernel(rows, n_out, k, dtype, config):
     if not config.use_dot and rows > skinny_gemm_plans.STREAMK_FMA_MAX_ROWS:
@@ -169,7 +171,10 @@ def test_candidates_are_storable_and_split_to_fill_the_gpu():
 
 def test_streamk_occupancy_fits_the_sm_shared_memory(monkeypatch):
     monkeypatch.setattr(skinny_gemm_plans, "_device_shared_memory", lambda device, per_sm=False: 233_472)
+    monkeypatch.setattr(skinny_gemm_plans.prefill_tuning, "compute_capability_major", lambda index: 8)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     found = skinny_gemm_plans.streamk_candidates(4096, 64, torch.bfloat16, torch.device("cuda"), gated=True)
+    assert not any(c.pdl for c in found)  # before Hopper: no programmatic dependent launch
     # 64 rows, gated: (64 x 128 + 2 x 64 x 128) x 2 bytes x 4 stages = 192 KB fits one program per SM, not two
     assert GemmConfig(64, 128, 0, 4, 4, True, 1) in found and GemmConfig(64, 128, 0, 4, 4, True, 2) not in found
     assert all(c.use_dot and c in skinny_gemm_plans.ALL_CONFIGS for c in found)
@@ -200,6 +205,7 @@ def _persisting_cuda(monkeypatch, tmp_path):
     monkeypatch.setattr(skinny_gemm_plans, "device_sms", lambda device: 132)
     monkeypatch.setattr(skinny_gemm_plans, "_device_shared_memory",
                         lambda device, per_sm=False: 233_472 if per_sm else 232_448)
+    monkeypatch.setattr(skinny_gemm_plans.prefill_tuning, "compute_capability_major", lambda index: 9)
     skinny_gemm_plans.reset()
     yield torch.device("cuda", 0)
     skinny_gemm_plans.reset()

@@ -35,7 +35,8 @@ class GemmConfig:
     """One launch of ``skinny_gemm``: output features per tile, K per tile, split-K ways, warps, stages, whether the
     product runs on ``tl.dot`` (else FMAs: one-row inputs for the grid kernel, <= 4 rows for stream-K), and the
     schedule: ``programs_per_sm == 0`` the grid kernel (a program per feature block and split), else the stream-K
-    kernel (``skinny_gemm_streamk``: that many persistent programs per SM share the tiles; ``split_k`` is 0).
+    kernel (``skinny_gemm_streamk``: that many persistent programs per SM share the tiles; ``split_k`` is 0), with
+    ``pdl``: launched with programmatic dependent launch (prefetching weights while the previous kernel ends).
     ``block_n == 0`` is the cuBLAS marker (``CUBLAS``)."""
 
     block_n: int
@@ -45,6 +46,7 @@ class GemmConfig:
     num_stages: int
     use_dot: bool = True
     programs_per_sm: int = 0
+    pdl: bool = False
 
 
 CUBLAS = GemmConfig(0, 0, 0, 0, 0)
@@ -67,10 +69,13 @@ STREAMK_OCCUPANCY = (1, 2)
 STREAMK_FMA_TILE_CHOICES = ((16, 256, 4, 1), (32, 256, 8, 1))
 STREAMK_FMA_OCCUPANCY = (2, 4)
 STREAMK_FMA_MAX_ROWS = 4
+STREAMK_PDL_TILE_CHOICES = STREAMK_TILE_CHOICES[:2]  # also tried with programmatic dependent launch (sm_90+)
 ALL_CONFIGS += [GemmConfig(n, k, 0, w, st, True, p)
                 for (n, k, w, st), p in itertools.product(STREAMK_TILE_CHOICES, STREAMK_OCCUPANCY)]
 ALL_CONFIGS += [GemmConfig(n, k, 0, w, st, False, p)
                 for (n, k, w, st), p in itertools.product(STREAMK_FMA_TILE_CHOICES, STREAMK_FMA_OCCUPANCY)]
+ALL_CONFIGS += [GemmConfig(n, k, 0, w, st, True, p, True)
+                for (n, k, w, st), p in itertools.product(STREAMK_PDL_TILE_CHOICES, STREAMK_OCCUPANCY)]
 ALL_CONFIGS.append(CUBLAS)
 INTERPRETER_CONFIG = GemmConfig(128, 128, 1, 4, 1)  # the fastest tiles in the interpreter (fewest programs)
 
@@ -91,11 +96,15 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def device_sms(device: torch.device) -> int:
     """The SMs the kernels plan for on ``device`` (split-K ways, stream-K programs)."""
     if device.type != "cuda":
         return 4  # the interpreter: a few programs, so that tests meet split-K
-    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return num_sms(_device_index(device))
 
 
 def split_ways(n_out: int, k: int, block_n: int, block_k: int, sms: int) -> int:
@@ -175,7 +184,7 @@ def _device_shared_memory(device: torch.device, per_sm: bool = False) -> int | N
     the interpreter."""
     if device.type != "cuda":
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     return sm_shared_memory_bytes(index) if per_sm else shared_memory_bytes(index)
 
 
@@ -209,21 +218,24 @@ def candidates(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.
 def streamk_candidates(k: int, rows: int, dtype: torch.dtype, device: torch.device,
                        gated: bool = False) -> list[GemmConfig]:
     """The stream-K configs of ``candidates``: every tile of STREAMK_TILE_CHOICES (and of STREAMK_FMA_TILE_CHOICES
-    for <= STREAMK_FMA_MAX_ROWS rows) that fits K and the dtype, with each programs-per-SM count (STREAMK_OCCUPANCY,
-    STREAMK_FMA_OCCUPANCY) whose pipelines fit the SM's shared memory together."""
+    for <= STREAMK_FMA_MAX_ROWS rows; of STREAMK_PDL_TILE_CHOICES with ``pdl`` on GPUs that have it) that fits K
+    and the dtype, with each programs-per-SM count (STREAMK_OCCUPANCY, STREAMK_FMA_OCCUPANCY) whose pipelines fit
+    the SM's shared memory together."""
     smem = _device_shared_memory(device, per_sm=True)
     element_bytes = torch.finfo(dtype).bits // 8
-    tiles = [(tile, True) for tile in STREAMK_TILE_CHOICES]
-    tiles += [(tile, False) for tile in STREAMK_FMA_TILE_CHOICES if rows <= STREAMK_FMA_MAX_ROWS]
+    tiles = [(tile, True, False) for tile in STREAMK_TILE_CHOICES]
+    tiles += [(tile, False, False) for tile in STREAMK_FMA_TILE_CHOICES if rows <= STREAMK_FMA_MAX_ROWS]
+    if device.type != "cuda" or prefill_tuning.compute_capability_major(_device_index(device)) >= 9:
+        tiles += [(tile, True, True) for tile in STREAMK_PDL_TILE_CHOICES]
     found = []
-    for (block_n, block_k, warps, stages), use_dot in tiles:
+    for (block_n, block_k, warps, stages), use_dot, pdl in tiles:
         if block_k > max(64, next_power_of_2(k)) or (dtype == torch.float32 and block_k > 128):
             continue
         block_m = block_rows(rows) if use_dot else next_power_of_2(rows)
         tile_bytes = pipeline_bytes(block_m, block_n, block_k, stages, gated, element_bytes) + SMEM_RESERVED_BYTES
         for programs in STREAMK_OCCUPANCY if use_dot else STREAMK_FMA_OCCUPANCY:
             if smem is None or programs * tile_bytes <= smem:
-                found.append(GemmConfig(block_n, block_k, 0, warps, stages, use_dot, programs))
+                found.append(GemmConfig(block_n, block_k, 0, warps, stages, use_dot, programs, pdl))
     return found
 
 
