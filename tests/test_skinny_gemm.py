@@ -271,14 +271,16 @@ def test_ragged_shapes_gpu():
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_gpu():
-    """Split-K, stream-K and plain launches captured in a graph: replays with new inputs match eager calls."""
+    """Split-K, stream-K (with programmatic dependent launch too) and plain launches captured in a graph: replays
+    with new inputs match eager calls."""
     device = torch.device("cuda")
     x = _randn(8, 1024, dtype=torch.bfloat16, device=device)
     w = _randn(4096, 1024, dtype=torch.bfloat16, device=device, seed=1) / 32
     gate_up = _randn(6144, 1024, dtype=torch.bfloat16, device=device, seed=2) / 32
-    configs = (GemmConfig(64, 128, 4, 4, 4), GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 0, 4, 4, True, 2))
+    configs = (GemmConfig(64, 128, 4, 4, 4), GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 0, 4, 4, True, 2),
+               GemmConfig(32, 256, 0, 4, 4, True, 1, True))
     eager = lambda: [skinny_gemm.launch(x, w, None, None, False, c) for c in configs] + [  # noqa: E731
-        skinny_gemm.launch(x, gate_up, None, None, True, c) for c in (configs[0], configs[2])]
+        skinny_gemm.launch(x, gate_up, None, None, True, c) for c in configs[::2]]
     eager()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -290,6 +292,35 @@ def test_cuda_graph_replay_gpu():
         for got, want in zip(captured, eager()):
             assert torch.equal(got, want)  # deterministic split-K: bit-identical
     assert not skinny_gemm._counters[x.device].any()
+
+
+@pytest.mark.gpu
+def test_pdl_chain_gpu():
+    """Programmatic dependent launches that each read the previous one's output (and a plain launch between them),
+    eager and replayed in a graph: each waits for its input, so the chain matches torch's step by step."""
+    device = torch.device("cuda")
+    x = _randn(4, 1024, dtype=torch.bfloat16, device=device)
+    weights = [_randn(1024, 1024, dtype=torch.bfloat16, device=device, seed=s) / 32 for s in range(1, 7)]
+    configs = [GemmConfig(32, 256, 0, 4, 4, True, p, True) for p in (1, 2)] + [GemmConfig(64, 128, 1, 4, 4)]
+
+    def chain():
+        y = x
+        for i, w in enumerate(weights):
+            y = skinny_gemm.launch(y, w, None, None, False, configs[i % 3])
+        return y
+
+    expected = x
+    for w in weights:
+        expected = torch.nn.functional.linear(expected.float(), w.float()).to(torch.bfloat16)
+    eager = chain()
+    torch.testing.assert_close(eager, expected, atol=0.1, rtol=0.05)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain()
+    for seed in range(3):
+        x.copy_(_randn(4, 1024, dtype=torch.bfloat16, device=device, seed=20 + seed))
+        graph.replay()
+        assert torch.equal(captured, chain())
 
 
 @pytest.mark.gpu
