@@ -125,7 +125,7 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--sweep", action="store_true", help="time every candidate config per shape and row bucket "
                         "instead, and write the plan table (bench_gemm_sweep.py)")
-    parser.add_argument("--all", action="store_true", help="with --sweep: every config the start-up tuning tries")
+    parser.add_argument("--all", action="store_true", help="with --sweep: every grid-kernel candidate too")
     parser.add_argument("--rows", default="1,2,4,8,16,32,64", help="with --sweep: the row counts")
     parser.add_argument("--margin", type=float, default=0.02, help="with --sweep: how much faster than cuBLAS "
                         "(a fraction) ours must be to enter the table")
