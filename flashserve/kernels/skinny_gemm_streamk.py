@@ -213,6 +213,8 @@ def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if not config.use_dot and num_rows > STREAMK_FMA_MAX_ROWS:
         raise ValueError(f"a stream-K config without tl.dot serves at most {STREAMK_FMA_MAX_ROWS} rows, "
                          f"got {num_rows}")
+    if config.pdl and config.block_k % 64:
+        raise ValueError(f"a pdl config needs block_k divisible by 64 (its L2 prefetch), got {config.block_k}")
     block_m = block_rows(num_rows) if config.use_dot else next_power_of_2(num_rows)
     k_tiles = cdiv(k, config.block_k)
     units = cdiv(n_out, config.block_n) * k_tiles
@@ -224,8 +226,6 @@ def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                           device=x_rows.device)
     has_bias, has_residual = bias is not None, residual_rows is not None
     pdl = config.pdl and x_rows.device.type == "cuda"  # the interpreter runs it as a plain launch
-    if config.pdl and config.block_k % 64:
-        raise ValueError(f"a pdl config needs block_k divisible by 64, got {config.block_k}")
     _streamk_kernel[(programs,)](
         x_rows, weight, bias if has_bias else weight, residual_rows if has_residual else out, out, partial, counters,
         num_rows, n_out, k, units, programs, k_tiles, x_rows.stride(0), weight.stride(0),
