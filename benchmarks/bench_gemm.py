@@ -10,8 +10,10 @@ gate_up runs ours fused with the SiLU-and-mul (its output is half as wide) again
 are tuned at the first call (``skinny_gemm_plans.tuning()``; ``--no-tune``: the table only); the HBM copy
 bandwidth is measured in the same run. Bar: "linear" >= 85% of the copy bandwidth at M <= 8 for every shape
 with >= 8 MB of weights (printed at the end); ratio = torch µs / linear µs.
-``--sweep 1,8`` also times every tuning candidate at those row counts (to revise the plan table).
-Usage: python benchmarks/bench_gemm.py [--out DIR] [--no-tune] [--models Qwen3-0.6B,Llama-3.1-8B] [--sweep 1,8]
+``--sweep`` instead times every candidate config per shape and row bucket and writes the measured plan table
+(``benchmarks/bench_gemm_sweep.py``).
+Usage: python benchmarks/bench_gemm.py [--out DIR] [--no-tune] [--models Qwen3-0.6B,Llama-3.1-8B]
+       [--sweep [--all] [--rows 1,2,4,8,16,32,64] [--margin 0.02] [--jobs 8] [--no-pdl]]
 """
 import math
 import os
@@ -39,25 +41,20 @@ def projections(model: dict) -> list[tuple[str, int, int, bool]]:
             ("lm_head", model["vocab"], hidden, False)]
 
 
-def per_call_us(call, weights, x) -> float:
+def per_call_us(call, weights, x, warmup_ms: int = 10, rep_ms: int = 50) -> float:
     """Median µs per call of a CUDA graph holding ``call(x, w)`` for every weight in turn."""
-    return common.graph_us(lambda: [call(x, w) for w in weights], warmup_ms=10, rep_ms=50) / len(weights)
+    return common.graph_us(lambda: [call(x, w) for w in weights], warmup_ms=warmup_ms, rep_ms=rep_ms) / len(weights)
 
 
-def sweep(weights, x, n_out: int, k: int, gated: bool) -> list[dict]:
-    """Every tuning candidate of this shape and row count, timed like the rest (to revise the plan table)."""
-    found = []
-    for config in skinny_gemm_plans.candidates(n_out, k, skinny_gemm_plans.row_bucket(x.shape[0]), x.dtype,
-                                               x.device, gated):
-        kernel = lambda a, w: skinny_gemm.launch(a, w, None, None, gated, config)  # noqa: E731
-        found.append(dict(config=_config_name(config), us=per_call_us(kernel, weights, x)))
-    return sorted(found, key=lambda entry: entry["us"])
+def rotating_weights(n: int, k: int) -> list[torch.Tensor]:
+    """Copies of a random (n, k) bf16 weight totalling >= ROTATION_BYTES (at least two), so L2 never holds the next."""
+    copies = max(2, math.ceil(ROTATION_BYTES / (n * k * 2)))
+    return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
 
 
-def run_shape(model_name: str, name: str, n: int, k: int, gated: bool, sweep_rows=()) -> list[dict]:
+def run_shape(model_name: str, name: str, n: int, k: int, gated: bool) -> list[dict]:
     weight_bytes = n * k * 2
-    copies = max(2, math.ceil(ROTATION_BYTES / weight_bytes))
-    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    weights = rotating_weights(n, k)
     ours = linear_silu_and_mul if gated else linear
     rows_out = []
     for rows in ROWS:
@@ -71,15 +68,13 @@ def run_shape(model_name: str, name: str, n: int, k: int, gated: bool, sweep_row
             plan = skinny_gemm_plans.lookup(key)  # outside tuning(): the plan the first call made
             config = plan if plan != skinny_gemm_plans.CUBLAS else skinny_gemm_plans.kernel_config(
                 key[0], k, rows, torch.bfloat16, x.device)
-            row["plan"] = "cuBLAS" if plan == skinny_gemm_plans.CUBLAS else _config_name(plan)
-            row["kernel_config"] = _config_name(config)
+            row["plan"] = "cuBLAS" if plan == skinny_gemm_plans.CUBLAS else config_name(plan)
+            row["kernel_config"] = config_name(config)
             kernel = lambda a, w: skinny_gemm.launch(a, w, None, None, gated, config)  # noqa: E731
             row["kernel_us"] = per_call_us(kernel, weights, x)
             check = skinny_gemm.launch(x, weights[0], None, None, gated, config)
             oracle = reference.linear_silu_and_mul if gated else reference.linear
             row["max_abs_diff"] = (check.float() - oracle(x.float(), weights[0].float())).abs().max().item()
-            if rows in sweep_rows:
-                row["sweep"] = sweep(weights, x, key[0], k, gated)
         for column in ("torch", "linear", "kernel"):
             if f"{column}_us" in row:
                 row[f"{column}_tbs"] = weight_bytes / row[f"{column}_us"] / 1e6
@@ -92,8 +87,13 @@ def run_shape(model_name: str, name: str, n: int, k: int, gated: bool, sweep_row
     return rows_out
 
 
-def _config_name(config) -> str:
-    kind = "dot" if config.use_dot else "fma"
+def config_name(config) -> str:
+    """E.g. ``dot n64k128s4w4st4`` (grid kernel, split-K 4), ``sk-fma n16k256p2w4st1`` (stream-K, 2 per SM),
+    ``sk-dot-pdl n64k128p1w4st4`` (stream-K with programmatic dependent launch)."""
+    kind = ("dot" if config.use_dot else "fma") + ("-pdl" if config.pdl else "")
+    if config.programs_per_sm:
+        return f"sk-{kind} n{config.block_n}k{config.block_k}p{config.programs_per_sm}w{config.num_warps}" \
+            f"st{config.num_stages}"
     return f"{kind} n{config.block_n}k{config.block_k}s{config.split_k}w{config.num_warps}st{config.num_stages}"
 
 
@@ -123,26 +123,31 @@ def main():
     parser = common.argument_parser(__doc__)
     parser.add_argument("--no-tune", action="store_true", help="use the plan table only (FLASHSERVE_AUTOTUNE=0)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
-    parser.add_argument("--sweep", default="", help="comma-separated row counts (<= 64) at which every tuning "
-                        "candidate is also timed (in the JSON and a table of the best three)")
+    parser.add_argument("--sweep", action="store_true", help="time every candidate config per shape and row bucket "
+                        "instead, and write the plan table (bench_gemm_sweep.py)")
+    parser.add_argument("--all", action="store_true", help="with --sweep: every grid-kernel candidate too")
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64", help="with --sweep: the row counts")
+    parser.add_argument("--margin", type=float, default=0.02, help="with --sweep: how much faster than cuBLAS "
+                        "(a fraction) ours must be to enter the table")
+    parser.add_argument("--jobs", type=int, default=8, help="with --sweep: processes compiling the kernel variants "
+                        "before the timing (0: compile as the sweep goes)")
+    parser.add_argument("--no-pdl", action="store_true", help="with --sweep: keep configs with programmatic "
+                        "dependent launch out of the plan table")
     args = parser.parse_args()
+    if args.sweep:
+        import bench_gemm_sweep
+        return bench_gemm_sweep.main(args)
     if args.no_tune:
         os.environ["FLASHSERVE_AUTOTUNE"] = "0"
     copy_tbs = common.copy_bandwidth_tbs()
     rows = []
     for model_name in args.models.split(","):
         for name, n, k, gated in projections(MODELS[model_name]):
-            rows += run_shape(model_name, name, n, k, gated, [int(m) for m in args.sweep.split(",") if m])
+            rows += run_shape(model_name, name, n, k, gated)
     env = common.environment()
     verdict = bar_lines(rows, copy_tbs)
     text = common.section_header("Small-M matrix products vs torch.matmul", env) + markdown(rows, copy_tbs)
     text += "\n\n" + "\n".join(f"- {line}" for line in verdict)
-    swept = [r for r in rows if "sweep" in r]
-    if swept:
-        text += "\n\nEvery candidate (best three, TB/s of weight bytes):\n\n" + common.markdown_table(
-            ["model", "proj", "M", "best configs"],
-            [[r["model"], r["proj"], r["m"], "; ".join(
-                f"{e['config']} {r['weight_mb'] / e['us']:.2f}" for e in r["sweep"][:3])] for r in swept])
     common.write_results(args.out, "bench_gemm", text, dict(meta=env, copy_tbs=copy_tbs, rows=rows))
 
 

@@ -3,6 +3,9 @@
 #   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache gemm cascade moe
 #                                              moe_tune (bench_moe.py --tune; the table it writes is installed in
 #                                              flashserve/kernels/moe_tuned/ for the later steps and copied to $OUT)
+#                                              gemm_sweep (bench_gemm.py --sweep; the plan table it writes is
+#                                              installed as flashserve/kernels/skinny_gemm_table.py for the later
+#                                              steps and copied to $OUT with its markdown)
 #                                              scores first_call sampler throughput latency
 #                                              tp (tensor-parallel GPU tests and benchmarks/tp_latency.py; 2+ GPUs)
 #                                              serving (needs the server wheels: see benchmarks/serving_gpu.sh)
@@ -42,6 +45,10 @@ steps=${*:-tests prefill layouts decode merge cache}
       merge) timeout "$limit" python3 benchmarks/bench_merge.py --out "$RESULTS" ;;
       cache) timeout "$limit" python3 benchmarks/bench_cache_write.py --out "$RESULTS" ;;
       gemm) timeout "$limit" python3 benchmarks/bench_gemm.py --out "$RESULTS" ;;
+      gemm_sweep) FLASHSERVE_AUTOTUNE=0 timeout "$limit" python3 benchmarks/bench_gemm.py --sweep \
+                    --out "$RESULTS/gemm_sweep" ${GEMM_SWEEP_ARGS:-} \
+                  && cp "$RESULTS/gemm_sweep/skinny_gemm_table.py" flashserve/kernels/skinny_gemm_table.py \
+                  && cp "$RESULTS/gemm_sweep/skinny_gemm_table.py" "$RESULTS/gemm_sweep/bench_gemm_sweep.md" "$OUT/" ;;
       cascade) timeout "$limit" python3 benchmarks/bench_cascade.py --out "$RESULTS" ;;
       moe) timeout "$limit" python3 benchmarks/bench_moe.py --out "$RESULTS" ${MOE_ARGS:-} ;;
       moe_tune) timeout "$limit" python3 benchmarks/bench_moe.py --tune --skip-kernel --out "$RESULTS/moe_tune" \

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from flashserve.kernels import linear, linear_silu_and_mul, skinny_gemm, skinny_gemm_plans, tuning_cache
+from flashserve.kernels import (linear, linear_silu_and_mul, skinny_gemm, skinny_gemm_plans, skinny_gemm_table,
+                                tuning_cache)
 from flashserve.kernels.reference import layers as reference
 from flashserve.kernels.skinny_gemm_plans import CUBLAS, GemmConfig
 
@@ -27,7 +28,8 @@ def check_product(rows, n_out, k, dtype, config, bias=False, residual=False, gat
     b = _randn(w.shape[0], dtype=dtype, device=device, seed=2) if bias else None
     r = _randn(rows, n_out, dtype=dtype, device=device, seed=3) if residual else None
     out = skinny_gemm.launch(x, w, b, r, gated, config)
-    if config.split_k > 1 and x.device in skinny_gemm._counters:  # every launch leaves its split counters at 0
+    if (config.split_k > 1 or config.programs_per_sm) and x.device in skinny_gemm._counters:
+        # every launch leaves its counters at 0
         assert not skinny_gemm._counters[x.device].any()
     if gated:
         expected = reference.linear_silu_and_mul(*_fp32(x, w, b))
@@ -65,6 +67,43 @@ def test_fma_path_one_row(config, dtype):
     check_product(1, 24, 40, dtype, config, gated=True)
     with pytest.raises(ValueError, match="one row"):
         skinny_gemm.launch(torch.zeros(2, 16), torch.zeros(8, 16), None, None, False, config)
+
+
+# Stream-K on the interpreter's 4 "SMs": 4, 8 or 12 programs over 6-24 tiles, so that feature blocks are held
+# whole, shared by two programs, or by several (one tile each).
+STREAMK_CONFIGS = [GemmConfig(16, 16, 0, 4, 1, True, 1), GemmConfig(16, 32, 0, 4, 1, True, 3),
+                   GemmConfig(32, 16, 0, 4, 1, False, 2), GemmConfig(16, 32, 0, 4, 1, False, 3),
+                   GemmConfig(16, 64, 0, 4, 1, True, 2, True)]  # pdl: a plain launch in the interpreter
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("config", STREAMK_CONFIGS,
+                         ids=lambda c: f"{'dot' if c.use_dot else 'fma'}-n{c.block_n}k{c.block_k}p{c.programs_per_sm}"
+                         + ("-pdl" if c.pdl else ""))
+@pytest.mark.parametrize("rows, n_out, k", [(1, 40, 80), (3, 33, 72), (4, 48, 40), (8, 40, 80), (17, 24, 64)])
+def test_streamk_kernel(rows, n_out, k, dtype, config):
+    if not config.use_dot and rows > skinny_gemm_plans.STREAMK_FMA_MAX_ROWS:
+        with pytest.raises(ValueError, match="at most 4 rows"):
+            skinny_gemm.launch(torch.zeros(rows, k), torch.zeros(n_out, k), None, None, False, config)
+        return
+    check_product(rows, n_out, k, dtype, config, bias=rows == 3, residual=rows in (4, 17))
+    check_product(rows, n_out // 2 + 1, k, dtype, config, bias=rows == 1, gated=True)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[2], FMA_CONFIGS[1], STREAMK_CONFIGS[1], STREAMK_CONFIGS[3]],
+                         ids=["grid-dot", "grid-fma", "streamk-dot", "streamk-fma"])
+def test_strided_inputs(config):
+    """x and weight as column slices of wider tensors (row strides > K), the residual a slice too."""
+    rows = 1 if not config.use_dot else 3
+    x_wide = _randn(rows, 100, dtype=torch.float16)
+    w_wide = _randn(40, 90, dtype=torch.float16, seed=1) / 8
+    r_wide = _randn(rows, 50, dtype=torch.float16, seed=2)
+    x, w, r = x_wide[:, 10:82], w_wide[:, 5:77], r_wide[:, 3:43]
+    out = skinny_gemm.launch(x, w, None, r, False, config)
+    expected = reference.linear(*_fp32(x, w, None, r))
+    same_math = reference.linear(x.contiguous(), w.contiguous(), None, r.contiguous())
+    error = (out.float() - expected).abs().max().item()
+    assert error <= 2 * (same_math.float() - expected).abs().max().item() + 1e-3
 
 
 def test_public_functions_match_the_unfused_ops():
@@ -124,6 +163,36 @@ def test_candidates_are_storable_and_split_to_fill_the_gpu():
     assert skinny_gemm_plans.split_ways(4096, 1024, 64, 128, 132) == 4  # 64 programs, 8 K tiles: 2 per split
     assert skinny_gemm_plans.split_ways(1024, 4096, 64, 128, 132) == 16  # 16 programs, 32 K tiles
     assert skinny_gemm_plans.split_ways(151936, 1024, 64, 128, 132) == 1
+    one_row = skinny_gemm_plans.candidates(4096, 1024, 1, torch.bfloat16, torch.device("cpu"))
+    assert {c.use_dot for c in one_row if c.programs_per_sm} == {True, False}  # stream-K, FMA for few rows
+    eight_rows = skinny_gemm_plans.candidates(4096, 1024, 8, torch.bfloat16, torch.device("cpu"))
+    assert {c.use_dot for c in eight_rows if c.programs_per_sm} == {True}
+
+
+def test_streamk_occupancy_fits_the_sm_shared_memory(monkeypatch):
+    monkeypatch.setattr(skinny_gemm_plans, "_device_shared_memory", lambda device, per_sm=False: 233_472)
+    monkeypatch.setattr(skinny_gemm_plans.prefill_tuning, "compute_capability_major", lambda index: 8)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    found = skinny_gemm_plans.streamk_candidates(4096, 64, torch.bfloat16, torch.device("cuda"), gated=True)
+    assert not any(c.pdl for c in found)  # before Hopper: no programmatic dependent launch
+    # 64 rows, gated: (64 x 128 + 2 x 64 x 128) x 2 bytes x 4 stages = 192 KB fits one program per SM, not two
+    assert GemmConfig(64, 128, 0, 4, 4, True, 1) in found and GemmConfig(64, 128, 0, 4, 4, True, 2) not in found
+    assert all(c.use_dot and c in skinny_gemm_plans.ALL_CONFIGS for c in found)
+
+
+def test_measured_table_gives_the_default(monkeypatch):
+    """A shape in skinny_gemm_table gets its entry on its GPU in 2-byte dtypes; elsewhere the rules decide."""
+    device = torch.device("cuda", 0)
+    monkeypatch.setattr(tuning_cache, "gpu_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(skinny_gemm_plans, "device_sms", lambda device: 132)
+    entry = (64, 128, 0, 4, 4, True, 2)
+    monkeypatch.setattr(skinny_gemm_table, "PLANS", {(4096, 4096, 1, False): entry, (1024, 3072, 2, False): None})
+    assert skinny_gemm_plans.default_config(4096, 4096, 1, torch.bfloat16, device) == GemmConfig(*entry)
+    assert skinny_gemm_plans.default_config(1024, 3072, 2, torch.float16, device) == CUBLAS  # the table over the rules
+    assert skinny_gemm_plans.default_config(1024, 3072, 4, torch.float16, device).block_n  # not in the table
+    assert skinny_gemm_plans.default_config(4096, 4096, 1, torch.float32, device) == CUBLAS  # fp32: the rules
+    monkeypatch.setattr(tuning_cache, "gpu_name", lambda device: "NVIDIA H100")
+    assert skinny_gemm_plans.default_config(4096, 4096, 1, torch.bfloat16, device) == CUBLAS
 
 
 @pytest.fixture
@@ -133,8 +202,10 @@ def _persisting_cuda(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(tuning_cache, "gpu_name", lambda device: "NVIDIA H200")
     monkeypatch.setattr(skinny_gemm_plans.prefill_tuning, "use_autotune", lambda device: True)
-    monkeypatch.setattr(skinny_gemm_plans, "_device_sms", lambda device: 132)
-    monkeypatch.setattr(skinny_gemm_plans, "_device_shared_memory", lambda device: 232_448)
+    monkeypatch.setattr(skinny_gemm_plans, "device_sms", lambda device: 132)
+    monkeypatch.setattr(skinny_gemm_plans, "_device_shared_memory",
+                        lambda device, per_sm=False: 233_472 if per_sm else 232_448)
+    monkeypatch.setattr(skinny_gemm_plans.prefill_tuning, "compute_capability_major", lambda index: 9)
     skinny_gemm_plans.reset()
     yield torch.device("cuda", 0)
     skinny_gemm_plans.reset()
@@ -181,7 +252,7 @@ def test_every_candidate_gpu(shape, dtype):
         configs += skinny_gemm_plans.candidates(n_out, k, 64, dtype, device, gated)
         configs += [c for c in skinny_gemm_plans.candidates(n_out, k, 1, dtype, device, gated) if not c.use_dot]
     for config in configs:
-        for rows in ((1,) if not config.use_dot else (1, 5, 64)):
+        for rows in (1, 5, 64) if config.use_dot else (1, 3) if config.programs_per_sm else (1,):
             check_product(rows, n_out, k, dtype, config, bias=rows == 5, residual=rows == 64 and not gated,
                           gated=gated, device="cuda")
 
@@ -192,29 +263,63 @@ def test_ragged_shapes_gpu():
         check_product(7, 1000, 1000, torch.bfloat16, config, bias=True, residual=True, device="cuda")
         check_product(33, 500, 200, torch.bfloat16, config, gated=True, device="cuda")
     check_product(3, 256, 512, torch.float32, GemmConfig(64, 64, 4, 4, 4), device="cuda")
+    streamk = GemmConfig(64, 128, 0, 4, 4, True, 2)
+    check_product(7, 1000, 1000, torch.bfloat16, streamk, bias=True, residual=True, device="cuda")
+    check_product(33, 500, 200, torch.bfloat16, streamk, gated=True, device="cuda")
+    check_product(3, 1000, 1000, torch.bfloat16, GemmConfig(16, 256, 0, 4, 4, False, 2), bias=True, device="cuda")
 
 
 @pytest.mark.gpu
 def test_cuda_graph_replay_gpu():
-    """Split-K and plain launches captured in a graph: replays with new inputs match eager calls."""
+    """Split-K, stream-K (with programmatic dependent launch too) and plain launches captured in a graph: replays
+    with new inputs match eager calls."""
     device = torch.device("cuda")
     x = _randn(8, 1024, dtype=torch.bfloat16, device=device)
     w = _randn(4096, 1024, dtype=torch.bfloat16, device=device, seed=1) / 32
     gate_up = _randn(6144, 1024, dtype=torch.bfloat16, device=device, seed=2) / 32
-    configs = (GemmConfig(64, 128, 4, 4, 4), GemmConfig(64, 128, 1, 4, 4))
+    configs = (GemmConfig(64, 128, 4, 4, 4), GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 0, 4, 4, True, 2),
+               GemmConfig(32, 256, 0, 4, 4, True, 1, True))
     eager = lambda: [skinny_gemm.launch(x, w, None, None, False, c) for c in configs] + [  # noqa: E731
-        skinny_gemm.launch(x, gate_up, None, None, True, configs[0])]
+        skinny_gemm.launch(x, gate_up, None, None, True, c) for c in configs[::2]]
     eager()
     torch.cuda.synchronize()
+    _assert_replays_match_eager(eager, x)  # deterministic split-K: bit-identical
+    assert not skinny_gemm._counters[x.device].any()
+
+
+def _assert_replays_match_eager(run, x):
+    """Capture ``run()`` (a list of outputs) in a CUDA graph; for three new inputs copied into ``x`` its replay
+    equals an eager ``run()`` bit for bit."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = eager()
+        captured = run()
     for seed in range(3):
-        x.copy_(_randn(8, 1024, dtype=torch.bfloat16, device=device, seed=10 + seed))
+        x.copy_(_randn(*x.shape, dtype=x.dtype, device=x.device, seed=10 + seed))
         graph.replay()
-        for got, want in zip(captured, eager()):
-            assert torch.equal(got, want)  # deterministic split-K: bit-identical
-    assert not skinny_gemm._counters[x.device].any()
+        for got, want in zip(captured, run()):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_pdl_chain_gpu():
+    """Programmatic dependent launches that each read the previous one's output (and a plain launch between them),
+    eager and replayed in a graph: each waits for its input, so the chain matches torch's step by step."""
+    device = torch.device("cuda")
+    x = _randn(4, 1024, dtype=torch.bfloat16, device=device)
+    weights = [_randn(1024, 1024, dtype=torch.bfloat16, device=device, seed=s) / 32 for s in range(1, 7)]
+    configs = [GemmConfig(32, 256, 0, 4, 4, True, p, True) for p in (1, 2)] + [GemmConfig(64, 128, 1, 4, 4)]
+
+    def chain():
+        y = x
+        for i, w in enumerate(weights):
+            y = skinny_gemm.launch(y, w, None, None, False, configs[i % 3])
+        return [y]
+
+    expected = x
+    for w in weights:
+        expected = torch.nn.functional.linear(expected.float(), w.float()).to(torch.bfloat16)
+    torch.testing.assert_close(chain()[0], expected, atol=0.1, rtol=0.05)
+    _assert_replays_match_eager(chain, x)
 
 
 @pytest.mark.gpu

@@ -12,7 +12,8 @@ or, for one row, with FMAs into per-K partial sums reduced at the end (``use_dot
 Each weight byte is read once. With ``split_k == 1`` the epilogue (bias, SiLU-and-mul, residual) runs in the same
 program; otherwise every split writes an fp32 partial tile and the split that finishes last (an atomic ticket per
 feature block) adds all of them in split order (results are deterministic) and runs the epilogue — one launch,
-no memset: the last split also resets its ticket counter.
+no memset: the last split also resets its ticket counter. Configs with ``programs_per_sm`` run the stream-K schedule
+of ``skinny_gemm_streamk`` instead (a persistent grid sharing the weight's tiles equally between the SMs).
 
 Rounding follows the unfused operations: ``x @ weight.T + bias`` is rounded to x's dtype, then the SiLU-and-mul
 (``silu(gate) * up`` in fp32, as ``flashserve.kernels.silu_and_mul``) or the residual add (fp32) is applied and
@@ -32,37 +33,16 @@ import triton.compiler.errors
 import triton.language as tl
 import triton.runtime.errors
 
-from flashserve.kernels import _validate, skinny_gemm_plans
+from flashserve.kernels import _validate, skinny_gemm_plans, skinny_gemm_streamk
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import cdiv
 from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.reference import layers as reference
+from flashserve.kernels.skinny_gemm_epilogue import epilogue
 from flashserve.kernels.skinny_gemm_plans import MAX_ROWS, GemmConfig
 
 __all__ = ["MAX_ROWS", "linear", "linear_silu_and_mul", "launch"]
 LOGGER = logging.getLogger("flashserve")
-
-
-@triton.jit
-def _epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
-              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr):
-    """Store the (BLOCK_N, BLOCK_M) fp32 tile ``acc`` (features x rows; ``acc_up`` the up half when GATED) as
-    out[rows, cols] after bias, rounding to the output dtype, SiLU-and-mul and residual add."""
-    dtype = out_ptr.dtype.element_ty
-    col_mask = cols < n_out
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
-    y = acc.to(dtype).to(tl.float32)
-    if GATED:
-        if HAS_BIAS:
-            acc_up += tl.load(bias_ptr + n_out + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
-        up = acc_up.to(dtype).to(tl.float32)
-        y = y / (1.0 + tl.exp(-y)) * up
-    mask = col_mask[:, None] & (rows < M)[None, :]
-    if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + rows[None, :] * stride_rm + cols[:, None], mask=mask, other=0.0)
-        y += residual.to(tl.float32)
-    tl.store(out_ptr + rows[None, :] * stride_om + cols[:, None], y.to(dtype), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -141,21 +121,21 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
                 if GATED:
                     acc_up += tl.load(tile + split * BLOCK_M * width + padded, cache_modifier=".cg")
             tl.store(counter_ptr + pid_n, 0)
-            _epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
-                      HAS_BIAS, HAS_RESIDUAL, GATED)
+            epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
+                     HAS_BIAS, HAS_RESIDUAL, GATED)
     else:
-        _epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
-                  HAS_BIAS, HAS_RESIDUAL, GATED)
+        epilogue(acc, acc_up, rows, cols, M, n_out, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
+                 HAS_BIAS, HAS_RESIDUAL, GATED)
 
 
-skinny_gemm_plans.attach(_skinny_gemm_kernel)
-COUNTER_SLOTS = 4096  # split-K feature blocks one launch can have
+skinny_gemm_plans.attach(_skinny_gemm_kernel, skinny_gemm_streamk._streamk_kernel)
+COUNTER_SLOTS = 4096  # split-K feature blocks (stream-K programs) one launch can have
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
 def _split_counters(device: torch.device) -> torch.Tensor:
-    """The device's zeroed split-K counters (each launch leaves them zero again). Made at the first split-K launch
-    on the device, which must not be inside a CUDA-graph capture (the warm-up makes it first)."""
+    """The device's zeroed split-K and stream-K counters (each launch leaves them zero again). Made at the first
+    such launch on the device, which must not be inside a CUDA-graph capture (the warm-up makes it first)."""
     counters = _counters.get(device)
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -164,21 +144,28 @@ def _split_counters(device: torch.device) -> torch.Tensor:
     return counters
 
 
+def split_layout(k: int, config: GemmConfig) -> tuple[int, int]:
+    """(splits, K per split) of the grid kernel: ``config.split_k`` ways or fewer, none empty."""
+    k_blocks = cdiv(k, config.block_k)
+    blocks_per_split = cdiv(k_blocks, config.split_k)
+    return cdiv(k_blocks, blocks_per_split), blocks_per_split * config.block_k
+
+
 def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual_rows: torch.Tensor | None,
            gated: bool, config: GemmConfig) -> torch.Tensor:
     """Run the kernel with ``config`` on checked arguments: x_rows (M, K) with 1 <= M <= MAX_ROWS, weight (N, K)
     (N = 2 * n_out when ``gated``), both with unit stride in K; returns out (M, n_out) in x's dtype. Launches of
-    split-K configs on one device must not overlap (they share its counters: one stream)."""
+    split-K and stream-K configs on one device must not overlap (they share its counters: one stream)."""
+    if config.programs_per_sm:
+        return skinny_gemm_streamk.launch(x_rows, weight, bias, residual_rows, gated, config,
+                                          _split_counters(x_rows.device), skinny_gemm_plans.device_sms(x_rows.device))
     num_rows, k = x_rows.shape
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     out = torch.empty((num_rows, n_out), dtype=x_rows.dtype, device=x_rows.device)
     if not config.use_dot and num_rows != 1:
         raise ValueError(f"a config without tl.dot serves one row, got {num_rows}")
     block_m = skinny_gemm_plans.block_rows(num_rows) if config.use_dot else 1
-    k_blocks = cdiv(k, config.block_k)
-    blocks_per_split = cdiv(k_blocks, config.split_k)
-    split_k = cdiv(k_blocks, blocks_per_split)  # no empty split
-    k_per_split = blocks_per_split * config.block_k
+    split_k, k_per_split = split_layout(k, config)
     n_blocks = cdiv(n_out, config.block_n)
     partial, counters = out, out
     if split_k > 1:
@@ -264,7 +251,7 @@ def _decide(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             return _median_us(lambda: torch_fn(sample, weight, bias))
         try:
             return _median_us(lambda: launch(sample, weight, bias, None, gated, config))
-        except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError) as error:
+        except (triton.runtime.errors.OutOfResources, triton.compiler.errors.CompilationError, ValueError) as error:
             LOGGER.debug("skinny_gemm config %s does not run: %s", config, error)
             return float("inf")
 

@@ -3,7 +3,8 @@ K, row bucket, dtype, gated).
 
 A plan comes from, in order: the plans tuned in this process or read from disk; otherwise, inside ``tuning()`` (the
 engine's start-up warm-up), a one-time measurement of the candidate configs against cuBLAS (``tune``), kept and
-saved; otherwise the default of the table (``default_config``), which is never measured and never saved. So a
+saved; otherwise the default of the table (``default_config``: the per-shape plans measured on the GPU model in
+``skinny_gemm_table``, else rules), which is never measured and never saved. So a
 CUDA-graph capture, which runs outside ``tuning()``, never benchmarks anything.
 
 Tuned plans persist through ``flashserve.kernels.tuning_cache.PersistentTuning`` (one JSON file per GPU name,
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashserve.kernels import prefill_tuning, tuning_cache
+from flashserve.kernels import prefill_tuning, skinny_gemm_table, tuning_cache
 from flashserve.kernels._launch import cdiv, next_power_of_2
 
 MAX_ROWS = 64  # the kernel path serves x with at most this many rows
@@ -31,9 +32,12 @@ KEY_NAMES = ("n_out", "k", "row_bucket", "dtype", "gated")
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch of ``skinny_gemm``: output features per program, K per tile, split-K ways, warps, stages, and
-    whether the product runs on ``tl.dot`` (else FMAs: one-row inputs only). ``block_n == 0`` is the cuBLAS marker
-    (``CUBLAS``)."""
+    """One launch of ``skinny_gemm``: output features per tile, K per tile, split-K ways, warps, stages, whether the
+    product runs on ``tl.dot`` (else FMAs: one-row inputs for the grid kernel, <= 4 rows for stream-K), and the
+    schedule: ``programs_per_sm == 0`` the grid kernel (a program per feature block and split), else the stream-K
+    kernel (``skinny_gemm_streamk``: that many persistent programs per SM share the tiles; ``split_k`` is 0), with
+    ``pdl``: launched with programmatic dependent launch (prefetching weights while the previous kernel ends).
+    ``block_n == 0`` is the cuBLAS marker (``CUBLAS``)."""
 
     block_n: int
     block_k: int
@@ -41,6 +45,8 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     use_dot: bool = True
+    programs_per_sm: int = 0
+    pdl: bool = False
 
 
 CUBLAS = GemmConfig(0, 0, 0, 0, 0)
@@ -54,6 +60,23 @@ SPLIT_CHOICES = (1, 2, 4, 8, 16)
 ALL_CONFIGS = [GemmConfig(n, k, s, w, st) for (n, k, w, st), s in itertools.product(TILE_CHOICES, SPLIT_CHOICES)]
 ALL_CONFIGS += [GemmConfig(n, k, s, w, st, False)
                 for (n, k, w, st), s in itertools.product(FMA_TILE_CHOICES, SPLIT_CHOICES)]
+# Stream-K (block_n, block_k, num_warps, num_stages), each with the programs per SM of STREAMK_OCCUPANCY that
+# fit the SM's shared memory: 3 of 4 stages in flight make 48-96 KB of weight loads outstanding per SM.
+STREAMK_TILE_CHOICES = ((64, 128, 4, 4), (32, 256, 4, 4), (128, 128, 8, 4), (64, 256, 8, 4))
+STREAMK_OCCUPANCY = (1, 2)
+# FMA products (<= STREAMK_FMA_MAX_ROWS rows): Triton does not pipeline them (1 stage; the kernel prefetches one
+# tile by hand), so more programs per SM; 8-16 KB tiles, as larger ones take ~250 registers (sm_90, 4 rows).
+STREAMK_FMA_TILE_CHOICES = ((16, 256, 4, 1), (32, 256, 8, 1))
+STREAMK_FMA_OCCUPANCY = (2, 4)
+STREAMK_FMA_MAX_ROWS = 4
+STREAMK_PDL_TILE_CHOICES = STREAMK_TILE_CHOICES[:2]  # also tried with programmatic dependent launch (sm_90+)
+STREAMK_TUNING_TILES = 2
+ALL_CONFIGS += [GemmConfig(n, k, 0, w, st, True, p)
+                for (n, k, w, st), p in itertools.product(STREAMK_TILE_CHOICES, STREAMK_OCCUPANCY)]
+ALL_CONFIGS += [GemmConfig(n, k, 0, w, st, False, p)
+                for (n, k, w, st), p in itertools.product(STREAMK_FMA_TILE_CHOICES, STREAMK_FMA_OCCUPANCY)]
+ALL_CONFIGS += [GemmConfig(n, k, 0, w, st, True, p, True)
+                for (n, k, w, st), p in itertools.product(STREAMK_PDL_TILE_CHOICES, STREAMK_OCCUPANCY)]
 ALL_CONFIGS.append(CUBLAS)
 INTERPRETER_CONFIG = GemmConfig(128, 128, 1, 4, 1)  # the fastest tiles in the interpreter (fewest programs)
 
@@ -74,10 +97,15 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _device_sms(device: torch.device) -> int:
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def device_sms(device: torch.device) -> int:
+    """The SMs the kernels plan for on ``device`` (split-K ways, stream-K programs)."""
     if device.type != "cuda":
         return 4  # the interpreter: a few programs, so that tests meet split-K
-    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return num_sms(_device_index(device))
 
 
 def split_ways(n_out: int, k: int, block_n: int, block_k: int, sms: int) -> int:
@@ -97,14 +125,31 @@ def default_config(n_out: int, k: int, rows: int, dtype: torch.dtype, device: to
     (benchmarks/RESULTS.md, "Small-M matrix products") measured ``kernel_config`` faster than cuBLAS — at <= 16 rows,
     vocabulary-sized products (LM heads, N >= 32768: 1.03-1.04x) and narrow, long ones (N <= 2048 with K >= 2N,
     such as Qwen3-0.6B's o and down projections: 1.07-2.4x); the gated product, the QKV projections and Llama's
-    o/down measured 0.6-0.93x. Elsewhere (the interpreter) ``kernel_config``."""
+    o/down measured 0.6-0.93x. A shape in the measured table (``table_plan``) gets its entry instead. Elsewhere
+    (the interpreter) ``kernel_config``."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
+    measured = table_plan(n_out, k, rows, dtype, device, gated)
+    if measured is not None:
+        return measured
     if gated or row_bucket(rows) > 16:
         return CUBLAS
     if n_out >= 32768 or (n_out <= 2048 and k >= 2 * n_out):
         return kernel_config(n_out, k, rows, dtype, device)
     return CUBLAS
+
+
+def table_plan(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.device,
+               gated: bool = False) -> GemmConfig | None:
+    """The plan ``skinny_gemm_table`` measured for this shape and row bucket (CUBLAS for cuBLAS), or None where it
+    has none: another GPU, a 4-byte dtype, a shape it did not time."""
+    if not skinny_gemm_table.PLANS or torch.finfo(dtype).bits != 16:
+        return None
+    key = (n_out, k, row_bucket(rows), gated)
+    if key not in skinny_gemm_table.PLANS or tuning_cache.gpu_name(device) != skinny_gemm_table.GPU:
+        return None
+    entry = skinny_gemm_table.PLANS[key]
+    return CUBLAS if entry is None else GemmConfig(*entry)
 
 
 def kernel_config(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
@@ -114,20 +159,34 @@ def kernel_config(n_out: int, k: int, rows: int, dtype: torch.dtype, device: tor
         return INTERPRETER_CONFIG
     block_n, block_k, warps, stages = TILE_CHOICES[4] if dtype == torch.float32 or block_rows(rows) >= 64 \
         else TILE_CHOICES[0]
-    return GemmConfig(block_n, block_k, split_ways(n_out, k, block_n, block_k, _device_sms(device)), warps, stages)
+    return GemmConfig(block_n, block_k, split_ways(n_out, k, block_n, block_k, device_sms(device)), warps, stages)
 
 
 @functools.lru_cache(maxsize=None)
+def _device_property(device_index: int, name: str, fallback: int) -> int:
+    return getattr(torch.cuda.get_device_properties(device_index), name, 0) or fallback
+
+
 def shared_memory_bytes(device_index: int) -> int:
     """The shared memory one program may use on a CUDA device (opt-in maximum), read once."""
-    properties = torch.cuda.get_device_properties(device_index)
-    return getattr(properties, "shared_memory_per_block_optin", 0) or 232_448
+    return _device_property(device_index, "shared_memory_per_block_optin", 232_448)
 
 
-def _device_shared_memory(device: torch.device) -> int | None:
+def sm_shared_memory_bytes(device_index: int) -> int:
+    """The shared memory of one SM of a CUDA device (what its resident programs share), read once."""
+    return _device_property(device_index, "shared_memory_per_multiprocessor", 233_472)
+
+
+SMEM_RESERVED_BYTES = 1024  # shared memory the driver reserves per resident program
+
+
+def _device_shared_memory(device: torch.device, per_sm: bool = False) -> int | None:
+    """``shared_memory_bytes`` (``sm_shared_memory_bytes`` when ``per_sm``) of a CUDA device; None (no limit) in
+    the interpreter."""
     if device.type != "cuda":
-        return None  # the interpreter: no limit
-    return shared_memory_bytes(device.index if device.index is not None else torch.cuda.current_device())
+        return None
+    index = _device_index(device)
+    return sm_shared_memory_bytes(index) if per_sm else shared_memory_bytes(index)
 
 
 def pipeline_bytes(block_m: int, block_n: int, block_k: int, stages: int, gated: bool, element_bytes: int) -> int:
@@ -141,7 +200,7 @@ def candidates(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.
     """Configs the tuning measures for a shape and row bucket: every tile choice that fits K, the dtype and the
     device's shared memory (the FMA ones too for one row), each with its ``split_ways`` and without split-K (the
     table's default is among them)."""
-    sms = _device_sms(device)
+    sms = device_sms(device)
     smem = _device_shared_memory(device)
     element_bytes = torch.finfo(dtype).bits // 8
     tiles = [(tile, True) for tile in TILE_CHOICES] + [(tile, False) for tile in FMA_TILE_CHOICES if rows == 1]
@@ -154,6 +213,33 @@ def candidates(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.
             continue
         for ways in sorted({1, split_ways(n_out, k, block_n, block_k, sms)}):
             found.append(GemmConfig(block_n, block_k, ways, warps, stages, use_dot))
+    return found + streamk_candidates(k, rows, dtype, device, gated)
+
+
+def streamk_candidates(k: int, rows: int, dtype: torch.dtype, device: torch.device, gated: bool = False,
+                       every_tile: bool = False) -> list[GemmConfig]:
+    """The stream-K configs of ``candidates``: each tile of STREAMK_TILE_CHOICES (and of STREAMK_FMA_TILE_CHOICES
+    for <= STREAMK_FMA_MAX_ROWS rows; of STREAMK_PDL_TILE_CHOICES with ``pdl`` on GPUs that have it) that fits K
+    and the dtype, with each programs-per-SM count (STREAMK_OCCUPANCY, STREAMK_FMA_OCCUPANCY) whose pipelines fit
+    the SM's shared memory together. The start-up tuning tries the first STREAMK_TUNING_TILES dot tiles and the
+    first FMA tile (fewer compiles); ``every_tile`` (the benchmark's sweep): all."""
+    smem = _device_shared_memory(device, per_sm=True)
+    element_bytes = torch.finfo(dtype).bits // 8
+    dot_tiles = STREAMK_TILE_CHOICES if every_tile else STREAMK_TILE_CHOICES[:STREAMK_TUNING_TILES]
+    fma_tiles = STREAMK_FMA_TILE_CHOICES if every_tile else STREAMK_FMA_TILE_CHOICES[:1]
+    tiles = [(tile, True, False) for tile in dot_tiles]
+    tiles += [(tile, False, False) for tile in fma_tiles if rows <= STREAMK_FMA_MAX_ROWS]
+    if device.type != "cuda" or prefill_tuning.compute_capability_major(_device_index(device)) >= 9:
+        tiles += [(tile, True, True) for tile in STREAMK_PDL_TILE_CHOICES]
+    found = []
+    for (block_n, block_k, warps, stages), use_dot, pdl in tiles:
+        if block_k > max(64, next_power_of_2(k)) or (dtype == torch.float32 and block_k > 128):
+            continue
+        block_m = block_rows(rows) if use_dot else next_power_of_2(rows)
+        tile_bytes = pipeline_bytes(block_m, block_n, block_k, stages, gated, element_bytes) + SMEM_RESERVED_BYTES
+        for programs in STREAMK_OCCUPANCY if use_dot else STREAMK_FMA_OCCUPANCY:
+            if smem is None or programs * tile_bytes <= smem:
+                found.append(GemmConfig(block_n, block_k, 0, warps, stages, use_dot, programs, pdl))
     return found
 
 
@@ -174,10 +260,12 @@ _persistence: tuning_cache.PersistentTuning | None = None
 _tuning_depth = 0
 
 
-def attach(kernel) -> None:
-    """Tie the plans' file to ``kernel``'s source (``skinny_gemm`` calls this once at import)."""
+def attach(kernel, *other_kernels) -> None:
+    """Tie the plans' file to the source of ``kernel`` and ``other_kernels`` (``skinny_gemm`` calls this once at
+    import)."""
     global _persistence
-    _persistence = tuning_cache.PersistentTuning("skinny_gemm", PlanTable(kernel), depends=(candidates,))
+    _persistence = tuning_cache.PersistentTuning("skinny_gemm", PlanTable(kernel),
+                                                 depends=(candidates, streamk_candidates, *other_kernels))
 
 
 @contextlib.contextmanager
