@@ -7,7 +7,9 @@ Every measurement runs in a child process of its own with ``TRITON_CACHE_DIR`` a
 fresh temporary folder (the machine's own caches are never read or touched). A first call is timed on the host
 (synchronised before and after: Python, compile or cache load, tuning, launch and the kernel); the steady call
 after it is timed the same way, so "first - steady" is the start-up cost. Variants counted = compiled kernels
-(``*.cubin`` files) in the child's Triton cache.
+(``*.cubin`` files) in the child's Triton cache. The first variant timed is a trivial Triton kernel: what a
+process pays once for Triton itself (driver and launcher set-up; cold: its compile too), so that the next variant's
+figure is its own.
 Usage: python benchmarks/bench_first_call.py [--out DIR] [--skip-sweep]
 """
 import json
@@ -17,6 +19,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+
+import triton
+import triton.language as tl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -100,12 +105,22 @@ def _variants():
         _, lse, _ = flash_attn_func(q, k, k, causal=True, return_attn_probs=True)
         return lambda: attention_scores_from_lse(q, k, lse, causal=True)
 
-    return {"prefill dense (flash_attn_func)": prefill_dense, "prefill paged (flash_attn_varlen_func)":
+    def trivial_kernel():
+        out = torch.empty(16, device=cuda)
+        return lambda: _fill_kernel[(1,)](out, 1.0)
+
+    return {"a trivial Triton kernel (Triton's set-up in a process)": trivial_kernel,
+            "prefill dense (flash_attn_func)": prefill_dense, "prefill paged (flash_attn_varlen_func)":
             prefill_varlen_paged, "engine prefill (paged_attention.prefill)": engine_prefill,
             "engine decode (paged_attention.decode)": engine_decode,
             "kv-cache append + rotary + decode": kvcache_append_rotary, "merge_attn_states": merge,
             "reshape_and_cache_flash": cache_write, "qk_norm_rope_and_cache": qk_rope_cache,
             "rms_norm + fused_add_rms_norm + silu_and_mul": layer_helpers, "attention_scores_from_lse": scores}
+
+
+@triton.jit
+def _fill_kernel(out_ptr, value):
+    tl.store(out_ptr + tl.arange(0, 16), tl.full((16,), value, tl.float32))
 
 
 def _timed(call) -> float:
