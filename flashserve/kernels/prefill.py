@@ -23,6 +23,7 @@ import triton.language as tl
 
 from flashserve.kernels._launch import cdiv, next_power_of_2
 from flashserve.kernels.kv_layout import KV_DENSE, KV_PAGED, KV_VARLEN, kv_row_offsets, sequence_bounds
+from flashserve.kernels.online_softmax import online_softmax_step
 from flashserve.kernels.prefill_tuning import (
     HEAD_PACKING_MAX_QUERY,
     TUNED_CONFIGS,
@@ -86,23 +87,7 @@ def _attend_range(acc, l_i, m_i, q, lo, hi, pos, slope, seqlen_k, diag, window_l
             if HAS_LEFT:
                 visible = visible & (cols[None, :] >= (pos + diag - window_left)[:, None])
             s = tl.where(visible, s, float("-inf"))
-        if RAW_SCORES:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new_safe = m_new
-        if RAW_SCORES:
-            p = tl.exp2(s * qk_scale - m_new_safe[:, None])
-        else:
-            p = tl.exp2(s - m_new_safe[:, None])
-        alpha = tl.exp2(m_i - m_new_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, qk_scale, RAW_SCORES, MASKED, DOT_PRECISION)
     return acc, l_i, m_i
 
 

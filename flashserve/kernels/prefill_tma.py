@@ -30,6 +30,7 @@ import triton.language as tl
 
 from flashserve.kernels._launch import cdiv
 from flashserve.kernels.kv_layout import KV_DENSE, KV_VARLEN, sequence_bounds
+from flashserve.kernels.online_softmax import online_softmax_step
 from flashserve.kernels.prefill_tuning import (
     TMA_CONFIGS,
     default_tma_config,
@@ -61,17 +62,7 @@ def _attend_keys(acc, l_i, m_i, q, k_desc, v_desc, lo, hi, pos, seqlen_k, diag, 
             if CAUSAL:
                 visible = visible & (cols[None, :] <= (pos + diag)[:, None])
             qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_safe = m_new
-        p = tl.exp2(qk * qk_scale - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, qk_scale, True, MASKED, DOT_PRECISION)
     return acc, l_i, m_i
 
 
