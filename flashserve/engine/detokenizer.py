@@ -16,11 +16,12 @@ clean-up, minus the per-call Python conversions, which dominate for windows of a
 Byte-level BPE tokenizers take a shortcut that gives the same text without calling the tokenizer
 (``flashserve.engine.token_bytes``): while the window's old tokens are vocabulary tokens whose bytes are valid
 UTF-8, decoding the window is decoding those bytes, then the new ones — the new bytes alone decide the delta. So
-the new tokens' bytes are decoded in Python: valid text is the delta (held back, as above, if it ends in
+the new tokens' bytes are decoded in Python (one new token whose bytes alone are complete text: its text
+from ``token_texts``, decoded once per tokenizer): valid text is the delta (held back, as above, if it ends in
 "\\ufffd"); bytes ending in an incomplete character wait; anything else (invalid bytes, an added token, a flush of
 a partial character) takes the two decodes above.
 """
-from flashserve.engine.token_bytes import token_bytes
+from flashserve.engine.token_bytes import token_bytes, token_texts
 from flashserve.sampling_params import SamplingParams
 
 _CONTEXT_TOKENS = 5
@@ -35,6 +36,9 @@ class IncrementalDetokenizer:
         skip_special_tokens: leave special tokens out of the text.
     """
 
+    __slots__ = ("tokenizer", "backend", "skip_special_tokens", "read_offset", "prefix_offset", "token_bytes",
+                 "token_texts", "prefix_is_text")
+
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool):
         self.tokenizer = tokenizer
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -42,6 +46,7 @@ class IncrementalDetokenizer:
         self.read_offset = len(prompt_token_ids)
         self.prefix_offset = max(self.read_offset - _CONTEXT_TOKENS, 0)
         self.token_bytes = token_bytes(tokenizer)
+        self.token_texts = token_texts(tokenizer)
         self.prefix_is_text = self._is_text(prompt_token_ids[self.prefix_offset:self.read_offset])
 
     def _is_text(self, token_ids: list[int]) -> bool:
@@ -63,7 +68,16 @@ class IncrementalDetokenizer:
     def step(self, token_ids: list[int], flush: bool = False) -> str:
         """The new text after ``token_ids`` (prompt + output so far) grew; ``flush`` emits even a partial character."""
         if self.prefix_is_text:
-            table, new_ids = self.token_bytes, token_ids[self.read_offset:]
+            read_offset = self.read_offset
+            if len(token_ids) == read_offset + 1:  # the usual step: one token, whose text may be in the table
+                token_id = token_ids[read_offset]
+                texts = self.token_texts
+                text = texts[token_id] if token_id < len(texts) else None
+                if text is not None:
+                    self.prefix_offset = read_offset
+                    self.read_offset = read_offset + 1
+                    return text
+            table, new_ids = self.token_bytes, token_ids[read_offset:]
             try:
                 if len(new_ids) == 1:  # the usual step: one token, no join
                     text = table[new_ids[0]].decode()
@@ -124,12 +138,15 @@ class OutputText:
             ``skip_special_tokens``).
     """
 
+    __slots__ = ("params", "detokenizer", "text", "num_sent_chars", "holdback_chars", "stop_strings")
+
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
         self.params = params
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
         self.text = ""
         self.num_sent_chars = 0
         self.holdback_chars = stop_holdback(params)
+        self.stop_strings = params.stop_strings
 
     def add(self, token_ids: list[int], num_output_tokens: int, finish_reason: str | None) -> str | None:
         """Extend the text by the last token of ``token_ids`` (prompt + output so far).
@@ -142,9 +159,10 @@ class OutputText:
         Returns the stop string that ends the text now (the text is cut after it, or before it unless
         ``include_stop_str_in_output``), or None.
         """
-        params = self.params
-        if finish_reason == "stop":
-            kept = token_ids if params.include_stop_str_in_output else token_ids[:-1]
+        if finish_reason is None:
+            delta = self.detokenizer.step(token_ids)
+        elif finish_reason == "stop":
+            kept = token_ids if self.params.include_stop_str_in_output else token_ids[:-1]
             delta = self.detokenizer.step(kept, flush=True)
         else:
             delta = self.detokenizer.step(token_ids)
@@ -152,9 +170,13 @@ class OutputText:
                 delta += self.detokenizer.step(token_ids, flush=True)
         if not delta:
             return None
+        if not self.stop_strings:
+            self.text += delta
+            return None
         text = self.text + delta
         stop_string = None
-        if params.stop_strings and num_output_tokens >= params.min_tokens:
+        params = self.params
+        if num_output_tokens >= params.min_tokens:
             match = find_stop_string(text, len(delta), params)
             if match is not None:
                 stop_string = text[match[0]:match[1]]
@@ -164,10 +186,12 @@ class OutputText:
 
     def take_unsent(self, finished: bool) -> str:
         """The text not returned before, less what may still turn out to start a stop string (unless finished)."""
-        end = max(self.num_sent_chars, len(self.text) - (0 if finished else self.holdback_chars))
-        unsent = self.text[self.num_sent_chars:end]
+        start = self.num_sent_chars
+        end = len(self.text) if finished else len(self.text) - self.holdback_chars
+        if end <= start:
+            return ""
         self.num_sent_chars = end
-        return unsent
+        return self.text[start:end]
 
 
 class TokenTexts:
