@@ -86,12 +86,12 @@ class DecodeSampling:
         """Whether ``sample`` can take this batch (see the module docstring for what stays on the eager path)."""
         if len(requests) > self.max_rows or not self.sampler.sort_free:
             return False
-        for request in requests:
-            params = request.params
-            if (params.logit_bias or params.uses_penalties or params.logprobs is not None
-                    or request.grammar is not None or request.num_output_tokens < params.min_tokens):
+        computes_noise = self.sampler.computes_noise
+        for request in requests:  # the options read once per request (``Request.plain_sampling``, ``greedy``)
+            if not request.plain_sampling or request.grammar is not None or (not request.greedy and not computes_noise):
                 return False
-            if not params.greedy and not self.sampler.computes_noise:
+            min_tokens = request.params.min_tokens
+            if min_tokens and request.num_output_tokens < min_tokens:
                 return False
         return True
 
@@ -121,10 +121,10 @@ class DecodeSampling:
 
         ``padded_size``: the rows the step's graph computed (>= len(requests)); ``logits``: None for the logits
         buffer (a graph's output, replayed here), else (padded_size, vocab) float32 logits sampled eagerly by the
-        same code (CPU, eager steps). Like the eager ``Sampler``, this waits for the device only when a row has
-        top-k or top-p (to read the sort-fallback flags)."""
+        same code (CPU, eager steps). Like the eager ``Sampler``, this waits for the device only when a sampled row
+        has top-k or top-p (to read the sort-fallback flags)."""
         num_rows = len(requests)
-        sampled_rows = [i for i, request in enumerate(requests) if not request.params.greedy]
+        sampled_rows = [i for i, request in enumerate(requests) if not request.greedy]
         self._write_options(requests, sampled_rows, padded_size)
         sampled = bool(sampled_rows)
         graph = self.graphs.get((padded_size, sampled)) if logits is None else None
@@ -133,7 +133,7 @@ class DecodeSampling:
         else:
             self._run(padded_size, sampled, logits)
         tokens = self.out[0, :num_rows].clone()  # the next replay overwrites ``out``
-        if any(truncates(r.params, self.vocab_size) for r in requests):
+        if sampled and any(truncates(requests[i].params, self.vocab_size) for i in sampled_rows):
             where = self.out[1, :num_rows].nonzero().squeeze(1).tolist()  # flags are only raised on such rows
             if where:
                 source = self.logits if logits is None else logits

@@ -229,12 +229,11 @@ class LLMEngine:
         prompt_rows = PromptLogprobRows.of(batch) if self.scoring else None
         carried = previous.carried_to(batch) if previous is not None else None
         tokens, logprobs, prompt_logprobs = self.runner.run(batch, self.eos_token_ids, prompt_rows, carried)
-        sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
-        launched = InflightStep(batch, sampling, tokens, logprobs, decode_only=_decode_only(batch),
+        sampling = batch.sampling
+        launched = InflightStep(batch, sampling, tokens, logprobs, decode_only=batch.decode_only,
                                 needs_sync=any(request.grammar is not None for request in sampling))
         if not launched.decode_only:
-            launched.prefill_tokens = sum(n for r, n in zip(batch.requests, batch.num_new_tokens)
-                                          if not (n == 1 and r.num_computed_tokens >= r.num_prompt_tokens))
+            launched.prefill_tokens = batch.total_tokens - batch.num_decodes
         self.scheduler.advance(batch)
         for request, entries in prompt_logprobs:
             if request.text is not None:
@@ -416,8 +415,3 @@ def _token_id_list(token_ids, vocab_size: int) -> list[int]:
         result.append(token)
     return result
 
-
-def _decode_only(batch: ScheduledBatch) -> bool:
-    """Whether every request of ``batch`` computes one token after its prompt."""
-    return all(n == 1 and r.num_computed_tokens >= r.num_prompt_tokens
-               for r, n in zip(batch.requests, batch.num_new_tokens))

@@ -261,7 +261,7 @@ class ModelRunner:
         inputs = self.inputs.prepare(batch, graph_size, prompt_rows.rows if prompt_rows is not None else None,
                                      shared_blocks * self.block_size, carried)
         broadcast_from_driver(self.inputs.arena)
-        sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
+        sampling = batch.sampling
         logits, hidden = self._forward(inputs, graph_size, len(sampling), shared_blocks)
         if graph_size is not None:
             logits = logits[:num_reqs] if len(sampling) == num_reqs else logits[inputs.logits_indices]

@@ -25,18 +25,33 @@ class ScheduledBatch:
         num_new_tokens: tokens each request computes this step (from its ``num_computed_tokens`` on).
         samples: whether each request reaches the end of its tokens this step, and so samples the next one.
         preempted: requests preempted while scheduling this step.
+        sampling: the requests with ``samples`` set, in order.
+        num_decodes: the requests that compute one token after their prompt.
     """
 
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     samples: list[bool] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    sampling: list[Request] = field(default_factory=list)
+    num_decodes: int = 0
 
     def add(self, request: Request, num_new_tokens: int) -> None:
         """Schedule ``num_new_tokens`` tokens of ``request`` (before its ``num_computed_tokens`` advances)."""
         self.requests.append(request)
         self.num_new_tokens.append(num_new_tokens)
-        self.samples.append(request.num_computed_tokens + num_new_tokens == request.num_tokens)
+        computed = request.num_computed_tokens
+        samples = computed + num_new_tokens == len(request.token_ids)
+        self.samples.append(samples)
+        if samples:
+            self.sampling.append(request)
+        if num_new_tokens == 1 and computed >= request.num_prompt_tokens:
+            self.num_decodes += 1
+
+    @property
+    def decode_only(self) -> bool:
+        """Whether every request computes one token after its prompt."""
+        return self.num_decodes == len(self.requests)
 
     @property
     def total_tokens(self) -> int:
@@ -77,11 +92,18 @@ class Scheduler:
         """Choose this step's work (see the module docstring)."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        running, block_size = self.running, self.block_manager.block_size
+        caching = self.block_manager.enable_prefix_caching
         index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, batch):
+        while index < len(running) and budget > 0:
+            request = running[index]
+            computed = request.num_computed_tokens
+            num_new = min(len(request.token_ids) - computed, budget)
+            end = computed + num_new
+            # allocate_slots has nothing to do (the usual decode step) unless a block is needed or fills
+            needs_slots = end > len(request.block_ids) * block_size or (
+                caching and end // block_size > request.num_cached_blocks)
+            if needs_slots and not self._allocate_or_preempt(request, num_new, batch):
                 break
             batch.add(request, num_new)
             budget -= num_new
