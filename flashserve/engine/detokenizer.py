@@ -96,10 +96,28 @@ class IncrementalDetokenizer:
                 return text
         return self._step_by_tokenizer(token_ids, flush)
 
+    def _decode_bytes(self, window: list[int], split: int) -> tuple[str, str] | None:
+        """The texts of ``window[:split]`` and of ``window`` as the tokenizer decodes them, from the byte table
+        (UTF-8 with U+FFFD for each maximal invalid subpart, as the Rust ``ByteLevel`` decoder does); None when a
+        token is not in the table (an added token, an id past it) or there is no table."""
+        table = self.token_bytes
+        if table is None:
+            return None
+        try:
+            parts = [table[token_id] for token_id in window]
+            prefix = b"".join(parts[:split])
+            full = prefix + b"".join(parts[split:])
+        except (TypeError, IndexError):
+            return None
+        return prefix.decode(errors="replace"), full.decode(errors="replace")
+
     def _step_by_tokenizer(self, token_ids: list[int], flush: bool) -> str:
-        """``step`` by decoding the window with and without the new tokens."""
-        prefix_text = self._decode(token_ids[self.prefix_offset:self.read_offset])
-        full_text = self._decode(token_ids[self.prefix_offset:])
+        """``step`` by decoding the window with and without the new tokens (from the byte table when all its
+        tokens are in it, else by the tokenizer)."""
+        window = token_ids[self.prefix_offset:]
+        split = self.read_offset - self.prefix_offset
+        texts = self._decode_bytes(window, split)
+        prefix_text, full_text = texts if texts is not None else (self._decode(window[:split]), self._decode(window))
         if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not flush):
             return ""
         self.prefix_offset = self.read_offset

@@ -94,20 +94,31 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         running, block_size = self.running, self.block_manager.block_size
         caching = self.block_manager.enable_prefix_caching
-        index = 0
-        while index < len(running) and budget > 0:
-            request = running[index]
+        requests, num_new_tokens, samples = batch.requests, batch.num_new_tokens, batch.samples
+        sampling = batch.sampling
+        num_decodes = 0
+        for request in running:  # preemption pops from the end: the iteration stops before the victims
+            if budget <= 0:
+                break
             computed = request.num_computed_tokens
-            num_new = min(len(request.token_ids) - computed, budget)
+            num_tokens = len(request.token_ids)
+            num_new = min(num_tokens - computed, budget)
             end = computed + num_new
             # allocate_slots has nothing to do (the usual decode step) unless a block is needed or fills
             needs_slots = end > len(request.block_ids) * block_size or (
                 caching and end // block_size > request.num_cached_blocks)
             if needs_slots and not self._allocate_or_preempt(request, num_new, batch):
                 break
-            batch.add(request, num_new)
+            # batch.add(request, num_new), inlined
+            requests.append(request)
+            num_new_tokens.append(num_new)
+            samples.append(end == num_tokens)
+            if end == num_tokens:
+                sampling.append(request)
+            if num_new == 1 and computed >= request.num_prompt_tokens:
+                num_decodes += 1
             budget -= num_new
-            index += 1
+        batch.num_decodes = num_decodes
         if batch.preempted:
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
