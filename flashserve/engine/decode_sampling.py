@@ -84,16 +84,23 @@ class DecodeSampling:
 
     def supports(self, requests: list[Request]) -> bool:
         """Whether ``sample`` can take this batch (see the module docstring for what stays on the eager path)."""
+        return self.sampled_rows(requests) is not None
+
+    def sampled_rows(self, requests: list[Request]) -> list[int] | None:
+        """The indices of the batch's sampled (not greedy) rows, or None when ``sample`` cannot take the batch
+        (``supports``), in one walk over the requests' options read once (``Request.plain_sampling``, ``greedy``)."""
         if len(requests) > self.max_rows or not self.sampler.sort_free:
-            return False
+            return None
         computes_noise = self.sampler.computes_noise
-        for request in requests:  # the options read once per request (``Request.plain_sampling``, ``greedy``)
-            if not request.plain_sampling or request.grammar is not None or (not request.greedy and not computes_noise):
-                return False
-            min_tokens = request.params.min_tokens
-            if min_tokens and request.num_output_tokens < min_tokens:
-                return False
-        return True
+        rows = []
+        for index, request in enumerate(requests):
+            if request.grammar is not None or (not request.plain_sampling and _needs_eager_sampler(request)):
+                return None
+            if not request.greedy:
+                if not computes_noise:
+                    return None
+                rows.append(index)
+        return rows
 
     @torch.inference_mode()
     def capture(self, sizes: list[int], pool) -> None:
@@ -115,16 +122,19 @@ class DecodeSampling:
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def sample(self, requests: list[Request], padded_size: int, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(self, requests: list[Request], padded_size: int, logits: torch.Tensor | None = None,
+               sampled_rows: list[int] | None = None) -> torch.Tensor:
         """The tokens of ``requests`` (row ``i`` of the logits for ``requests[i]``; the eager ``Sampler``'s), as a
         (len(requests),) int64 device tensor of its own.
 
         ``padded_size``: the rows the step's graph computed (>= len(requests)); ``logits``: None for the logits
         buffer (a graph's output, replayed here), else (padded_size, vocab) float32 logits sampled eagerly by the
         same code (CPU, eager steps). Like the eager ``Sampler``, this waits for the device only when a sampled row
-        has top-k or top-p (to read the sort-fallback flags)."""
+        has top-k or top-p (to read the sort-fallback flags). ``sampled_rows``: ``sampled_rows(requests)`` when
+        known."""
         num_rows = len(requests)
-        sampled_rows = [i for i, request in enumerate(requests) if not request.greedy]
+        if sampled_rows is None:
+            sampled_rows = [i for i, request in enumerate(requests) if not request.greedy]
         self._write_options(requests, sampled_rows, padded_size)
         sampled = bool(sampled_rows)
         graph = self.graphs.get((padded_size, sampled)) if logits is None else None
@@ -201,3 +211,10 @@ class DecodeSampling:
         noise = sampling.exponential_at(streams, columns)
         return reference.sample_sorted(logits[where], self.temperature.device[where], self.top_k.device[where],
                                        self.top_p.device[where], self.min_p.device[where], noise)
+
+
+def _needs_eager_sampler(request: Request) -> bool:
+    """Whether the options of ``request`` (one whose ``plain_sampling`` is False) need the eager sampler now."""
+    params = request.params
+    return bool(params.logit_bias or params.uses_penalties or params.logprobs is not None
+                or request.num_output_tokens < params.min_tokens)

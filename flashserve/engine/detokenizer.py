@@ -25,6 +25,7 @@ from flashserve.engine.token_bytes import token_bytes, token_texts
 from flashserve.sampling_params import SamplingParams
 
 _CONTEXT_TOKENS = 5
+_SENT_PIECES = 256  # pieces of sent text an OutputText keeps before joining them (a copy of the text per 256 tokens)
 
 
 class IncrementalDetokenizer:
@@ -54,10 +55,10 @@ class IncrementalDetokenizer:
         if self.token_bytes is None:
             return False
         try:
-            b"".join([self.token_bytes[token_id] for token_id in token_ids]).decode()
-        except (TypeError, IndexError, UnicodeDecodeError):
+            data = b"".join([self.token_bytes[token_id] for token_id in token_ids])
+        except (TypeError, IndexError):
             return False
-        return True
+        return _is_utf8(data)
 
     def _decode(self, token_ids: list[int]) -> str:
         if self.backend is not None:
@@ -73,10 +74,12 @@ class IncrementalDetokenizer:
                 token_id = token_ids[read_offset]
                 texts = self.token_texts
                 text = texts[token_id] if token_id < len(texts) else None
-                if text is not None:
+                if text:
                     self.prefix_offset = read_offset
                     self.read_offset = read_offset + 1
                     return text
+                if text is not None and not flush:
+                    return ""  # nothing yet, or the start of a character: wait for the next token
             table, new_ids = self.token_bytes, token_ids[read_offset:]
             try:
                 if len(new_ids) == 1:  # the usual step: one token, no join
@@ -96,34 +99,46 @@ class IncrementalDetokenizer:
                 return text
         return self._step_by_tokenizer(token_ids, flush)
 
-    def _decode_bytes(self, window: list[int], split: int) -> tuple[str, str] | None:
-        """The texts of ``window[:split]`` and of ``window`` as the tokenizer decodes them, from the byte table
-        (UTF-8 with U+FFFD for each maximal invalid subpart, as the Rust ``ByteLevel`` decoder does); None when a
-        token is not in the table (an added token, an id past it) or there is no table."""
+    def _window_bytes(self, window: list[int], split: int) -> tuple[bytes, bytes] | None:
+        """The bytes of ``window[:split]`` and of ``window[split:]`` from the byte table; None when a token is not
+        in the table (an added token, an id past it) or there is no table."""
         table = self.token_bytes
         if table is None:
             return None
         try:
             parts = [table[token_id] for token_id in window]
-            prefix = b"".join(parts[:split])
-            full = prefix + b"".join(parts[split:])
+            return b"".join(parts[:split]), b"".join(parts[split:])
         except (TypeError, IndexError):
             return None
-        return prefix.decode(errors="replace"), full.decode(errors="replace")
 
     def _step_by_tokenizer(self, token_ids: list[int], flush: bool) -> str:
-        """``step`` by decoding the window with and without the new tokens (from the byte table when all its
-        tokens are in it, else by the tokenizer)."""
+        """``step`` by decoding the window with and without the new tokens: from the byte table when all its
+        tokens are in it (UTF-8 with U+FFFD for each maximal invalid subpart, as the Rust ``ByteLevel`` decoder
+        does), else by the tokenizer."""
         window = token_ids[self.prefix_offset:]
         split = self.read_offset - self.prefix_offset
-        texts = self._decode_bytes(window, split)
-        prefix_text, full_text = texts if texts is not None else (self._decode(window[:split]), self._decode(window))
+        data = self._window_bytes(window, split)
+        if data is not None:
+            prefix_text = data[0].decode(errors="replace")
+            full_text = (data[0] + data[1]).decode(errors="replace")
+        else:
+            prefix_text, full_text = self._decode(window[:split]), self._decode(window)
         if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not flush):
             return ""
         self.prefix_offset = self.read_offset
         self.read_offset = len(token_ids)
-        self.prefix_is_text = self._is_text(token_ids[self.prefix_offset:self.read_offset])
+        # the new window is the tokens just read
+        self.prefix_is_text = _is_utf8(data[1]) if data is not None else self._is_text(window[split:])
         return full_text[len(prefix_text):]
+
+
+def _is_utf8(data: bytes) -> bool:
+    """Whether ``data`` is valid UTF-8."""
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def find_stop_string(text: str, num_new_chars: int, params: SamplingParams) -> tuple[int, int] | None:
@@ -149,6 +164,9 @@ def stop_holdback(params: SamplingParams) -> int:
 class OutputText:
     """One request's output text, built token by token, with its stop strings.
 
+    Without stop strings the text is kept in pieces (the sent ones, joined now and then, and those not sent yet),
+    so that a token costs O(its text), not a copy of the whole text; ``text`` joins them when read.
+
     Args:
         tokenizer: a Hugging Face tokenizer.
         prompt_token_ids: the request's prompt.
@@ -156,15 +174,25 @@ class OutputText:
             ``skip_special_tokens``).
     """
 
-    __slots__ = ("params", "detokenizer", "text", "num_sent_chars", "holdback_chars", "stop_strings")
+    __slots__ = ("params", "detokenizer", "num_sent_chars", "holdback_chars", "stop_strings", "_text", "_sent",
+                 "_unsent")
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
         self.params = params
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens)
-        self.text = ""
         self.num_sent_chars = 0
         self.holdback_chars = stop_holdback(params)
         self.stop_strings = params.stop_strings
+        self._text = ""  # with stop strings: the whole text
+        self._sent: list[str] = []  # without: the pieces sent, and those not sent yet
+        self._unsent: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """The text so far (stop string cut unless ``include_stop_str_in_output``)."""
+        if self.stop_strings:
+            return self._text
+        return "".join(self._sent) + "".join(self._unsent)
 
     def add(self, token_ids: list[int], num_output_tokens: int, finish_reason: str | None) -> str | None:
         """Extend the text by the last token of ``token_ids`` (prompt + output so far).
@@ -189,9 +217,9 @@ class OutputText:
         if not delta:
             return None
         if not self.stop_strings:
-            self.text += delta
+            self._unsent.append(delta)
             return None
-        text = self.text + delta
+        text = self._text + delta
         stop_string = None
         params = self.params
         if num_output_tokens >= params.min_tokens:
@@ -199,17 +227,29 @@ class OutputText:
             if match is not None:
                 stop_string = text[match[0]:match[1]]
                 text = text[:match[1] if params.include_stop_str_in_output else match[0]]
-        self.text = text
+        self._text = text
         return stop_string
 
     def take_unsent(self, finished: bool) -> str:
         """The text not returned before, less what may still turn out to start a stop string (unless finished)."""
+        if not self.stop_strings:
+            pieces = self._unsent
+            if not pieces:
+                return ""
+            unsent = pieces[0] if len(pieces) == 1 else "".join(pieces)
+            pieces.clear()
+            sent = self._sent
+            sent.append(unsent)
+            if len(sent) >= _SENT_PIECES:
+                self._sent = ["".join(sent)]
+            self.num_sent_chars += len(unsent)
+            return unsent
         start = self.num_sent_chars
-        end = len(self.text) if finished else len(self.text) - self.holdback_chars
+        end = len(self._text) if finished else len(self._text) - self.holdback_chars
         if end <= start:
             return ""
         self.num_sent_chars = end
-        return self.text[start:end]
+        return self._text[start:end]
 
 
 class TokenTexts:

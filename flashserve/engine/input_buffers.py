@@ -140,7 +140,7 @@ class InputBuffers:
         requests = batch.requests
         num_reqs = len(requests)
         num_new_list = batch.num_new_tokens
-        start_list = [r.num_computed_tokens for r in requests]
+        start_list = batch.num_computed_tokens
         num_new = np.array(num_new_list, dtype=np.int64)
         starts = np.array(start_list, dtype=np.int64)
         ends = starts + num_new

@@ -266,7 +266,7 @@ class LLMEngine:
             if requests.get(request.request_id) is not request:
                 self.stats.generated_tokens -= 1
                 continue
-            if request.params.max_tokens == 0:
+            if request.max_total_tokens == request.num_prompt_tokens:  # max_tokens=0: the token is dropped
                 reason = "length"
                 self.stats.generated_tokens -= 1
             else:

@@ -265,10 +265,12 @@ class ModelRunner:
         logits, hidden = self._forward(inputs, graph_size, len(sampling), shared_blocks)
         if graph_size is not None:
             logits = logits[:num_reqs] if len(sampling) == num_reqs else logits[inputs.logits_indices]
-        if sampling and len(sampling) == num_reqs and (graph_size is not None or self.graphs is None) \
-                and self.decode_sampling.supports(sampling):  # sampled from buffers (a graph replay on CUDA)
+        sampled_rows = None
+        if sampling and len(sampling) == num_reqs and (graph_size is not None or self.graphs is None):
+            sampled_rows = self.decode_sampling.sampled_rows(sampling)
+        if sampled_rows is not None:  # sampled from buffers (a graph replay on CUDA)
             token_ids = self.decode_sampling.sample(sampling, graph_size or num_reqs,
-                                                    None if graph_size is not None else logits.float())
+                                                    None if graph_size is not None else logits.float(), sampled_rows)
             logprobs = [None] * len(sampling)
         elif sampling:
             logits = self.token_bitmask.apply(logits.float(), sampling)  # structured outputs: forbidden -> -inf

@@ -53,9 +53,10 @@ class Request:
         num_sent_tokens, num_sent_logprobs: how much of the output ``step`` has already returned.
         stop_token_set: the token ids whose sampling may end the request with "stop" (``stop_token_ids``, and
             ``eos_token_ids`` unless ``ignore_eos``), for the one-lookup test of each sampled token.
-        greedy: ``params.greedy``; plain_sampling: whether no option needs the eager sampler by itself (no
-            ``logit_bias``, penalties or logprobs; grammars and ``min_tokens`` are checked apart), both read once
-            here (the per-step checks of ``DecodeSampling`` read these instead of the options).
+        greedy: ``params.greedy``; plain_sampling: whether no option ever needs the eager sampler (no
+            ``logit_bias``, penalties, logprobs or ``min_tokens``; grammars are checked apart), both read once here
+            (the per-step checks of ``DecodeSampling`` read these, and the options only when plain_sampling is
+            False).
     """
 
     __slots__ = ("request_id", "prompt", "params", "prompt_token_ids", "token_ids", "num_prompt_tokens",
@@ -89,7 +90,8 @@ class Request:
         self.num_sent_logprobs = 0
         self.stop_token_set = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_token_ids)
         self.greedy = params.greedy
-        self.plain_sampling = not (params.logit_bias or params.uses_penalties or params.logprobs is not None)
+        self.plain_sampling = not (params.logit_bias or params.uses_penalties or params.logprobs is not None
+                                   or params.min_tokens)
 
     @property
     def num_tokens(self) -> int:

@@ -25,6 +25,7 @@ class ScheduledBatch:
         num_new_tokens: tokens each request computes this step (from its ``num_computed_tokens`` on).
         samples: whether each request reaches the end of its tokens this step, and so samples the next one.
         preempted: requests preempted while scheduling this step.
+        num_computed_tokens: each request's ``num_computed_tokens`` when scheduled (where its new tokens start).
         sampling: the requests with ``samples`` set, in order.
         num_decodes: the requests that compute one token after their prompt.
     """
@@ -33,6 +34,7 @@ class ScheduledBatch:
     num_new_tokens: list[int] = field(default_factory=list)
     samples: list[bool] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
     sampling: list[Request] = field(default_factory=list)
     num_decodes: int = 0
 
@@ -41,6 +43,7 @@ class ScheduledBatch:
         self.requests.append(request)
         self.num_new_tokens.append(num_new_tokens)
         computed = request.num_computed_tokens
+        self.num_computed_tokens.append(computed)
         samples = computed + num_new_tokens == len(request.token_ids)
         self.samples.append(samples)
         if samples:
@@ -95,7 +98,7 @@ class Scheduler:
         running, block_size = self.running, self.block_manager.block_size
         caching = self.block_manager.enable_prefix_caching
         requests, num_new_tokens, samples = batch.requests, batch.num_new_tokens, batch.samples
-        sampling = batch.sampling
+        starts, sampling = batch.num_computed_tokens, batch.sampling
         num_decodes = 0
         for request in running:  # preemption pops from the end: the iteration stops before the victims
             if budget <= 0:
@@ -112,6 +115,7 @@ class Scheduler:
             # batch.add(request, num_new), inlined
             requests.append(request)
             num_new_tokens.append(num_new)
+            starts.append(computed)
             samples.append(end == num_tokens)
             if end == num_tokens:
                 sampling.append(request)

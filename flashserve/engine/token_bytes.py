@@ -64,8 +64,10 @@ def token_bytes(tokenizer) -> list[bytes | None] | None:
 
 
 def token_texts(tokenizer) -> list[str | None] | None:
-    """Beside ``token_bytes``: each token's text where its bytes alone are complete text (valid UTF-8, not empty,
-    not ending in U+FFFD); None for the other tokens (and no table where ``token_bytes`` has none)."""
+    """Beside ``token_bytes``, what each token's bytes alone decode to: their text where they are complete text
+    (valid UTF-8, not empty, not ending in U+FFFD); "" where they are empty or valid UTF-8 up to an incomplete last
+    character (text that has to wait for the next token); None for the other tokens. No table where
+    ``token_bytes`` has none."""
     if token_bytes(tokenizer) is None:
         return None
     return _TABLES[tokenizer][2]
@@ -77,7 +79,11 @@ def _texts(table: list[bytes | None]) -> list[str | None]:
     for data in table:
         try:
             text = data.decode()
-        except (AttributeError, UnicodeDecodeError):
+        except AttributeError:
             text = None
-        texts.append(text if text and not text.endswith("\ufffd") else None)
+        except UnicodeDecodeError as error:
+            text = "" if error.reason == "unexpected end of data" else None
+        else:
+            text = None if text.endswith("\ufffd") else text
+        texts.append(text)
     return texts
