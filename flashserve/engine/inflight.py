@@ -84,11 +84,14 @@ class TokenReadback:
 @dataclass(slots=True)
 class CarriedTokens:
     """Input ids a step takes from the previous step's sampled tokens on the device: request ``batch_indices[i]``
-    of the batch gets ``source[source_indices[i]]`` as the input id of its last scheduled token."""
+    of the batch gets ``source[source_indices[i]]`` as the input id of its last scheduled token. ``in_order``: the
+    batch is the previous step's sampling requests, all continuing, in the same order (both index lists are
+    ``range(len(batch))``: the usual decode step)."""
 
-    batch_indices: list[int]
-    source_indices: list[int]
+    batch_indices: list[int] | range
+    source_indices: list[int] | range
     source: torch.Tensor
+    in_order: bool = False
 
 
 @dataclass(slots=True)
@@ -124,6 +127,9 @@ class InflightStep:
         placeholders = self.placeholders
         if not placeholders:
             return None
+        if len(placeholders) == len(self.sampling) and batch.requests == self.sampling:  # identity, one C loop
+            rows = range(len(self.sampling))
+            return CarriedTokens(rows, rows, self.tokens.device, in_order=True)
         batch_indices, source_indices = [], []
         for index, request in enumerate(batch.requests):
             source = placeholders.get(request)

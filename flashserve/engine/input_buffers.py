@@ -23,7 +23,9 @@ other ranks (their graphs read it in place); they read the header back with ``re
 With async scheduling (``flashserve.engine.inflight``) the input id of a request's last token may be one the
 previous step sampled and the host has not read: ``carried_rows`` (packed rows) and ``carried_from`` (indices into
 that step's sampled tokens) travel in the arena, and right after the upload one gather on the device writes those
-input ids (queued after the copy, before the forward pass and before the arena is broadcast to the other ranks).
+input ids (queued after the copy, before the forward pass and before the arena is broadcast to the other ranks); a
+decode step whose requests are those of the previous step, in order (``CarriedTokens.in_order``), takes them with
+one copy of that step's tokens instead.
 
 A decode step replayed from a CUDA graph captured for ``padded_size`` rows is packed with padding rows after the
 real ones: token 0 at position 0, slot -1 (no cache write), KV length 0 (no key read); their outputs are ignored.
@@ -119,6 +121,8 @@ class InputBuffers:
         self._block_table_row_bytes = max_blocks_per_seq * 4
         self._copies_done = torch.cuda.Event() if on_cuda else None
         self._block_rows = _BlockRows(max_num_seqs, max_blocks_per_seq)
+        self._view_sizes: tuple[int, int, int] | None = None
+        self._views: tuple[torch.Tensor, ...] = ()
 
     @property
     def arena(self) -> torch.Tensor:
@@ -174,7 +178,8 @@ class InputBuffers:
         self.prompt_rows.array[:num_rows] = prompt_rows or []
         self.shared_prefix_len.array[0] = shared_prefix_len
         num_carried = 0
-        if carried is not None:
+        carried_in_order = carried is not None and carried.in_order and one_each
+        if carried is not None and not carried_in_order:
             num_carried = len(carried.batch_indices)
             self.carried_rows.array[:num_carried] = cu_seqlens_q[1:][carried.batch_indices] - 1
             self.carried_from.array[:num_carried] = carried.source_indices
@@ -184,7 +189,9 @@ class InputBuffers:
         header = StepHeader(STEP, num_tokens, num_reqs, max_new, int(ends.max()), logits_indices.size,
                             padded_size or 0, num_rows)
         inputs = self._upload(header)
-        if num_carried:
+        if carried_in_order:  # packed row i is request i, which takes sampled token i
+            self.input_ids.device[:len(requests)].copy_(carried.source)
+        elif num_carried:
             tokens = carried.source.index_select(0, self.carried_from.device[:num_carried])
             self.input_ids.device.index_copy_(0, self.carried_rows.device[:num_carried], tokens)
         return inputs
@@ -226,19 +233,21 @@ class InputBuffers:
         return self.step_inputs(header)
 
     def step_inputs(self, header: StepHeader) -> StepInputs:
-        """The used rows of every device array, as ``header`` describes them."""
-        num_tokens, num_reqs, num_logits = header.num_tokens, header.num_reqs, header.num_logits
-        context = AttentionContext(
-            slot_mapping=self.slot_mapping.device[:num_tokens],
-            cu_seqlens_q=self.cu_seqlens_q.device[:num_reqs + 1],
-            seqused_k=self.seqused_k.device[:num_reqs],
-            block_table=self.block_table.device[:num_reqs],
-            max_seqlen_q=header.max_seqlen_q,
-            max_seqlen_k=header.max_seqlen_k,
-            is_decode=num_tokens == num_reqs,
-        )
-        return StepInputs(self.input_ids.device[:num_tokens], self.positions.device[:num_tokens], context,
-                          self.logits_indices.device[:num_logits])
+        """The used rows of every device array, as ``header`` describes them (the views of the last sizes are
+        kept: a run of decode steps of one batch size slices the arena once)."""
+        sizes = (header.num_tokens, header.num_reqs, header.num_logits)
+        if sizes != self._view_sizes:
+            num_tokens, num_reqs, num_logits = sizes
+            self._view_sizes = sizes
+            self._views = (self.input_ids.device[:num_tokens], self.positions.device[:num_tokens],
+                           self.slot_mapping.device[:num_tokens], self.cu_seqlens_q.device[:num_reqs + 1],
+                           self.seqused_k.device[:num_reqs], self.block_table.device[:num_reqs],
+                           self.logits_indices.device[:num_logits])
+        input_ids, positions, slot_mapping, cu_seqlens_q, seqused_k, block_table, logits_indices = self._views
+        context = AttentionContext(slot_mapping=slot_mapping, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k,
+                                   block_table=block_table, max_seqlen_q=header.max_seqlen_q,
+                                   max_seqlen_k=header.max_seqlen_k, is_decode=sizes[0] == sizes[1])
+        return StepInputs(input_ids, positions, context, logits_indices)
 
     def _wait_for_copies(self) -> None:
         """Wait until the previous step's host-to-device copies have read the host arrays."""

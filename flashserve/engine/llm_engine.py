@@ -246,15 +246,17 @@ class LLMEngine:
     def _expect_tokens(self, launched: InflightStep) -> None:
         """Async scheduling, once the step before ``launched`` is read: give every request that continues after
         ``launched`` a ``PENDING_TOKEN``, and take those that its token ends by length out of the scheduler."""
+        placeholders = launched.placeholders
         for index, request in enumerate(launched.sampling):
-            if request.status is RequestStatus.FINISHED:
+            if request.status is _FINISHED:
                 continue  # ended by the step read just before (its token of this step is discarded), or aborted
-            if request.params.max_tokens == 0 or len(request.token_ids) + 1 >= request.max_total_tokens:
+            token_ids = request.token_ids
+            if len(token_ids) + 1 >= request.max_total_tokens:  # max_tokens=0 too (max_total_tokens: the prompt)
                 self.scheduler.finish(request, "length")
                 launched.final.add(request)
             else:
-                request.token_ids.append(PENDING_TOKEN)
-                launched.placeholders[request] = index
+                token_ids.append(PENDING_TOKEN)
+                placeholders[request] = index
 
     def _read(self, step: InflightStep) -> list[RequestOutput]:
         """Read ``step``'s tokens (waiting for them) and do its host work: append them, check the stop conditions,
