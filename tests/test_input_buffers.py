@@ -67,3 +67,27 @@ def test_block_table_rows_follow_joins_leaves_growth_and_new_block_lists():
         table = buffers.prepare(_batch([(request, 1) for request in scheduled])).context.block_table
         for row, request in zip(table.tolist(), scheduled):
             assert row[:len(request.block_ids)] == request.block_ids
+
+
+def test_block_table_rows_of_a_repeated_batch_extend_only_the_allocated_requests():
+    """The scheduler's batch of the same requests, in order, lists in ``allocated`` only those that gained blocks
+    (or a new block list): their rows are extended in place, the others keep theirs."""
+    rng = random.Random(1)
+    buffers = InputBuffers(max_num_tokens=64, max_num_seqs=6, max_blocks_per_seq=16, block_size=4,
+                           device=torch.device("cpu"))
+    requests = [_request(list(range(8)), 7, rng.sample(range(100), 2)) for _ in range(5)]
+    for step in range(40):
+        batch = _batch([(request, 1) for request in requests])
+        if step:
+            batch.allocated = []
+            for index, request in enumerate(requests):
+                if rng.random() < 0.1:
+                    request.block_ids = rng.sample(range(100), rng.randint(1, 12))
+                elif rng.random() < 0.3 and len(request.block_ids) < 16:
+                    request.block_ids.append(rng.randrange(100))
+                else:
+                    continue
+                batch.allocated.append(index)
+        table = buffers.prepare(batch).context.block_table
+        for row, request in zip(table.tolist(), requests):
+            assert row[:len(request.block_ids)] == request.block_ids

@@ -81,6 +81,7 @@ class DecodeSampling:
         self.out = torch.zeros((2, rows), dtype=torch.int64, device=self.device)  # tokens; 1: needs the fallback
         self._copy_done = torch.cuda.Event() if on_cuda else None
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._placeholder_rows = 0  # leading rows whose options are placeholders in both arenas
 
     def supports(self, requests: list[Request]) -> bool:
         """Whether ``sample`` can take this batch (see the module docstring for what stays on the eager path)."""
@@ -111,6 +112,7 @@ class DecodeSampling:
         self.logits.zero_()  # the first runs read it: finite values
         self._write_placeholders(0, self.max_rows)
         self._device_arena.copy_(self._host_arena)
+        self._placeholder_rows = self.max_rows
         for size in sorted(sizes, reverse=True):
             for sampled in (False, True):
                 self._run(size, sampled)
@@ -152,10 +154,13 @@ class DecodeSampling:
 
     def _write_options(self, requests: list[Request], sampled_rows: list[int], padded_size: int) -> None:
         """Fill the host arena for the batch (claiming the sampled rows' draws from their generators) and start
-        its upload."""
+        its upload; nothing to do for a greedy batch whose rows hold placeholders already (host and device)."""
+        if not sampled_rows and padded_size <= self._placeholder_rows:
+            return
         if self._copy_done is not None:
             self._copy_done.synchronize()  # the previous step's upload has read the host arena
         self._write_placeholders(0, padded_size)
+        self._placeholder_rows = 0 if sampled_rows else padded_size
         if sampled_rows:
             streams = self.sampler.stream_rows([requests[i] for i in sampled_rows], self.vocab_size)
             shared_rows = [i for i in sampled_rows if requests[i].generator is None]

@@ -230,8 +230,9 @@ class LLMEngine:
         carried = previous.carried_to(batch) if previous is not None else None
         tokens, logprobs, prompt_logprobs = self.runner.run(batch, self.eos_token_ids, prompt_rows, carried)
         sampling = batch.sampling
+        needs_sync = self.grammar_compiler is not None and any(request.grammar is not None for request in sampling)
         launched = InflightStep(batch, sampling, tokens, logprobs, decode_only=batch.decode_only,
-                                needs_sync=any(request.grammar is not None for request in sampling))
+                                needs_sync=needs_sync)  # no grammar compiler: no request has had a grammar
         if not launched.decode_only:
             launched.prefill_tokens = batch.total_tokens - batch.num_decodes
         self.scheduler.advance(batch)

@@ -28,6 +28,8 @@ class ScheduledBatch:
         num_computed_tokens: each request's ``num_computed_tokens`` when scheduled (where its new tokens start).
         sampling: the requests with ``samples`` set, in order.
         num_decodes: the requests that compute one token after their prompt.
+        allocated: the indices of the requests whose blocks may have changed since the previous step (the block
+            manager allocated for them now; ``add`` counts every request it adds), for ``InputBuffers``.
     """
 
     requests: list[Request] = field(default_factory=list)
@@ -37,9 +39,11 @@ class ScheduledBatch:
     num_computed_tokens: list[int] = field(default_factory=list)
     sampling: list[Request] = field(default_factory=list)
     num_decodes: int = 0
+    allocated: list[int] = field(default_factory=list)
 
     def add(self, request: Request, num_new_tokens: int) -> None:
         """Schedule ``num_new_tokens`` tokens of ``request`` (before its ``num_computed_tokens`` advances)."""
+        self.allocated.append(len(self.requests))
         self.requests.append(request)
         self.num_new_tokens.append(num_new_tokens)
         computed = request.num_computed_tokens
@@ -98,7 +102,7 @@ class Scheduler:
         running, block_size = self.running, self.block_manager.block_size
         caching = self.block_manager.enable_prefix_caching
         requests, num_new_tokens, samples = batch.requests, batch.num_new_tokens, batch.samples
-        starts, sampling = batch.num_computed_tokens, batch.sampling
+        starts, sampling, allocated = batch.num_computed_tokens, batch.sampling, batch.allocated
         num_decodes = 0
         for request in running:  # preemption pops from the end: the iteration stops before the victims
             if budget <= 0:
@@ -110,8 +114,10 @@ class Scheduler:
             # allocate_slots has nothing to do (the usual decode step) unless a block is needed or fills
             needs_slots = end > len(request.block_ids) * block_size or (
                 caching and end // block_size > request.num_cached_blocks)
-            if needs_slots and not self._allocate_or_preempt(request, num_new, batch):
-                break
+            if needs_slots:
+                if not self._allocate_or_preempt(request, num_new, batch):
+                    break
+                allocated.append(len(requests))
             # batch.add(request, num_new), inlined
             requests.append(request)
             num_new_tokens.append(num_new)
