@@ -230,6 +230,18 @@ class OutputText:
         self._text = text
         return stop_string
 
+    def extend(self, token_ids: list[int], num_output_tokens: int, finish_reason: str | None
+               ) -> tuple[str | None, str]:
+        """``add``, then ``take_unsent`` for the request as it then stands (finished if it has a finish reason or
+        a stop string ended it): (the stop string or None, the text not returned before)."""
+        if finish_reason is None and not self.stop_strings and not self._unsent:  # the usual step: all of it
+            delta = self.detokenizer.step(token_ids)
+            if delta:
+                self._mark_sent(delta)
+            return None, delta
+        stop_string = self.add(token_ids, num_output_tokens, finish_reason)
+        return stop_string, self.take_unsent(finish_reason is not None or stop_string is not None)
+
     def take_unsent(self, finished: bool) -> str:
         """The text not returned before, less what may still turn out to start a stop string (unless finished)."""
         if not self.stop_strings:
@@ -238,11 +250,7 @@ class OutputText:
                 return ""
             unsent = pieces[0] if len(pieces) == 1 else "".join(pieces)
             pieces.clear()
-            sent = self._sent
-            sent.append(unsent)
-            if len(sent) >= _SENT_PIECES:
-                self._sent = ["".join(sent)]
-            self.num_sent_chars += len(unsent)
+            self._mark_sent(unsent)
             return unsent
         start = self.num_sent_chars
         end = len(self._text) if finished else len(self._text) - self.holdback_chars
@@ -250,6 +258,14 @@ class OutputText:
             return ""
         self.num_sent_chars = end
         return self._text[start:end]
+
+    def _mark_sent(self, text: str) -> None:
+        """Without stop strings: ``text`` (the end of the text) is returned now."""
+        sent = self._sent
+        sent.append(text)
+        if len(sent) >= _SENT_PIECES:
+            self._sent = ["".join(sent)]
+        self.num_sent_chars += len(text)
 
 
 class TokenTexts:

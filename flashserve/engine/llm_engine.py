@@ -270,15 +270,15 @@ class LLMEngine:
                 self.stats.generated_tokens -= 1
                 continue
             if request.max_total_tokens == request.num_prompt_tokens:  # max_tokens=0: the token is dropped
-                reason = "length"
+                reason, text = "length", None
                 self.stats.generated_tokens -= 1
             else:
-                reason = self._append_token(request, token_id, token_logprobs, request in placeholders)
+                reason, text = self._append_token(request, token_id, token_logprobs, request in placeholders)
             if request in final:
                 request.finish_reason = reason
             elif reason is not None:
                 self.scheduler.finish(request, reason)
-            outputs.append(self._new_output(request))
+            outputs.append(self._new_output(request, text))
             if request.status is _FINISHED:
                 del requests[request.request_id]
                 self.runner.sampler.release(request.request_id)
@@ -311,9 +311,10 @@ class LLMEngine:
             stats.prefill_time_s += step.elapsed_s
 
     def _append_token(self, request: Request, token_id: int, token_logprobs: dict[int, Logprob] | None,
-                      pending: bool = False) -> str | None:
+                      pending: bool = False) -> tuple[str | None, str]:
         """Add a sampled token (in place of the request's ``PENDING_TOKEN`` if ``pending``), extend the text;
-        returns the finish reason when a stop condition is met (None otherwise). A token outside the request's
+        returns the finish reason when a stop condition is met (None otherwise) and the text not returned before
+        (taken now: the request ends if and only if there is a finish reason). A token outside the request's
         ``stop_token_set`` without a grammar can only end it by length (one set lookup per token)."""
         token_ids = request.token_ids
         if pending:
@@ -329,12 +330,13 @@ class LLMEngine:
         else:
             reason = "length" if len(token_ids) >= request.max_total_tokens else None
         text = request.text
-        if text is not None:
-            stop_string = text.add(token_ids, len(token_ids) - request.num_prompt_tokens, reason)
-            if stop_string is not None:
-                request.stop_reason = stop_string
-                reason = "stop"
-        return reason
+        if text is None:
+            return reason, ""
+        stop_string, unsent = text.extend(token_ids, len(token_ids) - request.num_prompt_tokens, reason)
+        if stop_string is not None:
+            request.stop_reason = stop_string
+            reason = "stop"
+        return reason, unsent
 
     def _stop_reason(self, request: Request, token_id: int) -> str | None:
         """The finish reason for the request's new token ``token_id`` (appended) when it is in the request's
@@ -348,13 +350,13 @@ class LLMEngine:
             return "stop"
         return "length" if len(request.token_ids) >= request.max_total_tokens else None
 
-    def _new_output(self, request: Request) -> RequestOutput:
-        """The request's text, tokens and logprobs not yet returned by ``step``, and its prompt logprobs if this is
-        its first output (the one before any token was sent)."""
+    def _new_output(self, request: Request, text: str | None = None) -> RequestOutput:
+        """The request's text (``text`` when taken already), tokens and logprobs not yet returned by ``step``, and
+        its prompt logprobs if this is its first output (the one before any token was sent)."""
         finished = request.status is _FINISHED
         num_sent_tokens = request.num_sent_tokens
-        text = request.text
-        text = "" if text is None else text.take_unsent(finished)
+        if text is None:
+            text = "" if request.text is None else request.text.take_unsent(finished)
         new_tokens = request.token_ids[request.num_prompt_tokens + num_sent_tokens:]
         request.num_sent_tokens = num_sent_tokens + len(new_tokens)
         logprobs = None
