@@ -71,9 +71,10 @@ class IncrementalDetokenizer:
         if self.prefix_is_text:
             read_offset = self.read_offset
             if len(token_ids) == read_offset + 1:  # the usual step: one token, whose text may be in the table
-                token_id = token_ids[read_offset]
-                texts = self.token_texts
-                text = texts[token_id] if token_id < len(texts) else None
+                try:
+                    text = self.token_texts[token_ids[read_offset]]
+                except IndexError:
+                    text = None  # an id past the table
                 if text:
                     self.prefix_offset = read_offset
                     self.read_offset = read_offset + 1

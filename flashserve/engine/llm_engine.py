@@ -325,14 +325,15 @@ class LLMEngine:
             if request.text is not None:
                 self.token_texts.fill([token_logprobs], request.params.skip_special_tokens)
             request.logprobs.append(token_logprobs)
+        num_tokens = len(token_ids)
         if request.grammar is not None or token_id in request.stop_token_set:
             reason = self._stop_reason(request, token_id)
         else:
-            reason = "length" if len(token_ids) >= request.max_total_tokens else None
+            reason = "length" if num_tokens >= request.max_total_tokens else None
         text = request.text
         if text is None:
             return reason, ""
-        stop_string, unsent = text.extend(token_ids, len(token_ids) - request.num_prompt_tokens, reason)
+        stop_string, unsent = text.extend(token_ids, num_tokens - request.num_prompt_tokens, reason)
         if stop_string is not None:
             request.stop_reason = stop_string
             reason = "stop"

@@ -299,8 +299,11 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions)
         finally:
             set_context(None)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices]) if num_logits else None
-        return logits, hidden
+        if not num_logits:
+            return None, hidden
+        # every row samples (a decode step): the rows are the hidden states themselves, in order
+        rows = hidden if num_logits == hidden.shape[0] else hidden[inputs.logits_indices]
+        return self.model.compute_logits(rows), hidden
 
     @torch.inference_mode()
     def follow(self) -> int:

@@ -109,12 +109,12 @@ class Scheduler:
                 break
             computed = request.num_computed_tokens
             num_tokens = len(request.token_ids)
-            num_new = min(num_tokens - computed, budget)
+            num_new = num_tokens - computed
+            if num_new > budget:
+                num_new = budget
             end = computed + num_new
             # allocate_slots has nothing to do (the usual decode step) unless a block is needed or fills
-            needs_slots = end > len(request.block_ids) * block_size or (
-                caching and end // block_size > request.num_cached_blocks)
-            if needs_slots:
+            if end > len(request.block_ids) * block_size or (caching and end // block_size > request.num_cached_blocks):
                 if not self._allocate_or_preempt(request, num_new, batch):
                     break
                 allocated.append(len(requests))
@@ -122,9 +122,11 @@ class Scheduler:
             requests.append(request)
             num_new_tokens.append(num_new)
             starts.append(computed)
-            samples.append(end == num_tokens)
             if end == num_tokens:
+                samples.append(True)
                 sampling.append(request)
+            else:
+                samples.append(False)
             if num_new == 1 and computed >= request.num_prompt_tokens:
                 num_decodes += 1
             budget -= num_new
