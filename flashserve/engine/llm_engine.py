@@ -247,8 +247,8 @@ class LLMEngine:
     def _expect_tokens(self, launched: InflightStep) -> None:
         """Async scheduling, once the step before ``launched`` is read: give every request that continues after
         ``launched`` a ``PENDING_TOKEN``, and take those that its token ends by length out of the scheduler."""
-        placeholders = launched.placeholders
-        for index, request in enumerate(launched.sampling):
+        num_placeholders = 0
+        for request in launched.sampling:
             if request.status is _FINISHED:
                 continue  # ended by the step read just before (its token of this step is discarded), or aborted
             token_ids = request.token_ids
@@ -257,14 +257,15 @@ class LLMEngine:
                 launched.final.add(request)
             else:
                 token_ids.append(PENDING_TOKEN)
-                placeholders[request] = index
+                num_placeholders += 1
+        launched.num_placeholders = num_placeholders
 
     def _read(self, step: InflightStep) -> list[RequestOutput]:
         """Read ``step``'s tokens (waiting for them) and do its host work: append them, check the stop conditions,
         detokenize, and return the outputs. Tokens of requests that ended or were aborted since ``step`` was
         launched are discarded."""
         outputs = []
-        placeholders, final, requests = step.placeholders, step.final, self.requests
+        final, requests = step.final, self.requests
         for request, token_id, token_logprobs in zip(step.sampling, step.tokens.tolist(), step.logprobs):
             if requests.get(request.request_id) is not request:
                 self.stats.generated_tokens -= 1
@@ -273,7 +274,7 @@ class LLMEngine:
                 reason, text = "length", None
                 self.stats.generated_tokens -= 1
             else:
-                reason, text = self._append_token(request, token_id, token_logprobs, request in placeholders)
+                reason, text = self._append_token(request, token_id, token_logprobs)
             if request in final:
                 request.finish_reason = reason
             elif reason is not None:
@@ -310,14 +311,14 @@ class LLMEngine:
             stats.prefill_tokens += step.prefill_tokens
             stats.prefill_time_s += step.elapsed_s
 
-    def _append_token(self, request: Request, token_id: int, token_logprobs: dict[int, Logprob] | None,
-                      pending: bool = False) -> tuple[str | None, str]:
-        """Add a sampled token (in place of the request's ``PENDING_TOKEN`` if ``pending``), extend the text;
+    def _append_token(self, request: Request, token_id: int, token_logprobs: dict[int, Logprob] | None
+                      ) -> tuple[str | None, str]:
+        """Add a sampled token (in place of the request's ``PENDING_TOKEN`` if it ends with one), extend the text;
         returns the finish reason when a stop condition is met (None otherwise) and the text not returned before
         (taken now: the request ends if and only if there is a finish reason). A token outside the request's
         ``stop_token_set`` without a grammar can only end it by length (one set lookup per token)."""
         token_ids = request.token_ids
-        if pending:
+        if token_ids[-1] == PENDING_TOKEN:
             token_ids[-1] = token_id
         else:
             token_ids.append(token_id)
