@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from flashserve.engine.detokenizer import IncrementalDetokenizer, OutputText
-from flashserve.engine.token_bytes import byte_level_chars, token_bytes
+from flashserve.engine.token_bytes import byte_level_chars, token_bytes, token_texts
 from flashserve.models.checkpoint import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 from flashserve.models.demo import DEMO_TOKENIZER_VOCAB_SIZE
 from flashserve.sampling_params import SamplingParams
@@ -170,3 +170,18 @@ def test_long_output_text_kept_in_pieces_is_the_whole_text(tokenizer):
         sent.append(output.extend(token_ids, position + 1, "length" if position == len(stream) - 1 else None)[1])
     assert len(stream) == 700 and output.text == "".join(sent)
     assert output.text == tokenizer.decode(stream, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_text_table_classifies_every_token(tokenizer):
+    """``token_texts``: complete text, "" (wait: empty or an incomplete last character), False (added token or
+    invalid bytes), None (valid text ending in U+FFFD), from the byte table."""
+    for data, text in zip(token_bytes(tokenizer), token_texts(tokenizer)):
+        if data is None:
+            assert text is False
+            continue
+        try:
+            decoded = data.decode()
+        except UnicodeDecodeError as error:
+            assert text == ("" if error.reason == "unexpected end of data" else False)
+            continue
+        assert text == (None if decoded.endswith("\ufffd") else decoded)

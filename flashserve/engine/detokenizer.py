@@ -74,11 +74,13 @@ class IncrementalDetokenizer:
                 try:
                     text = self.token_texts[token_ids[read_offset]]
                 except IndexError:
-                    text = None  # an id past the table
+                    text = False  # an id past the table
                 if text:
                     self.prefix_offset = read_offset
                     self.read_offset = read_offset + 1
                     return text
+                if text is False:  # an added token or invalid bytes: the window decides
+                    return self._step_by_tokenizer(token_ids, flush)
                 if text is not None and not flush:
                     return ""  # nothing yet, or the start of a character: wait for the next token
             table, new_ids = self.token_bytes, token_ids[read_offset:]

@@ -63,26 +63,26 @@ def token_bytes(tokenizer) -> list[bytes | None] | None:
     return cached[1]
 
 
-def token_texts(tokenizer) -> list[str | None] | None:
+def token_texts(tokenizer) -> list[str | bool | None] | None:
     """Beside ``token_bytes``, what each token's bytes alone decode to: their text where they are complete text
     (valid UTF-8, not empty, not ending in U+FFFD); "" where they are empty or valid UTF-8 up to an incomplete last
-    character (text that has to wait for the next token); None for the other tokens. No table where
-    ``token_bytes`` has none."""
+    character (text that has to wait for the next token); False for added tokens and invalid UTF-8 (not text
+    alone); None for valid text ending in U+FFFD. No table where ``token_bytes`` has none."""
     if token_bytes(tokenizer) is None:
         return None
     return _TABLES[tokenizer][2]
 
 
-def _texts(table: list[bytes | None]) -> list[str | None]:
+def _texts(table: list[bytes | None]) -> list[str | bool | None]:
     """The text table of a byte table (see ``token_texts``)."""
-    texts: list[str | None] = []
+    texts: list[str | bool | None] = []
     for data in table:
         try:
             text = data.decode()
         except AttributeError:
-            text = None
+            text = False
         except UnicodeDecodeError as error:
-            text = "" if error.reason == "unexpected end of data" else None
+            text = "" if error.reason == "unexpected end of data" else False
         else:
             text = None if text.endswith("\ufffd") else text
         texts.append(text)
