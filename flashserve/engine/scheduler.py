@@ -118,7 +118,7 @@ class Scheduler:
                 if not self._allocate_or_preempt(request, num_new, batch):
                     break
                 allocated.append(len(requests))
-            # batch.add(request, num_new), inlined
+            # batch.add(request, num_new) inlined, but in ``allocated`` only if the block manager allocated
             requests.append(request)
             num_new_tokens.append(num_new)
             starts.append(computed)
