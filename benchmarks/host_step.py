@@ -5,10 +5,13 @@ A tiny random-weight Llama (``write_random_checkpoint``, 2,000-token byte-level 
 ``model.forward`` returning zeros and ``compute_logits`` returning fresh random logits (greedy sampling, so the
 sampler's device work is one argmax): what remains is the host's work of a step. 256 requests with prompts
 uniform in [100, 1024] tokens (random ids) are prefilled, then ``--steps`` decode steps are timed one by one.
-Phases are timed by wrapping the engine's own methods (``Scheduler.schedule``, ``InputBuffers.prepare``,
-``Sampler.sample``, ``IncrementalDetokenizer.step``, and ``DecodeSampling._run``: what a sampling graph replays
-on a GPU, which greedy decode steps take here); "other" is the rest of ``LLMEngine.step`` (advancing the
-requests, stop checks, building the outputs). The sampler's argmax over the logits is device work that runs on the
+Phases are timed by wrapping the engine's own methods that run once per step (``Scheduler.schedule``,
+``InputBuffers.prepare``, ``Sampler.sample``, and ``DecodeSampling._run``: what a sampling graph replays on a GPU,
+which greedy decode steps take here); "other" is the rest of ``LLMEngine.step`` (advancing the requests, stop
+checks, detokenizing, building the outputs). The detokenizer runs once per request: a timer around each call
+would add its own cost (~0.3 µs a call) to the step, so "detokenize" (``IncrementalDetokenizer.step``) is timed
+in ``--steps`` further steps, apart, and is part of "other" in the others (until 2026-12-02 it was timed in the
+same steps, its timers' cost in "host total"). The sampler's argmax over the logits is device work that runs on the
 CPU here, so "sampler, host part" times the same call on 8-column logits, and "host total" is a step without the
 sampler's time plus that (on steps that called the eager ``Sampler``; the host part of ``DecodeSampling`` is in
 "other"); "host before the launch" is the time from the start of ``step`` to the forward
@@ -36,8 +39,8 @@ from flashserve.engine import decode_sampling, detokenizer, input_buffers, sampl
 from flashserve.models.checkpoint import write_random_checkpoint  # noqa: E402
 
 PHASES = {"schedule": (scheduler.Scheduler, "schedule"), "prepare_inputs": (input_buffers.InputBuffers, "prepare"),
-          "sampler": (sampler.Sampler, "sample"), "detokenize": (detokenizer.IncrementalDetokenizer, "step"),
-          "sampling graph": (decode_sampling.DecodeSampling, "_run")}
+          "sampler": (sampler.Sampler, "sample"), "sampling graph": (decode_sampling.DecodeSampling, "_run")}
+PER_REQUEST_PHASES = {"detokenize": (detokenizer.IncrementalDetokenizer, "step")}  # timed in steps of their own
 
 
 def _timed(spent: dict, name: str, method):
@@ -51,9 +54,31 @@ def _timed(spent: dict, name: str, method):
     return wrapper
 
 
+def _timed_steps(engine, steps: int, phases: dict, launches: list, num_requests: int):
+    """Run ``steps`` decode steps of ``num_requests`` requests with ``phases``' methods timed; yields (start,
+    seconds per phase, seconds of the step) per step, ``launches`` holding the step's forward-pass times."""
+    spent = {name: 0.0 for name in phases}
+    originals = {name: getattr(cls, attr) for name, (cls, attr) in phases.items()}
+    for name, (cls, attr) in phases.items():
+        setattr(cls, attr, _timed(spent, name, originals[name]))
+    try:
+        for _ in range(steps):
+            for name in spent:
+                spent[name] = 0.0
+            launches.clear()
+            start = time.perf_counter()
+            outputs = engine.step()
+            total = time.perf_counter() - start
+            assert len(outputs) == num_requests and len(launches) == 1
+            yield start, spent, total
+    finally:
+        for name, (cls, attr) in phases.items():
+            setattr(cls, attr, originals[name])
+
+
 def measure(directory: str, args, async_scheduling: bool) -> dict[str, list[float]]:
     """Per-phase µs of ``args.steps`` decode steps of an engine with ``async_scheduling`` on or off."""
-    blocks = args.requests * (1024 + args.steps + 64) // 16 + 64
+    blocks = args.requests * (1024 + 2 * args.steps + 64) // 16 + 64
     llm = LLM(directory, dtype="float32", device="cpu", block_size=16, num_kv_blocks=blocks,
               max_num_seqs=args.requests, max_model_len=4096, async_scheduling=async_scheduling)
     engine = llm.engine
@@ -72,34 +97,23 @@ def measure(directory: str, args, async_scheduling: bool) -> dict[str, list[floa
     rng = random.Random(0)
     for i in range(args.requests):
         prompt = [rng.randrange(6, vocab) for _ in range(rng.randint(100, 1024))]
-        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=args.steps + 64, ignore_eos=True))
+        params = SamplingParams(temperature=0, max_tokens=2 * args.steps + 64, ignore_eos=True)
+        engine.add_request(str(i), prompt, params)
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
         engine.step()
-    spent = {name: 0.0 for name in PHASES}
-    originals = {name: getattr(cls, attr) for name, (cls, attr) in PHASES.items()}
-    for name, (cls, attr) in PHASES.items():
-        setattr(cls, attr, _timed(spent, name, originals[name]))
-    per_step = {name: [] for name in [*PHASES, "other", "total", "host total", "host before the launch"]}
+    detokenize = "detokenize (in other)"
+    per_step = {name: [] for name in [*PHASES, detokenize, "other", "total", "host total", "host before the launch"]}
     eager_sampling = []  # per step: whether the eager Sampler ran (its host part is added back below)
-    try:
-        for _ in range(args.steps):
-            for name in spent:
-                spent[name] = 0.0
-            launches.clear()
-            start = time.perf_counter()
-            outputs = engine.step()
-            total = time.perf_counter() - start
-            assert len(outputs) == args.requests and len(launches) == 1
-            for name in PHASES:
-                per_step[name].append(spent[name] * 1e6)
-            per_step["other"].append((total - sum(spent.values())) * 1e6)
-            per_step["total"].append(total * 1e6)
-            per_step["host total"].append((total - spent["sampler"] - spent["sampling graph"]) * 1e6)
-            per_step["host before the launch"].append((launches[0] - start) * 1e6)
-            eager_sampling.append(spent["sampler"] > 0)
-    finally:
-        for name, (cls, attr) in PHASES.items():
-            setattr(cls, attr, originals[name])
+    for start, spent, total in _timed_steps(engine, args.steps, PHASES, launches, args.requests):
+        for name in PHASES:
+            per_step[name].append(spent[name] * 1e6)
+        per_step["other"].append((total - sum(spent.values())) * 1e6)
+        per_step["total"].append(total * 1e6)
+        per_step["host total"].append((total - spent["sampler"] - spent["sampling graph"]) * 1e6)
+        per_step["host before the launch"].append((launches[0] - start) * 1e6)
+        eager_sampling.append(spent["sampler"] > 0)
+    for _, spent, _ in _timed_steps(engine, args.steps, PER_REQUEST_PHASES, launches, args.requests):
+        per_step[detokenize].append(spent["detokenize"] * 1e6)
     running = engine.scheduler.running
     narrow = torch.zeros(len(running), 8)
     sampler_host = []

@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from flashserve.engine.detokenizer import IncrementalDetokenizer, OutputText
-from flashserve.engine.token_bytes import byte_level_chars, token_bytes
+from flashserve.engine.token_bytes import byte_level_chars, token_bytes, token_texts
 from flashserve.models.checkpoint import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 from flashserve.models.demo import DEMO_TOKENIZER_VOCAB_SIZE
 from flashserve.sampling_params import SamplingParams
@@ -135,3 +135,53 @@ def test_tokens_outside_the_byte_alphabet_decode_as_their_own_utf8():
             assert b"".join(table[token_id] for token_id in ids).decode() == expected
             checked += 1
     assert checked > 100
+
+
+@pytest.mark.parametrize("stop", [None, ["日本", "e", " ok"]])
+def test_output_text_extend_is_add_then_take_unsent(tokenizer, stop):
+    """``extend`` (the engine's one call per token) returns what ``add`` then ``take_unsent`` return, text too."""
+    rng = random.Random(7 + len(stop or []))
+    for _ in range(40):
+        params = SamplingParams(stop=stop, include_stop_str_in_output=rng.random() < 0.5)
+        prompt = _random_stream(tokenizer, rng)[:5]
+        stream = _random_stream(tokenizer, rng)
+        one, two = OutputText(tokenizer, prompt, params), OutputText(tokenizer, prompt, params)
+        token_ids = list(prompt)
+        finish = rng.choice(["stop", "length"])
+        for position, token_id in enumerate(stream):
+            token_ids.append(token_id)
+            reason = finish if position == len(stream) - 1 else None
+            stop_string = two.add(token_ids, position + 1, reason)
+            expected = (stop_string, two.take_unsent(reason is not None or stop_string is not None))
+            assert one.extend(token_ids, position + 1, reason) == expected
+            if stop_string is not None:
+                break
+        assert one.text == two.text and one.num_sent_chars == two.num_sent_chars
+
+
+def test_long_output_text_kept_in_pieces_is_the_whole_text(tokenizer):
+    """Past the pieces an OutputText keeps before joining them, ``text`` is still everything sent, in order."""
+    prompt = tokenizer.encode("Hello", add_special_tokens=False)
+    stream = tokenizer.encode(" ".join(TEXTS) * 20, add_special_tokens=False)[:700]
+    output = OutputText(tokenizer, prompt, SamplingParams())
+    token_ids, sent = list(prompt), []
+    for position, token_id in enumerate(stream):
+        token_ids.append(token_id)
+        sent.append(output.extend(token_ids, position + 1, "length" if position == len(stream) - 1 else None)[1])
+    assert len(stream) == 700 and output.text == "".join(sent)
+    assert output.text == tokenizer.decode(stream, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_text_table_classifies_every_token(tokenizer):
+    """``token_texts``: complete text, "" (wait: empty or an incomplete last character), False (added token or
+    invalid bytes), None (valid text ending in U+FFFD), from the byte table."""
+    for data, text in zip(token_bytes(tokenizer), token_texts(tokenizer)):
+        if data is None:
+            assert text is False
+            continue
+        try:
+            decoded = data.decode()
+        except UnicodeDecodeError as error:
+            assert text == ("" if error.reason == "unexpected end of data" else False)
+            continue
+        assert text == (None if decoded.endswith("\ufffd") else decoded)

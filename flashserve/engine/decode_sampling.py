@@ -85,19 +85,27 @@ class DecodeSampling:
         self.out = torch.zeros((2, rows), dtype=torch.int64, device=self.device)  # tokens; 1: needs the fallback
         self._copy_done = torch.cuda.Event() if on_cuda else None
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._placeholder_rows = 0  # leading rows whose options are placeholders in both arenas
 
     def supports(self, requests: list[Request]) -> bool:
         """Whether ``sample`` can take this batch (see the module docstring for what stays on the eager path)."""
+        return self.sampled_rows(requests) is not None
+
+    def sampled_rows(self, requests: list[Request]) -> list[int] | None:
+        """The indices of the batch's sampled (not greedy) rows, or None when ``sample`` cannot take the batch
+        (``supports``), in one walk over the requests' options read once (``Request.plain_sampling``, ``greedy``)."""
         if len(requests) > self.max_rows or not self.sampler.sort_free:
-            return False
-        for request in requests:
-            params = request.params
-            if (params.logit_bias or params.uses_penalties or params.logprobs is not None
-                    or request.grammar is not None or request.num_output_tokens < params.min_tokens):
-                return False
-            if not params.greedy and not self.sampler.computes_noise:
-                return False
-        return True
+            return None
+        computes_noise = self.sampler.computes_noise
+        rows = []
+        for index, request in enumerate(requests):
+            if request.grammar is not None or (not request.plain_sampling and _needs_eager_sampler(request)):
+                return None
+            if not request.greedy:
+                if not computes_noise:
+                    return None
+                rows.append(index)
+        return rows
 
     @torch.inference_mode()
     def capture(self, sizes: list[int], pool) -> None:
@@ -108,6 +116,7 @@ class DecodeSampling:
         self.logits.zero_()  # the first runs read it: finite values
         self._write_placeholders(0, self.max_rows)
         self._device_arena.copy_(self._host_arena)
+        self._placeholder_rows = self.max_rows
         for size in sorted(sizes, reverse=True):
             for sampled in (False, True):
                 self._run(size, sampled)
@@ -119,16 +128,19 @@ class DecodeSampling:
         torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def sample(self, requests: list[Request], padded_size: int, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(self, requests: list[Request], padded_size: int, logits: torch.Tensor | None = None,
+               sampled_rows: list[int] | None = None) -> torch.Tensor:
         """The tokens of ``requests`` (row ``i`` of the logits for ``requests[i]``; the eager ``Sampler``'s), as a
         (len(requests),) int64 device tensor of its own.
 
         ``padded_size``: the rows the step's graph computed (>= len(requests)); ``logits``: None for the logits
         buffer (a graph's output, replayed here), else (padded_size, vocab) float32 logits sampled eagerly by the
-        same code (CPU, eager steps). Like the eager ``Sampler``, this waits for the device only when a row has
-        top-k or top-p (to read the sort-fallback flags)."""
+        same code (CPU, eager steps). Like the eager ``Sampler``, this waits for the device only when a sampled row
+        has top-k or top-p (to read the sort-fallback flags). ``sampled_rows``: ``sampled_rows(requests)`` when
+        known."""
         num_rows = len(requests)
-        sampled_rows = [i for i, request in enumerate(requests) if not request.params.greedy]
+        if sampled_rows is None:
+            sampled_rows = [i for i, request in enumerate(requests) if not request.greedy]
         self._write_options(requests, sampled_rows, padded_size)
         sampled = bool(sampled_rows)
         graph = self.graphs.get((padded_size, sampled)) if logits is None else None
@@ -137,7 +149,7 @@ class DecodeSampling:
         else:
             self._run(padded_size, sampled, logits)
         tokens = self.out[0, :num_rows].clone()  # the next replay overwrites ``out``
-        if any(truncates(r.params, self.vocab_size) for r in requests):
+        if sampled and any(truncates(requests[i].params, self.vocab_size) for i in sampled_rows):
             where = self.out[1, :num_rows].nonzero().squeeze(1).tolist()  # flags are only raised on such rows
             if where:
                 source = self.logits if logits is None else logits
@@ -146,10 +158,13 @@ class DecodeSampling:
 
     def _write_options(self, requests: list[Request], sampled_rows: list[int], padded_size: int) -> None:
         """Fill the host arena for the batch (claiming the sampled rows' draws from their generators) and start
-        its upload."""
+        its upload; nothing to do for a greedy batch whose rows hold placeholders already (host and device)."""
+        if not sampled_rows and padded_size <= self._placeholder_rows:
+            return
         if self._copy_done is not None:
             self._copy_done.synchronize()  # the previous step's upload has read the host arena
         self._write_placeholders(0, padded_size)
+        self._placeholder_rows = 0 if sampled_rows else padded_size
         if sampled_rows:
             streams = self.sampler.stream_rows([requests[i] for i in sampled_rows], self.vocab_size)
             shared_rows = [i for i in sampled_rows if requests[i].generator is None]
@@ -205,3 +220,10 @@ class DecodeSampling:
         noise = sampling.exponential_at(streams, columns)
         return reference.sample_sorted(logits[where], self.temperature.device[where], self.top_k.device[where],
                                        self.top_p.device[where], self.min_p.device[where], noise)
+
+
+def _needs_eager_sampler(request: Request) -> bool:
+    """Whether the options of ``request`` (one whose ``plain_sampling`` is False) need the eager sampler now."""
+    params = request.params
+    return bool(params.logit_bias or params.uses_penalties or params.logprobs is not None
+                or request.num_output_tokens < params.min_tokens)

@@ -5,7 +5,7 @@ With ``Config.async_scheduling`` (vLLM's name) a decode step costs about max(hos
 tokens, stop checks, detokenization, outputs) while the device runs step N+1:
 
 - A request that sampled in step N and continues gets ``PENDING_TOKEN`` appended to its ``token_ids`` once step N
-  is launched and step N-1 read (``InflightStep.placeholders``), so the scheduler sees one more token to compute;
+  is launched and step N-1 read (``InflightStep.num_placeholders``), so the scheduler sees one more token to compute;
   step N+1's input id for it is gathered on the device from step N's sampled tokens (``CarriedTokens``, applied by
   ``InputBuffers.prepare`` before anything reads the inputs, and before the inputs are broadcast to
   tensor-parallel followers), and the placeholder is overwritten once step N is read. The prefix cache never
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flashserve.engine.request import Request
+from flashserve.engine.request import PENDING_TOKEN, Request
 from flashserve.engine.scheduler import ScheduledBatch
 from flashserve.outputs import Logprob
 
@@ -84,11 +84,14 @@ class TokenReadback:
 @dataclass(slots=True)
 class CarriedTokens:
     """Input ids a step takes from the previous step's sampled tokens on the device: request ``batch_indices[i]``
-    of the batch gets ``source[source_indices[i]]`` as the input id of its last scheduled token."""
+    of the batch gets ``source[source_indices[i]]`` as the input id of its last scheduled token. ``in_order``: the
+    batch is the previous step's sampling requests, all continuing, in the same order (both index lists are
+    ``range(len(batch))``: the usual decode step)."""
 
-    batch_indices: list[int]
-    source_indices: list[int]
+    batch_indices: list[int] | range
+    source_indices: list[int] | range
     source: torch.Tensor
+    in_order: bool = False
 
 
 @dataclass(slots=True)
@@ -103,7 +106,8 @@ class InflightStep:
         decode_only: whether every request computes one token after its prompt (statistics).
         prefill_tokens: the tokens computed that are not decodes (statistics).
         elapsed_s: host seconds of the ``step`` call that launched it (statistics).
-        placeholders: request -> its index in ``sampling``, for those given ``PENDING_TOKEN``.
+        num_placeholders: how many of its sampling requests were given ``PENDING_TOKEN`` (they end with it until
+            the step is read).
         final: the requests this step's token ends (left the scheduler at launch).
         needs_sync: whether the next step must wait until this one is read (structured outputs).
     """
@@ -115,15 +119,19 @@ class InflightStep:
     decode_only: bool = False
     prefill_tokens: int = 0
     elapsed_s: float = 0.0
-    placeholders: dict[Request, int] = field(default_factory=dict)
+    num_placeholders: int = 0
     final: set[Request] = field(default_factory=set)
     needs_sync: bool = False
 
     def carried_to(self, batch: ScheduledBatch) -> CarriedTokens | None:
         """The input ids ``batch`` (scheduled after this step) takes from this step's tokens; None if none."""
-        placeholders = self.placeholders
-        if not placeholders:
+        if not self.num_placeholders:
             return None
+        if self.num_placeholders == len(self.sampling) and batch.requests == self.sampling:  # one C loop
+            rows = range(len(self.sampling))
+            return CarriedTokens(rows, rows, self.tokens.device, in_order=True)
+        placeholders = {request: index for index, request in enumerate(self.sampling)
+                        if request.token_ids[-1] == PENDING_TOKEN}
         batch_indices, source_indices = [], []
         for index, request in enumerate(batch.requests):
             source = placeholders.get(request)

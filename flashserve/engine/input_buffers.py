@@ -4,12 +4,12 @@ Every step writes ``input_ids``, ``positions``, ``slot_mapping``, ``cu_seqlens_q
 and ``logits_indices`` into preallocated host arrays with a few vectorised numpy operations (the only Python loops
 walk the requests, never their tokens or blocks one by one). Each request's block-table row persists across steps
 and only its new blocks are written (``_BlockRows``), so a decode step costs O(requests), not O(blocks). The arrays
-are views of one host arena at fixed offsets, mirrored by one device arena, and a step uploads them with a single copy (from the arena's start to the
-last block-table row it uses): one transfer instead of one per array, which matters where each driver call costs
-tens of µs. On CUDA the host arena is pinned and the copy ``non_blocking``: nothing is allocated and nothing waits
-for the device, and the device arrays keep their addresses from step to step (what CUDA graph capture needs).
-Before the host arrays are rewritten, the previous step's copy is waited for (an event that has normally completed
-long before). On CPU the host arena is the device arena.
+are views of one host arena at fixed offsets, mirrored by one device arena, and a step uploads them with a single
+copy (from the arena's start to the last block-table row it uses): one transfer instead of one per array, which
+matters where each driver call costs tens of µs. On CUDA the host arena is pinned and the copy ``non_blocking``:
+nothing is allocated and nothing waits for the device, and the device arrays keep their addresses from step to
+step (what CUDA graph capture needs). Before the host arrays are rewritten, the previous step's copy is waited for
+(an event that has normally completed long before). On CPU the host arena is the device arena.
 
 The block table keeps a fixed width of ``max_blocks_per_seq`` columns; entries past a request's blocks are stale
 ids of earlier steps (valid block ids, never read: attention stops at ``seqused_k``).
@@ -23,7 +23,9 @@ other ranks (their graphs read it in place); they read the header back with ``re
 With async scheduling (``flashserve.engine.inflight``) the input id of a request's last token may be one the
 previous step sampled and the host has not read: ``carried_rows`` (packed rows) and ``carried_from`` (indices into
 that step's sampled tokens) travel in the arena, and right after the upload one gather on the device writes those
-input ids (queued after the copy, before the forward pass and before the arena is broadcast to the other ranks).
+input ids (queued after the copy, before the forward pass and before the arena is broadcast to the other ranks); a
+decode step whose requests are those of the previous step, in order (``CarriedTokens.in_order``), takes them with
+one copy of that step's tokens instead.
 
 A decode step replayed from a CUDA graph captured for ``padded_size`` rows is packed with padding rows after the
 real ones: token 0 at position 0, slot -1 (no cache write), KV length 0 (no key read); their outputs are ignored.
@@ -119,6 +121,8 @@ class InputBuffers:
         self._block_table_row_bytes = max_blocks_per_seq * 4
         self._copies_done = torch.cuda.Event() if on_cuda else None
         self._block_rows = _BlockRows(max_num_seqs, max_blocks_per_seq)
+        self._view_sizes: tuple[int, int, int] | None = None
+        self._views: tuple[torch.Tensor, ...] = ()
 
     @property
     def arena(self) -> torch.Tensor:
@@ -139,22 +143,33 @@ class InputBuffers:
         self._wait_for_copies()
         requests = batch.requests
         num_reqs = len(requests)
-        num_new = np.array(batch.num_new_tokens, dtype=np.int64)
-        starts = np.fromiter((r.num_computed_tokens for r in requests), dtype=np.int64, count=num_reqs)
+        num_new_list = batch.num_new_tokens
+        start_list = batch.num_computed_tokens
+        num_new = np.array(num_new_list, dtype=np.int64)
+        starts = np.array(start_list, dtype=np.int64)
         ends = starts + num_new
         cu_seqlens_q = self.cu_seqlens_q.array[:num_reqs + 1]
         cu_seqlens_q[0] = 0
         np.cumsum(num_new, out=cu_seqlens_q[1:])
         num_tokens = int(cu_seqlens_q[-1])
+        max_new = max(num_new_list)
+        one_each = max_new == 1 and num_tokens == num_reqs  # a decode step: no repeats, one id per request
         self.seqused_k.array[:num_reqs] = ends
-        self.input_ids.array[:num_tokens] = np.fromiter(
-            chain.from_iterable(r.token_ids[s:e] for r, s, e in zip(requests, starts.tolist(), ends.tolist())),
-            dtype=np.int64, count=num_tokens)
+        if one_each:
+            input_ids = [r.token_ids[start] for r, start in zip(requests, start_list)]
+        else:
+            input_ids = list(chain.from_iterable(r.token_ids[start:start + n]
+                                                 for r, start, n in zip(requests, start_list, num_new_list)))
+        self.input_ids.array[:num_tokens] = input_ids
         block_table = self.block_table.array
-        block_table[:num_reqs] = self._block_rows.rows_of(requests)
-        token_rows = np.repeat(np.arange(num_reqs), num_new)
+        self._block_rows.write(requests, block_table, batch.allocated)
         positions = self.positions.array[:num_tokens]
-        np.subtract(np.arange(num_tokens), np.repeat(cu_seqlens_q[:-1] - starts, num_new), out=positions)
+        if one_each:
+            token_rows = np.arange(num_reqs)
+            positions[:] = starts
+        else:
+            token_rows = np.repeat(np.arange(num_reqs), num_new)
+            np.subtract(np.arange(num_tokens), np.repeat(cu_seqlens_q[:-1] - starts, num_new), out=positions)
         size = self.block_size
         self.slot_mapping.array[:num_tokens] = block_table[token_rows, positions // size] * size + positions % size
         logits_indices = cu_seqlens_q[1:][np.array(batch.samples, dtype=bool)] - 1
@@ -163,17 +178,20 @@ class InputBuffers:
         self.prompt_rows.array[:num_rows] = prompt_rows or []
         self.shared_prefix_len.array[0] = shared_prefix_len
         num_carried = 0
-        if carried is not None:
+        carried_in_order = carried is not None and carried.in_order and one_each
+        if carried is not None and not carried_in_order:
             num_carried = len(carried.batch_indices)
             self.carried_rows.array[:num_carried] = cu_seqlens_q[1:][carried.batch_indices] - 1
             self.carried_from.array[:num_carried] = carried.source_indices
         if padded_size is not None:
             self._write_padding(num_reqs, padded_size)
             num_reqs = num_tokens = padded_size
-        header = StepHeader(STEP, num_tokens, num_reqs, int(num_new.max()), int(ends.max()), logits_indices.size,
+        header = StepHeader(STEP, num_tokens, num_reqs, max_new, int(ends.max()), logits_indices.size,
                             padded_size or 0, num_rows)
         inputs = self._upload(header)
-        if num_carried:
+        if carried_in_order:  # packed row i is request i, which takes sampled token i
+            self.input_ids.device[:len(requests)].copy_(carried.source)
+        elif num_carried:
             tokens = carried.source.index_select(0, self.carried_from.device[:num_carried])
             self.input_ids.device.index_copy_(0, self.carried_rows.device[:num_carried], tokens)
         return inputs
@@ -215,19 +233,21 @@ class InputBuffers:
         return self.step_inputs(header)
 
     def step_inputs(self, header: StepHeader) -> StepInputs:
-        """The used rows of every device array, as ``header`` describes them."""
-        num_tokens, num_reqs, num_logits = header.num_tokens, header.num_reqs, header.num_logits
-        context = AttentionContext(
-            slot_mapping=self.slot_mapping.device[:num_tokens],
-            cu_seqlens_q=self.cu_seqlens_q.device[:num_reqs + 1],
-            seqused_k=self.seqused_k.device[:num_reqs],
-            block_table=self.block_table.device[:num_reqs],
-            max_seqlen_q=header.max_seqlen_q,
-            max_seqlen_k=header.max_seqlen_k,
-            is_decode=num_tokens == num_reqs,
-        )
-        return StepInputs(self.input_ids.device[:num_tokens], self.positions.device[:num_tokens], context,
-                          self.logits_indices.device[:num_logits])
+        """The used rows of every device array, as ``header`` describes them (the views of the last sizes are
+        kept: a run of decode steps of one batch size slices the arena once)."""
+        sizes = (header.num_tokens, header.num_reqs, header.num_logits)
+        if sizes != self._view_sizes:
+            num_tokens, num_reqs, num_logits = sizes
+            self._view_sizes = sizes
+            self._views = (self.input_ids.device[:num_tokens], self.positions.device[:num_tokens],
+                           self.slot_mapping.device[:num_tokens], self.cu_seqlens_q.device[:num_reqs + 1],
+                           self.seqused_k.device[:num_reqs], self.block_table.device[:num_reqs],
+                           self.logits_indices.device[:num_logits])
+        input_ids, positions, slot_mapping, cu_seqlens_q, seqused_k, block_table, logits_indices = self._views
+        context = AttentionContext(slot_mapping=slot_mapping, cu_seqlens_q=cu_seqlens_q, seqused_k=seqused_k,
+                                   block_table=block_table, max_seqlen_q=header.max_seqlen_q,
+                                   max_seqlen_k=header.max_seqlen_k, is_decode=sizes[0] == sizes[1])
+        return StepInputs(input_ids, positions, context, logits_indices)
 
     def _wait_for_copies(self) -> None:
         """Wait until the previous step's host-to-device copies have read the host arrays."""
@@ -237,36 +257,67 @@ class InputBuffers:
 
 class _BlockRows:
     """Each request's block-table row, kept across steps and extended by the blocks it gained since: a step copies
-    the rows of its requests in one vectorised gather instead of walking every block of every request.
+    the rows of its requests in one vectorised gather instead of walking every block of every request, and only
+    the columns some row has used (``num_columns``; the columns after them keep stale ids, never read).
 
     A request keeps its row while it is scheduled in consecutive steps; a request missing from a step gives its row
     back (it is rewritten whole if it returns). A new ``block_ids`` list (the block manager makes one when it frees
-    a request's blocks) also means a whole rewrite."""
+    a request's blocks) also means a whole rewrite. A step of the previous step's requests, in order (the usual
+    decode step), writes no row but those of the requests the block manager allocated for
+    (``ScheduledBatch.allocated``), in place: O(changes), no gather."""
 
     def __init__(self, num_rows: int, max_blocks_per_seq: int):
         self.table = np.zeros((num_rows, max_blocks_per_seq), dtype=np.int32)
         self.rows: dict = {}  # request -> [row, blocks written, the block_ids list written from]
         self.free = list(range(num_rows - 1, -1, -1))
+        self.num_columns = 0
+        self._last_requests: list | None = None  # the requests of the last call, whose rows ``out`` holds
 
-    def rows_of(self, requests) -> np.ndarray:
-        """(len(requests), max_blocks_per_seq) int32: the requests' block-table rows (stale past their blocks)."""
+    def write(self, requests, out: np.ndarray, allocated: list[int]) -> None:
+        """Copy the requests' block-table rows into ``out[:len(requests)]`` ((rows, max_blocks_per_seq) int32;
+        stale past their blocks). ``allocated``: the indices of the requests whose blocks may have changed since
+        the previous call; when ``requests`` are the previous call's, in order, only their rows are written."""
         rows = self.rows
-        if len(rows) > len(requests) or any(r not in rows for r in requests):
+        if requests == self._last_requests:  # out[:len(requests)] holds their rows: extend the allocated ones
+            for index in allocated:
+                request = requests[index]
+                entry = rows[request]
+                if entry[2] is not request.block_ids:
+                    entry[1], entry[2] = 0, request.block_ids
+                written = entry[1]
+                if len(entry[2]) > written:
+                    self._extend(entry)
+                    out[index, written:entry[1]] = entry[2][written:]
+            return
+        self._last_requests = requests
+        indices, missing = [], []
+        for request in requests:
+            entry = rows.get(request)
+            if entry is None:
+                missing.append(len(indices))
+                indices.append(0)
+                continue
+            blocks = request.block_ids
+            if entry[2] is not blocks:
+                entry[1], entry[2] = 0, blocks
+            if len(blocks) > entry[1]:
+                self._extend(entry)
+            indices.append(entry[0])
+        if missing or len(rows) > len(requests):  # rows of requests not scheduled now go back first
             scheduled = set(requests)
             for request in [r for r in rows if r not in scheduled]:
                 self.free.append(rows.pop(request)[0])
-        table = self.table
-        indices = np.empty(len(requests), dtype=np.int64)
-        for i, request in enumerate(requests):
-            blocks = request.block_ids
-            entry = rows.get(request)
-            if entry is None:
-                entry = rows[request] = [self.free.pop(), 0, blocks]
-            elif entry[2] is not blocks:
-                entry[1], entry[2] = 0, blocks
-            written = entry[1]
-            if len(blocks) > written:
-                table[entry[0], written:len(blocks)] = blocks[written:]
-                entry[1] = len(blocks)
-            indices[i] = entry[0]
-        return table[indices]
+            for index in missing:
+                request = requests[index]
+                entry = rows[request] = [self.free.pop(), 0, request.block_ids]
+                self._extend(entry)
+                indices[index] = entry[0]
+        columns = self.num_columns
+        out[:len(requests), :columns] = self.table[indices, :columns]
+
+    def _extend(self, entry: list) -> None:
+        """Write the blocks of ``entry``'s list that its row lacks."""
+        row, written, blocks = entry
+        self.table[row, written:len(blocks)] = blocks[written:]
+        entry[1] = len(blocks)
+        self.num_columns = max(self.num_columns, len(blocks))

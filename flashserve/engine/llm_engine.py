@@ -24,6 +24,8 @@ from flashserve.engine.token_bytes import token_bytes
 from flashserve.outputs import CompletionOutput, Logprob, RequestOutput
 from flashserve.sampling_params import SamplingParams
 
+_FINISHED = RequestStatus.FINISHED
+
 GRAMMAR_WAIT_S = 0.01
 """How long a step with nothing to run but requests waiting for their grammar blocks on the compilation."""
 
@@ -132,7 +134,8 @@ class LLMEngine:
         if len(token_ids) + 1 > self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens: with one generated token it exceeds "
                              f"max_model_len ({self.max_model_len})")
-        request = Request(request_id, text, token_ids, params, self.max_model_len)
+        request = Request(request_id, text, token_ids, params, self.max_model_len,
+                          eos_token_ids=self.eos_token_ids)
         needed_blocks = self.block_manager.blocks_for_tokens(max(request.max_total_tokens - 1, len(token_ids)))
         if needed_blocks > self.block_manager.num_blocks:
             raise ValueError(f"the request needs {needed_blocks} KV blocks (prompt {len(token_ids)} + max_tokens "
@@ -226,12 +229,12 @@ class LLMEngine:
         prompt_rows = PromptLogprobRows.of(batch) if self.scoring else None
         carried = previous.carried_to(batch) if previous is not None else None
         tokens, logprobs, prompt_logprobs = self.runner.run(batch, self.eos_token_ids, prompt_rows, carried)
-        sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
-        launched = InflightStep(batch, sampling, tokens, logprobs, decode_only=_decode_only(batch),
-                                needs_sync=any(request.grammar is not None for request in sampling))
+        sampling = batch.sampling
+        needs_sync = self.grammar_compiler is not None and any(request.grammar is not None for request in sampling)
+        launched = InflightStep(batch, sampling, tokens, logprobs, decode_only=batch.decode_only,
+                                needs_sync=needs_sync)  # no grammar compiler: no request has had a grammar
         if not launched.decode_only:
-            launched.prefill_tokens = sum(n for r, n in zip(batch.requests, batch.num_new_tokens)
-                                          if not (n == 1 and r.num_computed_tokens >= r.num_prompt_tokens))
+            launched.prefill_tokens = batch.total_tokens - batch.num_decodes
         self.scheduler.advance(batch)
         for request, entries in prompt_logprobs:
             if request.text is not None:
@@ -244,38 +247,41 @@ class LLMEngine:
     def _expect_tokens(self, launched: InflightStep) -> None:
         """Async scheduling, once the step before ``launched`` is read: give every request that continues after
         ``launched`` a ``PENDING_TOKEN``, and take those that its token ends by length out of the scheduler."""
-        for index, request in enumerate(launched.sampling):
-            if request.status is RequestStatus.FINISHED:
+        num_placeholders = 0
+        for request in launched.sampling:
+            if request.status is _FINISHED:
                 continue  # ended by the step read just before (its token of this step is discarded), or aborted
-            if request.params.max_tokens == 0 or len(request.token_ids) + 1 >= request.max_total_tokens:
+            token_ids = request.token_ids
+            if len(token_ids) + 1 >= request.max_total_tokens:  # max_tokens=0 too (max_total_tokens: the prompt)
                 self.scheduler.finish(request, "length")
                 launched.final.add(request)
             else:
-                request.token_ids.append(PENDING_TOKEN)
-                launched.placeholders[request] = index
+                token_ids.append(PENDING_TOKEN)
+                num_placeholders += 1
+        launched.num_placeholders = num_placeholders
 
     def _read(self, step: InflightStep) -> list[RequestOutput]:
         """Read ``step``'s tokens (waiting for them) and do its host work: append them, check the stop conditions,
         detokenize, and return the outputs. Tokens of requests that ended or were aborted since ``step`` was
         launched are discarded."""
         outputs = []
-        placeholders, final = step.placeholders, step.final
+        final, requests = step.final, self.requests
         for request, token_id, token_logprobs in zip(step.sampling, step.tokens.tolist(), step.logprobs):
-            if self.requests.get(request.request_id) is not request:
+            if requests.get(request.request_id) is not request:
                 self.stats.generated_tokens -= 1
                 continue
-            if request.params.max_tokens == 0:
-                reason = "length"
+            if request.max_total_tokens == request.num_prompt_tokens:  # max_tokens=0: the token is dropped
+                reason, text = "length", None
                 self.stats.generated_tokens -= 1
             else:
-                reason = self._append_token(request, token_id, token_logprobs, request in placeholders)
+                reason, text = self._append_token(request, token_id, token_logprobs)
             if request in final:
                 request.finish_reason = reason
             elif reason is not None:
                 self.scheduler.finish(request, reason)
-            outputs.append(self._new_output(request))
-            if request.status is RequestStatus.FINISHED:
-                del self.requests[request.request_id]
+            outputs.append(self._new_output(request, text))
+            if request.status is _FINISHED:
+                del requests[request.request_id]
                 self.runner.sampler.release(request.request_id)
         return outputs
 
@@ -305,43 +311,54 @@ class LLMEngine:
             stats.prefill_tokens += step.prefill_tokens
             stats.prefill_time_s += step.elapsed_s
 
-    def _append_token(self, request: Request, token_id: int, token_logprobs: dict[int, Logprob] | None,
-                      pending: bool = False) -> str | None:
-        """Add a sampled token (in place of the request's ``PENDING_TOKEN`` if ``pending``), extend the text;
-        returns the finish reason when a stop condition is met (None otherwise)."""
-        params = request.params
+    def _append_token(self, request: Request, token_id: int, token_logprobs: dict[int, Logprob] | None
+                      ) -> tuple[str | None, str]:
+        """Add a sampled token (in place of the request's ``PENDING_TOKEN`` if it ends with one), extend the text;
+        returns the finish reason when a stop condition is met (None otherwise) and the text not returned before
+        (taken now: the request ends if and only if there is a finish reason). A token outside the request's
+        ``stop_token_set`` without a grammar can only end it by length (one set lookup per token)."""
         token_ids = request.token_ids
-        if pending:
+        if token_ids[-1] == PENDING_TOKEN:
             token_ids[-1] = token_id
         else:
             token_ids.append(token_id)
-        num_output_tokens = len(token_ids) - request.num_prompt_tokens
         if request.logprobs is not None:
             if request.text is not None:
-                self.token_texts.fill([token_logprobs], params.skip_special_tokens)
+                self.token_texts.fill([token_logprobs], request.params.skip_special_tokens)
             request.logprobs.append(token_logprobs)
+        num_tokens = len(token_ids)
+        if request.grammar is not None or token_id in request.stop_token_set:
+            reason = self._stop_reason(request, token_id)
+        else:
+            reason = "length" if num_tokens >= request.max_total_tokens else None
+        text = request.text
+        if text is None:
+            return reason, ""
+        stop_string, unsent = text.extend(token_ids, num_tokens - request.num_prompt_tokens, reason)
+        if stop_string is not None:
+            request.stop_reason = stop_string
+            reason = "stop"
+        return reason, unsent
+
+    def _stop_reason(self, request: Request, token_id: int) -> str | None:
+        """The finish reason for the request's new token ``token_id`` (appended) when it is in the request's
+        ``stop_token_set`` or the request has a grammar (which accepts the token now); sets ``stop_reason``."""
+        params = request.params
         is_eos = not params.ignore_eos and token_id in self.eos_token_ids
         grammar_done = request.grammar is not None and request.grammar.accept(token_id)
-        reason = None
+        num_output_tokens = len(request.token_ids) - request.num_prompt_tokens
         if grammar_done or (num_output_tokens >= params.min_tokens and (is_eos or token_id in params.stop_token_ids)):
-            reason = "stop"
             request.stop_reason = None if is_eos or grammar_done else token_id
-        elif len(token_ids) >= request.max_total_tokens:
-            reason = "length"
-        if request.text is not None:
-            stop_string = request.text.add(token_ids, num_output_tokens, reason)
-            if stop_string is not None:
-                request.stop_reason = stop_string
-                reason = "stop"
-        return reason
+            return "stop"
+        return "length" if len(request.token_ids) >= request.max_total_tokens else None
 
-    def _new_output(self, request: Request) -> RequestOutput:
-        """The request's text, tokens and logprobs not yet returned by ``step``, and its prompt logprobs if this is
-        its first output (the one before any token was sent)."""
-        finished = request.status is RequestStatus.FINISHED
+    def _new_output(self, request: Request, text: str | None = None) -> RequestOutput:
+        """The request's text (``text`` when taken already), tokens and logprobs not yet returned by ``step``, and
+        its prompt logprobs if this is its first output (the one before any token was sent)."""
+        finished = request.status is _FINISHED
         num_sent_tokens = request.num_sent_tokens
-        prompt_logprobs = request.prompt_logprobs if num_sent_tokens == 0 else None
-        text = "" if request.text is None else request.text.take_unsent(finished)
+        if text is None:
+            text = "" if request.text is None else request.text.take_unsent(finished)
         new_tokens = request.token_ids[request.num_prompt_tokens + num_sent_tokens:]
         request.num_sent_tokens = num_sent_tokens + len(new_tokens)
         logprobs = None
@@ -350,7 +367,7 @@ class LLMEngine:
             request.num_sent_logprobs = len(request.logprobs)
         completion = CompletionOutput(0, text, new_tokens, request.finish_reason, logprobs, request.stop_reason)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion], finished,
-                             prompt_logprobs)
+                             request.prompt_logprobs if num_sent_tokens == 0 else None)
 
     def follow(self) -> int:
         """A rank other than 0 under torchrun: run rank 0's steps until its current ``generate`` call ends
@@ -405,8 +422,3 @@ def _token_id_list(token_ids, vocab_size: int) -> list[int]:
         result.append(token)
     return result
 
-
-def _decode_only(batch: ScheduledBatch) -> bool:
-    """Whether every request of ``batch`` computes one token after its prompt."""
-    return all(n == 1 and r.num_computed_tokens >= r.num_prompt_tokens
-               for r, n in zip(batch.requests, batch.num_new_tokens))

@@ -261,14 +261,16 @@ class ModelRunner:
         inputs = self.inputs.prepare(batch, graph_size, prompt_rows.rows if prompt_rows is not None else None,
                                      shared_blocks * self.block_size, carried)
         broadcast_from_driver(self.inputs.arena)
-        sampling = [request for request, samples in zip(batch.requests, batch.samples) if samples]
+        sampling = batch.sampling
         logits, hidden = self._forward(inputs, graph_size, len(sampling), shared_blocks)
         if graph_size is not None:
             logits = logits[:num_reqs] if len(sampling) == num_reqs else logits[inputs.logits_indices]
-        if sampling and len(sampling) == num_reqs and (graph_size is not None or self.graphs is None) \
-                and self.decode_sampling.supports(sampling):  # sampled from buffers (a graph replay on CUDA)
+        sampled_rows = None
+        if sampling and len(sampling) == num_reqs and (graph_size is not None or self.graphs is None):
+            sampled_rows = self.decode_sampling.sampled_rows(sampling)
+        if sampled_rows is not None:  # sampled from buffers (a graph replay on CUDA)
             token_ids = self.decode_sampling.sample(sampling, graph_size or num_reqs,
-                                                    None if graph_size is not None else logits.float())
+                                                    None if graph_size is not None else logits.float(), sampled_rows)
             logprobs = [None] * len(sampling)
         elif sampling:
             logits = self.token_bitmask.apply(logits.float(), sampling)  # structured outputs: forbidden -> -inf
@@ -297,8 +299,11 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions)
         finally:
             set_context(None)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices]) if num_logits else None
-        return logits, hidden
+        if not num_logits:
+            return None, hidden
+        # every row samples (a decode step): the rows are the hidden states themselves, in order
+        rows = hidden if num_logits == hidden.shape[0] else hidden[inputs.logits_indices]
+        return self.model.compute_logits(rows), hidden
 
     @torch.inference_mode()
     def follow(self) -> int:

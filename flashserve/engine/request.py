@@ -1,5 +1,6 @@
 """One request's state inside the engine: its tokens, how many have KV in the cache, its blocks and its output."""
 import enum
+from collections.abc import Iterable
 
 import torch
 
@@ -50,15 +51,21 @@ class Request:
         grammar: with ``params.structured_outputs``, its ``RequestGrammar`` (compiled grammar and matcher; see
             ``flashserve.engine.structured_outputs``); None otherwise.
         num_sent_tokens, num_sent_logprobs: how much of the output ``step`` has already returned.
+        stop_token_set: the token ids whose sampling may end the request with "stop" (``stop_token_ids``, and
+            ``eos_token_ids`` unless ``ignore_eos``), for the one-lookup test of each sampled token.
+        greedy: ``params.greedy``; plain_sampling: whether no option ever needs the eager sampler (no
+            ``logit_bias``, penalties, logprobs or ``min_tokens``; grammars are checked apart), both read once here
+            (the per-step checks of ``DecodeSampling`` read these, and the options only when plain_sampling is
+            False).
     """
 
     __slots__ = ("request_id", "prompt", "params", "prompt_token_ids", "token_ids", "num_prompt_tokens",
                  "num_computed_tokens", "block_ids", "block_hashes", "num_cached_blocks", "max_total_tokens",
                  "generator", "status", "finish_reason", "stop_reason", "text", "logprobs", "prompt_logprobs",
-                 "grammar", "num_sent_tokens", "num_sent_logprobs")
+                 "grammar", "num_sent_tokens", "num_sent_logprobs", "stop_token_set", "greedy", "plain_sampling")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                 max_model_len: int, generator: torch.Generator | None = None):
+                 max_model_len: int, generator: torch.Generator | None = None, eos_token_ids: Iterable[int] = ()):
         self.request_id = request_id
         self.prompt = prompt
         self.params = params
@@ -81,6 +88,10 @@ class Request:
         self.grammar = None
         self.num_sent_tokens = 0
         self.num_sent_logprobs = 0
+        self.stop_token_set = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_token_ids)
+        self.greedy = params.greedy
+        self.plain_sampling = not (params.logit_bias or params.uses_penalties or params.logprobs is not None
+                                   or params.min_tokens)
 
     @property
     def num_tokens(self) -> int:

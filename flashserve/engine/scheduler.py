@@ -25,18 +25,40 @@ class ScheduledBatch:
         num_new_tokens: tokens each request computes this step (from its ``num_computed_tokens`` on).
         samples: whether each request reaches the end of its tokens this step, and so samples the next one.
         preempted: requests preempted while scheduling this step.
+        num_computed_tokens: each request's ``num_computed_tokens`` when scheduled (where its new tokens start).
+        sampling: the requests with ``samples`` set, in order.
+        num_decodes: the requests that compute one token after their prompt.
+        allocated: the indices of the requests whose blocks may have changed since the previous step (the block
+            manager allocated for them now; ``add`` counts every request it adds), for ``InputBuffers``.
     """
 
     requests: list[Request] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     samples: list[bool] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+    sampling: list[Request] = field(default_factory=list)
+    num_decodes: int = 0
+    allocated: list[int] = field(default_factory=list)
 
     def add(self, request: Request, num_new_tokens: int) -> None:
         """Schedule ``num_new_tokens`` tokens of ``request`` (before its ``num_computed_tokens`` advances)."""
+        self.allocated.append(len(self.requests))
         self.requests.append(request)
         self.num_new_tokens.append(num_new_tokens)
-        self.samples.append(request.num_computed_tokens + num_new_tokens == request.num_tokens)
+        computed = request.num_computed_tokens
+        self.num_computed_tokens.append(computed)
+        samples = computed + num_new_tokens == len(request.token_ids)
+        self.samples.append(samples)
+        if samples:
+            self.sampling.append(request)
+        if num_new_tokens == 1 and computed >= request.num_prompt_tokens:
+            self.num_decodes += 1
+
+    @property
+    def decode_only(self) -> bool:
+        """Whether every request computes one token after its prompt."""
+        return self.num_decodes == len(self.requests)
 
     @property
     def total_tokens(self) -> int:
@@ -77,15 +99,38 @@ class Scheduler:
         """Choose this step's work (see the module docstring)."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
-        index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, batch):
+        running, block_size = self.running, self.block_manager.block_size
+        caching = self.block_manager.enable_prefix_caching
+        requests, num_new_tokens, samples = batch.requests, batch.num_new_tokens, batch.samples
+        starts, sampling, allocated = batch.num_computed_tokens, batch.sampling, batch.allocated
+        num_decodes = 0
+        for request in running:  # preemption pops from the end: the iteration stops before the victims
+            if budget <= 0:
                 break
-            batch.add(request, num_new)
+            computed = request.num_computed_tokens
+            num_tokens = len(request.token_ids)
+            num_new = num_tokens - computed
+            if num_new > budget:
+                num_new = budget
+            end = computed + num_new
+            # allocate_slots has nothing to do (the usual decode step) unless a block is needed or fills
+            if end > len(request.block_ids) * block_size or (caching and end // block_size > request.num_cached_blocks):
+                if not self._allocate_or_preempt(request, num_new, batch):
+                    break
+                allocated.append(len(requests))
+            # batch.add(request, num_new) inlined, but in ``allocated`` only if the block manager allocated
+            requests.append(request)
+            num_new_tokens.append(num_new)
+            starts.append(computed)
+            if end == num_tokens:
+                samples.append(True)
+                sampling.append(request)
+            else:
+                samples.append(False)
+            if num_new == 1 and computed >= request.num_prompt_tokens:
+                num_decodes += 1
             budget -= num_new
-            index += 1
+        batch.num_decodes = num_decodes
         if batch.preempted:
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

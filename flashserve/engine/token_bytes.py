@@ -12,7 +12,7 @@ import json
 import weakref
 
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""tokenizer -> ((vocabulary size, number of added tokens) when built, its table or None)."""
+"""tokenizer -> ((vocabulary size, number of added tokens) when built, its table or None, its text table or None)."""
 
 
 def byte_level_chars() -> dict[str, int]:
@@ -58,5 +58,32 @@ def token_bytes(tokenizer) -> list[bytes | None] | None:
     except TypeError:  # a tokenizer that cannot be a weak key: no shortcut rather than a table per request
         return None
     if cached is None or cached[0] != sizes:
-        cached = _TABLES[tokenizer] = (sizes, _build(backend))
+        table = _build(backend)
+        cached = _TABLES[tokenizer] = (sizes, table, None if table is None else _texts(table))
     return cached[1]
+
+
+def token_texts(tokenizer) -> list[str | bool | None] | None:
+    """Beside ``token_bytes``, what each token's bytes alone decode to: their text where they are complete text
+    (valid UTF-8, not empty, not ending in U+FFFD); "" where they are empty or valid UTF-8 up to an incomplete last
+    character (text that has to wait for the next token); False for added tokens and invalid UTF-8 (not text
+    alone); None for valid text ending in U+FFFD. No table where ``token_bytes`` has none."""
+    if token_bytes(tokenizer) is None:
+        return None
+    return _TABLES[tokenizer][2]
+
+
+def _texts(table: list[bytes | None]) -> list[str | bool | None]:
+    """The text table of a byte table (see ``token_texts``)."""
+    texts: list[str | bool | None] = []
+    for data in table:
+        try:
+            text = data.decode()
+        except AttributeError:
+            text = False
+        except UnicodeDecodeError as error:
+            text = "" if error.reason == "unexpected end of data" else False
+        else:
+            text = None if text.endswith("\ufffd") else text
+        texts.append(text)
+    return texts
