@@ -2,8 +2,8 @@
 Llama-3.1-8B; bf16 weights (N, K)) and each row bucket M in {1, 2, 4, 8, 16, 32, 64}, every swept config against
 cuBLAS and the HBM copy bandwidth, to rewrite the measured plan table (``flashserve/kernels/skinny_gemm_table.py``).
 
-Swept configs: every stream-K config of every tile (``streamk_candidates(every_tile=True)``: the start-up tuning
-tries a subset), the grid kernel's table config (``kernel_config``: the kernel before stream-K) and its tuning
+Swept configs: every stream-K config of every tile (``streamk_candidates``: the start-up tuning tries none of
+them), the grid kernel's table config (``kernel_config``: the kernel before stream-K) and its tuning
 candidates with the first two tiles; ``--all``: every grid-kernel candidate too (many more compiles).
 Each is checked once against the fp32 oracle (FlashAttention's rule: error <= 2x torch's in bf16 + 1e-3; a config
 that fails is reported and never chosen) and timed as bench_gemm times: a CUDA graph of back-to-back calls on
@@ -60,12 +60,12 @@ def swept_configs(n_out: int, k: int, rows: int, gated: bool, everything: bool) 
     """The configs timed at one shape and row count: every stream-K candidate of every tile, with the grid
     kernel's table config and its candidates of the first GRID_TILES tiles, or (everything) all of its candidates."""
     dtype, device = torch.bfloat16, torch.device("cuda")
-    grid = [c for c in skinny_gemm_plans.candidates(n_out, k, rows, dtype, device, gated) if not c.programs_per_sm]
+    grid = skinny_gemm_plans.candidates(n_out, k, rows, dtype, device, gated)
     if not everything:
         tiles = {tile[:2] for tile in skinny_gemm_plans.TILE_CHOICES[:GRID_TILES]}
         table = skinny_gemm_plans.kernel_config(n_out, k, rows, dtype, device)
         grid = [table] + [c for c in grid if c != table and c.use_dot and (c.block_n, c.block_k) in tiles]
-    return grid + skinny_gemm_plans.streamk_candidates(k, rows, dtype, device, gated, every_tile=True)
+    return grid + skinny_gemm_plans.streamk_candidates(k, rows, dtype, device, gated)
 
 
 def compile_jobs(models: list[str], row_counts: list[int], everything: bool) -> list[tuple]:

@@ -163,10 +163,11 @@ def test_candidates_are_storable_and_split_to_fill_the_gpu():
     assert skinny_gemm_plans.split_ways(4096, 1024, 64, 128, 132) == 4  # 64 programs, 8 K tiles: 2 per split
     assert skinny_gemm_plans.split_ways(1024, 4096, 64, 128, 132) == 16  # 16 programs, 32 K tiles
     assert skinny_gemm_plans.split_ways(151936, 1024, 64, 128, 132) == 1
-    one_row = skinny_gemm_plans.candidates(4096, 1024, 1, torch.bfloat16, torch.device("cpu"))
-    assert {c.use_dot for c in one_row if c.programs_per_sm} == {True, False}  # stream-K, FMA for few rows
-    eight_rows = skinny_gemm_plans.candidates(4096, 1024, 8, torch.bfloat16, torch.device("cpu"))
-    assert {c.use_dot for c in eight_rows if c.programs_per_sm} == {True}
+    assert not any(c.programs_per_sm for c in found)  # stream-K: the sweep's, not the start-up tuning's
+    one_row = skinny_gemm_plans.streamk_candidates(1024, 1, torch.bfloat16, torch.device("cpu"))
+    assert {c.use_dot for c in one_row} == {True, False} and all(c.programs_per_sm for c in one_row)  # FMA: few rows
+    eight_rows = skinny_gemm_plans.streamk_candidates(1024, 8, torch.bfloat16, torch.device("cpu"))
+    assert {c.use_dot for c in eight_rows} == {True}
 
 
 def test_streamk_occupancy_fits_the_sm_shared_memory(monkeypatch):
@@ -244,13 +245,15 @@ GPU_SHAPES = {"qkv": (4096, 1024, False), "down": (1024, 3072, False), "gate_up"
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", list(GPU_SHAPES))
 def test_every_candidate_gpu(shape, dtype):
-    """bf16: every config the tuning may pick; fp16: the table's."""
+    """bf16: every config the tuning or the sweep's table may pick; fp16: the table's."""
     n_out, k, gated = GPU_SHAPES[shape]
     device = torch.device("cuda")
     configs = [skinny_gemm_plans.kernel_config(n_out, k, 1, dtype, device)]
     if dtype == torch.bfloat16:
         configs += skinny_gemm_plans.candidates(n_out, k, 64, dtype, device, gated)
         configs += [c for c in skinny_gemm_plans.candidates(n_out, k, 1, dtype, device, gated) if not c.use_dot]
+        configs += skinny_gemm_plans.streamk_candidates(k, 64, dtype, device, gated)  # what the sweep may pick
+        configs += [c for c in skinny_gemm_plans.streamk_candidates(k, 1, dtype, device, gated) if not c.use_dot]
     for config in configs:
         for rows in (1, 5, 64) if config.use_dot else (1, 3) if config.programs_per_sm else (1,):
             check_product(rows, n_out, k, dtype, config, bias=rows == 5, residual=rows == 64 and not gated,

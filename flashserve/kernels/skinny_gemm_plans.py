@@ -70,7 +70,6 @@ STREAMK_FMA_TILE_CHOICES = ((16, 256, 4, 1), (32, 256, 8, 1))
 STREAMK_FMA_OCCUPANCY = (2, 4)
 STREAMK_FMA_MAX_ROWS = 4
 STREAMK_PDL_TILE_CHOICES = STREAMK_TILE_CHOICES[:2]  # also tried with programmatic dependent launch (sm_90+)
-STREAMK_TUNING_TILES = 2
 ALL_CONFIGS += [GemmConfig(n, k, 0, w, st, True, p)
                 for (n, k, w, st), p in itertools.product(STREAMK_TILE_CHOICES, STREAMK_OCCUPANCY)]
 ALL_CONFIGS += [GemmConfig(n, k, 0, w, st, False, p)
@@ -197,9 +196,11 @@ def pipeline_bytes(block_m: int, block_n: int, block_k: int, stages: int, gated:
 
 def candidates(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.device,
                gated: bool = False) -> list[GemmConfig]:
-    """Configs the tuning measures for a shape and row bucket: every tile choice that fits K, the dtype and the
-    device's shared memory (the FMA ones too for one row), each with its ``split_ways`` and without split-K (the
-    table's default is among them)."""
+    """Configs the tuning measures for a shape and row bucket: every grid-kernel tile choice that fits K, the dtype
+    and the device's shared memory (the FMA ones too for one row), each with its ``split_ways`` and without split-K
+    (the table's default is among them). The stream-K configs (``streamk_candidates``) are not among them: on the
+    H200 they lost to the grid kernel at every Llama-3.1-8B shape (benchmarks/RESULTS.md, session 4); only the
+    sweep times them, and the measured table may name one."""
     sms = device_sms(device)
     smem = _device_shared_memory(device)
     element_bytes = torch.finfo(dtype).bits // 8
@@ -213,22 +214,19 @@ def candidates(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.
             continue
         for ways in sorted({1, split_ways(n_out, k, block_n, block_k, sms)}):
             found.append(GemmConfig(block_n, block_k, ways, warps, stages, use_dot))
-    return found + streamk_candidates(k, rows, dtype, device, gated)
+    return found
 
 
-def streamk_candidates(k: int, rows: int, dtype: torch.dtype, device: torch.device, gated: bool = False,
-                       every_tile: bool = False) -> list[GemmConfig]:
-    """The stream-K configs of ``candidates``: each tile of STREAMK_TILE_CHOICES (and of STREAMK_FMA_TILE_CHOICES
+def streamk_candidates(k: int, rows: int, dtype: torch.dtype, device: torch.device,
+                       gated: bool = False) -> list[GemmConfig]:
+    """The stream-K configs the sweep times: each tile of STREAMK_TILE_CHOICES (and of STREAMK_FMA_TILE_CHOICES
     for <= STREAMK_FMA_MAX_ROWS rows; of STREAMK_PDL_TILE_CHOICES with ``pdl`` on GPUs that have it) that fits K
     and the dtype, with each programs-per-SM count (STREAMK_OCCUPANCY, STREAMK_FMA_OCCUPANCY) whose pipelines fit
-    the SM's shared memory together. The start-up tuning tries the first STREAMK_TUNING_TILES dot tiles and the
-    first FMA tile (fewer compiles); ``every_tile`` (the benchmark's sweep): all."""
+    the SM's shared memory together."""
     smem = _device_shared_memory(device, per_sm=True)
     element_bytes = torch.finfo(dtype).bits // 8
-    dot_tiles = STREAMK_TILE_CHOICES if every_tile else STREAMK_TILE_CHOICES[:STREAMK_TUNING_TILES]
-    fma_tiles = STREAMK_FMA_TILE_CHOICES if every_tile else STREAMK_FMA_TILE_CHOICES[:1]
-    tiles = [(tile, True, False) for tile in dot_tiles]
-    tiles += [(tile, False, False) for tile in fma_tiles if rows <= STREAMK_FMA_MAX_ROWS]
+    tiles = [(tile, True, False) for tile in STREAMK_TILE_CHOICES]
+    tiles += [(tile, False, False) for tile in STREAMK_FMA_TILE_CHOICES if rows <= STREAMK_FMA_MAX_ROWS]
     if device.type != "cuda" or prefill_tuning.compute_capability_major(_device_index(device)) >= 9:
         tiles += [(tile, True, True) for tile in STREAMK_PDL_TILE_CHOICES]
     found = []
