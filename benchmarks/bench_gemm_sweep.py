@@ -165,8 +165,9 @@ def table_text(shapes: list[dict], env: dict, margin: float, pdl: bool) -> str:
             key = (shape["n_out"], shape["k"], skinny_gemm_plans.row_bucket(point["m"]), shape["gated"])
             value = "None" if chosen is None else repr(tuple(chosen["fields"]))
             best = f"{point['best']['us']:.1f}" if point["best"] else "-"
-            lines.append(f"    {key!r}: {value},  # {shape['model']} {shape['proj']}: best ours {best} µs, cuBLAS "
+            lines.append(f"    # {shape['model']} {shape['proj']}, M {point['m']}: best ours {best} µs, cuBLAS "
                          f"{point['cublas_us']:.1f} µs")
+            lines.append(f"    {key!r}: {value},")
     return "\n".join(lines + ["}", ""])
 
 
