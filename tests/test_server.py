@@ -3,6 +3,7 @@ random-weight checkpoint with the PyTorch reference attention: endpoints, stream
 usage, concurrency, 400s naming the field, and aborts when clients disconnect."""
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from flashserve.config import Config  # noqa: E402
 from flashserve.engine.llm_engine import LLMEngine  # noqa: E402
 from flashserve.models.checkpoint import write_random_checkpoint  # noqa: E402
 from flashserve.server import EngineDriver, build_app  # noqa: E402
+from flashserve.server import launch  # noqa: E402
 from flashserve.server.launch import startup_line  # noqa: E402
 from flashserve.server.options import ServerOptions  # noqa: E402
 from http_helpers import wait_until_healthy  # noqa: E402
@@ -627,3 +629,15 @@ def test_server_on_cuda_streams_what_it_answers(model_dir, monkeypatch):
             events = _events(response)
         assert events[-1] == "[DONE]" and "".join(c["choices"][0]["text"] for c in events[:-1]) == whole
         _wait_idle(driver)
+
+
+def test_serve_freezes_the_start_up_objects_while_it_listens(model_dir, monkeypatch):
+    """``serve`` leaves the objects alive after start-up out of the collector's walks while uvicorn runs, and
+    gives them back to it before returning."""
+    frozen_while_running = []
+    monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", "torch")
+    monkeypatch.setattr(launch.uvicorn, "run",
+                        lambda app, **kwargs: frozen_while_running.append(gc.get_freeze_count()))
+    launch.serve(model_dir, ServerOptions(), **ENGINE_OPTIONS)
+    assert frozen_while_running and frozen_while_running[0] > 0
+    assert gc.get_freeze_count() == 0
