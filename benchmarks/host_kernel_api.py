@@ -17,7 +17,6 @@ target) and the launcher's generic key (the entry points' repeated calls launch 
 ``_launch.LaunchPlan`` s, which skip that key too: their cost is in the first table).
 Usage: python benchmarks/host_kernel_api.py [--out DIR] [--rounds 30] [--calls 300]
 """
-import argparse
 import contextlib
 import ctypes
 import os
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import markdown_table, write_results  # noqa: E402
+from common import argument_parser, markdown_table, write_results  # noqa: E402
 from flashserve.kernels import decode, index_checks, kvcache_interface, merge, paged_attention  # noqa: E402
 
 HEADS, HEADS_K, HEAD_DIM, PAGE, SEQLEN = 32, 8, 128, 16, 4096
@@ -193,8 +192,7 @@ def entry_points() -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
+    parser = argument_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=300)
     args = parser.parse_args()

@@ -21,7 +21,6 @@ the synchronous step costs host + device time and the async one about max(host, 
 the timed steps, µs (on a shared machine the minima are the steadier figure).
 Usage: python benchmarks/host_step.py [--out DIR] [--requests 256] [--steps 100]
 """
-import argparse
 import functools
 import os
 import random
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import argument_parser  # noqa: E402
 from flashserve import LLM, SamplingParams  # noqa: E402
 from flashserve.engine import decode_sampling, detokenizer, input_buffers, sampler, scheduler  # noqa: E402
 from flashserve.models.checkpoint import write_random_checkpoint  # noqa: E402
@@ -129,8 +129,7 @@ def measure(directory: str, args, async_scheduling: bool) -> dict[str, list[floa
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=".")
+    parser = argument_parser(__doc__)
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args()
