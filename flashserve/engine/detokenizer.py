@@ -52,13 +52,8 @@ class IncrementalDetokenizer:
 
     def _is_text(self, token_ids: list[int]) -> bool:
         """Whether ``token_ids`` are all in the byte table and their bytes are valid UTF-8."""
-        if self.token_bytes is None:
-            return False
-        try:
-            data = b"".join([self.token_bytes[token_id] for token_id in token_ids])
-        except (TypeError, IndexError):
-            return False
-        return _is_utf8(data)
+        data = self._window_bytes(token_ids, len(token_ids))
+        return data is not None and _is_utf8(data[0])
 
     def _decode(self, token_ids: list[int]) -> str:
         if self.backend is not None:
