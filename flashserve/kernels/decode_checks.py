@@ -9,6 +9,15 @@ from flashserve.kernels.index_checks import check_kvcache_values
 _NO_WINDOW = (-1, -1)
 
 
+def plain_call(k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, alibi_slopes, softcap, num_splits,
+               window_size) -> bool:
+    """Whether a ``flash_attn_with_kvcache`` call appends nothing and uses none of rotary, ``cache_batch_idx``,
+    ``cache_leftpad``, ALiBi, softcap or a window, with an int ``num_splits`` >= 0: the calls its fast paths take."""
+    return (k is None and v is None and rotary_cos is None and rotary_sin is None and cache_batch_idx is None
+            and cache_leftpad is None and alibi_slopes is None and softcap == 0.0 and type(num_splits) is int
+            and num_splits >= 0 and type(window_size) is tuple and window_size == _NO_WINDOW)
+
+
 def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                        cache_leftpad, block_table, window_size, softcap, alibi_slopes, num_splits):
     """Validate flash_attn_with_kvcache's arguments; returns ``(window_left, window_right, capacity)``, the
@@ -19,10 +28,8 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
     fails it, runs the named checks below. Then the value checks of ``index_checks`` (one synchronisation, none
     while a CUDA graph is being captured or for index tensors already checked unchanged).
     """
-    if (k is None and v is None and rotary_cos is None and rotary_sin is None and cache_batch_idx is None
-            and cache_leftpad is None and alibi_slopes is None and softcap == 0.0 and type(num_splits) is int
-            and num_splits >= 0 and type(window_size) is tuple and window_size == _NO_WINDOW
-            and _plain_paged_decode(q, k_cache, v_cache, cache_seqlens, block_table)):
+    if (plain_call(k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, alibi_slopes, softcap, num_splits,
+                   window_size) and _plain_paged_decode(q, k_cache, v_cache, cache_seqlens, block_table)):
         capacity = block_table.shape[1] * k_cache.shape[1]
         check_kvcache_values(q.shape[0], cache_seqlens, 0, capacity, k_cache, block_table, None, None)
         return -1, -1, capacity

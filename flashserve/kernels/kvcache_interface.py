@@ -10,7 +10,8 @@ import torch
 
 from flashserve.kernels import decode
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels.decode_checks import check_kvcache_args
+from flashserve.kernels._launch import geometry_key
+from flashserve.kernels.decode_checks import check_kvcache_args, plain_call
 from flashserve.kernels.decode_launch import decode_plan
 from flashserve.kernels.index_checks import check_kvcache_values
 from flashserve.kernels.kvcache_append import append_new_tokens
@@ -61,9 +62,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         out (B, Sq, H, D) in q's dtype, and the LSE when asked. A row with no visible key gives zeros and LSE -inf.
     """
     plain_key = None
-    if (k is None and v is None and rotary_cos is None and rotary_sin is None and cache_batch_idx is None
-            and cache_leftpad is None and alibi_slopes is None and softcap == 0.0 and type(num_splits) is int
-            and type(window_size) is tuple and window_size == _NO_WINDOW):
+    if plain_call(k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, alibi_slopes, softcap, num_splits,
+                  window_size):
         plain_key = _plain_call_key(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal,
                                     num_splits, return_softmax_lse)
         known = _PLAIN_CALLS.get(plain_key) if plain_key is not None else None
@@ -104,7 +104,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return (out, lse) if return_softmax_lse else out
 
 
-_NO_WINDOW = (-1, -1)
 _MAX_PLAIN_CALLS = 256
 _PLAIN_CALLS: dict[tuple, tuple] = {}  # _plain_call_key -> (capacity, DecodePlan) of plain calls that passed
 
@@ -113,18 +112,13 @@ def _plain_call_key(q, k_cache, v_cache, cache_seqlens, block_table, softmax_sca
                     return_softmax_lse):
     """What a plain call's argument checks and launch plan depend on: every tensor's shape, strides, dtype and
     device, an int ``cache_seqlens``'s value, and the scalar arguments; None unless each tensor is a plain
-    ``torch.Tensor`` (block_table: or None) and ``cache_seqlens`` a tensor or an int."""
-    if not (type(q) is torch.Tensor and type(k_cache) is torch.Tensor and type(v_cache) is torch.Tensor
-            and (block_table is None or type(block_table) is torch.Tensor)):
+    ``torch.Tensor`` (block_table: or None) and ``cache_seqlens`` a tensor or an int (a call with q or a cache None
+    gets a key, but fails its checks, so none is ever stored under it)."""
+    int_lengths = type(cache_seqlens) is int
+    if not int_lengths and type(cache_seqlens) is not torch.Tensor:
         return None
-    if type(cache_seqlens) is torch.Tensor:
-        lengths = (cache_seqlens.shape, cache_seqlens.stride(), cache_seqlens.dtype, cache_seqlens.device)
-    elif type(cache_seqlens) is int:
-        lengths = cache_seqlens
-    else:
+    tensors = geometry_key((q, k_cache, v_cache, block_table, None if int_lengths else cache_seqlens))
+    if tensors is None:
         return None
-    table = None if block_table is None else (block_table.shape, block_table.stride(), block_table.dtype,
-                                              block_table.device)
-    return (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype, k_cache.device,
-            v_cache.shape, v_cache.stride(), v_cache.dtype, v_cache.device, lengths, table, type(softmax_scale),
-            softmax_scale, bool(causal), num_splits, bool(return_softmax_lse), decode.FUSED_COMBINE_MAX_GROUPS)
+    return (*tensors, cache_seqlens if int_lengths else None, type(softmax_scale), softmax_scale, bool(causal),
+            num_splits, bool(return_softmax_lse), decode.FUSED_COMBINE_MAX_GROUPS)
