@@ -38,6 +38,20 @@ def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return tensor.to(device)
 
 
+def geometry_key(tensors: tuple) -> tuple | None:
+    """(shape, strides, dtype, device) of each tensor (None stays None), for caches of launch plans keyed by the
+    geometry of their inputs; None unless each is a plain ``torch.Tensor`` (a subclass may behave otherwise)."""
+    key = []
+    for tensor in tensors:
+        if tensor is None:
+            key.append(None)
+        elif type(tensor) is torch.Tensor:
+            key.append((tensor.shape, tensor.stride(), tensor.dtype, tensor.device))
+        else:
+            return None
+    return tuple(key)
+
+
 class CachedLauncher:
     """``launcher(grid, args, constexprs, **options)`` does what ``kernel[grid](*args, **constexprs, **options)``
     does (options: ``num_warps``, ``num_stages``), with less Python per call

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate, merge_tuning
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import CachedLauncher, LaunchPlan
+from flashserve.kernels._launch import CachedLauncher, LaunchPlan, cdiv, geometry_key
 from flashserve.kernels.reference import decode as reference
 
 _MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -160,11 +160,10 @@ def merge_attn_states(
             side contributes nothing); both sides empty gives zeros and LSE -inf.
         output_lse: optional (H, T) fp32, written with the merged LSE.
     """
-    key = _geometry_key((output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse))
+    key = geometry_key((output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse))
     plan = _MERGE_PLANS.get(key) if key is not None else None
     if plan is not None and use_triton(prefix_output):  # these checks passed for this geometry before
-        plan((output, prefix_lse if output_lse is None else output_lse, prefix_output, prefix_lse, suffix_output,
-              suffix_lse))
+        plan(_plan_tensors(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse))
         return
     _check_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse)
     if not use_triton(prefix_output):
@@ -179,8 +178,7 @@ def merge_attn_states(
         if len(_MERGE_PLANS) >= _MAX_MERGE_PLANS:
             _MERGE_PLANS.pop(next(iter(_MERGE_PLANS)))
         _MERGE_PLANS[key] = plan
-    plan((output, prefix_lse if output_lse is None else output_lse, prefix_output, prefix_lse, suffix_output,
-          suffix_lse))
+    plan(_plan_tensors(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse))
 
 
 # Eager fast path: the launch plan of each geometry (every tensor's shape, strides, dtype, device) whose argument
@@ -189,39 +187,32 @@ _MAX_MERGE_PLANS = 256
 _MERGE_PLANS: dict[tuple, LaunchPlan] = {}
 
 
-def _geometry_key(tensors: tuple):
-    """(shape, strides, dtype, device) of each tensor (None stays None); None unless each is a plain tensor."""
-    key = []
-    for tensor in tensors:
-        if tensor is None:
-            key.append(None)
-        elif type(tensor) is torch.Tensor:
-            key.append((tensor.shape, tensor.stride(), tensor.dtype, tensor.device))
-        else:
-            return None
-    return tuple(key)
-
-
 def launch_merge(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse,
                  config: merge_tuning.MergeConfig) -> None:
     """Launch the merge kernel with ``config`` on validated arguments (``bench_merge.py`` sweeps the configs)."""
     if prefix_output.shape[0] == 0:
         return
     merge_plan(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse, config)(
-        (output, prefix_lse if output_lse is None else output_lse, prefix_output, prefix_lse, suffix_output,
-         suffix_lse))
+        _plan_tensors(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse))
+
+
+def _plan_tensors(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse) -> tuple:
+    """The tensors a ``merge_plan`` is called with, in the kernel's order (``prefix_lse`` stands in for a missing
+    ``output_lse``: never written then)."""
+    lse_out = prefix_lse if output_lse is None else output_lse
+    return output, lse_out, prefix_output, prefix_lse, suffix_output, suffix_lse
 
 
 def merge_plan(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse,
                config: merge_tuning.MergeConfig) -> LaunchPlan:
     """The merge launch for tensors of this geometry (at least one token) with ``config``; called with
-    ``(output, output_lse or prefix_lse, prefix_output, prefix_lse, suffix_output, suffix_lse)``."""
+    ``_plan_tensors(...)`` of them."""
     num_tokens, num_heads, head_size = prefix_output.shape
     block_t, block_h, block_d, head_blocks = merge_tuning.tile_shape(config, num_heads, head_size)
     lse_out = prefix_lse if output_lse is None else output_lse
     out_stride, prefix_stride, suffix_stride = output.stride(), prefix_output.stride(), suffix_output.stride()
     prefix_lse_stride, suffix_lse_stride, out_lse_stride = prefix_lse.stride(), suffix_lse.stride(), lse_out.stride()
-    return MERGE_LAUNCHER.plan((-(-num_tokens // block_t), head_blocks), (
+    return MERGE_LAUNCHER.plan((cdiv(num_tokens, block_t), head_blocks), (
         num_tokens, out_stride[0], out_stride[1], prefix_stride[0], prefix_stride[1], suffix_stride[0],
         suffix_stride[1], prefix_lse_stride[0], prefix_lse_stride[1], suffix_lse_stride[0], suffix_lse_stride[1],
         out_lse_stride[0], out_lse_stride[1],
