@@ -12,9 +12,9 @@ chunks of BLOCK_P:
 
 When all pairs fit one chunk (decode: up to 32768 / next_power_of_2(E) pairs), one program does all three steps
 (``_align_single_kernel``, its chunk the next power of two of the pair count: one variant per power of two, so a
-decode step of few tokens scans a small one-hot). Every size a launch depends on comes from T * k and the model's shape, never from the
-routing, so the calls can be captured in a CUDA graph; the per-step counts are not specialised on
-(``do_not_specialize``).
+decode step of few tokens scans a small one-hot). Every size a launch depends on comes from T * k and the model's
+shape, never from the routing, so the calls can be captured in a CUDA graph; the per-step counts are not
+specialised on (``do_not_specialize``).
 """
 import torch
 import triton
