@@ -50,8 +50,8 @@ class MoeGemmConfig:
 
 
 # Upper bounds (inclusive) of ``num_tokens * top_k`` per configuration bucket; the last bucket is unbounded.
-TOKEN_BUCKETS = (16, 64, 512, 4096)
-REPRESENTATIVE_PAIRS = (8, 32, 256, 2048, 16384)  # the pair count each bucket's default is sized for
+TOKEN_BUCKETS = (16, 64, 512, 4096, 16384)
+REPRESENTATIVE_PAIRS = (8, 32, 256, 2048, 8192, 32768)  # the pair count each bucket's default is sized for
 TARGET_PROGRAMS = 512  # ~4 programs per SM of an H100/H200
 MIN_SPLIT_K_DEPTH = 2048  # the least K a share of a split down GEMM gets (shorter shares: mostly pipeline fill)
 TABLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "moe_tuned")
