@@ -41,7 +41,7 @@ import common  # noqa: E402 - after the repository is on the path
 import moe_e2e  # noqa: E402
 import moe_tune  # noqa: E402
 from flashserve.kernels import moe as kernel  # noqa: E402
-from flashserve.kernels.moe_configs import MoeGemmConfig, moe_configs  # noqa: E402
+from flashserve.kernels.moe_configs import MoeGemmConfig, device_table, moe_configs  # noqa: E402
 from flashserve.kernels.reference import moe as reference  # noqa: E402
 
 # name -> (hidden, experts, top_k, expert intermediate)
@@ -168,7 +168,8 @@ def tune_section(args, names: list[str], env: dict) -> tuple[str, list]:
                                  max_candidates=2 if quick else None) for label, shape in shapes]
     elapsed_s = time.perf_counter() - start
     device_name = env["gpu"] if DEVICE == "cuda" else "cpu"
-    path = moe_tune.write_table(args.out, device_name, tuned, dict(env, tune_s=elapsed_s))
+    path = moe_tune.write_table(args.out, device_name, tuned, dict(env, tune_s=elapsed_s),
+                                installed=device_table(device_name))
     payload = [dict(label=t["label"], key=t["key"], report=[dict(r, gate_up=vars_of(r["gate_up"]),
                                                                  down=vars_of(r["down"])) for r in t["report"]])
                for t in tuned]

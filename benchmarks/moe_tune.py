@@ -11,7 +11,8 @@ token permutation serves both GEMMs) and the BLOCK_M with the smallest summed ti
 Candidates (``candidates``): the heuristic default (``default_configs``) and the tiles worth trying for the rows an
 expert gets in that bucket. At most 8 rows per expert on average: 16-row tiles streaming the weights (narrow
 column tiles, deep K steps, 2-4 stages; for the down GEMM also split-K with 64-wide tiles where each share keeps
-K >= 2048). More rows: the two BLOCK_M of 16...128 nearest below the largest mean rows per expert, with
+K >= 2048). Every unsplit down candidate also with ``pair_outputs`` (timed with what each output mode adds: the
+cleared fp32 rows and the final rounding, or the per-token sum). More rows: the two BLOCK_M of 16...128 nearest below the largest mean rows per expert, with
 tensor-core-sized tiles (BLOCK_K 64 or 128, 3-4 stages; 4 warps up to 32 rows, 4 and 8 for 64, 8 for 128).
 Candidates that cannot fit (pipeline over the GPU's shared memory, over 128 fp32 accumulators per thread) are
 dropped before compiling; one that fails to compile or launch is skipped.
@@ -23,6 +24,7 @@ timings and an estimate of the time before the sweep starts.
 import json
 import math
 import os
+from dataclasses import replace
 
 import torch
 
@@ -79,6 +81,8 @@ def candidates(shape, bucket: int, gated: bool, smem: int) -> list[MoeGemmConfig
             warp_counts = {16: (4,), 32: (4,), 64: (4, 8), 128: (8,)}[m]
             found += [MoeGemmConfig(m, n, k, warps, stages) for n in block_ns for k in block_ks
                       for warps in warp_counts for stages in (3, 4)]
+    if not gated:  # each unsplit down config also with per-pair outputs summed by a third launch
+        found += [replace(config, pair_outputs=True) for config in found if config.split_k == 1]
     unique = list(dict.fromkeys(found))
     return [config for config in unique if config == default or _fits(config, gated, smem)]
 
@@ -129,13 +133,12 @@ def _bucket_times(shape, counts, configs, gated, tensors, inputs, graph_us) -> d
             weights, ids = inputs[num_tokens]
             alignment = kernel.moe_align_block_size(ids, config.block_m, num_experts)
             activated = torch.randn(num_tokens * top_k, intermediate, device=device, dtype=x.dtype)
-            out = torch.zeros(num_tokens, hidden, device=device)
             if gated:
                 def run(t=num_tokens, c=config, al=alignment, act=activated, w=weights):
                     kernel._launch(x[:t], w13, act, w, top_k, True, c, al)
-            else:
-                def run(c=config, al=alignment, act=activated, o=out, w=weights):
-                    kernel._launch(act, w2, o, w, top_k, False, c, al)
+            else:  # with what its output mode adds: the cleared fp32 rows and the rounding, or the pair sum
+                def run(c=config, al=alignment, act=activated, w=weights):
+                    kernel.down_projection(act, w2, w, top_k, c, al, x.dtype)
             row.append(_time(run, graph_us))
         times[config] = row
     return times
@@ -186,9 +189,17 @@ def tune_shape(label: str, shape, smem: int, graph_us, dtype=torch.bfloat16, dev
     return dict(label=label, key=(num_experts, hidden, intermediate, top_k), configs=tuple(chosen), report=report)
 
 
-def write_table(out_dir: str, device_name: str, tuned: list[dict], meta: dict) -> str:
-    """DIR/moe_tuned/<GPU name>.json in moe_configs' format (one line per bucket's pair); returns its path."""
-    table = MoeConfigTable(device_name, TOKEN_BUCKETS, {t["key"]: t["configs"] for t in tuned}).to_json()
+def write_table(out_dir: str, device_name: str, tuned: list[dict], meta: dict,
+                installed: MoeConfigTable | None = None) -> str:
+    """DIR/moe_tuned/<GPU name>.json in moe_configs' format (one line per bucket's pair); returns its path. The
+    entries of ``installed`` (the table in use, when it has the same buckets) for shapes this sweep did not time
+    are kept (``meta["kept"]`` lists them), so a sweep of some shapes updates a table rather than replacing it."""
+    entries = {t["key"]: t["configs"] for t in tuned}
+    if installed is not None and installed.token_buckets == TOKEN_BUCKETS:
+        kept = {key: pairs for key, pairs in installed.entries.items() if key not in entries}
+        meta = dict(meta, kept=[list(key) for key in kept])
+        entries.update(kept)
+    table = MoeConfigTable(device_name, TOKEN_BUCKETS, entries).to_json()
     entries = []
     for entry in table["entries"]:
         head = json.dumps({key: value for key, value in entry.items() if key != "configs"})[:-1]

@@ -130,6 +130,22 @@ def test_down_gemm_split_k():
         fused_experts(x, w13, w2, weights, ids, (MoeGemmConfig(16, 16, 16, 4, 1, 2), up))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_down_gemm_pair_outputs(dtype):
+    """The down GEMM storing each pair's weighted product and a third launch summing each token's k rows (k 2 and
+    3, experts without tokens, column tiles that do not divide the hidden size); not with split-K or on gate/up."""
+    up = MoeGemmConfig(16, 16, 16, 4, 1)
+    _check_against_reference(9, 40, 36, 8, 2, dtype, unused_experts=3,
+                             configs=(up, MoeGemmConfig(16, 16, 16, 4, 1, pair_outputs=True)))
+    _check_against_reference(5, 40, 36, 8, 3, dtype, configs=(up, MoeGemmConfig(16, 32, 16, 4, 1, pair_outputs=True)))
+    x, w13, w2, logits = _moe_inputs(2, 32, 16, 4, 2, torch.float32, "cpu")
+    weights, ids = reference.moe_routing(logits, 2, True)
+    with pytest.raises(ValueError, match="split K"):
+        fused_experts(x, w13, w2, weights, ids, (up, MoeGemmConfig(16, 16, 16, 4, 1, 2, True)))
+    with pytest.raises(ValueError, match="gate/up"):
+        fused_experts(x, w13, w2, weights, ids, (MoeGemmConfig(16, 16, 16, 4, 1, pair_outputs=True), up))
+
+
 def test_launch_configs_table_and_defaults():
     """A table (the --tune file format) is used for its shapes, with its own buckets; other shapes and CPU
     tensors get the defaults: 16-row tiles while few rows reach an expert (narrower gate/up tiles the fewer
@@ -137,8 +153,10 @@ def test_launch_configs_table_and_defaults():
     config = dict(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3)
     table = MoeConfigTable.from_json(dict(device="Some GPU", token_buckets=[100], entries=[dict(
         num_experts=128, hidden_size=2048, intermediate_size=768, top_k=8,
-        configs=[[config, dict(config, split_k=2)], [dict(config, block_m=64), dict(config, block_m=64)]])]))
+        configs=[[config, dict(config, split_k=2)],
+                 [dict(config, block_m=64), dict(config, block_m=64, pair_outputs=True)]])]))
     assert MoeConfigTable.from_json(table.to_json()) == table
+    assert moe_configs(13, 128, 2048, 768, 8, table=table)[1].pair_outputs
     up, down = moe_configs(12, 128, 2048, 768, 8, table=table)
     assert up == MoeGemmConfig(32, 64, 64, 4, 3) and down.split_k == 2
     assert moe_configs(13, 128, 2048, 768, 8, table=table)[0].block_m == 64
@@ -177,10 +195,13 @@ def test_fused_experts_on_gpu_tuned_shape(num_tokens):
     (64, MoeGemmConfig(16, 32, 256, 4, 4), MoeGemmConfig(16, 128, 256, 4, 2, 3)),
     (300, MoeGemmConfig(32, 64, 128, 4, 3), MoeGemmConfig(32, 128, 64, 4, 3)),
     (4096, MoeGemmConfig(128, 128, 64, 8, 4), MoeGemmConfig(128, 256, 64, 8, 4)),
+    (4, MoeGemmConfig(16, 32, 128, 4, 3), MoeGemmConfig(16, 64, 128, 4, 2, pair_outputs=True)),
+    (4096, MoeGemmConfig(128, 128, 64, 8, 4), MoeGemmConfig(128, 64, 64, 8, 3, pair_outputs=True)),
 ])
 def test_fused_experts_on_gpu_sweep_corners(num_tokens, up, down):
     """Corners of the --tune sweep on the Qwen3-30B-A3B shape in bf16: 16-column gate/up tiles, split-K down
-    GEMMs (3 shares of 3 K steps of 256), deep K steps, the 128 x 256 tiles of long prefills."""
+    GEMMs (3 shares of 3 K steps of 256), deep K steps, the 128 x 256 tiles of long prefills, per-pair down
+    outputs."""
     _check_against_reference(num_tokens, 2048, 768, 128, 8, torch.bfloat16, "cuda", configs=(up, down))
 
 

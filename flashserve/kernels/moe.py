@@ -12,9 +12,11 @@
 3. Gate/up grouped GEMM: each program takes BLOCK_M rows of one expert, multiplies the gathered hidden states by
    that expert's gate and up rows and stores ``silu(gate) * up`` (fp32 epilogue, rounded once) per pair. The
    column tiles of a row block are launched one after another (L2 reuse of the gathered rows and weight tiles).
-4. Down grouped GEMM: the same walk over the activations, the product scaled by the pair's routing weight and
-   added atomically into the token's fp32 output row (the k contributions of a token meet there, and the K
-   shares of a split-K config's programs).
+4. Down grouped GEMM: the same walk over the activations, the product scaled by the pair's routing weight, then
+   either added atomically into the token's fp32 output row (the k contributions of a token meet there, and the
+   K shares of a split-K config's programs; the row is cleared before and rounded to the input dtype after), or
+   (``pair_outputs`` configs: many pairs, short K, where atomics dominate) stored per pair in the input dtype and
+   summed per token in fp32 by a third launch, ``_sum_pairs_kernel``, which writes the output once.
 
 Weights are stacked per expert: ``w13`` (E, 2I, H) holds each expert's gate rows then its up rows (Hugging Face's
 ``experts.gate_up_proj``), ``w2`` (E, H, I) its down projection. Tiles come from ``moe_configs``.
@@ -37,15 +39,15 @@ moe_routing = reference.moe_routing
 def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr,
                          N, K, top_k, a_rows_per_pair_divisor, up_offset,
                          stride_am, stride_be, stride_bn, stride_om,
-                         GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         GATED: tl.constexpr, PAIR_OUTPUTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SPLIT_K: tl.constexpr):
     """One (BLOCK_M pairs of one expert) x (BLOCK_N output columns) tile of ``a[rows] @ b[expert].T``.
 
     GATED: b rows [n] and [up_offset + n] give gate and up; stores silu(gate) * up at the pair's row of out.
-    Else: scales by the pair's routing weight and atomically adds into out's row of the pair's token; there
-    SPLIT_K > 1 (few rows, long K) gives SPLIT_K programs per tile, each over its share of K (whole BLOCK_K
-    steps), each adding its partial product.
+    Else: scales by the pair's routing weight and, PAIR_OUTPUTS, stores it at the pair's row of out, or atomically
+    adds it into out's row of the pair's token; there SPLIT_K > 1 (few rows, long K) gives SPLIT_K programs per
+    tile, each over its share of K (whole BLOCK_K steps), each adding its partial product.
 
     One program per tile (and K share) on a 1-D grid, the column tiles of a row block consecutive: the programs that
     run at the same time share their row block's gathered rows in L2, and an expert's row blocks (adjacent) its
@@ -95,9 +97,30 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, blo
         tl.store(out_ptrs, activated.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         routing_weights = tl.load(weights_ptr + pairs, mask=valid, other=0.0)
-        tokens = pairs // top_k
-        out_ptrs = out_ptr + tokens[:, None] * stride_om + offs_n[None, :]
-        tl.atomic_add(out_ptrs, acc * routing_weights[:, None], mask=out_mask, sem="relaxed")
+        weighted = acc * routing_weights[:, None]
+        if PAIR_OUTPUTS:
+            out_ptrs = out_ptr + pairs[:, None] * stride_om + offs_n[None, :]
+            tl.store(out_ptrs, weighted.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tokens = pairs // top_k
+            out_ptrs = out_ptr + tokens[:, None] * stride_om + offs_n[None, :]
+            tl.atomic_add(out_ptrs, weighted, mask=out_mask, sem="relaxed")
+
+
+@triton.jit
+def _sum_pairs_kernel(pair_out_ptr, out_ptr, N, top_k, BLOCK_N: tl.constexpr):
+    """out[t, n] = sum over j < top_k of pair_out[t * top_k + j, n], in fp32, rounded once: one program per
+    (token, BLOCK_N columns)."""
+    token = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for choice in range(top_k):
+        acc += tl.load(pair_out_ptr + (token * top_k + choice) * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_SUM_BLOCK_N = 1024
 
 
 def _launch(a, b, out, topk_weights, top_k, gated, config: MoeGemmConfig, alignment) -> None:
@@ -108,10 +131,28 @@ def _launch(a, b, out, topk_weights, top_k, gated, config: MoeGemmConfig, alignm
         a, b, out, topk_weights, sorted_pair_ids, block_experts, num_padded,
         n, b.shape[2], top_k, top_k if gated else 1, n if gated else 0,
         a.stride(0), b.stride(0), b.stride(1), out.stride(0),
-        GATED=gated, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        GATED=gated, PAIR_OUTPUTS=config.pair_outputs, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+
+
+def down_projection(activated: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, top_k: int,
+                    config: MoeGemmConfig, alignment, out_dtype: torch.dtype) -> torch.Tensor:
+    """The down half of ``fused_experts``: (T * k, I) activations (pair rows) -> (T, H) in ``out_dtype``, the
+    weighted sum of each token's k down products (atomics into fp32, or per-pair rows and a sum: ``config``)."""
+    num_pairs, hidden = activated.shape[0], w2.shape[1]
+    num_tokens = num_pairs // top_k
+    if config.pair_outputs:
+        pair_out = torch.empty(num_pairs, hidden, dtype=activated.dtype, device=activated.device)
+        _launch(activated, w2, pair_out, topk_weights, top_k, False, config, alignment)
+        out = torch.empty(num_tokens, hidden, dtype=out_dtype, device=activated.device)
+        _sum_pairs_kernel[(num_tokens, cdiv(hidden, _SUM_BLOCK_N))](pair_out, out, hidden, top_k,
+                                                                    BLOCK_N=_SUM_BLOCK_N, num_warps=4)
+        return out
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=activated.device)
+    _launch(activated, w2, out, topk_weights, top_k, False, config, alignment)
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 def _check(hidden_states, w13, w2, topk_weights, topk_ids) -> None:
@@ -144,30 +185,32 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         w13: (E, 2I, H), each expert's gate rows then up rows; w2: (E, H, I); both of hidden_states' dtype.
         topk_weights: (T, k) fp32 routing weights; topk_ids: (T, k) int32/int64 expert ids in [0, E).
         configs: (gate/up, down) tiles; default from ``moe_configs.moe_configs`` (for this device). Only the down
-            GEMM may split K (the gate/up epilogue needs whole sums).
+            GEMM may split K (the gate/up epilogue needs whole sums) or store pair outputs (not both).
     Returns (T, H) in hidden_states' dtype: the weighted sum of each token's k expert outputs (products in fp32,
-    the activation rounded once to the input dtype, the sum in fp32 then rounded once). ValueError on bad input.
+    the activation rounded once to the input dtype, the sum in fp32 then rounded once; pair_outputs: each weighted
+    product rounded to the input dtype before that sum). ValueError on bad input.
     """
     _check(hidden_states, w13, w2, topk_weights, topk_ids)
     if not use_triton(hidden_states):
         return reference.fused_experts(hidden_states, w13, w2, topk_weights, topk_ids)
     num_tokens, top_k = topk_ids.shape
     num_experts, hidden, intermediate = w2.shape
-    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=hidden_states.device)
     if num_tokens == 0:
-        return out.to(hidden_states.dtype)
+        return hidden_states.new_zeros(0, hidden)
     up_config, down_config = configs or moe_configs(num_tokens, num_experts, hidden, intermediate, top_k,
                                                     hidden_states.element_size(), device=hidden_states.device)
-    if up_config.split_k != 1:
-        raise ValueError(f"configs: the gate/up GEMM cannot split K, got split_k={up_config.split_k}")
+    if up_config.split_k != 1 or up_config.pair_outputs:
+        raise ValueError(f"configs: the gate/up GEMM has neither split_k nor pair_outputs, got {up_config}")
+    if down_config.split_k != 1 and down_config.pair_outputs:
+        raise ValueError(f"configs: a pair_outputs down GEMM cannot split K, got {down_config}")
     topk_weights = topk_weights.contiguous()
-    activated = torch.empty(num_tokens * top_k, intermediate, dtype=hidden_states.dtype, device=out.device)
+    activated = torch.empty(num_tokens * top_k, intermediate, dtype=hidden_states.dtype,
+                            device=hidden_states.device)
     alignment = moe_align_block_size(topk_ids, up_config.block_m, num_experts)
     _launch(hidden_states, w13, activated, topk_weights, top_k, True, up_config, alignment)
     if down_config.block_m != up_config.block_m:
         alignment = moe_align_block_size(topk_ids, down_config.block_m, num_experts)
-    _launch(activated, w2, out, topk_weights, top_k, False, down_config, alignment)
-    return out if hidden_states.dtype == torch.float32 else out.to(hidden_states.dtype)
+    return down_projection(activated, w2, topk_weights, top_k, down_config, alignment, hidden_states.dtype)
 
 
 def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor,

@@ -35,7 +35,7 @@ def _chunk_one_hot(ids_ptr, chunk, num_pairs, BLOCK_P: tl.constexpr, BLOCK_E: tl
     one-hot of the experts."""
     offs_p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
     valid = offs_p < num_pairs
-    ids = tl.load(ids_ptr + offs_p, mask=valid, other=-1)
+    ids = tl.load(ids_ptr + offs_p, mask=valid, other=-1).to(tl.int32)
     one_hot = ids[:, None] == tl.arange(0, BLOCK_E)[None, :]
     return offs_p, valid, ids, one_hot
 
@@ -129,7 +129,8 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group the (token, expert) pairs by expert and pad each expert's run to a multiple of ``block_m``.
 
-    topk_ids (T, k) int32/int64 with ids in [0, num_experts) -> (sorted_pair_ids (R,) int32, block_experts
+    topk_ids (T, k) int32/int64 (read as they are: no cast launch) with ids in [0, num_experts) ->
+    (sorted_pair_ids (R,) int32, block_experts
     (R / block_m,) int32, num_padded (1,) int32). Pair p is (token p // k, its choice p % k); sorted_pair_ids lists
     the pairs of expert 0 in order, then those of expert 1, ..., each run padded with -1 to a multiple of block_m;
     block_experts[b] is the expert of rows [b * block_m, (b + 1) * block_m); num_padded is the padded total. R is
@@ -140,7 +141,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
     if not use_triton(topk_ids):
         return reference.moe_align_block_size(topk_ids, block_m, num_experts)
     device = topk_ids.device
-    ids = topk_ids.reshape(-1).to(torch.int32)
+    ids = topk_ids.reshape(-1)
     num_pairs = ids.numel()
     max_rows = reference.max_sorted_rows(num_pairs, num_experts, block_m)
     num_blocks = max_rows // block_m

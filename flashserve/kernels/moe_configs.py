@@ -38,8 +38,10 @@ from flashserve.kernels.skinny_gemm_plans import pipeline_bytes, shared_memory_b
 
 @dataclass(frozen=True, slots=True)
 class MoeGemmConfig:
-    """Tiles and launch options of one grouped GEMM (BLOCK_M rows of one expert per program; ``split_k``
-    programs per tile, each over a share of K: the down GEMM only)."""
+    """Tiles and launch options of one grouped GEMM (BLOCK_M rows of one expert per program). The down GEMM only:
+    ``split_k`` programs per tile, each over a share of K; ``pair_outputs``: each pair's product stored in the
+    input dtype and summed per token by a third launch, instead of atomic adds into an fp32 output (not with
+    split_k)."""
 
     block_m: int
     block_n: int
@@ -47,6 +49,7 @@ class MoeGemmConfig:
     num_warps: int
     num_stages: int
     split_k: int = 1
+    pair_outputs: bool = False
 
 
 # Upper bounds (inclusive) of ``num_tokens * top_k`` per configuration bucket; the last bucket is unbounded.
@@ -91,10 +94,9 @@ class MoeConfigTable:
 
 
 def _compact(config: MoeGemmConfig) -> dict:
-    fields_ = asdict(config)
-    if fields_["split_k"] == 1:
-        del fields_["split_k"]
-    return fields_
+    defaults = MoeGemmConfig(1, 1, 1, 1, 1)
+    return {name: value for name, value in asdict(config).items()
+            if name not in ("split_k", "pair_outputs") or value != getattr(defaults, name)}
 
 
 def table_path(device_name: str) -> str:
