@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then every benchmark. Usage (on the device machine, repo root):
 #   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache gemm cascade moe
-#                                              moe_tune (bench_moe.py --tune; the table it writes is installed in
-#                                              flashserve/kernels/moe_tuned/ for the later steps and copied to $OUT)
+#                                              moe_tune (bench_moe.py --tune $MOE_TUNE_ARGS, e.g. "--shapes X":
+#                                              the table it writes is installed in flashserve/kernels/moe_tuned/
+#                                              for the later steps and copied to $OUT)
 #                                              gemm_sweep (bench_gemm.py --sweep; the plan table it writes is
 #                                              installed as flashserve/kernels/skinny_gemm_table.py for the later
 #                                              steps and copied to $OUT with its markdown)
@@ -52,6 +53,7 @@ steps=${*:-tests prefill layouts decode merge cache}
       cascade) timeout "$limit" python3 benchmarks/bench_cascade.py --out "$RESULTS" ;;
       moe) timeout "$limit" python3 benchmarks/bench_moe.py --out "$RESULTS" ${MOE_ARGS:-} ;;
       moe_tune) timeout "$limit" python3 benchmarks/bench_moe.py --tune --skip-kernel --out "$RESULTS/moe_tune" \
+                  ${MOE_TUNE_ARGS:-} \
                   && mkdir -p flashserve/kernels/moe_tuned "$OUT/moe_tuned" \
                   && cp "$RESULTS"/moe_tune/moe_tuned/*.json flashserve/kernels/moe_tuned/ \
                   && cp "$RESULTS"/moe_tune/moe_tuned/*.json "$OUT/moe_tuned/" ;;
