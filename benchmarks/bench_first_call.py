@@ -10,10 +10,15 @@ after it is timed the same way, so "first - steady" is the start-up cost. Varian
 (``*.cubin`` files) in the child's Triton cache. The first variant timed is a trivial Triton kernel: what a
 process pays once for Triton itself (driver and launcher set-up; cold: its compile too), so that the next variant's
 figure is its own.
-Usage: python benchmarks/bench_first_call.py [--out DIR] [--skip-sweep]
+``--profile paged,append`` also runs the variants whose names contain one of those words under cProfile (first and
+steady call, in the warm process) and adds the top functions by cumulative time: where a slow first call goes.
+Usage: python benchmarks/bench_first_call.py [--out DIR] [--skip-sweep] [--profile WORD,...]
 """
+import cProfile
+import io
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -132,16 +137,32 @@ def _timed(call) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def child_first_calls() -> dict:
-    """The first and the steady call of every variant, in this (fresh) process. The scores variant runs a forward
+def _profiled(call, top: int = 25) -> tuple[float, str]:
+    """(ms, the ``top`` functions by cumulative time) of one synchronised call under cProfile."""
+    profile = cProfile.Profile()
+    ms = _timed(lambda: profile.runcall(call))
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(top)
+    return ms, text.getvalue()
+
+
+def child_first_calls(profile_words: list[str]) -> dict:
+    """The first and the steady call of every variant, in this (fresh) process; variants whose name holds one of
+    ``profile_words`` run under cProfile (their times include its overhead). The scores variant runs a forward
     first for its LSE: its first-call time is the scores kernel's alone."""
     import torch
     torch.randn(1, device="cuda")  # CUDA context and allocator start-up, not a kernel's cost
     rows = {}
     for name, make in _variants().items():
         call = make()
-        first = _timed(call)
-        rows[name] = dict(first_ms=first, steady_ms=_timed(call))
+        if any(word in name for word in profile_words):
+            first, first_profile = _profiled(call)
+            steady, steady_profile = _profiled(call)
+            rows[name] = dict(first_ms=first, steady_ms=steady, profile_first=first_profile,
+                              profile_steady=steady_profile)
+        else:
+            first = _timed(call)
+            rows[name] = dict(first_ms=first, steady_ms=_timed(call))
     return rows
 
 
@@ -201,6 +222,10 @@ def markdown(cold: dict, warm: dict, sweeps: dict) -> str:
              f"{warm[name]['steady_ms']:.2f}"] for name in cold]
     text = markdown_table(["variant", "cold first call ms", "warm first call ms (disk caches)", "steady call ms"],
                           rows)
+    for name, row in warm.items():
+        for key in ("profile_first", "profile_steady"):
+            if key in row:
+                text += f"\n\nWarm process, {name}, {key.split('_')[1]} call under cProfile:\n\n```\n{row[key]}```"
     if sweeps:
         names = sorted(set(sweeps["specialised"]) | set(sweeps["ours"]))
         text += "\n\nDistinct variants compiled by the FA-style sweep (autotuning off):\n\n" + markdown_table(
@@ -214,17 +239,21 @@ def main():
     if "--child" in sys.argv:
         sys.path.insert(0, os.path.dirname(HERE))
         what = sys.argv[sys.argv.index("--child") + 1]
-        result = child_first_calls() if what == "first-calls" else child_sweep(what == "sweep-specialised")
+        words = [word for word in sys.argv[sys.argv.index("--child") + 2:] if word]
+        result = child_first_calls(words) if what == "first-calls" else child_sweep(what == "sweep-specialised")
         print(json.dumps(result))
         return
     sys.path.insert(0, HERE)
     from common import argument_parser, environment, section_header, write_results
     parser = argument_parser(__doc__)
     parser.add_argument("--skip-sweep", action="store_true", help="only the first-call timings")
+    parser.add_argument("--profile", default="", help="comma-separated words: profile the warm first and steady "
+                                                      "calls of the variants whose names contain one")
     args = parser.parse_args()
+    words = [word for word in args.profile.split(",") if word]
     with tempfile.TemporaryDirectory() as cache_dir:
         cold = run_child(["first-calls"], cache_dir)
-        warm = run_child(["first-calls"], cache_dir)
+        warm = run_child(["first-calls", *words], cache_dir)
     sweeps = {}
     if not args.skip_sweep:
         for label, child in (("specialised", "sweep-specialised"), ("ours", "sweep")):
