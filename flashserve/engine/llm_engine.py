@@ -1,5 +1,4 @@
 """The incremental engine: add requests, step, collect what is new; the server and ``LLM`` both drive it."""
-import operator
 import time
 import weakref
 from collections.abc import Iterable
@@ -21,7 +20,8 @@ from flashserve.engine.request import PENDING_TOKEN, Request, RequestStatus
 from flashserve.engine.scheduler import ScheduledBatch, Scheduler
 from flashserve.engine.structured_outputs import GrammarWaitlist, RequestGrammar
 from flashserve.engine.token_bytes import token_bytes
-from flashserve.outputs import CompletionOutput, Logprob, RequestOutput
+from flashserve.engine.token_outputs import OutputProcessor, token_id_list
+from flashserve.outputs import RequestOutput
 from flashserve.sampling_params import SamplingParams
 
 _FINISHED = RequestStatus.FINISHED
@@ -100,6 +100,7 @@ class LLMEngine:
         self.scoring: set[str] = set()
         self.stats = EngineStats()
         self.token_texts = TokenTexts(self.tokenizer)
+        self.output_processor = OutputProcessor(self.token_texts, self.eos_token_ids)
         token_bytes(self.tokenizer)  # the detokenizer's byte table, read now rather than on the first request
         self.grammar_compiler: GrammarCompiler | None = None
         self.grammar_waitlist = GrammarWaitlist(self.eos_token_ids)
@@ -128,7 +129,7 @@ class LLMEngine:
             raise ValueError(f"add_request takes n = 1 (got n = {params.n}): add params.copies() as requests of "
                              "their own, as LLM.generate and the server do")
         params.check_vocabulary(self.vocab_size)
-        token_ids = _token_id_list(prompt_token_ids, self.vocab_size)
+        token_ids = token_id_list(prompt_token_ids, self.vocab_size)
         if not token_ids:
             raise ValueError("prompt must not be empty (it has no tokens)")
         if len(token_ids) + 1 > self.max_model_len:
@@ -266,6 +267,7 @@ class LLMEngine:
         launched are discarded."""
         outputs = []
         final, requests = step.final, self.requests
+        append_token, new_output = self.output_processor.append_token, OutputProcessor.new_output
         for request, token_id, token_logprobs in zip(step.sampling, step.tokens.tolist(), step.logprobs):
             if requests.get(request.request_id) is not request:
                 self.stats.generated_tokens -= 1
@@ -274,12 +276,12 @@ class LLMEngine:
                 reason, text = "length", None
                 self.stats.generated_tokens -= 1
             else:
-                reason, text = self._append_token(request, token_id, token_logprobs)
+                reason, text = append_token(request, token_id, token_logprobs)
             if request in final:
                 request.finish_reason = reason
             elif reason is not None:
                 self.scheduler.finish(request, reason)
-            outputs.append(self._new_output(request, text))
+            outputs.append(new_output(request, text))
             if request.status is _FINISHED:
                 del requests[request.request_id]
                 self.runner.sampler.release(request.request_id)
@@ -294,7 +296,7 @@ class LLMEngine:
         outputs = []
         for request in failed:
             request.status, request.finish_reason = RequestStatus.FINISHED, "abort"
-            outputs.append(self._new_output(request))
+            outputs.append(OutputProcessor.new_output(request))
             del self.requests[request.request_id]
             self.scoring.discard(request.request_id)
         return outputs
@@ -310,64 +312,6 @@ class LLMEngine:
         else:
             stats.prefill_tokens += step.prefill_tokens
             stats.prefill_time_s += step.elapsed_s
-
-    def _append_token(self, request: Request, token_id: int, token_logprobs: dict[int, Logprob] | None
-                      ) -> tuple[str | None, str]:
-        """Add a sampled token (in place of the request's ``PENDING_TOKEN`` if it ends with one), extend the text;
-        returns the finish reason when a stop condition is met (None otherwise) and the text not returned before
-        (taken now: the request ends if and only if there is a finish reason). A token outside the request's
-        ``stop_token_set`` without a grammar can only end it by length (one set lookup per token)."""
-        token_ids = request.token_ids
-        if token_ids[-1] == PENDING_TOKEN:
-            token_ids[-1] = token_id
-        else:
-            token_ids.append(token_id)
-        if request.logprobs is not None:
-            if request.text is not None:
-                self.token_texts.fill([token_logprobs], request.params.skip_special_tokens)
-            request.logprobs.append(token_logprobs)
-        num_tokens = len(token_ids)
-        if request.grammar is not None or token_id in request.stop_token_set:
-            reason = self._stop_reason(request, token_id)
-        else:
-            reason = "length" if num_tokens >= request.max_total_tokens else None
-        text = request.text
-        if text is None:
-            return reason, ""
-        stop_string, unsent = text.extend(token_ids, num_tokens - request.num_prompt_tokens, reason)
-        if stop_string is not None:
-            request.stop_reason = stop_string
-            reason = "stop"
-        return reason, unsent
-
-    def _stop_reason(self, request: Request, token_id: int) -> str | None:
-        """The finish reason for the request's new token ``token_id`` (appended) when it is in the request's
-        ``stop_token_set`` or the request has a grammar (which accepts the token now); sets ``stop_reason``."""
-        params = request.params
-        is_eos = not params.ignore_eos and token_id in self.eos_token_ids
-        grammar_done = request.grammar is not None and request.grammar.accept(token_id)
-        num_output_tokens = len(request.token_ids) - request.num_prompt_tokens
-        if grammar_done or (num_output_tokens >= params.min_tokens and (is_eos or token_id in params.stop_token_ids)):
-            request.stop_reason = None if is_eos or grammar_done else token_id
-            return "stop"
-        return "length" if len(request.token_ids) >= request.max_total_tokens else None
-
-    def _new_output(self, request: Request, text: str | None = None) -> RequestOutput:
-        """The request's text (``text`` when taken already), tokens and logprobs not yet returned by ``step``, and
-        its prompt logprobs if this is its first output (the one before any token was sent)."""
-        finished = request.status is _FINISHED
-        num_sent_tokens = request.num_sent_tokens
-        if text is None:
-            text = "" if request.text is None else request.text.take_unsent(finished)
-        new_tokens = request.token_ids[request.num_prompt_tokens + num_sent_tokens:]
-        request.num_sent_tokens = num_sent_tokens + len(new_tokens)
-        logprobs = None
-        if request.logprobs is not None:
-            logprobs = request.logprobs[request.num_sent_logprobs:]
-            request.num_sent_logprobs = len(request.logprobs)
-        completion = CompletionOutput(0, text, new_tokens, request.finish_reason, logprobs, request.stop_reason)
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion], finished,
-                             request.prompt_logprobs if num_sent_tokens == 0 else None)
 
     def follow(self) -> int:
         """A rank other than 0 under torchrun: run rank 0's steps until its current ``generate`` call ends
@@ -402,23 +346,3 @@ class LLMEngine:
         manager = self.block_manager
         return {"queried_tokens": manager.num_queried_tokens, "hit_tokens": manager.num_hit_tokens,
                 "hit_rate": manager.hit_rate}
-
-
-def _token_id_list(token_ids, vocab_size: int) -> list[int]:
-    """Prompt token ids (any sequence of integers, numpy ones included) -> list[int]; ValueError for anything that
-    is not an integer in [0, vocab_size)."""
-    if isinstance(token_ids, str) or not isinstance(token_ids, Iterable):
-        raise ValueError(f"prompt token ids must be a list of integers, got {type(token_ids).__name__}")
-    result = []
-    for token in token_ids:
-        if isinstance(token, bool):
-            raise ValueError(f"prompt token ids must be integers, got {token!r}")
-        try:
-            token = operator.index(token)
-        except TypeError:
-            raise ValueError(f"prompt token ids must be integers, got {token!r}") from None
-        if not 0 <= token < vocab_size:
-            raise ValueError(f"prompt token id {token} is outside the vocabulary [0, {vocab_size})")
-        result.append(token)
-    return result
-
