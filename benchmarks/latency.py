@@ -402,9 +402,11 @@ def section_copy(run: Run) -> None:
 
 
 def pdl_in_use(device: str) -> bool:
-    """Whether the kernels launch with programmatic dependent launch on ``device`` (FLASHSERVE_PDL as now set)."""
+    """Whether the kernels launch with programmatic dependent launch on ``device``, FLASHSERVE_PDL as now set (the
+    kernels decide again)."""
     from flashserve.kernels import pdl
 
+    pdl.refresh()
     return pdl.enabled(torch.device(device))
 
 
@@ -451,6 +453,7 @@ def section_decode(run: Run) -> None:
             del llm
             free_memory(f"the {name} {mode} engine")
     os.environ.pop("FLASHSERVE_PDL", None)
+    pdl_in_use(run.args.device)
 
 
 def section_hf(run: Run) -> None:

@@ -15,6 +15,14 @@ from flashserve.kernels.skinny_gemm_plans import GemmConfig
 from flashserve.models.checkpoint import write_random_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def fresh_decisions():
+    """Every test starts and ends with no decision kept (a test's switches must not leak into the next)."""
+    pdl.refresh()
+    yield
+    pdl.refresh()
+
+
 @pytest.fixture
 def sm90(monkeypatch):
     """A CUDA device of compute capability 9 as far as the switch can tell (no GPU needed)."""
@@ -22,6 +30,14 @@ def sm90(monkeypatch):
     monkeypatch.delenv("FLASHSERVE_PDL", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     return torch.device("cuda", 0)
+
+
+def test_decision_kept_until_refresh(sm90, monkeypatch):
+    assert pdl.enabled(sm90) == pdl.HAS_GDC
+    monkeypatch.setenv("FLASHSERVE_PDL", "0")
+    assert pdl.enabled(sm90) == pdl.HAS_GDC  # kept: one dictionary lookup per launch
+    pdl.refresh()
+    assert not pdl.enabled(sm90)
 
 
 def test_on_for_cuda_sm90(sm90):
@@ -35,18 +51,21 @@ def test_off_on_the_cpu(sm90):
 
 def test_off_under_the_interpreter(sm90, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pdl.refresh()
     assert not pdl.enabled(sm90)
 
 
 @pytest.mark.parametrize("value, on", [("0", False), ("1", True), ("", True)])
 def test_environment_switch(sm90, monkeypatch, value, on):
     monkeypatch.setenv("FLASHSERVE_PDL", value)
+    pdl.refresh()
     assert pdl.enabled(sm90) == (on and pdl.HAS_GDC)
 
 
 def test_off_below_sm90_and_without_grid_dependency_control(sm90, monkeypatch):
     monkeypatch.setattr(pdl, "HAS_GDC", False)
     assert not pdl.enabled(sm90)
+    pdl.refresh()
     monkeypatch.setattr(pdl, "HAS_GDC", True)
     monkeypatch.setattr(pdl, "_device_supports", lambda index: False)
     assert not pdl.enabled(sm90)
@@ -75,6 +94,7 @@ def _chain_run(x, weights, gate_up, monkeypatch, value: str):
     """With FLASHSERVE_PDL=value: ``chain()`` runs the grid kernel over ``weights`` (each launch reads the previous
     one's output; every config in turn, the gated product once in the middle), eager and captured in a graph."""
     monkeypatch.setenv("FLASHSERVE_PDL", value)
+    pdl.refresh()
 
     def chain():
         y = x
@@ -106,6 +126,7 @@ def test_grid_kernel_chain_with_pdl_gpu(monkeypatch, rows):
                for _ in range(8)]
     gate_up = (torch.randn(2048, 1024, device=device, generator=generator) / 32).to(torch.bfloat16)
     monkeypatch.setenv("FLASHSERVE_PDL", "1")
+    pdl.refresh()
     assert pdl.enabled(device)
     # the reference, step by step in fp32 with the kernel's roundings (each product rounded to bf16)
     expected = x
@@ -138,6 +159,8 @@ def test_engine_decode_graphs_same_with_and_without_pdl_gpu(tmp_path, monkeypatc
     results = {}
     for value in ("0", "1"):
         monkeypatch.setenv("FLASHSERVE_PDL", value)
+        pdl.refresh()
+        assert pdl.enabled(torch.device("cuda")) == (value == "1")
         llm = LLM(directory, dtype="bfloat16", device="cuda", block_size=16, num_kv_blocks=256, max_num_seqs=8)
         assert llm.engine.runner.graphs is not None
         outputs = llm.generate(prompts, params, use_tqdm=False)

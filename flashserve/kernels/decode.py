@@ -16,6 +16,8 @@ Kernel structure:
   stride); dense caches use ``cache_batch_idx``. Strides are plain ints so Triton specialises on them.
 The grid is sized from the cache capacity, never from ``cache_seqlens`` values (the launch itself needs no host
 synchronisation; the public function checks index values on the host, see its docstring).
+Both kernels launch with programmatic dependent launch where ``flashserve.kernels.pdl.enabled`` (``PDL``: every
+program first waits for the previous kernel).
 """
 import functools
 

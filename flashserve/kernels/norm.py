@@ -4,6 +4,8 @@ HF computes ``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)
 then a cast back to the input dtype, then the product with the weight. The kernels follow the same sequence (the
 normalised value is rounded to the input dtype before the weight multiplies it), so with a weight of the input's
 dtype the result matches HF up to the order of the fp32 sum. The output always has the input's dtype.
+With programmatic dependent launch (``flashserve.kernels.pdl``) the kernel loads the norm weight, then waits for
+the previous kernel.
 """
 import torch
 import triton

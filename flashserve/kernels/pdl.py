@@ -15,9 +15,12 @@ correctness question; the kernels call it right after their ``gdc_wait``, so tha
 (the running one and the next one's prologue). A PDL kernel after a plain launch (a torch op) behaves as a plain
 launch; a plain launch after a PDL kernel waits for its completion as always.
 
+What counts as a weight: a tensor no kernel writes while the kernels run (the engine loads its weights at start-up).
+
 ``enabled(device)``: CUDA, compute capability >= 9, not Triton's interpreter, a Triton with ``gdc_wait``, and
-``FLASHSERVE_PDL`` not "0" (read at every call, so a process can compare both; the kernels' launch caches key on
-the resulting flag). Kernels take a ``PDL: tl.constexpr``; with ``PDL=False`` they compile exactly as without PDL.
+``FLASHSERVE_PDL`` not "0". Decided at the first launch on each device and kept (a dictionary lookup per launch);
+``refresh()`` forgets the decisions, so that a process can compare both (the kernels' launch caches key on the
+flag). Kernels take a ``PDL: tl.constexpr``; with ``PDL=False`` they compile exactly as without PDL.
 """
 import functools
 import os
@@ -33,9 +36,10 @@ try:
 except ImportError:  # a Triton without grid dependency control: enabled() is False, the PDL branches never compile
     gdc_launch_dependents = gdc_wait = None
 
-__all__ = ["enabled", "launch_options", "gdc_wait", "gdc_launch_dependents", "prefetch_l2"]
+__all__ = ["enabled", "refresh", "launch_options", "gdc_wait", "gdc_launch_dependents", "prefetch_l2"]
 HAS_GDC = gdc_wait is not None
 MIN_CAPABILITY_MAJOR = 9
+_decisions: dict[torch.device, bool] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,11 +49,23 @@ def _device_supports(device_index: int) -> bool:
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels launched on ``device`` use programmatic dependent launch (see the module docstring)."""
+    decision = _decisions.get(device)
+    if decision is None:
+        decision = _decisions[device] = _decide(device)
+    return decision
+
+
+def _decide(device: torch.device) -> bool:
     if device.type != "cuda" or not HAS_GDC or os.environ.get("FLASHSERVE_PDL", "1") == "0":
         return False
     if triton_interpret_enabled():
         return False
     return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def refresh() -> None:
+    """Forget the decisions of ``enabled``: the next launch on each device reads the switches again."""
+    _decisions.clear()
 
 
 def launch_options(pdl: bool) -> dict:

@@ -7,7 +7,8 @@ and the write of k and v into the paged cache (as ``cache.reshape_and_cache_flas
 launches (q norm, k norm, rotary, cache write) and two temporary tensors; here it is one launch, in place.
 
 Each program handles one token and one block of q heads, or one block of k heads together with the same heads
-of v (the cache write): the grid is (tokens, q head blocks + k head blocks).
+of v (the cache write): the grid is (tokens, q head blocks + k head blocks). With programmatic dependent launch
+(``flashserve.kernels.pdl``) every program first waits for the previous kernel.
 """
 import functools
 

@@ -24,6 +24,11 @@ says so (CPU without ``TRITON_INTERPRET=1``, ``FLASHSERVE_ATTENTION_BACKEND=torc
 rows, and where the launch plan of ``skinny_gemm_plans`` found cuBLAS faster; the kernel with the plan's config
 otherwise.
 No call synchronises with the host, so the kernel path can be captured in a CUDA graph.
+
+Where ``flashserve.kernels.pdl.enabled`` (Hopper and newer), the grid kernel launches with programmatic dependent
+launch: while the previous kernel still runs, each program asks L2 for its first ``PDL_PREFETCH_TILES`` weight
+tiles (weights are never written by a kernel), then waits for that kernel (``gdc_wait``) before touching x, the
+residual, the counters or any output.
 """
 import logging
 
