@@ -18,9 +18,9 @@ rows, FMAs and a reduction over the tile's K for each row (no padding, no tensor
 ``pdl`` configs launch with programmatic dependent launch where ``flashserve.kernels.pdl.enabled``: the grid
 may start while the previous kernel of the stream (or CUDA graph) still runs. Until ``gdc_wait`` returns (that
 kernel complete, its writes visible) a program touches only the weights, which no kernel writes: it prefetches its
-first ``PDL_PREFETCH_TILES`` tiles into L2. That overlaps the launch gap and the previous kernel's tail with the weight read — on ~8 MB weights a
-launch costs about as much as the read itself. It then lets the next kernel launch early in turn (a kernel
-launched without PDL ignores that).
+first ``PDL_PREFETCH_TILES`` tiles into L2. That overlaps the launch gap and the previous kernel's tail with the
+weight read — on ~8 MB weights a launch costs about as much as the read itself. It then lets the next kernel
+launch early in turn (a kernel launched without PDL ignores that).
 """
 import torch
 import triton
