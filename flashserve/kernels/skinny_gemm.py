@@ -42,6 +42,7 @@ from flashserve.kernels import _validate, pdl, skinny_gemm_plans, skinny_gemm_st
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import cdiv
 from flashserve.kernels.activation import silu_and_mul
+from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait, prefetch_l2
 from flashserve.kernels.reference import layers as reference
 from flashserve.kernels.skinny_gemm_epilogue import epilogue
 from flashserve.kernels.skinny_gemm_plans import MAX_ROWS, GemmConfig
@@ -71,11 +72,11 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
         k_end = tl.minimum(k_start + k_per_split, K)
         lines = tl.minimum(k_start + tl.arange(0, PDL_PREFETCH_TILES * BLOCK_K // 64) * 64, k_end - 1)
         prefetch_ptrs = w_ptr + w_rows[:, None] * stride_wn + lines[None, :]
-        pdl.prefetch_l2(prefetch_ptrs)
+        prefetch_l2(prefetch_ptrs)
         if GATED:
-            pdl.prefetch_l2(prefetch_ptrs + n_out * stride_wn)
-        pdl.gdc_wait()
-        pdl.gdc_launch_dependents()
+            prefetch_l2(prefetch_ptrs + n_out * stride_wn)
+        gdc_wait()
+        gdc_launch_dependents()
     offs_k = k_start + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :]
     w_up_ptrs = w_ptr + (w_rows + n_out)[:, None] * stride_wn + offs_k[None, :]
