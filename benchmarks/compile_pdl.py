@@ -5,7 +5,7 @@ q/k norm + rotary + KV write, the decode kernel and its split combine, at the Qw
 
 Catches what the interpreter misses (it never runs the PDL branches) and checks the PTX: every variant must hold
 ``griddepcontrol.wait`` and ``griddepcontrol.launch_dependents``, the GEMM's its L2 weight prefetch. Usage:
-``python benchmarks/compile_pdl.py [--arch 90] [--rows 1,16]``; one line per variant (seconds, shared memory,
+``python benchmarks/compile_pdl.py [--arch 90] [--rows 1,64]``; one line per variant (seconds, shared memory,
 registers, local memory = spills); exits non-zero if one failed.
 """
 import argparse
@@ -96,7 +96,7 @@ def layer_variants():
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, >= 90 (PDL needs Hopper)")
-    parser.add_argument("--rows", default="1,16", help="GEMM row counts (each gives its rows tile)")
+    parser.add_argument("--rows", default="1,64", help="GEMM row counts (each gives its rows tile)")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 64)
     print(f"triton {triton.__version__}, target sm_{args.arch}, bf16, PDL variants")

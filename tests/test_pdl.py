@@ -139,7 +139,7 @@ def test_grid_kernel_chain_with_pdl_gpu(monkeypatch, rows):
     with_pdl = _chain_run(x, weights, gate_up, monkeypatch, "1")
     without = _chain_run(x, weights, gate_up, monkeypatch, "0")
     for got in with_pdl:
-        torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)
+        torch.testing.assert_close(got, expected, atol=0.1, rtol=0.05)
     for got, want in zip(with_pdl, without):
         assert torch.equal(got, want)
 
