@@ -26,9 +26,9 @@ otherwise.
 No call synchronises with the host, so the kernel path can be captured in a CUDA graph.
 
 Where ``flashserve.kernels.pdl.enabled`` (Hopper and newer), the grid kernel launches with programmatic dependent
-launch: while the previous kernel still runs, each program asks L2 for its first ``PDL_PREFETCH_TILES`` weight
-tiles (weights are never written by a kernel), then waits for that kernel (``gdc_wait``) before touching x, the
-residual, the counters or any output.
+launch: while the previous kernel still runs, each program asks L2 for the first ``PDL_PREFETCH_K`` columns of its
+weight rows (all of K = 1024 at Qwen3-0.6B's hidden size; weights are never written by a kernel), then waits for
+that kernel (``gdc_wait``) before touching x, the residual, the counters or any output.
 """
 import logging
 
@@ -49,7 +49,7 @@ from flashserve.kernels.skinny_gemm_plans import MAX_ROWS, GemmConfig
 
 __all__ = ["MAX_ROWS", "linear", "linear_silu_and_mul", "launch"]
 LOGGER = logging.getLogger("flashserve")
-PDL_PREFETCH_TILES = tl.constexpr(4)  # K tiles a program pulls into L2 before waiting for the previous kernel
+PDL_PREFETCH_K = tl.constexpr(1024)  # weight elements per row a program pulls into L2 before its PDL wait
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -68,9 +68,9 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
     k_start = pid_k * k_per_split
     if PDL:
         # Until gdc_wait (the previous kernel complete, its writes visible) touch only the weights, which no kernel
-        # writes: pull this program's first PDL_PREFETCH_TILES K tiles into L2 (one hint per 64 elements of a row).
+        # writes: pull the first PDL_PREFETCH_K of its K range into L2 (one hint per 64 elements of a row: 128 B).
         k_end = tl.minimum(k_start + k_per_split, K)
-        lines = tl.minimum(k_start + tl.arange(0, PDL_PREFETCH_TILES * BLOCK_K // 64) * 64, k_end - 1)
+        lines = tl.minimum(k_start + tl.arange(0, PDL_PREFETCH_K // 64) * 64, k_end - 1)
         prefetch_ptrs = w_ptr + w_rows[:, None] * stride_wn + lines[None, :]
         prefetch_l2(prefetch_ptrs)
         if GATED:
@@ -193,7 +193,7 @@ def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         partial = torch.empty((split_k, block_m, (2 if gated else 1) * n_blocks * config.block_n),
                               dtype=torch.float32, device=x_rows.device)
     has_bias, has_residual = bias is not None, residual_rows is not None
-    use_pdl = pdl.enabled(x_rows.device) and config.block_k % 64 == 0
+    use_pdl = pdl.enabled(x_rows.device)
     _skinny_gemm_kernel[(n_blocks, split_k)](
         x_rows, weight, bias if has_bias else weight, residual_rows if has_residual else out, out, partial, counters,
         num_rows, n_out, k, k_per_split, split_k, x_rows.stride(0), weight.stride(0),
