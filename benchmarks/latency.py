@@ -18,7 +18,10 @@ a time limit cannot cost it; the results are rewritten after every measurement):
    (weight bytes + KV bytes) / copy bandwidth, with weight bytes = every parameter once (a tied embedding once, as
    the LM head; an untied input embedding only its B looked-up rows) and KV bytes = B x mean context x layers x 2 x
    KV heads x head_dim x element size. Also profiles one eager qwen3-0.6b B1 step (kernels per step and per layer,
-   host µs per layer = eager B1 ms / layers).
+   host µs per layer = eager B1 ms / layers) and, per graph engine, one B1 graph replay's kernel timeline (span,
+   idle time between kernels, overlaps: ``graph_gaps``). ``--pdl`` sets ``FLASHSERVE_PDL`` for the engines: on
+   (default), off, or both (a third engine, "graphs no-pdl", with graphs and without programmatic dependent
+   launch, so that one run gives the ratio).
 4. hf: transformers ``generate`` at B1, greedy: ms/step = (t(1 + N new tokens) - t(1 new token)) / N, median of 3
    runs after a warm-up; speedup of the engine (graphs and eager, B1) over it.
 5. startup: ``LLM(...)`` of qwen3-0.6b in a fresh subprocess, cold (empty TRITON_CACHE_DIR and FLASHSERVE_CACHE_DIR)
@@ -49,6 +52,7 @@ import traceback
 import torch
 
 import common
+import graph_gaps
 from throughput import QUICK_MODEL, QWEN3_0_6B
 
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
@@ -65,6 +69,8 @@ QUICK_LLAMA = dict(QUICK_MODEL, tie_word_embeddings=False, rope_theta=500000.0,
 SHAPES = {"qwen3-0.6b": ("Qwen3ForCausalLM", QWEN3_0_6B), "llama-3.1-8b": ("LlamaForCausalLM", LLAMA_3_1_8B)}
 QUICK_SHAPES = {"qwen3-0.6b": ("Qwen3ForCausalLM", QUICK_MODEL), "llama-3.1-8b": ("LlamaForCausalLM", QUICK_LLAMA)}
 SECTIONS = ("copy", "splits", "decode", "hf", "startup", "sweep")
+PDL_CHOICES = ("on", "off", "both")
+NO_PDL = "graphs no-pdl"  # the decode section's graphs engine without programmatic dependent launch (--pdl both)
 WARMUP_STEPS, STALL_MS, SHARD_BYTES = 3, 1000.0, 4 * 10 ** 9
 SWEEP_LENGTHS = (1, 2, 63, 64, 65, 500, 512, 513, 1000, 2048, 4095, 4096, 4097, 6000, 8190)
 SWEEP_BATCHES, SWEEP_MAX_TOKENS = (1, 3, 17, 64), 64 * 1024
@@ -94,6 +100,9 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                         help="the engines' async_scheduling (default on)")
+    parser.add_argument("--pdl", choices=PDL_CHOICES, default="on",
+                        help="programmatic dependent launch in the engines (FLASHSERVE_PDL); both: also a graphs "
+                             "engine without it")
     parser.add_argument("--quick", action="store_true", help="tiny models on the CPU (smoke run)")
     if "--quick" in sys.argv[1:]:
         parser.set_defaults(batch_sizes=[1, 2], decode_steps=4, prompt_len=16, max_model_len=512,
@@ -324,6 +333,8 @@ def decode_batch(run: Run, engine, batch: int, profile_layers: int = 0) -> dict:
         graphs = getattr(engine.runner, "graphs", None)
         if graphs is not None and graphs.padded_size(batch) is not None:
             row["graph_gpu_ms"] = replay_ms(graphs, graphs.padded_size(batch))
+            if batch == 1:
+                row["graph_timeline"] = graph_gaps.replay_timeline(lambda: graphs.replay(1))
         if profile_layers:
             row["profile"] = profile_step(engine, profile_layers, ms, run.cuda)
         return row
@@ -390,6 +401,15 @@ def section_copy(run: Run) -> None:
     log(f"HBM copy bandwidth: {run.bandwidth_gbs():.0f} GB/s")
 
 
+def pdl_in_use(device: str) -> bool:
+    """Whether the kernels launch with programmatic dependent launch on ``device``, FLASHSERVE_PDL as now set (the
+    kernels decide again)."""
+    from flashserve.kernels import pdl
+
+    pdl.refresh()
+    return pdl.enabled(torch.device(device))
+
+
 def section_decode(run: Run) -> None:
     decode = run.results.setdefault("decode", {})
     bandwidth = run.bandwidth_gbs()
@@ -398,8 +418,11 @@ def section_decode(run: Run) -> None:
         info, shape = run.results["checkpoints"][name], run.shapes[name][1]
         element = info["bytes"] // info["params"]
         kv_per_token = shape["num_hidden_layers"] * 2 * shape["num_key_value_heads"] * shape["head_dim"] * element
-        for mode in ("graphs", "eager"):
+        modes = ("graphs", NO_PDL, "eager") if run.args.pdl == "both" else ("graphs", "eager")
+        for mode in modes:
             entry = decode.setdefault(name, {})[mode] = dict(rows=[])
+            os.environ["FLASHSERVE_PDL"] = "0" if mode == NO_PDL or run.args.pdl == "off" else "1"
+            entry["pdl"] = pdl_in_use(run.args.device)
             try:
                 llm, entry["startup"] = run.make_llm(model, run.args.max_model_len, eager=mode == "eager")
                 log(f"{name} {mode}: engine built in {entry['startup']['build_s']:.1f} s, "
@@ -418,6 +441,8 @@ def section_decode(run: Run) -> None:
                     entry["rows"].append(row)
                     log(f"{name} {mode} B{batch}: {row['ms']:.3f} ms/step (roofline {fmt(row['roofline_ms'], 3)} ms), "
                         f"{row['tok_per_s']:.0f} tok/s")
+                    if "graph_timeline" in row:
+                        log(f"{name} {mode} B1 graph replay: {graph_gaps.describe(row['graph_timeline'])}")
                     if "profile" in row:
                         run.results["host_cost"] = row.pop("profile")
                         log(f"eager host cost: {run.results['host_cost']}")
@@ -427,6 +452,8 @@ def section_decode(run: Run) -> None:
                 run.save()
             del llm
             free_memory(f"the {name} {mode} engine")
+    os.environ.pop("FLASHSERVE_PDL", None)
+    pdl_in_use(run.args.device)
 
 
 def section_hf(run: Run) -> None:
@@ -587,27 +614,38 @@ def md_decode(run: Run, res: dict) -> list[str]:
     for name, modes in res.get("decode", {}).items():
         out.append(f"### Decode ms/step, {name}, prompt {run.args.prompt_len}, median of {run.args.decode_steps} "
                    f"steps after {WARMUP_STEPS} warm-up\n")
-        by_batch = {}
+        by_batch, timelines = {}, []
         for mode, entry in modes.items():
             s = entry.get("startup", {})
-            out.append(f"- {mode}: {entry.get('error') or 'built in ' + fmt(s.get('build_s'), 1) + ' s'}, "
+            pdl = {True: ", PDL on", False: ", PDL off"}.get(entry.get("pdl"), "")
+            out.append(f"- {mode}: {entry.get('error') or 'built in ' + fmt(s.get('build_s'), 1) + ' s'}{pdl}, "
                        f"{graphs_text(s)}, start-up phases (s): {phases(s.get('startup_times_s'))}")
             for row in entry["rows"]:
                 by_batch.setdefault(row["batch"], {})[mode] = row
+                if "graph_timeline" in row:
+                    timelines.append(f"- {mode} B{row['batch']} graph replay: "
+                                     f"{graph_gaps.describe(row['graph_timeline'])}")
+        with_no_pdl = NO_PDL in modes
         table = []
         for batch, cells in sorted(by_batch.items()):
-            g, e = cells.get("graphs", {}), cells.get("eager", {})
+            g, e, n = cells.get("graphs", {}), cells.get("eager", {}), cells.get(NO_PDL, {})
             roof = g.get("roofline_ms", e.get("roofline_ms", math.nan))
-            table.append([batch, fmt(g.get("ms"), 3), fmt(g.get("graph_gpu_ms"), 3), fmt(e.get("ms"), 3),
+            no_pdl = [fmt(n.get("ms"), 3), fmt(n.get("graph_gpu_ms"), 3),
+                      fmt(n.get("graph_gpu_ms", math.nan) / g.get("graph_gpu_ms", math.nan))] if with_no_pdl else []
+            table.append([batch, fmt(g.get("ms"), 3), fmt(g.get("graph_gpu_ms"), 3), *no_pdl, fmt(e.get("ms"), 3),
                           fmt(roof, 3),
                           fmt(g.get("ms", math.nan) / roof), fmt(e.get("ms", math.nan) / roof),
                           fmt(g.get("tok_per_s"), 0), fmt(e.get("tok_per_s"), 0),
                           fmt(g.get("mean_context", e.get("mean_context")), 1),
-                          short(g.get("error") or e.get("error"))])
-        out += ["", common.markdown_table(["B", "graphs ms", "graph GPU ms", "eager ms", "roofline ms",
-                                           "graphs / roof",
+                          short(g.get("error") or n.get("error") or e.get("error"))])
+        no_pdl_header = ["no-pdl ms", "no-pdl GPU ms", "no-pdl / pdl GPU"] if with_no_pdl else []
+        out += ["", common.markdown_table(["B", "graphs ms", "graph GPU ms", *no_pdl_header, "eager ms",
+                                           "roofline ms", "graphs / roof",
                                            "eager / roof", "graphs tok/s", "eager tok/s", "mean ctx", "error"], table),
                 ""]
+        if timelines:
+            out += [f"Kernel timeline of one B1 graph replay ({name}; idle = span - union of kernel intervals):", "",
+                    *timelines, ""]
     if "host_cost" in res:
         h = res["host_cost"]
         out.append(f"Eager host cost (qwen3-0.6b, B1, one profiled decode step): {fmt(h['kernels_per_step'], 0)} CUDA "

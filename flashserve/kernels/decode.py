@@ -16,6 +16,8 @@ Kernel structure:
   stride); dense caches use ``cache_batch_idx``. Strides are plain ints so Triton specialises on them.
 The grid is sized from the cache capacity, never from ``cache_seqlens`` values (the launch itself needs no host
 synchronisation; the public function checks index values on the host, see its docstring).
+Both kernels launch with programmatic dependent launch where ``flashserve.kernels.pdl.enabled`` (``PDL``: every
+program first waits for the previous kernel).
 """
 import functools
 
@@ -25,6 +27,7 @@ import triton.language as tl
 
 from flashserve.kernels._launch import CachedLauncher, next_power_of_2
 from flashserve.kernels.merge import lse_weights, merge_split_rows, weighted
+from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait
 
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 64
@@ -57,8 +60,11 @@ def _decode_kernel(
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     HAS_KEY_START: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FUSED_COMBINE: tl.constexpr, BLOCK_S: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSED_COMBINE: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # every input but the softmax scale comes from earlier kernels or copies (flashserve.kernels.pdl)
+        gdc_wait()
+        gdc_launch_dependents()
     split = tl.program_id(0)
     kv_head = tl.program_id(1) % num_heads_k
     row_start = (tl.program_id(1) // num_heads_k) * BLOCK_M
@@ -191,10 +197,13 @@ def _decode_kernel(
 def _combine_splits_kernel(
     out_ptr, lse_ptr, part_ptr, seqlen_q, num_splits,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, WRITE_LSE: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     """Merge the partial states written by ``_decode_kernel`` (SPLIT_OUTPUT layout, one buffer at ``part_ptr``)
     into out (B, Sq, H, D) and, with WRITE_LSE, lse (B, H, Sq), both contiguous."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)  # batch * seqlen_q + query
     batch = token // seqlen_q
     query = token % seqlen_q

@@ -8,7 +8,7 @@ thread: see its rule for streams, threads and CUDA graphs); its launches are ``_
 """
 import torch
 
-from flashserve.kernels import decode
+from flashserve.kernels import decode, pdl
 from flashserve.kernels._dispatch import triton_interpret_enabled
 from flashserve.kernels.decode import (COMBINE_LAUNCHER, DECODE_LAUNCHER, launch_config, state_layout,
                                        uses_fused_combine)
@@ -47,7 +47,7 @@ def decode_plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, al
            None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride(), alibi_slopes.dtype),
            None if cache_leftpad is None else cache_leftpad.dtype, None if key_start is None else key_start.dtype,
            softmax_scale, softcap, window_left, window_right, capacity, num_splits, write_lse, fused_combine,
-           decode.FUSED_COMBINE_MAX_GROUPS)
+           decode.FUSED_COMBINE_MAX_GROUPS, pdl.enabled(q.device))
     plan = _PLANS.get(key)
     if plan is None:
         plan = DecodePlan(q, k_cache, v_cache, block_table, cache_batch_idx, alibi_slopes, cache_leftpad, key_start,
@@ -92,6 +92,7 @@ class DecodePlan:
         self.splits = splits
         paged = block_table is not None
         upcast = q.dtype == torch.float32 or not q.is_cuda or triton_interpret_enabled()
+        use_pdl = pdl.enabled(q.device)
         q_strides, k_strides, v_strides = q.stride(), k_cache.stride(), v_cache.stride()
         self._decode = DECODE_LAUNCHER.plan(grid, (
             capacity, k_shape[0], seqlen_q, num_heads_k, head_dim, splits,
@@ -107,12 +108,12 @@ class DecodePlan:
             HAS_LEFTPAD=cache_leftpad is not None, HAS_KEY_START=key_start is not None,
             HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
-            FUSED_COMBINE=fused_combine, BLOCK_S=block_s,
-        ), num_warps=4, num_stages=3)
+            FUSED_COMBINE=fused_combine, BLOCK_S=block_s, PDL=use_pdl,
+        ), num_warps=4, num_stages=3, **pdl.launch_options(use_pdl))
         self._combine = None if splits == 1 or fused_combine else COMBINE_LAUNCHER.plan(
             combine_grid, (seqlen_q, splits), dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=write_lse,
-                                                   BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d),
-            num_warps=combine_warps)
+                                                   BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d, PDL=use_pdl),
+            num_warps=combine_warps, **pdl.launch_options(use_pdl))
 
     def __call__(self, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, cache_leftpad,
                  key_start):

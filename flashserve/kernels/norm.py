@@ -4,30 +4,37 @@ HF computes ``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)
 then a cast back to the input dtype, then the product with the weight. The kernels follow the same sequence (the
 normalised value is rounded to the input dtype before the weight multiplies it), so with a weight of the input's
 dtype the result matches HF up to the order of the fp32 sum. The output always has the input's dtype.
+With programmatic dependent launch (``flashserve.kernels.pdl``) the kernel loads the norm weight, then waits for
+the previous kernel.
 """
 import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels import _validate
+from flashserve.kernels import _validate, pdl
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import next_power_of_2
+from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait
 from flashserve.kernels.reference import layers as reference
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, hidden, eps,
-                     stride_x, stride_residual, stride_out, ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     stride_x, stride_residual, stride_out, ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: before the PDL wait
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if ADD_RESIDUAL:
         residual_row = residual_ptr + row * stride_residual + cols
         summed = (x + tl.load(residual_row, mask=mask, other=0.0).to(tl.float32)).to(residual_ptr.dtype.element_ty)
         tl.store(residual_row, summed, mask=mask)
         x = summed.to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     variance = tl.sum(x * x, axis=0) / hidden
     normalised = (x * tl.math.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (normalised * weight).to(out_ptr.dtype.element_ty), mask=mask)
@@ -62,10 +69,12 @@ def _launch(x, x_rows, weight, eps, residual_rows) -> torch.Tensor:
         return out
     hidden = x.shape[-1]
     block = next_power_of_2(hidden)
+    use_pdl = pdl.enabled(x.device)
     _rms_norm_kernel[(x_rows.shape[0],)](
         x_rows, residual_rows, weight, out_rows, hidden, float(eps),
         x_rows.stride(0), residual_rows.stride(0), out_rows.stride(0),
-        ADD_RESIDUAL=add_residual, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        ADD_RESIDUAL=add_residual, BLOCK=block, PDL=use_pdl, num_warps=min(16, max(1, block // 256)),
+        **pdl.launch_options(use_pdl),
     )
     return out
 

@@ -7,7 +7,8 @@ and the write of k and v into the paged cache (as ``cache.reshape_and_cache_flas
 launches (q norm, k norm, rotary, cache write) and two temporary tensors; here it is one launch, in place.
 
 Each program handles one token and one block of q heads, or one block of k heads together with the same heads
-of v (the cache write): the grid is (tokens, q head blocks + k head blocks).
+of v (the cache write): the grid is (tokens, q head blocks + k head blocks). With programmatic dependent launch
+(``flashserve.kernels.pdl``) every program first waits for the previous kernel.
 """
 import functools
 
@@ -15,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels import _validate
+from flashserve.kernels import _validate, pdl
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import head_block_sizes, next_power_of_2
+from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait
 from flashserve.kernels.rotary import pair_columns, rotate_pairs
 from flashserve.kernels.reference import layers as reference
 
@@ -74,10 +76,13 @@ def _qk_norm_rope_cache_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_SIZE: tl.constexpr, HALF: tl.constexpr,
     CACHE_BLOCK_SIZE: tl.constexpr, Q_BLOCKS: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    NORM: tl.constexpr, WRITE_CACHE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    NORM: tl.constexpr, WRITE_CACHE: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
+    if PDL:  # everything below reads what earlier kernels wrote (q, k, v, positions, slots) or writes the cache
+        gdc_wait()
+        gdc_launch_dependents()
     position = tl.load(positions_ptr + token).to(tl.int64)
     position = tl.minimum(tl.maximum(position, 0), num_positions - 1)  # never a row outside the table
     pairs = tl.arange(0, BLOCK_R)
@@ -140,6 +145,7 @@ def launch_qk_norm_rope_cache(q, k, v, cos_sin_cache, positions, key_cache, valu
     vc_stride = value_cache.stride() if write_cache else (0, 0, 0)
     q_stride, k_stride, v_stride = q.stride(), k.stride(), v.stride()
     norm = q_norm_weight is not None
+    use_pdl = pdl.enabled(q.device)
     _qk_norm_rope_cache_kernel[(num_tokens, head_blocks)](
         q, k, v, cos_sin_cache, positions, key_cache if write_cache else k, value_cache if write_cache else v,
         slot_mapping if write_cache else positions, q_norm_weight if norm else q, k_norm_weight if norm else k, eps,
@@ -147,7 +153,7 @@ def launch_qk_norm_rope_cache(q, k, v, cos_sin_cache, positions, key_cache, valu
         q_stride[0], q_stride[1], k_stride[0], k_stride[1], v_stride[0], v_stride[1], cos_sin_cache.stride(0),
         kc_stride[0], kc_stride[1], kc_stride[2], vc_stride[0], vc_stride[1], vc_stride[2],
         CACHE_BLOCK_SIZE=key_cache.shape[1] if write_cache else 1, NORM=norm, WRITE_CACHE=write_cache,
-        INTERLEAVED=not is_neox, num_warps=4, **constexprs,
+        INTERLEAVED=not is_neox, PDL=use_pdl, num_warps=4, **constexprs, **pdl.launch_options(use_pdl),
     )
 
 

@@ -24,6 +24,11 @@ says so (CPU without ``TRITON_INTERPRET=1``, ``FLASHSERVE_ATTENTION_BACKEND=torc
 rows, and where the launch plan of ``skinny_gemm_plans`` found cuBLAS faster; the kernel with the plan's config
 otherwise.
 No call synchronises with the host, so the kernel path can be captured in a CUDA graph.
+
+Where ``flashserve.kernels.pdl.enabled`` (Hopper and newer), the grid kernel launches with programmatic dependent
+launch: while the previous kernel still runs, each program asks L2 for the first ``PDL_PREFETCH_K`` columns of its
+weight rows (all of K = 1024 at Qwen3-0.6B's hidden size; weights are never written by a kernel), then waits for
+that kernel (``gdc_wait``) before touching x, the residual, the counters or any output.
 """
 import logging
 
@@ -33,16 +38,18 @@ import triton.compiler.errors
 import triton.language as tl
 import triton.runtime.errors
 
-from flashserve.kernels import _validate, skinny_gemm_plans, skinny_gemm_streamk
+from flashserve.kernels import _validate, pdl, skinny_gemm_plans, skinny_gemm_streamk
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import cdiv
 from flashserve.kernels.activation import silu_and_mul
+from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait, prefetch_l2
 from flashserve.kernels.reference import layers as reference
 from flashserve.kernels.skinny_gemm_epilogue import epilogue
 from flashserve.kernels.skinny_gemm_plans import MAX_ROWS, GemmConfig
 
 __all__ = ["MAX_ROWS", "linear", "linear_silu_and_mul", "launch"]
 LOGGER = logging.getLogger("flashserve")
+PDL_PREFETCH_K = tl.constexpr(1024)  # weight elements per row a program pulls into L2 before its PDL wait
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -51,7 +58,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, USE_DOT: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -59,6 +66,17 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
     # Features past n_out wrap around to valid weight rows (no load mask); their results are never stored.
     w_rows = (cols % n_out).to(tl.int64)
     k_start = pid_k * k_per_split
+    if PDL:
+        # Until gdc_wait (the previous kernel complete, its writes visible) touch only the weights, which no kernel
+        # writes: pull the first PDL_PREFETCH_K of its K range into L2 (one hint per 64 elements of a row: 128 B).
+        k_end = tl.minimum(k_start + k_per_split, K)
+        lines = tl.minimum(k_start + tl.arange(0, PDL_PREFETCH_K // 64) * 64, k_end - 1)
+        prefetch_ptrs = w_ptr + w_rows[:, None] * stride_wn + lines[None, :]
+        prefetch_l2(prefetch_ptrs)
+        if GATED:
+            prefetch_l2(prefetch_ptrs + n_out * stride_wn)
+        gdc_wait()
+        gdc_launch_dependents()
     offs_k = k_start + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :]
     w_up_ptrs = w_ptr + (w_rows + n_out)[:, None] * stride_wn + offs_k[None, :]
@@ -175,14 +193,15 @@ def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         partial = torch.empty((split_k, block_m, (2 if gated else 1) * n_blocks * config.block_n),
                               dtype=torch.float32, device=x_rows.device)
     has_bias, has_residual = bias is not None, residual_rows is not None
+    use_pdl = pdl.enabled(x_rows.device)
     _skinny_gemm_kernel[(n_blocks, split_k)](
         x_rows, weight, bias if has_bias else weight, residual_rows if has_residual else out, out, partial, counters,
         num_rows, n_out, k, k_per_split, split_k, x_rows.stride(0), weight.stride(0),
         residual_rows.stride(0) if has_residual else 0, out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=split_k > 1,
         EVEN_K=k % k_per_split == 0, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, GATED=gated,
-        USE_DOT=config.use_dot, DOT_PRECISION="ieee" if x_rows.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        USE_DOT=config.use_dot, DOT_PRECISION="ieee" if x_rows.dtype == torch.float32 else "tf32", PDL=use_pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(use_pdl))
     return out
 
 

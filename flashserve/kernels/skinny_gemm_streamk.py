@@ -15,19 +15,20 @@ A tile's product: ``tl.dot`` on the rows padded to >= 16 (``use_dot``), or, for 
 rows, FMAs and a reduction over the tile's K for each row (no padding, no tensor cores). Weight loads are marked
 ``evict_first``: each weight byte is read once, so it should not push the rows and partials out of L2.
 
-``pdl`` configs launch with programmatic dependent launch (sm_90+): the grid may start while the previous kernel
-of the stream (or CUDA graph) still runs. Until ``gdc_wait`` returns (that kernel complete, its writes visible) a
-program touches only the weights, which no kernel writes: it prefetches its first ``PDL_PREFETCH_TILES`` tiles
-into L2. That overlaps the launch gap and the previous kernel's tail with the weight read — on ~8 MB weights a
-launch costs about as much as the read itself. It then lets the next kernel launch early in turn (a kernel
-launched without PDL ignores that).
+``pdl`` configs launch with programmatic dependent launch where ``flashserve.kernels.pdl.enabled``: the grid
+may start while the previous kernel of the stream (or CUDA graph) still runs. Until ``gdc_wait`` returns (that
+kernel complete, its writes visible) a program touches only the weights, which no kernel writes: it prefetches its
+first ``PDL_PREFETCH_TILES`` tiles into L2. That overlaps the launch gap and the previous kernel's tail with the
+weight read — on ~8 MB weights a launch costs about as much as the read itself. It then lets the next kernel
+launch early in turn (a kernel launched without PDL ignores that).
 """
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from flashserve.kernels import pdl as pdl_launch
 from flashserve.kernels._launch import cdiv, next_power_of_2
+from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait, prefetch_l2
 from flashserve.kernels.skinny_gemm_epilogue import epilogue
 from flashserve.kernels.skinny_gemm_plans import STREAMK_FMA_MAX_ROWS, GemmConfig, block_rows
 
@@ -111,13 +112,6 @@ def _weight_tiles(w_ptr, unit, unit_end, k_tiles, features, offs_k, n_out, K, st
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the 128-byte line at each pointer (a hint: no registers, no wait)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _prefetch_weight_tiles(w_ptr, unit, k_tiles, features, n_out, K, stride_wn, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, GATED: tl.constexpr):
     """L2 prefetch of the weight tile of ``unit`` (and its up half): one pointer per 64 elements of a row."""
@@ -126,9 +120,9 @@ def _prefetch_weight_tiles(w_ptr, unit, k_tiles, features, n_out, K, stride_wn, 
     w_rows = ((block * BLOCK_N + features) % n_out).to(tl.int64)
     lines = tl.minimum(k_tile * BLOCK_K + tl.arange(0, BLOCK_K // 64) * 64, K - 1)
     ptrs = w_ptr + w_rows[:, None] * stride_wn + lines[None, :]
-    _prefetch_l2(ptrs)
+    prefetch_l2(ptrs)
     if GATED:
-        _prefetch_l2(ptrs + n_out * stride_wn)
+        prefetch_l2(ptrs + n_out * stride_wn)
 
 
 @triton.jit(do_not_specialize=["M", "units", "programs", "k_tiles"])
@@ -225,7 +219,7 @@ def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     partial = torch.empty((programs, 2, 2 if gated else 1, block_m, config.block_n), dtype=torch.float32,
                           device=x_rows.device)
     has_bias, has_residual = bias is not None, residual_rows is not None
-    pdl = config.pdl and x_rows.device.type == "cuda"  # the interpreter runs it as a plain launch
+    pdl = config.pdl and pdl_launch.enabled(x_rows.device)  # off: a plain launch (the interpreter, FLASHSERVE_PDL=0)
     _streamk_kernel[(programs,)](
         x_rows, weight, bias if has_bias else weight, residual_rows if has_residual else out, out, partial, counters,
         num_rows, n_out, k, units, programs, k_tiles, x_rows.stride(0), weight.stride(0),
@@ -233,5 +227,5 @@ def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
         HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, GATED=gated, USE_DOT=config.use_dot,
         DOT_PRECISION="ieee" if x_rows.dtype == torch.float32 else "tf32", PDL=pdl,
-        num_warps=config.num_warps, num_stages=config.num_stages, **({"launch_pdl": True} if pdl else {}))
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch.launch_options(pdl))
     return out

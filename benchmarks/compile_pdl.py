@@ -1,0 +1,128 @@
+"""Compile the programmatic-dependent-launch variants (``PDL=True``) of the decode step's kernels for a GPU target
+without a GPU, through ``triton.compile`` (Triton ships ptxas): the skinny-GEMM grid kernel (every tile of the
+tuning's choices, plain and gated, with and without split-K), RMSNorm (with and without the residual add), the fused
+q/k norm + rotary + KV write, the decode kernel and its split combine, at the Qwen3-0.6B and Llama-3.1-8B shapes.
+
+Catches what the interpreter misses (it never runs the PDL branches) and checks the PTX: every variant must hold
+``griddepcontrol.wait`` and ``griddepcontrol.launch_dependents``, the GEMM's its L2 weight prefetch. Usage:
+``python benchmarks/compile_pdl.py [--arch 90] [--rows 1,64]``; one line per variant (seconds, shared memory,
+registers, local memory = spills); exits non-zero if one failed.
+"""
+import argparse
+import sys
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from compile_prefill_tma import resource_usage
+from flashserve.kernels import skinny_gemm_plans
+from flashserve.kernels.decode import _combine_splits_kernel, _decode_kernel, launch_config
+from flashserve.kernels.norm import _rms_norm_kernel
+from flashserve.kernels.qk_rope_cache import _qk_norm_rope_cache_kernel, _tiles
+from flashserve.kernels.skinny_gemm import _skinny_gemm_kernel
+
+# Pointer arguments whose element type is not the activations' (bf16); every other ``*_ptr`` argument is bf16.
+POINTER_TYPES = {"partial_ptr": "fp32", "counter_ptr": "i32", "cos_sin_ptr": "fp32", "positions_ptr": "i64",
+                 "slot_mapping_ptr": "i64", "out_ptr@decode": "fp32", "lse_ptr": "fp32", "part_ptr": "fp32",
+                 "block_table_ptr": "i32", "batch_idx_ptr": "i32", "seqlens_k_ptr": "i32", "alibi_ptr": "fp32",
+                 "leftpad_ptr": "i32", "key_start_ptr": "i32", "final_lse_ptr": "fp32"}
+FLOATS = ("eps", "sm_scale", "softcap")
+DIVISIBLE = ("n_out", "K", "hidden")  # ints the real shapes make multiples of 16 (strides too)
+SHAPES = {"qwen3-0.6b": dict(hidden=1024, heads=16, kv_heads=8, head_dim=128, qk_norm=True),
+          "llama-3.1-8b": dict(hidden=4096, heads=32, kv_heads=8, head_dim=128, qk_norm=False)}
+PAGE, CAPACITY = 16, 4096
+
+
+def signature(kernel, constexprs: dict, tag: str = "") -> tuple[dict, dict]:
+    """Triton type strings of ``kernel``'s arguments and the 16-divisibility the JIT finds at aligned shapes."""
+    sig, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + POINTER_TYPES.get(f"{name}@{tag}", POINTER_TYPES.get(name, "bf16"))
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name in DIVISIBLE or name.startswith("stride_"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def gemm_variants(rows_list: list[int]):
+    """(name, kernel, constexprs, num_warps, num_stages) of the grid kernel's tiles with PDL."""
+    for rows in rows_list:
+        tiles = [(tile, True) for tile in skinny_gemm_plans.TILE_CHOICES]
+        tiles += [(tile, False) for tile in skinny_gemm_plans.FMA_TILE_CHOICES if rows == 1]
+        for (block_n, block_k, warps, stages), use_dot in tiles:
+            block_m = skinny_gemm_plans.block_rows(rows) if use_dot else 1
+            for gated in (False, True):
+                for split in (False, True):
+                    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, EVEN_K=True,
+                                      HAS_BIAS=False, HAS_RESIDUAL=False, GATED=gated, USE_DOT=use_dot,
+                                      DOT_PRECISION="tf32", PDL=True)
+                    name = (f"gemm {'dot' if use_dot else 'fma'} n{block_n}k{block_k}w{warps}st{stages} M{block_m}"
+                            f"{' gated' if gated else ''}{' split' if split else ''}")
+                    yield name, _skinny_gemm_kernel, constexprs, warps, stages, ""
+
+
+def layer_variants():
+    """(name, kernel, constexprs, num_warps, num_stages, tag) of the other decode-step kernels with PDL."""
+    for shape_name, shape in SHAPES.items():
+        block = triton.next_power_of_2(shape["hidden"])
+        for add in (False, True):
+            yield (f"rms_norm {shape_name}{' +residual' if add else ''}", _rms_norm_kernel,
+                   dict(ADD_RESIDUAL=add, BLOCK=block, PDL=True), min(16, max(1, block // 256)), 3, "")
+        _, tiles = _tiles(shape["heads"], shape["kv_heads"], shape["head_dim"], shape["head_dim"])
+        yield (f"qk_norm_rope_cache {shape_name}", _qk_norm_rope_cache_kernel,
+               dict(tiles, CACHE_BLOCK_SIZE=PAGE, NORM=shape["qk_norm"], WRITE_CACHE=True, INTERLEAVED=False,
+                    PDL=True), 4, 3, "")
+        grid, splits, block_m, block_n, block_d, _, block_h, block_s, combine_warps = launch_config(
+            1, 1, shape["heads"], shape["kv_heads"], shape["head_dim"], CAPACITY, 0, torch.device("cpu"))
+        yield (f"decode {shape_name} B1 splits {splits}", _decode_kernel,
+               dict(GROUP=shape["heads"] // shape["kv_heads"], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                    PAGE_SIZE=PAGE, PAGED=True, HAS_BATCH_IDX=False, HAS_LEFTPAD=False, HAS_KEY_START=False,
+                    HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, UPCAST=False,
+                    DOT_PRECISION="tf32", FUSED_COMBINE=False, BLOCK_S=block_s, PDL=True), 4, 3, "decode")
+        yield (f"combine {shape_name} B1 splits {splits}", _combine_splits_kernel,
+               dict(NUM_HEADS=shape["heads"], HEAD_DIM=shape["head_dim"], WRITE_LSE=False, BLOCK_H=block_h,
+                    BLOCK_S=block_s, BLOCK_D=block_d, PDL=True), combine_warps, 3, "")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, >= 90 (PDL needs Hopper)")
+    parser.add_argument("--rows", default="1,64", help="GEMM row counts (each gives its rows tile)")
+    args = parser.parse_args()
+    target = GPUTarget("cuda", args.arch, 64)
+    print(f"triton {triton.__version__}, target sm_{args.arch}, bf16, PDL variants")
+    failures = 0
+    variants = list(layer_variants()) + list(gemm_variants([int(r) for r in args.rows.split(",")]))
+    for name, kernel, constexprs, warps, stages, tag in variants:
+        sig, attrs = signature(kernel, constexprs, tag)
+        start = time.perf_counter()
+        try:
+            compiled = triton.compile(triton.compiler.ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs),
+                                      target=target, options={"num_warps": warps, "num_stages": stages,
+                                                              "launch_pdl": True})
+        except Exception as error:  # report every failing variant, not only the first
+            failures += 1
+            print(f"FAIL {name}: {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)
+            continue
+        ptx = compiled.asm["ptx"]
+        wanted = ["griddepcontrol.wait", "griddepcontrol.launch_dependents"]
+        wanted += ["prefetch.global.L2"] if kernel is _skinny_gemm_kernel else []
+        missing = [text for text in wanted if text not in ptx]
+        failures += bool(missing)
+        print(f"{'FAIL' if missing else 'ok  '} {name}: {time.perf_counter() - start:.1f} s, shared "
+              f"{compiled.metadata.shared} B, {resource_usage(compiled.asm['cubin'])}"
+              f"{', PTX lacks ' + ', '.join(missing) if missing else ''}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
