@@ -1,7 +1,9 @@
 """Compile the programmatic-dependent-launch variants (``PDL=True``) of the decode step's kernels for a GPU target
 without a GPU, through ``triton.compile`` (Triton ships ptxas): the skinny-GEMM grid kernel (every tile of the
 tuning's choices, plain and gated, with and without split-K), RMSNorm (with and without the residual add), the fused
-q/k norm + rotary + KV write, the decode kernel and its split combine, at the Qwen3-0.6B and Llama-3.1-8B shapes.
+q/k norm + rotary + KV write, the decode kernel and its split combine, at the Qwen3-0.6B and Llama-3.1-8B shapes;
+the fused-MoE kernels (the token permutation's four, both grouped GEMMs in each output mode, the pair sum) at the
+Qwen3-30B-A3B shape.
 
 Catches what the interpreter misses (it never runs the PDL branches) and checks the PTX: every variant must hold
 ``griddepcontrol.wait`` and ``griddepcontrol.launch_dependents``, the GEMM's its L2 weight prefetch. Usage:
@@ -19,6 +21,8 @@ from triton.backends.compiler import GPUTarget
 from compile_prefill_tma import resource_usage
 from flashserve.kernels import skinny_gemm_plans
 from flashserve.kernels.decode import _combine_splits_kernel, _decode_kernel, launch_config
+from flashserve.kernels.moe import _grouped_gemm_kernel, _sum_pairs_kernel
+from flashserve.kernels.moe_align import _align_single_kernel, _count_kernel, _offsets_kernel, _scatter_kernel
 from flashserve.kernels.norm import _rms_norm_kernel
 from flashserve.kernels.qk_rope_cache import _qk_norm_rope_cache_kernel, _tiles
 from flashserve.kernels.skinny_gemm import _skinny_gemm_kernel
@@ -27,7 +31,10 @@ from flashserve.kernels.skinny_gemm import _skinny_gemm_kernel
 POINTER_TYPES = {"partial_ptr": "fp32", "counter_ptr": "i32", "cos_sin_ptr": "fp32", "positions_ptr": "i64",
                  "slot_mapping_ptr": "i64", "out_ptr@decode": "fp32", "lse_ptr": "fp32", "part_ptr": "fp32",
                  "block_table_ptr": "i32", "batch_idx_ptr": "i32", "seqlens_k_ptr": "i32", "alibi_ptr": "fp32",
-                 "leftpad_ptr": "i32", "key_start_ptr": "i32", "final_lse_ptr": "fp32"}
+                 "leftpad_ptr": "i32", "key_start_ptr": "i32", "final_lse_ptr": "fp32", "weights_ptr": "fp32",
+                 "sorted_ids_ptr": "i32", "block_experts_ptr": "i32", "num_padded_ptr": "i32", "clear_ptr": "fp32",
+                 "out_ptr@moe_atomic": "fp32", "ids_ptr": "i64", "padded_starts_ptr": "i32",
+                 "chunk_counts_ptr": "i32", "chunk_offsets_ptr": "i32"}
 FLOATS = ("eps", "sm_scale", "softcap")
 DIVISIBLE = ("n_out", "K", "hidden")  # ints the real shapes make multiples of 16 (strides too)
 SHAPES = {"qwen3-0.6b": dict(hidden=1024, heads=16, kv_heads=8, head_dim=128, qk_norm=True),
@@ -93,6 +100,29 @@ def layer_variants():
                     BLOCK_S=block_s, BLOCK_D=block_d, PDL=True), combine_warps, 3, "")
 
 
+def moe_variants():
+    """(name, kernel, constexprs, num_warps, num_stages, tag) of the fused-MoE kernels with PDL (Qwen3-30B-A3B's
+    128 experts: decode and prefill tiles of its tuned table)."""
+    align = dict(BLOCK_E=128, PDL=True)
+    yield "moe align single", _align_single_kernel, dict(align, BLOCK_M=16, BLOCK_P=32, BLOCK_R=128,
+                                                          FILL_BLOCK=4096), 8, 1, ""
+    yield "moe align count", _count_kernel, dict(align, BLOCK_P=128), 4, 1, ""
+    yield "moe align offsets", _offsets_kernel, dict(align, BLOCK_M=128, BLOCK_R=128, BLOCK_C=128,
+                                                      FILL_BLOCK=4096), 4, 1, ""
+    yield "moe align scatter", _scatter_kernel, dict(align, BLOCK_P=128), 4, 1, ""
+    gemm = dict(DOT_PRECISION="tf32", SPLIT_K=1, PDL=True)
+    yield ("moe gate/up 16x32x128 +clear", _grouped_gemm_kernel,
+           dict(gemm, GATED=True, PAIR_OUTPUTS=False, CLEAR=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128), 4, 3, "")
+    yield ("moe gate/up 128x128x64", _grouped_gemm_kernel,
+           dict(gemm, GATED=True, PAIR_OUTPUTS=False, CLEAR=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 4, "")
+    yield ("moe down 16x64x128 atomic", _grouped_gemm_kernel,
+           dict(gemm, GATED=False, PAIR_OUTPUTS=False, CLEAR=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128), 4, 2,
+           "moe_atomic")
+    yield ("moe down 128x256x64 pair outputs", _grouped_gemm_kernel,
+           dict(gemm, GATED=False, PAIR_OUTPUTS=True, CLEAR=False, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 8, 4, "")
+    yield "moe pair sum", _sum_pairs_kernel, dict(BLOCK_N=1024, PDL=True), 4, 1, ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, >= 90 (PDL needs Hopper)")
@@ -102,6 +132,7 @@ def main() -> int:
     print(f"triton {triton.__version__}, target sm_{args.arch}, bf16, PDL variants")
     failures = 0
     variants = list(layer_variants()) + list(gemm_variants([int(r) for r in args.rows.split(",")]))
+    variants += list(moe_variants())
     for name, kernel, constexprs, warps, stages, tag in variants:
         sig, attrs = signature(kernel, constexprs, tag)
         start = time.perf_counter()

@@ -14,9 +14,13 @@
    column tiles of a row block are launched one after another (L2 reuse of the gathered rows and weight tiles).
 4. Down grouped GEMM: the same walk over the activations, the product scaled by the pair's routing weight, then
    either added atomically into the token's fp32 output row (the k contributions of a token meet there, and the
-   K shares of a split-K config's programs; the row is cleared before and rounded to the input dtype after), or
+   K shares of a split-K config's programs; the gate/up launch clears the rows, a rounding to the input dtype
+   follows), or
    (``pair_outputs`` configs: many pairs, short K, where atomics dominate) stored per pair in the input dtype and
    summed per token in fp32 by a third launch, ``_sum_pairs_kernel``, which writes the output once.
+
+Every Triton launch here uses programmatic dependent launch where ``pdl.enabled`` says so (Hopper): each kernel
+waits for the previous one before touching memory, but its launch overlaps that kernel's tail.
 
 Weights are stacked per expert: ``w13`` (E, 2I, H) holds each expert's gate rows then its up rows (Hugging Face's
 ``experts.gate_up_proj``), ``w2`` (E, H, I) its down projection. Tiles come from ``moe_configs``.
@@ -25,23 +29,25 @@ import torch
 import triton
 import triton.language as tl
 
-from flashserve.kernels import _validate
+from flashserve.kernels import _validate, pdl
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import cdiv
 from flashserve.kernels.moe_align import moe_align_block_size
 from flashserve.kernels.moe_configs import MoeGemmConfig, moe_configs
+from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait
 from flashserve.kernels.reference import moe as reference
 
 moe_routing = reference.moe_routing
+_CLEAR_BLOCK = tl.constexpr(1024)  # fp32 values a gate/up program clears per step (CLEAR)
 
 
 @triton.jit
 def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, block_experts_ptr, num_padded_ptr,
-                         N, K, top_k, a_rows_per_pair_divisor, up_offset,
+                         clear_ptr, clear_numel, N, K, top_k, a_rows_per_pair_divisor, up_offset,
                          stride_am, stride_be, stride_bn, stride_om,
-                         GATED: tl.constexpr, PAIR_OUTPUTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT_K: tl.constexpr):
+                         GATED: tl.constexpr, PAIR_OUTPUTS: tl.constexpr, CLEAR: tl.constexpr, PDL: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """One (BLOCK_M pairs of one expert) x (BLOCK_N output columns) tile of ``a[rows] @ b[expert].T``.
 
     GATED: b rows [n] and [up_offset + n] give gate and up; stores silu(gate) * up at the pair's row of out.
@@ -51,7 +57,17 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, blo
 
     One program per tile (and K share) on a 1-D grid, the column tiles of a row block consecutive: the programs that
     run at the same time share their row block's gathered rows in L2, and an expert's row blocks (adjacent) its
-    weight tiles."""
+    weight tiles. CLEAR (the gate/up launch before an atomic down launch): the programs first set the clear_numel
+    fp32 values at clear_ptr to zero between them (the down launch's output: no memset launch). PDL: waits for the
+    previous kernel before any memory access (which expert's weights to read comes from the permutation)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    if CLEAR:
+        offs_clear = tl.arange(0, _CLEAR_BLOCK)
+        for start in range(tl.program_id(0) * _CLEAR_BLOCK, clear_numel, tl.num_programs(0) * _CLEAR_BLOCK):
+            tl.store(clear_ptr + start + offs_clear, tl.zeros((_CLEAR_BLOCK,), tl.float32),
+                     mask=start + offs_clear < clear_numel)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     tile = tl.program_id(0) // SPLIT_K
     pid_m = tile // num_n_tiles
@@ -108,9 +124,12 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, blo
 
 
 @triton.jit
-def _sum_pairs_kernel(pair_out_ptr, out_ptr, N, top_k, BLOCK_N: tl.constexpr):
+def _sum_pairs_kernel(pair_out_ptr, out_ptr, N, top_k, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """out[t, n] = sum over j < top_k of pair_out[t * top_k + j, n], in fp32, rounded once: one program per
     (token, BLOCK_N columns)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs_n < N
@@ -123,34 +142,44 @@ def _sum_pairs_kernel(pair_out_ptr, out_ptr, N, top_k, BLOCK_N: tl.constexpr):
 _SUM_BLOCK_N = 1024
 
 
-def _launch(a, b, out, topk_weights, top_k, gated, config: MoeGemmConfig, alignment) -> None:
+def _launch(a, b, out, topk_weights, top_k, gated, config: MoeGemmConfig, alignment,
+            clear: torch.Tensor | None = None) -> None:
+    """One grouped-GEMM launch (the kernel's docstring); ``clear``: an fp32 tensor the gate/up launch zeroes."""
     sorted_pair_ids, block_experts, num_padded = alignment
     n = b.shape[1] // 2 if gated else b.shape[1]
     grid = (block_experts.numel() * cdiv(n, config.block_n) * config.split_k,)
+    with_pdl = pdl.enabled(a.device)
     _grouped_gemm_kernel[grid](
         a, b, out, topk_weights, sorted_pair_ids, block_experts, num_padded,
+        out if clear is None else clear, 0 if clear is None else clear.numel(),
         n, b.shape[2], top_k, top_k if gated else 1, n if gated else 0,
         a.stride(0), b.stride(0), b.stride(1), out.stride(0),
-        GATED=gated, PAIR_OUTPUTS=config.pair_outputs, DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        GATED=gated, PAIR_OUTPUTS=config.pair_outputs, CLEAR=clear is not None, PDL=with_pdl,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(with_pdl),
     )
 
 
 def down_projection(activated: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, top_k: int,
-                    config: MoeGemmConfig, alignment, out_dtype: torch.dtype) -> torch.Tensor:
+                    config: MoeGemmConfig, alignment, out_dtype: torch.dtype,
+                    cleared: torch.Tensor | None = None) -> torch.Tensor:
     """The down half of ``fused_experts``: (T * k, I) activations (pair rows) -> (T, H) in ``out_dtype``, the
-    weighted sum of each token's k down products (atomics into fp32, or per-pair rows and a sum: ``config``)."""
+    weighted sum of each token's k down products (atomics into fp32, or per-pair rows and a sum: ``config``).
+    ``cleared``: for the atomic mode, a zeroed (T, H) fp32 tensor to add into (else one is made here)."""
     num_pairs, hidden = activated.shape[0], w2.shape[1]
     num_tokens = num_pairs // top_k
     if config.pair_outputs:
         pair_out = torch.empty(num_pairs, hidden, dtype=activated.dtype, device=activated.device)
         _launch(activated, w2, pair_out, topk_weights, top_k, False, config, alignment)
         out = torch.empty(num_tokens, hidden, dtype=out_dtype, device=activated.device)
-        _sum_pairs_kernel[(num_tokens, cdiv(hidden, _SUM_BLOCK_N))](pair_out, out, hidden, top_k,
-                                                                    BLOCK_N=_SUM_BLOCK_N, num_warps=4)
+        with_pdl = pdl.enabled(out.device)
+        _sum_pairs_kernel[(num_tokens, cdiv(hidden, _SUM_BLOCK_N))](
+            pair_out, out, hidden, top_k, BLOCK_N=_SUM_BLOCK_N, PDL=with_pdl, num_warps=4,
+            **pdl.launch_options(with_pdl))
         return out
-    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=activated.device)
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=activated.device) if cleared is None \
+        else cleared
     _launch(activated, w2, out, topk_weights, top_k, False, config, alignment)
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
@@ -206,11 +235,14 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     topk_weights = topk_weights.contiguous()
     activated = torch.empty(num_tokens * top_k, intermediate, dtype=hidden_states.dtype,
                             device=hidden_states.device)
+    cleared = None if down_config.pair_outputs else torch.empty(num_tokens, hidden, dtype=torch.float32,
+                                                                 device=hidden_states.device)
     alignment = moe_align_block_size(topk_ids, up_config.block_m, num_experts)
-    _launch(hidden_states, w13, activated, topk_weights, top_k, True, up_config, alignment)
+    _launch(hidden_states, w13, activated, topk_weights, top_k, True, up_config, alignment, clear=cleared)
     if down_config.block_m != up_config.block_m:
         alignment = moe_align_block_size(topk_ids, down_config.block_m, num_experts)
-    return down_projection(activated, w2, topk_weights, top_k, down_config, alignment, hidden_states.dtype)
+    return down_projection(activated, w2, topk_weights, top_k, down_config, alignment, hidden_states.dtype,
+                           cleared)
 
 
 def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor,

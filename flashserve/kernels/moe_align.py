@@ -14,19 +14,29 @@ When all pairs fit one chunk (decode: up to 32768 / next_power_of_2(E) pairs), o
 (``_align_single_kernel``, its chunk the next power of two of the pair count: one variant per power of two, so a
 decode step of few tokens scans a small one-hot). Every size a launch depends on comes from T * k and the model's
 shape, never from the routing, so the calls can be captured in a CUDA graph; the per-step counts are not
-specialised on (``do_not_specialize``).
+specialised on (``do_not_specialize``). Launched with programmatic dependent launch where ``pdl.enabled``.
 """
 import torch
 import triton
 import triton.language as tl
 
+from flashserve.kernels import pdl
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import cdiv, next_power_of_2
+from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait
 from flashserve.kernels.reference import moe as reference
 
 _ONE_HOT_ELEMENTS = 16384  # BLOCK_P * BLOCK_E of the one-hot tiles of the chunked path
 _SINGLE_ONE_HOT_ELEMENTS = 32768  # ... and of the single-launch path (8 warps)
 _FILL_BLOCK = 4096  # rows set to -1 per step
+
+
+@triton.jit
+def _wait_for_previous(PDL: tl.constexpr):
+    """PDL launches (``pdl``): wait for the previous kernel before any memory access, then let the next launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -79,8 +89,9 @@ def _scatter_chunk(offs_p, valid, ids, one_hot, expert_bases_ptr, padded_starts_
 def _align_single_kernel(ids_ptr, padded_starts_ptr, block_experts_ptr, num_padded_ptr, sorted_ids_ptr,
                          num_pairs, max_rows, num_blocks, num_experts,
                          BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
-                         FILL_BLOCK: tl.constexpr):
+                         FILL_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """All pairs in one chunk: the whole permutation in one program."""
+    _wait_for_previous(PDL)
     offs_p, valid, ids, one_hot = _chunk_one_hot(ids_ptr, 0, num_pairs, BLOCK_P, BLOCK_E)
     counts = tl.sum(one_hot.to(tl.int32), axis=0)
     _write_layout(counts, padded_starts_ptr, block_experts_ptr, num_padded_ptr, sorted_ids_ptr, max_rows,
@@ -90,7 +101,9 @@ def _align_single_kernel(ids_ptr, padded_starts_ptr, block_experts_ptr, num_padd
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
-def _count_kernel(ids_ptr, chunk_counts_ptr, num_pairs, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+def _count_kernel(ids_ptr, chunk_counts_ptr, num_pairs, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+                  PDL: tl.constexpr):
+    _wait_for_previous(PDL)
     chunk = tl.program_id(0)
     _, _, _, one_hot = _chunk_one_hot(ids_ptr, chunk, num_pairs, BLOCK_P, BLOCK_E)
     counts = tl.sum(one_hot.to(tl.int32), axis=0)
@@ -101,8 +114,9 @@ def _count_kernel(ids_ptr, chunk_counts_ptr, num_pairs, BLOCK_P: tl.constexpr, B
 def _offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_starts_ptr, block_experts_ptr, num_padded_ptr,
                     sorted_ids_ptr, num_chunks, max_rows, num_blocks, num_experts,
                     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                    FILL_BLOCK: tl.constexpr):
+                    FILL_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Exclusive prefix sums of the chunk counts over the chunks (BLOCK_C chunks a step), then the layout."""
+    _wait_for_previous(PDL)
     experts = tl.arange(0, BLOCK_E)
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for chunk_start in range(0, num_chunks, BLOCK_C):
@@ -118,7 +132,8 @@ def _offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_starts_ptr, bloc
 
 @triton.jit(do_not_specialize=["num_pairs"])
 def _scatter_kernel(ids_ptr, chunk_offsets_ptr, padded_starts_ptr, sorted_ids_ptr, num_pairs,
-                    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
+    _wait_for_previous(PDL)
     chunk = tl.program_id(0)
     offs_p, valid, ids, one_hot = _chunk_one_hot(ids_ptr, chunk, num_pairs, BLOCK_P, BLOCK_E)
     _scatter_chunk(offs_p, valid, ids, one_hot, chunk_offsets_ptr + chunk * BLOCK_E, padded_starts_ptr,
@@ -154,20 +169,23 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int
         return sorted_pair_ids, block_experts, num_padded.zero_()
     block_r = max(16, min(1024, _ONE_HOT_ELEMENTS // block_e))
     single_block_p = max(16, min(1024, _SINGLE_ONE_HOT_ELEMENTS // block_e))
+    with_pdl = pdl.enabled(device)
+    options = dict(PDL=with_pdl, **pdl.launch_options(with_pdl))
     if num_pairs <= single_block_p:  # decode-sized routings: one launch, a one-hot no larger than needed
         _align_single_kernel[(1,)](ids, padded_starts, block_experts, num_padded, sorted_pair_ids, num_pairs,
                                    max_rows, num_blocks, num_experts, BLOCK_M=block_m,
                                    BLOCK_P=max(16, next_power_of_2(num_pairs)),
-                                   BLOCK_E=block_e, BLOCK_R=block_r, FILL_BLOCK=_FILL_BLOCK, num_warps=8)
+                                   BLOCK_E=block_e, BLOCK_R=block_r, FILL_BLOCK=_FILL_BLOCK, num_warps=8, **options)
         return sorted_pair_ids, block_experts, num_padded
     block_p = max(16, min(256, _ONE_HOT_ELEMENTS // block_e))  # one variant per model, whatever T is
     num_chunks = cdiv(num_pairs, block_p)
     chunk_counts = torch.empty(num_chunks, block_e, dtype=torch.int32, device=device)
     chunk_offsets = torch.empty_like(chunk_counts)
-    _count_kernel[(num_chunks,)](ids, chunk_counts, num_pairs, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4)
+    _count_kernel[(num_chunks,)](ids, chunk_counts, num_pairs, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4,
+                                 **options)
     _offsets_kernel[(1,)](chunk_counts, chunk_offsets, padded_starts, block_experts, num_padded, sorted_pair_ids,
                           num_chunks, max_rows, num_blocks, num_experts, BLOCK_M=block_m, BLOCK_E=block_e,
-                          BLOCK_R=block_r, BLOCK_C=block_r, FILL_BLOCK=_FILL_BLOCK, num_warps=4)
+                          BLOCK_R=block_r, BLOCK_C=block_r, FILL_BLOCK=_FILL_BLOCK, num_warps=4, **options)
     _scatter_kernel[(num_chunks,)](ids, chunk_offsets, padded_starts, sorted_pair_ids, num_pairs,
-                                   BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4)
+                                   BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4, **options)
     return sorted_pair_ids, block_experts, num_padded
