@@ -220,3 +220,41 @@ def test_fused_moe_in_a_cuda_graph():
         graph.replay()
         expected = fused_moe(x, w13, w2, static_logits, 4, True)
         assert torch.allclose(static_out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("down", [MoeGemmConfig(16, 64, 128, 4, 2), MoeGemmConfig(16, 64, 128, 4, 2, pair_outputs=True)])
+def test_fused_experts_chain_with_and_without_pdl_gpu(monkeypatch, down):
+    """Layers back to back (each reads the previous one's output), replayed in a CUDA graph with programmatic
+    dependent launch (sm_90+): the same as without it, for both down output modes (atomic: up to the order of
+    the fp32 additions; pair outputs: bit for bit)."""
+    from flashserve.kernels import pdl
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability >= 9")
+    x, w13, w2, logits = _moe_inputs(4, 256, 192, 32, 4, torch.bfloat16, "cuda")
+    weights, ids = reference.moe_routing(logits, 4, True)
+    configs = (MoeGemmConfig(16, 32, 128, 4, 3), down)
+
+    def run(value):
+        monkeypatch.setenv("FLASHSERVE_PDL", value)
+        pdl.refresh()
+
+        def chain():
+            y = x
+            for _ in range(4):
+                y = fused_experts(y, w13, w2, weights, ids, configs)
+            return y
+        chain()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        graph.replay()
+        torch.cuda.synchronize()
+        return out.clone()
+
+    with_pdl, without = run("1"), run("0")
+    pdl.refresh()
+    if down.pair_outputs:
+        assert torch.equal(with_pdl, without)
+    else:
+        torch.testing.assert_close(with_pdl, without, atol=2e-2, rtol=2e-2)
