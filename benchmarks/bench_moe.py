@@ -240,8 +240,8 @@ def main():
         text += (f"\nDecode (4-64 tokens): one call per graph {min(r['pct_copy'] for r in decode):.0f}-"
                  f"{max(r['pct_copy'] for r in decode):.0f}%, {CHAIN_CALLS} calls per graph "
                  f"{min(r['pct_copy_chain'] for r in decode):.0f}-{max(r['pct_copy_chain'] for r in decode):.0f}% "
-                 f"of the copy bandwidth (bar 70%); 4096 tokens: " + ", ".join(f"{r['shape']} {r['pct_matmul']:.0f}%" for r in rows
-                                                        if r["tokens"] == PREFILL_TOKENS)
+                 "of the copy bandwidth (bar 70%); 4096 tokens: "
+                 + ", ".join(f"{r['shape']} {r['pct_matmul']:.0f}%" for r in rows if r["tokens"] == PREFILL_TOKENS)
                  + " of the matmul rate (bar 50%).\n")
     if args.tune:
         tune_text, payload["tuned"] = tune_section(args, names, env)

@@ -11,11 +11,12 @@ token permutation serves both GEMMs) and the BLOCK_M with the smallest summed ti
 Candidates (``candidates``): the heuristic default (``default_configs``) and the tiles worth trying for the rows an
 expert gets in that bucket. At most 8 rows per expert on average: 16-row tiles streaming the weights (narrow
 column tiles, deep K steps, 2-4 stages; for the down GEMM also split-K with 64-wide tiles where each share keeps
-K >= 2048). Every unsplit down candidate also with ``pair_outputs`` (timed with what each output mode adds: the
-cleared fp32 rows and the final rounding, or the per-token sum). More rows: the two BLOCK_M of 16...128 nearest below the largest mean rows per expert, with
+K >= 2048). More rows: the two BLOCK_M of 16...128 nearest below the largest mean rows per expert, with
 tensor-core-sized tiles (BLOCK_K 64 or 128, 3-4 stages; 4 warps up to 32 rows, 4 and 8 for 64, 8 for 128).
 Candidates that cannot fit (pipeline over the GPU's shared memory, over 128 fp32 accumulators per thread) are
-dropped before compiling; one that fails to compile or launch is skipped.
+dropped before compiling; one that fails to compile or launch is skipped. Every unsplit down candidate is also
+timed with ``pair_outputs``, each down candidate with what its output mode adds (the cleared fp32 rows and the
+final rounding, or the per-token sum).
 
 Output: ``DIR/moe_tuned/<GPU name>.json`` (copy it to ``flashserve/kernels/moe_tuned/``), the chosen pairs and
 their speed-up over the heuristic default per cell in the markdown. ``plan`` prints the number of compiles and

@@ -223,7 +223,8 @@ def test_fused_moe_in_a_cuda_graph():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("down", [MoeGemmConfig(16, 64, 128, 4, 2), MoeGemmConfig(16, 64, 128, 4, 2, pair_outputs=True)])
+@pytest.mark.parametrize("down", [MoeGemmConfig(16, 64, 128, 4, 2),
+                                  MoeGemmConfig(16, 64, 128, 4, 2, pair_outputs=True)])
 def test_fused_experts_chain_with_and_without_pdl_gpu(monkeypatch, down):
     """Layers back to back (each reads the previous one's output), replayed in a CUDA graph with programmatic
     dependent launch (sm_90+): the same as without it, for both down output modes (atomic: up to the order of
