@@ -247,15 +247,3 @@ def test_inference_tensors_are_checked_every_time(monkeypatch):
         with pytest.raises(ValueError, match="block_table"):
             flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table, causal=True)
     assert len(runs) == 3
-
-
-def test_plain_paged_decode_checks_agree_with_the_named_checks():
-    """The one-comparison path of a plain paged call returns what the full checks return (a list window_size
-    takes the full path)."""
-    from flashserve.kernels.decode_checks import check_kvcache_args
-    g = Guarded("cpu")
-    k_cache, v_cache, table = g.paged()
-    q, seqlens = g.randn(BATCH, 1, HEADS, HEAD_DIM), g.index((2, 5))
-    results = [check_kvcache_args(q, k_cache, v_cache, None, None, None, None, seqlens, None, None, table, window,
-                                  0.0, None, 0) for window in ((-1, -1), [-1, -1])]
-    assert results[0] == results[1] == (-1, -1, WIDTH * PAGE)

@@ -23,16 +23,10 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
     """Validate flash_attn_with_kvcache's arguments; returns ``(window_left, window_right, capacity)``, the
     capacity being the most tokens a sequence of the cache can hold.
 
-    A plain paged decode call (a length tensor and a block table; no k/v, rotary, leftpad, ALiBi, window or
-    softcap) is recognised by one comparison of the layouts (``_plain_paged_decode``); any other call, or one that
-    fails it, runs the named checks below. Then the value checks of ``index_checks`` (one synchronisation, none
-    while a CUDA graph is being captured or for index tensors already checked unchanged).
+    Then the value checks of ``index_checks`` (one synchronisation, none while a CUDA graph is being captured or
+    for index tensors already checked unchanged). A plain call repeated with the same geometry skips these checks
+    (``kvcache_interface``'s plan memo, keyed by ``plain_call`` and the tensors' layouts) but not the value checks.
     """
-    if (plain_call(k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, alibi_slopes, softcap, num_splits,
-                   window_size) and _plain_paged_decode(q, k_cache, v_cache, cache_seqlens, block_table)):
-        capacity = block_table.shape[1] * k_cache.shape[1]
-        check_kvcache_values(q.shape[0], cache_seqlens, 0, capacity, k_cache, block_table, None, None)
-        return -1, -1, capacity
     _validate.check_tensor("q", q, 4, _validate.ATTENTION_DTYPES)
     device, dtype = q.device, q.dtype
     batch, seqlen_q, num_heads, head_dim = q.shape
@@ -114,21 +108,3 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
     check_kvcache_values(batch, capacity if cache_seqlens is None else cache_seqlens, seqlen_new, capacity, k_cache,
                          block_table, cache_batch_idx, cache_leftpad)
     return (*window, capacity)
-
-
-def _plain_paged_decode(q, k_cache, v_cache, cache_seqlens, block_table) -> bool:
-    """Whether these pass every check that ``check_kvcache_args`` applies to them in a plain paged call (tensors of
-    the right ranks, dtypes, device, shapes and unit last strides); False sends the call to the named checks."""
-    if not (type(q) is torch.Tensor and type(k_cache) is torch.Tensor and type(v_cache) is torch.Tensor
-            and type(block_table) is torch.Tensor and type(cache_seqlens) is torch.Tensor):
-        return False
-    q_shape, k_shape, table_shape = q.shape, k_cache.shape, block_table.shape
-    device, dtype = q.device, q.dtype
-    return (len(q_shape) == 4 and dtype in _validate.ATTENTION_DTYPES and q_shape[3] <= 256 and len(k_shape) == 4
-            and k_cache.dtype == dtype and v_cache.dtype == dtype and k_cache.device == device
-            and v_cache.device == device and v_cache.shape == k_shape and k_shape[3] == q_shape[3]
-            and q_shape[2] % k_shape[2] == 0 and q.stride()[3] == 1 and k_cache.stride()[3] == 1
-            and v_cache.stride()[3] == 1 and block_table.dtype == torch.int32 and len(table_shape) == 2
-            and block_table.device == device and table_shape[0] == q_shape[0] and block_table.stride()[1] == 1
-            and cache_seqlens.dtype == torch.int32 and cache_seqlens.shape == (q_shape[0],)
-            and cache_seqlens.device == device and cache_seqlens.stride() == (1,))
