@@ -71,7 +71,7 @@ def gemm_variants(rows_list: list[int]):
                 for split in (False, True):
                     constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, EVEN_K=True,
                                       HAS_BIAS=False, HAS_RESIDUAL=False, GATED=gated, USE_DOT=use_dot,
-                                      DOT_PRECISION="tf32", PDL=True)
+                                      DOT_PRECISION="tf32", PDL=True, PREFETCH_K=1024)
                     name = (f"gemm {'dot' if use_dot else 'fma'} n{block_n}k{block_k}w{warps}st{stages} M{block_m}"
                             f"{' gated' if gated else ''}{' split' if split else ''}")
                     yield name, _skinny_gemm_kernel, constexprs, warps, stages, ""

@@ -26,9 +26,12 @@ otherwise.
 No call synchronises with the host, so the kernel path can be captured in a CUDA graph.
 
 Where ``flashserve.kernels.pdl.enabled`` (Hopper and newer), the grid kernel launches with programmatic dependent
-launch: while the previous kernel still runs, each program asks L2 for the first ``PDL_PREFETCH_K`` columns of its
-weight rows (all of K = 1024 at Qwen3-0.6B's hidden size; weights are never written by a kernel), then waits for
-that kernel (``gdc_wait``) before touching x, the residual, the counters or any output.
+launch: while the previous kernel still runs, each program of a weight of at most ``PDL_PREFETCH_MAX_BYTES`` asks
+L2 for the first ``PDL_PREFETCH_K`` columns of its weight rows (all of K = 1024 at Qwen3-0.6B's hidden size; weights
+are never written by a kernel), then waits for that kernel (``gdc_wait``) before touching x, the residual, the
+counters or any output. Larger weights skip the prefetch (only the launch overlaps): the resident programs' first
+1024 columns of a Llama-3.1-8B gate/up weight are more than L2 holds, and with the prefetch its B1 decode step was
+3% slower under PDL than without (H200, 2026-12-02).
 """
 import logging
 
@@ -49,7 +52,8 @@ from flashserve.kernels.skinny_gemm_plans import MAX_ROWS, GemmConfig
 
 __all__ = ["MAX_ROWS", "linear", "linear_silu_and_mul", "launch"]
 LOGGER = logging.getLogger("flashserve")
-PDL_PREFETCH_K = tl.constexpr(1024)  # weight elements per row a program pulls into L2 before its PDL wait
+PDL_PREFETCH_K = 1024  # weight elements per row a program pulls into L2 before its PDL wait
+PDL_PREFETCH_MAX_BYTES = 16 * 2 ** 20  # weights up to this size prefetch (a third of an H100/H200's L2)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -58,7 +62,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, USE_DOT: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,13 +72,14 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
     k_start = pid_k * k_per_split
     if PDL:
         # Until gdc_wait (the previous kernel complete, its writes visible) touch only the weights, which no kernel
-        # writes: pull the first PDL_PREFETCH_K of its K range into L2 (one hint per 64 elements of a row: 128 B).
-        k_end = tl.minimum(k_start + k_per_split, K)
-        lines = tl.minimum(k_start + tl.arange(0, PDL_PREFETCH_K // 64) * 64, k_end - 1)
-        prefetch_ptrs = w_ptr + w_rows[:, None] * stride_wn + lines[None, :]
-        prefetch_l2(prefetch_ptrs)
-        if GATED:
-            prefetch_l2(prefetch_ptrs + n_out * stride_wn)
+        # writes: pull the first PREFETCH_K (if any) of its K range into L2 (one hint per 64 elements of a row).
+        if PREFETCH_K > 0:
+            k_end = tl.minimum(k_start + k_per_split, K)
+            lines = tl.minimum(k_start + tl.arange(0, PREFETCH_K // 64) * 64, k_end - 1)
+            prefetch_ptrs = w_ptr + w_rows[:, None] * stride_wn + lines[None, :]
+            prefetch_l2(prefetch_ptrs)
+            if GATED:
+                prefetch_l2(prefetch_ptrs + n_out * stride_wn)
         gdc_wait()
         gdc_launch_dependents()
     offs_k = k_start + tl.arange(0, BLOCK_K)
@@ -201,7 +206,8 @@ def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=split_k > 1,
         EVEN_K=k % k_per_split == 0, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, GATED=gated,
         USE_DOT=config.use_dot, DOT_PRECISION="ieee" if x_rows.dtype == torch.float32 else "tf32", PDL=use_pdl,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(use_pdl))
+        PREFETCH_K=PDL_PREFETCH_K if use_pdl and weight.numel() * weight.element_size() <= PDL_PREFETCH_MAX_BYTES
+        else 0, num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(use_pdl))
     return out
 
 
