@@ -247,3 +247,36 @@ def test_inference_tensors_are_checked_every_time(monkeypatch):
         with pytest.raises(ValueError, match="block_table"):
             flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table, causal=True)
     assert len(runs) == 3
+
+
+VARLEN_BAD_INPUTS = {
+    "paged-negative-seqused": lambda g: _varlen_paged(g, (-1, 2)),
+    "paged-seqused-past-table": lambda g: _varlen_paged(g, (3, WIDTH * PAGE + 1)),
+    "paged-block-id-past-cache": lambda g: _varlen_paged(g, (8, 2), BLOCKS),
+    "paged-negative-block-id": lambda g: _varlen_paged(g, (8, 2), -1),
+    "paged-cu-q-decreasing": lambda g: _varlen_paged(g, (3, 2), cu_q=(0, 4, 3)),
+    "paged-cu-q-not-from-0": lambda g: _varlen_paged(g, (3, 2), cu_q=(1, 3, 5)),
+    "paged-cu-q-past-q": lambda g: _varlen_paged(g, (3, 2), cu_q=(0, 3, 6)),
+    "packed-cu-k-decreasing": lambda g: _varlen_packed(g, (0, 5, 4)),
+    "packed-cu-k-not-from-0": lambda g: _varlen_packed(g, (1, 4, 7)),
+    "packed-cu-k-past-k": lambda g: _varlen_packed(g, (0, 4, 8)),
+    "packed-negative-seqused": lambda g: _varlen_packed(g, (0, 4, 7), seqused=(-1, 3)),
+    "packed-seqused-past-keys": lambda g: _varlen_packed(g, (0, 4, 7), seqused=(2, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARLEN_BAD_INPUTS))
+def test_varlen_value_checks_of_both_paths_agree(name, monkeypatch):
+    """``flash_attn_varlen_func``'s value checks: the one-launch Triton path (under the interpreter on the CPU) and
+    the PyTorch ops of the reference path raise the same ValueError for each bad input."""
+    messages = []
+    for backend in ("torch", None):
+        if backend is None:
+            monkeypatch.delenv("FLASHSERVE_ATTENTION_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("FLASHSERVE_ATTENTION_BACKEND", backend)
+        call = VARLEN_BAD_INPUTS[name](Guarded("cpu"))
+        with pytest.raises(ValueError) as error:
+            call()
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]

@@ -1,9 +1,12 @@
 """Range checks of the values inside index tensors (block ids, lengths, slots, rows), for the public kernel functions.
 
 Shapes and dtypes are checked without touching the device (``_validate``); values live on the GPU, so checking them
-costs one host synchronisation per call (FlashAttention 2 pays the same for its ``block_table`` bound). Each check
-builds a 0-dim bool tensor "this is wrong" on the device; ``raise_first`` copies them all to the host at once and
-raises ValueError with the message of the first that holds. The checks are skipped while a CUDA graph is being
+costs one host synchronisation per call (FlashAttention 2 pays the same for its ``block_table`` bound). Where the
+Triton kernels run, ``flash_attn_with_kvcache``'s and ``flash_attn_varlen_func``'s checks are one small Triton
+launch each (one flag word per sequence, copied to the host): no PyTorch ops, whose CUDA modules would each load
+lazily on a process's first call (~10 ms apiece on an H200). Elsewhere each check builds a 0-dim bool tensor "this
+is wrong" on the device; ``raise_first`` copies them all to the host at once and raises ValueError with the
+message of the first that holds. The checks are skipped while a CUDA graph is being
 captured (a synchronisation would break the capture): there, as on the engine's unchecked paths, the kernels' own
 clamps and masks are what keep every access inside its tensor. ``flash_attn_with_kvcache``'s checks are also
 skipped for index tensors that already passed them unchanged (``checked_indices``: the layers of a decode step).
@@ -74,6 +77,20 @@ def _block_table_messages(block_table: torch.Tensor, num_blocks: int, page_size:
             f"block_table entries must be block ids in [0, {num_blocks}) (the cache's blocks)")
 
 
+@triton.jit
+def _bad_block_ids(block_table_ptr, batch, stride_table, width, page_size, num_tokens, num_blocks,
+                   BLOCK_W: tl.constexpr):
+    """1 if a block-table entry of row ``batch`` that holds one of its first ``num_tokens`` tokens is outside
+    [0, num_blocks), else 0 (int32)."""
+    bad = tl.zeros([BLOCK_W], tl.int32)
+    for first in range(0, width, BLOCK_W):
+        columns = first + tl.arange(0, BLOCK_W)
+        used = (columns < width) & (columns * page_size < num_tokens)
+        ids = tl.load(block_table_ptr + batch.to(tl.int64) * stride_table + columns, mask=used, other=0)
+        bad = bad | (used & ((ids < 0) | (ids >= num_blocks))).to(tl.int32)
+    return tl.max(bad, axis=0)
+
+
 @triton.jit(do_not_specialize=["int_seqlen", "seqlen_new", "capacity", "num_rows", "num_blocks", "width"])
 def _kvcache_check_kernel(seqlens_ptr, leftpad_ptr, batch_idx_ptr, block_table_ptr, flags_ptr, int_seqlen,
                           seqlen_new, capacity, num_rows, num_blocks, stride_table, width, page_size,
@@ -94,13 +111,8 @@ def _kvcache_check_kernel(seqlens_ptr, leftpad_ptr, batch_idx_ptr, block_table_p
         row = tl.load(batch_idx_ptr + batch)
         flags = flags | (((row < 0) | (row >= num_rows)).to(tl.int32) << 3)
     if PAGED:
-        bad = tl.zeros([BLOCK_W], tl.int32)
-        for first in range(0, width, BLOCK_W):
-            columns = first + tl.arange(0, BLOCK_W)
-            used = (columns < width) & (columns * page_size < end)
-            ids = tl.load(block_table_ptr + batch.to(tl.int64) * stride_table + columns, mask=used, other=0)
-            bad = bad | (used & ((ids < 0) | (ids >= num_blocks))).to(tl.int32)
-        flags = flags | (tl.max(bad, axis=0) << 4)
+        flags = flags | (_bad_block_ids(block_table_ptr, batch, stride_table, width, page_size, end, num_blocks,
+                                        BLOCK_W) << 4)
     tl.store(flags_ptr + batch, flags)
 
 
@@ -197,11 +209,85 @@ def _check_kvcache(batch, cache_seqlens, seqlen_new, capacity, k_cache, block_ta
     raise_first(checks)
 
 
+@triton.jit(do_not_specialize=["total_q", "total_k", "num_blocks", "stride_table", "width"])
+def _varlen_check_kernel(cu_q_ptr, cu_k_ptr, seqused_ptr, block_table_ptr, flags_ptr, total_q, total_k, num_blocks,
+                         stride_table, width, page_size, HAS_CU_K: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+                         PAGED: tl.constexpr, BLOCK_W: tl.constexpr):
+    """``flash_attn_varlen_func``'s value checks for sequence ``program_id(0)`` in one launch: writes ``flags[b]``,
+    one bit per failed check (the order of ``_varlen_failures``)."""
+    batch = tl.program_id(0)
+    q_start = tl.load(cu_q_ptr + batch)
+    q_end = tl.load(cu_q_ptr + batch + 1)
+    flags = ((q_end < q_start) | (q_end > total_q) | ((batch == 0) & (q_start != 0))).to(tl.int32)
+    keys = tl.zeros((), tl.int32)
+    if HAS_CU_K:
+        k_start = tl.load(cu_k_ptr + batch)
+        k_end = tl.load(cu_k_ptr + batch + 1)
+        keys = k_end - k_start
+        if not PAGED:
+            flags = flags | (((k_end < k_start) | (k_end > total_k) | ((batch == 0) & (k_start != 0))).to(tl.int32)
+                             << 1)
+    if PAGED:
+        used = keys
+        if HAS_SEQUSED:
+            used = tl.load(seqused_ptr + batch)
+        flags = flags | ((used < 0).to(tl.int32) << 2) | ((used > width * page_size).to(tl.int32) << 3)
+        flags = flags | (_bad_block_ids(block_table_ptr, batch, stride_table, width, page_size, used, num_blocks,
+                                        BLOCK_W) << 4)
+    elif HAS_SEQUSED:
+        used = tl.load(seqused_ptr + batch)
+        flags = flags | (((used < 0) | (used > keys)).to(tl.int32) << 5)
+    tl.store(flags_ptr + batch, flags)
+
+
+VARLEN_CHECK_LAUNCHER = CachedLauncher(_varlen_check_kernel)
+
+
+def _varlen_failures(q, k, seqused_k, block_table) -> list[str]:
+    """The messages of the varlen checks, in the bit order of ``_varlen_check_kernel`` (and the order the PyTorch
+    path raises them in)."""
+    too_long = bad_id = ""
+    if block_table is not None:
+        too_long, bad_id = _block_table_messages(block_table, k.shape[0], k.shape[1],
+                                                 "seqused_k" if seqused_k is not None else "the key lengths")
+    return [f"cu_seqlens_q must start at 0, never decrease and end <= {q.shape[0]} (q's tokens)",
+            f"cu_seqlens_k must start at 0, never decrease and end <= {k.shape[0]} (k's tokens)",
+            "seqused_k must be >= 0" if seqused_k is not None else "cu_seqlens_k must never decrease", too_long,
+            bad_id, "seqused_k must be in [0, cu_seqlens_k[b + 1] - cu_seqlens_k[b]] for every sequence"]
+
+
+def _check_varlen_in_one_launch(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table) -> None:
+    """The Triton path of ``check_varlen_values``: one launch and one small copy to the host (no PyTorch ops,
+    whose CUDA modules would each load on a process's first call)."""
+    batch = cu_seqlens_q.shape[0] - 1
+    flags = torch.empty(batch, dtype=torch.int32, device=q.device)
+    width = block_table.shape[1] if block_table is not None else 0
+    paged = block_table is not None
+    VARLEN_CHECK_LAUNCHER(
+        (batch,), (cu_seqlens_q, flags if cu_seqlens_k is None else cu_seqlens_k,
+                   flags if seqused_k is None else seqused_k, flags if block_table is None else block_table, flags,
+                   q.shape[0], k.shape[0], k.shape[0], block_table.stride()[0] if paged else 0, width,
+                   k.shape[1] if paged else 1),
+        dict(HAS_CU_K=cu_seqlens_k is not None, HAS_SEQUSED=seqused_k is not None, PAGED=paged,
+             BLOCK_W=min(1024, next_power_of_2(max(width, 1)))), num_warps=1)
+    failed = 0
+    for flag in flags.tolist():
+        failed |= flag
+    for bit, message in enumerate(_varlen_failures(q, k, seqused_k, block_table)):
+        if failed >> bit & 1:
+            raise ValueError(message)
+
+
 def check_varlen_values(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_k, seqused_k,
                         block_table) -> None:
     """The value checks of ``flash_attn_varlen_func``: cumulative lengths non-decreasing from 0 and within q / k,
-    ``seqused_k`` within each sequence's keys (or the block table's capacity), block ids within the cache."""
+    ``seqused_k`` within each sequence's keys (or the block table's capacity), block ids within the cache. One
+    Triton launch and one synchronisation where the kernels run (PyTorch ops on the reference path and for an
+    empty batch); skipped while a graph is captured."""
     if capturing():
+        return
+    if use_triton(q) and cu_seqlens_q.shape[0] > 1:
+        _check_varlen_in_one_launch(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table)
         return
     checks = [(((cu_seqlens_q[0] != 0) | (cu_seqlens_q.diff() < 0).any() | (cu_seqlens_q[-1] > q.shape[0])),
                f"cu_seqlens_q must start at 0, never decrease and end <= {q.shape[0]} (q's tokens)")]
