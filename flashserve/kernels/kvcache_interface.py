@@ -89,9 +89,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = SCRATCH.constant(q.device, q.shape[0], cache_seqlens)
     seqlens_k = cache_seqlens
     if k is not None:
-        q = append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                               block_table, causal or (window_left, window_right) != (-1, -1), rotary_interleaved)
-        seqlens_k = cache_seqlens + k.shape[1]
+        q, seqlens_k = append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                         cache_batch_idx, block_table,
+                                         causal or (window_left, window_right) != (-1, -1), rotary_interleaved)
     if causal:
         window_right = 0
     plan = decode_plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
