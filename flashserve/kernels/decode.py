@@ -27,7 +27,7 @@ import triton.language as tl
 
 from flashserve.kernels._launch import CachedLauncher, next_power_of_2
 from flashserve.kernels.merge import lse_weights, merge_split_rows, weighted
-from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait
+from flashserve.kernels.pdl import wait_for_previous
 
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 64
@@ -62,9 +62,7 @@ def _decode_kernel(
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FUSED_COMBINE: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # every input but the softmax scale comes from earlier kernels or copies (flashserve.kernels.pdl)
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)  # every input but the softmax scale comes from earlier kernels or copies
     split = tl.program_id(0)
     kv_head = tl.program_id(1) % num_heads_k
     row_start = (tl.program_id(1) // num_heads_k) * BLOCK_M
@@ -201,9 +199,7 @@ def _combine_splits_kernel(
 ):
     """Merge the partial states written by ``_decode_kernel`` (SPLIT_OUTPUT layout, one buffer at ``part_ptr``)
     into out (B, Sq, H, D) and, with WRITE_LSE, lse (B, H, Sq), both contiguous."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)  # batch * seqlen_q + query
     batch = token // seqlen_q
     query = token % seqlen_q

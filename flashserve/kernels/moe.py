@@ -34,7 +34,7 @@ from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import cdiv
 from flashserve.kernels.moe_align import moe_align_block_size
 from flashserve.kernels.moe_configs import MoeGemmConfig, moe_configs
-from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait
+from flashserve.kernels.pdl import wait_for_previous
 from flashserve.kernels.reference import moe as reference
 
 moe_routing = reference.moe_routing
@@ -60,9 +60,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, blo
     weight tiles. CLEAR (the gate/up launch before an atomic down launch): the programs first set the clear_numel
     fp32 values at clear_ptr to zero between them (the down launch's output: no memset launch). PDL: waits for the
     previous kernel before any memory access (which expert's weights to read comes from the permutation)."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)
     if CLEAR:
         offs_clear = tl.arange(0, _CLEAR_BLOCK)
         for start in range(tl.program_id(0) * _CLEAR_BLOCK, clear_numel, tl.num_programs(0) * _CLEAR_BLOCK):
@@ -127,9 +125,7 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, blo
 def _sum_pairs_kernel(pair_out_ptr, out_ptr, N, top_k, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """out[t, n] = sum over j < top_k of pair_out[t * top_k + j, n], in fp32, rounded once: one program per
     (token, BLOCK_N columns)."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs_n < N

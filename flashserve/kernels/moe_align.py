@@ -23,20 +23,12 @@ import triton.language as tl
 from flashserve.kernels import pdl
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import cdiv, next_power_of_2
-from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait
+from flashserve.kernels.pdl import wait_for_previous
 from flashserve.kernels.reference import moe as reference
 
 _ONE_HOT_ELEMENTS = 16384  # BLOCK_P * BLOCK_E of the one-hot tiles of the chunked path
 _SINGLE_ONE_HOT_ELEMENTS = 32768  # ... and of the single-launch path (8 warps)
 _FILL_BLOCK = 4096  # rows set to -1 per step
-
-
-@triton.jit
-def _wait_for_previous(PDL: tl.constexpr):
-    """PDL launches (``pdl``): wait for the previous kernel before any memory access, then let the next launch."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
 
 
 @triton.jit
@@ -91,7 +83,7 @@ def _align_single_kernel(ids_ptr, padded_starts_ptr, block_experts_ptr, num_padd
                          BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
                          FILL_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """All pairs in one chunk: the whole permutation in one program."""
-    _wait_for_previous(PDL)
+    wait_for_previous(PDL)
     offs_p, valid, ids, one_hot = _chunk_one_hot(ids_ptr, 0, num_pairs, BLOCK_P, BLOCK_E)
     counts = tl.sum(one_hot.to(tl.int32), axis=0)
     _write_layout(counts, padded_starts_ptr, block_experts_ptr, num_padded_ptr, sorted_ids_ptr, max_rows,
@@ -103,7 +95,7 @@ def _align_single_kernel(ids_ptr, padded_starts_ptr, block_experts_ptr, num_padd
 @triton.jit(do_not_specialize=["num_pairs"])
 def _count_kernel(ids_ptr, chunk_counts_ptr, num_pairs, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
                   PDL: tl.constexpr):
-    _wait_for_previous(PDL)
+    wait_for_previous(PDL)
     chunk = tl.program_id(0)
     _, _, _, one_hot = _chunk_one_hot(ids_ptr, chunk, num_pairs, BLOCK_P, BLOCK_E)
     counts = tl.sum(one_hot.to(tl.int32), axis=0)
@@ -116,7 +108,7 @@ def _offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_starts_ptr, bloc
                     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                     FILL_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Exclusive prefix sums of the chunk counts over the chunks (BLOCK_C chunks a step), then the layout."""
-    _wait_for_previous(PDL)
+    wait_for_previous(PDL)
     experts = tl.arange(0, BLOCK_E)
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for chunk_start in range(0, num_chunks, BLOCK_C):
@@ -133,7 +125,7 @@ def _offsets_kernel(chunk_counts_ptr, chunk_offsets_ptr, padded_starts_ptr, bloc
 @triton.jit(do_not_specialize=["num_pairs"])
 def _scatter_kernel(ids_ptr, chunk_offsets_ptr, padded_starts_ptr, sorted_ids_ptr, num_pairs,
                     BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr):
-    _wait_for_previous(PDL)
+    wait_for_previous(PDL)
     chunk = tl.program_id(0)
     offs_p, valid, ids, one_hot = _chunk_one_hot(ids_ptr, chunk, num_pairs, BLOCK_P, BLOCK_E)
     _scatter_chunk(offs_p, valid, ids, one_hot, chunk_offsets_ptr + chunk * BLOCK_E, padded_starts_ptr,

@@ -14,7 +14,7 @@ import triton.language as tl
 from flashserve.kernels import _validate, pdl
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import next_power_of_2
-from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait
+from flashserve.kernels.pdl import wait_for_previous
 from flashserve.kernels.reference import layers as reference
 
 
@@ -26,9 +26,7 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, hidden, eps,
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: before the PDL wait
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if ADD_RESIDUAL:
         residual_row = residual_ptr + row * stride_residual + cols

@@ -20,7 +20,8 @@ What counts as a weight: a tensor no kernel writes while the kernels run (the en
 ``enabled(device)``: CUDA, compute capability >= 9, not Triton's interpreter, a Triton with ``gdc_wait``, and
 ``FLASHSERVE_PDL`` not "0". Decided at the first launch on each device and kept (a dictionary lookup per launch);
 ``refresh()`` forgets the decisions, so that a process can compare both (the kernels' launch caches key on the
-flag). Kernels take a ``PDL: tl.constexpr``; with ``PDL=False`` they compile exactly as without PDL.
+flag). Kernels take a ``PDL: tl.constexpr`` and follow the rule through ``wait_for_previous(PDL)``; with
+``PDL=False`` they compile exactly as without PDL.
 """
 import functools
 import os
@@ -36,7 +37,7 @@ try:
 except ImportError:  # a Triton without grid dependency control: enabled() is False, the PDL branches never compile
     gdc_launch_dependents = gdc_wait = None
 
-__all__ = ["enabled", "refresh", "launch_options", "gdc_wait", "gdc_launch_dependents", "prefetch_l2"]
+__all__ = ["enabled", "refresh", "launch_options", "wait_for_previous", "prefetch_l2"]
 HAS_GDC = gdc_wait is not None
 MIN_CAPABILITY_MAJOR = 9
 _decisions: dict[torch.device, bool] = {}
@@ -74,6 +75,15 @@ def launch_options(pdl: bool) -> dict:
 
 
 _PDL_OPTIONS, _NO_OPTIONS = {"launch_pdl": True}, {}
+
+
+@triton.jit
+def wait_for_previous(PDL: tl.constexpr):
+    """The rule of the module docstring, in every PDL kernel: with ``PDL``, wait for the previous kernel (complete,
+    its writes visible), then let the next kernel launch; without it, nothing (the kernel compiles as without PDL)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import triton.language as tl
 from flashserve.kernels import _validate, pdl
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import head_block_sizes, next_power_of_2
-from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait
+from flashserve.kernels.pdl import wait_for_previous
 from flashserve.kernels.rotary import pair_columns, rotate_pairs
 from flashserve.kernels.reference import layers as reference
 
@@ -80,9 +80,7 @@ def _qk_norm_rope_cache_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
-    if PDL:  # everything below reads what earlier kernels wrote (q, k, v, positions, slots) or writes the cache
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)  # everything below reads what earlier kernels wrote or writes the cache
     position = tl.load(positions_ptr + token).to(tl.int64)
     position = tl.minimum(tl.maximum(position, 0), num_positions - 1)  # never a row outside the table
     pairs = tl.arange(0, BLOCK_R)

@@ -45,7 +45,7 @@ from flashserve.kernels import _validate, pdl, skinny_gemm_plans, skinny_gemm_st
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import cdiv
 from flashserve.kernels.activation import silu_and_mul
-from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait, prefetch_l2
+from flashserve.kernels.pdl import prefetch_l2, wait_for_previous
 from flashserve.kernels.reference import layers as reference
 from flashserve.kernels.skinny_gemm_epilogue import epilogue
 from flashserve.kernels.skinny_gemm_plans import MAX_ROWS, GemmConfig
@@ -70,18 +70,16 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
     # Features past n_out wrap around to valid weight rows (no load mask); their results are never stored.
     w_rows = (cols % n_out).to(tl.int64)
     k_start = pid_k * k_per_split
-    if PDL:
-        # Until gdc_wait (the previous kernel complete, its writes visible) touch only the weights, which no kernel
-        # writes: pull the first PREFETCH_K (if any) of its K range into L2 (one hint per 64 elements of a row).
-        if PREFETCH_K > 0:
-            k_end = tl.minimum(k_start + k_per_split, K)
-            lines = tl.minimum(k_start + tl.arange(0, PREFETCH_K // 64) * 64, k_end - 1)
-            prefetch_ptrs = w_ptr + w_rows[:, None] * stride_wn + lines[None, :]
-            prefetch_l2(prefetch_ptrs)
-            if GATED:
-                prefetch_l2(prefetch_ptrs + n_out * stride_wn)
-        gdc_wait()
-        gdc_launch_dependents()
+    if PDL and PREFETCH_K > 0:
+        # Until the wait (the previous kernel complete, its writes visible) touch only the weights, which no kernel
+        # writes: pull the first PREFETCH_K of its K range into L2 (one hint per 64 elements of a row).
+        k_end = tl.minimum(k_start + k_per_split, K)
+        lines = tl.minimum(k_start + tl.arange(0, PREFETCH_K // 64) * 64, k_end - 1)
+        prefetch_ptrs = w_ptr + w_rows[:, None] * stride_wn + lines[None, :]
+        prefetch_l2(prefetch_ptrs)
+        if GATED:
+            prefetch_l2(prefetch_ptrs + n_out * stride_wn)
+    wait_for_previous(PDL)
     offs_k = k_start + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :]
     w_up_ptrs = w_ptr + (w_rows + n_out)[:, None] * stride_wn + offs_k[None, :]

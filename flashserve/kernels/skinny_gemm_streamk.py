@@ -28,7 +28,7 @@ import triton.language as tl
 
 from flashserve.kernels import pdl as pdl_launch
 from flashserve.kernels._launch import cdiv, next_power_of_2
-from flashserve.kernels.pdl import gdc_launch_dependents, gdc_wait, prefetch_l2
+from flashserve.kernels.pdl import prefetch_l2, wait_for_previous
 from flashserve.kernels.skinny_gemm_epilogue import epilogue
 from flashserve.kernels.skinny_gemm_plans import STREAMK_FMA_MAX_ROWS, GemmConfig, block_rows
 
@@ -138,12 +138,11 @@ def _streamk_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, 
     features = tl.arange(0, BLOCK_N)
     if PDL:
         # Launched with programmatic dependent launch, this grid may start before the previous kernel ends: until
-        # gdc_wait it touches only the weights (no kernel writes them), prefetching its first tiles into L2.
+        # the wait it touches only the weights (no kernel writes them), prefetching its first tiles into L2.
         for i in tl.static_range(PDL_PREFETCH_TILES):
             _prefetch_weight_tiles(w_ptr, tl.minimum(unit_start + i, unit_end - 1), k_tiles, features, n_out, K,
                                    stride_wn, BLOCK_N, BLOCK_K, GATED)
-        gdc_wait()
-        gdc_launch_dependents()  # the next kernel may start its own prefetch where this one leaves room
+    wait_for_previous(PDL)  # then the next kernel may start its own prefetch where this one leaves room
     rows = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
