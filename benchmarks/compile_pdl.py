@@ -18,7 +18,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from compile_prefill_tma import resource_usage
+from compile_prefill_tma import compile_or_report, resource_usage
 from flashserve.kernels import skinny_gemm_plans
 from flashserve.kernels.decode import _combine_splits_kernel, _decode_kernel, launch_config
 from flashserve.kernels.moe import _grouped_gemm_kernel, _sum_pairs_kernel
@@ -136,13 +136,10 @@ def main() -> int:
     for name, kernel, constexprs, warps, stages, tag in variants:
         sig, attrs = signature(kernel, constexprs, tag)
         start = time.perf_counter()
-        try:
-            compiled = triton.compile(triton.compiler.ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs),
-                                      target=target, options={"num_warps": warps, "num_stages": stages,
-                                                              "launch_pdl": True})
-        except Exception as error:  # report every failing variant, not only the first
+        compiled = compile_or_report(kernel, name, sig, attrs, constexprs, target,
+                                     {"num_warps": warps, "num_stages": stages, "launch_pdl": True})
+        if compiled is None:
             failures += 1
-            print(f"FAIL {name}: {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)
             continue
         ptx = compiled.asm["ptx"]
         wanted = ["griddepcontrol.wait", "griddepcontrol.launch_dependents"]

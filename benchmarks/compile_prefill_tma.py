@@ -67,6 +67,20 @@ def resource_usage(cubin: bytes) -> str:
     return f"regs {found.group(1)}, local {found.group(2)} B" if found else "regs ?"
 
 
+def compile_or_report(kernel, name: str, sig: dict, attrs: dict, constexprs: dict, target, options: dict,
+                      trace: bool = False):
+    """``triton.compile`` one variant; None after a FAIL line (with ``trace``, the failing frame too) when it does
+    not compile, so that a sweep reports every failing variant, not only the first."""
+    try:
+        return triton.compile(triton.compiler.ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs),
+                              target=target, options=options)
+    except Exception as error:  # noqa: BLE001 - any compile error is a failing variant
+        print(f"FAIL {name}: {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)
+        if trace:
+            traceback.print_exc(limit=1)
+        return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90")
@@ -88,14 +102,10 @@ def main() -> int:
             if config.maxnreg:
                 options["maxnreg"] = config.maxnreg
             start = time.perf_counter()
-            try:
-                kernel = triton.compile(
-                    triton.compiler.ASTSource(_prefill_tma_kernel, sig, constexprs=constexprs, attrs=attrs),
-                    target=target, options=options)
-            except Exception as error:  # report every failing config, not only the first
+            kernel = compile_or_report(_prefill_tma_kernel, f"{name} {config}", sig, attrs, constexprs, target,
+                                       options, trace=True)
+            if kernel is None:
                 failures += 1
-                print(f"FAIL {name} {config}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
-                traceback.print_exc(limit=1)
                 continue
             print(f"ok   {name} {config}: {time.perf_counter() - start:.1f} s, shared {kernel.metadata.shared} B, "
                   f"{resource_usage(kernel.asm['cubin'])}")

@@ -13,7 +13,7 @@ import time
 import triton
 from triton.backends.compiler import GPUTarget
 
-from compile_prefill_tma import resource_usage
+from compile_prefill_tma import compile_or_report, resource_usage
 from flashserve.kernels import skinny_gemm_plans
 from flashserve.kernels.skinny_gemm_streamk import _streamk_kernel
 
@@ -59,14 +59,10 @@ def main() -> int:
                 name = f"{'dot' if use_dot else 'fma'}{'-pdl' if pdl else ''} n{block_n}k{block_k}w{warps}" \
                     f"st{stages} M{block_m}{' gated' if gated else ''}"
                 start = time.perf_counter()
-                try:
-                    kernel = triton.compile(triton.compiler.ASTSource(_streamk_kernel, sig, constexprs=constexprs,
-                                                                      attrs=attrs),
-                                            target=target, options={"num_warps": warps, "num_stages": stages,
-                                                                    "launch_pdl": pdl})
-                except Exception as error:  # report every failing variant, not only the first
+                kernel = compile_or_report(_streamk_kernel, name, sig, attrs, constexprs, target,
+                                           {"num_warps": warps, "num_stages": stages, "launch_pdl": pdl})
+                if kernel is None:
                     failures += 1
-                    print(f"FAIL {name}: {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)
                     continue
                 copies = kernel.asm["ptx"].count("cp.async.cg") + kernel.asm["ptx"].count("cp.async.ca")
                 print(f"ok   {name}: {time.perf_counter() - start:.1f} s, shared {kernel.metadata.shared} B, "
