@@ -155,12 +155,18 @@ def _check_kvcache_in_one_launch(batch, cache_seqlens, seqlen_new, capacity, k_c
         _CHECK_PLANS[key] = plan
     plan((cache_seqlens if seqlens_tensor else flags, flags if cache_leftpad is None else cache_leftpad,
           flags if cache_batch_idx is None else cache_batch_idx, flags if block_table is None else block_table, flags))
+    _raise_flagged(flags, lambda: _kvcache_failures(capacity, k_cache, block_table))
+
+
+def _raise_flagged(flags: torch.Tensor, messages) -> None:
+    """``flags``: a check kernel's (B,) int32 words, bit i set where check i failed (one copy to the host). Raises
+    ValueError with the first failed check's message, ``messages()[i]`` (built only then)."""
     failed = 0
     for flag in flags.tolist():
         failed |= flag
     if not failed:
         return
-    for bit, message in enumerate(_kvcache_failures(capacity, k_cache, block_table)):
+    for bit, message in enumerate(messages()):
         if failed >> bit & 1:
             raise ValueError(message)
 
@@ -261,8 +267,8 @@ def _check_varlen_in_one_launch(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, blo
     whose CUDA modules would each load on a process's first call)."""
     batch = cu_seqlens_q.shape[0] - 1
     flags = torch.empty(batch, dtype=torch.int32, device=q.device)
-    width = block_table.shape[1] if block_table is not None else 0
     paged = block_table is not None
+    width = block_table.shape[1] if paged else 0
     VARLEN_CHECK_LAUNCHER(
         (batch,), (cu_seqlens_q, flags if cu_seqlens_k is None else cu_seqlens_k,
                    flags if seqused_k is None else seqused_k, flags if block_table is None else block_table, flags,
@@ -270,12 +276,7 @@ def _check_varlen_in_one_launch(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, blo
                    k.shape[1] if paged else 1),
         dict(HAS_CU_K=cu_seqlens_k is not None, HAS_SEQUSED=seqused_k is not None, PAGED=paged,
              BLOCK_W=min(1024, next_power_of_2(max(width, 1)))), num_warps=1)
-    failed = 0
-    for flag in flags.tolist():
-        failed |= flag
-    for bit, message in enumerate(_varlen_failures(q, k, seqused_k, block_table)):
-        if failed >> bit & 1:
-            raise ValueError(message)
+    _raise_flagged(flags, lambda: _varlen_failures(q, k, seqused_k, block_table))
 
 
 def check_varlen_values(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqlens_k, seqused_k,
@@ -289,22 +290,18 @@ def check_varlen_values(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q, cu_seqle
     if use_triton(q) and cu_seqlens_q.shape[0] > 1:
         _check_varlen_in_one_launch(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table)
         return
-    checks = [(((cu_seqlens_q[0] != 0) | (cu_seqlens_q.diff() < 0).any() | (cu_seqlens_q[-1] > q.shape[0])),
-               f"cu_seqlens_q must start at 0, never decrease and end <= {q.shape[0]} (q's tokens)")]
+    bad_q, bad_k, negative_lengths, _, _, bad_seqused = _varlen_failures(q, k, seqused_k, block_table)
+    checks = [(((cu_seqlens_q[0] != 0) | (cu_seqlens_q.diff() < 0).any() | (cu_seqlens_q[-1] > q.shape[0])), bad_q)]
     if cu_seqlens_k is not None and block_table is None:
         checks.append((((cu_seqlens_k[0] != 0) | (cu_seqlens_k.diff() < 0).any() | (cu_seqlens_k[-1] > k.shape[0])),
-                       f"cu_seqlens_k must start at 0, never decrease and end <= {k.shape[0]} (k's tokens)"))
+                       bad_k))
     if block_table is not None:
         seqlens = seqused_k if seqused_k is not None else cu_seqlens_k.diff()
-        if seqused_k is not None:
-            checks.append(((seqused_k < 0).any(), "seqused_k must be >= 0"))
-        else:
-            checks.append(((cu_seqlens_k.diff() < 0).any(), "cu_seqlens_k must never decrease"))
+        checks.append(((seqlens < 0).any(), negative_lengths))
         checks += block_table_checks(block_table, seqlens, k.shape[0], k.shape[1],
                                      "seqused_k" if seqused_k is not None else "the key lengths")
     elif seqused_k is not None:
-        checks.append((((seqused_k < 0) | (seqused_k > cu_seqlens_k.diff())).any(),
-                       "seqused_k must be in [0, cu_seqlens_k[b + 1] - cu_seqlens_k[b]] for every sequence"))
+        checks.append((((seqused_k < 0) | (seqused_k > cu_seqlens_k.diff())).any(), bad_seqused))
     raise_first(checks)
 
 
