@@ -120,7 +120,9 @@ def moe_variants():
            "moe_atomic")
     yield ("moe down 128x256x64 pair outputs", _grouped_gemm_kernel,
            dict(gemm, GATED=False, PAIR_OUTPUTS=True, CLEAR=False, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 8, 4, "")
-    yield "moe pair sum", _sum_pairs_kernel, dict(BLOCK_N=1024, PDL=True), 4, 1, ""
+    for has_residual in (False, True):
+        yield (f"moe pair sum{' + residual' if has_residual else ''}", _sum_pairs_kernel,
+               dict(BLOCK_N=1024, HAS_RESIDUAL=has_residual, PDL=True), 4, 1, "")
 
 
 def main() -> int:

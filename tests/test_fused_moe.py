@@ -146,6 +146,31 @@ def test_down_gemm_pair_outputs(dtype):
         fused_experts(x, w13, w2, weights, ids, (MoeGemmConfig(16, 16, 16, 4, 1, pair_outputs=True), up))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pair_outputs", [False, True])
+def test_fused_experts_adds_the_residual(dtype, pair_outputs):
+    """``residual``: the result is ``residual + fused_experts(...)`` with the unfused rounding (the experts' sum
+    rounded to the dtype, then the add), from the launch that sums (pair rows, or the atomic mode's fp32 rows);
+    a residual of the wrong shape, dtype or layout is a ValueError naming it."""
+    up = MoeGemmConfig(16, 16, 16, 4, 1)
+    configs = (up, MoeGemmConfig(16, 16, 16, 4, 1, pair_outputs=pair_outputs))
+    x, w13, w2, logits = _moe_inputs(7, 40, 36, 8, 3, dtype, "cpu")
+    residual = torch.randn(7, 40, generator=torch.Generator().manual_seed(3)).to(dtype)
+    kept = residual.clone()
+    weights, ids = reference.moe_routing(logits, 3, True)
+    out = fused_experts(x, w13, w2, weights, ids, configs, residual=residual)
+    expected = (fused_experts(x, w13, w2, weights, ids, configs).float() + residual.float()).to(dtype)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert torch.equal(residual, kept)
+    routed = fused_moe(x, w13, w2, logits, 3, True, residual=residual)
+    torch.testing.assert_close(routed, reference.fused_experts(x.float(), w13.float(), w2.float(), weights, ids,
+                                                               residual=residual.float()).to(dtype),
+                               atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=1e-3)
+    for bad in (residual[:3], residual.double(), torch.randn(40, 7).to(dtype).t()):
+        with pytest.raises(ValueError, match="residual"):
+            fused_experts(x, w13, w2, weights, ids, configs, residual=bad)
+
+
 def test_launch_configs_table_and_defaults():
     """A table (the --tune file format) is used for its shapes, with its own buckets; other shapes and CPU
     tensors get the defaults: 16-row tiles while few rows reach an expert (narrower gate/up tiles the fewer

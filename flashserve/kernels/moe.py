@@ -17,7 +17,10 @@
    K shares of a split-K config's programs; the gate/up launch clears the rows, a rounding to the input dtype
    follows), or
    (``pair_outputs`` configs: many pairs, short K, where atomics dominate) stored per pair in the input dtype and
-   summed per token in fp32 by a third launch, ``_sum_pairs_kernel``, which writes the output once.
+   summed per token in fp32 by ``_sum_pairs_kernel``, which writes the output once. That launch also adds the
+   layer's residual stream when the caller passes it (``residual``; the atomic mode's fp32 rows go through it
+   too, as their rounding to the input dtype): the decoder's residual add, which a layer needs anyway, carries
+   the pair sum, so the expert part itself stays two launches.
 
 Every Triton launch here uses programmatic dependent launch where ``pdl.enabled`` says so (Hopper): each kernel
 waits for the previous one before touching memory, but its launch overlaps that kernel's tail.
@@ -122,16 +125,23 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, weights_ptr, sorted_ids_ptr, blo
 
 
 @triton.jit
-def _sum_pairs_kernel(pair_out_ptr, out_ptr, N, top_k, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-    """out[t, n] = sum over j < top_k of pair_out[t * top_k + j, n], in fp32, rounded once: one program per
-    (token, BLOCK_N columns)."""
+def _sum_pairs_kernel(pair_out_ptr, residual_ptr, out_ptr, N, rows_per_token, BLOCK_N: tl.constexpr,
+                      HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    """out[t, n] = sum over j < rows_per_token of pair_out[t * rows_per_token + j, n] in fp32, rounded once to
+    out's dtype; HAS_RESIDUAL: then plus residual[t, n] in fp32, rounded again (the unfused ``residual + moe``).
+    One program per (token, BLOCK_N columns). pair_out holds the pair rows (pair_outputs) or, one row per token,
+    the atomic mode's fp32 sums."""
     wait_for_previous(PDL)
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for choice in range(top_k):
-        acc += tl.load(pair_out_ptr + (token * top_k + choice) * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+    for choice in range(rows_per_token):
+        acc += tl.load(pair_out_ptr + (token * rows_per_token + choice) * N + offs_n, mask=mask,
+                       other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc += tl.load(residual_ptr + token * N + offs_n, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -159,30 +169,40 @@ def _launch(a, b, out, topk_weights, top_k, gated, config: MoeGemmConfig, alignm
 
 def down_projection(activated: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, top_k: int,
                     config: MoeGemmConfig, alignment, out_dtype: torch.dtype,
-                    cleared: torch.Tensor | None = None) -> torch.Tensor:
+                    cleared: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The down half of ``fused_experts``: (T * k, I) activations (pair rows) -> (T, H) in ``out_dtype``, the
-    weighted sum of each token's k down products (atomics into fp32, or per-pair rows and a sum: ``config``).
+    weighted sum of each token's k down products (atomics into fp32, or per-pair rows and a sum: ``config``),
+    plus ``residual`` (T, H) when given (added by the launch that sums, after rounding the sum to ``out_dtype``).
     ``cleared``: for the atomic mode, a zeroed (T, H) fp32 tensor to add into (else one is made here)."""
     num_pairs, hidden = activated.shape[0], w2.shape[1]
     num_tokens = num_pairs // top_k
     if config.pair_outputs:
-        pair_out = torch.empty(num_pairs, hidden, dtype=activated.dtype, device=activated.device)
-        _launch(activated, w2, pair_out, topk_weights, top_k, False, config, alignment)
-        out = torch.empty(num_tokens, hidden, dtype=out_dtype, device=activated.device)
-        with_pdl = pdl.enabled(out.device)
-        _sum_pairs_kernel[(num_tokens, cdiv(hidden, _SUM_BLOCK_N))](
-            pair_out, out, hidden, top_k, BLOCK_N=_SUM_BLOCK_N, PDL=with_pdl, num_warps=4,
-            **pdl.launch_options(with_pdl))
-        return out
-    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=activated.device) if cleared is None \
-        else cleared
-    _launch(activated, w2, out, topk_weights, top_k, False, config, alignment)
-    return out if out_dtype == torch.float32 else out.to(out_dtype)
+        summed = torch.empty(num_pairs, hidden, dtype=activated.dtype, device=activated.device)
+        _launch(activated, w2, summed, topk_weights, top_k, False, config, alignment)
+        rows_per_token = top_k
+    else:
+        summed = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=activated.device) if cleared is None \
+            else cleared
+        _launch(activated, w2, summed, topk_weights, top_k, False, config, alignment)
+        rows_per_token = 1
+        if residual is None and out_dtype == torch.float32:
+            return summed
+    out = torch.empty(num_tokens, hidden, dtype=out_dtype, device=activated.device)
+    with_pdl = pdl.enabled(out.device)
+    _sum_pairs_kernel[(num_tokens, cdiv(hidden, _SUM_BLOCK_N))](
+        summed, summed if residual is None else residual, out, hidden, rows_per_token, BLOCK_N=_SUM_BLOCK_N,
+        HAS_RESIDUAL=residual is not None, PDL=with_pdl, num_warps=4, **pdl.launch_options(with_pdl))
+    return out
 
 
-def _check(hidden_states, w13, w2, topk_weights, topk_ids) -> None:
+def _check(hidden_states, w13, w2, topk_weights, topk_ids, residual) -> None:
     _validate.check_tensor("hidden_states", hidden_states, 2, _validate.ATTENTION_DTYPES)
     device, dtype = hidden_states.device, hidden_states.dtype
+    if residual is not None:
+        _validate.check_tensor("residual", residual, 2, (dtype,), device)
+        _validate.check_shape("residual", residual, hidden_states.shape)
+        if not residual.is_contiguous():
+            raise ValueError("residual must be contiguous")
     _validate.check_tensor("w13", w13, 3, (dtype,), device)
     _validate.check_tensor("w2", w2, 3, (dtype,), device)
     num_experts, hidden = w13.shape[0], hidden_states.shape[1]
@@ -201,9 +221,10 @@ def _check(hidden_states, w13, w2, topk_weights, topk_ids) -> None:
 
 
 def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, configs: tuple[MoeGemmConfig, MoeGemmConfig] | None = None
-                  ) -> torch.Tensor:
-    """The experts' part of the layer for routed tokens, in two grouped-GEMM launches.
+                  topk_ids: torch.Tensor, configs: tuple[MoeGemmConfig, MoeGemmConfig] | None = None,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The experts' part of the layer for routed tokens, in two grouped-GEMM launches (and, for pair_outputs
+    configs or when ``residual`` is given, the launch that sums each token's rows and adds the residual).
 
     Args:
         hidden_states: (T, H) fp16/bf16/fp32, contiguous.
@@ -211,13 +232,16 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         topk_weights: (T, k) fp32 routing weights; topk_ids: (T, k) int32/int64 expert ids in [0, E).
         configs: (gate/up, down) tiles; default from ``moe_configs.moe_configs`` (for this device). Only the down
             GEMM may split K (the gate/up epilogue needs whole sums) or store pair outputs (not both).
+        residual: optional (T, H) of hidden_states' dtype, contiguous: the layer's residual stream, added to the
+            result (the pre-norm decoder's ``residual + moe(x)``, with the rounding of those two unfused steps)
+            by the launch that sums, so the add costs no launch of its own.
     Returns (T, H) in hidden_states' dtype: the weighted sum of each token's k expert outputs (products in fp32,
     the activation rounded once to the input dtype, the sum in fp32 then rounded once; pair_outputs: each weighted
-    product rounded to the input dtype before that sum). ValueError on bad input.
+    product rounded to the input dtype before that sum), plus ``residual``. ValueError on bad input.
     """
-    _check(hidden_states, w13, w2, topk_weights, topk_ids)
+    _check(hidden_states, w13, w2, topk_weights, topk_ids, residual)
     if not use_triton(hidden_states):
-        return reference.fused_experts(hidden_states, w13, w2, topk_weights, topk_ids)
+        return reference.fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, residual=residual)
     num_tokens, top_k = topk_ids.shape
     num_experts, hidden, intermediate = w2.shape
     if num_tokens == 0:
@@ -238,15 +262,15 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     if down_config.block_m != up_config.block_m:
         alignment = moe_align_block_size(topk_ids, down_config.block_m, num_experts)
     return down_projection(activated, w2, topk_weights, top_k, down_config, alignment, hidden_states.dtype,
-                           cleared)
+                           cleared, residual)
 
 
 def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, router_logits: torch.Tensor,
-              top_k: int, renormalize: bool) -> torch.Tensor:
+              top_k: int, renormalize: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Route (``moe_routing``) then run the experts (``fused_experts``): (T, H) -> (T, H).
 
     router_logits: (T, E) in any float dtype; top_k in [1, E]; renormalize: divide the top-k probabilities by
-    their sum (Qwen's ``norm_topk_prob``, always true for Mixtral)."""
+    their sum (Qwen's ``norm_topk_prob``, always true for Mixtral); residual: see ``fused_experts``."""
     _validate.check_tensor("router_logits", router_logits, 2, _validate.ATTENTION_DTYPES, hidden_states.device)
     if router_logits.shape != (hidden_states.shape[0], w13.shape[0]):
         raise ValueError(f"router_logits must have shape ({hidden_states.shape[0]}, {w13.shape[0]}), "
@@ -254,4 +278,4 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     if not isinstance(top_k, int) or not 1 <= top_k <= w13.shape[0]:
         raise ValueError(f"top_k must be an int in [1, {w13.shape[0]}], got {top_k!r}")
     topk_weights, topk_ids = moe_routing(router_logits, top_k, renormalize)
-    return fused_experts(hidden_states, w13, w2, topk_weights, topk_ids)
+    return fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, residual=residual)

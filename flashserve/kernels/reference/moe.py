@@ -24,8 +24,10 @@ def moe_routing(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> t
 
 
 def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, j].
+                  topk_ids: torch.Tensor, compute_dtype: torch.dtype = torch.float32,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = topk_ids[t, j], plus
+    ``residual`` (T, H) when given (the sum rounded to hidden_states' dtype, then the add in fp32, rounded).
 
     hidden_states (T, H); w13 (E, 2I, H): gate rows then up rows of each expert; w2 (E, H, I); returns (T, H) in
     hidden_states' dtype. ``compute_dtype`` is the precision of the matmuls and of the sum (fp32 gives the
@@ -44,7 +46,10 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         activated = (F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]).to(hidden_states.dtype)
         down = F.linear(activated.to(compute_dtype), w2[expert].to(compute_dtype))
         out.index_add_(0, tokens, down * flat_weights[rows, None])
-    return out.to(hidden_states.dtype)
+    out = out.to(hidden_states.dtype)
+    if residual is None:
+        return out
+    return (out.float() + residual.float()).to(hidden_states.dtype)
 
 
 def max_sorted_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
