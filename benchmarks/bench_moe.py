@@ -10,6 +10,9 @@ Decode counts also as the engine runs them: ``CHAIN_CALLS`` calls back to back i
 ``CHAIN_WEIGHT_SETS`` weight sets (as consecutive layers: no call finds the previous one's weights in L2), per call
 ("chain"); a one-call graph also pays the graph's launch and the GPU's ramp once per call, which a decode step's
 graph pays once per step.
+"+ residual": ``fused_experts`` with the layer's residual stream passed (``residual=``), as the decoder runs it: the
+launch that sums each token's rows also adds the residual, which the unfused layer does in a ``torch.add`` of its
+own (timed beside it).
 Decode token counts (1-64) in TB/s of the expert weights actually read (experts that got a token x 3 x H x I x 2
 bytes) against the copy bandwidth; 4096 tokens in TFLOP/s (6 x T x k x H x I) against torch.matmul of two
 8192 x 8192 bf16 matrices. Bars of issue 13: >= 70% of the copy bandwidth at >= 4 tokens, >= 50% of the matmul rate
@@ -118,6 +121,7 @@ def run_kernel_shape(name: str, copy_tbs: float, dense_tflops: float) -> list[di
     rows = []
     for num_tokens in (*DECODE_TOKENS, PREFILL_TOKENS):
         x, logits, weights, ids = layer_inputs(shape, num_tokens, seed=num_tokens)
+        residual = torch.randn_like(x)
         configs = moe_configs(num_tokens, num_experts, hidden, intermediate, top_k, device=x.device)
         out = kernel.fused_experts(x, w13, w2, weights, ids)
         loop_out = reference.fused_experts(x, w13, w2, weights, ids, compute_dtype=DTYPE)
@@ -127,6 +131,9 @@ def run_kernel_shape(name: str, copy_tbs: float, dense_tflops: float) -> list[di
                    max_abs_diff_vs_loop=(out.float() - loop_out.float()).abs().max().item(),
                    ours_graph_us=graph_us(lambda: kernel.fused_experts(x, w13, w2, weights, ids)),
                    ours_eager_us=bench_us(lambda: kernel.fused_experts(x, w13, w2, weights, ids)),
+                   residual_graph_us=graph_us(lambda: kernel.fused_experts(x, w13, w2, weights, ids,
+                                                                           residual=residual)),
+                   residual_add_us=graph_us(lambda: torch.add(out, residual)),
                    layer_graph_us=graph_us(lambda: kernel.fused_moe(x, w13, w2, logits, top_k, True)),
                    align_graph_us=graph_us(lambda: kernel.moe_align_block_size(ids, configs[0].block_m,
                                                                                num_experts)),
@@ -145,6 +152,7 @@ def run_kernel_shape(name: str, copy_tbs: float, dense_tflops: float) -> list[di
         if "ours_chain_us" in row:
             row["pct_copy_chain"] = 100 * row["ours_chain_tbs"] / copy_tbs
         row["pct_matmul"] = 100 * row["ours_graph_tflops"] / dense_tflops
+        row["pct_matmul_residual"] = 100 * row["flops"] / row["residual_graph_us"] / 1e6 / dense_tflops
         rows.append(row)
         print(f"  {name} T={num_tokens}: {row['ours_graph_us']:.1f} µs, {row['ours_graph_tbs']:.2f} TB/s "
               f"({row['pct_copy']:.0f}% copy), {row['ours_graph_tflops']:.0f} TFLOP/s, loop {row['loop_us']:.0f} µs")
@@ -158,13 +166,15 @@ def vars_of(config: MoeGemmConfig) -> dict:
 def kernel_markdown(rows, copy_tbs, dense_tflops) -> str:
     header = ["shape", "T", "experts hit", "ours µs (graph)", "of it: align µs", "eager µs",
               "layer µs (graph, + routing)", "µs per call (chain)", "% copy (chain)",
-              "TB/s", "% copy", "TFLOP/s", "% matmul", "loop µs", "× loop", "max |Δ| vs loop"]
+              "TB/s", "% copy", "TFLOP/s", "% matmul", "+ residual µs (graph)", "% matmul (+ residual)",
+              "torch.add µs", "loop µs", "× loop", "max |Δ| vs loop"]
     table = [[r["shape"], r["tokens"], r["experts_hit"], f"{r['ours_graph_us']:.1f}", f"{r['align_graph_us']:.1f}",
               f"{r['ours_eager_us']:.1f}", f"{r['layer_graph_us']:.1f}",
               f"{r['ours_chain_us']:.1f}" if "ours_chain_us" in r else "-",
               f"{r['pct_copy_chain']:.0f}%" if "ours_chain_us" in r else "-",
               f"{r['ours_graph_tbs']:.2f}", f"{r['pct_copy']:.0f}%",
-              f"{r['ours_graph_tflops']:.0f}", f"{r['pct_matmul']:.0f}%", f"{r['loop_us']:.0f}",
+              f"{r['ours_graph_tflops']:.0f}", f"{r['pct_matmul']:.0f}%", f"{r['residual_graph_us']:.1f}",
+              f"{r['pct_matmul_residual']:.0f}%", f"{r['residual_add_us']:.1f}", f"{r['loop_us']:.0f}",
               f"{r['loop_us'] / r['ours_graph_us']:.1f}", f"{r['max_abs_diff_vs_loop']:.3g}"] for r in rows]
     return (f"Copy bandwidth {copy_tbs:.2f} TB/s, dense matmul (8192³ on a GPU) {dense_tflops:.0f} TFLOP/s.\n\n"
             + common.markdown_table(header, table))
