@@ -90,11 +90,13 @@ def layer_variants():
                     PDL=True), 4, 3, "")
         grid, splits, block_m, block_n, block_d, _, block_h, block_s, combine_warps = launch_config(
             1, 1, shape["heads"], shape["kv_heads"], shape["head_dim"], CAPACITY, 0, torch.device("cpu"))
-        yield (f"decode {shape_name} B1 splits {splits}", _decode_kernel,
-               dict(GROUP=shape["heads"] // shape["kv_heads"], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                    PAGE_SIZE=PAGE, PAGED=True, HAS_BATCH_IDX=False, HAS_LEFTPAD=False, HAS_KEY_START=False,
-                    HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False, UPCAST=False,
-                    DOT_PRECISION="tf32", FUSED_COMBINE=False, BLOCK_S=block_s, PDL=True), 4, 3, "decode")
+        for fused in (False, True):
+            yield (f"decode {shape_name} B1 splits {splits}{' fused combine' if fused else ''}", _decode_kernel,
+                   dict(GROUP=shape["heads"] // shape["kv_heads"], BLOCK_M=block_m, BLOCK_N=block_n,
+                        BLOCK_D=block_d, PAGE_SIZE=PAGE, PAGED=True, HAS_BATCH_IDX=False, HAS_LEFTPAD=False,
+                        HAS_KEY_START=False, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False,
+                        UPCAST=False, DOT_PRECISION="tf32", FUSED_COMBINE=fused, BLOCK_S=block_s, PDL=True),
+                   4, 3, "decode")
         yield (f"combine {shape_name} B1 splits {splits}", _combine_splits_kernel,
                dict(NUM_HEADS=shape["heads"], HEAD_DIM=shape["head_dim"], WRITE_LSE=False, BLOCK_H=block_h,
                     BLOCK_S=block_s, BLOCK_D=block_d, PDL=True), combine_warps, 3, "")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flashserve.kernels import flash_attn_with_kvcache
-from flashserve.kernels import decode, reference
+from flashserve.kernels import counters, decode, reference
 
 
 @dataclass
@@ -314,3 +314,7 @@ def test_split_combine_in_kernel_or_in_a_second_launch(fused, monkeypatch):
     monkeypatch.setattr(decode, "FUSED_COMBINE_MAX_GROUPS", 10 ** 6 if fused else 0)
     for name in SPLIT_CASES:
         run_case(CASES[name])
+        run_case(CASES[name])  # a second launch finds the persistent counters reset by the first
+    for (_, owner), buffer in counters._buffers.items():
+        if owner == "decode":
+            assert not buffer.any()

@@ -10,8 +10,8 @@ Kernel structure:
   ranges, a multiple of BLOCK_N each. With one split the kernel writes the output and LSE directly; with more it
   writes fp32 partial outputs and LSEs (one fp32 buffer), merged with the combine code of ``merge_attn_states``
   (``merge.lse_weights``) by ``_combine_splits_kernel`` (a second launch), or, when asked (``fused_combine``), by
-  the last split program of each (batch, row block, KV head) group (an atomic counter: one launch; slower on the
-  H200, see ``FUSED_COMBINE_MAX_GROUPS``).
+  the last split program of each (batch, row block, KV head) group (an atomic ticket in a persistent counter that
+  program resets: one launch, no memset; see ``FUSED_COMBINE_MAX_GROUPS``).
 - paged caches gather each tile's block ids from ``block_table`` (cast to int64 before multiplying by the block
   stride); dense caches use ``cache_batch_idx``. Strides are plain ints so Triton specialises on them.
 The grid is sized from the cache capacity, never from ``cache_seqlens`` values (the launch itself needs no host
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels._launch import CachedLauncher, next_power_of_2
-from flashserve.kernels.merge import lse_weights, merge_split_rows, weighted
+from flashserve.kernels.merge import lse_weights, merge_split_row, weighted
 from flashserve.kernels.pdl import wait_for_previous
 
 MIN_TOKENS_PER_SPLIT = 128
@@ -174,21 +174,26 @@ def _decode_kernel(
              mask=row_valid)
     if FUSED_COMBINE:
         # One launch: the last split program of this (batch, row block, KV head) to finish merges all the partial
-        # states. The barrier orders every thread's stores before the counter's release; the acquire side reads
-        # the states past L1 (merge_split_rows). The counters start at zero (a fresh buffer per launch).
+        # states, row by row, and resets the group's counter to 0 for the next launch (the counters persist:
+        # ``decode_counters``). The barrier orders every thread's stores before the counter's release; the
+        # acquire side reads the states past L1 (merge_split_row).
         tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + batch * tl.num_programs(1) + tl.program_id(1), 1, sem="acq_rel",
-                                scope="gpu")
+        counter = counter_ptr + batch * tl.num_programs(1) + tl.program_id(1)
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if arrived == num_splits - 1:
-            merged, merged_lse = merge_split_rows(
-                out_ptr + batch * stride_ob + query * stride_os + head * stride_oh,
-                lse_ptr + batch * stride_lb + query * stride_ls + head * stride_lh, stride_osplit, stride_lsplit,
-                num_splits, row_valid, dims, dim_valid, BLOCK_M, BLOCK_S, BLOCK_D)
+            tl.store(counter, 0)
             num_heads = num_heads_k * GROUP
-            final_rows = ((batch * seqlen_q + query) * num_heads + head) * head_dim  # out (B, Sq, H, D) contiguous
-            tl.store(final_out_ptr + final_rows[:, None] + dims[None, :],
-                     merged.to(final_out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
-            tl.store(final_lse_ptr + (batch * num_heads + head) * seqlen_q + query, merged_lse, mask=row_valid)
+            for row in range(row_start, tl.minimum(row_start + BLOCK_M, seqlen_q * GROUP)):
+                row_query = row // GROUP
+                row_head = kv_head * GROUP + row % GROUP
+                merged, merged_lse = merge_split_row(
+                    out_ptr + batch * stride_ob + row_query * stride_os + row_head * stride_oh,
+                    lse_ptr + batch * stride_lb + row_query * stride_ls + row_head * stride_lh, stride_osplit,
+                    stride_lsplit, num_splits, dims, dim_valid, BLOCK_S)
+                final_row = ((batch * seqlen_q + row_query) * num_heads + row_head) * head_dim  # (B, Sq, H, D)
+                tl.store(final_out_ptr + final_row + dims, merged.to(final_out_ptr.dtype.element_ty),
+                         mask=dim_valid)
+                tl.store(final_lse_ptr + (batch * num_heads + row_head) * seqlen_q + row_query, merged_lse)
 
 
 @triton.jit

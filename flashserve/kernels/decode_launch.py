@@ -10,6 +10,7 @@ import torch
 
 from flashserve.kernels import decode, pdl
 from flashserve.kernels._dispatch import triton_interpret_enabled
+from flashserve.kernels.counters import zeroed_counters
 from flashserve.kernels.decode import (COMBINE_LAUNCHER, DECODE_LAUNCHER, launch_config, state_layout,
                                        uses_fused_combine)
 from flashserve.kernels.scratch import SCRATCH
@@ -127,7 +128,7 @@ class DecodePlan:
         else:
             target_out, target_lse = part, part_lse
         final_lse = lse if lse is not None else unread_lse if self.fused_combine else target_lse
-        counters = torch.zeros(self.counters, dtype=torch.int32, device=device) if self.counters else target_lse
+        counters = zeroed_counters(device, "decode", self.counters) if self.counters else target_lse
         self._decode((q, k_cache, v_cache, target_out, target_lse,
                       seqlens_k if block_table is None else block_table,
                       seqlens_k if cache_batch_idx is None else cache_batch_idx, seqlens_k,

@@ -2,7 +2,7 @@
 
 ``lse_weights`` and ``weighted`` are the one combine code path of the library: ``merge_attn_states`` uses them
 with two states per (token, head), the split-KV decode combine kernel (``decode.py``) with one state per split,
-and ``merge_split_rows`` (the decode kernel's in-kernel combine) on the rows of one program.
+and ``merge_split_row`` (the decode kernel's in-kernel combine) on one row of a program.
 """
 
 import torch
@@ -42,27 +42,25 @@ def weighted(out, weight):
 
 
 @triton.jit
-def merge_split_rows(part_out_rows, part_lse_rows, stride_out_split, stride_lse_split, num_splits, row_valid, dims,
-                     dim_valid, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Merge the ``num_splits`` partial states of a block of rows (the in-kernel combine of split-KV decode).
+def merge_split_row(part_out_row, part_lse_row, stride_out_split, stride_lse_split, num_splits, dims, dim_valid,
+                    BLOCK_S: tl.constexpr):
+    """Merge the ``num_splits`` partial states of one row (the in-kernel combine of split-KV decode).
 
-    ``part_out_rows`` / ``part_lse_rows`` [BLOCK_M] point at split 0's fp32 output rows / LSEs, split s lies
-    ``s * stride`` further. The loads bypass L1 (``.cg``): other programs of the same launch wrote the states.
-    Returns (merged output [BLOCK_M, BLOCK_D] fp32, merged LSE [BLOCK_M]).
+    ``part_out_row`` / ``part_lse_row`` point at split 0's fp32 output row / LSE, split s lies ``s * stride``
+    further. Every split's output is read in one [BLOCK_S, BLOCK_D] tile (all loads in flight at once, not one
+    split after the other), past L1 (``.cg``): other programs of the same launch wrote the states.
+    Returns (merged output [BLOCK_D] fp32, merged LSE).
     """
     splits = tl.arange(0, BLOCK_S)
-    part_lse = tl.load(part_lse_rows[:, None] + splits[None, :] * stride_lse_split,
-                       mask=row_valid[:, None] & (splits < num_splits)[None, :], other=float("-inf"),
+    split_valid = splits < num_splits
+    part_lse = tl.load(part_lse_row + splits * stride_lse_split, mask=split_valid, other=float("-inf"),
                        cache_modifier=".cg")
-    weights, lse = lse_weights(part_lse)
-    out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for split in range(0, num_splits):
-        weight = tl.sum(tl.where(splits[None, :] == split, weights, 0.0), axis=1)
-        part = tl.load(part_out_rows[:, None] + split * stride_out_split + dims[None, :],
-                       mask=(row_valid & (weight > 0.0))[:, None] & dim_valid[None, :], other=0.0,
-                       cache_modifier=".cg")
-        out += weighted(part, weight[:, None])
-    return out, lse
+    weights, lse = lse_weights(part_lse[None, :])
+    weights = tl.reshape(weights, [BLOCK_S])
+    part = tl.load(part_out_row + splits[:, None] * stride_out_split + dims[None, :],
+                   mask=(split_valid & (weights > 0.0))[:, None] & dim_valid[None, :], other=0.0,
+                   cache_modifier=".cg")
+    return tl.sum(weighted(part, weights[:, None]), axis=0), tl.sum(lse, axis=0)
 
 
 @triton.jit
