@@ -22,6 +22,7 @@ from compile_prefill_tma import compile_or_report, resource_usage
 from flashserve.kernels import skinny_gemm_plans
 from flashserve.kernels.decode import _combine_splits_kernel, _decode_kernel, launch_config
 from flashserve.kernels.moe import _grouped_gemm_kernel, _sum_pairs_kernel
+from flashserve.kernels.moe_routing import _routing_kernel
 from flashserve.kernels.moe_align import _align_single_kernel, _count_kernel, _offsets_kernel, _scatter_kernel
 from flashserve.kernels.norm import _rms_norm_kernel
 from flashserve.kernels.qk_rope_cache import _qk_norm_rope_cache_kernel, _tiles
@@ -105,6 +106,11 @@ def layer_variants():
 def moe_variants():
     """(name, kernel, constexprs, num_warps, num_stages, tag) of the fused-MoE kernels with PDL (Qwen3-30B-A3B's
     128 experts: decode and prefill tiles of its tuned table)."""
+    for experts, top_k in ((128, 8), (8, 2), (60, 4)):
+        block_e = 1 << (experts - 1).bit_length()
+        yield (f"moe routing E{experts} k{top_k}", _routing_kernel,
+               dict(TOP_K=top_k, RENORMALIZE=True, BLOCK_T=max(1, min(16, 4096 // block_e)), BLOCK_E=block_e,
+                    BLOCK_K=1 << (top_k - 1).bit_length(), PDL=True), 4, 1, "")
     align = dict(BLOCK_E=128, PDL=True)
     yield "moe align single", _align_single_kernel, dict(align, BLOCK_M=16, BLOCK_P=32, BLOCK_R=128,
                                                           FILL_BLOCK=4096), 8, 1, ""

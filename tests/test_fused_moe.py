@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from flashserve.kernels.moe import fused_experts, fused_moe, moe_align_block_size
+from flashserve.kernels.moe_routing import moe_routing
 from flashserve.kernels.moe_configs import MoeConfigTable, MoeGemmConfig, default_configs, moe_configs
 from flashserve.kernels.skinny_gemm_plans import pipeline_bytes
 from flashserve.kernels.reference import moe as reference
@@ -69,6 +70,45 @@ def test_fused_moe_routes_like_hugging_face():
     assert torch.equal(ids.long(), expected_ids) and torch.equal(weights, expected_weights)
     renormalised, _ = reference.moe_routing(logits, 2, True)
     assert torch.allclose(renormalised.sum(-1), torch.ones(2))
+
+
+def _check_routing(logits, top_k, renormalize):
+    weights, ids = moe_routing(logits, top_k, renormalize)
+    expected_weights, expected_ids = reference.moe_routing(logits, top_k, renormalize)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 8, 2), (5, 8, 8), (37, 60, 4), (3, 128, 8), (20, 6, 1)])
+def test_routing_kernel_matches_hugging_face(num_tokens, num_experts, top_k, renormalize, monkeypatch):
+    """The one-launch router (Triton, interpreter here) against HF's operations on logits without ties: same
+    experts in the same order, the same weights up to fp32 rounding. Equal logits go to the lower expert id (torch's
+    CPU topk orders ties otherwise: checked against the rule itself)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    generator = torch.Generator().manual_seed(num_tokens * num_experts)
+    _check_routing(torch.randn(num_tokens, num_experts, generator=generator) * 3, top_k, renormalize)
+    distinct = torch.stack([torch.randperm(num_experts, generator=generator) for _ in range(num_tokens)])
+    _check_routing(distinct.half() / 16, top_k, renormalize)  # fp16 logits, no two equal in a row
+    ties = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0, -1.0], [0.0] * 6, [2.0, 2.0, 2.0, 2.0, 5.0, 2.0]])
+    k = min(top_k, 6)
+    weights, ids = moe_routing(ties, k, renormalize)
+    expected_ids = torch.tensor([[1, 2, 4, 0, 3, 5], [0, 1, 2, 3, 4, 5], [4, 0, 1, 2, 3, 5]], dtype=torch.int32)
+    assert torch.equal(ids, expected_ids[:, :k])
+    probs = torch.softmax(ties, dim=-1).gather(1, expected_ids[:, :k].long())
+    torch.testing.assert_close(weights, probs / probs.sum(-1, keepdim=True) if renormalize else probs)
+
+
+def test_routing_validation_and_empty():
+    logits = torch.randn(4, 8)
+    for bad_k in (0, 9, 2.0):
+        with pytest.raises(ValueError, match="top_k"):
+            moe_routing(logits, bad_k, True)
+    with pytest.raises(ValueError, match="router_logits"):
+        moe_routing(logits[0], 2, True)
+    weights, ids = moe_routing(logits[:0], 2, True)
+    assert weights.shape == ids.shape == (0, 2)
 
 
 def test_fused_moe_end_to_end_and_validation():
@@ -228,6 +268,23 @@ def test_fused_experts_on_gpu_sweep_corners(num_tokens, up, down):
     GEMMs (3 shares of 3 K steps of 256), deep K steps, the 128 x 256 tiles of long prefills, per-pair down
     outputs."""
     _check_against_reference(num_tokens, 2048, 768, 128, 8, torch.bfloat16, "cuda", configs=(up, down))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 128, 8), (64, 128, 8), (4096, 128, 8), (7, 8, 2),
+                                                          (300, 60, 4)])
+def test_routing_kernel_on_gpu_matches_torch(num_tokens, num_experts, top_k):
+    """The one-launch router against HF's operations on the GPU: fp32 logits (no ties), and bf16 logits of a few
+    distinct values (ties everywhere, as bf16 router logits have them): the same experts as torch.topk on CUDA."""
+    generator = torch.Generator("cuda").manual_seed(num_tokens)
+    for logits in (torch.randn(num_tokens, num_experts, device="cuda", generator=generator),
+                   (torch.randn(num_tokens, num_experts, device="cuda", generator=generator) * 4).round().bfloat16()):
+        for renormalize in (False, True):
+            weights, ids = moe_routing(logits, top_k, renormalize)
+            expected_weights, expected_ids = reference.moe_routing(logits, top_k, renormalize)
+            assert torch.equal(ids.sort(dim=1).values, expected_ids.sort(dim=1).values)
+            torch.testing.assert_close(weights.sort(dim=1).values, expected_weights.sort(dim=1).values,
+                                       rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.gpu

@@ -25,8 +25,9 @@ from flashserve.kernels.attention_scores import attention_scores_from_lse
 from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.cache import reshape_and_cache_flash
 from flashserve.kernels.kvcache_interface import flash_attn_with_kvcache
-from flashserve.kernels.moe import fused_experts, fused_moe, moe_routing
+from flashserve.kernels.moe import fused_experts, fused_moe
 from flashserve.kernels.moe_align import moe_align_block_size
+from flashserve.kernels.moe_routing import moe_routing
 from flashserve.kernels.merge import merge_attn_states
 from flashserve.kernels.norm import fused_add_rms_norm, rms_norm
 from flashserve.kernels.skinny_gemm import linear, linear_silu_and_mul

@@ -3,8 +3,8 @@
 ``fused_moe(hidden_states, w13, w2, router_logits, top_k, renormalize)`` computes, for every token t,
 ``sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` over its ``top_k`` experts e (Qwen2/Qwen3-MoE, Mixtral):
 
-1. ``moe_routing``: softmax over the router logits in fp32, ``torch.topk`` (Hugging Face's router, ties included),
-   optional renormalisation of the top-k weights (``norm_topk_prob``).
+1. ``moe_routing`` (``moe_routing.py``, one launch): softmax over the router logits in fp32, the top k (Hugging
+   Face's choices, equal logits to the lower expert id), optional renormalisation (``norm_topk_prob``).
 2. ``moe_align_block_size`` (``moe_align``, three small launches): the T * top_k (token, expert) pairs
    sorted by expert, each expert's run padded to a multiple of the GEMM's BLOCK_M, on the device with shapes that
    never depend on the routing (no host sync: CUDA-graph safe). The GEMMs' grids cover the worst case; programs
@@ -37,10 +37,10 @@ from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import cdiv
 from flashserve.kernels.moe_align import moe_align_block_size
 from flashserve.kernels.moe_configs import MoeGemmConfig, moe_configs
+from flashserve.kernels.moe_routing import moe_routing
 from flashserve.kernels.pdl import wait_for_previous
 from flashserve.kernels.reference import moe as reference
 
-moe_routing = reference.moe_routing
 _CLEAR_BLOCK = tl.constexpr(1024)  # fp32 values a gate/up program clears per step (CLEAR)
 
 
@@ -275,7 +275,5 @@ def fused_moe(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     if router_logits.shape != (hidden_states.shape[0], w13.shape[0]):
         raise ValueError(f"router_logits must have shape ({hidden_states.shape[0]}, {w13.shape[0]}), "
                          f"got {tuple(router_logits.shape)}")
-    if not isinstance(top_k, int) or not 1 <= top_k <= w13.shape[0]:
-        raise ValueError(f"top_k must be an int in [1, {w13.shape[0]}], got {top_k!r}")
     topk_weights, topk_ids = moe_routing(router_logits, top_k, renormalize)
     return fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, residual=residual)
