@@ -1,6 +1,7 @@
 """Compile the programmatic-dependent-launch variants (``PDL=True``) of the decode step's kernels for a GPU target
 without a GPU, through ``triton.compile`` (Triton ships ptxas): the skinny-GEMM grid kernel (every tile of the
-tuning's choices, plain and gated, with and without split-K), RMSNorm (with and without the residual add), the fused
+tuning's choices, with and without split-K: plain, gated, with the residual add and, up to
+``norm_linear.NORM_MAX_ROWS`` rows, with the RMSNorm prologue, plain and gated), RMSNorm (with and without the residual add), the fused
 q/k norm + rotary + KV write, the decode kernel and its split combine, at the Qwen3-0.6B and Llama-3.1-8B shapes;
 the fused-MoE kernels (the token permutation's four, both grouped GEMMs in each output mode, the pair sum) at the
 Qwen3-30B-A3B shape.
@@ -19,7 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from compile_prefill_tma import compile_or_report, resource_usage
-from flashserve.kernels import skinny_gemm_plans
+from flashserve.kernels import norm_linear, skinny_gemm_plans
 from flashserve.kernels.decode import _combine_splits_kernel, _decode_kernel, launch_config
 from flashserve.kernels.moe import _grouped_gemm_kernel, _sum_pairs_kernel
 from flashserve.kernels.moe_align import _align_single_kernel, _count_kernel, _offsets_kernel, _scatter_kernel
@@ -60,20 +61,30 @@ def signature(kernel, constexprs: dict, tag: str = "") -> tuple[dict, dict]:
     return sig, attrs
 
 
-def gemm_variants(rows_list: list[int]):
-    """(name, kernel, constexprs, num_warps, num_stages) of the grid kernel's tiles with PDL."""
+# (gated, RMSNorm prologue, residual add) of the grid kernel's variants: what the decoder's products use.
+GEMM_EPILOGUES = ((False, False, False), (True, False, False), (False, False, True), (False, True, False),
+                  (True, True, False))
+
+
+def gemm_variants(rows_list: list[int], pdl: bool = True):
+    """(name, kernel, constexprs, num_warps, num_stages, tag) of the grid kernel's tiles (with PDL unless told),
+    each with and without split-K, in each of GEMM_EPILOGUES (the normed ones up to NORM_MAX_ROWS rows)."""
     for rows in rows_list:
         tiles = [(tile, True) for tile in skinny_gemm_plans.TILE_CHOICES]
         tiles += [(tile, False) for tile in skinny_gemm_plans.FMA_TILE_CHOICES if rows == 1]
         for (block_n, block_k, warps, stages), use_dot in tiles:
             block_m = skinny_gemm_plans.block_rows(rows) if use_dot else 1
-            for gated in (False, True):
+            for gated, norm, residual in GEMM_EPILOGUES:
+                if norm and rows > norm_linear.NORM_MAX_ROWS:
+                    continue
                 for split in (False, True):
                     constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, EVEN_K=True,
-                                      HAS_BIAS=False, HAS_RESIDUAL=False, GATED=gated, USE_DOT=use_dot,
-                                      DOT_PRECISION="tf32", PDL=True, PREFETCH_K=1024)
+                                      HAS_BIAS=False, HAS_RESIDUAL=residual, GATED=gated, NORM=norm,
+                                      USE_DOT=use_dot, DOT_PRECISION="tf32", PDL=pdl,
+                                      PREFETCH_K=1024 if pdl else 0)
                     name = (f"gemm {'dot' if use_dot else 'fma'} n{block_n}k{block_k}w{warps}st{stages} M{block_m}"
-                            f"{' gated' if gated else ''}{' split' if split else ''}")
+                            f"{' norm' if norm else ''}{' gated' if gated else ''}{' +residual' if residual else ''}"
+                            f"{' split' if split else ''}")
                     yield name, _skinny_gemm_kernel, constexprs, warps, stages, ""
 
 

@@ -134,6 +134,34 @@ def test_paged_forward_matches_transformers_on_gpu(checkpoints, case):
             assert error.max() <= 0.05 * theirs.abs().max() + 0.05
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["llama", "qwen3", "qwen2-moe"])
+def test_folded_norms_and_adds_match_the_unfused_decoder_on_gpu(checkpoints, case, monkeypatch):
+    """bf16 with every product on the small-M kernel (the tiny shapes' default plan is cuBLAS): the decoder with
+    its RMSNorms in the QKV / gate-up prologues and its residual adds in the o / down epilogues (the steps of <= 16
+    tokens) against the same decoder with the norms unfolded: the same logits up to the rare one-ulp flips of a
+    normed operand."""
+    from flashserve.kernels import norm_linear, skinny_gemm_plans
+
+    monkeypatch.setattr(skinny_gemm_plans, "default_config", lambda n_out, k, rows, dtype, device, gated=False:
+                        skinny_gemm_plans.kernel_config(n_out, k, rows, dtype, device))
+    skinny_gemm_plans.reset()
+    try:
+        folded, expected = _paged_logits(checkpoints[case], "bfloat16", "cuda")
+        monkeypatch.setattr(norm_linear, "NORM_MAX_ROWS", 0)
+        unfolded, _ = _paged_logits(checkpoints[case], "bfloat16", "cuda")
+    finally:
+        skinny_gemm_plans.reset()
+    for ours, unfused, theirs in zip(folded, unfolded, expected):
+        assert torch.isfinite(ours).all()
+        difference = (ours - unfused).abs()
+        if case in MOE_CASES:  # a flipped near-tie of the router moves a few positions a lot (as against HF)
+            assert difference.mean() <= 0.01 * theirs.abs().max() + 0.01
+        else:
+            assert difference.max() <= 0.01 * theirs.abs().max() + 0.01
+            assert (ours - theirs).abs().max() <= 0.05 * theirs.abs().max() + 0.05
+
+
 @pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 4.0}, LLAMA3_SCALING,
                                           dict(LLAMA3_SCALING, original_max_position_embeddings=8192)])
 def test_rotary_frequencies_equal_transformers(rope_scaling):

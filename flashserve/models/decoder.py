@@ -10,6 +10,15 @@ tensors go.
 Tokens of the whole batch are packed along one dimension: ``forward(input_ids (T,), positions (T,))`` returns
 hidden states (T, hidden_size); per-request boundaries live in the attention context.
 
+One tensor carries the residual stream: the embedding is its start, and each pre-norm layer maps it h to
+``h2 = h + o_proj(attn(qkv_proj(input_layernorm(h))))``, then ``h3 = h2 + mlp(post_attention_layernorm(h2))``.
+Each RMSNorm is folded into the prologue of the product that reads it (QKV, gate/up: ``rms_norm_linear``) and each
+residual add into the epilogue of the product that ends the block (o_proj, down_proj), where the small-M kernel
+runs (decode batches); elsewhere the same operations run unfused. At batch 1 a dense layer is then six launches
+(normed QKV, q/k norm + rotary + KV write, decode attention, o_proj + add, normed gate/up + SiLU-and-mul,
+down_proj + add; a split decode attention adds its combine) instead of eight. The final norm (``model.norm``)
+runs alone. A MoE layer norms first (the fused-MoE kernel has no prologue) and adds the stream to its output.
+
 Under tensor parallelism (``flashserve.distributed``) the projections are split over the ranks (Megatron's
 column / row split) and each rank's attention runs its own query and KV heads; with one rank the parallel layers
 are the plain ones.
@@ -18,7 +27,7 @@ import torch
 from torch import nn
 
 from flashserve.distributed import layers as parallel  # a module, not its names: it imports models.layers
-from flashserve.kernels import linear_silu_and_mul
+from flashserve.kernels import linear_silu_and_mul, rms_norm_linear_silu_and_mul
 from flashserve.models.attention import Attention
 from flashserve.models.layers import RMSNorm, RotaryEmbedding
 from flashserve.models.moe import SparseMoeBlock
@@ -27,7 +36,10 @@ from flashserve.models.spec import ModelSpec
 
 class SelfAttention(nn.Module):
     """Fused QKV projection, then (in ``Attention``) optional per-head q/k RMSNorm, rotary and paged attention, then
-    the output projection. ``num_heads``/``num_kv_heads`` are this rank's heads."""
+    the output projection. ``num_heads``/``num_kv_heads`` are this rank's heads.
+
+    ``forward(positions, x, norm, residual)``: ``residual + o_proj(attn(qkv_proj(norm(x))))`` (x (T, hidden); the
+    norm folded into the QKV product, the residual added by the output projection; either may be None)."""
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, sliding_window: int | None):
         super().__init__()
@@ -43,21 +55,25 @@ class SelfAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, rotary,
                               sliding_window)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
+        q, k, v = self.qkv_proj(hidden, norm).split(self.split_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.attn(positions, q, k, v, self.q_norm, self.k_norm)
-        return self.o_proj(out.reshape(num_tokens, -1))
+        return self.o_proj(out.reshape(num_tokens, -1), residual=residual)
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate and up fused into one product whose epilogue
     applies the SiLU-and-mul; of ``spec.intermediate_size`` unless ``intermediate_size`` is given (a shared
     expert's). Under tensor parallelism ``reduce_results=False`` returns this rank's partial sum (the MoE block
-    all-reduces it together with the routed experts')."""
+    all-reduces it together with the routed experts').
+
+    ``forward(x, norm, residual)``: ``residual + down(silu(gate(norm(x))) * up(norm(x)))``, the norm folded into the
+    gate/up product, the residual added by the down projection; the shared expert passes neither."""
 
     def __init__(self, spec: ModelSpec, intermediate_size: int | None = None, reduce_results: bool = True):
         super().__init__()
@@ -67,12 +83,19 @@ class MLP(nn.Module):
         self.down_proj = parallel.RowParallelLinear(intermediate_size, spec.hidden_size, spec.mlp_bias,
                                                     "intermediate_size", reduce_results)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(linear_silu_and_mul(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        weight, bias = self.gate_up_proj.weight, self.gate_up_proj.bias
+        if norm is None:
+            activated = linear_silu_and_mul(x, weight, bias)
+        else:
+            activated = rms_norm_linear_silu_and_mul(x, norm.weight, norm.eps, weight, bias)
+        return self.down_proj(activated, residual=residual)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block. The residual stream is carried separately and updated by the fused add + RMSNorm."""
+    """Pre-norm block: ``forward(positions, hidden)`` maps the residual stream (T, hidden) to the next layer's (a new
+    tensor); each norm goes to the block that reads it, which adds the stream back (module docstring)."""
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, layer_index: int):
         super().__init__()
@@ -82,16 +105,9 @@ class DecoderLayer(nn.Module):
         sparse = spec.moe is not None and spec.moe.sparse_layers[layer_index]
         self.mlp = SparseMoeBlock(spec, MLP) if sparse else MLP(spec)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
-        """Returns (this block's output, residual stream before adding it); the caller adds them."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.self_attn(positions, hidden, self.input_layernorm, residual=hidden)
+        return self.mlp(hidden, self.post_attention_layernorm, residual=hidden)
 
 
 class DecoderModel(nn.Module):
@@ -105,12 +121,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
+        hidden = self.embed_tokens(input_ids)  # the residual stream
         for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+            hidden = layer(positions, hidden)
+        return self.norm(hidden)
 
 
 class DecoderForCausalLM(nn.Module):

@@ -13,7 +13,7 @@ from torch import nn
 from flashserve.distributed import layers as parallel  # a module, not its names: it imports models.layers
 from flashserve.distributed.state import all_reduce, tp_rank, tp_size
 from flashserve.kernels.moe import fused_moe
-from flashserve.models.layers import Linear, copy_weight_loader
+from flashserve.models.layers import Linear, RMSNorm, copy_weight_loader
 from flashserve.models.spec import ModelSpec
 
 EXPERT_PARTS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
@@ -93,7 +93,11 @@ class SparseMoeBlock(nn.Module):
 
     Under tensor parallelism the router and the shared expert's gate are replicated, the routed experts split
     along their intermediate dimension (``StackedExperts``) and the shared expert like the dense MLP; both give
-    this rank's partial sums, added and all-reduced once."""
+    this rank's partial sums, added and all-reduced once.
+
+    ``forward(x, norm, residual)``: ``residual + moe(norm(x))``; the norm runs as its own kernel (the fused-MoE
+    kernel has no prologue), the residual is added to the all-reduced output (one add; the spot to fuse it into
+    the MoE kernel's pair sum)."""
 
     def __init__(self, spec: ModelSpec, dense_mlp: type):
         super().__init__()
@@ -108,9 +112,14 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = dense_mlp(spec, moe.shared_expert_intermediate_size, reduce_results=False)
             self.shared_expert_gate = Linear(spec.hidden_size, 1, False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        if norm is not None:
+            x = norm(x)
         out = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, self.gate(x), self.top_k,
                         self.renormalize)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return all_reduce(out)
+        out = all_reduce(out)
+        # The residual stream's add: the one to fuse into fused_moe's pair sum (tp == 1).
+        return out if residual is None else out + residual
