@@ -1,7 +1,7 @@
 """Compile the small-M matrix product's stream-K kernel for a GPU target without a GPU: every stream-K candidate
 config at each rows tile, plain and gated, through ``triton.compile`` (Triton ships ptxas); then the grid kernel's
-RMSNorm-prologue variants without PDL (every tile, plain and gated, with and without split-K, for the row counts up
-to ``norm_linear.NORM_MAX_ROWS``; ``compile_pdl.py`` compiles the PDL ones).
+RMSNorm-prologue variants without PDL (every tile, plain and gated, with and without split-K, at each row count
+that ``norm_linear.max_fused_rows`` folds at the models' K; ``compile_pdl.py`` compiles the PDL ones).
 
 Catches what the interpreter misses (layouts, shared memory, register spills) and shows whether Triton's software
 pipeline took the main loop (``cp.async`` copies in the PTX: the weight tiles are prefetched ``num_stages - 1``

@@ -138,7 +138,7 @@ def test_paged_forward_matches_transformers_on_gpu(checkpoints, case):
 @pytest.mark.parametrize("case", ["llama", "qwen3", "qwen2-moe"])
 def test_folded_norms_and_adds_match_the_unfused_decoder_on_gpu(checkpoints, case, monkeypatch):
     """bf16 with every product on the small-M kernel (the tiny shapes' default plan is cuBLAS): the decoder with
-    its RMSNorms in the QKV / gate-up prologues and its residual adds in the o / down epilogues (the steps of <= 16
+    its RMSNorms in the QKV / gate-up prologues and its residual adds in the o / down epilogues (the steps of few
     tokens) against the same decoder with the norms unfolded: the same logits up to the rare one-ulp flips of a
     normed operand."""
     from flashserve.kernels import norm_linear, skinny_gemm_plans
@@ -148,7 +148,7 @@ def test_folded_norms_and_adds_match_the_unfused_decoder_on_gpu(checkpoints, cas
     skinny_gemm_plans.reset()
     try:
         folded, expected = _paged_logits(checkpoints[case], "bfloat16", "cuda")
-        monkeypatch.setattr(norm_linear, "NORM_MAX_ROWS", 0)
+        monkeypatch.setattr(norm_linear, "NORM_MAX_X_BYTES", 0)
         unfolded, _ = _paged_logits(checkpoints[case], "bfloat16", "cuda")
     finally:
         skinny_gemm_plans.reset()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flashserve.kernels import (norm_linear, reference, rms_norm, rms_norm_linear, rms_norm_linear_silu_and_mul,
-                                skinny_gemm, skinny_gemm_plans)
+                                skinny_gemm, skinny_gemm_plans, skinny_gemm_prologue)
 from flashserve.kernels.skinny_gemm_plans import CUBLAS, GemmConfig
 
 EPS = 1e-6
@@ -26,19 +26,23 @@ def _operands(rows, n_out, k, dtype, gated, bias, device="cpu"):
     return x, norm_weight, w, b
 
 
-def check_normed_product(rows, n_out, k, dtype, config, gated=False, bias=False, device="cpu"):
-    """The kernel with the prologue against the product of the rms_norm reference's output (rounded as the kernel
-    rounds it): in fp32 (the oracle) and in ``dtype``; error <= 2x the latter's + a floor."""
-    x, norm_weight, w, b = _operands(rows, n_out, k, dtype, gated, bias, device)
-    out = skinny_gemm.launch(x, w, b, None, gated, config, norm_weight, EPS)
+def _oracle(x, norm_weight, w, b, gated):
+    """(the fp32 product of the rms_norm reference's output, rounded as the kernel rounds it; the error allowed:
+    2x that of the same math in x's dtype + a floor)."""
     normed = reference.rms_norm(x, norm_weight, EPS)
     unfused = reference.linear_silu_and_mul if gated else reference.linear
-    expected = unfused(normed.float(), w.float(), b.float() if bias else None)
-    same_math = unfused(normed, w, b)
+    expected = unfused(normed.float(), w.float(), b.float() if b is not None else None)
+    floor = 1e-5 if x.dtype == torch.float32 else 2e-3
+    return expected, 2 * (unfused(normed, w, b).float() - expected).abs().max().item() + floor
+
+
+def check_normed_product(rows, n_out, k, dtype, config, gated=False, bias=False):
+    """The kernel with the prologue against ``_oracle``."""
+    x, norm_weight, w, b = _operands(rows, n_out, k, dtype, gated, bias)
+    out = skinny_gemm.launch(x, w, b, None, gated, config, norm_weight, EPS)
+    expected, allowed = _oracle(x, norm_weight, w, b, gated)
     assert out.shape == (rows, n_out) and out.dtype == dtype
-    error = (out.float() - expected).abs().max().item()
-    floor = 1e-5 if dtype == torch.float32 else 2e-3
-    assert error <= 2 * (same_math.float() - expected).abs().max().item() + floor, (error, config)
+    assert (out.float() - expected).abs().max().item() <= allowed, config
 
 
 CONFIGS = [GemmConfig(32, 32, 1, 4, 1), GemmConfig(16, 16, 2, 4, 1), GemmConfig(16, 32, 3, 4, 1)]
@@ -56,6 +60,16 @@ def test_prologue_kernel(rows, n_out, k, dtype, config):
     check_normed_product(rows, n_out // 2 + 1, k, dtype, config, gated=True, bias=rows == 1)
 
 
+@pytest.mark.parametrize("config", [CONFIGS[1], FMA_CONFIGS[0]], ids=["dot-split2", "fma"])
+def test_prepass_over_several_tiles(config, monkeypatch):
+    """A pre-pass tile narrower than K (a ragged last one too): the rows' sums of squares over several tiles."""
+    monkeypatch.setattr(skinny_gemm_prologue, "PREPASS_ELEMENTS_PER_THREAD", 1)  # 4 warps: 128 elements
+    assert skinny_gemm_prologue.prepass_tile(3, 200, 4) == (4, 32)
+    for rows in (3, 16) if config.use_dot else (1,):
+        check_normed_product(rows, 24, 200, torch.float16, config, bias=True)
+        check_normed_product(rows, 24, 200, torch.float32, config, gated=True)
+
+
 @pytest.mark.parametrize("config", [CONFIGS[2], FMA_CONFIGS[1]], ids=["dot-split3", "fma-split3"])
 def test_prologue_rounds_as_rms_norm(config):
     """With an identity weight the product is the normed operand itself: the rms_norm kernel's values, bit for bit
@@ -71,16 +85,18 @@ def test_prologue_rounds_as_rms_norm(config):
 
 
 def test_strided_rows_and_leading_dimensions():
-    """x as a column slice of a wider tensor with two leading dimensions, through the public functions."""
+    """x as a column slice of a wider tensor with two leading dimensions, through the public functions (with a
+    residual too)."""
     skinny_gemm_plans.reset()
     x_wide = _randn(2, 3, 100, dtype=torch.float32)
     x = x_wide[..., 10:74]
     norm_weight = _randn(64, dtype=torch.float32, seed=4)
     w = _randn(96, 64, dtype=torch.float32, seed=1)
     b = _randn(96, dtype=torch.float32, seed=2)
-    out = rms_norm_linear(x, norm_weight, EPS, w, b)
+    r = _randn(2, 3, 96, dtype=torch.float32, seed=3)
+    out = rms_norm_linear(x, norm_weight, EPS, w, b, r)
     assert out.shape == (2, 3, 96)
-    torch.testing.assert_close(out, reference.rms_norm_linear(x, norm_weight, EPS, w, b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, reference.rms_norm_linear(x, norm_weight, EPS, w, b, r), atol=1e-4, rtol=1e-4)
     gated = rms_norm_linear_silu_and_mul(x, norm_weight, EPS, w, b)
     assert gated.shape == (2, 3, 48)
     torch.testing.assert_close(gated, reference.rms_norm_linear_silu_and_mul(x, norm_weight, EPS, w, b),
@@ -88,7 +104,7 @@ def test_strided_rows_and_leading_dimensions():
 
 
 def test_fallbacks_run_rms_norm_then_the_product(monkeypatch):
-    """More than NORM_MAX_ROWS rows, a cuBLAS plan, a stream-K plan and torch: rms_norm then the plain product
+    """x larger than NORM_MAX_X_BYTES, a cuBLAS plan, a stream-K plan and torch: rms_norm then the plain product
     (no prologue launch), with the reference's results."""
     launches = []
     plain_launch = skinny_gemm.launch
@@ -98,6 +114,7 @@ def test_fallbacks_run_rms_norm_then_the_product(monkeypatch):
         return plain_launch(*args)
 
     monkeypatch.setattr(skinny_gemm, "launch", recording_launch)
+    monkeypatch.setattr(norm_linear, "NORM_MAX_X_BYTES", 16 * 48 * 4)  # 16 rows of 48 fp32
     w = _randn(32, 48, dtype=torch.float32, seed=1)
     norm_weight = _randn(48, dtype=torch.float32, seed=4)
 
@@ -109,11 +126,11 @@ def test_fallbacks_run_rms_norm_then_the_product(monkeypatch):
                                    atol=1e-4, rtol=1e-4)
 
     skinny_gemm_plans.reset()
-    check(norm_linear.NORM_MAX_ROWS)
+    check(16)
     assert launches == [True]
-    check(norm_linear.NORM_MAX_ROWS + 1, gated=True)
+    check(17, gated=True)
     check(skinny_gemm.MAX_ROWS + 1)
-    assert launches == [True, False]  # the plain kernel beyond NORM_MAX_ROWS, torch beyond MAX_ROWS
+    assert launches == [True, False]  # the plain kernel beyond 16 rows, torch beyond MAX_ROWS
     for plan in (CUBLAS, GemmConfig(16, 16, 0, 4, 1, True, 2)):
         skinny_gemm_plans.reset()
         monkeypatch.setattr(skinny_gemm_plans, "default_config", lambda *args, plan=plan: plan)
@@ -160,14 +177,15 @@ def test_every_candidate_against_the_unfused_kernels_gpu(shape):
     configs = {skinny_gemm_plans.kernel_config(n_out, k, 1, torch.bfloat16, device)}
     for rows in (1, 16):
         configs |= set(skinny_gemm_plans.candidates(n_out, k, rows, torch.bfloat16, device, gated))
-    for config in sorted(configs, key=str):
-        for rows in (1, 4, 16) if config.use_dot else (1,):
-            x, norm_weight, w, b = _operands(rows, n_out, k, torch.bfloat16, gated, rows == 4, device)
+    for rows in (1, 4, 16):
+        x, norm_weight, w, b = _operands(rows, n_out, k, torch.bfloat16, gated, rows == 4, device)
+        expected, allowed = _oracle(x, norm_weight, w, b, gated)
+        for config in sorted((c for c in configs if c.use_dot or rows == 1), key=str):
             fused = skinny_gemm.launch(x, w, b, None, gated, config, norm_weight, EPS)
             unfused = skinny_gemm.launch(rms_norm(x, norm_weight, EPS), w, b, None, gated, config)
             torch.testing.assert_close(fused, unfused, atol=2e-2, rtol=2e-2)
             assert (fused != unfused).float().mean().item() <= 0.02, config
-            check_normed_product(rows, n_out, k, torch.bfloat16, config, gated, rows == 4, "cuda")
+            assert (fused.float() - expected).abs().max().item() <= allowed, config
 
 
 @pytest.mark.gpu

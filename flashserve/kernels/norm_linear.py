@@ -10,9 +10,10 @@ times the norm weight, rounded again — before the product. So the result equal
 ``linear_silu_and_mul``) up to the order of the fp32 sums (of the squares and of the product).
 
 The normed call shares the plain product's launch plan (same key, same config: the pre-pass adds no shared memory
-and is small against the weight a program streams, see ``NORM_MAX_ROWS``). Where the kernel does not run — torch
-by ``use_triton``, more than ``NORM_MAX_ROWS`` rows, a cuBLAS plan, a stream-K plan (no prologue there) — the
-``rms_norm`` kernel runs, then ``linear`` / ``linear_silu_and_mul`` on its output: the same results, two launches.
+and is small against the weight a program streams, see ``NORM_MAX_X_BYTES``). Where the kernel does not run —
+torch by ``use_triton``, x larger than ``NORM_MAX_X_BYTES``, a cuBLAS plan, a stream-K plan (no prologue there) —
+the ``rms_norm`` kernel runs, then ``linear`` / ``linear_silu_and_mul`` on its output: the same results, two
+launches.
 """
 import torch
 
@@ -21,19 +22,27 @@ from flashserve.kernels.norm import rms_norm
 from flashserve.kernels.skinny_gemm import linear, linear_silu_and_mul
 from flashserve.kernels.skinny_gemm_checks import check_norm, check_product
 
-__all__ = ["NORM_MAX_ROWS", "rms_norm_linear", "rms_norm_linear_silu_and_mul"]
-# The prologue re-reads the program's M x K rows of x (from L2) before its weight stream: M / BLOCK_N (x split_k)
-# of the weight bytes it reads from HBM. At 16 rows and the decode shapes' tiles (BLOCK_N 32-64, gate/up reading
-# two weight tiles, no split-K on QKV or gate/up) that is 1/8 to 1/2 of them, at L2 rather than HBM speed, against
-# the ~2-3 µs launch of the separate norm it saves; at 64 rows it would be 1/2 to 2x. Beyond this: two launches.
-NORM_MAX_ROWS = 16
+__all__ = ["NORM_MAX_X_BYTES", "max_fused_rows", "rms_norm_linear", "rms_norm_linear_silu_and_mul"]
+# Every program's pre-pass re-reads all of x (M x K, from L2) after its PDL wait and before its weight stream
+# starts, so it is latency on every program's path, and L2 traffic of M / BLOCK_N (x split_k) of the weight bytes a
+# program reads from HBM. Folded while x is at most this: at most 4 round trips of the pre-pass's 8 KB tiles (4
+# warps), against the ~2-3 µs launch of the separate norm it saves: <= 16 rows at Qwen3-0.6B's K = 1024, <= 4 at
+# Llama-3.1-8B's 4096 (bf16), where the extra L2 reads are <= 1/2 of the weight bytes of the decode plans' tiles
+# (BLOCK_N >= 32, no split-K on QKV or gate/up). Larger x: two launches.
+NORM_MAX_X_BYTES = 32 * 1024
+
+
+def max_fused_rows(k: int, element_bytes: int) -> int:
+    """The most rows of K elements of ``element_bytes`` the prologue takes (NORM_MAX_X_BYTES of x)."""
+    return NORM_MAX_X_BYTES // (k * element_bytes)
 
 
 def _run(x, norm_weight, eps: float, weight, bias, residual, gated: bool) -> torch.Tensor:
     n_out = check_product(x, weight, bias, residual, gated)
     check_norm(x, norm_weight, eps)
     planned = skinny_gemm.plan(x, weight, bias, gated, n_out)
-    if planned is not None and planned[0].shape[0] <= NORM_MAX_ROWS and not planned[1].programs_per_sm:
+    if planned is not None and planned[0].shape[0] <= max_fused_rows(x.shape[-1], x.element_size()) \
+            and not planned[1].programs_per_sm:
         x_rows, config = planned
         residual_rows = residual.reshape(x_rows.shape[0], -1) if residual is not None else None
         out = skinny_gemm.launch(x_rows, weight, bias, residual_rows, gated, config, norm_weight, eps)

@@ -15,10 +15,8 @@ feature block) adds all of them in split order (results are deterministic) and r
 no memset: the last split also resets its ticket counter. Configs with ``programs_per_sm`` run the stream-K schedule
 of ``skinny_gemm_streamk`` instead (a persistent grid sharing the weight's tiles equally between the SMs).
 
-With NORM (``flashserve.kernels.norm_linear``'s ``rms_norm_linear``, its gated variant) the kernel reads x through
-an RMSNorm prologue (``skinny_gemm_prologue``): a pre-pass over each row's whole K gives its rstd, and every x tile
-is normalised and rounded as ``rms_norm`` rounds before the product (both the ``tl.dot`` and the one-row FMA path;
-each split of split-K runs the pre-pass; the stream-K kernel has no prologue).
+With NORM (``norm_linear.rms_norm_linear`` and its gated variant) x passes through the RMSNorm prologue of
+``skinny_gemm_prologue`` on both paths and in every split (the stream-K kernel has none).
 
 Rounding follows the unfused operations: ``x @ weight.T + bias`` is rounded to x's dtype, then the SiLU-and-mul
 (``silu(gate) * up`` in fp32, as ``flashserve.kernels.silu_and_mul``) or the residual add (fp32) is applied and
@@ -54,7 +52,7 @@ from flashserve.kernels.pdl import prefetch_l2, wait_for_previous
 from flashserve.kernels.reference import layers as reference
 from flashserve.kernels.skinny_gemm_checks import check_product
 from flashserve.kernels.skinny_gemm_epilogue import epilogue
-from flashserve.kernels.skinny_gemm_prologue import normalise, row_rstd
+from flashserve.kernels.skinny_gemm_prologue import normalise, prepass_tile, row_rstd
 from flashserve.kernels.skinny_gemm_plans import MAX_ROWS, GemmConfig
 
 __all__ = ["MAX_ROWS", "linear", "linear_silu_and_mul", "launch"]
@@ -68,7 +66,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, norm_weight_ptr, o
                         M, n_out, K, k_per_split, split_k, stride_xm, stride_wn, stride_rm, stride_om, eps,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, USE_DOT: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, NORM_ROWS: tl.constexpr,
+                        NORM_K: tl.constexpr, USE_DOT: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -88,7 +87,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, norm_weight_ptr, o
             prefetch_l2(prefetch_ptrs + n_out * stride_wn)
     wait_for_previous(PDL)
     if NORM:
-        rstd = row_rstd(x_ptr, rows, M, K, stride_xm, eps, BLOCK_M, BLOCK_K)
+        rstd = row_rstd(x_ptr, rows, M, K, stride_xm, eps, BLOCK_M, NORM_ROWS, NORM_K)
     offs_k = k_start + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :]
     w_up_ptrs = w_ptr + (w_rows + n_out)[:, None] * stride_wn + offs_k[None, :]
@@ -220,13 +219,15 @@ def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                               dtype=torch.float32, device=x_rows.device)
     has_bias, has_residual, norm = bias is not None, residual_rows is not None, norm_weight is not None
     use_pdl = pdl.enabled(x_rows.device)
+    norm_rows, norm_k = prepass_tile(num_rows, k, config.num_warps) if norm else (0, 0)
     _skinny_gemm_kernel[(n_blocks, split_k)](
         x_rows, weight, bias if has_bias else weight, residual_rows if has_residual else out,
         norm_weight if norm else weight, out, partial, counters, num_rows, n_out, k, k_per_split, split_k,
         x_rows.stride(0), weight.stride(0), residual_rows.stride(0) if has_residual else 0, out.stride(0), float(eps),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=split_k > 1,
         EVEN_K=k % k_per_split == 0, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, GATED=gated, NORM=norm,
-        USE_DOT=config.use_dot, DOT_PRECISION="ieee" if x_rows.dtype == torch.float32 else "tf32", PDL=use_pdl,
+        NORM_ROWS=norm_rows, NORM_K=norm_k, USE_DOT=config.use_dot,
+        DOT_PRECISION="ieee" if x_rows.dtype == torch.float32 else "tf32", PDL=use_pdl,
         PREFETCH_K=PDL_PREFETCH_K if use_pdl and weight.numel() * weight.element_size() <= PDL_PREFETCH_MAX_BYTES
         else 0, num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(use_pdl))
     return out

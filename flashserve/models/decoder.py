@@ -14,7 +14,8 @@ One tensor carries the residual stream: the embedding is its start, and each pre
 ``h2 = h + o_proj(attn(qkv_proj(input_layernorm(h))))``, then ``h3 = h2 + mlp(post_attention_layernorm(h2))``.
 Each RMSNorm is folded into the prologue of the product that reads it (QKV, gate/up: ``rms_norm_linear``) and each
 residual add into the epilogue of the product that ends the block (o_proj, down_proj), where the small-M kernel
-runs (decode batches); elsewhere the same operations run unfused. At batch 1 a dense layer is then six launches
+runs (decode batches; the norm while x is at most ``norm_linear.NORM_MAX_X_BYTES``: <= 16 tokens at hidden 1024,
+<= 4 at 4096); elsewhere the same operations run unfused. At batch 1 a dense layer is then six launches
 (normed QKV, q/k norm + rotary + KV write, decode attention, o_proj + add, normed gate/up + SiLU-and-mul,
 down_proj + add; a split decode attention adds its combine) instead of eight. The final norm (``model.norm``)
 runs alone. A MoE layer norms first (the fused-MoE kernel has no prologue) and adds the stream to its output.
