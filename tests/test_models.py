@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flashserve.context import AttentionContext, set_context
-from flashserve.models.layers import rotary_inverse_frequencies
+from flashserve.models.layers import Linear, rotary_inverse_frequencies
 from moe_cases import MOE_CASES
 from flashserve.models import (DecoderForCausalLM, ModelSpec, demo_model_path, load_model, load_spec,
                                write_random_checkpoint)
@@ -132,6 +132,17 @@ def test_paged_forward_matches_transformers_on_gpu(checkpoints, case):
             assert error.mean() <= 0.02 * theirs.abs().max() + 0.02
         else:
             assert error.max() <= 0.05 * theirs.abs().max() + 0.05
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3"])
+def test_pending_and_epilogue_residual_adds_agree(checkpoints, case, monkeypatch):
+    """The residual stream with every add in the o / down epilogues and norms folded (what the interpreter's plans
+    give) and with every add left pending for the fused add + RMSNorm (as under cuBLAS plans): the same logits."""
+    folded, _ = _paged_logits(checkpoints[case], "float32", "cpu")
+    monkeypatch.setattr(Linear, "adds_residual", lambda self, num_rows: False)
+    pending, _ = _paged_logits(checkpoints[case], "float32", "cpu")
+    for ours, unfused in zip(folded, pending):
+        torch.testing.assert_close(ours, unfused, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -111,8 +111,9 @@ class RowParallelLinear(Linear):
     routed and shared experts).
 
     ``forward(x, residual=residual)`` returns ``residual + y``, the new residual stream: with one rank the add runs
-    in the product's epilogue; with more it follows the all-reduce (an epilogue add would count it once per rank).
-    ``norm`` (``Linear.forward``'s prologue) needs the whole input row: one rank only."""
+    in the product's epilogue where the kernel runs (``adds_residual``); with more it follows the all-reduce as a
+    launch of its own (an epilogue add would count it once per rank). ``norm`` (``Linear.forward``'s prologue)
+    needs the whole input row: one rank only."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, name: str = "input features",
                  reduce_results: bool = True):
@@ -142,6 +143,9 @@ class RowParallelLinear(Linear):
             return partial
         summed = all_reduce(partial)
         return summed if residual is None else summed + residual
+
+    def adds_residual(self, num_rows: int) -> bool:
+        return tp_size() == 1 and self.reduce_results and super().adds_residual(num_rows)
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:

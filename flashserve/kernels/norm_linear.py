@@ -15,6 +15,8 @@ torch by ``use_triton``, x larger than ``NORM_MAX_X_BYTES``, a cuBLAS plan, a st
 the ``rms_norm`` kernel runs, then ``linear`` / ``linear_silu_and_mul`` on its output: the same results, two
 launches.
 """
+import math
+
 import torch
 
 from flashserve.kernels import skinny_gemm
@@ -40,11 +42,12 @@ def max_fused_rows(k: int, element_bytes: int) -> int:
 def _run(x, norm_weight, eps: float, weight, bias, residual, gated: bool) -> torch.Tensor:
     n_out = check_product(x, weight, bias, residual, gated)
     check_norm(x, norm_weight, eps)
-    planned = skinny_gemm.plan(x, weight, bias, gated, n_out)
-    if planned is not None and planned[0].shape[0] <= max_fused_rows(x.shape[-1], x.element_size()) \
-            and not planned[1].programs_per_sm:
-        x_rows, config = planned
-        residual_rows = residual.reshape(x_rows.shape[0], -1) if residual is not None else None
+    num_rows = math.prod(x.shape[:-1])
+    config = skinny_gemm.plan(num_rows, weight, bias, gated)
+    if config is not None and num_rows <= max_fused_rows(x.shape[-1], x.element_size()) \
+            and not config.programs_per_sm:
+        x_rows = x.reshape(num_rows, -1)  # a copy only for inputs whose rows are not evenly strided
+        residual_rows = residual.reshape(num_rows, -1) if residual is not None else None
         out = skinny_gemm.launch(x_rows, weight, bias, residual_rows, gated, config, norm_weight, eps)
         return out.view(*x.shape[:-1], n_out)
     normed = rms_norm(x, norm_weight, eps)

@@ -37,6 +37,7 @@ counters or any output. Larger weights skip the prefetch (only the launch overla
 3% slower under PDL than without (H200, 2026-12-02).
 """
 import logging
+import math
 
 import torch
 import triton
@@ -55,7 +56,7 @@ from flashserve.kernels.skinny_gemm_epilogue import epilogue
 from flashserve.kernels.skinny_gemm_prologue import normalise, prepass_tile, row_rstd
 from flashserve.kernels.skinny_gemm_plans import MAX_ROWS, GemmConfig
 
-__all__ = ["MAX_ROWS", "linear", "linear_silu_and_mul", "launch"]
+__all__ = ["MAX_ROWS", "linear", "linear_silu_and_mul", "launch", "plan"]
 LOGGER = logging.getLogger("flashserve")
 PDL_PREFETCH_K = 1024  # weight elements per row a program pulls into L2 before its PDL wait
 PDL_PREFETCH_MAX_BYTES = 16 * 2 ** 20  # weights up to this size prefetch (a third of an H100/H200's L2)
@@ -237,44 +238,43 @@ _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.floa
 TUNING_WARMUP_MS, TUNING_REP_MS = 2, 10
 
 
-def plan(x, weight, bias, gated: bool, n_out: int) -> tuple[torch.Tensor, GemmConfig] | None:
-    """For checked arguments: (x's (M, K) rows, the plan's kernel config) where the kernel runs, None where torch
-    should (``use_triton`` says so, M == 0 or M > MAX_ROWS, K == 0, the plan is cuBLAS)."""
-    if not use_triton(x):
+def plan(num_rows: int, weight, bias, gated: bool) -> GemmConfig | None:
+    """The kernel config ``linear`` (``linear_silu_and_mul`` when ``gated``) of ``num_rows`` rows with this weight
+    runs, None where torch runs (``use_triton`` says so, no rows or more than MAX_ROWS, K == 0, the plan is cuBLAS):
+    the call's own decision (it may make the plan). The kernel adds a residual within its launch."""
+    k = weight.shape[1]
+    if not use_triton(weight) or not 0 < num_rows <= MAX_ROWS or k == 0:
         return None
-    x_rows = x.reshape(-1, x.shape[-1])  # a copy only for inputs whose rows are not evenly strided
-    num_rows, k = x_rows.shape
-    if not 0 < num_rows <= MAX_ROWS or k == 0:
-        return None
-    key = (n_out, k, skinny_gemm_plans.row_bucket(num_rows), _DTYPE_NAMES[x.dtype], gated)
+    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+    key = (n_out, k, skinny_gemm_plans.row_bucket(num_rows), _DTYPE_NAMES[weight.dtype], gated)
     config = skinny_gemm_plans.lookup(key)
     if config is None:
-        config = _decide(key, x, weight, bias, gated)
-    return None if config == skinny_gemm_plans.CUBLAS else (x_rows, config)
+        config = _decide(key, weight, bias, gated)
+    return None if config == skinny_gemm_plans.CUBLAS else config
 
 
 def _run(x, weight, bias, residual, gated: bool, n_out: int):
     """The kernel's output (x.shape[:-1] + (n_out,)), or None where torch should run instead."""
-    planned = plan(x, weight, bias, gated, n_out)
-    if planned is None:
+    num_rows = math.prod(x.shape[:-1])
+    config = plan(num_rows, weight, bias, gated)
+    if config is None:
         return None
-    x_rows, config = planned
-    residual_rows = residual.reshape(x_rows.shape[0], -1) if residual is not None else None
+    x_rows = x.reshape(num_rows, -1)  # a copy only for inputs whose rows are not evenly strided
+    residual_rows = residual.reshape(num_rows, -1) if residual is not None else None
     return launch(x_rows, weight, bias, residual_rows, gated, config).view(*x.shape[:-1], n_out)
 
 
-def _decide(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            gated: bool) -> GemmConfig:
+def _decide(key: tuple, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> GemmConfig:
     """The plan of ``key`` from ``skinny_gemm_plans.decide``; a tuning measures each config on this weight with
     random rows of the bucket's size (do_bench, L2 flushed before each call)."""
     n_out, k, bucket, _, _ = key
-    default = skinny_gemm_plans.default_config(n_out, k, bucket, x.dtype, x.device, gated)
+    default = skinny_gemm_plans.default_config(n_out, k, bucket, weight.dtype, weight.device, gated)
     torch_fn = _gated_fallback if gated else reference.linear
     samples = []  # made at the first measurement only (never during a CUDA-graph capture, which measures nothing)
 
     def measure(config: GemmConfig) -> float:
         if not samples:
-            samples.append(torch.randn((bucket, k), dtype=x.dtype, device=x.device))
+            samples.append(torch.randn((bucket, k), dtype=weight.dtype, device=weight.device))
         sample = samples[0]
         if config == skinny_gemm_plans.CUBLAS:
             return _median_us(lambda: torch_fn(sample, weight, bias))
@@ -284,7 +284,7 @@ def _decide(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             LOGGER.debug("skinny_gemm config %s does not run: %s", config, error)
             return float("inf")
 
-    return skinny_gemm_plans.decide(key, x.dtype, x.device, default, measure)
+    return skinny_gemm_plans.decide(key, weight.dtype, weight.device, default, measure)
 
 
 def _median_us(fn) -> float:

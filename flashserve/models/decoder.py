@@ -10,20 +10,24 @@ tensors go.
 Tokens of the whole batch are packed along one dimension: ``forward(input_ids (T,), positions (T,))`` returns
 hidden states (T, hidden_size); per-request boundaries live in the attention context.
 
-One tensor carries the residual stream: the embedding is its start, and each pre-norm layer maps it h to
-``h2 = h + o_proj(attn(qkv_proj(input_layernorm(h))))``, then ``h3 = h2 + mlp(post_attention_layernorm(h2))``.
-Each RMSNorm is folded into the prologue of the product that reads it (QKV, gate/up: ``rms_norm_linear``) and each
-residual add into the epilogue of the product that ends the block (o_proj, down_proj), where the small-M kernel
-runs (decode batches; the norm while x is at most ``norm_linear.NORM_MAX_X_BYTES``: <= 16 tokens at hidden 1024,
-<= 4 at 4096); elsewhere the same operations run unfused. At batch 1 a dense layer is then six launches
-(normed QKV, q/k norm + rotary + KV write, decode attention, o_proj + add, normed gate/up + SiLU-and-mul,
-down_proj + add; a split decode attention adds its combine) instead of eight. The final norm (``model.norm``)
-runs alone. A MoE layer norms first (the fused-MoE kernel has no prologue) and adds the stream to its output.
+The residual stream: each pre-norm layer maps it h to ``h2 = h + o_proj(attn(qkv_proj(input_layernorm(h))))``,
+then ``h3 = h2 + mlp(post_attention_layernorm(h2))`` (``pre_norm_block``). It is carried as ``(hidden, residual)``:
+``hidden`` alone where the last block's final product added the stream in its epilogue (o_proj, down_proj on the
+small-M kernel: ``adds_residual``), and then the next block's first product folds the RMSNorm into its prologue
+(QKV, gate/up: ``rms_norm_linear``, while x is at most ``norm_linear.NORM_MAX_X_BYTES``: <= 16 tokens at hidden
+1024, <= 4 at 4096); else ``hidden + residual`` with the add pending, which the next norm does (the fused add +
+RMSNorm, as before the folding). No step launches more kernels than with the fused add + RMSNorm alone: at batch 1
+a Qwen3-0.6B layer on the H200's plans is six launches (normed QKV, q/k norm + rotary + KV write, decode
+attention, o_proj + add, normed gate/up + SiLU-and-mul, down_proj + add; a split decode attention adds its
+combine) instead of eight. The final norm (``model.norm``) runs alone, or fused with a pending add. A MoE block
+never takes the residual (its add would be a launch of its own): it is left pending.
 
 Under tensor parallelism (``flashserve.distributed``) the projections are split over the ranks (Megatron's
 column / row split) and each rank's attention runs its own query and KV heads; with one rank the parallel layers
 are the plain ones.
 """
+import functools
+
 import torch
 from torch import nn
 
@@ -66,6 +70,10 @@ class SelfAttention(nn.Module):
         out = self.attn(positions, q, k, v, self.q_norm, self.k_norm)
         return self.o_proj(out.reshape(num_tokens, -1), residual=residual)
 
+    def adds_residual(self, num_tokens: int) -> bool:
+        """Whether ``forward``'s residual add is part of the output projection's launch at ``num_tokens``."""
+        return self.o_proj.adds_residual(num_tokens)
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate and up fused into one product whose epilogue
@@ -93,10 +101,35 @@ class MLP(nn.Module):
             activated = rms_norm_linear_silu_and_mul(x, norm.weight, norm.eps, weight, bias)
         return self.down_proj(activated, residual=residual)
 
+    def adds_residual(self, num_tokens: int) -> bool:
+        """Whether ``forward``'s residual add is part of the down projection's launch at ``num_tokens``."""
+        return self.down_proj.adds_residual(num_tokens)
+
+
+def pre_norm_block(block, adds_residual: bool, norm: RMSNorm, hidden: torch.Tensor,
+                   residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``stream + block(norm(stream))`` for the residual stream ``hidden + residual`` (``residual`` None: ``hidden``
+    is the stream), returned in the same form. ``block(x, norm, residual)`` computes ``residual + f(norm(x))``, with
+    ``norm`` and ``residual`` optional.
+
+    A pending add is done first, by the fused add + RMSNorm (``residual`` becomes the stream, in place); otherwise
+    the norm goes to the block, whose first product folds it where the kernel allows. Where ``adds_residual`` (the
+    block's last product adds within its launch) the block adds the stream: (new stream, None); else the add is
+    left pending: (block output, stream)."""
+    if residual is None:
+        x, stream, block_norm = hidden, hidden, norm
+    else:
+        x, stream = norm(hidden, residual)
+        block_norm = None
+    if adds_residual:
+        return block(x, block_norm, stream), None
+    return block(x, block_norm), stream
+
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: ``forward(positions, hidden)`` maps the residual stream (T, hidden) to the next layer's (a new
-    tensor); each norm goes to the block that reads it, which adds the stream back (module docstring)."""
+    """Pre-norm layer: ``forward(positions, hidden, residual)`` maps the residual stream ``hidden + residual``
+    (``residual`` None: ``hidden`` alone; (T, hidden) each) to the stream after the layer, in the same form (module
+    docstring)."""
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, layer_index: int):
         super().__init__()
@@ -106,9 +139,14 @@ class DecoderLayer(nn.Module):
         sparse = spec.moe is not None and spec.moe.sparse_layers[layer_index]
         self.mlp = SparseMoeBlock(spec, MLP) if sparse else MLP(spec)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = self.self_attn(positions, hidden, self.input_layernorm, residual=hidden)
-        return self.mlp(hidden, self.post_attention_layernorm, residual=hidden)
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        num_tokens = hidden.shape[0]
+        hidden, residual = pre_norm_block(functools.partial(self.self_attn, positions),
+                                          self.self_attn.adds_residual(num_tokens), self.input_layernorm, hidden,
+                                          residual)
+        return pre_norm_block(self.mlp, self.mlp.adds_residual(num_tokens), self.post_attention_layernorm, hidden,
+                              residual)
 
 
 class DecoderModel(nn.Module):
@@ -122,10 +160,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # the residual stream
+        hidden, residual = self.embed_tokens(input_ids), None  # the residual stream, hidden + residual
         for layer in self.layers:
-            hidden = layer(positions, hidden)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual)
+        return self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
 
 
 class DecoderForCausalLM(nn.Module):

@@ -95,9 +95,10 @@ class SparseMoeBlock(nn.Module):
     along their intermediate dimension (``StackedExperts``) and the shared expert like the dense MLP; both give
     this rank's partial sums, added and all-reduced once.
 
-    ``forward(x, norm, residual)``: ``residual + moe(norm(x))``; the norm runs as its own kernel (the fused-MoE
-    kernel has no prologue), the residual is added to the all-reduced output (one add; the spot to fuse it into
-    the MoE kernel's pair sum)."""
+    ``forward(x, norm)``: ``moe(norm(x))``, the norm a launch of its own (the fused-MoE kernel has no prologue).
+    The block takes no residual (``adds_residual`` is False): added here it would be a launch of its own, so the
+    decoder leaves it to the next fused add + RMSNorm. The spot to fuse it into the MoE kernel's pair sum (tp == 1):
+    take ``residual`` in ``forward`` and answer True there."""
 
     def __init__(self, spec: ModelSpec, dense_mlp: type):
         super().__init__()
@@ -112,14 +113,14 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = dense_mlp(spec, moe.shared_expert_intermediate_size, reduce_results=False)
             self.shared_expert_gate = Linear(spec.hidden_size, 1, False)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+    def adds_residual(self, num_tokens: int) -> bool:
+        return False
+
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         if norm is not None:
             x = norm(x)
         out = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, self.gate(x), self.top_k,
                         self.renormalize)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        out = all_reduce(out)
-        # The residual stream's add: the one to fuse into fused_moe's pair sum (tp == 1).
-        return out if residual is None else out + residual
+        return all_reduce(out)
