@@ -1,13 +1,14 @@
 """RMSNorm folded into the next matrix product: ``rms_norm_linear`` (``rms_norm(x) @ weight.T + bias``, optionally
-plus a residual) and
-``rms_norm_linear_silu_and_mul`` (the same into a SwiGLU gate/up product), the pre-norm transformer's
-``input_layernorm`` + QKV and ``post_attention_layernorm`` + gate/up in one launch at decode batch sizes.
+plus a residual) and ``rms_norm_linear_silu_and_mul`` (the same into a SwiGLU gate/up product): the pre-norm
+transformer's ``input_layernorm`` + QKV and ``post_attention_layernorm`` + gate/up in one launch at decode batch
+sizes.
 
 The small-M grid kernel of ``skinny_gemm`` runs with its RMSNorm prologue (NORM): every program first reads its
 rows of x over the whole of K (each split of split-K too) for ``rstd = rsqrt(mean(x ** 2) + eps)`` in fp32, then
 normalises each x tile as the unfused ``flashserve.kernels.rms_norm`` does — ``x * rstd`` rounded to x's dtype,
 times the norm weight, rounded again — before the product. So the result equals ``rms_norm`` then ``linear`` (or
-``linear_silu_and_mul``) up to the order of the fp32 sums (of the squares and of the product).
+``linear_silu_and_mul``) up to the order of the fp32 sums (of the squares and of the product). Rows are padded
+and masked as in the plain product; x's rows need only unit stride in K.
 
 The normed call shares the plain product's launch plan (same key, same config: the pre-pass adds no shared memory
 and is small against the weight a program streams, see ``NORM_MAX_X_BYTES``). Where the kernel does not run —

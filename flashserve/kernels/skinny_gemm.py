@@ -53,8 +53,8 @@ from flashserve.kernels.pdl import prefetch_l2, wait_for_previous
 from flashserve.kernels.reference import layers as reference
 from flashserve.kernels.skinny_gemm_checks import check_product
 from flashserve.kernels.skinny_gemm_epilogue import epilogue
-from flashserve.kernels.skinny_gemm_prologue import normalise, prepass_tile, row_rstd
 from flashserve.kernels.skinny_gemm_plans import MAX_ROWS, GemmConfig
+from flashserve.kernels.skinny_gemm_prologue import normalise, prepass_tile, row_rstd
 
 __all__ = ["MAX_ROWS", "linear", "linear_silu_and_mul", "launch", "plan"]
 LOGGER = logging.getLogger("flashserve")
