@@ -1,6 +1,7 @@
 """Compile the programmatic-dependent-launch variants (``PDL=True``) of the decode step's kernels for a GPU target
 without a GPU, through ``triton.compile`` (Triton ships ptxas): the skinny-GEMM grid kernel (every tile of the
-tuning's choices, plain and gated, with and without split-K), RMSNorm (with and without the residual add), the fused
+tuning's choices, with and without split-K: plain, gated, with the residual add and, for the rows
+``norm_linear.max_fused_rows`` allows at the two models' K, with the RMSNorm prologue, plain and gated), RMSNorm (with and without the residual add), the fused
 q/k norm + rotary + KV write, the decode kernel and its split combine, at the Qwen3-0.6B and Llama-3.1-8B shapes;
 the fused-MoE kernels (the token permutation's four, both grouped GEMMs in each output mode, the pair sum) at the
 Qwen3-30B-A3B shape.
@@ -11,6 +12,7 @@ Catches what the interpreter misses (it never runs the PDL branches) and checks 
 registers, local memory = spills); exits non-zero if one failed.
 """
 import argparse
+import itertools
 import sys
 import time
 
@@ -19,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from compile_prefill_tma import compile_or_report, resource_usage
-from flashserve.kernels import skinny_gemm_plans
+from flashserve.kernels import norm_linear, skinny_gemm_plans
 from flashserve.kernels.decode import _combine_splits_kernel, _decode_kernel, launch_config
 from flashserve.kernels.moe import _grouped_gemm_kernel, _sum_pairs_kernel
 from flashserve.kernels.moe_routing import _routing_kernel
@@ -27,6 +29,7 @@ from flashserve.kernels.moe_align import _align_single_kernel, _count_kernel, _o
 from flashserve.kernels.norm import _rms_norm_kernel
 from flashserve.kernels.qk_rope_cache import _qk_norm_rope_cache_kernel, _tiles
 from flashserve.kernels.skinny_gemm import _skinny_gemm_kernel
+from flashserve.kernels.skinny_gemm_prologue import prepass_tile
 
 # Pointer arguments whose element type is not the activations' (bf16); every other ``*_ptr`` argument is bf16.
 POINTER_TYPES = {"partial_ptr": "fp32", "counter_ptr": "i32", "cos_sin_ptr": "fp32", "positions_ptr": "i64",
@@ -61,20 +64,38 @@ def signature(kernel, constexprs: dict, tag: str = "") -> tuple[dict, dict]:
     return sig, attrs
 
 
-def gemm_variants(rows_list: list[int]):
-    """(name, kernel, constexprs, num_warps, num_stages) of the grid kernel's tiles with PDL."""
+# (gated, RMSNorm prologue, residual add) of the grid kernel's variants: what the decoder's products use.
+GEMM_EPILOGUES = ((False, False, False), (True, False, False), (False, False, True), (False, True, False),
+                  (True, True, False))
+
+
+def _prepass_tiles(rows: int, norm: bool, warps: int) -> set[tuple[int, int]]:
+    """(NORM_ROWS, NORM_K) of the pre-pass at the models' K where ``norm`` and the rows fold; (0, 0) otherwise."""
+    if not norm:
+        return {(0, 0)}
+    hiddens = {shape["hidden"] for shape in SHAPES.values()}
+    return {prepass_tile(rows, k, warps) for k in hiddens if rows <= norm_linear.max_fused_rows(k, 2)}
+
+
+def gemm_variants(rows_list: list[int], pdl: bool = True):
+    """(name, kernel, constexprs, num_warps, num_stages, tag) of the grid kernel's tiles (with PDL unless told),
+    each with and without split-K, in each of GEMM_EPILOGUES (the normed ones with each pre-pass tile of the
+    models' K that folds that many rows)."""
     for rows in rows_list:
         tiles = [(tile, True) for tile in skinny_gemm_plans.TILE_CHOICES]
         tiles += [(tile, False) for tile in skinny_gemm_plans.FMA_TILE_CHOICES if rows == 1]
         for (block_n, block_k, warps, stages), use_dot in tiles:
             block_m = skinny_gemm_plans.block_rows(rows) if use_dot else 1
-            for gated in (False, True):
-                for split in (False, True):
+            for gated, norm, residual in GEMM_EPILOGUES:
+                for (norm_rows, norm_k), split in itertools.product(sorted(_prepass_tiles(rows, norm, warps)),
+                                                                    (False, True)):
                     constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, EVEN_K=True,
-                                      HAS_BIAS=False, HAS_RESIDUAL=False, GATED=gated, USE_DOT=use_dot,
-                                      DOT_PRECISION="tf32", PDL=True, PREFETCH_K=1024)
+                                      HAS_BIAS=False, HAS_RESIDUAL=residual, GATED=gated, NORM=norm,
+                                      NORM_ROWS=norm_rows, NORM_K=norm_k, USE_DOT=use_dot, DOT_PRECISION="tf32",
+                                      PDL=pdl, PREFETCH_K=1024 if pdl else 0)
                     name = (f"gemm {'dot' if use_dot else 'fma'} n{block_n}k{block_k}w{warps}st{stages} M{block_m}"
-                            f"{' gated' if gated else ''}{' split' if split else ''}")
+                            f"{f' norm {norm_rows}x{norm_k}' if norm else ''}{' gated' if gated else ''}"
+                            f"{' +residual' if residual else ''}{' split' if split else ''}")
                     yield name, _skinny_gemm_kernel, constexprs, warps, stages, ""
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flashserve.context import AttentionContext, set_context
-from flashserve.models.layers import rotary_inverse_frequencies
+from flashserve.models.layers import Linear, rotary_inverse_frequencies
 from moe_cases import MOE_CASES
 from flashserve.models import (DecoderForCausalLM, ModelSpec, demo_model_path, load_model, load_spec,
                                write_random_checkpoint)
@@ -132,6 +132,45 @@ def test_paged_forward_matches_transformers_on_gpu(checkpoints, case):
             assert error.mean() <= 0.02 * theirs.abs().max() + 0.02
         else:
             assert error.max() <= 0.05 * theirs.abs().max() + 0.05
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3"])
+def test_pending_and_epilogue_residual_adds_agree(checkpoints, case, monkeypatch):
+    """The residual stream with every add in the o / down epilogues and norms folded (what the interpreter's plans
+    give) and with every add left pending for the fused add + RMSNorm (as under cuBLAS plans): the same logits."""
+    folded, _ = _paged_logits(checkpoints[case], "float32", "cpu")
+    monkeypatch.setattr(Linear, "adds_residual", lambda self, num_rows: False)
+    pending, _ = _paged_logits(checkpoints[case], "float32", "cpu")
+    for ours, unfused in zip(folded, pending):
+        torch.testing.assert_close(ours, unfused, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["llama", "qwen3", "qwen2-moe"])
+def test_folded_norms_and_adds_match_the_unfused_decoder_on_gpu(checkpoints, case, monkeypatch):
+    """bf16 with every product on the small-M kernel (the tiny shapes' default plan is cuBLAS): the decoder with
+    its RMSNorms in the QKV / gate-up prologues and its residual adds in the o / down epilogues (the steps of few
+    tokens) against the same decoder with the norms unfolded: the same logits up to the rare one-ulp flips of a
+    normed operand."""
+    from flashserve.kernels import norm_linear, skinny_gemm_plans
+
+    monkeypatch.setattr(skinny_gemm_plans, "default_config", lambda n_out, k, rows, dtype, device, gated=False:
+                        skinny_gemm_plans.kernel_config(n_out, k, rows, dtype, device))
+    skinny_gemm_plans.reset()
+    try:
+        folded, expected = _paged_logits(checkpoints[case], "bfloat16", "cuda")
+        monkeypatch.setattr(norm_linear, "NORM_MAX_X_BYTES", 0)
+        unfolded, _ = _paged_logits(checkpoints[case], "bfloat16", "cuda")
+    finally:
+        skinny_gemm_plans.reset()
+    for ours, unfused, theirs in zip(folded, unfolded, expected):
+        assert torch.isfinite(ours).all()
+        difference = (ours - unfused).abs()
+        if case in MOE_CASES:  # a flipped near-tie of the router moves a few positions a lot (as against HF)
+            assert difference.mean() <= 0.01 * theirs.abs().max() + 0.01
+        else:
+            assert difference.max() <= 0.01 * theirs.abs().max() + 0.01
+            assert (ours - theirs).abs().max() <= 0.05 * theirs.abs().max() + 0.05
 
 
 @pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 4.0}, LLAMA3_SCALING,

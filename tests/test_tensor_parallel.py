@@ -485,3 +485,34 @@ def test_a_dead_worker_is_an_error_not_a_hang(llama_dir):
     llm.close()
     assert time.perf_counter() - start < 30
     assert not multiprocessing.active_children()
+
+
+def test_row_parallel_residual_follows_the_all_reduce(monkeypatch):
+    """Under tp > 1 a row-parallel layer adds the residual once, after the all-reduce, and says its product's launch
+    does not (so the decoder leaves the add to the next fused add + RMSNorm); a norm or a partial-sum layer refuse
+    the arguments they cannot honour. With one rank the add is the product's (``linear``'s)."""
+    import torch
+
+    from flashserve.distributed import layers as parallel_layers
+    from flashserve.distributed.state import set_tp_group
+
+    reductions = []
+    monkeypatch.setattr(parallel_layers, "all_reduce", lambda x: (reductions.append(x.clone()), x * 2)[1])
+    x, residual = torch.randn(3, 4), torch.randn(3, 6)
+    try:
+        set_tp_group(0, 2)
+        layer = parallel_layers.RowParallelLinear(8, 6, False)
+        layer.weight.data.copy_(torch.randn(6, 4))
+        assert not layer.adds_residual(3)
+        torch.testing.assert_close(layer(x, residual=residual), 2 * (x @ layer.weight.T) + residual)
+        torch.testing.assert_close(reductions[0], x @ layer.weight.T)
+        with pytest.raises(ValueError, match="norm must be None"):
+            layer(x, norm=object())
+        partial = parallel_layers.RowParallelLinear(8, 6, False, reduce_results=False)
+        with pytest.raises(ValueError, match="residual needs reduce_results"):
+            partial(x, residual=residual)
+    finally:
+        set_tp_group(0, 1)
+    layer = parallel_layers.RowParallelLinear(4, 6, False)
+    layer.weight.data.copy_(torch.randn(6, 4))
+    torch.testing.assert_close(layer(x, residual=residual), x @ layer.weight.T + residual)

@@ -9,7 +9,8 @@ checkpoint is read (a rank never holds the whole model); with one rank they are 
 - ``QKVParallelLinear``: query heads split; KV heads split too, or, when there are fewer KV heads than ranks, each
   rank holds the one KV head its query heads read (each KV head replicated ``tp / num_kv_heads`` times).
 - ``RowParallelLinear``: the input features split (the input is the previous column-parallel output), partial
-  sums all-reduced; the bias is held by rank 0 only (zeros elsewhere), so it is added once.
+  sums all-reduced; the bias is held by rank 0 only (zeros elsewhere), so it is added once, and a residual is
+  added after the all-reduce (with one rank: in the product's epilogue).
 - The routed experts of MoE layers (``models.moe.StackedExperts``) split the same way along each expert's
   intermediate dimension: gate/up rows and down columns of every expert, one all-reduce per layer.
 - ``VocabParallelEmbedding`` / ``ParallelLMHead``: the vocabulary padded to a multiple of ``64 * tp`` and split
@@ -107,7 +108,12 @@ class RowParallelLinear(Linear):
     """``y = sum over ranks of x[:, rank's slice] @ weight[:, rank's slice].T``, plus the bias once:
     (T, in / tp) -> (T, out), the same on every rank. With ``reduce_results=False`` it returns this rank's partial
     sum (bias on rank 0 only), for a caller that adds several partial sums before one all-reduce (a MoE layer's
-    routed and shared experts)."""
+    routed and shared experts).
+
+    ``forward(x, residual=residual)`` returns ``residual + y``, the new residual stream: with one rank the add runs
+    in the product's epilogue where the kernel runs (``adds_residual``); with more it follows the all-reduce as a
+    launch of its own (an epilogue add would count it once per rank). ``norm`` (``Linear.forward``'s prologue)
+    needs the whole input row: one rank only."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, name: str = "input features",
                  reduce_results: bool = True):
@@ -125,9 +131,21 @@ class RowParallelLinear(Linear):
     def _load_bias(param: nn.Parameter, loaded: torch.Tensor) -> None:
         copy_weight_loader(param, loaded if tp_rank() == 0 else torch.zeros_like(loaded))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm=None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None and not self.reduce_results:
+            raise ValueError("residual needs reduce_results: a partial sum cannot take the residual stream")
+        if tp_size() == 1:
+            return super().forward(x, norm, residual)
+        if norm is not None:
+            raise ValueError("norm must be None under tensor parallelism: the input features are split")
         partial = super().forward(x)
-        return all_reduce(partial) if self.reduce_results else partial
+        if not self.reduce_results:
+            return partial
+        summed = all_reduce(partial)
+        return summed if residual is None else summed + residual
+
+    def adds_residual(self, num_rows: int) -> bool:
+        return tp_size() == 1 and self.reduce_results and super().adds_residual(num_rows)
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:

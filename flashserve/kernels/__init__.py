@@ -21,7 +21,7 @@ from flashserve.kernels.packed_interface import (
 from flashserve.kernels.attention_scores import attention_scores_from_lse
 
 # Decode attention (flash-decoding), merging attention states, the KV-cache write, fused layer helpers, small-M
-# matrix products, fused MoE.
+# matrix products (plain, residual-add epilogue, RMSNorm prologue), fused MoE.
 from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.cache import reshape_and_cache_flash
 from flashserve.kernels.kvcache_interface import flash_attn_with_kvcache
@@ -30,6 +30,7 @@ from flashserve.kernels.moe_align import moe_align_block_size
 from flashserve.kernels.moe_routing import moe_routing
 from flashserve.kernels.merge import merge_attn_states
 from flashserve.kernels.norm import fused_add_rms_norm, rms_norm
+from flashserve.kernels.norm_linear import rms_norm_linear, rms_norm_linear_silu_and_mul
 from flashserve.kernels.skinny_gemm import linear, linear_silu_and_mul
 from flashserve.kernels.qk_rope_cache import qk_norm_rope_and_cache
 from flashserve.kernels.rotary import apply_rotary

@@ -15,6 +15,9 @@ feature block) adds all of them in split order (results are deterministic) and r
 no memset: the last split also resets its ticket counter. Configs with ``programs_per_sm`` run the stream-K schedule
 of ``skinny_gemm_streamk`` instead (a persistent grid sharing the weight's tiles equally between the SMs).
 
+With NORM (``norm_linear.rms_norm_linear`` and its gated variant) x passes through the RMSNorm prologue of
+``skinny_gemm_prologue`` on both paths and in every split (the stream-K kernel has none).
+
 Rounding follows the unfused operations: ``x @ weight.T + bias`` is rounded to x's dtype, then the SiLU-and-mul
 (``silu(gate) * up`` in fp32, as ``flashserve.kernels.silu_and_mul``) or the residual add (fp32) is applied and
 the result rounded once more.
@@ -34,6 +37,7 @@ counters or any output. Larger weights skip the prefetch (only the launch overla
 3% slower under PDL than without (H200, 2026-12-02).
 """
 import logging
+import math
 
 import torch
 import triton
@@ -41,27 +45,30 @@ import triton.compiler.errors
 import triton.language as tl
 import triton.runtime.errors
 
-from flashserve.kernels import _validate, pdl, skinny_gemm_plans, skinny_gemm_streamk
+from flashserve.kernels import pdl, skinny_gemm_plans, skinny_gemm_streamk
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import cdiv
 from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.pdl import prefetch_l2, wait_for_previous
 from flashserve.kernels.reference import layers as reference
+from flashserve.kernels.skinny_gemm_checks import check_product
 from flashserve.kernels.skinny_gemm_epilogue import epilogue
 from flashserve.kernels.skinny_gemm_plans import MAX_ROWS, GemmConfig
+from flashserve.kernels.skinny_gemm_prologue import normalise, prepass_tile, row_rstd
 
-__all__ = ["MAX_ROWS", "linear", "linear_silu_and_mul", "launch"]
+__all__ = ["MAX_ROWS", "linear", "linear_silu_and_mul", "launch", "plan"]
 LOGGER = logging.getLogger("flashserve")
 PDL_PREFETCH_K = 1024  # weight elements per row a program pulls into L2 before its PDL wait
 PDL_PREFETCH_MAX_BYTES = 16 * 2 ** 20  # weights up to this size prefetch (a third of an H100/H200's L2)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, counter_ptr, M, n_out, K,
-                        k_per_split, split_k, stride_xm, stride_wn, stride_rm, stride_om,
+def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, norm_weight_ptr, out_ptr, partial_ptr, counter_ptr,
+                        M, n_out, K, k_per_split, split_k, stride_xm, stride_wn, stride_rm, stride_om, eps,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, USE_DOT: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, NORM_ROWS: tl.constexpr,
+                        NORM_K: tl.constexpr, USE_DOT: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -80,6 +87,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
         if GATED:
             prefetch_l2(prefetch_ptrs + n_out * stride_wn)
     wait_for_previous(PDL)
+    if NORM:
+        rstd = row_rstd(x_ptr, rows, M, K, stride_xm, eps, BLOCK_M, NORM_ROWS, NORM_K)
     offs_k = k_start + tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + w_rows[:, None] * stride_wn + offs_k[None, :]
     w_up_ptrs = w_ptr + (w_rows + n_out)[:, None] * stride_wn + offs_k[None, :]
@@ -100,19 +109,29 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
             w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
             if GATED:
                 w_up = tl.load(w_up_ptrs, mask=k_mask[None, :], other=0.0)
+        if NORM:
+            if EVEN_K:
+                norm_weight = tl.load(norm_weight_ptr + offs_k + k)
+            else:
+                norm_weight = tl.load(norm_weight_ptr + offs_k + k, mask=k_mask, other=0.0)
         if USE_DOT:
             if EVEN_K:
                 xt = tl.load(x_ptrs, mask=row_mask, other=0.0)
             else:
                 xt = tl.load(x_ptrs, mask=row_mask & k_mask[:, None], other=0.0)
+            if NORM:
+                xt = normalise(xt, rstd[None, :], norm_weight[:, None])
             acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
             if GATED:
                 acc_up = tl.dot(w_up, xt, acc_up, input_precision=DOT_PRECISION)
         else:
             if EVEN_K:
-                x_row = tl.load(x_ptr + offs_k[None, :] + k).to(tl.float32)
+                x_row = tl.load(x_ptr + offs_k[None, :] + k)
             else:
-                x_row = tl.load(x_ptr + offs_k[None, :] + k, mask=k_mask[None, :], other=0.0).to(tl.float32)
+                x_row = tl.load(x_ptr + offs_k[None, :] + k, mask=k_mask[None, :], other=0.0)
+            if NORM:
+                x_row = normalise(x_row, rstd[:, None], norm_weight[None, :])
+            x_row = x_row.to(tl.float32)
             acc_k += w.to(tl.float32) * x_row
             if GATED:
                 acc_k_up += w_up.to(tl.float32) * x_row
@@ -173,11 +192,15 @@ def split_layout(k: int, config: GemmConfig) -> tuple[int, int]:
 
 
 def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual_rows: torch.Tensor | None,
-           gated: bool, config: GemmConfig) -> torch.Tensor:
+           gated: bool, config: GemmConfig, norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """Run the kernel with ``config`` on checked arguments: x_rows (M, K) with 1 <= M <= MAX_ROWS, weight (N, K)
-    (N = 2 * n_out when ``gated``), both with unit stride in K; returns out (M, n_out) in x's dtype. Launches of
-    split-K and stream-K configs on one device must not overlap (they share its counters: one stream)."""
+    (N = 2 * n_out when ``gated``), both with unit stride in K; returns out (M, n_out) in x's dtype. With
+    ``norm_weight`` (K,) the product reads ``rms_norm(x_rows, norm_weight, eps)`` (the RMSNorm prologue; grid
+    kernel configs only). Launches of split-K and stream-K configs on one device must not overlap (they share its
+    counters: one stream)."""
     if config.programs_per_sm:
+        if norm_weight is not None:
+            raise ValueError("stream-K configs have no RMSNorm prologue: norm_weight must be None")
         return skinny_gemm_streamk.launch(x_rows, weight, bias, residual_rows, gated, config,
                                           _split_counters(x_rows.device), skinny_gemm_plans.device_sms(x_rows.device))
     num_rows, k = x_rows.shape
@@ -195,80 +218,63 @@ def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         counters = _split_counters(x_rows.device)
         partial = torch.empty((split_k, block_m, (2 if gated else 1) * n_blocks * config.block_n),
                               dtype=torch.float32, device=x_rows.device)
-    has_bias, has_residual = bias is not None, residual_rows is not None
+    has_bias, has_residual, norm = bias is not None, residual_rows is not None, norm_weight is not None
     use_pdl = pdl.enabled(x_rows.device)
+    norm_rows, norm_k = prepass_tile(num_rows, k, config.num_warps) if norm else (0, 0)
     _skinny_gemm_kernel[(n_blocks, split_k)](
-        x_rows, weight, bias if has_bias else weight, residual_rows if has_residual else out, out, partial, counters,
-        num_rows, n_out, k, k_per_split, split_k, x_rows.stride(0), weight.stride(0),
-        residual_rows.stride(0) if has_residual else 0, out.stride(0),
+        x_rows, weight, bias if has_bias else weight, residual_rows if has_residual else out,
+        norm_weight if norm else weight, out, partial, counters, num_rows, n_out, k, k_per_split, split_k,
+        x_rows.stride(0), weight.stride(0), residual_rows.stride(0) if has_residual else 0, out.stride(0), float(eps),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=split_k > 1,
-        EVEN_K=k % k_per_split == 0, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, GATED=gated,
-        USE_DOT=config.use_dot, DOT_PRECISION="ieee" if x_rows.dtype == torch.float32 else "tf32", PDL=use_pdl,
+        EVEN_K=k % k_per_split == 0, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, GATED=gated, NORM=norm,
+        NORM_ROWS=norm_rows, NORM_K=norm_k, USE_DOT=config.use_dot,
+        DOT_PRECISION="ieee" if x_rows.dtype == torch.float32 else "tf32", PDL=use_pdl,
         PREFETCH_K=PDL_PREFETCH_K if use_pdl and weight.numel() * weight.element_size() <= PDL_PREFETCH_MAX_BYTES
         else 0, num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(use_pdl))
     return out
-
-
-def _check(x, weight, bias, residual, gated: bool) -> int:
-    """Validate the arguments (ValueError naming the bad one); returns the number of output features."""
-    _validate.check_tensor("x", x, None, _validate.ATTENTION_DTYPES)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension")
-    _validate.check_last_dim_contiguous("x", x)
-    _validate.check_tensor("weight", weight, 2, (x.dtype,), x.device)
-    _validate.check_last_dim_contiguous("weight", weight)
-    if weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight must have shape (N, {x.shape[-1]}) for x of shape {tuple(x.shape)}, "
-                         f"got {tuple(weight.shape)}")
-    if gated and weight.shape[0] % 2:
-        raise ValueError(f"weight must have an even number of rows (gate and up halves), got {weight.shape[0]}")
-    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
-    if bias is not None:
-        _validate.check_tensor("bias", bias, 1, (x.dtype,), x.device)
-        _validate.check_shape("bias", bias, (weight.shape[0],))
-        _validate.check_last_dim_contiguous("bias", bias)
-    if residual is not None:
-        _validate.check_tensor("residual", residual, None, (x.dtype,), x.device)
-        _validate.check_shape("residual", residual, (*x.shape[:-1], n_out))
-        _validate.check_last_dim_contiguous("residual", residual)
-    return n_out
 
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 TUNING_WARMUP_MS, TUNING_REP_MS = 2, 10
 
 
-def _run(x, weight, bias, residual, gated: bool, n_out: int):
-    """The kernel's output (x.shape[:-1] + (n_out,)), or None where torch should run instead."""
-    if not use_triton(x):
+def plan(num_rows: int, weight, bias, gated: bool) -> GemmConfig | None:
+    """The kernel config ``linear`` (``linear_silu_and_mul`` when ``gated``) of ``num_rows`` rows with this weight
+    runs, None where torch runs (``use_triton`` says so, no rows or more than MAX_ROWS, K == 0, the plan is cuBLAS):
+    the call's own decision (it may make the plan). The kernel adds a residual within its launch."""
+    k = weight.shape[1]
+    if not use_triton(weight) or not 0 < num_rows <= MAX_ROWS or k == 0:
         return None
-    x_rows = x.reshape(-1, x.shape[-1])  # a copy only for inputs whose rows are not evenly strided
-    num_rows, k = x_rows.shape
-    if not 0 < num_rows <= MAX_ROWS or k == 0:
-        return None
-    key = (n_out, k, skinny_gemm_plans.row_bucket(num_rows), _DTYPE_NAMES[x.dtype], gated)
+    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+    key = (n_out, k, skinny_gemm_plans.row_bucket(num_rows), _DTYPE_NAMES[weight.dtype], gated)
     config = skinny_gemm_plans.lookup(key)
     if config is None:
-        config = _decide(key, x, weight, bias, gated)
-    if config == skinny_gemm_plans.CUBLAS:
+        config = _decide(key, weight, bias, gated)
+    return None if config == skinny_gemm_plans.CUBLAS else config
+
+
+def _run(x, weight, bias, residual, gated: bool, n_out: int):
+    """The kernel's output (x.shape[:-1] + (n_out,)), or None where torch should run instead."""
+    num_rows = math.prod(x.shape[:-1])
+    config = plan(num_rows, weight, bias, gated)
+    if config is None:
         return None
+    x_rows = x.reshape(num_rows, -1)  # a copy only for inputs whose rows are not evenly strided
     residual_rows = residual.reshape(num_rows, -1) if residual is not None else None
-    out = launch(x_rows, weight, bias, residual_rows, gated, config)
-    return out.view(*x.shape[:-1], n_out)
+    return launch(x_rows, weight, bias, residual_rows, gated, config).view(*x.shape[:-1], n_out)
 
 
-def _decide(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            gated: bool) -> GemmConfig:
+def _decide(key: tuple, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> GemmConfig:
     """The plan of ``key`` from ``skinny_gemm_plans.decide``; a tuning measures each config on this weight with
     random rows of the bucket's size (do_bench, L2 flushed before each call)."""
     n_out, k, bucket, _, _ = key
-    default = skinny_gemm_plans.default_config(n_out, k, bucket, x.dtype, x.device, gated)
+    default = skinny_gemm_plans.default_config(n_out, k, bucket, weight.dtype, weight.device, gated)
     torch_fn = _gated_fallback if gated else reference.linear
     samples = []  # made at the first measurement only (never during a CUDA-graph capture, which measures nothing)
 
     def measure(config: GemmConfig) -> float:
         if not samples:
-            samples.append(torch.randn((bucket, k), dtype=x.dtype, device=x.device))
+            samples.append(torch.randn((bucket, k), dtype=weight.dtype, device=weight.device))
         sample = samples[0]
         if config == skinny_gemm_plans.CUBLAS:
             return _median_us(lambda: torch_fn(sample, weight, bias))
@@ -278,7 +284,7 @@ def _decide(key: tuple, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             LOGGER.debug("skinny_gemm config %s does not run: %s", config, error)
             return float("inf")
 
-    return skinny_gemm_plans.decide(key, x.dtype, x.device, default, measure)
+    return skinny_gemm_plans.decide(key, weight.dtype, weight.device, default, measure)
 
 
 def _median_us(fn) -> float:
@@ -290,14 +296,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``x @ weight.T + bias (+ residual)``: x (..., K), weight (N, K), bias (N,), residual (..., N), all of x's
     dtype and device, unit stride in the last dimension; returns a new (..., N) tensor of x's dtype. See the module
     docstring for the rounding and for which implementation runs."""
-    out = _run(x, weight, bias, residual, False, _check(x, weight, bias, residual, False))
+    out = _run(x, weight, bias, residual, False, check_product(x, weight, bias, residual, False))
     return out if out is not None else reference.linear(x, weight, bias, residual)
 
 
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu_and_mul(x @ weight.T + bias)`` in one product: weight (2I, K) holds the gate rows then the up rows
     (bias (2I,) likewise); x (..., K) -> (..., I) of x's dtype."""
-    out = _run(x, weight, bias, None, True, _check(x, weight, bias, None, True))
+    out = _run(x, weight, bias, None, True, check_product(x, weight, bias, None, True))
     return out if out is not None else _gated_fallback(x, weight, bias)
 
 

@@ -10,15 +10,29 @@ tensors go.
 Tokens of the whole batch are packed along one dimension: ``forward(input_ids (T,), positions (T,))`` returns
 hidden states (T, hidden_size); per-request boundaries live in the attention context.
 
+The residual stream: each pre-norm layer maps it h to ``h2 = h + o_proj(attn(qkv_proj(input_layernorm(h))))``,
+then ``h3 = h2 + mlp(post_attention_layernorm(h2))`` (``pre_norm_block``). It is carried as ``(hidden, residual)``:
+``hidden`` alone where the last block's final product added the stream in its epilogue (o_proj, down_proj on the
+small-M kernel: ``adds_residual``), and then the next block's first product folds the RMSNorm into its prologue
+(QKV, gate/up: ``rms_norm_linear``, while x is at most ``norm_linear.NORM_MAX_X_BYTES``: <= 16 tokens at hidden
+1024, <= 4 at 4096); else ``hidden + residual`` with the add pending, which the next norm does (the fused add +
+RMSNorm, as before the folding). No step launches more kernels than with the fused add + RMSNorm alone: at batch 1
+a Qwen3-0.6B layer on the H200's plans is six launches (normed QKV, q/k norm + rotary + KV write, decode
+attention, o_proj + add, normed gate/up + SiLU-and-mul, down_proj + add; a split decode attention adds its
+combine) instead of eight. The final norm (``model.norm``) runs alone, or fused with a pending add. A MoE block
+never takes the residual (its add would be a launch of its own): it is left pending.
+
 Under tensor parallelism (``flashserve.distributed``) the projections are split over the ranks (Megatron's
 column / row split) and each rank's attention runs its own query and KV heads; with one rank the parallel layers
 are the plain ones.
 """
+import functools
+
 import torch
 from torch import nn
 
 from flashserve.distributed import layers as parallel  # a module, not its names: it imports models.layers
-from flashserve.kernels import linear_silu_and_mul
+from flashserve.kernels import linear_silu_and_mul, rms_norm_linear_silu_and_mul
 from flashserve.models.attention import Attention
 from flashserve.models.layers import RMSNorm, RotaryEmbedding
 from flashserve.models.moe import SparseMoeBlock
@@ -27,7 +41,10 @@ from flashserve.models.spec import ModelSpec
 
 class SelfAttention(nn.Module):
     """Fused QKV projection, then (in ``Attention``) optional per-head q/k RMSNorm, rotary and paged attention, then
-    the output projection. ``num_heads``/``num_kv_heads`` are this rank's heads."""
+    the output projection. ``num_heads``/``num_kv_heads`` are this rank's heads.
+
+    ``forward(positions, x, norm, residual)``: ``residual + o_proj(attn(qkv_proj(norm(x))))`` (x (T, hidden); the
+    norm folded into the QKV product, the residual added by the output projection; either may be None)."""
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, sliding_window: int | None):
         super().__init__()
@@ -43,21 +60,29 @@ class SelfAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, spec.head_dim, spec.head_dim ** -0.5, rotary,
                               sliding_window)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
+        q, k, v = self.qkv_proj(hidden, norm).split(self.split_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.attn(positions, q, k, v, self.q_norm, self.k_norm)
-        return self.o_proj(out.reshape(num_tokens, -1))
+        return self.o_proj(out.reshape(num_tokens, -1), residual=residual)
+
+    def adds_residual(self, num_tokens: int) -> bool:
+        """Whether ``forward``'s residual add is part of the output projection's launch at ``num_tokens``."""
+        return self.o_proj.adds_residual(num_tokens)
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))`` with gate and up fused into one product whose epilogue
     applies the SiLU-and-mul; of ``spec.intermediate_size`` unless ``intermediate_size`` is given (a shared
     expert's). Under tensor parallelism ``reduce_results=False`` returns this rank's partial sum (the MoE block
-    all-reduces it together with the routed experts')."""
+    all-reduces it together with the routed experts').
+
+    ``forward(x, norm, residual)``: ``residual + down(silu(gate(norm(x))) * up(norm(x)))``, the norm folded into the
+    gate/up product, the residual added by the down projection; the shared expert passes neither."""
 
     def __init__(self, spec: ModelSpec, intermediate_size: int | None = None, reduce_results: bool = True):
         super().__init__()
@@ -67,12 +92,44 @@ class MLP(nn.Module):
         self.down_proj = parallel.RowParallelLinear(intermediate_size, spec.hidden_size, spec.mlp_bias,
                                                     "intermediate_size", reduce_results)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(linear_silu_and_mul(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        weight, bias = self.gate_up_proj.weight, self.gate_up_proj.bias
+        if norm is None:
+            activated = linear_silu_and_mul(x, weight, bias)
+        else:
+            activated = rms_norm_linear_silu_and_mul(x, norm.weight, norm.eps, weight, bias)
+        return self.down_proj(activated, residual=residual)
+
+    def adds_residual(self, num_tokens: int) -> bool:
+        """Whether ``forward``'s residual add is part of the down projection's launch at ``num_tokens``."""
+        return self.down_proj.adds_residual(num_tokens)
+
+
+def pre_norm_block(block, adds_residual: bool, norm: RMSNorm, hidden: torch.Tensor,
+                   residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``stream + block(norm(stream))`` for the residual stream ``hidden + residual`` (``residual`` None: ``hidden``
+    is the stream), returned in the same form. ``block(x, norm, residual)`` computes ``residual + f(norm(x))``, with
+    ``norm`` and ``residual`` optional.
+
+    A pending add is done first, by the fused add + RMSNorm (``residual`` becomes the stream, in place); otherwise
+    the norm goes to the block, whose first product folds it where the kernel allows. Where ``adds_residual`` (the
+    block's last product adds within its launch) the block adds the stream: (new stream, None); else the add is
+    left pending: (block output, stream)."""
+    if residual is None:
+        x, stream, block_norm = hidden, hidden, norm
+    else:
+        x, stream = norm(hidden, residual)
+        block_norm = None
+    if adds_residual:
+        return block(x, block_norm, stream), None
+    return block(x, block_norm), stream
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block. The residual stream is carried separately and updated by the fused add + RMSNorm."""
+    """Pre-norm layer: ``forward(positions, hidden, residual)`` maps the residual stream ``hidden + residual``
+    (``residual`` None: ``hidden`` alone; (T, hidden) each) to the stream after the layer, in the same form (module
+    docstring)."""
 
     def __init__(self, spec: ModelSpec, rotary: RotaryEmbedding, layer_index: int):
         super().__init__()
@@ -82,16 +139,14 @@ class DecoderLayer(nn.Module):
         sparse = spec.moe is not None and spec.moe.sparse_layers[layer_index]
         self.mlp = SparseMoeBlock(spec, MLP) if sparse else MLP(spec)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None):
-        """Returns (this block's output, residual stream before adding it); the caller adds them."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        num_tokens = hidden.shape[0]
+        hidden, residual = pre_norm_block(functools.partial(self.self_attn, positions),
+                                          self.self_attn.adds_residual(num_tokens), self.input_layernorm, hidden,
+                                          residual)
+        return pre_norm_block(self.mlp, self.mlp.adds_residual(num_tokens), self.post_attention_layernorm, hidden,
+                              residual)
 
 
 class DecoderModel(nn.Module):
@@ -105,12 +160,10 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
-        residual = None
+        hidden, residual = self.embed_tokens(input_ids), None  # the residual stream, hidden + residual
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
 
 
 class DecoderForCausalLM(nn.Module):

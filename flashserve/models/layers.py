@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashserve.kernels import apply_rotary, fused_add_rms_norm, linear, rms_norm
+from flashserve.kernels import apply_rotary, fused_add_rms_norm, linear, rms_norm, rms_norm_linear, skinny_gemm
 
 
 def copy_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
@@ -30,15 +30,26 @@ def _parameter(*shape: int) -> nn.Parameter:
 
 class Linear(nn.Module):
     """``y = x @ weight.T + bias`` with weight (out_features, in_features), as Hugging Face stores it (small batches
-    run ``flashserve.kernels.linear``'s bandwidth-bound kernel)."""
+    run ``flashserve.kernels.linear``'s bandwidth-bound kernel).
+
+    ``forward(x, norm, residual)`` computes ``norm(x) @ weight.T + bias + residual``: ``norm`` an ``RMSNorm`` folded
+    into the product's prologue (``flashserve.kernels.rms_norm_linear``), ``residual`` (..., out_features) added in
+    its epilogue (the pre-norm residual stream), where the kernel runs; else the same operations unfused.
+    ``adds_residual(num_rows)`` says whether the add is part of the product's launch at that many rows."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.weight = _parameter(out_features, in_features)
         self.bias = _parameter(out_features) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, norm: "RMSNorm | None" = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        if norm is None:
+            return linear(x, self.weight, self.bias, residual)
+        return rms_norm_linear(x, norm.weight, norm.eps, self.weight, self.bias, residual)
+
+    def adds_residual(self, num_rows: int) -> bool:
+        return skinny_gemm.plan(num_rows, self.weight, self.bias, False) is not None
 
 
 class MergedLinear(Linear):
@@ -68,7 +79,8 @@ class RMSNorm(nn.Module):
     """Hugging Face's RMSNorm (fp32 statistics, rounded to the input dtype, times the weight).
 
     ``forward(x)`` returns the normalised x; ``forward(x, residual)`` first adds x into ``residual`` in place
-    (the pre-norm residual stream) and returns ``(rms_norm(residual), residual)``.
+    (the pre-norm residual stream) and returns ``(rms_norm(residual), residual)``. The decoder may also hand it to
+    the next product (``Linear.forward``'s ``norm``), which folds it into its prologue.
     """
 
     def __init__(self, hidden_size: int, eps: float):

@@ -13,7 +13,7 @@ from torch import nn
 from flashserve.distributed import layers as parallel  # a module, not its names: it imports models.layers
 from flashserve.distributed.state import all_reduce, tp_rank, tp_size
 from flashserve.kernels.moe import fused_moe
-from flashserve.models.layers import Linear, copy_weight_loader
+from flashserve.models.layers import Linear, RMSNorm, copy_weight_loader
 from flashserve.models.spec import ModelSpec
 
 EXPERT_PARTS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
@@ -93,7 +93,12 @@ class SparseMoeBlock(nn.Module):
 
     Under tensor parallelism the router and the shared expert's gate are replicated, the routed experts split
     along their intermediate dimension (``StackedExperts``) and the shared expert like the dense MLP; both give
-    this rank's partial sums, added and all-reduced once."""
+    this rank's partial sums, added and all-reduced once.
+
+    ``forward(x, norm)``: ``moe(norm(x))``, the norm a launch of its own (the fused-MoE kernel has no prologue).
+    The block takes no residual (``adds_residual`` is False): added here it would be a launch of its own, so the
+    decoder leaves it to the next fused add + RMSNorm. The spot to fuse it into the MoE kernel's pair sum (tp == 1):
+    take ``residual`` in ``forward`` and answer True there."""
 
     def __init__(self, spec: ModelSpec, dense_mlp: type):
         super().__init__()
@@ -108,7 +113,12 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = dense_mlp(spec, moe.shared_expert_intermediate_size, reduce_results=False)
             self.shared_expert_gate = Linear(spec.hidden_size, 1, False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adds_residual(self, num_tokens: int) -> bool:
+        return False
+
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        if norm is not None:
+            x = norm(x)
         out = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, self.gate(x), self.top_k,
                         self.renormalize)
         if self.shared_expert is not None:

@@ -1,6 +1,7 @@
 """Plain-PyTorch references of the layer helpers: RMSNorm (HF ``LlamaRMSNorm``), fused residual add + RMSNorm,
-rotary embedding in place, the fused q/k norm + rotary + cache write, and ``silu_and_mul``. Same contracts as the
-kernels in ``norm.py``, ``rotary.py``, ``qk_rope_cache.py`` and ``activation.py``."""
+rotary embedding in place, the fused q/k norm + rotary + cache write, ``silu_and_mul``, the small-M products and
+RMSNorm folded into them. Same contracts as the kernels in ``norm.py``, ``rotary.py``, ``qk_rope_cache.py``,
+``activation.py``, ``skinny_gemm.py`` and ``norm_linear.py``."""
 import torch
 
 
@@ -77,14 +78,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of ``flashserve.kernels.skinny_gemm.linear``: ``F.linear`` in x's dtype, then the residual added
-    in fp32 and rounded to x's dtype."""
+    in fp32 and rounded to x's dtype (one in-place add: torch computes 16-bit float sums in fp32 and rounds once,
+    on the CPU as on CUDA; the kernel fallback's add after a cuBLAS product is this single launch)."""
     out = torch.nn.functional.linear(x, weight, bias)
-    if residual is None:
-        return out
-    return (out.float() + residual.float()).to(x.dtype)
+    return out if residual is None else out.add_(residual)
 
 
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of ``flashserve.kernels.skinny_gemm.linear_silu_and_mul``: ``silu_and_mul(F.linear(x, weight,
     bias))``."""
     return silu_and_mul(torch.nn.functional.linear(x, weight, bias))
+
+
+def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of ``flashserve.kernels.norm_linear.rms_norm_linear``: ``rms_norm`` (rounded to x's dtype), then
+    ``linear``."""
+    return linear(rms_norm(x, norm_weight, eps), weight, bias, residual)
+
+
+def rms_norm_linear_silu_and_mul(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of ``flashserve.kernels.norm_linear.rms_norm_linear_silu_and_mul``: ``rms_norm``, then
+    ``linear_silu_and_mul``."""
+    return linear_silu_and_mul(rms_norm(x, norm_weight, eps), weight, bias)

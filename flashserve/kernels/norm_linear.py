@@ -1,0 +1,71 @@
+"""RMSNorm folded into the next matrix product: ``rms_norm_linear`` (``rms_norm(x) @ weight.T + bias``, optionally
+plus a residual) and ``rms_norm_linear_silu_and_mul`` (the same into a SwiGLU gate/up product): the pre-norm
+transformer's ``input_layernorm`` + QKV and ``post_attention_layernorm`` + gate/up in one launch at decode batch
+sizes.
+
+The small-M grid kernel of ``skinny_gemm`` runs with its RMSNorm prologue (NORM): every program first reads its
+rows of x over the whole of K (each split of split-K too) for ``rstd = rsqrt(mean(x ** 2) + eps)`` in fp32, then
+normalises each x tile as the unfused ``flashserve.kernels.rms_norm`` does — ``x * rstd`` rounded to x's dtype,
+times the norm weight, rounded again — before the product. So the result equals ``rms_norm`` then ``linear`` (or
+``linear_silu_and_mul``) up to the order of the fp32 sums (of the squares and of the product). Rows are padded
+and masked as in the plain product; x's rows need only unit stride in K.
+
+The normed call shares the plain product's launch plan (same key, same config: the pre-pass adds no shared memory
+and is small against the weight a program streams, see ``NORM_MAX_X_BYTES``). Where the kernel does not run —
+torch by ``use_triton``, x larger than ``NORM_MAX_X_BYTES``, a cuBLAS plan, a stream-K plan (no prologue there) —
+the ``rms_norm`` kernel runs, then ``linear`` / ``linear_silu_and_mul`` on its output: the same results, two
+launches.
+"""
+import math
+
+import torch
+
+from flashserve.kernels import skinny_gemm
+from flashserve.kernels.norm import rms_norm
+from flashserve.kernels.skinny_gemm import linear, linear_silu_and_mul
+from flashserve.kernels.skinny_gemm_checks import check_norm, check_product
+
+__all__ = ["NORM_MAX_X_BYTES", "max_fused_rows", "rms_norm_linear", "rms_norm_linear_silu_and_mul"]
+# Every program's pre-pass re-reads all of x (M x K, from L2) after its PDL wait and before its weight stream
+# starts, so it is latency on every program's path, and L2 traffic of M / BLOCK_N (x split_k) of the weight bytes a
+# program reads from HBM. Folded while x is at most this: at most 4 round trips of the pre-pass's 8 KB tiles (4
+# warps), against the ~2-3 µs launch of the separate norm it saves: <= 16 rows at Qwen3-0.6B's K = 1024, <= 4 at
+# Llama-3.1-8B's 4096 (bf16), where the extra L2 reads are <= 1/2 of the weight bytes of the decode plans' tiles
+# (BLOCK_N >= 32, no split-K on QKV or gate/up). Larger x: two launches.
+NORM_MAX_X_BYTES = 32 * 1024
+
+
+def max_fused_rows(k: int, element_bytes: int) -> int:
+    """The most rows of K elements of ``element_bytes`` the prologue takes (NORM_MAX_X_BYTES of x)."""
+    return NORM_MAX_X_BYTES // (k * element_bytes)
+
+
+def _run(x, norm_weight, eps: float, weight, bias, residual, gated: bool) -> torch.Tensor:
+    n_out = check_product(x, weight, bias, residual, gated)
+    check_norm(x, norm_weight, eps)
+    num_rows = math.prod(x.shape[:-1])
+    config = skinny_gemm.plan(num_rows, weight, bias, gated)
+    if config is not None and num_rows <= max_fused_rows(x.shape[-1], x.element_size()) \
+            and not config.programs_per_sm:
+        x_rows = x.reshape(num_rows, -1)  # a copy only for inputs whose rows are not evenly strided
+        residual_rows = residual.reshape(num_rows, -1) if residual is not None else None
+        out = skinny_gemm.launch(x_rows, weight, bias, residual_rows, gated, config, norm_weight, eps)
+        return out.view(*x.shape[:-1], n_out)
+    normed = rms_norm(x, norm_weight, eps)
+    return linear_silu_and_mul(normed, weight, bias) if gated else linear(normed, weight, bias, residual)
+
+
+def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``rms_norm(x, norm_weight, eps) @ weight.T + bias (+ residual)``: x (..., K), norm_weight (K,), weight (N, K),
+    bias (N,), residual (..., N); x, weight, bias and residual of one dtype and device, unit stride in the last
+    dimension; returns a new (..., N) tensor of x's dtype, rounded as the unfused ``rms_norm`` then ``linear``
+    round (module docstring). ValueError naming a bad argument."""
+    return _run(x, norm_weight, eps, weight, bias, residual, False)
+
+
+def rms_norm_linear_silu_and_mul(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear_silu_and_mul(rms_norm(x, norm_weight, eps), weight, bias)``: weight (2I, K) holds the gate rows then
+    the up rows (bias (2I,) likewise); x (..., K) -> (..., I) of x's dtype."""
+    return _run(x, norm_weight, eps, weight, bias, None, True)
