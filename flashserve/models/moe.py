@@ -12,6 +12,7 @@ from torch import nn
 
 from flashserve.distributed import layers as parallel  # a module, not its names: it imports models.layers
 from flashserve.distributed.state import all_reduce, tp_rank, tp_size
+from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels.moe import fused_moe
 from flashserve.models.layers import Linear, RMSNorm, copy_weight_loader
 from flashserve.models.spec import ModelSpec
@@ -95,10 +96,10 @@ class SparseMoeBlock(nn.Module):
     along their intermediate dimension (``StackedExperts``) and the shared expert like the dense MLP; both give
     this rank's partial sums, added and all-reduced once.
 
-    ``forward(x, norm)``: ``moe(norm(x))``, the norm a launch of its own (the fused-MoE kernel has no prologue).
-    The block takes no residual (``adds_residual`` is False): added here it would be a launch of its own, so the
-    decoder leaves it to the next fused add + RMSNorm. The spot to fuse it into the MoE kernel's pair sum (tp == 1):
-    take ``residual`` in ``forward`` and answer True there."""
+    ``forward(x, norm, residual)``: ``residual + moe(norm(x))``, the norm a launch of its own (the fused-MoE kernel
+    has no prologue). ``adds_residual``: with one rank, no shared expert and the Triton kernels, the residual rides
+    on the fused-MoE launch that sums each token's k rows (``fused_moe(..., residual=)``: no launch of its own);
+    otherwise the block takes none and the decoder leaves the add to the next fused add + RMSNorm."""
 
     def __init__(self, spec: ModelSpec, dense_mlp: type):
         super().__init__()
@@ -114,13 +115,16 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = Linear(spec.hidden_size, 1, False)
 
     def adds_residual(self, num_tokens: int) -> bool:
-        return False
+        return tp_size() == 1 and self.shared_expert is None and use_triton(self.experts.down_proj)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         if norm is not None:
             x = norm(x)
+        if residual is not None and not self.adds_residual(x.shape[0]):
+            raise ValueError("residual: this MoE block adds no residual (see adds_residual)")
         out = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, self.gate(x), self.top_k,
-                        self.renormalize)
+                        self.renormalize, residual=residual)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return all_reduce(out)
