@@ -182,7 +182,7 @@ class DecodePlan:
         (``lengths`` for an absent one), None for a plan without them. No fused combine (its counters need a
         fill). False (nothing launched) where that does not hold: the caller takes ``_launch_planned``."""
         decode, combine = self._decode, self._combine
-        context = launch_context() if decode.found_compiled else None
+        context = launch_context() if decode.found_compiled else None  # (no driver call in the interpreter)
         if context is None:
             return False
         state, enter_hook, exit_hook = context

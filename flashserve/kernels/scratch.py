@@ -15,7 +15,7 @@ still points at it). A buffer grows to the largest request and never shrinks; a 
 caching allocator, which hands it out again only to work on the stream it was allocated on (this one), after the
 work already queued there.
 """
-import threading
+from threading import get_ident
 
 import torch
 
@@ -46,11 +46,11 @@ class StreamScratch:
         if stream is _CAPTURING:
             buffer = torch.empty(numel, dtype=torch.float32, device=device)
             return _slices(buffer, offsets)
-        owner = (device, stream, threading.get_ident())
-        key = (*owner, numel, offsets)
+        key = (device, stream, get_ident(), numel, offsets)
         slices = self._views.get(key)
         if slices is not None:
             return slices
+        owner = key[:3]
         buffer = self._buffers.get(owner)
         if buffer is None or buffer.numel() < numel:
             self._views = {k: v for k, v in self._views.items() if k[:3] != owner}
