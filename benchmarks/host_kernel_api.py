@@ -10,11 +10,12 @@ call, a fresh length tensor per call, or an int length), ``paged_attention.decod
 decode, same shape) and ``merge_attn_states`` (T 4096, H 32, d 128). Medians and minima over ``--rounds`` rounds
 of ``--calls`` calls, µs per call (on a shared machine the minima are the steadier figure).
 Where a ``_launch.CachedLauncher`` launches a kernel, the stub stands for the compiled kernel that Triton's path
-returns: its launcher's fast path runs in full (key, stream, argument tuple, ``launch_metadata``) and only the C
-launcher itself (``CompiledKernel.run``) does nothing. A second table times, on the first recorded call of each
-kernel, the part of Triton's ``JITFunction.run`` that the launcher skips (binder and cache key, for a CUDA sm_90
-target) and the launcher's generic key (the entry points' repeated calls launch through per-geometry
-``_launch.LaunchPlan`` s, which skip that key too: their cost is in the first table).
+returns: the library's fast paths run in full (launcher state, stream, argument tuple) and only the C launcher
+itself (``CompiledKernel.run``, a C function that ignores its arguments) does nothing. A second table times, on the
+first recorded call of each kernel, the part of Triton's ``JITFunction.run`` that the launcher skips (binder and
+cache key, for a CUDA sm_90 target) and the launcher's generic key (the entry points' repeated calls launch
+through per-geometry plans, ``_launch.LaunchPlan`` and ``decode_launch.DecodePlan``, which skip that key too:
+their cost is in the first table).
 Usage: python benchmarks/host_kernel_api.py [--out DIR] [--rounds 30] [--calls 300]
 """
 import contextlib
