@@ -155,6 +155,9 @@ class LaunchPlan:
         self.options = options
         self.tail = (*self.scalars, *constexprs.values())
         self._compiled: dict[tuple, object] = {}  # launcher state -> compiled kernel (aligned tensors)
+        # whether a compiled kernel was found (never in Triton's interpreter, nor where the launcher takes Triton's
+        # own path): for callers of ``compiled`` to test before ``launch_state``, which needs a GPU driver
+        self.found_compiled = False
         self._state = launcher.state
 
     def __call__(self, tensors: tuple) -> None:
@@ -169,12 +172,7 @@ class LaunchPlan:
         compiled = self.launcher.launch(self.grid, tensors + self.scalars, self.constexprs, self.options)
         if aligned and compiled is not None and len(self._compiled) < 8:
             self._compiled[state] = compiled
-
-    @property
-    def found_compiled(self) -> bool:
-        """Whether an earlier launch found a compiled kernel to reuse (never in Triton's interpreter, nor where the
-        launcher takes Triton's own path): checked before ``launch_state``, which needs a GPU driver."""
-        return bool(self._compiled)
+            self.found_compiled = True
 
     def compiled(self, state):
         """The compiled kernel an earlier launch found for 16-byte aligned tensors under ``state``

@@ -124,7 +124,8 @@ class DecodePlan:
 
     def __call__(self, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, cache_leftpad,
                  key_start):
-        out, lse = self._outputs(q)
+        out = torch.empty_like(q) if self.out_like_q else self._new_out()
+        lse = None if self.lse_shape is None else self._new_lse()
         if not self.counters:
             lengths = seqlens_k.data_ptr()
             optional = None if self.plain_inputs else tuple(
@@ -141,18 +142,20 @@ class DecodePlan:
         """``self(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, None)`` for a plan built without
         the other optional inputs, ``pointers`` being the data pointers of (k_cache, v_cache, seqlens_k, block_table
         or seqlens_k without one), which the caller has read."""
-        out, lse = self._outputs(q)
+        out = torch.empty_like(q) if self.out_like_q else self._new_out()
+        lse = None if self.lse_shape is None else self._new_lse()
         k_ptr, v_ptr, lengths, table = pointers
         if self.counters or not self._launch_compiled(q.data_ptr(), k_ptr, v_ptr, lengths, table, None, out, lse):
             self._launch_planned(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, None, out, lse)
         return out, lse
 
-    def _outputs(self, q):
-        """Fresh (out, lse or None): they leave the call."""
-        out = torch.empty_like(q) if self.out_like_q else torch.empty(self.out_shape, dtype=self.dtype,
-                                                                        device=self.device)
-        return out, None if self.lse_shape is None else torch.empty(self.lse_shape, dtype=torch.float32,
-                                                                     device=self.device)
+    def _new_out(self):
+        """A fresh out (it leaves the call) where it is not shaped like q (``empty_like`` is the cheaper one)."""
+        return torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+
+    def _new_lse(self):
+        """A fresh lse (it leaves the call)."""
+        return torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
 
     def _launch_planned(self, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes,
                         cache_leftpad, key_start, out, lse) -> None:
