@@ -45,13 +45,14 @@ def decode_plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, al
                 window_left, window_right, capacity, num_splits, write_lse, cache_leftpad=None, fused_combine=None,
                 key_start=None) -> "DecodePlan":
     """The ``DecodePlan`` of a ``launch_decode`` call with these arguments (cached by their geometry)."""
-    key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.stride(),
+    device = q.device
+    key = (q.shape, q.stride(), q.dtype, device, k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.stride(),
            v_cache.dtype, seqlens_k.dtype, None if block_table is None else (block_table.stride(), block_table.dtype),
            None if cache_batch_idx is None else cache_batch_idx.dtype,
            None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride(), alibi_slopes.dtype),
            None if cache_leftpad is None else cache_leftpad.dtype, None if key_start is None else key_start.dtype,
            softmax_scale, softcap, window_left, window_right, capacity, num_splits, write_lse, fused_combine,
-           decode.FUSED_COMBINE_MAX_GROUPS, pdl.enabled(q.device))
+           decode.FUSED_COMBINE_MAX_GROUPS, pdl.enabled(device))
     plan = _PLANS.get(key)
     if plan is None:
         plan = DecodePlan(q, k_cache, v_cache, block_table, cache_batch_idx, alibi_slopes, cache_leftpad, key_start,
