@@ -248,3 +248,26 @@ def test_engine_decode_launches_compiled_kernels_only_for_aligned_pointers(recor
     shifted.copy_(q)
     paged_attention.decode(shifted[:, 0], k_cache, v_cache, seqlens, table, 0.25)
     assert len(recorded_decode["decode"].calls) == 2 and len(recorded_decode["decode"].compiled.runs) == 1
+
+
+def test_layers_sharing_index_tensors_verify_them_once(monkeypatch):
+    """Two layers (their own caches, one cache_seqlens and block_table): the value check runs once per new length
+    tensor, not once per layer; a cache of another geometry is checked in full and refused."""
+    from flashserve.kernels import index_checks
+    index_checks.KVCACHE_CHECKED.clear()
+    kvcache_plain_calls.PLAIN_CALLS.clear()
+    runs = []
+    check = index_checks._check_kvcache
+    monkeypatch.setattr(index_checks, "_check_kvcache", lambda *args: runs.append(1) or check(*args))
+    first = _decode_args()
+    layers = [first, {**first, "k_cache": first["k_cache"].clone(), "v_cache": first["v_cache"].clone()}]
+    shared = {name: first[name] for name in ("cache_seqlens", "block_table")}
+    for step in range(2):
+        for layer in layers:
+            args = {**layer, **shared}
+            torch.testing.assert_close(flash_attn_with_kvcache(**args), _reference_out(args), atol=2e-3, rtol=2e-3)
+        assert len(runs) == step + 1
+        shared["cache_seqlens"] = shared["cache_seqlens"].clone()
+    short = {**layers[1], **shared, "k_cache": layers[1]["k_cache"][:, :8]}
+    with pytest.raises(ValueError, match="v_cache"):
+        flash_attn_with_kvcache(**short)

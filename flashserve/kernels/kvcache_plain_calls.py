@@ -16,6 +16,7 @@ clamps and masks keep inside the tensors). Anything else goes through the value 
 (``index_checks.check_kvcache_values``, memoised themselves), and a geometry that differs through the full checks
 of ``decode_checks``.
 """
+import functools
 import weakref
 
 import torch
@@ -25,7 +26,7 @@ from flashserve.kernels.index_checks import KVCACHE_CHECKED, capturing, check_kv
 from flashserve.kernels.scratch import SCRATCH
 
 _MAX_PLAIN_CALLS = 256
-_MAX_KNOWN = 512  # tensor sets each PlainCall recognises (the layers of the models a process runs)
+_MAX_KNOWN = 512  # KV caches each PlainCall recognises (the layers of the models a process runs)
 PLAIN_CALLS: dict[tuple, "PlainCall"] = {}
 
 
@@ -62,12 +63,15 @@ class PlainCall:
         # the geometry of (k_cache, v_cache, the length tensor, block_table) (None: an int length, no block table)
         self.geometry = tuple(map(_geometry, (k_cache, v_cache, lengths, block_table)))
         self.capacity, self.plan = capacity, plan
-        # The tensors of the last calls that passed here, by id(k_cache) (the layers of a model): their ids,
-        # versions and data pointers and KVCACHE_CHECKED's generation (the ``seen`` of ``__call__``); and their
-        # weak references, whose callbacks forget every call once one of the tensors has died (an id is only
-        # reused after its object died).
-        self.known: dict[int, tuple] = {}
-        self._references: dict[int, tuple] = {}
+        # Tensors recognised later by (id, version, data pointer), each set with weak references whose callbacks
+        # forget it once one of its tensors has died (an id is only reused after its object died): the caches seen
+        # (one (k_cache, v_cache) pair per layer of a model, by id(k_cache)), and the last index tensors (length
+        # tensor, block table; the layers of a step share them) whose values passed their check, with
+        # KVCACHE_CHECKED's generation.
+        self.caches: dict[int, tuple] = {}
+        self._cache_references: dict[int, tuple] = {}
+        self.indices = None
+        self._index_references = ()
 
     def __call__(self, q, k_cache, v_cache, cache_seqlens, block_table):
         lengths = SCRATCH.constant(q.device, q.shape[0], cache_seqlens) if type(cache_seqlens) is int \
@@ -78,31 +82,54 @@ class PlainCall:
         except AttributeError:  # not a tensor: the full checks name it
             return None
         try:
-            seen = (id(k_cache), k_cache._version, id(v_cache), v_cache._version, id(lengths), lengths._version,
-                    id(table), table._version, pointers, KVCACHE_CHECKED.generation)
+            caches = (id(k_cache), k_cache._version, pointers[0], id(v_cache), v_cache._version, pointers[1])
         except RuntimeError:  # an inference tensor (no version counter): verified every call
-            seen = None
-        if seen is None or self.known.get(seen[0]) != seen:
-            if not self._verify(q, k_cache, v_cache, cache_seqlens, block_table, lengths, table, seen):
-                return None
+            caches = None
+        try:
+            indices = (id(lengths), lengths._version, pointers[2], id(table), table._version, pointers[3],
+                       KVCACHE_CHECKED.generation)
+        except RuntimeError:
+            indices = None
+        if (caches is None or self.caches.get(caches[0]) != caches) and not self._verify_caches(k_cache, v_cache,
+                                                                                                caches):
+            return None
+        if (indices is None or indices != self.indices) and not self._verify_indices(
+                q, k_cache, cache_seqlens, block_table, lengths, table, indices):
+            return None
         return self.plan.plain(q, k_cache, v_cache, lengths, block_table, pointers)
 
-    def _verify(self, q, k_cache, v_cache, cache_seqlens, block_table, lengths, table, seen) -> bool:
-        """Compare the tensors' geometry with the remembered one (False: another geometry), then the value checks
-        (memo of their own); remember the tensors where they can be recognised later."""
+    def _verify_caches(self, k_cache, v_cache, caches) -> bool:
+        """Compare the caches' geometry with the remembered one (False: another geometry); remember them."""
+        for tensor, geometry in zip((k_cache, v_cache), self.geometry):
+            if type(tensor) is not torch.Tensor or _geometry(tensor) != geometry:
+                return False
+        if caches is not None:
+            if len(self.caches) >= _MAX_KNOWN:
+                self.caches.clear()
+                self._cache_references.clear()
+            forget = functools.partial(self._forget_caches, caches[0])
+            self._cache_references[caches[0]] = (weakref.ref(k_cache, forget), weakref.ref(v_cache, forget))
+            self.caches[caches[0]] = caches
+        return True
+
+    def _verify_indices(self, q, k_cache, cache_seqlens, block_table, lengths, table, indices) -> bool:
+        """Compare the index tensors' geometry with the remembered one (False: another geometry), then the value
+        checks (memoised themselves); remember the tensors where they can be recognised later."""
         length_tensor = None if type(cache_seqlens) is int else cache_seqlens
-        for tensor, geometry in zip((k_cache, v_cache, length_tensor, block_table), self.geometry):
+        for tensor, geometry in zip((length_tensor, block_table), self.geometry[2:]):
             if tensor is not None and (type(tensor) is not torch.Tensor or _geometry(tensor) != geometry):
                 return False
         check_kvcache_values(q.shape[0], cache_seqlens, 0, self.capacity, k_cache, block_table, None, None)
-        if seen is not None and not capturing():  # (nothing was checked while capturing)
-            if len(self.known) >= _MAX_KNOWN:
-                self._forget()
-            self._references[seen[0]] = tuple(weakref.ref(tensor, self._forget)
-                                              for tensor in (k_cache, v_cache, lengths, table))
-            self.known[seen[0]] = seen
+        if indices is not None and not capturing():  # (nothing was checked while capturing)
+            self.indices = None
+            self._index_references = (weakref.ref(lengths, self._forget_indices),
+                                      weakref.ref(table, self._forget_indices))
+            self.indices = indices
         return True
 
-    def _forget(self, _reference=None) -> None:
-        self.known.clear()
-        self._references.clear()
+    def _forget_caches(self, key: int, _reference) -> None:
+        self.caches.pop(key, None)
+        self._cache_references.pop(key, None)
+
+    def _forget_indices(self, _reference) -> None:
+        self.indices = None
