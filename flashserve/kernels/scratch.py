@@ -103,7 +103,7 @@ def _current_stream(device: torch.device):
 
 
 _NOT_CUDA = object()
-_CUDA_INDICES: dict[torch.device, object] = {}  # device -> its index, _NOT_CUDA off CUDA (reading .type costs µs/5)
+_CUDA_INDICES: dict[torch.device, object] = {}  # device -> its index, _NOT_CUDA off CUDA (device.type: ~0.2 µs)
 
 
 def _cuda_index(device: torch.device):
