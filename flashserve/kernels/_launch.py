@@ -198,12 +198,12 @@ def launch_context():
     """(``launch_state()``, enter hook, exit hook) for a caller that launches compiled kernels itself; None when a
     launch hook holds a hook (the launch then needs its metadata and tensors: ``run_compiled``) or the state is
     None."""
-    state = launch_state()
     runtime = knobs.runtime
     enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
-    if state is None or not (_no_hook(enter_hook) and _no_hook(exit_hook)):
+    if not (_no_hook(enter_hook) and _no_hook(exit_hook)):
         return None
-    return state, enter_hook, exit_hook
+    state = launch_state()
+    return None if state is None else (state, enter_hook, exit_hook)
 
 
 def current_stream(device: int):

@@ -145,8 +145,7 @@ class DecodePlan:
         or seqlens_k without one), which the caller has read."""
         out = torch.empty_like(q) if self.out_like_q else self._new_out()
         lse = None if self.lse_shape is None else self._new_lse()
-        k_ptr, v_ptr, lengths, table = pointers
-        if self.counters or not self._launch_compiled(q.data_ptr(), k_ptr, v_ptr, lengths, table, None, out, lse):
+        if self.counters or not self._launch_compiled(q.data_ptr(), *pointers, None, out, lse):
             self._launch_planned(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, None, out, lse)
         return out, lse
 
