@@ -8,7 +8,8 @@ import torch
 from triton import knobs
 from triton.runtime.jit import JITFunction
 
-from flashserve.kernels import _launch, flash_attn_with_kvcache, kvcache_interface, merge, paged_attention, reference
+from flashserve.kernels import (_launch, decode, decode_launch, flash_attn_with_kvcache, kvcache_interface,
+                                kvcache_plain_calls, merge, paged_attention, reference)
 from flashserve.kernels.scratch import StreamScratch
 from test_decode import Case, make_inputs
 from test_launch import _kernel
@@ -29,7 +30,7 @@ def test_repeated_plain_call_skips_the_argument_checks_but_not_the_value_checks(
     checked = []
     check = kvcache_interface.check_kvcache_args
     monkeypatch.setattr(kvcache_interface, "check_kvcache_args", lambda *args: checked.append(1) or check(*args))
-    kvcache_interface._PLAIN_CALLS.clear()
+    kvcache_plain_calls.PLAIN_CALLS.clear()
     for seed in range(2):
         args = _decode_args(seed, num_splits=3)
         out = flash_attn_with_kvcache(**args)
@@ -174,3 +175,99 @@ def test_stream_scratch_reuses_one_buffer_and_grows():
     thread.start()
     thread.join()
     assert other_thread[0][0].data_ptr() != again[0].data_ptr()  # another thread: its own buffer
+
+
+class _Recording:
+    """A kernel whose Triton path (``kernel[grid](...)``) records its arguments and returns one ``_Compiled``."""
+    pre_run_hooks = []
+
+    def __init__(self):
+        self.calls, self.compiled = [], _Compiled()
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.calls.append((args, meta))
+            return self.compiled
+        return launch
+
+
+@pytest.fixture
+def recorded_decode(fake_driver, monkeypatch):
+    """decode_launch's launchers with their fast paths on (as on a GPU) over recording stand-ins of the kernels,
+    and empty plan caches: {"decode": recording, "combine": recording}."""
+    recordings = {}
+    for name, label, kernel in (("DECODE_LAUNCHER", "decode", decode._decode_kernel),
+                                ("COMBINE_LAUNCHER", "combine", decode._combine_splits_kernel)):
+        launcher = _launch.CachedLauncher(JITFunction(getattr(kernel, "fn", kernel)))
+        if not launcher._enabled:
+            pytest.skip("this Triton release takes its own launch path")
+        launcher.kernel = recordings[label] = _Recording()
+        monkeypatch.setattr(decode_launch, name, launcher)
+    monkeypatch.setattr(decode_launch, "_PLANS", {})
+    kvcache_plain_calls.PLAIN_CALLS.clear()
+    yield recordings
+    kvcache_plain_calls.PLAIN_CALLS.clear()
+
+
+def _pointers(args: tuple, renamed: dict) -> tuple:
+    """Triton-path arguments as the compiled launch passes them: tensors as data pointers (``renamed``: pointers of
+    the first call's outputs -> the second call's)."""
+    return tuple(renamed.get(a.data_ptr(), a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("case, splits, lse", [({}, 3, False), ({}, 3, True), ({}, 1, False), ({}, 1, True),
+                                               (dict(int_seqlens=True), 2, False), (dict(page_size=None), 2, True),
+                                               (dict(alibi="bh", page_size=None, leftpad=True), 2, False)])
+def test_compiled_launches_pass_what_tritons_path_passes(recorded_decode, case, splits, lse):
+    """A repeated call launches the compiled kernels the first call's Triton path returned, with the same
+    arguments (the tensors' data pointers; fresh outputs), through the plain-call memo or the plan."""
+    args = {**_decode_args(**case), "num_splits": splits, "return_softmax_lse": lse}
+    first, second = ((*flash_attn_with_kvcache(**args),) if lse else (flash_attn_with_kvcache(**args),)
+                     for _ in range(2))
+    renamed = {one.data_ptr(): other.data_ptr() for one, other in zip(first, second)}
+    for recording in recorded_decode.values():
+        if splits == 1 and recording is recorded_decode["combine"]:
+            assert not recording.calls
+            continue
+        [(call_args, meta)] = recording.calls
+        [(grid, run_args)] = recording.compiled.runs
+        constexprs = tuple(value for name, value in meta.items() if name not in ("num_warps", "num_stages",
+                                                                                  "launch_pdl"))
+        assert run_args == _pointers(call_args, renamed) + constexprs
+
+
+def test_engine_decode_launches_compiled_kernels_only_for_aligned_pointers(recorded_decode):
+    args = _decode_args(cache_len=300)
+    q, k_cache, v_cache, seqlens, table = (args[n] for n in ("q", "k_cache", "v_cache", "cache_seqlens",
+                                                            "block_table"))
+    first, second = (paged_attention.decode(q[:, 0], k_cache, v_cache, seqlens, table, 0.25) for _ in range(2))
+    [(call_args, meta)] = recorded_decode["decode"].calls
+    [(grid, run_args)] = recorded_decode["decode"].compiled.runs
+    assert run_args[:len(call_args)] == _pointers(call_args, {first.data_ptr(): second.data_ptr()})
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape)  # 2-byte aligned: Triton's path
+    shifted.copy_(q)
+    paged_attention.decode(shifted[:, 0], k_cache, v_cache, seqlens, table, 0.25)
+    assert len(recorded_decode["decode"].calls) == 2 and len(recorded_decode["decode"].compiled.runs) == 1
+
+
+def test_layers_sharing_index_tensors_verify_them_once(monkeypatch):
+    """Two layers (their own caches, one cache_seqlens and block_table): the value check runs once per new length
+    tensor, not once per layer; a cache of another geometry is checked in full and refused."""
+    from flashserve.kernels import index_checks
+    index_checks.KVCACHE_CHECKED.clear()
+    kvcache_plain_calls.PLAIN_CALLS.clear()
+    runs = []
+    check = index_checks._check_kvcache
+    monkeypatch.setattr(index_checks, "_check_kvcache", lambda *args: runs.append(1) or check(*args))
+    first = _decode_args()
+    layers = [first, {**first, "k_cache": first["k_cache"].clone(), "v_cache": first["v_cache"].clone()}]
+    shared = {name: first[name] for name in ("cache_seqlens", "block_table")}
+    for step in range(2):
+        for layer in layers:
+            args = {**layer, **shared}
+            torch.testing.assert_close(flash_attn_with_kvcache(**args), _reference_out(args), atol=2e-3, rtol=2e-3)
+        assert len(runs) == step + 1
+        shared["cache_seqlens"] = shared["cache_seqlens"].clone()
+    short = {**layers[1], **shared, "k_cache": layers[1]["k_cache"][:, :8]}
+    with pytest.raises(ValueError, match="v_cache"):
+        flash_attn_with_kvcache(**short)

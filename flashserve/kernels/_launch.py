@@ -112,12 +112,9 @@ class CachedLauncher:
     def state(self):
         """What besides the arguments selects a compiled kernel: (current device, Triton's debug and
         instrumentation knobs); None when every launch takes Triton's own path (a hook, or no fast path)."""
-        if (not self._enabled or self.kernel.pre_run_hooks
-                or _HAS_STAGES_HOOK and knobs.runtime.add_stages_inspection_hook is not None):
+        if not self._enabled or self.kernel.pre_run_hooks:
             return None
-        compilation = knobs.compilation
-        return (_triton_driver().active.get_current_device(), knobs.runtime.debug, compilation.instrumentation_mode,
-                compilation.fpsan_homomorphic_casts if _HAS_FPSAN else None)
+        return launch_state()
 
     def _key(self, args: tuple, constexprs: dict, options: dict):
         """The launch's key, or None (Triton's own path) when an argument or hook is outside what it covers."""
@@ -156,8 +153,11 @@ class LaunchPlan:
         self.scalars = tuple(scalars)
         self.constexprs = constexprs
         self.options = options
-        self._tail = (*self.scalars, *constexprs.values())
+        self.tail = (*self.scalars, *constexprs.values())
         self._compiled: dict[tuple, object] = {}  # launcher state -> compiled kernel (aligned tensors)
+        # whether a compiled kernel was found (never in Triton's interpreter, nor where the launcher takes Triton's
+        # own path): for callers of ``compiled`` to test before ``launch_state``, which needs a GPU driver
+        self.found_compiled = False
         self._state = launcher.state
 
     def __call__(self, tensors: tuple) -> None:
@@ -167,14 +167,48 @@ class LaunchPlan:
         compiled = self._compiled.get(state) if aligned else None
         if compiled is not None:
             run_compiled(compiled, state[0], self.grid,
-                         (pointers if _no_hook(knobs.runtime.launch_enter_hook) else tensors) + self._tail)
+                         (pointers if _no_hook(knobs.runtime.launch_enter_hook) else tensors) + self.tail)
             return
         compiled = self.launcher.launch(self.grid, tensors + self.scalars, self.constexprs, self.options)
         if aligned and compiled is not None and len(self._compiled) < 8:
             self._compiled[state] = compiled
+            self.found_compiled = True
+
+    def compiled(self, state):
+        """The compiled kernel an earlier launch found for 16-byte aligned tensors under ``state``
+        (``launch_state()``), for callers that launch it themselves (``run_compiled``); None if there is none or
+        the kernel now has a pre-run hook (every launch then takes Triton's own path)."""
+        return None if self.launcher.kernel.pre_run_hooks else self._compiled.get(state)
 
 
 _data_ptr = torch.Tensor.data_ptr
+
+
+def launch_state():
+    """The part of every ``CachedLauncher.state`` that is not about one kernel: (current device, Triton's debug
+    and instrumentation knobs); None while a pipeline-inspection hook is set (Triton's own path)."""
+    if _HAS_STAGES_HOOK and knobs.runtime.add_stages_inspection_hook is not None:
+        return None
+    compilation = knobs.compilation
+    return (_triton_driver().active.get_current_device(), knobs.runtime.debug, compilation.instrumentation_mode,
+            compilation.fpsan_homomorphic_casts if _HAS_FPSAN else None)
+
+
+def launch_context():
+    """(``launch_state()``, enter hook, exit hook) for a caller that launches compiled kernels itself; None when a
+    launch hook holds a hook (the launch then needs its metadata and tensors: ``run_compiled``) or the state is
+    None."""
+    runtime = knobs.runtime
+    enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if not (_no_hook(enter_hook) and _no_hook(exit_hook)):
+        return None
+    state = launch_state()
+    return None if state is None else (state, enter_hook, exit_hook)
+
+
+def current_stream(device: int):
+    """The current stream of a device, as Triton's launches read it."""
+    return _triton_driver().active.get_current_stream(device)
 
 
 def run_compiled(compiled, device: int, grid: tuple, full: tuple) -> None:

@@ -23,6 +23,7 @@ class CheckedIndices:
 
     def __init__(self, max_entries: int = _MAX_ENTRIES):
         self.max_entries = max_entries
+        self.generation = 0  # bumped by clear(): memos kept elsewhere of checks that passed compare it
         # (ints, id of each tensor) -> per tensor (weak reference, version, data pointer), None for None
         self._entries: dict[tuple, tuple] = {}
 
@@ -47,4 +48,6 @@ class CheckedIndices:
             None if t is None else (weakref.ref(t), t._version, t.data_ptr()) for t in tensors)
 
     def clear(self) -> None:
+        """Forget every passed check (so do the memos that follow ``generation``)."""
         self._entries.clear()
+        self.generation += 1

@@ -9,15 +9,6 @@ from flashserve.kernels.index_checks import check_kvcache_values
 _NO_WINDOW = (-1, -1)
 
 
-def plain_call(k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, alibi_slopes, softcap, num_splits,
-               window_size) -> bool:
-    """Whether a ``flash_attn_with_kvcache`` call appends nothing and uses none of rotary, ``cache_batch_idx``,
-    ``cache_leftpad``, ALiBi, softcap or a window, with an int ``num_splits`` >= 0: the calls its fast paths take."""
-    return (k is None and v is None and rotary_cos is None and rotary_sin is None and cache_batch_idx is None
-            and cache_leftpad is None and alibi_slopes is None and softcap == 0.0 and type(num_splits) is int
-            and num_splits >= 0 and type(window_size) is tuple and window_size == _NO_WINDOW)
-
-
 def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                        cache_leftpad, block_table, window_size, softcap, alibi_slopes, num_splits):
     """Validate flash_attn_with_kvcache's arguments; returns ``(window_left, window_right, capacity)``, the
@@ -25,7 +16,7 @@ def check_kvcache_args(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_
 
     Then the value checks of ``index_checks`` (one synchronisation, none while a CUDA graph is being captured or
     for index tensors already checked unchanged). A plain call repeated with the same geometry skips these checks
-    (``kvcache_interface``'s plan memo, keyed by ``plain_call`` and the tensors' layouts) but not the value checks.
+    (``kvcache_plain_calls``) but not the value checks.
     """
     _validate.check_tensor("q", q, 4, _validate.ATTENTION_DTYPES)
     device, dtype = q.device, q.dtype

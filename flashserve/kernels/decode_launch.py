@@ -4,12 +4,16 @@ repeated call with tensors of the same shapes, strides and dtypes only allocates
 
 Per call a plan allocates ``out`` (and ``lse`` when asked: both leave the call, so they are always fresh) and takes
 the split-KV partial states (and an LSE nobody reads) from ``scratch.SCRATCH`` (one buffer per device, stream and
-thread: see its rule for streams, threads and CUDA graphs); its launches are ``_launch.LaunchPlan`` s.
+thread: see its rule for streams, threads and CUDA graphs); it launches the compiled kernels that its
+``_launch.LaunchPlan`` s found on an earlier call directly (one launcher-state and stream read for both, the
+tensors as data pointers), and through the ``LaunchPlan`` s where that does not apply (the first call, a launch
+hook, a pointer not 16-byte aligned, the fused combine).
 """
 import torch
 
 from flashserve.kernels import decode, pdl
 from flashserve.kernels._dispatch import triton_interpret_enabled
+from flashserve.kernels._launch import current_stream, launch_context
 from flashserve.kernels.counters import zeroed_counters
 from flashserve.kernels.decode import (COMBINE_LAUNCHER, DECODE_LAUNCHER, launch_config, state_layout,
                                        uses_fused_combine)
@@ -42,13 +46,14 @@ def decode_plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, al
                 window_left, window_right, capacity, num_splits, write_lse, cache_leftpad=None, fused_combine=None,
                 key_start=None) -> "DecodePlan":
     """The ``DecodePlan`` of a ``launch_decode`` call with these arguments (cached by their geometry)."""
-    key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.stride(),
+    device = q.device
+    key = (q.shape, q.stride(), q.dtype, device, k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.stride(),
            v_cache.dtype, seqlens_k.dtype, None if block_table is None else (block_table.stride(), block_table.dtype),
            None if cache_batch_idx is None else cache_batch_idx.dtype,
            None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride(), alibi_slopes.dtype),
            None if cache_leftpad is None else cache_leftpad.dtype, None if key_start is None else key_start.dtype,
            softmax_scale, softcap, window_left, window_right, capacity, num_splits, write_lse, fused_combine,
-           decode.FUSED_COMBINE_MAX_GROUPS, pdl.enabled(q.device))
+           decode.FUSED_COMBINE_MAX_GROUPS, pdl.enabled(device))
     plan = _PLANS.get(key)
     if plan is None:
         plan = DecodePlan(q, k_cache, v_cache, block_table, cache_batch_idx, alibi_slopes, cache_leftpad, key_start,
@@ -92,6 +97,9 @@ class DecodePlan:
         self.scratch_offsets = (0, num_states * head_dim, num_states * (head_dim + 1))
         self.splits = splits
         paged = block_table is not None
+        # plain inputs (a block table or none, nothing else optional): the compiled launch's arguments need no tests
+        self.plain_inputs = (cache_batch_idx is None and alibi_slopes is None and cache_leftpad is None
+                             and key_start is None)
         upcast = q.dtype == torch.float32 or not q.is_cuda or triton_interpret_enabled()
         use_pdl = pdl.enabled(q.device)
         q_strides, k_strides, v_strides = q.stride(), k_cache.stride(), v_cache.stride()
@@ -118,17 +126,49 @@ class DecodePlan:
 
     def __call__(self, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, cache_leftpad,
                  key_start):
-        device = self.device
-        out = torch.empty_like(q) if self.out_like_q else torch.empty(self.out_shape, dtype=self.dtype, device=device)
-        lse = None if self.lse_shape is None else torch.empty(self.lse_shape, dtype=torch.float32, device=device)
-        if self.uses_scratch:
-            part, part_lse, unread_lse = SCRATCH.views(device, self.scratch_numel, self.scratch_offsets)
+        out = torch.empty_like(q) if self.out_like_q else self._new_out()
+        lse = None if self.lse_shape is None else self._new_lse()
+        if not self.counters:
+            lengths = seqlens_k.data_ptr()
+            optional = None if self.plain_inputs else tuple(
+                lengths if tensor is None else tensor.data_ptr()
+                for tensor in (cache_batch_idx, alibi_slopes, cache_leftpad, key_start))
+            if self._launch_compiled(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), lengths,
+                                     lengths if block_table is None else block_table.data_ptr(), optional, out, lse):
+                return out, lse
+        self._launch_planned(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes,
+                             cache_leftpad, key_start, out, lse)
+        return out, lse
+
+    def plain(self, q, k_cache, v_cache, seqlens_k, block_table, pointers: tuple):
+        """``self(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, None)`` for a plan built without
+        the other optional inputs, ``pointers`` being the data pointers of (k_cache, v_cache, seqlens_k, block_table
+        or seqlens_k without one), which the caller has read."""
+        out = torch.empty_like(q) if self.out_like_q else self._new_out()
+        lse = None if self.lse_shape is None else self._new_lse()
+        if self.counters or not self._launch_compiled(q.data_ptr(), *pointers, None, out, lse):
+            self._launch_planned(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, None, out, lse)
+        return out, lse
+
+    def _new_out(self):
+        """A fresh out (it leaves the call) where it is not shaped like q (``empty_like`` is the cheaper one)."""
+        return torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+
+    def _new_lse(self):
+        """A fresh lse (it leaves the call)."""
+        return torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+
+    def _launch_planned(self, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes,
+                        cache_leftpad, key_start, out, lse) -> None:
+        """The launches through the ``LaunchPlan`` s (which find the compiled kernels ``_launch_compiled`` uses)."""
+        part, part_lse, unread_lse = SCRATCH.views(self.device, self.scratch_numel, self.scratch_offsets) \
+            if self.uses_scratch else (None, None, None)
         if self.splits == 1:
             target_out, target_lse = out, unread_lse if lse is None else lse
         else:
             target_out, target_lse = part, part_lse
         final_lse = lse if lse is not None else unread_lse if self.fused_combine else target_lse
-        counters = zeroed_counters(device, "decode", self.counters) if self.counters else target_lse
+        counters = zeroed_counters(self.device, "decode", self.counters) if self.counters else target_lse
         self._decode((q, k_cache, v_cache, target_out, target_lse,
                       seqlens_k if block_table is None else block_table,
                       seqlens_k if cache_batch_idx is None else cache_batch_idx, seqlens_k,
@@ -137,4 +177,50 @@ class DecodePlan:
                       seqlens_k if key_start is None else key_start, counters, out, final_lse))
         if self._combine is not None:
             self._combine((out, part_lse if lse is None else lse, part))
-        return out, lse
+
+    def _launch_compiled(self, q, k_cache, v_cache, lengths, table, optional, out, lse) -> bool:
+        """The launches straight through the compiled kernels that earlier launches of this plan found
+        (``LaunchPlan.compiled``) for the same launcher state, every pointer 16-byte aligned and no launch hook
+        (one state and stream read for both kernels); the inputs are data pointers: ``table`` is ``lengths``
+        without a block table, ``optional`` those of (cache_batch_idx, alibi_slopes, cache_leftpad, key_start)
+        (``lengths`` for an absent one), None for a plan without them. No fused combine (its counters come
+        from ``zeroed_counters``, on the planned path). False (nothing launched) where that does not hold: the caller takes ``_launch_planned``."""
+        decode, combine = self._decode, self._combine
+        context = launch_context() if decode.found_compiled else None  # (no driver call in the interpreter)
+        if context is None:
+            return False
+        state, enter_hook, exit_hook = context
+        decode_kernel = decode.compiled(state)
+        combine_kernel = None if combine is None else combine.compiled(state)
+        if decode_kernel is None or combine is not None and combine_kernel is None:
+            return False
+        if self.uses_scratch:  # (the views stay referenced until the launches are queued: see SCRATCH.slices)
+            views, (part, part_lse, unread_lse) = SCRATCH.slices(self.device, self.scratch_numel, self.scratch_offsets)
+        else:
+            part = part_lse = unread_lse = 0
+        out_ptr = out.data_ptr()
+        lse_ptr = unread_lse if lse is None else lse.data_ptr()
+        if self.splits == 1:
+            target_out, target_lse = out_ptr, lse_ptr
+        else:
+            target_out, target_lse = part, part_lse
+        if optional is None:
+            batch_idx = alibi = leftpad = key_start = lengths
+        else:
+            batch_idx, alibi, leftpad, key_start = optional
+        if (q | k_cache | v_cache | lengths | table | out_ptr | lse_ptr | part | part_lse | batch_idx | alibi | leftpad
+                | key_start) & 15:
+            return False
+        stream = current_stream(state[0])
+        grid = decode.grid
+        decode_kernel.run(grid[0], grid[1], grid[2], stream, decode_kernel.function, decode_kernel.packed_metadata,
+                          None, enter_hook, exit_hook, q, k_cache, v_cache, target_out, target_lse, table, batch_idx,
+                          lengths, alibi, leftpad, key_start, target_lse, out_ptr,
+                          target_lse if lse is None else lse_ptr, *decode.tail)
+        if combine is not None:
+            grid = combine.grid
+            combine_kernel.run(grid[0], grid[1], grid[2], stream, combine_kernel.function,
+                               combine_kernel.packed_metadata, None, enter_hook, exit_hook, out_ptr,
+                               part_lse if lse is None else lse_ptr, part, *combine.tail)
+        return True
+

@@ -2,19 +2,17 @@
 decode kernels of ``decode.py`` (or the PyTorch reference, see ``_dispatch``).
 
 Eager fast path: a plain call (a (B,) length tensor or an int, maybe a block table, nothing appended, no rotary,
-leftpad, ALiBi, window or softcap) whose tensors have the geometry (types, shapes, strides, dtypes, devices) and
-scalar arguments of an earlier call that passed every argument check reuses that call's result of the checks and
-its launch plan (``decode_launch.DecodePlan``): only the index-value checks (``index_checks``) and the launch remain.
+leftpad, batch index, ALiBi, window or softcap) of a signature (q's geometry, the scalar arguments) and tensor
+geometries that passed every argument check before skips those checks and reuses its launch plan
+(``kvcache_plain_calls``): only the index-value checks (``index_checks``, memoised) and the launch remain.
 """
 import torch
 
-from flashserve.kernels import decode
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import geometry_key
-from flashserve.kernels.decode_checks import check_kvcache_args, plain_call
+from flashserve.kernels.decode_checks import check_kvcache_args
 from flashserve.kernels.decode_launch import decode_plan
-from flashserve.kernels.index_checks import check_kvcache_values
 from flashserve.kernels.kvcache_append import append_new_tokens
+from flashserve.kernels.kvcache_plain_calls import PLAIN_CALLS, plain_call_key, remember
 from flashserve.kernels.scratch import SCRATCH
 from flashserve.kernels.reference import decode as reference
 
@@ -61,19 +59,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Returns:
         out (B, Sq, H, D) in q's dtype, and the LSE when asked. A row with no visible key gives zeros and LSE -inf.
     """
-    plain_key = None
-    if plain_call(k, v, rotary_cos, rotary_sin, cache_batch_idx, cache_leftpad, alibi_slopes, softcap, num_splits,
-                  window_size):
-        plain_key = _plain_call_key(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal,
-                                    num_splits, return_softmax_lse)
-        known = _PLAIN_CALLS.get(plain_key) if plain_key is not None else None
+    plain_key = None  # a plain call (see kvcache_plain_calls):
+    if (k is None and v is None and rotary_cos is None and rotary_sin is None and cache_batch_idx is None
+            and cache_leftpad is None and alibi_slopes is None and softcap == 0.0 and type(num_splits) is int
+            and num_splits >= 0 and type(window_size) is tuple and window_size == _NO_WINDOW):
+        plain_key = plain_call_key(q, cache_seqlens, block_table, softmax_scale, causal, num_splits,
+                                   return_softmax_lse)
+        known = PLAIN_CALLS.get(plain_key) if plain_key is not None else None
         if known is not None and use_triton(q):
-            capacity, plan = known
-            check_kvcache_values(q.shape[0], cache_seqlens, 0, capacity, k_cache, block_table, None, None)
-            lengths = SCRATCH.constant(q.device, q.shape[0], cache_seqlens) if type(cache_seqlens) is int \
-                else cache_seqlens
-            out, lse = plan(q, k_cache, v_cache, lengths, block_table, None, None, None, None)
-            return (out, lse) if return_softmax_lse else out
+            result = known(q, k_cache, v_cache, cache_seqlens, block_table)
+            if result is not None:
+                return result if return_softmax_lse else result[0]
     window_left, window_right, capacity = check_kvcache_args(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
         block_table, window_size, softcap, alibi_slopes, num_splits)
@@ -83,42 +79,22 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             softmax_scale, causal, (window_left, window_right), softcap, rotary_interleaved, alibi_slopes,
             cache_leftpad=cache_leftpad)
         return (out, lse) if return_softmax_lse else out
-    if cache_seqlens is None:
-        cache_seqlens = capacity
-    if type(cache_seqlens) is int:
-        cache_seqlens = SCRATCH.constant(q.device, q.shape[0], cache_seqlens)
-    seqlens_k = cache_seqlens
+    lengths = capacity if cache_seqlens is None else cache_seqlens
+    if type(lengths) is int:
+        lengths = SCRATCH.constant(q.device, q.shape[0], lengths)
+    seqlens_k = lengths
     if k is not None:
-        q, seqlens_k = append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+        q, seqlens_k = append_new_tokens(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lengths,
                                          cache_batch_idx, block_table,
                                          causal or (window_left, window_right) != (-1, -1), rotary_interleaved)
     if causal:
         window_right = 0
     plan = decode_plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
                        softcap, window_left, window_right, capacity, num_splits, return_softmax_lse, cache_leftpad)
-    if plain_key is not None:  # the checks passed: later calls of this geometry take the fast path
-        if len(_PLAIN_CALLS) >= _MAX_PLAIN_CALLS:
-            _PLAIN_CALLS.pop(next(iter(_PLAIN_CALLS)))
-        _PLAIN_CALLS[plain_key] = capacity, plan
+    if plain_key is not None:  # the checks passed: later calls of this signature take the fast path
+        remember(plain_key, k_cache, v_cache, cache_seqlens, block_table, capacity, plan)
     out, lse = plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, cache_leftpad, None)
     return (out, lse) if return_softmax_lse else out
 
 
-_MAX_PLAIN_CALLS = 256
-_PLAIN_CALLS: dict[tuple, tuple] = {}  # _plain_call_key -> (capacity, DecodePlan) of plain calls that passed
-
-
-def _plain_call_key(q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, causal, num_splits,
-                    return_softmax_lse):
-    """What a plain call's argument checks and launch plan depend on: every tensor's shape, strides, dtype and
-    device, an int ``cache_seqlens``'s value, and the scalar arguments; None unless each tensor is a plain
-    ``torch.Tensor`` (block_table: or None) and ``cache_seqlens`` a tensor or an int (a call with q or a cache None
-    gets a key, but fails its checks, so none is ever stored under it)."""
-    int_lengths = type(cache_seqlens) is int
-    if not int_lengths and type(cache_seqlens) is not torch.Tensor:
-        return None
-    tensors = geometry_key((q, k_cache, v_cache, block_table, None if int_lengths else cache_seqlens))
-    if tensors is None:
-        return None
-    return (*tensors, cache_seqlens if int_lengths else None, type(softmax_scale), softmax_scale, bool(causal),
-            num_splits, bool(return_softmax_lse), decode.FUSED_COMBINE_MAX_GROUPS)
+_NO_WINDOW = (-1, -1)
