@@ -157,6 +157,7 @@ def test_folded_norms_and_adds_match_the_unfused_decoder_on_gpu(checkpoints, cas
     monkeypatch.setattr(skinny_gemm_plans, "default_config", lambda n_out, k, rows, dtype, device, gated=False:
                         skinny_gemm_plans.kernel_config(n_out, k, rows, dtype, device))
     skinny_gemm_plans.reset()
+    monkeypatch.setattr(norm_linear, "NORM_MAX_X_BYTES", 32 * 1024)
     try:
         folded, expected = _paged_logits(checkpoints[case], "bfloat16", "cuda")
         monkeypatch.setattr(norm_linear, "NORM_MAX_X_BYTES", 0)

@@ -32,7 +32,10 @@ __all__ = ["NORM_MAX_X_BYTES", "max_fused_rows", "rms_norm_linear", "rms_norm_li
 # warps), against the ~2-3 µs launch of the separate norm it saves: <= 16 rows at Qwen3-0.6B's K = 1024, <= 4 at
 # Llama-3.1-8B's 4096 (bf16), where the extra L2 reads are <= 1/2 of the weight bytes of the decode plans' tiles
 # (BLOCK_N >= 32, no split-K on QKV or gate/up). Larger x: two launches.
-NORM_MAX_X_BYTES = 32 * 1024
+# Off (0) by default: on the H200 (2026-12-02, B1 graphs under PDL) folding at 32 KB made the step slower,
+# Qwen3-0.6B 1.068 -> 1.198 ms and Llama-3.1-8B 4.538 -> 4.975 ms: the pre-pass after the PDL wait costs the
+# products more than the separate norm launch it saves. Set it (e.g. 32 * 1024) to fold.
+NORM_MAX_X_BYTES = 0
 
 
 def max_fused_rows(k: int, element_bytes: int) -> int:
