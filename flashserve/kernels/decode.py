@@ -175,7 +175,7 @@ def _decode_kernel(
     if FUSED_COMBINE:
         # One launch: the last split program of this (batch, row block, KV head) to finish merges all the partial
         # states, row by row, and resets the group's counter to 0 for the next launch (the counters persist:
-        # ``decode_counters``). The barrier orders every thread's stores before the counter's release; the
+        # ``counters.zeroed_counters``). The barrier orders every thread's stores before the counter's release; the
         # acquire side reads the states past L1 (merge_split_row).
         tl.debug_barrier()
         counter = counter_ptr + batch * tl.num_programs(1) + tl.program_id(1)

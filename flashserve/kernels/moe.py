@@ -201,16 +201,14 @@ def _check(hidden_states, w13, w2, topk_weights, topk_ids, residual) -> None:
     if residual is not None:
         _validate.check_tensor("residual", residual, 2, (dtype,), device)
         _validate.check_shape("residual", residual, hidden_states.shape)
-        if not residual.is_contiguous():
-            raise ValueError("residual must be contiguous")
     _validate.check_tensor("w13", w13, 3, (dtype,), device)
     _validate.check_tensor("w2", w2, 3, (dtype,), device)
     num_experts, hidden = w13.shape[0], hidden_states.shape[1]
     if w13.shape[1] % 2 or w13.shape[2] != hidden:
         raise ValueError(f"w13 must have shape (E, 2I, {hidden}), got {tuple(w13.shape)}")
     _validate.check_shape("w2", w2, (num_experts, hidden, w13.shape[1] // 2))
-    for name, tensor in (("hidden_states", hidden_states), ("w13", w13), ("w2", w2)):
-        if not tensor.is_contiguous():
+    for name, tensor in (("hidden_states", hidden_states), ("w13", w13), ("w2", w2), ("residual", residual)):
+        if tensor is not None and not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
     _validate.check_tensor("topk_ids", topk_ids, 2, (torch.int32, torch.int64), device)
     _validate.check_tensor("topk_weights", topk_weights, 2, (torch.float32,), device)

@@ -38,6 +38,16 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, hidden, eps,
     tl.store(out_ptr + row * stride_out + cols, (normalised * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def check_norm_weight(name: str, weight, x, eps) -> None:
+    """Validate an RMSNorm's weight (passed as ``name``: (hidden,) of a float dtype on x's device, unit stride) and
+    eps (>= 0) for x (..., hidden): ValueError naming the bad one."""
+    _validate.check_tensor(name, weight, 1, _validate.ATTENTION_DTYPES, x.device)
+    _validate.check_shape(name, weight, (x.shape[-1],))
+    _validate.check_last_dim_contiguous(name, weight)
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+
 def _check(x, weight, eps, residual=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validate the arguments; returns the (rows, hidden) views of x and residual the kernel walks."""
     _validate.check_tensor("x", x, None, _validate.ATTENTION_DTYPES)
@@ -45,11 +55,7 @@ def _check(x, weight, eps, residual=None) -> tuple[torch.Tensor, torch.Tensor | 
         raise ValueError("x must have at least one dimension")
     _validate.check_last_dim_contiguous("x", x)
     x_rows = _validate.rows_view("x", x)
-    _validate.check_tensor("weight", weight, 1, _validate.ATTENTION_DTYPES, x.device)
-    _validate.check_shape("weight", weight, (x.shape[-1],))
-    _validate.check_last_dim_contiguous("weight", weight)
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    check_norm_weight("weight", weight, x, eps)
     if residual is None:
         return x_rows, None
     _validate.check_tensor("residual", residual, None, _validate.ATTENTION_DTYPES, x.device)

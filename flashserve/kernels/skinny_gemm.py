@@ -49,6 +49,7 @@ from flashserve.kernels import pdl, skinny_gemm_plans, skinny_gemm_streamk
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import cdiv
 from flashserve.kernels.activation import silu_and_mul
+from flashserve.kernels.counters import zeroed_counters
 from flashserve.kernels.pdl import prefetch_l2, wait_for_previous
 from flashserve.kernels.reference import layers as reference
 from flashserve.kernels.skinny_gemm_checks import check_product
@@ -170,18 +171,12 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, norm_weight_ptr, o
 
 skinny_gemm_plans.attach(_skinny_gemm_kernel, skinny_gemm_streamk._streamk_kernel)
 COUNTER_SLOTS = 4096  # split-K feature blocks (stream-K programs) one launch can have
-_counters: dict[torch.device, torch.Tensor] = {}
 
 
 def _split_counters(device: torch.device) -> torch.Tensor:
-    """The device's zeroed split-K and stream-K counters (each launch leaves them zero again). Made at the first
-    such launch on the device, which must not be inside a CUDA-graph capture (the warm-up makes it first)."""
-    counters = _counters.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the first split-K skinny_gemm launch on a device must run before CUDA-graph capture")
-        counters = _counters[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return counters
+    """The device's zeroed split-K and stream-K counters (``counters.zeroed_counters``, owner "skinny_gemm": each
+    launch leaves them zero again; made at the first such launch, outside CUDA-graph capture)."""
+    return zeroed_counters(device, "skinny_gemm", COUNTER_SLOTS)
 
 
 def split_layout(k: int, config: GemmConfig) -> tuple[int, int]:

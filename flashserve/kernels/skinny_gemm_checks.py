@@ -1,6 +1,7 @@
 """Argument checks of the small-M matrix products (``skinny_gemm``) and of their RMSNorm-prologue variants
 (``norm_linear``): ValueError naming the bad argument."""
 from flashserve.kernels import _validate
+from flashserve.kernels.norm import check_norm_weight
 
 
 def check_product(x, weight, bias, residual, gated: bool) -> int:
@@ -31,9 +32,5 @@ def check_product(x, weight, bias, residual, gated: bool) -> int:
 
 def check_norm(x, norm_weight, eps) -> None:
     """Validate the RMSNorm arguments of ``rms_norm_linear``: norm_weight (K,) of a float dtype on x's device,
-    eps >= 0."""
-    _validate.check_tensor("norm_weight", norm_weight, 1, _validate.ATTENTION_DTYPES, x.device)
-    _validate.check_shape("norm_weight", norm_weight, (x.shape[-1],))
-    _validate.check_last_dim_contiguous("norm_weight", norm_weight)
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    eps >= 0 (``norm.check_norm_weight``)."""
+    check_norm_weight("norm_weight", norm_weight, x, eps)
