@@ -184,7 +184,8 @@ class DecodePlan:
         (one state and stream read for both kernels); the inputs are data pointers: ``table`` is ``lengths``
         without a block table, ``optional`` those of (cache_batch_idx, alibi_slopes, cache_leftpad, key_start)
         (``lengths`` for an absent one), None for a plan without them. No fused combine (its counters come
-        from ``zeroed_counters``, on the planned path). False (nothing launched) where that does not hold: the caller takes ``_launch_planned``."""
+        from ``zeroed_counters``, on the planned path). False (nothing launched) where that does not hold: the
+        caller takes ``_launch_planned``."""
         decode, combine = self._decode, self._combine
         context = launch_context() if decode.found_compiled else None  # (no driver call in the interpreter)
         if context is None:
