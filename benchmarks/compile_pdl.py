@@ -1,10 +1,10 @@
 """Compile the programmatic-dependent-launch variants (``PDL=True``) of the decode step's kernels for a GPU target
 without a GPU, through ``triton.compile`` (Triton ships ptxas): the skinny-GEMM grid kernel (every tile of the
 tuning's choices, with and without split-K: plain, gated, with the residual add and, for the rows
-``norm_linear.max_fused_rows`` allows at the two models' K, with the RMSNorm prologue, plain and gated), RMSNorm (with and without the residual add), the fused
-q/k norm + rotary + KV write, the decode kernel and its split combine, at the Qwen3-0.6B and Llama-3.1-8B shapes;
-the fused-MoE kernels (the token permutation's four, both grouped GEMMs in each output mode, the pair sum) at the
-Qwen3-30B-A3B shape.
+``norm_linear.max_fused_rows`` allows at the two models' K, with the RMSNorm prologue, plain and gated), RMSNorm (with
+and without the residual add), the fused q/k norm + rotary + KV write, the decode kernel and its split combine, at the
+Qwen3-0.6B and Llama-3.1-8B shapes; the fused-MoE kernels (the token permutation's four, both grouped GEMMs in each
+output mode, the pair sum) at the Qwen3-30B-A3B shape.
 
 Catches what the interpreter misses (it never runs the PDL branches) and checks the PTX: every variant must hold
 ``griddepcontrol.wait`` and ``griddepcontrol.launch_dependents``, the GEMM's its L2 weight prefetch. Usage:

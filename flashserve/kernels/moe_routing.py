@@ -1,11 +1,11 @@
 """``moe_routing``: the mixture-of-experts router's softmax, top-k and renormalisation in one Triton launch.
 
 Hugging Face's router is five device operations (softmax in fp32, ``torch.topk``, the sum and the division of the
-renormalisation, the id cast), each a launch of its own at decode sizes. Here one program routes ``BLOCK_T``
-tokens: it loads their logits (all experts, fp32), takes the top k by k rounds of "largest remaining logit, lowest
-expert id among equal ones" (the order of the probabilities, which softmax does not change; exactly equal logits
-go to the lower id: ``torch.topk`` does not define an order for ties, and on the CPU it gives others, while the GPU
-test against it on tie-heavy bf16 logits found the same expert sets), and writes each choice's softmax probability, divided by the k
+renormalisation, the id cast), each a launch of its own at decode sizes. Here one program routes ``BLOCK_T`` tokens:
+it loads their logits (all experts, fp32), takes the top k by k rounds of "largest remaining logit, lowest expert id
+among equal ones" (the order of the probabilities, which softmax does not change; exactly equal logits go to the lower
+id: ``torch.topk`` does not define an order for ties, and on the CPU it gives others, while the GPU test against it on
+tie-heavy bf16 logits found the same expert sets), and writes each choice's softmax probability, divided by the k
 probabilities' sum when ``renormalize``.
 
 Numerics: the probabilities are ``exp(x - max) / sum(exp(x - max))`` in fp32 as ``torch.softmax`` computes them,
