@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget
 
 from compile_prefill_tma import compile_or_report, resource_usage
 from flashserve.kernels import norm_linear, skinny_gemm_plans
-from flashserve.kernels.decode import _combine_splits_kernel, _decode_kernel, launch_config
+from flashserve.kernels.decode import _combine_splits_kernel, _decode_kernel, launch_config, merge_tile
 from flashserve.kernels.moe import _grouped_gemm_kernel, _sum_pairs_kernel
 from flashserve.kernels.moe_routing import _routing_kernel
 from flashserve.kernels.moe_align import _align_single_kernel, _count_kernel, _offsets_kernel, _scatter_kernel
@@ -112,12 +112,14 @@ def layer_variants():
                     PDL=True), 4, 3, "")
         grid, splits, block_m, block_n, block_d, _, block_h, block_s, combine_warps = launch_config(
             1, 1, shape["heads"], shape["kv_heads"], shape["head_dim"], CAPACITY, 0, torch.device("cpu"))
+        merge_rows, merge_splits = merge_tile(shape["heads"] // shape["kv_heads"], block_m, block_s, block_d)
         for fused in (False, True):
             yield (f"decode {shape_name} B1 splits {splits}{' fused combine' if fused else ''}", _decode_kernel,
                    dict(GROUP=shape["heads"] // shape["kv_heads"], BLOCK_M=block_m, BLOCK_N=block_n,
                         BLOCK_D=block_d, PAGE_SIZE=PAGE, PAGED=True, HAS_BATCH_IDX=False, HAS_LEFTPAD=False,
                         HAS_KEY_START=False, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False,
-                        UPCAST=False, DOT_PRECISION="tf32", FUSED_COMBINE=fused, BLOCK_S=block_s, PDL=True),
+                        UPCAST=False, DOT_PRECISION="tf32", FUSED_COMBINE=fused, BLOCK_S=block_s,
+                        MERGE_ROWS=merge_rows, MERGE_SPLITS=merge_splits, PDL=True),
                    4, 3, "decode")
         yield (f"combine {shape_name} B1 splits {splits}", _combine_splits_kernel,
                dict(NUM_HEADS=shape["heads"], HEAD_DIM=shape["head_dim"], WRITE_LSE=False, BLOCK_H=block_h,

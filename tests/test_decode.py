@@ -309,8 +309,8 @@ SPLIT_CASES = ["paged5-split3", "alibi-bh", "sq3-causal-split3", "mostly-empty-s
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_split_combine_in_kernel_or_in_a_second_launch(fused, monkeypatch):
-    """Both combine paths of split-KV decode: the last program of each group merges (one launch), or the combine
-    kernel does (the default for many groups)."""
+    """Both combine paths of split-KV decode: the last program of each group merges (one launch; a sequence whose
+    keys fit one split writes its result from that split), or the combine kernel does (the default)."""
     monkeypatch.setattr(decode, "FUSED_COMBINE_MAX_GROUPS", 10 ** 6 if fused else 0)
     for name in SPLIT_CASES:
         run_case(CASES[name])

@@ -44,10 +44,12 @@ def test_kvcache_gpu(name, dtype):
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("shape", [dict(batch=1, cache_len=4096), dict(batch=4, cache_len=3000, num_splits=7),
                                    dict(batch=16, cache_len=2000, seqlen_q=2, seqlen_new=2),
-                                   dict(batch=2, cache_len=30000, rotary="neox")])
+                                   dict(batch=2, cache_len=30000, rotary="neox"), dict(batch=1, cache_len=150),
+                                   dict(batch=8, cache_len=600)])
 def test_split_combine_in_kernel_or_in_a_second_launch_gpu(fused, shape, monkeypatch):
-    """The one-launch combine (atomic counter, last program merges) against the two-launch one, at real sizes,
-    repeated (a race would show as a wrong or differing result)."""
+    """The one-launch combine (atomic counter, last program merges; a short context's one split writes its result
+    itself) against the two-launch one, at real sizes, repeated (a race would show as a wrong or differing
+    result)."""
     monkeypatch.setattr(decode, "FUSED_COMBINE_MAX_GROUPS", 10 ** 6 if fused else 0)
     case = Case(**{**REAL, **shape}, dtype=torch.bfloat16)
     first, _ = run_case(case, device="cuda")

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels._launch import CachedLauncher, next_power_of_2
-from flashserve.kernels.merge import lse_weights, merge_split_row, weighted
+from flashserve.kernels.merge import lse_weights, merge_split_rows, weighted
 from flashserve.kernels.pdl import wait_for_previous
 
 MIN_TOKENS_PER_SPLIT = 128
@@ -36,15 +36,25 @@ MAX_SPLITS = 64
 PROGRAMS_PER_SM = 4
 # Split layouts with at most this many (batch, row block, KV head) groups merge their splits inside the decode
 # kernel (one launch: the last program of each group combines); larger ones launch the combine kernel, which
-# spreads the merge over more programs. 0 (off): on the H200 (2026-12-02, graph-replayed) the one-launch form took
-# 34.4 µs at B1 L4096 against 17.4 µs for two launches, and 225 against 185 µs at B1 L131072.
+# spreads the merge over more programs. 0 (off): on the H200 (2026-12-02, one call per graph, engine entry point)
+# the one-launch form, merging all rows of a group at once, ties with two launches at H 32/8 (B1 L4096 17.2 vs
+# 17.1 µs; it took 27.4 when it merged row by row) and loses at H 16/8 (B1 L4096 19.8 vs 17.3, B8 59.7 vs 51.0).
 FUSED_COMBINE_MAX_GROUPS = 0
+FUSED_COMBINE_MAX_ROWS = 16  # query rows (Sq x group) of a program that the in-kernel combine merges at once
+MERGE_TILE_ELEMENTS = 4096  # fp32 elements of one [rows, splits, head_dim] tile of the in-kernel combine
 
 
-def uses_fused_combine(splits: int, groups: int) -> bool:
-    """Whether a launch with ``splits`` splits and ``groups`` (batch x row blocks x KV heads) groups combines its
-    splits inside the decode kernel."""
-    return splits > 1 and groups <= FUSED_COMBINE_MAX_GROUPS
+def uses_fused_combine(splits: int, groups: int, rows: int) -> bool:
+    """Whether a launch with ``splits`` splits, ``groups`` (batch x row blocks x KV heads) groups and ``rows``
+    (Sq x group) query rows per sequence and KV head combines its splits inside the decode kernel."""
+    return splits > 1 and groups <= FUSED_COMBINE_MAX_GROUPS and rows <= FUSED_COMBINE_MAX_ROWS
+
+
+def merge_tile(rows: int, block_m: int, block_s: int, block_d: int) -> tuple[int, int]:
+    """(MERGE_ROWS, MERGE_SPLITS) of the in-kernel combine: the program's query rows padded to a power of two, and
+    the splits of one output tile (``MERGE_TILE_ELEMENTS`` fp32 at most)."""
+    merge_rows = min(block_m, next_power_of_2(rows))
+    return merge_rows, max(1, min(block_s, MERGE_TILE_ELEMENTS // (merge_rows * block_d)))
 
 
 # Bounds that only clamp and mask are not specialised (seqlen_q and num_splits are: 1 is the common case).
@@ -60,7 +70,8 @@ def _decode_kernel(
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     HAS_KEY_START: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FUSED_COMBINE: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSED_COMBINE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_ROWS: tl.constexpr,
+    MERGE_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous(PDL)  # every input but the softmax scale comes from earlier kernels or copies
     split = tl.program_id(0)
@@ -163,37 +174,54 @@ def _decode_kernel(
     safe_sum = tl.where(empty, 1.0, row_sum)
     out = acc / safe_sum[:, None]
     lse = tl.where(empty, float("-inf"), row_max * 0.6931471805599453 + tl.log(safe_sum))
-    out_rows = out_ptr + batch * stride_ob + query * stride_os + split * stride_osplit + head * stride_oh
-    # A split past the sequence's end (short contexts under a split layout chosen for the cache capacity) stores
-    # its LSE (-inf) alone: the combine never reads the output of an empty state.
-    store_mask = row_valid[:, None] & dim_valid[None, :]
-    if num_splits > 1:  # (a row vector, not a scalar: Triton's interpreter rejects a scalar in a mask)
-        store_mask = store_mask & ((rows * 0 + split_lo) < split_hi)[:, None]
-    tl.store(out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=store_mask)
-    tl.store(lse_ptr + batch * stride_lb + query * stride_ls + split * stride_lsplit + head * stride_lh, lse,
-             mask=row_valid)
+    lse_rows = lse_ptr + batch * stride_lb + query * stride_ls + head * stride_lh
+    out_rows = out_ptr + batch * stride_ob + query * stride_os + head * stride_oh
     if FUSED_COMBINE:
-        # One launch: the last split program of this (batch, row block, KV head) to finish merges all the partial
-        # states, row by row, and resets the group's counter to 0 for the next launch (the counters persist:
-        # ``counters.zeroed_counters``). The barrier orders every thread's stores before the counter's release; the
-        # acquire side reads the states past L1 (merge_split_row).
-        tl.debug_barrier()
-        counter = counter_ptr + batch * tl.num_programs(1) + tl.program_id(1)
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            tl.store(counter, 0)
-            num_heads = num_heads_k * GROUP
-            for row in range(row_start, tl.minimum(row_start + BLOCK_M, seqlen_q * GROUP)):
-                row_query = row // GROUP
-                row_head = kv_head * GROUP + row % GROUP
-                merged, merged_lse = merge_split_row(
-                    out_ptr + batch * stride_ob + row_query * stride_os + row_head * stride_oh,
-                    lse_ptr + batch * stride_lb + row_query * stride_ls + row_head * stride_lh, stride_osplit,
-                    stride_lsplit, num_splits, dims, dim_valid, BLOCK_S)
-                final_row = ((batch * seqlen_q + row_query) * num_heads + row_head) * head_dim  # (B, Sq, H, D)
-                tl.store(final_out_ptr + final_row + dims, merged.to(final_out_ptr.dtype.element_ty),
-                         mask=dim_valid)
-                tl.store(final_lse_ptr + (batch * num_heads + row_head) * seqlen_q + row_query, merged_lse)
+        # One launch. The splits that hold keys (``active``: the same for every program of this (batch, row block,
+        # KV head) group) each write a partial state and take a ticket on the group's persistent counter
+        # (``counters.zeroed_counters``); the last to arrive merges them, all rows at once, and resets the counter
+        # to 0 for the next launch. The barrier orders every thread's stores before the counter's release; the
+        # acquire side reads the states past L1 (merge_split_rows). With one active split it writes the result
+        # itself, and splits past the keys do nothing.
+        active = tl.maximum(tl.cdiv(num_keys, tl.maximum(keys_per_split, 1)), 1)
+        num_heads = num_heads_k * GROUP
+        if active == 1:
+            if split == 0:
+                final_rows = ((batch * seqlen_q + query) * num_heads + head) * head_dim  # (B, Sq, H, D)
+                tl.store(final_out_ptr + final_rows[:, None] + dims[None, :],
+                         out.to(final_out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+                tl.store(final_lse_ptr + (batch * num_heads + head) * seqlen_q + query, lse, mask=row_valid)
+        elif split < active:
+            tl.store(out_rows[:, None] + split * stride_osplit + dims[None, :], out, mask=row_valid[:, None]
+                     & dim_valid[None, :])
+            tl.store(lse_rows + split * stride_lsplit, lse, mask=row_valid)
+            tl.debug_barrier()
+            counter = counter_ptr + batch * tl.num_programs(1) + tl.program_id(1)
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == active - 1:
+                tl.store(counter, 0)
+                merge_rows = row_start + tl.arange(0, MERGE_ROWS)
+                merge_valid = merge_rows < seqlen_q * GROUP
+                merge_query = merge_rows // GROUP
+                merge_head = kv_head * GROUP + merge_rows % GROUP
+                merged, merged_lse = merge_split_rows(
+                    out_ptr, lse_ptr, batch * stride_ob + merge_query * stride_os + merge_head * stride_oh,
+                    batch * stride_lb + merge_query * stride_ls + merge_head * stride_lh, merge_valid,
+                    stride_osplit, stride_lsplit, active, dims, dim_valid, BLOCK_S, MERGE_SPLITS)
+                final_rows = ((batch * seqlen_q + merge_query) * num_heads + merge_head) * head_dim
+                tl.store(final_out_ptr + final_rows[:, None] + dims[None, :],
+                         merged.to(final_out_ptr.dtype.element_ty), mask=merge_valid[:, None] & dim_valid[None, :])
+                tl.store(final_lse_ptr + (batch * num_heads + merge_head) * seqlen_q + merge_query, merged_lse,
+                         mask=merge_valid)
+    else:
+        # A split past the sequence's end (short contexts under a split layout chosen for the cache capacity)
+        # stores its LSE (-inf) alone: the combine never reads the output of an empty state.
+        store_mask = row_valid[:, None] & dim_valid[None, :]
+        if num_splits > 1:  # (a row vector, not a scalar: Triton's interpreter rejects a scalar in a mask)
+            store_mask = store_mask & ((rows * 0 + split_lo) < split_hi)[:, None]
+        tl.store(out_rows[:, None] + split * stride_osplit + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=store_mask)
+        tl.store(lse_rows + split * stride_lsplit, lse, mask=row_valid)
 
 
 @triton.jit

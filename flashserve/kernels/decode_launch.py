@@ -84,8 +84,10 @@ class DecodePlan:
             batch, seqlen_q, num_heads, num_heads_k, head_dim, capacity, num_splits, q.device)
         num_states, out_strides, lse_strides = state_layout(batch, seqlen_q, num_heads, head_dim, splits)
         if fused_combine is None:
-            fused_combine = uses_fused_combine(splits, batch * grid[1])
-        self.fused_combine = fused_combine = fused_combine and splits > 1
+            fused_combine = uses_fused_combine(splits, batch * grid[1], seqlen_q * num_heads // num_heads_k)
+        rows = seqlen_q * (num_heads // num_heads_k)
+        self.fused_combine = fused_combine = fused_combine and splits > 1 and rows <= decode.FUSED_COMBINE_MAX_ROWS
+        merge_rows, merge_splits = decode.merge_tile(rows, block_m, block_s, block_d)
         self.counters = batch * grid[1] if fused_combine else 0
         self.lse_shape = (batch, num_heads, seqlen_q) if write_lse else None
         # Scratch: partial outputs, then their LSEs (split layouts); then an LSE nobody reads (not write_lse and a
@@ -117,7 +119,8 @@ class DecodePlan:
             HAS_LEFTPAD=cache_leftpad is not None, HAS_KEY_START=key_start is not None,
             HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, UPCAST=upcast, DOT_PRECISION="ieee" if upcast else "tf32",
-            FUSED_COMBINE=fused_combine, BLOCK_S=block_s, PDL=use_pdl,
+            FUSED_COMBINE=fused_combine, BLOCK_S=block_s, MERGE_ROWS=merge_rows, MERGE_SPLITS=merge_splits,
+            PDL=use_pdl,
         ), num_warps=4, num_stages=3, **pdl.launch_options(use_pdl))
         self._combine = None if splits == 1 or fused_combine else COMBINE_LAUNCHER.plan(
             combine_grid, (seqlen_q, splits), dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=write_lse,

@@ -2,7 +2,7 @@
 
 ``lse_weights`` and ``weighted`` are the one combine code path of the library: ``merge_attn_states`` uses them
 with two states per (token, head), the split-KV decode combine kernel (``decode.py``) with one state per split,
-and ``merge_split_row`` (the decode kernel's in-kernel combine) on one row of a program.
+and ``merge_split_rows`` (the decode kernel's in-kernel combine) on the rows of a program.
 """
 
 import torch
@@ -42,25 +42,41 @@ def weighted(out, weight):
 
 
 @triton.jit
-def merge_split_row(part_out_row, part_lse_row, stride_out_split, stride_lse_split, num_splits, dims, dim_valid,
-                    BLOCK_S: tl.constexpr):
-    """Merge the ``num_splits`` partial states of one row (the in-kernel combine of split-KV decode).
+def merge_split_rows(part_out_ptr, part_lse_ptr, out_rows, lse_rows, rows_valid, stride_out_split, stride_lse_split,
+                     num_states, dims, dim_valid, BLOCK_S: tl.constexpr, S_CHUNK: tl.constexpr):
+    """Merge the first ``num_states`` partial states of R rows at once (the decode kernel's in-kernel combine).
 
-    ``part_out_row`` / ``part_lse_row`` point at split 0's fp32 output row / LSE, split s lies ``s * stride``
-    further. Every split's output is read in one [BLOCK_S, BLOCK_D] tile (all loads in flight at once, not one
-    split after the other), past L1 (``.cg``): other programs of the same launch wrote the states.
-    Returns (merged output [BLOCK_D] fp32, merged LSE).
+    Row r's state s lies at ``part_out_ptr + out_rows[r] + s * stride_out_split`` (fp32 output, [BLOCK_D] wide) and
+    ``part_lse_ptr + lse_rows[r] + s * stride_lse_split`` (LSE); ``rows_valid`` [R] masks padding rows, and every
+    state below ``num_states`` (<= BLOCK_S) was written. The LSEs are read whole first for each row's maximum and
+    sum; the outputs then in [R, S_CHUNK, BLOCK_D] tiles whose loads (with their LSEs again) depend on nothing but
+    the pointers, so every chunk's loads can be in flight at once. Loads bypass L1 (``.cg``): other programs of the
+    launch wrote the states. Returns (merged output [R, BLOCK_D] fp32, merged LSE [R]) as ``lse_weights`` weighs
+    them (an empty state weighs 0; all empty: zeros and -inf).
     """
     splits = tl.arange(0, BLOCK_S)
-    split_valid = splits < num_splits
-    part_lse = tl.load(part_lse_row + splits * stride_lse_split, mask=split_valid, other=float("-inf"),
+    lse = tl.load(part_lse_ptr + lse_rows[:, None] + splits[None, :] * stride_lse_split,
+                  mask=rows_valid[:, None] & (splits < num_states)[None, :], other=float("-inf"),
+                  cache_modifier=".cg")
+    lse = tl.where(lse == float("inf"), float("-inf"), lse)
+    lse_max = tl.max(lse, axis=1)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    total = tl.sum(tl.exp(lse - lse_max[:, None]), axis=1)
+    empty = total == 0.0
+    total = tl.where(empty, 1.0, total)
+    merged = tl.zeros([out_rows.shape[0], dims.shape[0]], tl.float32)
+    for first in tl.static_range(0, BLOCK_S, S_CHUNK):
+        chunk = first + tl.arange(0, S_CHUNK)
+        valid = rows_valid[:, None] & (chunk < num_states)[None, :]
+        chunk_lse = tl.load(part_lse_ptr + lse_rows[:, None] + chunk[None, :] * stride_lse_split, mask=valid,
+                            other=float("-inf"), cache_modifier=".cg")
+        part = tl.load(part_out_ptr + out_rows[:, None, None] + chunk[None, :, None] * stride_out_split
+                       + dims[None, None, :], mask=valid[:, :, None] & dim_valid[None, None, :], other=0.0,
                        cache_modifier=".cg")
-    weights, lse = lse_weights(part_lse[None, :])
-    weights = tl.reshape(weights, [BLOCK_S])
-    part = tl.load(part_out_row + splits[:, None] * stride_out_split + dims[None, :],
-                   mask=(split_valid & (weights > 0.0))[:, None] & dim_valid[None, :], other=0.0,
-                   cache_modifier=".cg")
-    return tl.sum(weighted(part, weights[:, None]), axis=0), tl.sum(lse, axis=0)
+        chunk_lse = tl.where(chunk_lse == float("inf"), float("-inf"), chunk_lse)
+        weights = tl.exp(chunk_lse - lse_max[:, None]) / total[:, None]
+        merged += tl.sum(weighted(part, weights[:, :, None]), axis=1)
+    return merged, tl.where(empty, float("-inf"), lse_max + tl.log(total))
 
 
 @triton.jit

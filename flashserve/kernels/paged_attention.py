@@ -101,4 +101,4 @@ def decode_variant(batch: int, num_heads: int, num_heads_k: int, head_dim: int, 
     # and of the partial-state strides that follow from it.
     split_ints = (splits, splits * num_heads, splits * num_heads * head_dim)
     return (*((n == 1, n % 16 == 0) for n in split_ints), block_m, block_n, block_d, block_h, block_s,
-            combine_warps, uses_fused_combine(splits, batch * grid[1]))
+            combine_warps, uses_fused_combine(splits, batch * grid[1], num_heads // num_heads_k))
