@@ -11,8 +11,9 @@ the best config per (row bytes, token class) — the geometric mean over that cl
 only when >= 2% faster than ``merge_tuning.DEFAULT`` — printed as the ``TUNED`` table for merge_tuning.py and
 installed for the rest of the run, so the main table ("ours") measures merge_attn_states with that table. The
 sweep table lists, per shape, the default's and the best config's µs. ``--no-sweep``: the main table only, with
-the table already in merge_tuning.py.
-Usage: python benchmarks/bench_merge.py [--out DIR] [--no-sweep]
+the table already in merge_tuning.py. ``--tokens`` / ``--heads`` restrict the shapes (both tables); the sweep of a
+subset replaces only the entries it measured better, the others stay as in merge_tuning.py.
+Usage: python benchmarks/bench_merge.py [--out DIR] [--no-sweep] [--tokens 4096] [--heads 16,32]
 """
 import math
 
@@ -40,7 +41,8 @@ def make_states(tokens, heads, dtype):
 
 
 def config_name(config: merge_tuning.MergeConfig) -> str:
-    return f"{config.tile_elements}/w{config.num_warps}{'/evict' if config.evict_first else ''}"
+    return (f"{config.tile_elements}/w{config.num_warps}{'/evict' if config.evict_first else ''}"
+            f"{f'/h{config.max_block_h}' if config.max_block_h else ''}")
 
 
 def sweep(tokens, heads, dtype) -> dict:
@@ -144,16 +146,21 @@ def plot(rows):
 def main():
     parser = argument_parser(__doc__)
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-config sweep")
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts (comma-separated)")
+    parser.add_argument("--heads", default=",".join(map(str, HEADS)), help="head counts (comma-separated)")
     args = parser.parse_args()
-    shapes = [(tokens, heads, dtype) for dtype in (torch.float16, torch.bfloat16) for heads in HEADS
-              for tokens in TOKENS]
+    tokens_list, heads_list = ([int(n) for n in text.split(",")] for text in (args.tokens, args.heads))
+    shapes = [(tokens, heads, dtype) for dtype in (torch.float16, torch.bfloat16) for heads in heads_list
+              for tokens in tokens_list]
+    every_shape = tokens_list == TOKENS and heads_list == HEADS
     env = environment()
     text = section_header("merge_attn_states", env)
     sweeps = []
     if not args.no_sweep:
         sweeps = [sweep(*shape) for shape in shapes]
         table = tuned_table(sweeps)
-        merge_tuning.TUNED.clear()
+        if every_shape:  # else the entries of the shapes not swept stay
+            merge_tuning.TUNED.clear()
         merge_tuning.TUNED.update(table)
         text += "### Launch-config sweep\n\n" + sweep_markdown(sweeps, table) + "\n### merge_attn_states\n\n"
     copy_tbs = copy_bandwidth_tbs()

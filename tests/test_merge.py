@@ -72,6 +72,8 @@ def test_tile_shapes_pad_heads_least():
     assert merge_tuning.tile_shape(merge_tuning.MergeConfig(2048, 4, False), 32, 128) == (1, 16, 128, 2)
     assert merge_tuning.tile_shape(merge_tuning.MergeConfig(8192, 8, True), 16, 80) == (4, 16, 128, 1)
     assert merge_tuning.tile_shape(merge_tuning.MergeConfig(2048, 4, False), 5, 24) == (64, 1, 32, 5)
+    # capped head blocks: one head and many tokens per program (the LSE rows are read contiguously)
+    assert merge_tuning.tile_shape(merge_tuning.MergeConfig(2048, 4, False, 1), 16, 128) == (16, 1, 128, 16)
 
 
 def test_merge_strided_inputs():

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashserve.kernels import apply_rotary, fused_add_rms_norm, linear, rms_norm, rms_norm_linear, skinny_gemm
+from flashserve.kernels import (apply_rotary, fused_add_rms_norm, linear, norm_linear, rms_norm, rms_norm_linear,
+                                skinny_gemm)
 
 
 def copy_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
@@ -35,7 +36,10 @@ class Linear(nn.Module):
     ``forward(x, norm, residual)`` computes ``norm(x) @ weight.T + bias + residual``: ``norm`` an ``RMSNorm`` folded
     into the product's prologue (``flashserve.kernels.rms_norm_linear``), ``residual`` (..., out_features) added in
     its epilogue (the pre-norm residual stream), where the kernel runs; else the same operations unfused.
-    ``adds_residual(num_rows)`` says whether the add is part of the product's launch at that many rows."""
+    ``adds_residual(num_rows)`` says whether the decoder should hand it the add: where the kernel runs and the next
+    product (K = out_features) folds its RMSNorm at that many rows (``norm_linear.max_fused_rows``). Otherwise the
+    next layer's fused add + RMSNorm does the add: without the fold, the epilogue add made the B1 decode step slower
+    on the H200 (Qwen3-0.6B 1.084 against 1.067 ms, Llama-3.1-8B 4.560 against 4.544; 2026-12-02)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -49,6 +53,8 @@ class Linear(nn.Module):
         return rms_norm_linear(x, norm.weight, norm.eps, self.weight, self.bias, residual)
 
     def adds_residual(self, num_rows: int) -> bool:
+        if num_rows > norm_linear.max_fused_rows(self.weight.shape[0], self.weight.element_size()):
+            return False
         return skinny_gemm.plan(num_rows, self.weight, self.bias, False) is not None
 
 
