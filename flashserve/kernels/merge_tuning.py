@@ -34,7 +34,7 @@ TUNED: dict[tuple[int, int], MergeConfig] = {  # NVIDIA H200, triton 3.6, 2026-1
     (4096, 2): MergeConfig(2048, 8, True),
     (8192, 0): MergeConfig(8192, 8, True),
     (8192, 1): MergeConfig(2048, 8, True),
-    (8192, 2): MergeConfig(2048, 8, False, 1),  # bench_merge.py --tokens 4096 --heads 16,32, 2026-12-02 (later)
+    (8192, 2): MergeConfig(2048, 8, False, 1),  # from bench_merge.py --tokens 4096 --heads 16,32 (2026-12-02)
     (12288, 0): MergeConfig(4096, 4, True),
     (12288, 1): MergeConfig(2048, 8, True),
     (12288, 2): MergeConfig(2048, 8, False),
