@@ -68,6 +68,7 @@ def test_block_candidate_and_race_kernels_match_their_references(interpret):
         want = sorted(zip(ref_indices[r, :n].tolist(), ref_values[r, :n].tolist()))
         assert [i for i, _ in got] == [i for i, _ in want]
         torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]))
+    _check_peak_gathering(logits, rows, temperature, block_max, block_sum)
     streams = _streams(3, 2500)
     floor = row_max + torch.log(torch.tensor([0.0, 0.1, 0.0]))
     bound = torch.full((3,), float("-inf"))
@@ -160,6 +161,54 @@ def test_sampler_with_streams_in_the_interpreter(interpret):
         got = nucleus.sample(logits, list(range(6)), temperature, top_k, top_p, min_p, truncated, streams=streams,
                              capacity=64)
         assert got.tolist() == reference.sample_sorted(logits, temperature, top_k, top_p, min_p, noise).tolist()
+
+
+def _check_peak_gathering(logits, rows, temperature, block_max, block_sum):
+    """block_stats' peaks (each sub-block's largest token, the largest second-largest of the block) against torch,
+    and gather_candidates with them against the reference: cutoffs that the peaks settle, blocks they cannot (two
+    qualifying tokens in one sub-block: a tie planted below), overflowing rows and a -inf cutoff (tokens past the
+    vocabulary never qualify)."""
+    with_max, with_sum, peaks = sampling.block_stats(logits, rows, temperature, peaks=True)
+    assert torch.equal(with_max, block_max) and torch.equal(with_sum, block_sum)
+    scaled = logits[rows].float() / temperature.unsqueeze(1)
+    num_blocks, sub = block_max.shape[1], sampling.BLOCK // sampling.PEAKS
+    padded = torch.nn.functional.pad(scaled, (0, num_blocks * sampling.BLOCK - scaled.shape[1]),
+                                     value=float("-inf")).view(rows.shape[0], num_blocks, sampling.PEAKS, sub)
+    top2 = padded.topk(2, dim=3).values
+    torch.testing.assert_close(peaks.values, top2[..., 0])
+    torch.testing.assert_close(peaks.second, top2[..., 1].amax(dim=2))
+    found = peaks.indices.long()
+    valid = found < scaled.shape[1]
+    picked = scaled.gather(1, found.clamp(max=scaled.shape[1] - 1).view(rows.shape[0], -1)).view_as(found)
+    assert torch.equal(torch.where(valid, picked, float("-inf")), peaks.values)
+    row_max = block_max.amax(dim=1)
+    for cutoff in (row_max - torch.tensor([2.0, 1.0, 30.0]), peaks.second.amax(dim=1) + 1e-3,
+                   torch.full((3,), float("-inf"))):
+        values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64,
+                                                            peaks=peaks)
+        _, _, ref_count = reference.gather_candidates(logits[rows], temperature, cutoff, 64)
+        assert count.tolist() == ref_count.tolist()
+        for r in range(3):
+            n = int(count[r])
+            if n > 64:
+                continue
+            got = sorted(zip(indices[r, :n].tolist(), values[r, :n].tolist()))
+            qualifying = (scaled[r] >= cutoff[r]).nonzero().squeeze(1).tolist()
+            assert [i for i, _ in got] == qualifying
+            assert [v for _, v in got] == scaled[r, qualifying].tolist()
+
+
+def test_peaks_settle_a_tie_in_a_sub_block_by_reading_the_block(interpret):
+    """Two equal top tokens in one sub-block: the peak holds one of them, ``second`` the other, so a cutoff at
+    their value reads the block and both are gathered."""
+    logits = torch.randn(1, 3000)
+    logits[0, 1030] = logits[0, 1031] = 9.0
+    rows, temperature = torch.tensor([0]), torch.tensor([1.0])
+    block_max, _, peaks = sampling.block_stats(logits, rows, temperature, peaks=True)
+    assert float(peaks.second[0, 1]) == 9.0
+    values, indices, count = sampling.gather_candidates(logits, rows, temperature, torch.tensor([9.0]), block_max,
+                                                        16, peaks=peaks)
+    assert int(count[0]) == 2 and sorted(indices[0, :2].tolist()) == [1030, 1031]
 
 
 _RACE_ROWS = torch.tensor([4, 0, 2, 1])

@@ -178,7 +178,7 @@ def shared_stream(stream_rows: list[list[int]], member: list[bool], device: torc
 def race_rest(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, row_max: torch.Tensor,
               floor: torch.Tensor, bound: torch.Tensor, streams: torch.Tensor, block_max: torch.Tensor,
               token: torch.Tensor, best: torch.Tensor, shared: SharedStream | None = None,
-              capacity: int = RACE_CAPACITY) -> torch.Tensor:
+              capacity: int = RACE_CAPACITY, peaks: sampling.BlockPeaks | None = None) -> torch.Tensor:
     """The sampled tokens of rows that may have a winner outside their candidates.
 
     Args:
@@ -186,7 +186,8 @@ def race_rest(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.
             float32 (``row_cutoffs`` and ``select_candidates``; a row with ``bound`` +inf keeps its ``token``);
         streams: (R, 4) int64 Philox streams; block_max: (R, blocks) from ``block_stats``; token: (R,) int64 the
             candidates' winner; shared: the rows of the shared stream, whose dense race then computes each Philox
-            call once for its 4 draws (``_shared_race_kernel``) instead of once per draw.
+            call once for its 4 draws (``_shared_race_kernel``) instead of once per draw; peaks: the
+            ``block_stats`` peaks, so that the compaction reads fewer blocks (or None).
     Returns (R,) int64.
     """
     threshold = torch.maximum(bound, floor)
@@ -201,7 +202,8 @@ def race_rest(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.
     most_blocks = max(int(num_blocks * DENSE_BLOCK_FRACTION), capacity // sampling.BLOCK)
     straight_to_dense = (block_max >= threshold.unsqueeze(1)).sum(dim=1) > most_blocks
     values, indices, count = sampling.gather_candidates(
-        logits, row_index, temperature, torch.where(straight_to_dense, float("inf"), threshold), block_max, capacity)
+        logits, row_index, temperature, torch.where(straight_to_dense, float("inf"), threshold), block_max, capacity,
+        peaks=peaks)
     dense = straight_to_dense | (count > capacity)
     if shared is not None and vocab < sampling.BLOCK:
         shared = None  # a segment of the shared kernel would span more than two rows

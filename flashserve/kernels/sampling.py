@@ -25,6 +25,8 @@ materialising V draws. ``torch_stream_layout`` gives the call geometry that torc
 ``SMs * max threads per SM / 256`` of them, 4 draws per thread and Philox call), and
 ``reproduces_torch_exponential`` checks the whole at start-up.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +38,20 @@ from flashserve.kernels.reference import sampling as reference
 
 DEFAULT_CAPACITY = 4096  # candidate slots per row (a sort of this many per row stays in one thread block)
 BLOCK = 1024             # tokens per block of the block statistics
+PEAKS = 16               # sub-blocks per block whose largest token ``block_stats`` keeps (``BlockPeaks``)
+
+
+class BlockPeaks(NamedTuple):
+    """What ``block_stats(..., peaks=True)`` keeps of each block besides its maximum and sum, so that the candidate
+    gathering need not read the block again: the block cut into ``PEAKS`` sub-blocks of consecutive tokens, each
+    sub-block's largest scaled logit ``values`` (R, blocks, PEAKS) float32 and its token ``indices`` (same, int32),
+    and ``second`` (R, blocks) float32, the largest over the sub-blocks of their second-largest scaled logit. Every
+    token of a block at or above a cutoff ``c > second`` is the peak of its sub-block (a sub-block holds at most
+    one such token); for ``c <= second`` the block must be read."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    second: torch.Tensor
 
 
 def torch_stream_layout(numel: int, device: torch.device) -> tuple[int, int]:
@@ -114,7 +130,8 @@ def exponential_at(streams: torch.Tensor, token_ids: torch.Tensor) -> torch.Tens
 
 @triton.jit
 def _block_stats_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, vocab, block_max_ptr, block_sum_ptr,
-                        num_blocks, BLOCK: tl.constexpr):
+                        peak_values_ptr, peak_indices_ptr, second_ptr, num_blocks, BLOCK: tl.constexpr,
+                        PEAKS: tl.constexpr):
     index = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     row = tl.load(rows_ptr + index)
@@ -126,30 +143,63 @@ def _block_stats_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, vocab
     total = tl.sum(tl.where(mask, tl.exp(scaled - largest), 0.0), axis=0)
     tl.store(block_max_ptr + index * num_blocks + block, largest)
     tl.store(block_sum_ptr + index * num_blocks + block, total)
+    if PEAKS > 0:
+        # [PEAKS, BLOCK // PEAKS]: each sub-block's largest token and, with it set aside, the next largest
+        sub = tl.reshape(scaled, [PEAKS, BLOCK // PEAKS])
+        peak_values, peak_offsets = tl.max(sub, axis=1, return_indices=True)
+        offsets = tl.arange(0, BLOCK // PEAKS)
+        rest = tl.where(offsets[None, :] == peak_offsets[:, None], float("-inf"), sub)
+        second = tl.max(tl.max(rest, axis=1), axis=0)
+        peaks = (index * num_blocks + block) * PEAKS + tl.arange(0, PEAKS)
+        tl.store(peak_values_ptr + peaks, peak_values)
+        tl.store(peak_indices_ptr + peaks, block * BLOCK + tl.arange(0, PEAKS) * (BLOCK // PEAKS) + peak_offsets)
+        tl.store(second_ptr + index * num_blocks + block, second)
 
 
-def block_stats(logits: torch.Tensor, rows: torch.Tensor,
-                temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, peaks: bool = False):
     """``reference.block_stats`` of ``logits[rows]`` in blocks of ``BLOCK`` tokens: the one full read of the
-    logits that the sampler makes."""
+    logits that the sampler makes. Returns (block_max, block_sum), and with ``peaks`` also the ``BlockPeaks``
+    that let ``gather_candidates`` skip reading most blocks (None where torch runs: it reads the rows anyway)."""
     if not use_triton(logits):
-        return reference.block_stats(logits[rows], temperature, BLOCK)
+        stats = reference.block_stats(logits[rows], temperature, BLOCK)
+        return (*stats, None) if peaks else stats
     num_rows, num_blocks = rows.shape[0], cdiv(logits.shape[1], BLOCK)
     block_max = torch.empty((num_rows, num_blocks), dtype=torch.float32, device=logits.device)
     block_sum = torch.empty_like(block_max)
+    found = BlockPeaks(torch.empty((num_rows, num_blocks, PEAKS), dtype=torch.float32, device=logits.device),
+                       torch.empty((num_rows, num_blocks, PEAKS), dtype=torch.int32, device=logits.device),
+                       torch.empty_like(block_max)) if peaks else None
     if num_rows:
+        peak_tensors = found if peaks else (block_max, block_max, block_max)  # (not written without peaks)
         _block_stats_kernel[(num_rows, num_blocks)](logits, rows, logits.stride(0), temperature, logits.shape[1],
-                                                    block_max, block_sum, num_blocks, BLOCK=BLOCK)
-    return block_max, block_sum
+                                                    block_max, block_sum, *peak_tensors, num_blocks, BLOCK=BLOCK,
+                                                    PEAKS=PEAKS if peaks else 0)
+    return (block_max, block_sum, found) if peaks else (block_max, block_sum)
 
 
 @triton.jit
 def _candidates_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, cutoff_ptr, block_max_ptr, vocab,
-                       values_ptr, indices_ptr, count_ptr, capacity, num_blocks, BLOCK: tl.constexpr):
+                       values_ptr, indices_ptr, count_ptr, peak_values_ptr, peak_indices_ptr, second_ptr, capacity,
+                       num_blocks, BLOCK: tl.constexpr, PEAKS: tl.constexpr):
     index = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     cutoff = tl.load(cutoff_ptr + index)
-    if tl.load(block_max_ptr + index * num_blocks + block) >= cutoff:  # other blocks are not even read
+    reaches = tl.load(block_max_ptr + index * num_blocks + block) >= cutoff  # other blocks are not even read
+    read_block = reaches
+    if PEAKS > 0:  # a block whose qualifying tokens are all sub-block peaks hands in its peaks instead
+        read_block = reaches & (tl.load(second_ptr + index * num_blocks + block) >= cutoff)
+        if reaches & ~read_block:
+            peaks = (index * num_blocks + block) * PEAKS + tl.arange(0, PEAKS)
+            peak_values = tl.load(peak_values_ptr + peaks)
+            peak_indices = tl.load(peak_indices_ptr + peaks)
+            qualifies = (peak_values >= cutoff) & (peak_indices < vocab)
+            flags = qualifies.to(tl.int32)
+            start = tl.atomic_add(count_ptr + index, tl.sum(flags, axis=0))
+            slots = start + tl.cumsum(flags, axis=0) - 1
+            stored = qualifies & (slots < capacity)
+            tl.store(values_ptr + index * capacity + slots, peak_values, mask=stored)
+            tl.store(indices_ptr + index * capacity + slots, peak_indices.to(tl.int64), mask=stored)
+    if read_block:
         row = tl.load(rows_ptr + index)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < vocab
@@ -165,11 +215,13 @@ def _candidates_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, cutoff
 
 
 def gather_candidates(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, cutoff: torch.Tensor,
-                      block_max: torch.Tensor, capacity: int = DEFAULT_CAPACITY, count: torch.Tensor | None = None):
+                      block_max: torch.Tensor, capacity: int = DEFAULT_CAPACITY, count: torch.Tensor | None = None,
+                      peaks: BlockPeaks | None = None):
     """``reference.gather_candidates`` of ``logits[rows]``, except that the slots past a row's count are left
     unwritten (their content is unspecified: readers mask by the count); only the blocks whose ``block_max`` (from
-    ``block_stats``) reaches the cutoff are read. ``count``: an (R,) int32 zero-filled buffer to count into (so
-    that one fill serves several calls), or None for a new one."""
+    ``block_stats``) reaches the cutoff are read, and with ``peaks`` (``block_stats(..., peaks=True)``) only those
+    whose qualifying tokens are not all sub-block peaks. ``count``: an (R,) int32 zero-filled buffer to count into
+    (so that one fill serves several calls), or None for a new one."""
     if not use_triton(logits):
         return reference.gather_candidates(logits[rows], temperature, cutoff, capacity)
     num_rows, device = rows.shape[0], logits.device
@@ -178,9 +230,10 @@ def gather_candidates(logits: torch.Tensor, rows: torch.Tensor, temperature: tor
     if count is None:
         count = torch.zeros((num_rows,), dtype=torch.int32, device=device)
     if num_rows:
+        peak_tensors = (block_max, block_max, block_max) if peaks is None else peaks  # (unread without peaks)
         _candidates_kernel[(num_rows, block_max.shape[1])](
             logits, rows, logits.stride(0), temperature, cutoff, block_max, logits.shape[1], values, indices, count,
-            capacity, block_max.shape[1], BLOCK=BLOCK)
+            *peak_tensors, capacity, block_max.shape[1], BLOCK=BLOCK, PEAKS=0 if peaks is None else PEAKS)
     return values, indices, count
 
 
