@@ -178,6 +178,18 @@ def block_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Ten
 
 
 @triton.jit
+def _append_candidates(values_ptr, indices_ptr, count_ptr, index, capacity, qualifies, values, tokens):
+    """Append the qualifying (value, token) pairs of a vector to row ``index``'s slots: an atomic on the row's
+    count reserves them; pairs past ``capacity`` are counted, not stored."""
+    flags = qualifies.to(tl.int32)
+    start = tl.atomic_add(count_ptr + index, tl.sum(flags, axis=0))
+    slots = start + tl.cumsum(flags, axis=0) - 1
+    stored = qualifies & (slots < capacity)
+    tl.store(values_ptr + index * capacity + slots, values, mask=stored)
+    tl.store(indices_ptr + index * capacity + slots, tokens.to(tl.int64), mask=stored)
+
+
+@triton.jit
 def _candidates_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, cutoff_ptr, block_max_ptr, vocab,
                        values_ptr, indices_ptr, count_ptr, peak_values_ptr, peak_indices_ptr, second_ptr, capacity,
                        num_blocks, BLOCK: tl.constexpr, PEAKS: tl.constexpr):
@@ -192,26 +204,16 @@ def _candidates_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, cutoff
             peaks = (index * num_blocks + block) * PEAKS + tl.arange(0, PEAKS)
             peak_values = tl.load(peak_values_ptr + peaks)
             peak_indices = tl.load(peak_indices_ptr + peaks)
-            qualifies = (peak_values >= cutoff) & (peak_indices < vocab)
-            flags = qualifies.to(tl.int32)
-            start = tl.atomic_add(count_ptr + index, tl.sum(flags, axis=0))
-            slots = start + tl.cumsum(flags, axis=0) - 1
-            stored = qualifies & (slots < capacity)
-            tl.store(values_ptr + index * capacity + slots, peak_values, mask=stored)
-            tl.store(indices_ptr + index * capacity + slots, peak_indices.to(tl.int64), mask=stored)
+            _append_candidates(values_ptr, indices_ptr, count_ptr, index, capacity,
+                               (peak_values >= cutoff) & (peak_indices < vocab), peak_values, peak_indices)
     if read_block:
         row = tl.load(rows_ptr + index)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < vocab
         logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
-        qualifies = mask & (scaled >= cutoff)
-        flags = qualifies.to(tl.int32)
-        start = tl.atomic_add(count_ptr + index, tl.sum(flags, axis=0))
-        slots = start + tl.cumsum(flags, axis=0) - 1
-        stored = qualifies & (slots < capacity)
-        tl.store(values_ptr + index * capacity + slots, scaled, mask=stored)
-        tl.store(indices_ptr + index * capacity + slots, cols.to(tl.int64), mask=stored)
+        _append_candidates(values_ptr, indices_ptr, count_ptr, index, capacity, mask & (scaled >= cutoff), scaled,
+                           cols)
 
 
 def gather_candidates(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, cutoff: torch.Tensor,
