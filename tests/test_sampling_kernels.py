@@ -168,7 +168,7 @@ def _check_peak_gathering(logits, rows, temperature, block_max, block_sum):
     and gather_candidates with them against the reference: cutoffs that the peaks settle, blocks they cannot (two
     qualifying tokens in one sub-block: a tie planted below), overflowing rows and a -inf cutoff (tokens past the
     vocabulary never qualify)."""
-    with_max, with_sum, peaks = sampling.block_stats(logits, rows, temperature, peaks=True)
+    with_max, with_sum, peaks = sampling.block_stats(logits, rows, temperature, torch.zeros(3, dtype=torch.int64))
     assert torch.equal(with_max, block_max) and torch.equal(with_sum, block_sum)
     scaled = logits[rows].float() / temperature.unsqueeze(1)
     num_blocks, sub = block_max.shape[1], sampling.BLOCK // sampling.PEAKS
@@ -182,10 +182,14 @@ def _check_peak_gathering(logits, rows, temperature, block_max, block_sum):
     picked = scaled.gather(1, found.clamp(max=scaled.shape[1] - 1).view(rows.shape[0], -1)).view_as(found)
     assert torch.equal(torch.where(valid, picked, float("-inf")), peaks.values)
     row_max = block_max.amax(dim=1)
-    for cutoff in (row_max - torch.tensor([2.0, 1.0, 30.0]), peaks.second.amax(dim=1) + 1e-3,
-                   torch.full((3,), float("-inf"))):
+    _, _, top_k_peaks = sampling.block_stats(logits, rows, temperature, torch.tensor([0, 5, 0]))
+    assert torch.equal(top_k_peaks.second[1], torch.full_like(top_k_peaks.second[1], float("inf")))  # read
+    assert torch.equal(top_k_peaks.second[0], peaks.second[0])
+    for cutoff, some_peaks in ((row_max - torch.tensor([2.0, 1.0, 30.0]), peaks),
+                               (peaks.second.amax(dim=1) + 1e-3, peaks), (peaks.second.amax(dim=1) + 1e-3, top_k_peaks),
+                               (torch.full((3,), float("-inf")), peaks)):
         values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64,
-                                                            peaks=peaks)
+                                                            peaks=some_peaks)
         _, _, ref_count = reference.gather_candidates(logits[rows], temperature, cutoff, 64)
         assert count.tolist() == ref_count.tolist()
         for r in range(3):
@@ -204,7 +208,7 @@ def test_peaks_settle_a_tie_in_a_sub_block_by_reading_the_block(interpret):
     logits = torch.randn(1, 3000)
     logits[0, 1030] = logits[0, 1031] = 9.0
     rows, temperature = torch.tensor([0]), torch.tensor([1.0])
-    block_max, _, peaks = sampling.block_stats(logits, rows, temperature, peaks=True)
+    block_max, _, peaks = sampling.block_stats(logits, rows, temperature, torch.zeros(1, dtype=torch.int64))
     assert float(peaks.second[0, 1]) == 9.0
     values, indices, count = sampling.gather_candidates(logits, rows, temperature, torch.tensor([9.0]), block_max,
                                                         16, peaks=peaks)

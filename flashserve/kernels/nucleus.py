@@ -65,7 +65,7 @@ def sample_without_fallback(logits: torch.Tensor, row_index: torch.Tensor, tempe
     if noise is not None and not some_truncated:
         whole = row_index.shape[0] == logits.shape[0]
         return _race_dense(logits if whole else logits[row_index], temperature, min_p, noise), None
-    block_max, block_sum, peaks = sampling.block_stats(logits, row_index, temperature, peaks=True)
+    block_max, block_sum, peaks = sampling.block_stats(logits, row_index, temperature, top_k)
     row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, top_k, vocab, capacity)
     values, indices, count = sampling.gather_candidates(logits, row_index, temperature, cutoff, block_max, capacity,
                                                         peaks=peaks)

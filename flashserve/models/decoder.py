@@ -13,14 +13,15 @@ hidden states (T, hidden_size); per-request boundaries live in the attention con
 The residual stream: each pre-norm layer maps it h to ``h2 = h + o_proj(attn(qkv_proj(input_layernorm(h))))``, then
 ``h3 = h2 + mlp(post_attention_layernorm(h2))`` (``pre_norm_block``). It is carried as ``(hidden, residual)``:
 ``hidden`` alone where the last block's final product added the stream in its epilogue (o_proj, down_proj on the
-small-M kernel, where the next norm folds: ``adds_residual``), and then the next block's first product folds the RMSNorm into its prologue (QKV,
-gate/up: ``rms_norm_linear``, while x is at most ``norm_linear.NORM_MAX_X_BYTES``, 0 by default: off, it was slower on
-the H200; at 32 KB <= 16 tokens at hidden 1024, <= 4 at 4096); else ``hidden + residual`` with the add pending, which
-the next norm does (the fused add + RMSNorm, as before the folding). No step launches more kernels than with the fused
-add + RMSNorm alone. With the fold on, a Qwen3-0.6B layer at batch 1 on the H200's plans is six launches (normed QKV,
-q/k norm + rotary + KV write, decode attention, o_proj + add, normed gate/up + SiLU-and-mul, down_proj + add; a split
-decode attention adds its combine) instead of eight; off (the default), the two norms run as their own kernels. The
-final norm (``model.norm``) runs alone, or fused with a pending add. A MoE block takes the residual where its fused-MoE
+small-M kernel, where the next norm folds: ``adds_residual``), and then the next block's first product folds the
+RMSNorm into its prologue (QKV, gate/up: ``rms_norm_linear``, while x is at most ``norm_linear.NORM_MAX_X_BYTES``, 0
+by default: off, it was slower on the H200; at 32 KB <= 16 tokens at hidden 1024, <= 4 at 4096); else ``hidden +
+residual`` with the add pending, which the next norm does (the fused add + RMSNorm, as before the folding). No step
+launches more kernels than with the fused add + RMSNorm alone. With the fold on, a Qwen3-0.6B layer at batch 1 on
+the H200's plans is six launches (normed QKV, q/k norm + rotary + KV write, decode attention, o_proj + add, normed
+gate/up + SiLU-and-mul, down_proj + add; a split decode attention adds its combine) instead of eight; off (the
+default), the two norms run as their own kernels, each fused with the pending add. The final norm (``model.norm``)
+runs alone, or fused with a pending add. A MoE block takes the residual where its fused-MoE
 sum launch can add it (``SparseMoeBlock.adds_residual``), else leaves it pending.
 
 Under tensor parallelism (``flashserve.distributed``) the projections are split over the ranks (Megatron's
