@@ -7,9 +7,10 @@ per token (equivalent to drawing from p). ``flashserve.kernels.nucleus.sample`` 
    ``x = logit / temperature`` and the softmax sum below it; hence each row's maximum and normaliser. For rows
    without top-k also the block's ``BlockPeaks`` (each sub-block's largest token, the largest runner-up).
 2. ``gather_candidates`` compacts the tokens at or above a per-row cutoff into a small buffer, reading only the
-   blocks whose maximum reaches it (and, with peaks, whose runner-up does too: else the peaks are the tokens): for a top-k row the k-th largest block maximum (so the top k are all in), for
-   the others probability 1 / capacity (so at most ``capacity`` tokens qualify). The select kernel sorts them (a few
-   thousand per row at most) and the top-k / top-p boundary found on them (``selection``).
+   blocks whose maximum reaches it (and, with peaks, whose runner-up does too: else the peaks are the tokens). The
+   cutoff: for a top-k row the k-th largest block maximum (so the top k are all in), for the others probability
+   1 / capacity (so at most ``capacity`` tokens qualify). The select kernel sorts them (a few thousand per row at
+   most) and the top-k / top-p boundary found on them (``selection``).
 3. The race runs over the surviving candidates; for rows without top-k / top-p, where every token may win,
    ``flashserve.kernels.race`` then races the tokens that could still beat the candidates' best (a draw is never
    below 2^-24, so a token of weight w cannot beat a ratio above w * 2^24): compacted when they are few, whole rows
