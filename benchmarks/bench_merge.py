@@ -130,7 +130,7 @@ def plot(rows):
     def draw(plt):
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for dtype in sorted({r["dtype"] for r in rows}):
-            for heads in HEADS:
+            for heads in sorted({r["heads"] for r in rows}):
                 sel = [r for r in rows if r["dtype"] == dtype and r["heads"] == heads]
                 ax.plot([r["tokens"] for r in sel], [r["speedup"] for r in sel], marker="o",
                         label=f"{dtype} H{heads}")
@@ -162,7 +162,9 @@ def main():
         if every_shape:  # else the entries of the shapes not swept stay
             merge_tuning.TUNED.clear()
         merge_tuning.TUNED.update(table)
-        text += "### Launch-config sweep\n\n" + sweep_markdown(sweeps, table) + "\n### merge_attn_states\n\n"
+        # the installed table (a subset's sweep keeps the other entries): what the main table runs and what to paste
+        text += ("### Launch-config sweep\n\n" + sweep_markdown(sweeps, dict(merge_tuning.TUNED))
+                 + "\n### merge_attn_states\n\n")
     copy_tbs = copy_bandwidth_tbs()
     rows = [run(*shape) for shape in shapes]
     write_results(args.out, "bench_merge", text + markdown(rows, copy_tbs),

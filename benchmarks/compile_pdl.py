@@ -119,7 +119,7 @@ def layer_variants():
                         BLOCK_D=block_d, PAGE_SIZE=PAGE, PAGED=True, HAS_BATCH_IDX=False, HAS_LEFTPAD=False,
                         HAS_KEY_START=False, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=False,
                         UPCAST=False, DOT_PRECISION="tf32", FUSED_COMBINE=fused, BLOCK_S=block_s,
-                        MERGE_ROWS=merge_rows, MERGE_SPLITS=merge_splits, PDL=True),
+                        MERGE_ROWS=merge_rows if fused else 1, MERGE_SPLITS=merge_splits if fused else 1, PDL=True),
                    4, 3, "decode")
         yield (f"combine {shape_name} B1 splits {splits}", _combine_splits_kernel,
                dict(NUM_HEADS=shape["heads"], HEAD_DIM=shape["head_dim"], WRITE_LSE=False, BLOCK_H=block_h,

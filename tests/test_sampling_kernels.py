@@ -220,20 +220,23 @@ _RACE_TEMPERATURE = torch.tensor([1.0, 0.7, 1.3, 1.0])
 _RACE_MIN_P = torch.tensor([0.0, 0.0, 0.1, 0.0])
 
 
-def _race_rest_and_expected(logits, streams, **kwargs):
+def _race_rest_and_expected(logits, streams, with_peaks=False, **kwargs):
     """``race.race_rest`` after the candidates' race for the rows of ``_RACE_ROWS`` without top-k / top-p, and
-    the sort-based sampler's tokens with the same draws."""
+    the sort-based sampler's tokens with the same draws (``with_peaks``: both gatherings use block peaks)."""
     rows, temperature, min_p = _RACE_ROWS, _RACE_TEMPERATURE, _RACE_MIN_P
     num_rows, vocab = rows.shape[0], logits.shape[1]
-    block_max, block_sum = sampling.block_stats(logits, rows, temperature)
     no_k, no_p = torch.zeros(num_rows, dtype=torch.int64), torch.ones(num_rows)
+    block_max, block_sum, peaks = sampling.block_stats(logits, rows, temperature, no_k)
+    peaks = peaks if with_peaks else None
     row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, no_k, vocab, 64)
-    values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64)
+    values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64,
+                                                        peaks=peaks)
     token, best, floor, bound, _ = selection.select_candidates(values, indices, count, row_max, mass, no_k, no_p,
                                                                min_p, vocab, streams)
     noise = reference.exponential_at(streams, torch.arange(vocab).expand(num_rows, -1))
     want = reference.sample_sorted(logits[rows], temperature, no_k, no_p, min_p, noise)
-    got = race.race_rest(logits, rows, temperature, row_max, floor, bound, streams, block_max, token, best, **kwargs)
+    got = race.race_rest(logits, rows, temperature, row_max, floor, bound, streams, block_max, token, best,
+                         peaks=peaks, **kwargs)
     return got.tolist(), want.tolist()
 
 
@@ -245,8 +248,9 @@ def test_race_rest_in_the_interpreter_listed_and_dense(interpret, monkeypatch):
     for scale in (0.5, 3.0):
         logits = torch.randn(5, 2100, generator=generator) * scale
         for capacity in (8192, 16):
-            got, want = _race_rest_and_expected(logits, _streams(4, 2100), capacity=capacity)
-            assert got == want, (scale, capacity)
+            for with_peaks in (False, True):
+                got, want = _race_rest_and_expected(logits, _streams(4, 2100), with_peaks, capacity=capacity)
+                assert got == want, (scale, capacity, with_peaks)
 
 
 def _shared_stream_rows(seed: int):

@@ -10,8 +10,9 @@ Kernel structure:
   ranges, a multiple of BLOCK_N each. With one split the kernel writes the output and LSE directly; with more it
   writes fp32 partial outputs and LSEs (one fp32 buffer), merged with the combine code of ``merge_attn_states``
   (``merge.lse_weights``) by ``_combine_splits_kernel`` (a second launch), or, when asked (``fused_combine``), by
-  the last split program of each (batch, row block, KV head) group (an atomic ticket in a persistent counter that
-  program resets: one launch, no memset; see ``FUSED_COMBINE_MAX_GROUPS``).
+  the last of the splits that hold keys in each (batch, row block, KV head) group (``merge.merge_split_rows``; an
+  atomic ticket in a persistent counter that program resets: one launch, no memset; a sequence whose keys fit one
+  split has that split write the result; see ``FUSED_COMBINE_MAX_GROUPS``).
 - paged caches gather each tile's block ids from ``block_table`` (cast to int64 before multiplying by the block
   stride); dense caches use ``cache_batch_idx``. Strides are plain ints so Triton specialises on them.
 The grid is sized from the cache capacity, never from ``cache_seqlens`` values (the launch itself needs no host
@@ -52,7 +53,7 @@ def uses_fused_combine(splits: int, groups: int, rows: int) -> bool:
 
 def merge_tile(rows: int, block_m: int, block_s: int, block_d: int) -> tuple[int, int]:
     """(MERGE_ROWS, MERGE_SPLITS) of the in-kernel combine: the program's query rows padded to a power of two, and
-    the splits of one output tile (``MERGE_TILE_ELEMENTS`` fp32 at most)."""
+    the splits of one output tile (``MERGE_TILE_ELEMENTS`` fp32 at most, but at least one split)."""
     merge_rows = min(block_m, next_power_of_2(rows))
     return merge_rows, max(1, min(block_s, MERGE_TILE_ELEMENTS // (merge_rows * block_d)))
 

@@ -33,7 +33,8 @@ def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, 
     ``capacity`` (tokens a sequence of the cache can hold) sets the split layout, so the launch depends on shapes
     only and is safe to capture in a CUDA graph. Index values are clamped or masked in the kernel (never an access
     outside the tensors). ``fused_combine`` (None: ``uses_fused_combine``) merges the splits inside the decode
-    kernel instead of a second launch. ``key_start``: optional (1,) int32 on the device, the first key every
+    kernel instead of a second launch (where a program has at most ``FUSED_COMBINE_MAX_ROWS`` query rows; more
+    take the second launch). ``key_start``: optional (1,) int32 on the device, the first key every
     sequence attends to (the keys before it are skipped; their positions still count for causality and ALiBi).
     Returns (out in q's dtype, lse (B, H, Sq) fp32 when ``write_lse``, else None)."""
     plan = decode_plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
@@ -83,11 +84,12 @@ class DecodePlan:
         grid, splits, block_m, block_n, block_d, combine_grid, block_h, block_s, combine_warps = launch_config(
             batch, seqlen_q, num_heads, num_heads_k, head_dim, capacity, num_splits, q.device)
         num_states, out_strides, lse_strides = state_layout(batch, seqlen_q, num_heads, head_dim, splits)
-        if fused_combine is None:
-            fused_combine = uses_fused_combine(splits, batch * grid[1], seqlen_q * num_heads // num_heads_k)
         rows = seqlen_q * (num_heads // num_heads_k)
+        if fused_combine is None:
+            fused_combine = uses_fused_combine(splits, batch * grid[1], rows)
         self.fused_combine = fused_combine = fused_combine and splits > 1 and rows <= decode.FUSED_COMBINE_MAX_ROWS
-        merge_rows, merge_splits = decode.merge_tile(rows, block_m, block_s, block_d)
+        # (1, 1) without the fused combine: the constexprs then do not split variants
+        merge_rows, merge_splits = decode.merge_tile(rows, block_m, block_s, block_d) if fused_combine else (1, 1)
         self.counters = batch * grid[1] if fused_combine else 0
         self.lse_shape = (batch, num_heads, seqlen_q) if write_lse else None
         # Scratch: partial outputs, then their LSEs (split layouts); then an LSE nobody reads (not write_lse and a

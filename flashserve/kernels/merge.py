@@ -1,8 +1,9 @@
 """Merging two attention states by their log-sum-exp (split-KV decode, chunked prefill, cascade attention).
 
-``lse_weights`` and ``weighted`` are the one combine code path of the library: ``merge_attn_states`` uses them
-with two states per (token, head), the split-KV decode combine kernel (``decode.py``) with one state per split,
-and ``merge_split_rows`` (the decode kernel's in-kernel combine) on the rows of a program.
+``lse_weights`` and ``weighted`` are the combine code of the library: ``merge_attn_states`` uses them with two
+states per (token, head), the split-KV decode combine kernel (``decode.py``) with one state per split.
+``merge_split_rows`` (the decode kernel's in-kernel combine) weighs its states the same way, chunk by chunk (the
+row's maximum and sum from all its LSEs first), and sums them with ``weighted``.
 """
 
 import torch

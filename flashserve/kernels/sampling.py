@@ -217,8 +217,9 @@ def _candidates_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, cutoff
             peaks = (index * num_blocks + block) * PEAKS + tl.arange(0, PEAKS)
             peak_values = tl.load(peak_values_ptr + peaks)
             peak_indices = tl.load(peak_indices_ptr + peaks)
-            _append_candidates(values_ptr, indices_ptr, count_ptr, index, capacity,
-                               (peak_values >= cutoff) & (peak_indices < vocab), peak_values, peak_indices)
+            # (a peak past the vocabulary is -inf: it never qualifies here, a cutoff of -inf reads the block)
+            _append_candidates(values_ptr, indices_ptr, count_ptr, index, capacity, peak_values >= cutoff,
+                               peak_values, peak_indices)
     if read_block:
         row = tl.load(rows_ptr + index)
         cols = block * BLOCK + tl.arange(0, BLOCK)
