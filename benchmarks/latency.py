@@ -34,11 +34,13 @@ Usage (GPU): ``python benchmarks/latency.py --out DIR``. ``--quick``: tiny model
 splits skipped, CUDA counts NaN), to check the script. Writes latency.md, latency.json and latency.png to --out.
 """
 import argparse
+import cProfile
 import gc
 import itertools
 import json
 import math
 import os
+import pstats
 import random
 import shutil
 import signal
@@ -376,8 +378,28 @@ def kernel_time_groups(events) -> dict:
     return dict(group_us=groups, total_us=sum(groups.values()), top_kernels_us=[[short(n, 60), t] for n, t in top])
 
 
+HOST_TOP_FUNCTIONS = 12  # functions listed by own host time in the eager step's cProfile
+
+
+def host_top_functions(engine) -> list[tuple[str, float, int]]:
+    """One more eager decode step under cProfile: the functions with the most own (not cumulative) host time, as
+    (``file:line(function)`` with the path from the package or library down, µs in the step, calls). cProfile adds
+    its own cost to every call: the figures rank the host's work, they do not time it."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    timed_step(engine)
+    profiler.disable()
+    rows = []
+    for (path, line, name), (_, calls, own_s, _, _) in pstats.Stats(profiler).stats.items():
+        parts = path.replace(os.sep, "/").split("/")
+        where = "/".join(parts[-2:]) if len(parts) > 1 else path
+        rows.append((f"{where}:{line}({name})", own_s * 1e6, calls))
+    return sorted(rows, key=lambda row: -row[1])[:HOST_TOP_FUNCTIONS]
+
+
 def profile_step(engine, layers: int, step_ms: float, cuda: bool) -> dict:
-    """Kernels launched by one decode step (torch.profiler), per step and per layer; host µs per layer."""
+    """Kernels launched by one decode step (torch.profiler), per step and per layer; host µs per layer; the
+    functions with the most host time in another step (cProfile: ``host_top_functions``)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -390,7 +412,7 @@ def profile_step(engine, layers: int, step_ms: float, cuda: bool) -> dict:
     kernels = kernels if cuda else math.nan
     return dict(kernels_per_step=kernels, kernels_per_layer=kernels / layers, launch_calls_per_step=launches,
                 host_us_per_layer=step_ms * 1e3 / layers, profiled_step_ms=profiled_ms, layers=layers,
-                gpu_time=kernel_time_groups(events) if cuda else {})
+                gpu_time=kernel_time_groups(events) if cuda else {}, host_top=host_top_functions(engine))
 
 
 def section_copy(run: Run) -> None:
@@ -659,6 +681,10 @@ def md_decode(run: Run, res: dict) -> list[str]:
             top = "; ".join(f"{name} {fmt(us, 1)}" for name, us in gpu["top_kernels_us"])
             out.append(f"GPU time of that step by kernel group (µs, sum {fmt(gpu['total_us'], 1)}): {groups}. "
                        f"Longest kernels (µs): {top}\n")
+        if h.get("host_top"):
+            listed = "; ".join(f"{where} {fmt(us, 0)} ({calls})" for where, us, calls in h["host_top"])
+            out.append(f"Most host time in another eager step (cProfile, own µs (calls), inflated by the "
+                       f"profiler): {listed}\n")
     return out
 
 
