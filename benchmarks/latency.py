@@ -18,7 +18,8 @@ a time limit cannot cost it; the results are rewritten after every measurement):
    (weight bytes + KV bytes) / copy bandwidth, with weight bytes = every parameter once (a tied embedding once, as
    the LM head; an untied input embedding only its B looked-up rows) and KV bytes = B x mean context x layers x 2 x
    KV heads x head_dim x element size. Also profiles one eager qwen3-0.6b B1 step (kernels per step and per layer,
-   host µs per layer = eager B1 ms / layers) and, per graph engine, one B1 graph replay's kernel timeline (span,
+   host µs per layer = eager B1 ms / layers; the functions with the most host time in another step, by cProfile)
+   and, per graph engine, one B1 graph replay's kernel timeline (span,
    idle time between kernels, overlaps: ``graph_gaps``). ``--pdl`` sets ``FLASHSERVE_PDL`` for the engines: on
    (default), off, or both (a third engine, "graphs no-pdl", with graphs and without programmatic dependent
    launch, so that one run gives the ratio).
