@@ -39,8 +39,9 @@ class Linear(nn.Module):
     ``adds_residual(num_rows)`` says whether the decoder should hand it the add: where the kernel runs and the next
     product (K = out_features) would fold its RMSNorm at that many rows (``norm_linear.max_fused_rows``; the
     layer does not know that product: before a MoE block or the final norm the add still happens here when the
-    fold is on). Otherwise the next layer's fused add + RMSNorm does the add: without the fold, the epilogue add made the B1 decode step slower
-    on the H200 (Qwen3-0.6B 1.084 against 1.067 ms, Llama-3.1-8B 4.560 against 4.544; 2026-12-02)."""
+    fold is on). Otherwise the next layer's fused add + RMSNorm does the add: without the fold, the epilogue add
+    made the B1 decode step slower on the H200 (Qwen3-0.6B 1.084 against 1.067 ms, Llama-3.1-8B 4.560 against
+    4.544; 2026-12-02)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
