@@ -8,9 +8,9 @@ Histograms (seconds): ``time_to_first_token_seconds``, ``inter_token_latency_sec
 ``e2e_request_latency_seconds``.
 
 The per-request times are recorded when the driver adds a request or aborts one (in the engine thread) and when
-an output has been detokenized (in its event loop's thread); the gauges and counters from the engine's own statistics at each scrape (the
-counters advance by what the statistics gained since the previous scrape, so a prefix-cache reset never makes
-them go back).
+an output has been detokenized (in its event loop's thread); the gauges and counters from the engine's own
+statistics at each scrape (the counters advance by what the statistics gained since the previous scrape, so a
+prefix-cache reset never makes them go back).
 """
 import time
 
