@@ -2,8 +2,8 @@
 
 ``lse_weights`` and ``weighted`` are the combine code of the library: ``merge_attn_states`` uses them with two
 states per (token, head), the split-KV decode combine kernel (``decode.py``) with one state per split.
-``merge_split_rows`` (the decode kernel's in-kernel combine) weighs its states the same way, chunk by chunk (the
-row's maximum and sum from all its LSEs first), and sums them with ``weighted``.
+``merge_split_rows`` (the decode kernel's in-kernel combine) weighs its states with the same normaliser
+(``_lse_normaliser``, from all of a row's LSEs first), chunk by chunk, and sums them with ``weighted``.
 """
 
 import torch
@@ -26,14 +26,29 @@ def lse_weights(lse):
     LSE (+inf or -inf) means "empty" and gets weight 0; a row whose states are all empty gets all-zero weights and
     merged LSE -inf, so it merges to zeros, never NaN.
     """
-    lse = tl.where(lse == float("inf"), float("-inf"), lse)
+    unnormalised, _, total, merged_lse = _lse_normaliser(lse)
+    return unnormalised / total[:, None], merged_lse
+
+
+@triton.jit
+def _empty_as_minus_inf(lse):
+    """LSEs with +inf (an empty state, as -inf) mapped to -inf."""
+    return tl.where(lse == float("inf"), float("-inf"), lse)
+
+
+@triton.jit
+def _lse_normaliser(lse):
+    """``lse_weights``' normaliser of [R, N] LSEs: (exp(lse - maximum) with an empty state's 0, each row's maximum
+    (0 where all are empty), the row's sum of the former (1 where all are empty), the merged LSE (-inf where all
+    are empty)); the weight of state n is ``exp(lse[:, n] - maximum) / sum``."""
+    lse = _empty_as_minus_inf(lse)
     lse_max = tl.max(lse, axis=1)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weights = tl.exp(lse - lse_max[:, None])
-    total = tl.sum(weights, axis=1)
+    unnormalised = tl.exp(lse - lse_max[:, None])
+    total = tl.sum(unnormalised, axis=1)
     empty = total == 0.0
     total = tl.where(empty, 1.0, total)
-    return weights / total[:, None], tl.where(empty, float("-inf"), lse_max + tl.log(total))
+    return unnormalised, lse_max, total, tl.where(empty, float("-inf"), lse_max + tl.log(total))
 
 
 @triton.jit
@@ -59,12 +74,7 @@ def merge_split_rows(part_out_ptr, part_lse_ptr, out_rows, lse_rows, rows_valid,
     lse = tl.load(part_lse_ptr + lse_rows[:, None] + splits[None, :] * stride_lse_split,
                   mask=rows_valid[:, None] & (splits < num_states)[None, :], other=float("-inf"),
                   cache_modifier=".cg")
-    lse = tl.where(lse == float("inf"), float("-inf"), lse)
-    lse_max = tl.max(lse, axis=1)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    total = tl.sum(tl.exp(lse - lse_max[:, None]), axis=1)
-    empty = total == 0.0
-    total = tl.where(empty, 1.0, total)
+    _, lse_max, total, merged_lse = _lse_normaliser(lse)
     merged = tl.zeros([out_rows.shape[0], dims.shape[0]], tl.float32)
     for first in tl.static_range(0, BLOCK_S, S_CHUNK):
         chunk = first + tl.arange(0, S_CHUNK)
@@ -74,10 +84,9 @@ def merge_split_rows(part_out_ptr, part_lse_ptr, out_rows, lse_rows, rows_valid,
         part = tl.load(part_out_ptr + out_rows[:, None, None] + chunk[None, :, None] * stride_out_split
                        + dims[None, None, :], mask=valid[:, :, None] & dim_valid[None, None, :], other=0.0,
                        cache_modifier=".cg")
-        chunk_lse = tl.where(chunk_lse == float("inf"), float("-inf"), chunk_lse)
-        weights = tl.exp(chunk_lse - lse_max[:, None]) / total[:, None]
+        weights = tl.exp(_empty_as_minus_inf(chunk_lse) - lse_max[:, None]) / total[:, None]
         merged += tl.sum(weighted(part, weights[:, :, None]), axis=1)
-    return merged, tl.where(empty, float("-inf"), lse_max + tl.log(total))
+    return merged, merged_lse
 
 
 @triton.jit
