@@ -58,6 +58,17 @@ def merge_tile(rows: int, block_m: int, block_s: int, block_d: int) -> tuple[int
     return merge_rows, max(1, min(block_s, MERGE_TILE_ELEMENTS // (merge_rows * block_d)))
 
 
+@triton.jit
+def _store_result(out_ptr, lse_ptr, out, lse, batch, query, head, row_valid, seqlen_q, num_heads, head_dim, dims,
+                  dim_valid):
+    """Store the rows (query, head) of the one-launch decode's result: out (B, Sq, H, D) in out_ptr's dtype and the
+    LSE (B, H, Sq), both contiguous."""
+    rows = ((batch * seqlen_q + query) * num_heads + head) * head_dim
+    tl.store(out_ptr + rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_valid[:, None] & dim_valid[None, :])
+    tl.store(lse_ptr + (batch * num_heads + head) * seqlen_q + query, lse, mask=row_valid)
+
+
 # Bounds that only clamp and mask are not specialised (seqlen_q and num_splits are: 1 is the common case).
 @triton.jit(do_not_specialize=["capacity", "num_cache_rows", "window_left", "window_right"])
 def _decode_kernel(
@@ -188,10 +199,8 @@ def _decode_kernel(
         num_heads = num_heads_k * GROUP
         if active == 1:
             if split == 0:
-                final_rows = ((batch * seqlen_q + query) * num_heads + head) * head_dim  # (B, Sq, H, D)
-                tl.store(final_out_ptr + final_rows[:, None] + dims[None, :],
-                         out.to(final_out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
-                tl.store(final_lse_ptr + (batch * num_heads + head) * seqlen_q + query, lse, mask=row_valid)
+                _store_result(final_out_ptr, final_lse_ptr, out, lse, batch, query, head, row_valid, seqlen_q,
+                              num_heads, head_dim, dims, dim_valid)
         elif split < active:
             tl.store(out_rows[:, None] + split * stride_osplit + dims[None, :], out, mask=row_valid[:, None]
                      & dim_valid[None, :])
@@ -209,11 +218,8 @@ def _decode_kernel(
                     out_ptr, lse_ptr, batch * stride_ob + merge_query * stride_os + merge_head * stride_oh,
                     batch * stride_lb + merge_query * stride_ls + merge_head * stride_lh, merge_valid,
                     stride_osplit, stride_lsplit, active, dims, dim_valid, BLOCK_S, MERGE_SPLITS)
-                final_rows = ((batch * seqlen_q + merge_query) * num_heads + merge_head) * head_dim
-                tl.store(final_out_ptr + final_rows[:, None] + dims[None, :],
-                         merged.to(final_out_ptr.dtype.element_ty), mask=merge_valid[:, None] & dim_valid[None, :])
-                tl.store(final_lse_ptr + (batch * num_heads + merge_head) * seqlen_q + merge_query, merged_lse,
-                         mask=merge_valid)
+                _store_result(final_out_ptr, final_lse_ptr, merged, merged_lse, batch, merge_query, merge_head,
+                              merge_valid, seqlen_q, num_heads, head_dim, dims, dim_valid)
     else:
         # A split past the sequence's end (short contexts under a split layout chosen for the cache capacity)
         # stores its LSE (-inf) alone: the combine never reads the output of an empty state.
