@@ -7,7 +7,12 @@ by a stub that accepts its arguments and does nothing (the index-check kernel's 
 so the tensors are CPU tensors and the device synchronisation of the index check (GPU only) is not in the figure.
 Entry points: ``flash_attn_with_kvcache`` (paged, B1 L4096, H 32 / KVH 8, d 128, the same (B,) length tensor every
 call, a fresh length tensor per call, or an int length), ``paged_attention.decode`` (the engine's unchecked
-decode, same shape) and ``merge_attn_states`` (T 4096, H 32, d 128). Medians and minima over ``--rounds`` rounds
+decode, same shape) and ``merge_attn_states`` (T 4096, H 32, d 128); the layer kernels of a Qwen3-0.6B B1 decode
+step (bf16): ``linear`` (skinny GEMM, M 1: the qkv 4096x1024 and o 1024x2048 projections, with the H200 plans of
+``skinny_gemm_table``: o runs split-K), ``linear_silu_and_mul`` (gate/up 6144x1024), ``rms_norm`` and
+``fused_add_rms_norm`` (1 x 1024), and the q/k-norm + rotary + cache write as the engine calls it
+(``paged_attention.qk_norm_rope_cache``: q/k/v views of the qkv output, H 16 / KVH 8, d 128) and through the
+checked ``qk_norm_rope_and_cache``. Medians and minima over ``--rounds`` rounds
 of ``--calls`` calls, µs per call (on a shared machine the minima are the steadier figure).
 Where a ``_launch.CachedLauncher`` launches a kernel, the stub stands for the compiled kernel that Triton's path
 returns: the library's fast paths run in full (launcher state, stream, argument tuple) and only the C launcher
@@ -30,9 +35,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import argument_parser, markdown_table, write_results  # noqa: E402
-from flashserve.kernels import decode, index_checks, kvcache_interface, merge, paged_attention  # noqa: E402
+from flashserve.kernels import (decode, fused_add_rms_norm, index_checks, kvcache_interface, linear,  # noqa: E402
+                                linear_silu_and_mul, merge, norm, paged_attention, qk_norm_rope_and_cache,
+                                qk_rope_cache, rms_norm, skinny_gemm, skinny_gemm_plans, skinny_gemm_streamk,
+                                skinny_gemm_table)
+from flashserve.kernels.skinny_gemm_plans import GemmConfig  # noqa: E402
 
 HEADS, HEADS_K, HEAD_DIM, PAGE, SEQLEN = 32, 8, 128, 16, 4096
+HIDDEN, QWEN_HEADS, QWEN_HEADS_K, INTERMEDIATE = 1024, 16, 8, 3072  # Qwen3-0.6B
 
 
 class _StubCompiled:
@@ -92,7 +102,16 @@ class _FakeDriver:
 _KERNELS = [(merge, "_merge_kernel", "MERGE_LAUNCHER", None), (decode, "_decode_kernel", "DECODE_LAUNCHER", None),
             (decode, "_combine_splits_kernel", "COMBINE_LAUNCHER", None),
             (index_checks, "_kvcache_check_kernel", "KVCACHE_CHECK_LAUNCHER", lambda args, programs: _clear_flags(
-                args[4], programs))]
+                args[4], programs)),
+            (skinny_gemm, "_skinny_gemm_kernel", "GEMM_LAUNCHER", None),
+            (skinny_gemm_streamk, "_streamk_kernel", "STREAMK_LAUNCHER", None),
+            (norm, "_rms_norm_kernel", "RMS_NORM_LAUNCHER", None),
+            (qk_rope_cache, "_qk_norm_rope_cache_kernel", "QK_NORM_ROPE_CACHE_LAUNCHER", None)]
+
+
+def _table_config(n_out, k, rows, dtype, device, gated=False):
+    """``skinny_gemm_plans.default_config`` as on the H200: the measured table's plan of the shape."""
+    return GemmConfig(*skinny_gemm_table.PLANS[(n_out, k, skinny_gemm_plans.row_bucket(rows), gated)])
 
 
 def _clear_flags(flags, programs) -> None:
@@ -110,7 +129,9 @@ def stubbed_launches():
     ``_launch.CachedLauncher`` launches it, the launcher's kernel (the launcher, with a fresh cache, then runs its
     fast path as on the GPU), else the module's kernel."""
     patches = [(module, "use_triton", lambda tensor: True)
-               for module in (kvcache_interface, paged_attention, merge, index_checks)]
+               for module in (kvcache_interface, paged_attention, merge, index_checks, skinny_gemm, norm,
+                              qk_rope_cache)]
+    patches.append((skinny_gemm_plans, "default_config", _table_config))
     for module, kernel_name, launcher_name, on_launch in _KERNELS:
         launcher = getattr(module, launcher_name, None)
         if launcher is None:
@@ -123,11 +144,13 @@ def stubbed_launches():
     try:
         for target, name, value in patches:
             setattr(target, name, value)
+        skinny_gemm_plans.reset()
         yield {kernel_name: value for (_, kernel_name, _, _), (_, name, value) in
                zip(_KERNELS, [p for p in patches if isinstance(p[2], _StubKernel)])}
     finally:
         for target, name, value in reversed(saved):
             setattr(target, name, value)
+        skinny_gemm_plans.reset()
 
 
 def binding_us(kernel, call, rounds: int, calls: int) -> dict:
@@ -182,6 +205,8 @@ def entry_points() -> dict:
     states = [torch.zeros(tokens, HEADS, HEAD_DIM, dtype=dtype) for _ in range(3)]
     lses = [torch.zeros(HEADS, tokens) for _ in range(3)]
 
+    layer = _qwen3_layer(dtype)
+
     def kvcache(lengths):
         return kvcache_interface.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
                                                          block_table=table, causal=True)
@@ -193,6 +218,34 @@ def entry_points() -> dict:
                                                                  HEAD_DIM ** -0.5),
         "merge_attn_states": lambda: merge.merge_attn_states(states[0], states[1], lses[0], states[2], lses[1],
                                                              lses[2]),
+        "linear (qkv 4096x1024, M 1)": lambda: linear(layer["x"], layer["qkv"]),
+        "linear (o 1024x2048, M 1, split-K)": lambda: linear(layer["attn_out"], layer["o"]),
+        "linear_silu_and_mul (gate/up 6144x1024, M 1)": lambda: linear_silu_and_mul(layer["x"], layer["gate_up"]),
+        "rms_norm (1 x 1024)": lambda: rms_norm(layer["x"], layer["norm"], 1e-6),
+        "fused_add_rms_norm (1 x 1024)": lambda: fused_add_rms_norm(layer["x"], layer["residual"], layer["norm"],
+                                                                    1e-6),
+        "paged_attention.qk_norm_rope_cache (engine)": lambda: paged_attention.qk_norm_rope_cache(
+            *layer["rope_args"], 1e-6),
+        "qk_norm_rope_and_cache": lambda: qk_norm_rope_and_cache(*layer["rope_args"], 1e-6),
+    }
+
+
+def _qwen3_layer(dtype) -> dict:
+    """The inputs of one Qwen3-0.6B decoder layer at B1: hidden row, weights, the q/k/v views of the qkv output
+    and the arguments of the q/k-norm + rotary + cache write."""
+    qkv_rows = (QWEN_HEADS + 2 * QWEN_HEADS_K) * HEAD_DIM
+    qkv_out = torch.zeros(1, qkv_rows, dtype=dtype)
+    q, k, v = qkv_out.split([QWEN_HEADS * HEAD_DIM, QWEN_HEADS_K * HEAD_DIM, QWEN_HEADS_K * HEAD_DIM], dim=-1)
+    q, k, v = q.view(1, QWEN_HEADS, HEAD_DIM), k.view(1, QWEN_HEADS_K, HEAD_DIM), v.view(1, QWEN_HEADS_K, HEAD_DIM)
+    k_cache = torch.zeros(256, PAGE, QWEN_HEADS_K, HEAD_DIM, dtype=dtype)
+    head_norm = torch.ones(HEAD_DIM, dtype=dtype)
+    return {
+        "x": torch.zeros(1, HIDDEN, dtype=dtype), "residual": torch.zeros(1, HIDDEN, dtype=dtype),
+        "attn_out": torch.zeros(1, QWEN_HEADS * HEAD_DIM, dtype=dtype),
+        "qkv": torch.zeros(qkv_rows, HIDDEN, dtype=dtype), "o": torch.zeros(HIDDEN, QWEN_HEADS * HEAD_DIM, dtype=dtype),
+        "gate_up": torch.zeros(2 * INTERMEDIATE, HIDDEN, dtype=dtype), "norm": torch.ones(HIDDEN, dtype=dtype),
+        "rope_args": (q, k, v, torch.zeros(4096, HEAD_DIM), torch.zeros(1, dtype=torch.int64), k_cache,
+                      torch.zeros_like(k_cache), torch.zeros(1, dtype=torch.int64), head_norm, head_norm),
     }
 
 
