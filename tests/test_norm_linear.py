@@ -113,14 +113,14 @@ def test_strided_rows_and_leading_dimensions():
 def test_fallbacks_run_rms_norm_then_the_product(monkeypatch):
     """x larger than NORM_MAX_X_BYTES, a cuBLAS plan, a stream-K plan and torch: rms_norm then the plain product
     (no prologue launch), with the reference's results."""
-    launches = []
-    plain_launch = skinny_gemm.launch
+    launches = []  # per kernel launch planned: with the prologue?
+    plain_plan = skinny_gemm.launch_plan
 
-    def recording_launch(*args):
-        launches.append(len(args) > 6 and args[6] is not None)
-        return plain_launch(*args)
+    def recording_plan(*args):
+        launches.append(len(args) > 6 and args[6])
+        return plain_plan(*args)
 
-    monkeypatch.setattr(skinny_gemm, "launch", recording_launch)
+    monkeypatch.setattr(skinny_gemm, "launch_plan", recording_plan)
     monkeypatch.setattr(norm_linear, "NORM_MAX_X_BYTES", 16 * 48 * 4)  # 16 rows of 48 fp32
     w = _randn(32, 48, dtype=torch.float32, seed=1)
     norm_weight = _randn(48, dtype=torch.float32, seed=4)

@@ -26,7 +26,9 @@ Which implementation runs: torch (``F.linear``, then the ``silu_and_mul`` kernel
 says so (CPU without ``TRITON_INTERPRET=1``, ``FLASHSERVE_ATTENTION_BACKEND=torch``), for more than ``MAX_ROWS``
 rows, and where the launch plan of ``skinny_gemm_plans`` found cuBLAS faster; the kernel with the plan's config
 otherwise.
-No call synchronises with the host, so the kernel path can be captured in a CUDA graph.
+No call synchronises with the host, so the kernel path can be captured in a CUDA graph. Eager calls are cheap on
+the host: the checks, the plan and the launch arithmetic of each input geometry are made once and kept, and the
+launch goes straight to the compiled kernel (``_launch.LaunchPlan``).
 
 Where ``flashserve.kernels.pdl.enabled`` (Hopper and newer), the grid kernel launches with programmatic dependent
 launch: while the previous kernel still runs, each program of a weight of at most ``PDL_PREFETCH_MAX_BYTES`` asks
@@ -47,7 +49,7 @@ import triton.runtime.errors
 
 from flashserve.kernels import pdl, skinny_gemm_plans, skinny_gemm_streamk
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import cdiv
+from flashserve.kernels._launch import CachedLauncher, LaunchPlan, cdiv, geometry_key
 from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.counters import zeroed_counters
 from flashserve.kernels.pdl import prefetch_l2, wait_for_previous
@@ -170,6 +172,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, norm_weight_ptr, o
 
 
 skinny_gemm_plans.attach(_skinny_gemm_kernel, skinny_gemm_streamk._streamk_kernel)
+GEMM_LAUNCHER = CachedLauncher(_skinny_gemm_kernel)
 COUNTER_SLOTS = 4096  # split-K feature blocks (stream-K programs) one launch can have
 
 
@@ -193,40 +196,71 @@ def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ``norm_weight`` (K,) the product reads ``rms_norm(x_rows, norm_weight, eps)`` (the RMSNorm prologue; grid
     kernel configs only). Launches of split-K and stream-K configs on one device must not overlap (they share its
     counters: one stream)."""
+    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+    gemm = launch_plan(x_rows, weight, bias is not None, residual_rows, gated, config, norm_weight is not None, eps)
+    out = torch.empty((x_rows.shape[0], n_out), dtype=x_rows.dtype, device=x_rows.device)
+    gemm(x_rows, weight, bias, residual_rows, norm_weight, out)
+    return out
+
+
+class GemmLaunch:
+    """One launch of the grid or stream-K kernel for inputs of one geometry with one config:
+    ``gemm(x_rows, weight, bias, residual_rows, norm_weight, out)`` (absent inputs None; ``out`` a fresh contiguous
+    (M, n_out) tensor, or one of the same memory layout) takes the device's counters and fp32 partials where the
+    config splits K (or is stream-K), then launches through its ``LaunchPlan`` (the tensors only need the dtypes and
+    data pointers of the geometry the launch was planned for)."""
+
+    def __init__(self, plan: LaunchPlan, device: torch.device, partial_shape: tuple | None, has_norm_slot: bool):
+        self.plan, self.device, self.partial_shape, self.has_norm_slot = plan, device, partial_shape, has_norm_slot
+
+    def __call__(self, x_rows, weight, bias, residual_rows, norm_weight, out) -> None:
+        if self.partial_shape is None:
+            partial = counters = out
+        else:
+            partial = torch.empty(self.partial_shape, dtype=torch.float32, device=self.device)
+            counters = _split_counters(self.device)
+        tensors = (x_rows, weight, weight if bias is None else bias, out if residual_rows is None else residual_rows)
+        if self.has_norm_slot:
+            tensors += (weight if norm_weight is None else norm_weight,)
+        self.plan(tensors + (out, partial, counters))
+
+
+def launch_plan(x_rows: torch.Tensor, weight: torch.Tensor, has_bias: bool, residual_rows: torch.Tensor | None,
+                gated: bool, config: GemmConfig, norm: bool = False, eps: float = 0.0) -> GemmLaunch:
+    """The ``GemmLaunch`` of ``launch`` for inputs of this geometry (``norm``: with the RMSNorm prologue, of
+    ``eps``); ValueError where the config cannot serve them."""
+    device = x_rows.device
+    stride_rm = residual_rows.stride(0) if residual_rows is not None else 0
     if config.programs_per_sm:
-        if norm_weight is not None:
+        if norm:
             raise ValueError("stream-K configs have no RMSNorm prologue: norm_weight must be None")
-        return skinny_gemm_streamk.launch(x_rows, weight, bias, residual_rows, gated, config,
-                                          _split_counters(x_rows.device), skinny_gemm_plans.device_sms(x_rows.device))
+        plan, partial_shape = skinny_gemm_streamk.launch_plan(x_rows, weight, has_bias, residual_rows is not None,
+                                                              stride_rm, gated, config, COUNTER_SLOTS,
+                                                              skinny_gemm_plans.device_sms(device))
+        return GemmLaunch(plan, device, partial_shape, False)
     num_rows, k = x_rows.shape
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
-    out = torch.empty((num_rows, n_out), dtype=x_rows.dtype, device=x_rows.device)
     if not config.use_dot and num_rows != 1:
         raise ValueError(f"a config without tl.dot serves one row, got {num_rows}")
     block_m = skinny_gemm_plans.block_rows(num_rows) if config.use_dot else 1
     split_k, k_per_split = split_layout(k, config)
     n_blocks = cdiv(n_out, config.block_n)
-    partial, counters = out, out
-    if split_k > 1:
-        if n_blocks > COUNTER_SLOTS:
-            raise ValueError(f"split-K needs at most {COUNTER_SLOTS} feature blocks, got {n_blocks}")
-        counters = _split_counters(x_rows.device)
-        partial = torch.empty((split_k, block_m, (2 if gated else 1) * n_blocks * config.block_n),
-                              dtype=torch.float32, device=x_rows.device)
-    has_bias, has_residual, norm = bias is not None, residual_rows is not None, norm_weight is not None
-    use_pdl = pdl.enabled(x_rows.device)
+    if split_k > 1 and n_blocks > COUNTER_SLOTS:
+        raise ValueError(f"split-K needs at most {COUNTER_SLOTS} feature blocks, got {n_blocks}")
+    use_pdl = pdl.enabled(device)
     norm_rows, norm_k = prepass_tile(num_rows, k, config.num_warps) if norm else (0, 0)
-    _skinny_gemm_kernel[(n_blocks, split_k)](
-        x_rows, weight, bias if has_bias else weight, residual_rows if has_residual else out,
-        norm_weight if norm else weight, out, partial, counters, num_rows, n_out, k, k_per_split, split_k,
-        x_rows.stride(0), weight.stride(0), residual_rows.stride(0) if has_residual else 0, out.stride(0), float(eps),
+    prefetch = use_pdl and weight.numel() * weight.element_size() <= PDL_PREFETCH_MAX_BYTES
+    plan = GEMM_LAUNCHER.plan((n_blocks, split_k), (
+        num_rows, n_out, k, k_per_split, split_k, x_rows.stride(0), weight.stride(0), stride_rm, n_out, float(eps),
+    ), dict(
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=split_k > 1,
-        EVEN_K=k % k_per_split == 0, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, GATED=gated, NORM=norm,
-        NORM_ROWS=norm_rows, NORM_K=norm_k, USE_DOT=config.use_dot,
+        EVEN_K=k % k_per_split == 0, HAS_BIAS=has_bias, HAS_RESIDUAL=residual_rows is not None, GATED=gated,
+        NORM=norm, NORM_ROWS=norm_rows, NORM_K=norm_k, USE_DOT=config.use_dot,
         DOT_PRECISION="ieee" if x_rows.dtype == torch.float32 else "tf32", PDL=use_pdl,
-        PREFETCH_K=PDL_PREFETCH_K if use_pdl and weight.numel() * weight.element_size() <= PDL_PREFETCH_MAX_BYTES
-        else 0, num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(use_pdl))
-    return out
+        PREFETCH_K=PDL_PREFETCH_K if prefetch else 0,
+    ), num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_options(use_pdl))
+    partial_shape = (split_k, block_m, (2 if gated else 1) * n_blocks * config.block_n) if split_k > 1 else None
+    return GemmLaunch(plan, device, partial_shape, True)
 
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -248,15 +282,55 @@ def plan(num_rows: int, weight, bias, gated: bool) -> GemmConfig | None:
     return None if config == skinny_gemm_plans.CUBLAS else config
 
 
-def _run(x, weight, bias, residual, gated: bool, n_out: int):
-    """The kernel's output (x.shape[:-1] + (n_out,)), or None where torch should run instead."""
-    num_rows = math.prod(x.shape[:-1])
-    config = plan(num_rows, weight, bias, gated)
-    if config is None:
-        return None
-    x_rows = x.reshape(num_rows, -1)  # a copy only for inputs whose rows are not evenly strided
-    residual_rows = residual.reshape(num_rows, -1) if residual is not None else None
-    return launch(x_rows, weight, bias, residual_rows, gated, config).view(*x.shape[:-1], n_out)
+def _product(x, weight, bias, residual, gated: bool) -> torch.Tensor:
+    """``linear`` (``linear_silu_and_mul`` when ``gated``): the kernel or torch, as the plan says. The checks and the
+    plan of a geometry (every tensor's shape, strides, dtype and device) are made when it is first seen and kept
+    (``_CALLS``, where ``use_triton``: torch's calls too) while ``skinny_gemm_plans.generation`` stays the same."""
+    geometry = geometry_key((x, weight, bias, residual)) if use_triton(x) else None
+    key = None if geometry is None else (geometry, gated, pdl.enabled(x.device))
+    entry = _CALLS.get(key) if key is not None else None
+    if entry is None or entry[0] != skinny_gemm_plans.generation:
+        n_out = check_product(x, weight, bias, residual, gated)
+        config = plan(math.prod(x.shape[:-1]), weight, bias, gated)
+        entry = (skinny_gemm_plans.generation,
+                 None if config is None else _ProductCall(x, weight, bias, residual, gated, n_out, config))
+        if key is not None:
+            if len(_CALLS) >= _MAX_CALLS:
+                _CALLS.pop(next(iter(_CALLS)))
+            _CALLS[key] = entry
+    call = entry[1]
+    if call is not None:
+        return call(x, weight, bias, residual)
+    return _gated_fallback(x, weight, bias) if gated else reference.linear(x, weight, bias, residual)
+
+
+class _ProductCall:
+    """The kernel product for inputs of one geometry: ``call(x, weight, bias, residual)`` -> a fresh
+    (x.shape[:-1] + (n_out,)) tensor. x and residual are passed as they are where their (rows, K) view is a view
+    (the launch needs only their data pointers), reshaped (copied) where it is not."""
+
+    def __init__(self, x, weight, bias, residual, gated: bool, n_out: int, config: GemmConfig):
+        num_rows = math.prod(x.shape[:-1])
+        self.out_shape, self.dtype, self.device = (*x.shape[:-1], n_out), x.dtype, x.device
+        self.num_rows = num_rows
+        x_rows = x.reshape(num_rows, -1)  # a copy only for inputs whose rows are not evenly strided
+        residual_rows = residual.reshape(num_rows, -1) if residual is not None else None
+        self.copy_x = x_rows.data_ptr() != x.data_ptr()
+        self.copy_residual = residual is not None and residual_rows.data_ptr() != residual.data_ptr()
+        self.gemm = launch_plan(x_rows, weight, bias is not None, residual_rows, gated, config)
+
+    def __call__(self, x, weight, bias, residual) -> torch.Tensor:
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        if self.copy_x:
+            x = x.reshape(self.num_rows, -1)
+        if self.copy_residual:
+            residual = residual.reshape(self.num_rows, -1)
+        self.gemm(x, weight, bias, residual, None, out)
+        return out
+
+
+_MAX_CALLS = 256
+_CALLS: dict[tuple, tuple] = {}  # (geometry, gated, PDL on) -> (plans' generation, _ProductCall or None: torch)
 
 
 def _decide(key: tuple, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> GemmConfig:
@@ -291,15 +365,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``x @ weight.T + bias (+ residual)``: x (..., K), weight (N, K), bias (N,), residual (..., N), all of x's
     dtype and device, unit stride in the last dimension; returns a new (..., N) tensor of x's dtype. See the module
     docstring for the rounding and for which implementation runs."""
-    out = _run(x, weight, bias, residual, False, check_product(x, weight, bias, residual, False))
-    return out if out is not None else reference.linear(x, weight, bias, residual)
+    return _product(x, weight, bias, residual, False)
 
 
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu_and_mul(x @ weight.T + bias)`` in one product: weight (2I, K) holds the gate rows then the up rows
     (bias (2I,) likewise); x (..., K) -> (..., I) of x's dtype."""
-    out = _run(x, weight, bias, None, True, check_product(x, weight, bias, None, True))
-    return out if out is not None else _gated_fallback(x, weight, bias)
+    return _product(x, weight, bias, None, True)
 
 
 def _gated_fallback(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

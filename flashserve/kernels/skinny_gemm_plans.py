@@ -256,6 +256,14 @@ _plans: dict[tuple, GemmConfig] = {}  # every plan in use: tuned, read from disk
 _tuned_keys: set[tuple] = set()
 _persistence: tuning_cache.PersistentTuning | None = None
 _tuning_depth = 0
+# Changes whenever what ``lookup`` answers may change (a plan made or forgotten, ``tuning()`` entered or left): a
+# cache of its answers (``skinny_gemm``'s per-geometry calls) holds only while this is the value it was made under.
+generation = 0
+
+
+def _changed() -> None:
+    global generation
+    generation += 1
 
 
 def attach(kernel, *other_kernels) -> None:
@@ -272,10 +280,12 @@ def tuning():
     table's default. The engine's warm-up runs inside, CUDA-graph capture outside."""
     global _tuning_depth
     _tuning_depth += 1
+    _changed()
     try:
         yield
     finally:
         _tuning_depth -= 1
+        _changed()
 
 
 def tuning_enabled(device: torch.device) -> bool:
@@ -297,6 +307,7 @@ def decide(key: tuple, dtype: torch.dtype, device: torch.device, default: GemmCo
     ``tune(measure, candidates(...))`` when tuning is enabled (saved to the file), else ``default`` (kept in memory
     only, so a later ``tuning()`` block still measures it). ``measure(config)`` returns the median µs of one call
     with that config (CUBLAS: the torch path)."""
+    _changed()
     table = _persistence.autotuner
     if device not in _persistence.devices:
         _persistence.load(device)
@@ -325,6 +336,7 @@ def tune(measure, configs: list[GemmConfig]) -> GemmConfig:
 
 def reset() -> None:
     """Forget every plan in memory (tests)."""
+    _changed()
     _plans.clear()
     _tuned_keys.clear()
     if _persistence is not None:

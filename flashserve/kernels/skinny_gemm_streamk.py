@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels import pdl as pdl_launch
-from flashserve.kernels._launch import cdiv, next_power_of_2
+from flashserve.kernels._launch import CachedLauncher, LaunchPlan, cdiv, next_power_of_2
 from flashserve.kernels.pdl import prefetch_l2, wait_for_previous
 from flashserve.kernels.skinny_gemm_epilogue import epilogue
 from flashserve.kernels.skinny_gemm_plans import STREAMK_FMA_MAX_ROWS, GemmConfig, block_rows
@@ -197,10 +197,16 @@ def _streamk_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, 
                HAS_RESIDUAL, GATED)
 
 
-def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual_rows: torch.Tensor | None,
-           gated: bool, config: GemmConfig, counters: torch.Tensor, sms: int) -> torch.Tensor:
-    """``skinny_gemm.launch`` for a stream-K config, on ``sms`` SMs with the device's zeroed ``counters`` (at least
-    ``config.programs_per_sm * sms`` of them; every launch leaves them zero); same arguments and result."""
+STREAMK_LAUNCHER = CachedLauncher(_streamk_kernel)
+
+
+def launch_plan(x_rows: torch.Tensor, weight: torch.Tensor, has_bias: bool, has_residual: bool, stride_rm: int,
+                gated: bool, config: GemmConfig, counter_slots: int, sms: int) -> tuple[LaunchPlan, tuple]:
+    """The stream-K launch of ``skinny_gemm.launch_plan`` on ``sms`` SMs for inputs of this geometry (x_rows
+    (M, K), weight (N, K); residual rows of row stride ``stride_rm``), with at most ``counter_slots`` counters:
+    (the ``LaunchPlan``, called with the tensors (x_rows, weight, bias, residual_rows, out, partial, counters) —
+    absent ones stand in as in ``skinny_gemm`` —, the shape of the fp32 partials it needs). ValueError where the
+    config cannot serve the shape."""
     num_rows, k = x_rows.shape
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     if not config.use_dot and num_rows > STREAMK_FMA_MAX_ROWS:
@@ -212,19 +218,14 @@ def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     k_tiles = cdiv(k, config.block_k)
     units = cdiv(n_out, config.block_n) * k_tiles
     programs = min(units, config.programs_per_sm * sms)
-    if units * programs >= MAX_UNIT_PRODUCT or programs > counters.numel():
+    if units * programs >= MAX_UNIT_PRODUCT or programs > counter_slots:
         raise ValueError(f"stream-K with {units} tiles over {programs} programs is out of range; use a larger tile")
-    out = torch.empty((num_rows, n_out), dtype=x_rows.dtype, device=x_rows.device)
-    partial = torch.empty((programs, 2, 2 if gated else 1, block_m, config.block_n), dtype=torch.float32,
-                          device=x_rows.device)
-    has_bias, has_residual = bias is not None, residual_rows is not None
     pdl = config.pdl and pdl_launch.enabled(x_rows.device)  # off: a plain launch (the interpreter, FLASHSERVE_PDL=0)
-    _streamk_kernel[(programs,)](
-        x_rows, weight, bias if has_bias else weight, residual_rows if has_residual else out, out, partial, counters,
-        num_rows, n_out, k, units, programs, k_tiles, x_rows.stride(0), weight.stride(0),
-        residual_rows.stride(0) if has_residual else 0, out.stride(0),
+    plan = STREAMK_LAUNCHER.plan((programs,), (
+        num_rows, n_out, k, units, programs, k_tiles, x_rows.stride(0), weight.stride(0), stride_rm, n_out,
+    ), dict(
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
         HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual, GATED=gated, USE_DOT=config.use_dot,
         DOT_PRECISION="ieee" if x_rows.dtype == torch.float32 else "tf32", PDL=pdl,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch.launch_options(pdl))
-    return out
+    ), num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch.launch_options(pdl))
+    return plan, (programs, 2, 2 if gated else 1, block_m, config.block_n)
