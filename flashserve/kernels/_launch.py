@@ -106,7 +106,10 @@ class CachedLauncher:
         return compiled
 
     def plan(self, grid: tuple, scalars: tuple, constexprs: dict, **options) -> "LaunchPlan":
-        """A ``LaunchPlan``: this launch with everything but the leading tensor arguments fixed."""
+        """A ``LaunchPlan``: this launch with everything but the leading tensor arguments fixed (the constexprs in
+        any order: put in the signature's, which the fast path needs)."""
+        if self._enabled and set(constexprs) == set(self._constexpr_names):
+            constexprs = {name: constexprs[name] for name in self._constexpr_names}
         return LaunchPlan(self, grid, scalars, constexprs, options)
 
     def state(self):

@@ -5,7 +5,8 @@ then a cast back to the input dtype, then the product with the weight. The kerne
 normalised value is rounded to the input dtype before the weight multiplies it), so with a weight of the input's
 dtype the result matches HF up to the order of the fp32 sum. The output always has the input's dtype.
 With programmatic dependent launch (``flashserve.kernels.pdl``) the kernel loads the norm weight, then waits for
-the previous kernel.
+the previous kernel. Eager calls reuse the checks and the launch plan of an input geometry seen before
+(``_launch.LaunchPlan``: the compiled kernel launched without Triton's per-call argument binding).
 """
 import torch
 import triton
@@ -13,7 +14,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate, pdl
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import next_power_of_2
+from flashserve.kernels._launch import CachedLauncher, geometry_key, next_power_of_2
 from flashserve.kernels.pdl import wait_for_previous
 from flashserve.kernels.reference import layers as reference
 
@@ -36,6 +37,9 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, hidden, eps,
     variance = tl.sum(x * x, axis=0) / hidden
     normalised = (x * tl.math.rsqrt(variance + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (normalised * weight).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+RMS_NORM_LAUNCHER = CachedLauncher(_rms_norm_kernel)
 
 
 def check_norm_weight(name: str, weight, x, eps) -> None:
@@ -64,23 +68,51 @@ def _check(x, weight, eps, residual=None) -> tuple[torch.Tensor, torch.Tensor | 
     return x_rows, _validate.rows_view("residual", residual)
 
 
-def _launch(x, x_rows, weight, eps, residual_rows) -> torch.Tensor:
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    out_rows = out.view(-1, x.shape[-1])
-    add_residual = residual_rows is not None
-    residual_rows = residual_rows if add_residual else x_rows
-    if x_rows.shape[0] == 0:
+def _normalise(x, weight, eps, residual) -> torch.Tensor:
+    """``rms_norm`` (``fused_add_rms_norm`` with a residual). The checks and the launch plan of a geometry (x's,
+    the weight's and the residual's shapes, strides, dtypes and devices, and eps) are made when it is first seen and
+    kept (``_PLANS``) where the kernel runs."""
+    geometry = geometry_key((x, weight, residual))
+    key = None if geometry is None or not use_triton(x) else (geometry, eps, pdl.enabled(x.device))
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        x_rows, residual_rows = _check(x, weight, eps, residual)
+        if not use_triton(x):
+            if residual is None:
+                return reference.rms_norm(x, weight, eps)
+            return reference.fused_add_rms_norm(x, residual, weight, eps)
+        plan = _NormPlan(x, x_rows, eps, residual_rows)
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.pop(next(iter(_PLANS)))
+            _PLANS[key] = plan
+    return plan(x, weight, residual)
+
+
+class _NormPlan:
+    """The kernel launch for checked inputs of one geometry: ``plan(x, weight, residual)`` -> a new tensor shaped
+    like x (residual None: no add)."""
+
+    def __init__(self, x, x_rows, eps, residual_rows):
+        self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
+        num_rows, hidden = x_rows.shape
+        block = next_power_of_2(hidden)
+        use_pdl = pdl.enabled(x.device)
+        add_residual = residual_rows is not None
+        self.launch = None if num_rows == 0 else RMS_NORM_LAUNCHER.plan((num_rows,), (
+            hidden, float(eps), x_rows.stride(0), (residual_rows if add_residual else x_rows).stride(0), hidden,
+        ), dict(ADD_RESIDUAL=add_residual, BLOCK=block, PDL=use_pdl), num_warps=min(16, max(1, block // 256)),
+            **pdl.launch_options(use_pdl))
+
+    def __call__(self, x, weight, residual) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)  # contiguous: rows of ``hidden``
+        if self.launch is not None:  # x and residual stand for their (rows, hidden) views: same data pointers
+            self.launch((x, x if residual is None else residual, weight, out))
         return out
-    hidden = x.shape[-1]
-    block = next_power_of_2(hidden)
-    use_pdl = pdl.enabled(x.device)
-    _rms_norm_kernel[(x_rows.shape[0],)](
-        x_rows, residual_rows, weight, out_rows, hidden, float(eps),
-        x_rows.stride(0), residual_rows.stride(0), out_rows.stride(0),
-        ADD_RESIDUAL=add_residual, BLOCK=block, PDL=use_pdl, num_warps=min(16, max(1, block // 256)),
-        **pdl.launch_options(use_pdl),
-    )
-    return out
+
+
+_MAX_PLANS = 256
+_PLANS: dict[tuple, _NormPlan] = {}  # (geometry, eps, PDL on) -> plan
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -88,10 +120,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
     x may be strided as long as its rows view as (rows, hidden) with the last dimension contiguous (it is never
     copied); otherwise ValueError. Zero rows give an empty result."""
-    x_rows, _ = _check(x, weight, eps)
-    if not use_triton(x):
-        return reference.rms_norm(x, weight, eps)
-    return _launch(x, x_rows, weight, eps, None)
+    return _normalise(x, weight, eps, None)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,7 +135,4 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
             (ValueError otherwise; neither is copied).
         weight: (hidden,).
     """
-    x_rows, residual_rows = _check(x, weight, eps, residual)
-    if not use_triton(x):
-        return reference.fused_add_rms_norm(x, residual, weight, eps)
-    return _launch(x, x_rows, weight, eps, residual_rows)
+    return _normalise(x, weight, eps, residual)

@@ -8,7 +8,8 @@ launches (q norm, k norm, rotary, cache write) and two temporary tensors; here i
 
 Each program handles one token and one block of q heads, or one block of k heads together with the same heads
 of v (the cache write): the grid is (tokens, q head blocks + k head blocks). With programmatic dependent launch
-(``flashserve.kernels.pdl``) every program first waits for the previous kernel.
+(``flashserve.kernels.pdl``) every program first waits for the previous kernel. A launch reuses the launch plan
+(and, for ``qk_norm_rope_and_cache``, the argument checks) of an input geometry seen before.
 """
 import functools
 
@@ -18,7 +19,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate, pdl
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import head_block_sizes, next_power_of_2
+from flashserve.kernels._launch import CachedLauncher, geometry_key, head_block_sizes, next_power_of_2
 from flashserve.kernels.pdl import wait_for_previous
 from flashserve.kernels.rotary import pair_columns, rotate_pairs
 from flashserve.kernels.reference import layers as reference
@@ -126,6 +127,9 @@ def _tiles(num_heads: int, num_kv_heads: int, head_size: int, rotary_dim: int) -
     return q_blocks + k_blocks, constexprs
 
 
+QK_NORM_ROPE_CACHE_LAUNCHER = CachedLauncher(_qk_norm_rope_cache_kernel)
+
+
 def launch_qk_norm_rope_cache(q, k, v, cos_sin_cache, positions, key_cache, value_cache, slot_mapping,
                               q_norm_weight, k_norm_weight, eps: float, is_neox: bool) -> None:
     """Launch the fused kernel; no validation (internal: the engine calls it every layer with checked shapes).
@@ -134,25 +138,70 @@ def launch_qk_norm_rope_cache(q, k, v, cos_sin_cache, positions, key_cache, valu
     None. Tokens with a negative slot (or one past the cache) are normed and rotated but not cached; positions are
     clamped into the table's rows.
     """
-    num_tokens, num_heads, head_size = q.shape
-    if num_tokens == 0:
-        return
-    head_blocks, constexprs = _tiles(num_heads, k.shape[1], head_size, cos_sin_cache.shape[1])
-    write_cache = key_cache is not None
-    kc_stride = key_cache.stride() if write_cache else (0, 0, 0)
-    vc_stride = value_cache.stride() if write_cache else (0, 0, 0)
-    q_stride, k_stride, v_stride = q.stride(), k.stride(), v.stride()
-    norm = q_norm_weight is not None
-    use_pdl = pdl.enabled(q.device)
-    _qk_norm_rope_cache_kernel[(num_tokens, head_blocks)](
-        q, k, v, cos_sin_cache, positions, key_cache if write_cache else k, value_cache if write_cache else v,
-        slot_mapping if write_cache else positions, q_norm_weight if norm else q, k_norm_weight if norm else k, eps,
-        cos_sin_cache.shape[0], key_cache.shape[0] * key_cache.shape[1] if write_cache else 0,
-        q_stride[0], q_stride[1], k_stride[0], k_stride[1], v_stride[0], v_stride[1], cos_sin_cache.stride(0),
-        kc_stride[0], kc_stride[1], kc_stride[2], vc_stride[0], vc_stride[1], vc_stride[2],
-        CACHE_BLOCK_SIZE=key_cache.shape[1] if write_cache else 1, NORM=norm, WRITE_CACHE=write_cache,
-        INTERLEAVED=not is_neox, PDL=use_pdl, num_warps=4, **constexprs, **pdl.launch_options(use_pdl),
-    )
+    tensors = (q, k, v, cos_sin_cache, positions, key_cache, value_cache, slot_mapping, q_norm_weight, k_norm_weight)
+    key, plan = _plan(tensors, eps, is_neox)
+    if plan is None:
+        plan = _keep(key, _RopePlan(*tensors, eps, is_neox))
+    plan(*tensors)
+
+
+def _plan(tensors: tuple, eps, is_neox) -> tuple:
+    """(cache key or None, the kept ``_RopePlan`` of these inputs' geometry (every tensor's shape, strides, dtype
+    and device), eps and layout, or None)."""
+    geometry = geometry_key(tensors)
+    if geometry is None or not use_triton(tensors[0]):
+        return None, None
+    key = (geometry, eps, is_neox, pdl.enabled(tensors[0].device))
+    return key, _PLANS.get(key)
+
+
+def _keep(key, plan: "_RopePlan") -> "_RopePlan":
+    """``plan``, kept under ``key`` (unless None)."""
+    if key is not None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+    return plan
+
+
+class _RopePlan:
+    """The fused launch for inputs of one geometry: ``plan(q, k, v, cos_sin_cache, positions, key_cache,
+    value_cache, slot_mapping, q_norm_weight, k_norm_weight)`` (absent ones None). ``checked``: the public function's
+    argument checks passed for this geometry (the engine's launches make plans without them)."""
+
+    def __init__(self, q, k, v, cos_sin_cache, positions, key_cache, value_cache, slot_mapping, q_norm_weight,
+                 k_norm_weight, eps, is_neox):
+        self.checked = False
+        num_tokens, num_heads, head_size = q.shape
+        head_blocks, constexprs = _tiles(num_heads, k.shape[1], head_size, cos_sin_cache.shape[1])
+        write_cache = key_cache is not None
+        kc_stride = key_cache.stride() if write_cache else (0, 0, 0)
+        vc_stride = value_cache.stride() if write_cache else (0, 0, 0)
+        q_stride, k_stride, v_stride = q.stride(), k.stride(), v.stride()
+        use_pdl = pdl.enabled(q.device)
+        self.launch = None if num_tokens == 0 else QK_NORM_ROPE_CACHE_LAUNCHER.plan((num_tokens, head_blocks), (
+            float(eps), cos_sin_cache.shape[0], key_cache.shape[0] * key_cache.shape[1] if write_cache else 0,
+            q_stride[0], q_stride[1], k_stride[0], k_stride[1], v_stride[0], v_stride[1], cos_sin_cache.stride(0),
+            kc_stride[0], kc_stride[1], kc_stride[2], vc_stride[0], vc_stride[1], vc_stride[2],
+        ), dict(
+            constexprs, CACHE_BLOCK_SIZE=key_cache.shape[1] if write_cache else 1, NORM=q_norm_weight is not None,
+            WRITE_CACHE=write_cache, INTERLEAVED=not is_neox, PDL=use_pdl,
+        ), num_warps=4, **pdl.launch_options(use_pdl))
+
+    def __call__(self, q, k, v, cos_sin_cache, positions, key_cache, value_cache, slot_mapping, q_norm_weight,
+                 k_norm_weight) -> None:
+        if self.launch is None:
+            return
+        if key_cache is None:  # no cache write: the kernel never reads these pointers
+            key_cache, value_cache, slot_mapping = k, v, positions
+        if q_norm_weight is None:
+            q_norm_weight, k_norm_weight = q, k
+        self.launch((q, k, v, cos_sin_cache, positions, key_cache, value_cache, slot_mapping, q_norm_weight,
+                     k_norm_weight))
+
+
+_MAX_PLANS = 256
+_PLANS: dict[tuple, _RopePlan] = {}  # (geometry, eps, is_neox, PDL on) -> plan
 
 
 def qk_norm_rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -181,6 +230,23 @@ def qk_norm_rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
             the normalised value rounded to q's dtype, times the weight, rounded again).
         eps: the norm's epsilon, >= 0. is_neox: True pairs the two halves of the rotary features, False neighbours.
     """
+    tensors = (q, k, v, cos_sin_cache, positions, key_cache, value_cache, slot_mapping, q_norm_weight, k_norm_weight)
+    key, plan = _plan(tensors, eps, is_neox)
+    if plan is None or not plan.checked:  # the checks of a geometry run once
+        _check(*tensors, eps)
+        if not use_triton(q):
+            return reference.qk_norm_rope_and_cache(q, k, v, cos_sin_cache, positions, key_cache, value_cache,
+                                                    slot_mapping, q_norm_weight, k_norm_weight, eps, is_neox)
+        if plan is None:
+            plan = _keep(key, _RopePlan(*tensors, eps, is_neox))
+        plan.checked = True
+    plan(*tensors)
+    return q, k
+
+
+def _check(q, k, v, cos_sin_cache, positions, key_cache, value_cache, slot_mapping, q_norm_weight, k_norm_weight,
+           eps) -> None:
+    """The argument checks of ``qk_norm_rope_and_cache``: ValueError naming the bad argument."""
     _validate.check_tensor("q", q, 3, _validate.ATTENTION_DTYPES)
     device, dtype = q.device, q.dtype
     num_tokens, _, head_size = q.shape
@@ -222,9 +288,3 @@ def qk_norm_rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
             _validate.check_last_dim_contiguous(name, weight)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    if not use_triton(q):
-        return reference.qk_norm_rope_and_cache(q, k, v, cos_sin_cache, positions, key_cache, value_cache,
-                                                slot_mapping, q_norm_weight, k_norm_weight, eps, is_neox)
-    launch_qk_norm_rope_cache(q, k, v, cos_sin_cache, positions, key_cache, value_cache, slot_mapping,
-                              q_norm_weight, k_norm_weight, float(eps), is_neox)
-    return q, k

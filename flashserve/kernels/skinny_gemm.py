@@ -286,8 +286,8 @@ def _product(x, weight, bias, residual, gated: bool) -> torch.Tensor:
     """``linear`` (``linear_silu_and_mul`` when ``gated``): the kernel or torch, as the plan says. The checks and the
     plan of a geometry (every tensor's shape, strides, dtype and device) are made when it is first seen and kept
     (``_CALLS``, where ``use_triton``: torch's calls too) while ``skinny_gemm_plans.generation`` stays the same."""
-    geometry = geometry_key((x, weight, bias, residual)) if use_triton(x) else None
-    key = None if geometry is None else (geometry, gated, pdl.enabled(x.device))
+    geometry = geometry_key((x, weight, bias, residual))
+    key = None if geometry is None or not use_triton(x) else (geometry, gated, pdl.enabled(x.device))
     entry = _CALLS.get(key) if key is not None else None
     if entry is None or entry[0] != skinny_gemm_plans.generation:
         n_out = check_product(x, weight, bias, residual, gated)
