@@ -5,7 +5,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import cdiv, next_power_of_2
+from flashserve.kernels._launch import CachedLauncher, cdiv, next_power_of_2
 from flashserve.kernels.reference import layers as reference
 
 
@@ -18,6 +18,9 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, intermediate, stride_x, stride_out, BLO
     up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
     out = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+SILU_AND_MUL_LAUNCHER = CachedLauncher(_silu_and_mul_kernel)  # (no Triton argument binding per launch)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -39,6 +42,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, next_power_of_2(intermediate))
     grid = (rows.shape[0], cdiv(intermediate, block))
-    _silu_and_mul_kernel[grid](rows, out_rows, intermediate, rows.stride(0), out_rows.stride(0), BLOCK=block,
-                               num_warps=4)
+    SILU_AND_MUL_LAUNCHER(grid, (rows, out_rows, intermediate, rows.stride(0), out_rows.stride(0)), dict(BLOCK=block),
+                          num_warps=4)
     return out

@@ -6,7 +6,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import head_block_sizes
+from flashserve.kernels._launch import CachedLauncher, head_block_sizes
 from flashserve.kernels.index_checks import check_slots
 from flashserve.kernels.reference import decode as reference
 
@@ -36,6 +36,9 @@ def _cache_write_kernel(
                  key.to(key_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(value_dst + heads[:, None] * stride_vc_head + dims[None, :],
                  value.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+CACHE_WRITE_LAUNCHER = CachedLauncher(_cache_write_kernel)  # (no Triton argument binding per launch)
 
 
 def reshape_and_cache_flash(
@@ -92,10 +95,9 @@ def launch_cache_write(key, value, key_cache, value_cache, slot_mapping) -> None
     block_h, block_d, head_blocks = head_block_sizes(num_heads, head_size, 4096)
     key_stride, value_stride = key.stride(), value.stride()
     kc_stride, vc_stride = key_cache.stride(), value_cache.stride()
-    _cache_write_kernel[(num_tokens, head_blocks)](
+    CACHE_WRITE_LAUNCHER((num_tokens, head_blocks), (
         key, value, key_cache, value_cache, slot_mapping, cache_shape[0] * cache_shape[1],
         key_stride[0], key_stride[1], value_stride[0], value_stride[1],
         kc_stride[0], kc_stride[1], kc_stride[2], vc_stride[0], vc_stride[1], vc_stride[2],
-        NUM_HEADS=num_heads, HEAD_SIZE=head_size, BLOCK_SIZE=cache_shape[1], BLOCK_H=block_h, BLOCK_D=block_d,
-        num_warps=4,
-    )
+    ), dict(NUM_HEADS=num_heads, HEAD_SIZE=head_size, BLOCK_SIZE=cache_shape[1], BLOCK_H=block_h, BLOCK_D=block_d),
+        num_warps=4)
