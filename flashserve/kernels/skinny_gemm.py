@@ -54,6 +54,7 @@ from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.counters import zeroed_counters
 from flashserve.kernels.pdl import prefetch_l2, wait_for_previous
 from flashserve.kernels.reference import layers as reference
+from flashserve.kernels.scratch import SCRATCH
 from flashserve.kernels.skinny_gemm_checks import check_product
 from flashserve.kernels.skinny_gemm_epilogue import epilogue
 from flashserve.kernels.skinny_gemm_plans import MAX_ROWS, GemmConfig
@@ -206,18 +207,20 @@ def launch(x_rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 class GemmLaunch:
     """One launch of the grid or stream-K kernel for inputs of one geometry with one config:
     ``gemm(x_rows, weight, bias, residual_rows, norm_weight, out)`` (absent inputs None; ``out`` a fresh contiguous
-    (M, n_out) tensor, or one of the same memory layout) takes the device's counters and fp32 partials where the
+    (M, n_out) tensor, or one of the same memory layout) takes the device's counters and its fp32 partials where the
     config splits K (or is stream-K), then launches through its ``LaunchPlan`` (the tensors only need the dtypes and
-    data pointers of the geometry the launch was planned for)."""
+    data pointers of the geometry the launch was planned for). The partials are written and read within the launch:
+    scratch memory (``scratch.SCRATCH``, the current stream's buffer; a PDL launch writes them after its wait)."""
 
     def __init__(self, plan: LaunchPlan, device: torch.device, partial_shape: tuple | None, has_norm_slot: bool):
-        self.plan, self.device, self.partial_shape, self.has_norm_slot = plan, device, partial_shape, has_norm_slot
+        self.plan, self.device, self.has_norm_slot = plan, device, has_norm_slot
+        self.partial_numel = 0 if partial_shape is None else math.prod(partial_shape)
 
     def __call__(self, x_rows, weight, bias, residual_rows, norm_weight, out) -> None:
-        if self.partial_shape is None:
+        if not self.partial_numel:
             partial = counters = out
-        else:
-            partial = torch.empty(self.partial_shape, dtype=torch.float32, device=self.device)
+        else:  # (the view keeps a buffer made while capturing a CUDA graph referenced until the launch)
+            partial = SCRATCH.views(self.device, self.partial_numel, (0,))[0]
             counters = _split_counters(self.device)
         tensors = (x_rows, weight, weight if bias is None else bias, out if residual_rows is None else residual_rows)
         if self.has_norm_slot:
