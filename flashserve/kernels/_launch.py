@@ -198,15 +198,23 @@ def launch_state():
 
 
 def launch_context():
-    """(``launch_state()``, enter hook, exit hook) for a caller that launches compiled kernels itself; None when a
-    launch hook holds a hook (the launch then needs its metadata and tensors: ``run_compiled``) or the state is
-    None."""
+    """(``launch_state()``, the current stream of its device, enter hook, exit hook) for a caller that launches
+    compiled kernels itself; None when a launch hook holds a hook (the launch then needs its metadata and tensors:
+    ``run_compiled``) or the state is None. (``_no_hook`` and ``launch_state`` inline: this runs on every eager
+    decode call; keep the state in step with ``launch_state``.)"""
     runtime = knobs.runtime
     enter_hook, exit_hook = runtime.launch_enter_hook, runtime.launch_exit_hook
-    if not (_no_hook(enter_hook) and _no_hook(exit_hook)):
+    if not ((enter_hook is None or not getattr(enter_hook, "calls", True))
+            and (exit_hook is None or not getattr(exit_hook, "calls", True))):
         return None
-    state = launch_state()
-    return None if state is None else (state, enter_hook, exit_hook)
+    if _HAS_STAGES_HOOK and runtime.add_stages_inspection_hook is not None:
+        return None
+    compilation = knobs.compilation
+    active = _triton_driver().active
+    device = active.get_current_device()
+    return ((device, runtime.debug, compilation.instrumentation_mode,
+             compilation.fpsan_homomorphic_casts if _HAS_FPSAN else None),
+            active.get_current_stream(device), enter_hook, exit_hook)
 
 
 def current_stream(device: int):

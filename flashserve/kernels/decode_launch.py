@@ -13,7 +13,7 @@ import torch
 
 from flashserve.kernels import decode, pdl
 from flashserve.kernels._dispatch import triton_interpret_enabled
-from flashserve.kernels._launch import current_stream, launch_context
+from flashserve.kernels._launch import launch_context
 from flashserve.kernels.counters import zeroed_counters
 from flashserve.kernels.decode import (COMBINE_LAUNCHER, DECODE_LAUNCHER, launch_config, state_layout,
                                        uses_fused_combine)
@@ -54,7 +54,7 @@ def decode_plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, al
            None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride(), alibi_slopes.dtype),
            None if cache_leftpad is None else cache_leftpad.dtype, None if key_start is None else key_start.dtype,
            softmax_scale, softcap, window_left, window_right, capacity, num_splits, write_lse, fused_combine,
-           decode.FUSED_COMBINE_MAX_GROUPS, pdl.enabled(device))
+           decode.FUSED_COMBINE_MAX_GROUPS, pdl.generation)  # (with the device: pdl.enabled(device), see pdl)
     plan = _PLANS.get(key)
     if plan is None:
         plan = DecodePlan(q, k_cache, v_cache, block_table, cache_batch_idx, alibi_slopes, cache_leftpad, key_start,
@@ -128,12 +128,18 @@ class DecodePlan:
             combine_grid, (seqlen_q, splits), dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, WRITE_LSE=write_lse,
                                                    BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_D=block_d, PDL=use_pdl),
             num_warps=combine_warps, **pdl.launch_options(use_pdl))
+        # What _launch_compiled reads, in one tuple (one attribute load instead of a dozen: it runs every call)
+        self._compiled_launch = (
+            self._decode, self._combine, self.device if self.uses_scratch else None, self.scratch_numel,
+            self.scratch_offsets, splits == 1, self._decode.grid, self._decode.tail,
+            None if self._combine is None else self._combine.grid,
+            None if self._combine is None else self._combine.tail)
 
     def __call__(self, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, cache_leftpad,
                  key_start):
-        out = torch.empty_like(q) if self.out_like_q else self._new_out()
+        out = _empty_like(q) if self.out_like_q else self._new_out()
         lse = None if self.lse_shape is None else self._new_lse()
-        if not self.counters:
+        if not self.counters and self._decode.found_compiled:  # (see _launch_compiled)
             lengths = seqlens_k.data_ptr()
             optional = None if self.plain_inputs else tuple(
                 lengths if tensor is None else tensor.data_ptr()
@@ -149,9 +155,10 @@ class DecodePlan:
         """``self(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, None)`` for a plan built without
         the other optional inputs, ``pointers`` being the data pointers of (k_cache, v_cache, seqlens_k, block_table
         or seqlens_k without one), which the caller has read."""
-        out = torch.empty_like(q) if self.out_like_q else self._new_out()
+        out = _empty_like(q) if self.out_like_q else self._new_out()
         lse = None if self.lse_shape is None else self._new_lse()
-        if self.counters or not self._launch_compiled(q.data_ptr(), *pointers, None, out, lse):
+        if (self.counters or not self._decode.found_compiled
+                or not self._launch_compiled(q.data_ptr(), *pointers, None, out, lse)):
             self._launch_planned(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, None, out, lse)
         return out, lse
 
@@ -188,45 +195,52 @@ class DecodePlan:
         (``LaunchPlan.compiled``) for the same launcher state, every pointer 16-byte aligned and no launch hook
         (one state and stream read for both kernels); the inputs are data pointers: ``table`` is ``lengths``
         without a block table, ``optional`` those of (cache_batch_idx, alibi_slopes, cache_leftpad, key_start)
-        (``lengths`` for an absent one), None for a plan without them. No fused combine (its counters come
-        from ``zeroed_counters``, on the planned path). False (nothing launched) where that does not hold: the
-        caller takes ``_launch_planned``."""
-        decode, combine = self._decode, self._combine
-        context = launch_context() if decode.found_compiled else None  # (no driver call in the interpreter)
+        (``lengths`` for an absent one), None for a plan without them. Callers test first that the plan's
+        decode ``LaunchPlan`` found a compiled kernel (never in Triton's interpreter: ``launch_context`` needs a GPU
+        driver) and that it has no fused combine (its counters come from ``zeroed_counters``, on the planned path).
+        False (nothing launched) where that does not hold: the caller takes ``_launch_planned``."""
+        context = launch_context()
         if context is None:
             return False
-        state, enter_hook, exit_hook = context
+        state, stream, enter_hook, exit_hook = context
+        decode, combine, scratch_device, scratch_numel, scratch_offsets, one_split, grid, tail, combine_grid, \
+            combine_tail = self._compiled_launch
         decode_kernel = decode.compiled(state)
-        combine_kernel = None if combine is None else combine.compiled(state)
-        if decode_kernel is None or combine is not None and combine_kernel is None:
+        if decode_kernel is None:
             return False
-        if self.uses_scratch:  # (the views stay referenced until the launches are queued: see SCRATCH.slices)
-            views, (part, part_lse, unread_lse) = SCRATCH.slices(self.device, self.scratch_numel, self.scratch_offsets)
+        if combine is not None:
+            combine_kernel = combine.compiled(state)
+            if combine_kernel is None:
+                return False
+        if scratch_device is not None:  # (the views stay referenced until the launches are queued: see SCRATCH.slices)
+            views, (part, part_lse, unread_lse) = SCRATCH.slices(scratch_device, scratch_numel, scratch_offsets)
         else:
             part = part_lse = unread_lse = 0
         out_ptr = out.data_ptr()
         lse_ptr = unread_lse if lse is None else lse.data_ptr()
-        if self.splits == 1:
-            target_out, target_lse = out_ptr, lse_ptr
+        if one_split:
+            target_out = out_ptr
+            target_lse = final_lse = lse_ptr
         else:
-            target_out, target_lse = part, part_lse
+            target_out = part
+            target_lse = part_lse
+            final_lse = part_lse if lse is None else lse_ptr
         if optional is None:
+            if (q | k_cache | v_cache | lengths | table | out_ptr | lse_ptr | part | part_lse) & 15:
+                return False
             batch_idx = alibi = leftpad = key_start = lengths
         else:
             batch_idx, alibi, leftpad, key_start = optional
-        if (q | k_cache | v_cache | lengths | table | out_ptr | lse_ptr | part | part_lse | batch_idx | alibi | leftpad
-                | key_start) & 15:
-            return False
-        stream = current_stream(state[0])
-        grid = decode.grid
+            if (q | k_cache | v_cache | lengths | table | out_ptr | lse_ptr | part | part_lse | batch_idx | alibi
+                    | leftpad | key_start) & 15:
+                return False
         decode_kernel.run(grid[0], grid[1], grid[2], stream, decode_kernel.function, decode_kernel.packed_metadata,
                           None, enter_hook, exit_hook, q, k_cache, v_cache, target_out, target_lse, table, batch_idx,
-                          lengths, alibi, leftpad, key_start, target_lse, out_ptr,
-                          target_lse if lse is None else lse_ptr, *decode.tail)
+                          lengths, alibi, leftpad, key_start, target_lse, out_ptr, final_lse, *tail)
         if combine is not None:
-            grid = combine.grid
-            combine_kernel.run(grid[0], grid[1], grid[2], stream, combine_kernel.function,
+            combine_kernel.run(combine_grid[0], combine_grid[1], combine_grid[2], stream, combine_kernel.function,
                                combine_kernel.packed_metadata, None, enter_hook, exit_hook, out_ptr,
-                               part_lse if lse is None else lse_ptr, part, *combine.tail)
+                               part_lse if lse is None else lse_ptr, part, *combine_tail)
         return True
 
+_empty_like = torch.empty_like

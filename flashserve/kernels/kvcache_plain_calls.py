@@ -3,18 +3,17 @@ table; nothing appended, no rotary, leftpad, batch index, ALiBi, window or softc
 every argument check, so that a repeated call only re-reads what may have changed.
 
 ``PLAIN_CALLS`` maps ``plain_call_key`` (q's shape, strides, dtype and device, an int length's value, the scalar
-arguments) to a ``PlainCall``: the geometry (shape, strides, dtype, device) the other tensors had when the checks
-passed, the cache capacity and the ``decode_launch.DecodePlan``. Per call a ``PlainCall`` recognises the tensors of
-an earlier call (one set per KV cache: the layers of a model) by their ids while they live (weak references),
+arguments, ``pdl.generation``) to a ``PlainCall``: the geometry (shape, strides, dtype, device) the other tensors had
+when the checks passed, the cache capacity and the ``decode_launch.DecodePlan``. Per call a ``PlainCall`` recognises the
+tensors of an earlier call (one set per KV cache: the layers of a model) by their ids while they live (weak references),
 PyTorch's version counters (bumped by every in-place op, the metadata ones — ``resize_``, ``as_strided_``,
 ``transpose_``, ``set_`` — included) and their data pointers; any other tensor has its geometry compared with the
 remembered one, and an inference tensor (no version counter) every call. The index tensors (``cache_seqlens``,
 ``block_table``) count as recognised only if their value check passed with them as they are and
-``index_checks.KVCACHE_CHECKED`` has not been cleared since: the semantics of ``checked_indices`` (with its blind
-spot, changes PyTorch does not see — here also ``tensor.data = other`` keeping the data pointer —, which the kernels'
-clamps and masks keep inside the tensors). Anything else goes through the value checks
-(``index_checks.check_kvcache_values``, memoised themselves), and a geometry that differs through the full checks
-of ``decode_checks``.
+``index_checks.KVCACHE_CHECKED`` has not been cleared since: the semantics of ``checked_indices`` (with its blind spot,
+changes PyTorch does not see — here also ``tensor.data = other`` keeping the data pointer —, which the kernels' clamps
+and masks keep inside the tensors). Anything else goes through the value checks (``index_checks.check_kvcache_values``,
+memoised themselves), and a geometry that differs through the full checks of ``decode_checks``.
 """
 import functools
 import weakref
@@ -38,8 +37,8 @@ def plain_call_key(q, cache_seqlens, block_table, softmax_scale, causal, num_spl
         return None
     device = q.device
     return (q.shape, q.stride(), q.dtype, device, cache_seqlens if lengths_type is int else None,
-            block_table is None, type(softmax_scale), softmax_scale, bool(causal), num_splits,
-            bool(return_softmax_lse), decode.FUSED_COMBINE_MAX_GROUPS, pdl.enabled(device))
+            block_table is None, type(softmax_scale), softmax_scale, not causal, num_splits,
+            not return_softmax_lse, decode.FUSED_COMBINE_MAX_GROUPS, pdl.generation)  # (not x: bool(x), cheaper)
 
 
 def remember(key: tuple, k_cache, v_cache, cache_seqlens, block_table, capacity: int, plan) -> None:
@@ -63,6 +62,7 @@ class PlainCall:
         # the geometry of (k_cache, v_cache, the length tensor, block_table) (None: an int length, no block table)
         self.geometry = tuple(map(_geometry, (k_cache, v_cache, lengths, block_table)))
         self.capacity, self.plan = capacity, plan
+        self.batch, self.device = plan.out_shape[0], plan.device
         # Tensors recognised later by (id, version, data pointer), each set with weak references whose callbacks
         # forget it once one of its tensors has died (an id is only reused after its object died): the caches seen
         # (one (k_cache, v_cache) pair per layer of a model, by id(k_cache)), and the last index tensors (length
@@ -74,25 +74,27 @@ class PlainCall:
         self._index_references = ()
 
     def __call__(self, q, k_cache, v_cache, cache_seqlens, block_table):
-        lengths = SCRATCH.constant(q.device, q.shape[0], cache_seqlens) if type(cache_seqlens) is int \
+        # (q's shape and device are the key's: the plan's batch and device)
+        lengths = SCRATCH.constant(self.device, self.batch, cache_seqlens) if type(cache_seqlens) is int \
             else cache_seqlens
         table = lengths if block_table is None else block_table  # (the kernel's pointer without a block table)
         try:
-            pointers = (k_cache.data_ptr(), v_cache.data_ptr(), lengths.data_ptr(), table.data_ptr())
+            pointers = k_pointer, v_pointer, lengths_pointer, table_pointer = (
+                k_cache.data_ptr(), v_cache.data_ptr(), lengths.data_ptr(), table.data_ptr())
         except AttributeError:  # not a tensor: the full checks name it
             return None
+        k_id = id(k_cache)
         try:
-            caches = (id(k_cache), k_cache._version, pointers[0], id(v_cache), v_cache._version, pointers[1])
+            caches = (k_id, k_cache._version, k_pointer, id(v_cache), v_cache._version, v_pointer)
         except RuntimeError:  # an inference tensor (no version counter): verified every call
             caches = None
+        if (caches is None or self.caches.get(k_id) != caches) and not self._verify_caches(k_cache, v_cache, caches):
+            return None
         try:
-            indices = (id(lengths), lengths._version, pointers[2], id(table), table._version, pointers[3],
+            indices = (id(lengths), lengths._version, lengths_pointer, id(table), table._version, table_pointer,
                        KVCACHE_CHECKED.generation)
         except RuntimeError:
             indices = None
-        if (caches is None or self.caches.get(caches[0]) != caches) and not self._verify_caches(k_cache, v_cache,
-                                                                                                caches):
-            return None
         if (indices is None or indices != self.indices) and not self._verify_indices(
                 q, k_cache, cache_seqlens, block_table, lengths, table, indices):
             return None

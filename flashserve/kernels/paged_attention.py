@@ -14,7 +14,7 @@ import torch
 
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels.decode import launch_config, uses_fused_combine
-from flashserve.kernels.decode_launch import launch_decode
+from flashserve.kernels.decode_launch import decode_plan
 from flashserve.kernels.prefill import prefill_attention
 from flashserve.kernels.prefill_tuning import HEAD_PACKING_MAX_QUERY, LENGTH_CLASS_BOUNDS
 from flashserve.kernels.qk_rope_cache import launch_qk_norm_rope_cache
@@ -51,8 +51,10 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sequse
             q.unsqueeze(1), k_cache, v_cache, None, None, None, None, seqused_k, None, block_table, softmax_scale,
             True, (window_left, 0), 0.0, True, None)
         return out.squeeze(1)
-    return launch_decode(q, k_cache, v_cache, seqused_k, block_table, None, None, softmax_scale, 0.0, window_left, 0,
-                         block_table.shape[1] * k_cache.shape[1], 0, False)[0]
+    # (launch_decode, inline)
+    return decode_plan(q, k_cache, v_cache, seqused_k, block_table, None, None, softmax_scale, 0.0, window_left, 0,
+                       block_table.shape[1] * k_cache.shape[1], 0, False)(
+        q, k_cache, v_cache, seqused_k, block_table, None, None, None, None)[0]
 
 
 def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,

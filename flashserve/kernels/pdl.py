@@ -20,8 +20,8 @@ What counts as a weight: a tensor no kernel writes while the kernels run (the en
 ``enabled(device)``: CUDA, compute capability >= 9, not Triton's interpreter, a Triton with ``gdc_wait``, and
 ``FLASHSERVE_PDL`` not "0". Decided at the first launch on each device and kept (a dictionary lookup per launch);
 ``refresh()`` forgets the decisions, so that a process can compare both (the kernels' launch caches key on the
-flag). Kernels take a ``PDL: tl.constexpr`` and follow the rule through ``wait_for_previous(PDL)``; with
-``PDL=False`` they compile exactly as without PDL.
+flag, or on the device and ``generation``). Kernels take a ``PDL: tl.constexpr`` and follow the rule through
+``wait_for_previous(PDL)``; with ``PDL=False`` they compile exactly as without PDL.
 """
 import functools
 import os
@@ -41,6 +41,9 @@ __all__ = ["enabled", "refresh", "launch_options", "wait_for_previous", "prefetc
 HAS_GDC = gdc_wait is not None
 MIN_CAPABILITY_MAJOR = 9
 _decisions: dict[torch.device, bool] = {}
+# Bumped by refresh(): between two refreshes ``enabled(device)`` is one value per device, so a cache key holding the
+# device and ``generation`` (one global read) determines it as well as ``enabled(device)`` does (a dictionary lookup).
+generation = 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,6 +69,8 @@ def _decide(device: torch.device) -> bool:
 
 def refresh() -> None:
     """Forget the decisions of ``enabled``: the next launch on each device reads the switches again."""
+    global generation
+    generation += 1
     _decisions.clear()
 
 

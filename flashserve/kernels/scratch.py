@@ -94,7 +94,9 @@ def _slices(buffer: torch.Tensor, offsets: tuple) -> tuple:
 
 def _current_stream(device: torch.device):
     """The current stream of a CUDA device as a raw handle (None off CUDA); _CAPTURING while it captures a graph."""
-    index = _cuda_index(device)
+    index = _CUDA_INDICES.get(device, _CUDA_INDICES)  # (_cuda_index, inline)
+    if index is _CUDA_INDICES:
+        index = _cuda_index(device)
     if index is _NOT_CUDA:
         return None
     if torch.cuda.is_current_stream_capturing():
