@@ -40,12 +40,17 @@ class CheckedIndices:
 
     def remember(self, tensors: tuple, ints: tuple) -> None:
         """Record a passed check (the oldest entry makes room); nothing for tensors it cannot follow."""
-        if any(t is not None and t.is_inference() for t in tensors):
-            return
+        seen = []  # (a loop, not generators: this runs for every new index tensor)
+        for t in tensors:
+            if t is None:
+                seen.append(None)
+            elif t.is_inference():
+                return
+            else:
+                seen.append((weakref.ref(t), t._version, t.data_ptr()))
         if len(self._entries) >= self.max_entries:
             self._entries.pop(next(iter(self._entries)))
-        self._entries[(ints, *map(id, tensors))] = tuple(
-            None if t is None else (weakref.ref(t), t._version, t.data_ptr()) for t in tensors)
+        self._entries[(ints, *map(id, tensors))] = tuple(seen)
 
     def clear(self) -> None:
         """Forget every passed check (so do the memos that follow ``generation``)."""

@@ -20,6 +20,7 @@ import triton.language as tl
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import CachedLauncher, LaunchPlan, next_power_of_2
 from flashserve.kernels.checked_indices import CheckedIndices
+from flashserve.kernels.scratch import SCRATCH
 
 # flash_attn_with_kvcache's index tensors that passed their value checks (see checked_indices).
 KVCACHE_CHECKED = CheckedIndices()
@@ -134,7 +135,7 @@ def _check_kvcache_in_one_launch(batch, cache_seqlens, seqlen_new, capacity, k_c
                                  cache_leftpad) -> None:
     """The Triton path of ``check_kvcache_values``: one launch and one small copy to the host."""
     device = k_cache.device
-    flags = torch.empty(batch, dtype=torch.int32, device=device)
+    flags = SCRATCH.exact(device, batch, torch.int32)  # (written in full by the check, read back before it returns)
     seqlens_tensor = isinstance(cache_seqlens, torch.Tensor)
     key = (batch, None if seqlens_tensor else cache_seqlens, seqlen_new, capacity, k_cache.shape[0], k_cache.shape[1],
            None if block_table is None else (block_table.shape[1], block_table.stride()[0]),
@@ -266,7 +267,7 @@ def _check_varlen_in_one_launch(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, blo
     """The Triton path of ``check_varlen_values``: one launch and one small copy to the host (no PyTorch ops,
     whose CUDA modules would each load on a process's first call)."""
     batch = cu_seqlens_q.shape[0] - 1
-    flags = torch.empty(batch, dtype=torch.int32, device=q.device)
+    flags = SCRATCH.exact(q.device, batch, torch.int32)  # (written in full by the check, read back before it returns)
     paged = block_table is not None
     width = block_table.shape[1] if paged else 0
     VARLEN_CHECK_LAUNCHER(

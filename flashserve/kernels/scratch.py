@@ -1,7 +1,7 @@
-"""Scratch memory that one kernel of a call writes and a later kernel of the same call reads (split-KV decode's
-partial states), or that a kernel writes and nobody reads, and small constant tensors that kernels only read (an
-int ``cache_seqlens`` as a length tensor): reused from call to call instead of allocated (and filled) each time
-(an allocation from PyTorch's caching allocator costs a few µs of host time, a fill one more launch).
+"""Scratch memory that one kernel of a call writes and a later kernel of the same call reads (split-KV decode's partial
+states, a check kernel's flags), or that a kernel writes and nobody reads, and small constant tensors that kernels
+only read (an int ``cache_seqlens`` as a length tensor): reused from call to call instead of allocated (and filled)
+each time (an allocation from PyTorch's caching allocator costs a few µs of host time, a fill one more launch).
 
 The rule that keeps the reuse safe: one buffer per (device, CUDA stream, host thread), used only by work that
 thread queues on that stream while it is the current stream. Work on one stream runs in the order it was queued,
@@ -22,6 +22,7 @@ import torch
 _MAX_BUFFERS = 64
 _MAX_VIEWS = 64
 _MAX_CONSTANTS = 64
+_MAX_EXACT = 64
 
 
 class StreamScratch:
@@ -32,6 +33,7 @@ class StreamScratch:
         # (device, stream, thread, numel, offsets) -> (views of its buffer, their data pointers)
         self._views: dict[tuple, tuple] = {}
         self._constants: dict[tuple, torch.Tensor] = {}  # (device, stream, numel, value) -> read-only int32 tensor
+        self._exact: dict[tuple, torch.Tensor] = {}  # (device, stream, thread, numel, dtype) -> tensor
 
     def views(self, device: torch.device, numel: int, offsets: tuple) -> tuple:
         """``buffer[offset:]`` for each offset of ``offsets``, ``buffer`` holding at least ``numel`` fp32 values
@@ -78,10 +80,26 @@ class StreamScratch:
             tensor = self._constants[key] = torch.full((numel,), value, dtype=torch.int32, device=device)
         return tensor
 
+    def exact(self, device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A (numel,) tensor of ``dtype`` (contents undefined) for work queued on the current stream of ``device``
+        (one per device, stream, thread, size and dtype; a fresh one while capturing): for a small result that a
+        kernel writes in full and the same call reads back (a check kernel's flags, copied to the host)."""
+        stream = _current_stream(device)
+        if stream is _CAPTURING:
+            return torch.empty(numel, dtype=dtype, device=device)
+        key = (device, stream, get_ident(), numel, dtype)
+        tensor = self._exact.get(key)
+        if tensor is None:
+            if len(self._exact) >= _MAX_EXACT:
+                self._exact.pop(next(iter(self._exact)))
+            tensor = self._exact[key] = torch.empty(numel, dtype=dtype, device=device)
+        return tensor
+
     def clear(self) -> None:
         self._buffers.clear()
         self._views.clear()
         self._constants.clear()
+        self._exact.clear()
 
 
 _CAPTURING = object()
