@@ -151,15 +151,19 @@ class DecodePlan:
                              cache_leftpad, key_start, out, lse)
         return out, lse
 
-    def plain(self, q, k_cache, v_cache, seqlens_k, block_table, pointers: tuple):
+    def plain(self, q, k_cache, v_cache, seqlens_k, block_table, pointers: tuple | None = None):
         """``self(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, None)`` for a plan built without
         the other optional inputs, ``pointers`` being the data pointers of (k_cache, v_cache, seqlens_k, block_table
-        or seqlens_k without one), which the caller has read."""
+        or seqlens_k without one) where the caller has read them."""
         out = _empty_like(q) if self.out_like_q else self._new_out()
         lse = None if self.lse_shape is None else self._new_lse()
-        if (self.counters or not self._decode.found_compiled
-                or not self._launch_compiled(q.data_ptr(), *pointers, None, out, lse)):
-            self._launch_planned(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, None, out, lse)
+        if not self.counters and self._decode.found_compiled:  # (see _launch_compiled)
+            if pointers is None:
+                pointers = (k_cache.data_ptr(), v_cache.data_ptr(), seqlens_k.data_ptr(),
+                            (seqlens_k if block_table is None else block_table).data_ptr())
+            if self._launch_compiled(q.data_ptr(), *pointers, None, out, lse):
+                return out, lse
+        self._launch_planned(q, k_cache, v_cache, seqlens_k, block_table, None, None, None, None, out, lse)
         return out, lse
 
     def _new_out(self):

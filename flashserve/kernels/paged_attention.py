@@ -51,10 +51,10 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sequse
             q.unsqueeze(1), k_cache, v_cache, None, None, None, None, seqused_k, None, block_table, softmax_scale,
             True, (window_left, 0), 0.0, True, None)
         return out.squeeze(1)
-    # (launch_decode, inline)
+    # (launch_decode, inline; its plan's plain-input launch)
     return decode_plan(q, k_cache, v_cache, seqused_k, block_table, None, None, softmax_scale, 0.0, window_left, 0,
-                       block_table.shape[1] * k_cache.shape[1], 0, False)(
-        q, k_cache, v_cache, seqused_k, block_table, None, None, None, None)[0]
+                       block_table.shape[1] * k_cache.shape[1], 0, False).plain(
+        q, k_cache, v_cache, seqused_k, block_table)[0]
 
 
 def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
