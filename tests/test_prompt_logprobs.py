@@ -226,7 +226,10 @@ def test_echo_with_logprobs_scores_the_prompt(client, server, hf_model, tokenize
     plain = client.post("/v1/completions", json=dict(body, echo=False, max_tokens=1)).json()["choices"][0]
     assert choice["text"] == text + (plain["text"] if max_tokens else "")
     if max_tokens:
-        assert choice["logprobs"]["token_logprobs"][-1] == plain["logprobs"]["token_logprobs"][0]
+        # the echoed request's LM head runs over every prompt row, the plain one's over the last row only: on the
+        # CPU the two matmul shapes may round differently in the last bits
+        assert choice["logprobs"]["token_logprobs"][-1] == pytest.approx(plain["logprobs"]["token_logprobs"][0],
+                                                                         rel=1e-5, abs=1e-6)
         assert abs(choice["logprobs"]["token_logprobs"][-1] - reference[-1].max().item()) < TOLERANCE
     by_ids = client.post("/v1/completions", json=dict(body, prompt=prompt)).json()["choices"][0]
     assert by_ids["text"] == tokenizer.decode(prompt) + choice["text"][len(text):]
