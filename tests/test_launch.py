@@ -1,4 +1,4 @@
-"""_launch.CachedLauncher on the CPU: its keys (finer than Triton's specialisation) and when it steps aside.
+"""_launch on the CPU: CachedLauncher's keys (finer than Triton's specialisation) and when it steps aside; bounded_put.
 
 The launches themselves need a GPU (tests/test_launch_gpu.py); here the key is built with a stand-in driver.
 """
@@ -109,3 +109,16 @@ def test_fingerprints_of_every_covered_type():
     assert fingerprint(x[1:], 7, 32, 0.5, True, None) == (torch.float16, residue, 7, False, True, True, False, True)
     assert _launch._fingerprint_function((float, type(None)), (False, False))(1.0, None) == ()
     assert _launch._fingerprint_function((torch.Tensor, list), (False, False)) is None
+
+
+def test_bounded_put_keeps_at_most_max_entries_dropping_the_oldest_first():
+    cache = {}
+    for key in "abc":
+        assert _launch.bounded_put(cache, key, key.upper(), 3) == key.upper()
+    assert cache.get("a") == "A"  # a hit does not refresh "a": it is still the oldest
+    assert _launch.bounded_put(cache, "d", "D", 3) == "D"
+    assert list(cache.items()) == [("b", "B"), ("c", "C"), ("d", "D")]
+    _launch.bounded_put(cache, "c", "C2", 3)  # a key already there: the oldest goes all the same, "c" keeps its place
+    assert list(cache.items()) == [("c", "C2"), ("d", "D")]
+    assert _launch.bounded_put(cache, None, "uncached", 3) == "uncached"  # None: not cacheable
+    assert list(cache) == ["c", "d"] and cache.get(None) is None

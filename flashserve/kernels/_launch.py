@@ -1,7 +1,7 @@
 """Host-side launch arithmetic in plain Python: ``triton.next_power_of_2`` and ``triton.cdiv`` are constexpr
 functions that cost microseconds per call from Python, which adds up on launch-bound decode steps; the upload of
-small host lists; and the launchers that skip Triton's per-call argument binding (``CachedLauncher``, and
-``LaunchPlan`` for launches whose every non-tensor argument is fixed)."""
+small host lists; the bounded memos of launch plans (``bounded_put``); and the launchers that skip Triton's per-call
+argument binding (``CachedLauncher``, and ``LaunchPlan`` for launches whose every non-tensor argument is fixed)."""
 import functools
 import operator
 import os
@@ -50,6 +50,19 @@ def geometry_key(tensors: tuple) -> tuple | None:
         else:
             return None
     return tuple(key)
+
+
+def bounded_put(cache: dict, key, value, max_entries: int):
+    """``value``, kept in ``cache`` under ``key``: the store of a bounded memo (of launch plans and the like) that is
+    read with the dict's own ``cache.get(key)`` (None: a miss), so that a hit stays one plain dict lookup. A cache
+    already holding ``max_entries`` entries first drops its oldest one in insertion order (FIFO: a hit does not
+    refresh an entry; storing under a key already there drops the oldest all the same, and the key keeps its place
+    unless it was that one). A None key means "not cacheable": nothing is kept."""
+    if key is not None:
+        if len(cache) >= max_entries:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
+    return value
 
 
 class CachedLauncher:

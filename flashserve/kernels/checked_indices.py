@@ -14,6 +14,8 @@ counter, so calls with them are checked every time.
 """
 import weakref
 
+from flashserve.kernels._launch import bounded_put
+
 _MAX_ENTRIES = 16
 
 
@@ -48,9 +50,7 @@ class CheckedIndices:
                 return
             else:
                 seen.append((weakref.ref(t), t._version, t.data_ptr()))
-        if len(self._entries) >= self.max_entries:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[(ints, *map(id, tensors))] = tuple(seen)
+        bounded_put(self._entries, (ints, *map(id, tensors)), tuple(seen), self.max_entries)
 
     def clear(self) -> None:
         """Forget every passed check (so do the memos that follow ``generation``)."""

@@ -13,7 +13,7 @@ import torch
 
 from flashserve.kernels import decode, pdl
 from flashserve.kernels._dispatch import triton_interpret_enabled
-from flashserve.kernels._launch import launch_context
+from flashserve.kernels._launch import bounded_put, launch_context
 from flashserve.kernels.counters import zeroed_counters
 from flashserve.kernels.decode import (COMBINE_LAUNCHER, DECODE_LAUNCHER, launch_config, state_layout,
                                        uses_fused_combine)
@@ -57,12 +57,9 @@ def decode_plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, al
            decode.FUSED_COMBINE_MAX_GROUPS, pdl.generation)  # (with the device: pdl.enabled(device), see pdl)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = DecodePlan(q, k_cache, v_cache, block_table, cache_batch_idx, alibi_slopes, cache_leftpad, key_start,
-                          softmax_scale, softcap, window_left, window_right, capacity, num_splits, write_lse,
-                          fused_combine)
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = plan
+        plan = bounded_put(_PLANS, key, DecodePlan(
+            q, k_cache, v_cache, block_table, cache_batch_idx, alibi_slopes, cache_leftpad, key_start, softmax_scale,
+            softcap, window_left, window_right, capacity, num_splits, write_lse, fused_combine), _MAX_PLANS)
     return plan
 
 

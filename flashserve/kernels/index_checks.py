@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import CachedLauncher, LaunchPlan, next_power_of_2
+from flashserve.kernels._launch import CachedLauncher, LaunchPlan, bounded_put, next_power_of_2
 from flashserve.kernels.checked_indices import CheckedIndices
 from flashserve.kernels.scratch import SCRATCH
 
@@ -151,9 +151,7 @@ def _check_kvcache_in_one_launch(batch, cache_seqlens, seqlen_new, capacity, k_c
             HAS_BATCH_IDX=cache_batch_idx is not None, PAGED=block_table is not None,
             BLOCK_W=min(1024, next_power_of_2(max(width, 1))),
         ), num_warps=1)
-        if len(_CHECK_PLANS) >= _MAX_CHECK_PLANS:
-            _CHECK_PLANS.pop(next(iter(_CHECK_PLANS)))
-        _CHECK_PLANS[key] = plan
+        bounded_put(_CHECK_PLANS, key, plan, _MAX_CHECK_PLANS)
     plan((cache_seqlens if seqlens_tensor else flags, flags if cache_leftpad is None else cache_leftpad,
           flags if cache_batch_idx is None else cache_batch_idx, flags if block_table is None else block_table, flags))
     _raise_flagged(flags, lambda: _kvcache_failures(capacity, k_cache, block_table))

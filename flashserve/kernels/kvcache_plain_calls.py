@@ -21,6 +21,7 @@ import weakref
 import torch
 
 from flashserve.kernels import decode, pdl
+from flashserve.kernels._launch import bounded_put
 from flashserve.kernels.index_checks import KVCACHE_CHECKED, capturing, check_kvcache_values
 from flashserve.kernels.scratch import SCRATCH
 
@@ -43,9 +44,8 @@ def plain_call_key(q, cache_seqlens, block_table, softmax_scale, causal, num_spl
 
 def remember(key: tuple, k_cache, v_cache, cache_seqlens, block_table, capacity: int, plan) -> None:
     """Record a plain call whose arguments passed every check (the oldest entry makes room)."""
-    if len(PLAIN_CALLS) >= _MAX_PLAIN_CALLS:
-        PLAIN_CALLS.pop(next(iter(PLAIN_CALLS)))
-    PLAIN_CALLS[key] = PlainCall(k_cache, v_cache, cache_seqlens, block_table, capacity, plan)
+    bounded_put(PLAIN_CALLS, key, PlainCall(k_cache, v_cache, cache_seqlens, block_table, capacity, plan),
+                _MAX_PLAIN_CALLS)
 
 
 def _geometry(tensor):

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate, merge_tuning
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import CachedLauncher, LaunchPlan, cdiv, geometry_key
+from flashserve.kernels._launch import CachedLauncher, LaunchPlan, bounded_put, cdiv, geometry_key
 from flashserve.kernels.reference import decode as reference
 
 _MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -197,11 +197,8 @@ def merge_attn_states(
     if num_tokens == 0:
         return
     config = merge_tuning.choose_config(num_tokens, num_heads, head_size, prefix_output.element_size())
-    plan = merge_plan(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse, config)
-    if key is not None:
-        if len(_MERGE_PLANS) >= _MAX_MERGE_PLANS:
-            _MERGE_PLANS.pop(next(iter(_MERGE_PLANS)))
-        _MERGE_PLANS[key] = plan
+    plan = bounded_put(_MERGE_PLANS, key, merge_plan(output, prefix_output, prefix_lse, suffix_output, suffix_lse,
+                                                     output_lse, config), _MAX_MERGE_PLANS)
     plan(_plan_tensors(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse))
 
 

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from flashserve.kernels import _validate, pdl
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import CachedLauncher, geometry_key, next_power_of_2
+from flashserve.kernels._launch import CachedLauncher, bounded_put, geometry_key, next_power_of_2
 from flashserve.kernels.pdl import wait_for_previous
 from flashserve.kernels.reference import layers as reference
 
@@ -81,11 +81,7 @@ def _normalise(x, weight, eps, residual) -> torch.Tensor:
             if residual is None:
                 return reference.rms_norm(x, weight, eps)
             return reference.fused_add_rms_norm(x, residual, weight, eps)
-        plan = _NormPlan(x, x_rows, eps, residual_rows)
-        if key is not None:
-            if len(_PLANS) >= _MAX_PLANS:
-                _PLANS.pop(next(iter(_PLANS)))
-            _PLANS[key] = plan
+        plan = bounded_put(_PLANS, key, _NormPlan(x, x_rows, eps, residual_rows), _MAX_PLANS)
     return plan(x, weight, residual)
 
 

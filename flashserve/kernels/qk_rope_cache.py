@@ -19,7 +19,8 @@ import triton.language as tl
 
 from flashserve.kernels import _validate, pdl
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import CachedLauncher, geometry_key, head_block_sizes, next_power_of_2
+from flashserve.kernels._launch import (CachedLauncher, bounded_put, geometry_key, head_block_sizes,
+                                       next_power_of_2)
 from flashserve.kernels.pdl import wait_for_previous
 from flashserve.kernels.rotary import pair_columns, rotate_pairs
 from flashserve.kernels.reference import layers as reference
@@ -141,7 +142,7 @@ def launch_qk_norm_rope_cache(q, k, v, cos_sin_cache, positions, key_cache, valu
     tensors = (q, k, v, cos_sin_cache, positions, key_cache, value_cache, slot_mapping, q_norm_weight, k_norm_weight)
     key, plan = _plan(tensors, eps, is_neox)
     if plan is None:
-        plan = _keep(key, _RopePlan(*tensors, eps, is_neox))
+        plan = bounded_put(_PLANS, key, _RopePlan(*tensors, eps, is_neox), _MAX_PLANS)
     plan(*tensors)
 
 
@@ -153,15 +154,6 @@ def _plan(tensors: tuple, eps, is_neox) -> tuple:
         return None, None
     key = (geometry, eps, is_neox, pdl.enabled(tensors[0].device))
     return key, _PLANS.get(key)
-
-
-def _keep(key, plan: "_RopePlan") -> "_RopePlan":
-    """``plan``, kept under ``key`` (unless None)."""
-    if key is not None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = plan
-    return plan
 
 
 class _RopePlan:
@@ -238,7 +230,7 @@ def qk_norm_rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
             return reference.qk_norm_rope_and_cache(q, k, v, cos_sin_cache, positions, key_cache, value_cache,
                                                     slot_mapping, q_norm_weight, k_norm_weight, eps, is_neox)
         if plan is None:
-            plan = _keep(key, _RopePlan(*tensors, eps, is_neox))
+            plan = bounded_put(_PLANS, key, _RopePlan(*tensors, eps, is_neox), _MAX_PLANS)
         plan.checked = True
     plan(*tensors)
     return q, k

@@ -19,6 +19,8 @@ from threading import get_ident
 
 import torch
 
+from flashserve.kernels._launch import bounded_put
+
 _MAX_BUFFERS = 64
 _MAX_VIEWS = 64
 _MAX_CONSTANTS = 64
@@ -75,9 +77,8 @@ class StreamScratch:
         key = (device, stream, numel, value)
         tensor = self._constants.get(key)
         if tensor is None:
-            if len(self._constants) >= _MAX_CONSTANTS:
-                self._constants.pop(next(iter(self._constants)))
-            tensor = self._constants[key] = torch.full((numel,), value, dtype=torch.int32, device=device)
+            tensor = bounded_put(self._constants, key, torch.full((numel,), value, dtype=torch.int32, device=device),
+                                 _MAX_CONSTANTS)
         return tensor
 
     def exact(self, device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -90,9 +91,7 @@ class StreamScratch:
         key = (device, stream, get_ident(), numel, dtype)
         tensor = self._exact.get(key)
         if tensor is None:
-            if len(self._exact) >= _MAX_EXACT:
-                self._exact.pop(next(iter(self._exact)))
-            tensor = self._exact[key] = torch.empty(numel, dtype=dtype, device=device)
+            tensor = bounded_put(self._exact, key, torch.empty(numel, dtype=dtype, device=device), _MAX_EXACT)
         return tensor
 
     def clear(self) -> None:

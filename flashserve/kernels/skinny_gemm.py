@@ -49,7 +49,7 @@ import triton.runtime.errors
 
 from flashserve.kernels import pdl, skinny_gemm_plans, skinny_gemm_streamk
 from flashserve.kernels._dispatch import use_triton
-from flashserve.kernels._launch import CachedLauncher, LaunchPlan, cdiv, geometry_key
+from flashserve.kernels._launch import CachedLauncher, LaunchPlan, bounded_put, cdiv, geometry_key
 from flashserve.kernels.activation import silu_and_mul
 from flashserve.kernels.counters import zeroed_counters
 from flashserve.kernels.pdl import prefetch_l2, wait_for_previous
@@ -295,12 +295,10 @@ def _product(x, weight, bias, residual, gated: bool) -> torch.Tensor:
     if entry is None or entry[0] != skinny_gemm_plans.generation:
         n_out = check_product(x, weight, bias, residual, gated)
         config = plan(math.prod(x.shape[:-1]), weight, bias, gated)
-        entry = (skinny_gemm_plans.generation,
-                 None if config is None else _ProductCall(x, weight, bias, residual, gated, n_out, config))
-        if key is not None:
-            if len(_CALLS) >= _MAX_CALLS:
-                _CALLS.pop(next(iter(_CALLS)))
-            _CALLS[key] = entry
+        entry = bounded_put(_CALLS, key, (
+            skinny_gemm_plans.generation,
+            None if config is None else _ProductCall(x, weight, bias, residual, gated, n_out, config),
+        ), _MAX_CALLS)
     call = entry[1]
     if call is not None:
         return call(x, weight, bias, residual)
