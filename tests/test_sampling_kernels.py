@@ -52,13 +52,15 @@ def test_block_candidate_and_race_kernels_match_their_references(interpret):
     logits = torch.randn(4, 2500) * 3
     rows = torch.tensor([3, 0, 1], dtype=torch.int64)
     temperature = torch.tensor([1.0, 0.5, 2.0])
-    block_max, block_sum = sampling.block_stats(logits, rows, temperature)
-    ref_max, ref_sum = reference.block_stats(logits[rows], temperature, sampling.BLOCK)
+    block_max, block_sum, sub_block_max = sampling.block_stats(logits, rows, temperature)
+    ref_max, ref_sum, ref_sub_max = reference.block_stats(logits[rows], temperature, sampling.BLOCK,
+                                                          sampling.BLOCK // sampling.SUB_BLOCKS)
     torch.testing.assert_close(block_max, ref_max)
     torch.testing.assert_close(block_sum, ref_sum, rtol=1e-5, atol=0)
+    assert torch.equal(sub_block_max, ref_sub_max)
     row_max = block_max.amax(dim=1)
     cutoff = row_max - torch.tensor([2.0, 1.0, 30.0])  # the last row overflows 64 slots
-    values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64)
+    values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, sub_block_max, 64)
     ref_values, ref_indices, ref_count = reference.gather_candidates(logits[rows], temperature, cutoff, 64)
     torch.testing.assert_close(count, ref_count)
     assert int(count[2]) > 64
@@ -68,7 +70,7 @@ def test_block_candidate_and_race_kernels_match_their_references(interpret):
         want = sorted(zip(ref_indices[r, :n].tolist(), ref_values[r, :n].tolist()))
         assert [i for i, _ in got] == [i for i, _ in want]
         torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]))
-    _check_peak_gathering(logits, rows, temperature, block_max, block_sum)
+    _check_sub_block_gathering(logits, rows, temperature, sub_block_max)
     streams = _streams(3, 2500)
     floor = row_max + torch.log(torch.tensor([0.0, 0.1, 0.0]))
     bound = torch.full((3,), float("-inf"))
@@ -163,33 +165,16 @@ def test_sampler_with_streams_in_the_interpreter(interpret):
         assert got.tolist() == reference.sample_sorted(logits, temperature, top_k, top_p, min_p, noise).tolist()
 
 
-def _check_peak_gathering(logits, rows, temperature, block_max, block_sum):
-    """block_stats' peaks (each sub-block's largest token, the largest second-largest of the block) against torch,
-    and gather_candidates with them against the reference: cutoffs that the peaks settle, blocks they cannot (two
-    qualifying tokens in one sub-block: a tie planted below), overflowing rows and a -inf cutoff (tokens past the
-    vocabulary never qualify)."""
-    with_max, with_sum, peaks = sampling.block_stats(logits, rows, temperature, torch.zeros(3, dtype=torch.int64))
-    assert torch.equal(with_max, block_max) and torch.equal(with_sum, block_sum)
+def _check_sub_block_gathering(logits, rows, temperature, sub_block_max):
+    """gather_candidates against the reference at cutoffs that leave a few sub-blocks to read, many (the last row
+    overflows its slots), every one (-inf: tokens past the vocabulary never qualify), none (+inf), and exactly a
+    sub-block's maximum (the token is in)."""
     scaled = logits[rows].float() / temperature.unsqueeze(1)
-    num_blocks, sub = block_max.shape[1], sampling.BLOCK // sampling.PEAKS
-    padded = torch.nn.functional.pad(scaled, (0, num_blocks * sampling.BLOCK - scaled.shape[1]),
-                                     value=float("-inf")).view(rows.shape[0], num_blocks, sampling.PEAKS, sub)
-    top2 = padded.topk(2, dim=3).values
-    torch.testing.assert_close(peaks.values, top2[..., 0])
-    torch.testing.assert_close(peaks.second, top2[..., 1].amax(dim=2))
-    found = peaks.indices.long()
-    valid = found < scaled.shape[1]
-    picked = scaled.gather(1, found.clamp(max=scaled.shape[1] - 1).view(rows.shape[0], -1)).view_as(found)
-    assert torch.equal(torch.where(valid, picked, float("-inf")), peaks.values)
-    row_max = block_max.amax(dim=1)
-    _, _, top_k_peaks = sampling.block_stats(logits, rows, temperature, torch.tensor([0, 5, 0]))
-    assert torch.equal(top_k_peaks.second[1], torch.full_like(top_k_peaks.second[1], float("inf")))  # read
-    assert torch.equal(top_k_peaks.second[0], peaks.second[0])
-    for cutoff, some_peaks in ((row_max - torch.tensor([2.0, 1.0, 30.0]), peaks),
-                               (peaks.second.amax(dim=1) + 1e-3, peaks), (peaks.second.amax(dim=1) + 1e-3, top_k_peaks),
-                               (torch.full((3,), float("-inf")), peaks)):
-        values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64,
-                                                            peaks=some_peaks)
+    row_max = scaled.amax(dim=1)
+    median_sub_max = sub_block_max.median(dim=1).values
+    for cutoff in (row_max - torch.tensor([2.0, 1.0, 30.0]), torch.full((3,), float("-inf")),
+                   torch.full((3,), float("inf")), median_sub_max):
+        values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, sub_block_max, 64)
         _, _, ref_count = reference.gather_candidates(logits[rows], temperature, cutoff, 64)
         assert count.tolist() == ref_count.tolist()
         for r in range(3):
@@ -202,17 +187,20 @@ def _check_peak_gathering(logits, rows, temperature, block_max, block_sum):
             assert [v for _, v in got] == scaled[r, qualifying].tolist()
 
 
-def test_peaks_settle_a_tie_in_a_sub_block_by_reading_the_block(interpret):
-    """Two equal top tokens in one sub-block: the peak holds one of them, ``second`` the other, so a cutoff at
-    their value reads the block and both are gathered."""
+def test_gathering_takes_every_token_tied_at_a_sub_block_maximum(interpret, monkeypatch):
+    """Two equal top tokens in one sub-block and a cutoff at their value: both are gathered, also when the
+    program's sub-blocks to read span several chunks and a program holds fewer sub-blocks than the row."""
+    monkeypatch.setattr(sampling, "CANDIDATE_CHUNK", 2)
+    monkeypatch.setattr(sampling, "CANDIDATE_GROUP", 32)
     logits = torch.randn(1, 3000)
     logits[0, 1030] = logits[0, 1031] = 9.0
+    planted = [5, 200, 700, 1030, 1031, 2100, 2999]
+    logits[0, [5, 200, 700, 2100, 2999]] = 9.5
     rows, temperature = torch.tensor([0]), torch.tensor([1.0])
-    block_max, _, peaks = sampling.block_stats(logits, rows, temperature, torch.zeros(1, dtype=torch.int64))
-    assert float(peaks.second[0, 1]) == 9.0
-    values, indices, count = sampling.gather_candidates(logits, rows, temperature, torch.tensor([9.0]), block_max,
-                                                        16, peaks=peaks)
-    assert int(count[0]) == 2 and sorted(indices[0, :2].tolist()) == [1030, 1031]
+    _, _, sub_block_max = sampling.block_stats(logits, rows, temperature)
+    values, indices, count = sampling.gather_candidates(logits, rows, temperature, torch.tensor([9.0]),
+                                                        sub_block_max, 16)
+    assert int(count[0]) == 7 and sorted(indices[0, :7].tolist()) == planted
 
 
 _RACE_ROWS = torch.tensor([4, 0, 2, 1])
@@ -220,23 +208,21 @@ _RACE_TEMPERATURE = torch.tensor([1.0, 0.7, 1.3, 1.0])
 _RACE_MIN_P = torch.tensor([0.0, 0.0, 0.1, 0.0])
 
 
-def _race_rest_and_expected(logits, streams, with_peaks=False, **kwargs):
+def _race_rest_and_expected(logits, streams, **kwargs):
     """``race.race_rest`` after the candidates' race for the rows of ``_RACE_ROWS`` without top-k / top-p, and
-    the sort-based sampler's tokens with the same draws (``with_peaks``: both gatherings use block peaks)."""
+    the sort-based sampler's tokens with the same draws."""
     rows, temperature, min_p = _RACE_ROWS, _RACE_TEMPERATURE, _RACE_MIN_P
     num_rows, vocab = rows.shape[0], logits.shape[1]
     no_k, no_p = torch.zeros(num_rows, dtype=torch.int64), torch.ones(num_rows)
-    block_max, block_sum, peaks = sampling.block_stats(logits, rows, temperature, no_k)
-    peaks = peaks if with_peaks else None
+    block_max, block_sum, sub_block_max = sampling.block_stats(logits, rows, temperature)
     row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, no_k, vocab, 64)
-    values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, block_max, 64,
-                                                        peaks=peaks)
+    values, indices, count = sampling.gather_candidates(logits, rows, temperature, cutoff, sub_block_max, 64)
     token, best, floor, bound, _ = selection.select_candidates(values, indices, count, row_max, mass, no_k, no_p,
                                                                min_p, vocab, streams)
     noise = reference.exponential_at(streams, torch.arange(vocab).expand(num_rows, -1))
     want = reference.sample_sorted(logits[rows], temperature, no_k, no_p, min_p, noise)
     got = race.race_rest(logits, rows, temperature, row_max, floor, bound, streams, block_max, token, best,
-                         peaks=peaks, **kwargs)
+                         sub_block_max, **kwargs)
     return got.tolist(), want.tolist()
 
 
@@ -248,9 +234,8 @@ def test_race_rest_in_the_interpreter_listed_and_dense(interpret, monkeypatch):
     for scale in (0.5, 3.0):
         logits = torch.randn(5, 2100, generator=generator) * scale
         for capacity in (8192, 16):
-            for with_peaks in (False, True):
-                got, want = _race_rest_and_expected(logits, _streams(4, 2100), with_peaks, capacity=capacity)
-                assert got == want, (scale, capacity, with_peaks)
+            got, want = _race_rest_and_expected(logits, _streams(4, 2100), capacity=capacity)
+            assert got == want, (scale, capacity)
 
 
 def _shared_stream_rows(seed: int):

@@ -38,9 +38,11 @@ _PLACEHOLDER_TOP_K = 1
 
 def workspace_bytes(rows: int, vocab_size: int) -> int:
     """An upper estimate of the device memory a sampling graph of ``rows`` rows allocates in the graphs' pool: the
-    candidate and race slots (value and token id per slot) and the per-block statistics and race results."""
+    candidate and race slots (value and token id per slot), the per-block statistics (with the sub-block maxima) and
+    the race results."""
     num_blocks = -(-vocab_size // sampling.BLOCK)
-    return rows * (12 * (sampling.DEFAULT_CAPACITY + race.RACE_CAPACITY) + 20 * num_blocks + 256)
+    return rows * (12 * (sampling.DEFAULT_CAPACITY + race.RACE_CAPACITY)
+                   + (20 + 4 * sampling.SUB_BLOCKS) * num_blocks + 256)
 
 
 class DecodeSampling:

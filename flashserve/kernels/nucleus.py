@@ -65,10 +65,10 @@ def sample_without_fallback(logits: torch.Tensor, row_index: torch.Tensor, tempe
     if noise is not None and not some_truncated:
         whole = row_index.shape[0] == logits.shape[0]
         return _race_dense(logits if whole else logits[row_index], temperature, min_p, noise), None
-    block_max, block_sum, peaks = sampling.block_stats(logits, row_index, temperature, top_k)
+    block_max, block_sum, sub_block_max = sampling.block_stats(logits, row_index, temperature)
     row_max, mass, cutoff = selection.row_cutoffs(block_max, block_sum, top_k, vocab, capacity)
-    values, indices, count = sampling.gather_candidates(logits, row_index, temperature, cutoff, block_max, capacity,
-                                                        peaks=peaks)
+    values, indices, count = sampling.gather_candidates(logits, row_index, temperature, cutoff, sub_block_max,
+                                                        capacity)
     tokens, best, floor, bound, fallback = selection.select_candidates(
         values, indices, count, row_max, mass, top_k, top_p, min_p, vocab, streams, noise)
     if truncated is None or not all(truncated):
@@ -77,7 +77,7 @@ def sample_without_fallback(logits: torch.Tensor, row_index: torch.Tensor, tempe
             tokens = torch.where(torch.tensor(truncated, device=device), tokens, dense)
         else:
             tokens = race.race_rest(logits, row_index, temperature, row_max, floor, bound, streams, block_max,
-                                    tokens, best, shared, peaks=peaks)
+                                    tokens, best, sub_block_max, shared)
     return tokens, fallback if some_truncated else None
 
 

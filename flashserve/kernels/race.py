@@ -5,7 +5,7 @@ may win. ``selection.select_candidates`` raced the row's candidates and gave the
 beat their best (a draw is never below 2^-24). What is left is done in three launches, none waiting for the host:
 
 1. ``sampling.gather_candidates`` compacts the tokens at or above ``max(bound, floor)`` into ``capacity`` slots per
-   row (reading only the blocks whose maximum reaches it). For an LM's peaked distribution they are a small part
+   row (reading only the sub-blocks whose maximum reaches it). For an LM's peaked distribution they are a small part
    of the vocabulary, so the noise (a Philox call and a logarithm per token) is computed for a few of them only.
    A row where more than ``DENSE_BLOCK_FRACTION`` of the blocks reach that threshold skips the compaction (it
    would read most of the row to overflow the slots), as every row of bench_sampler.py's untruncated cases does:
@@ -177,17 +177,16 @@ def shared_stream(stream_rows: list[list[int]], member: list[bool], device: torc
 
 def race_rest(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, row_max: torch.Tensor,
               floor: torch.Tensor, bound: torch.Tensor, streams: torch.Tensor, block_max: torch.Tensor,
-              token: torch.Tensor, best: torch.Tensor, shared: SharedStream | None = None,
-              capacity: int = RACE_CAPACITY, peaks: sampling.BlockPeaks | None = None) -> torch.Tensor:
+              token: torch.Tensor, best: torch.Tensor, sub_block_max: torch.Tensor,
+              shared: SharedStream | None = None, capacity: int = RACE_CAPACITY) -> torch.Tensor:
     """The sampled tokens of rows that may have a winner outside their candidates.
 
     Args:
         logits: (N, V) float32; row_index: (R,) int64 rows of it; temperature, row_max, floor, bound, best: (R,)
             float32 (``row_cutoffs`` and ``select_candidates``; a row with ``bound`` +inf keeps its ``token``);
-        streams: (R, 4) int64 Philox streams; block_max: (R, blocks) from ``block_stats``; token: (R,) int64 the
-            candidates' winner; shared: the rows of the shared stream, whose dense race then computes each Philox
-            call once for its 4 draws (``_shared_race_kernel``) instead of once per draw; peaks: the
-            ``block_stats`` peaks, so that the compaction reads fewer blocks (or None).
+        streams: (R, 4) int64 Philox streams; block_max, sub_block_max: from ``block_stats``; token: (R,) int64
+            the candidates' winner; shared: the rows of the shared stream, whose dense race then computes each
+            Philox call once for its 4 draws (``_shared_race_kernel``) instead of once per draw.
     Returns (R,) int64.
     """
     threshold = torch.maximum(bound, floor)
@@ -202,8 +201,8 @@ def race_rest(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.
     most_blocks = max(int(num_blocks * DENSE_BLOCK_FRACTION), capacity // sampling.BLOCK)
     straight_to_dense = (block_max >= threshold.unsqueeze(1)).sum(dim=1) > most_blocks
     values, indices, count = sampling.gather_candidates(
-        logits, row_index, temperature, torch.where(straight_to_dense, float("inf"), threshold), block_max, capacity,
-        peaks=peaks)
+        logits, row_index, temperature, torch.where(straight_to_dense, float("inf"), threshold), sub_block_max,
+        capacity)
     dense = straight_to_dense | (count > capacity)
     if shared is not None and vocab < sampling.BLOCK:
         shared = None  # a segment of the shared kernel would span more than two rows

@@ -4,10 +4,10 @@ The sampled token of a row is ``argmax(p / q)`` over the tokens that survive top
 per token (equivalent to drawing from p). ``flashserve.kernels.nucleus.sample`` puts these kernels together:
 
 1. ``block_stats`` (the one full read of the logits): per block of ``BLOCK`` tokens, the largest scaled logit
-   ``x = logit / temperature`` and the softmax sum below it; hence each row's maximum and normaliser. For rows
-   without top-k also the block's ``BlockPeaks`` (each sub-block's largest token, the largest runner-up).
+   ``x = logit / temperature`` and the softmax sum below it; hence each row's maximum and normaliser. Also each
+   sub-block's maximum (``SUB_BLOCKS`` per block), on the way to the block's: nearly free.
 2. ``gather_candidates`` compacts the tokens at or above a per-row cutoff into a small buffer, reading only the
-   blocks whose maximum reaches it (and, with peaks, whose runner-up does too: else the peaks are the tokens). The
+   sub-blocks whose maximum reaches it (for an LM's peaked rows a few dozen of 256 bytes each). The
    cutoff: for a top-k row the k-th largest block maximum (so the top k are all in), for the others probability
    1 / capacity (so at most ``capacity`` tokens qualify). The select kernel sorts them (a few thousand per row at
    most) and the top-k / top-p boundary found on them (``selection``).
@@ -27,8 +27,6 @@ materialising V draws. ``torch_stream_layout`` gives the call geometry that torc
 ``SMs * max threads per SM / 256`` of them, 4 draws per thread and Philox call), and
 ``reproduces_torch_exponential`` checks the whole at start-up.
 """
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -40,20 +38,11 @@ from flashserve.kernels.reference import sampling as reference
 
 DEFAULT_CAPACITY = 4096  # candidate slots per row (a sort of this many per row stays in one thread block)
 BLOCK = 1024             # tokens per block of the block statistics
-PEAKS = 16               # sub-blocks per block whose largest token ``block_stats`` keeps (``BlockPeaks``)
-
-
-class BlockPeaks(NamedTuple):
-    """What ``block_stats(..., top_k)`` keeps of each block besides its maximum and sum, so that the candidate
-    gathering need not read the block again: the block cut into ``PEAKS`` sub-blocks of consecutive tokens, each
-    sub-block's largest scaled logit ``values`` (R, blocks, PEAKS) float32 and its token ``indices`` (same, int32),
-    and ``second`` (R, blocks) float32, the largest over the sub-blocks of their second-largest scaled logit. Every
-    token of a block at or above a cutoff ``c > second`` is the peak of its sub-block (a sub-block holds at most
-    one such token); for ``c <= second`` the block must be read."""
-
-    values: torch.Tensor
-    indices: torch.Tensor
-    second: torch.Tensor
+SUB_BLOCKS = 16          # sub-blocks per block whose maximum ``block_stats`` keeps for ``gather_candidates``
+STATS_GROUP = 2          # blocks per program of ``block_stats``, read as one tile (so more bytes are in flight)
+STATS_WARPS = 4
+CANDIDATE_GROUP = 256    # sub-blocks per program of ``gather_candidates`` (their maxima read as one vector)
+CANDIDATE_CHUNK = 8      # sub-blocks that ``gather_candidates`` reads at once
 
 
 def torch_stream_layout(numel: int, device: torch.device) -> tuple[int, int]:
@@ -132,112 +121,92 @@ def exponential_at(streams: torch.Tensor, token_ids: torch.Tensor) -> torch.Tens
 
 @triton.jit
 def _block_stats_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, vocab, block_max_ptr, block_sum_ptr,
-                        peak_values_ptr, peak_indices_ptr, second_ptr, top_k_ptr, num_blocks, BLOCK: tl.constexpr,
-                        PEAKS: tl.constexpr):
+                        sub_max_ptr, num_blocks, BLOCK: tl.constexpr, SUB_BLOCKS: tl.constexpr, GROUP: tl.constexpr):
+    # a program reads GROUP blocks at once, as a [GROUP, SUB_BLOCKS, BLOCK // SUB_BLOCKS] tile (block, sub-block,
+    # token): the sub-blocks' maxima are the first step of the blocks' maxima
     index = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
-    row = tl.load(rows_ptr + index)
-    cols = block * BLOCK + tl.arange(0, BLOCK)
+    blocks = tl.program_id(1) * GROUP + tl.arange(0, GROUP)
+    subs = blocks[:, None] * SUB_BLOCKS + tl.arange(0, SUB_BLOCKS)[None, :]
+    cols = subs[:, :, None] * (BLOCK // SUB_BLOCKS) + tl.arange(0, BLOCK // SUB_BLOCKS)[None, None, :]
     mask = cols < vocab
+    row = tl.load(rows_ptr + index)
     logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
     scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
-    largest = tl.max(scaled, axis=0)
-    total = tl.sum(tl.where(mask, tl.exp(scaled - largest), 0.0), axis=0)
-    tl.store(block_max_ptr + index * num_blocks + block, largest)
-    tl.store(block_sum_ptr + index * num_blocks + block, total)
-    if PEAKS > 0:
-        top_k = tl.load(top_k_ptr + index)
-        if (top_k > 0) & (top_k < vocab):  # a top-k row: no peaks, every block that reaches its cutoff is read
-            tl.store(second_ptr + index * num_blocks + block, float("inf"))
-        else:
-            # [PEAKS, BLOCK // PEAKS]: each sub-block's largest token and, with it set aside, the next largest
-            sub = tl.reshape(scaled, [PEAKS, BLOCK // PEAKS])
-            peak_values, peak_offsets = tl.max(sub, axis=1, return_indices=True)
-            offsets = tl.arange(0, BLOCK // PEAKS)
-            rest = tl.where(offsets[None, :] == peak_offsets[:, None], float("-inf"), sub)
-            second = tl.max(tl.max(rest, axis=1), axis=0)
-            peaks = (index * num_blocks + block) * PEAKS + tl.arange(0, PEAKS)
-            tl.store(peak_values_ptr + peaks, peak_values)
-            tl.store(peak_indices_ptr + peaks,
-                     block * BLOCK + tl.arange(0, PEAKS) * (BLOCK // PEAKS) + peak_offsets)
-            tl.store(second_ptr + index * num_blocks + block, second)
+    sub_max = tl.max(scaled, axis=2)
+    largest = tl.max(sub_max, axis=1)
+    total = tl.sum(tl.sum(tl.where(mask, tl.exp(scaled - largest[:, None, None]), 0.0), axis=2), axis=1)
+    stored = blocks < num_blocks
+    tl.store(block_max_ptr + index * num_blocks + blocks, largest, mask=stored)
+    tl.store(block_sum_ptr + index * num_blocks + blocks, total, mask=stored)
+    tl.store(sub_max_ptr + index * num_blocks * SUB_BLOCKS + subs, sub_max, mask=stored[:, None])
 
 
-def block_stats(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
-                top_k: torch.Tensor | None = None):
+def block_stats(logits: torch.Tensor, rows: torch.Tensor,
+                temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``reference.block_stats`` of ``logits[rows]`` in blocks of ``BLOCK`` tokens: the one full read of the
-    logits that the sampler makes. Returns (block_max, block_sum), and with ``top_k`` ((R,) int64, the rows'
-    top-k) also the ``BlockPeaks`` that let ``gather_candidates`` skip reading most blocks (None where torch
-    runs: it reads the rows anyway). Rows with top-k (0 < k < V) get none (``second`` +inf: their blocks are
-    read): their cutoff, the k-th largest block maximum, leaves few blocks to read, and the peaks cost more than
-    that (H200: top-k 20 + top-p 128 µs with them, 111 without)."""
-    peaks = top_k is not None
+    logits that the sampler makes. Returns (block_max, block_sum) (R, blocks) and sub_block_max (R, blocks *
+    SUB_BLOCKS): the largest scaled logit of each sub-block of ``BLOCK // SUB_BLOCKS`` tokens (-inf past the
+    vocabulary), with which ``gather_candidates`` reads only the sub-blocks that reach its cutoff."""
     if not use_triton(logits):
-        stats = reference.block_stats(logits[rows], temperature, BLOCK)
-        return (*stats, None) if peaks else stats
+        return reference.block_stats(logits[rows], temperature, BLOCK, BLOCK // SUB_BLOCKS)
     num_rows, num_blocks = rows.shape[0], cdiv(logits.shape[1], BLOCK)
     block_max = torch.empty((num_rows, num_blocks), dtype=torch.float32, device=logits.device)
     block_sum = torch.empty_like(block_max)
-    found = BlockPeaks(torch.empty((num_rows, num_blocks, PEAKS), dtype=torch.float32, device=logits.device),
-                       torch.empty((num_rows, num_blocks, PEAKS), dtype=torch.int32, device=logits.device),
-                       torch.empty_like(block_max)) if peaks else None
+    sub_block_max = torch.empty((num_rows, num_blocks * SUB_BLOCKS), dtype=torch.float32, device=logits.device)
     if num_rows:
-        peak_tensors = found if peaks else (block_max, block_max, block_max)  # (not written without peaks)
-        _block_stats_kernel[(num_rows, num_blocks)](logits, rows, logits.stride(0), temperature, logits.shape[1],
-                                                    block_max, block_sum, *peak_tensors,
-                                                    top_k.contiguous() if peaks else rows, num_blocks, BLOCK=BLOCK,
-                                                    PEAKS=PEAKS if peaks else 0)
-    return (block_max, block_sum, found) if peaks else (block_max, block_sum)
+        _block_stats_kernel[(num_rows, cdiv(num_blocks, STATS_GROUP))](
+            logits, rows, logits.stride(0), temperature, logits.shape[1], block_max, block_sum, sub_block_max,
+            num_blocks, BLOCK=BLOCK, SUB_BLOCKS=SUB_BLOCKS, GROUP=STATS_GROUP, num_warps=STATS_WARPS)
+    return block_max, block_sum, sub_block_max
 
 
 @triton.jit
 def _append_candidates(values_ptr, indices_ptr, count_ptr, index, capacity, qualifies, values, tokens):
-    """Append the qualifying (value, token) pairs of a vector to row ``index``'s slots: an atomic on the row's
-    count reserves them; pairs past ``capacity`` are counted, not stored."""
+    """Append the qualifying (value, token) pairs of a 2D tile to row ``index``'s slots, in row-major order: an
+    atomic on the row's count reserves them; pairs past ``capacity`` are counted, not stored."""
     flags = qualifies.to(tl.int32)
-    start = tl.atomic_add(count_ptr + index, tl.sum(flags, axis=0))
-    slots = start + tl.cumsum(flags, axis=0) - 1
+    line_counts = tl.sum(flags, axis=1)
+    start = tl.atomic_add(count_ptr + index, tl.sum(line_counts, axis=0))
+    slots = start + (tl.cumsum(line_counts, axis=0) - line_counts)[:, None] + tl.cumsum(flags, axis=1) - 1
     stored = qualifies & (slots < capacity)
     tl.store(values_ptr + index * capacity + slots, values, mask=stored)
     tl.store(indices_ptr + index * capacity + slots, tokens.to(tl.int64), mask=stored)
 
 
 @triton.jit
-def _candidates_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, cutoff_ptr, block_max_ptr, vocab,
-                       values_ptr, indices_ptr, count_ptr, peak_values_ptr, peak_indices_ptr, second_ptr, capacity,
-                       num_blocks, BLOCK: tl.constexpr, PEAKS: tl.constexpr):
+def _candidates_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, cutoff_ptr, sub_max_ptr, vocab,
+                       values_ptr, indices_ptr, count_ptr, capacity, num_subs, SUB: tl.constexpr,
+                       GROUP: tl.constexpr, CHUNK: tl.constexpr):
+    # a program takes GROUP sub-blocks: their maxima as one vector, then only the sub-blocks that reach the cutoff,
+    # CHUNK of them per [CHUNK, SUB] load
     index = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
+    subs = tl.program_id(1) * GROUP + tl.arange(0, GROUP)
     cutoff = tl.load(cutoff_ptr + index)
-    reaches = tl.load(block_max_ptr + index * num_blocks + block) >= cutoff  # other blocks are not even read
-    read_block = reaches
-    if PEAKS > 0:  # a block whose qualifying tokens are all sub-block peaks hands in its peaks instead
-        read_block = reaches & (tl.load(second_ptr + index * num_blocks + block) >= cutoff)
-        if reaches & ~read_block:
-            peaks = (index * num_blocks + block) * PEAKS + tl.arange(0, PEAKS)
-            peak_values = tl.load(peak_values_ptr + peaks)
-            peak_indices = tl.load(peak_indices_ptr + peaks)
-            # (a peak past the vocabulary is -inf: it never qualifies here, a cutoff of -inf reads the block)
-            _append_candidates(values_ptr, indices_ptr, count_ptr, index, capacity, peak_values >= cutoff,
-                               peak_values, peak_indices)
-    if read_block:
-        row = tl.load(rows_ptr + index)
-        cols = block * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < vocab
+    sub_max = tl.load(sub_max_ptr + index * num_subs + subs, mask=subs < num_subs, other=float("-inf"))
+    read = (subs < num_subs) & (sub_max >= cutoff)  # the other sub-blocks are not even read
+    flags = read.to(tl.int32)
+    ranks = tl.where(read, tl.cumsum(flags, axis=0) - 1, -1)
+    num_read = tl.sum(flags, axis=0)
+    temperature = tl.load(temperature_ptr + index)
+    row = tl.load(rows_ptr + index)
+    for start in range(0, num_read, CHUNK):
+        wanted = start + tl.arange(0, CHUNK)
+        picked = tl.sum(tl.where(ranks[None, :] == wanted[:, None], subs[None, :], 0), axis=1)  # the i-th read
+        cols = picked[:, None] * SUB + tl.arange(0, SUB)[None, :]
+        mask = (wanted < num_read)[:, None] & (cols < vocab)
         logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
+        scaled = tl.div_rn(logits, temperature)
         _append_candidates(values_ptr, indices_ptr, count_ptr, index, capacity, mask & (scaled >= cutoff), scaled,
                            cols)
 
 
 def gather_candidates(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, cutoff: torch.Tensor,
-                      block_max: torch.Tensor, capacity: int = DEFAULT_CAPACITY, count: torch.Tensor | None = None,
-                      peaks: BlockPeaks | None = None):
+                      sub_block_max: torch.Tensor, capacity: int = DEFAULT_CAPACITY,
+                      count: torch.Tensor | None = None):
     """``reference.gather_candidates`` of ``logits[rows]``, except that the slots past a row's count are left
-    unwritten (their content is unspecified: readers mask by the count); only the blocks whose ``block_max`` (from
-    ``block_stats``) reaches the cutoff are read, and with ``peaks`` (``block_stats(..., top_k)``) only those
-    whose qualifying tokens are not all sub-block peaks. ``count``: an (R,) int32 zero-filled buffer to count into
-    (so that one fill serves several calls), or None for a new one."""
+    unwritten (their content is unspecified: readers mask by the count); only the sub-blocks whose maximum
+    (``sub_block_max`` from ``block_stats``) reaches the cutoff are read. ``count``: an (R,) int32 zero-filled
+    buffer to count into (so that one fill serves several calls), or None for a new one."""
     if not use_triton(logits):
         return reference.gather_candidates(logits[rows], temperature, cutoff, capacity)
     num_rows, device = rows.shape[0], logits.device
@@ -245,11 +214,11 @@ def gather_candidates(logits: torch.Tensor, rows: torch.Tensor, temperature: tor
     indices = torch.empty((num_rows, capacity), dtype=torch.int64, device=device)
     if count is None:
         count = torch.zeros((num_rows,), dtype=torch.int32, device=device)
+    num_subs = sub_block_max.shape[1]
     if num_rows:
-        peak_tensors = (block_max, block_max, block_max) if peaks is None else peaks  # (unread without peaks)
-        _candidates_kernel[(num_rows, block_max.shape[1])](
-            logits, rows, logits.stride(0), temperature, cutoff, block_max, logits.shape[1], values, indices, count,
-            *peak_tensors, capacity, block_max.shape[1], BLOCK=BLOCK, PEAKS=0 if peaks is None else PEAKS)
+        _candidates_kernel[(num_rows, cdiv(num_subs, CANDIDATE_GROUP))](
+            logits, rows, logits.stride(0), temperature, cutoff, sub_block_max, logits.shape[1], values, indices,
+            count, capacity, num_subs, SUB=BLOCK // SUB_BLOCKS, GROUP=CANDIDATE_GROUP, CHUNK=CANDIDATE_CHUNK)
     return values, indices, count
 
 

@@ -70,15 +70,19 @@ def exponential_at(streams: torch.Tensor, token_ids: torch.Tensor) -> torch.Tens
     return -log
 
 
-def block_stats(logits: torch.Tensor, temperature: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_stats(logits: torch.Tensor, temperature: torch.Tensor, block: int,
+                sub_block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per block of ``block`` consecutive tokens of each row: the largest scaled logit ``x = logits / temperature``
-    and the sum of exp(x - that largest); (R, V) -> two (R, ceil(V / block)) float32."""
+    and the sum of exp(x - that largest); (R, V) -> two (R, ceil(V / block)) float32. Third, the largest x of each
+    sub-block of ``sub_block`` tokens (a divisor of ``block``), (R, ceil(V / block) * block / sub_block) float32,
+    -inf past the vocabulary."""
     scaled = logits.float() / temperature.unsqueeze(1)
     num_blocks = -(-scaled.shape[1] // block)
     padded = torch.nn.functional.pad(scaled, (0, num_blocks * block - scaled.shape[1]), value=float("-inf"))
+    sub_block_max = padded.view(scaled.shape[0], -1, sub_block).amax(dim=2)
     padded = padded.view(scaled.shape[0], num_blocks, block)
     block_max = padded.amax(dim=2)
-    return block_max, torch.exp(padded - block_max.unsqueeze(2)).sum(dim=2)
+    return block_max, torch.exp(padded - block_max.unsqueeze(2)).sum(dim=2), sub_block_max
 
 
 def gather_candidates(logits: torch.Tensor, temperature: torch.Tensor, cutoff: torch.Tensor, capacity: int):
