@@ -188,10 +188,10 @@ def _check_sub_block_gathering(logits, rows, temperature, sub_block_max):
 
 
 def test_gathering_takes_every_token_tied_at_a_sub_block_maximum(interpret, monkeypatch):
-    """Two equal top tokens in one sub-block and a cutoff at their value: both are gathered, also when the
-    program's sub-blocks to read span several chunks and a program holds fewer sub-blocks than the row."""
+    """Two equal top tokens in one sub-block and a cutoff at their value: both are gathered, also when each of a
+    row's programs takes several chunks of its listed sub-blocks."""
     monkeypatch.setattr(sampling, "CANDIDATE_CHUNK", 2)
-    monkeypatch.setattr(sampling, "CANDIDATE_GROUP", 32)
+    monkeypatch.setattr(sampling, "CANDIDATE_PROGRAMS", 2)
     logits = torch.randn(1, 3000)
     logits[0, 1030] = logits[0, 1031] = 9.0
     planted = [5, 200, 700, 1030, 1031, 2100, 2999]
@@ -276,6 +276,33 @@ def test_exponential_stream_equals_torch_on_cuda(rows, vocab):
     # the reference takes the precise log (CUDA's fast __logf, which torch's kernel calls, differs in the last bits)
     torch.testing.assert_close(reference.exponential_at(streams[:1], columns[:1, :4096]), expected[:1, :4096],
                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_scaled_logits_on_cuda_are_torchs_division_bit_for_bit():
+    """The kernels divide by the temperature as a product by its reciprocal corrected by fused multiply-adds:
+    every gathered value (a cutoff of -inf gathers the whole row) and every sub-block maximum equals torch's
+    ``logits / temperature``, over logits of many magnitudes (and +-inf) and awkward temperatures."""
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(9)
+    vocab = 151936
+    temperature = torch.tensor([0.05, 0.3, 0.7, 1.0, 1.3, 2.7, 7.0, 0.9999, 1 / 3, 1e-3], device=device)
+    scales = torch.tensor([1.0, 30.0, 1e-30, 1e30, 3.0, 1e4, 0.5, 1e-3, 100.0, 1e-20], device=device)
+    logits = torch.randn(temperature.shape[0], vocab, device=device, generator=generator) * scales.unsqueeze(1)
+    logits[0, :3] = torch.tensor([float("inf"), float("-inf"), 0.0])
+    rows = torch.arange(temperature.shape[0], device=device)
+    expected = logits / temperature.unsqueeze(1)
+    _, _, sub_block_max = sampling.block_stats(logits, rows, temperature)
+    _, _, want_sub_max = reference.block_stats(logits, temperature, sampling.BLOCK,
+                                               sampling.BLOCK // sampling.SUB_BLOCKS)
+    assert torch.equal(sub_block_max, want_sub_max)
+    values, indices, count = sampling.gather_candidates(logits, rows, temperature,
+                                                        torch.full_like(temperature, float("-inf")),
+                                                        sub_block_max, vocab)
+    assert (count == vocab).all()
+    got = torch.empty_like(expected).scatter_(1, indices, values)
+    assert torch.equal(got, expected), f"{(got != expected).sum().item()} values differ"
 
 
 @pytest.mark.gpu

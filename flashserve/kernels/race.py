@@ -31,7 +31,7 @@ from flashserve.kernels import sampling
 from flashserve.kernels._dispatch import triton_interpret_enabled, use_triton
 from flashserve.kernels._launch import cdiv, next_power_of_2, upload
 from flashserve.kernels.reference import sampling as reference
-from flashserve.kernels.sampling import _exponential, _exponential_of_bits
+from flashserve.kernels.sampling import _divide, _exponential, _exponential_of_bits
 
 RACE_CAPACITY = 8192  # slots per row for the tokens that may still win; more of them: the row is raced densely
 CHUNK = 1024          # compacted tokens raced per step of the finishing kernel's loop
@@ -47,7 +47,7 @@ SHARED_RACE_WARPS = 8
 @triton.jit
 def _shared_race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_max_ptr, threshold_ptr,
                         shared_ptr, num_shared_ptr, streams_ptr, key_ptr, vocab, BLOCK: tl.constexpr,
-                        LIBDEVICE_LOG: tl.constexpr):
+                        LIBDEVICE_LOG: tl.constexpr, FMA: tl.constexpr):
     """Program (b, j): Philox call j of the shared stream's threads [b * BLOCK, (b + 1) * BLOCK). Its 4 draws
     belong to 4 segments of BLOCK consecutive elements, ``stride`` apart, each within at most 2 rows (BLOCK <=
     vocab); per row part, the best ratio and its token, packed into one key (ratio bits << 32 | vocab - 1 - token:
@@ -109,7 +109,8 @@ def _shared_race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_m
                         cols = (elements - where * vocab).to(tl.int32)
                         row = tl.load(rows_ptr + index)
                         x = tl.load(logits_ptr + row * stride_row + cols, mask=lanes_in, other=float("-inf"))
-                        scaled = tl.div_rn(x.to(tl.float32), tl.load(temperature_ptr + index))
+                        temperature = tl.load(temperature_ptr + index)
+                        scaled = _divide(x.to(tl.float32), temperature, tl.div_rn(1.0, temperature), FMA)
                         weight = tl.exp(scaled - tl.load(row_max_ptr + index))
                         ratio = weight / _exponential_of_bits(bits, LIBDEVICE_LOG)
                         keys = (ratio.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (vocab - 1 - cols)
@@ -213,6 +214,7 @@ def race_rest(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.
         _shared_race_kernel[grid](logits, row_index, logits.stride(0), temperature, row_max, shared_threshold,
                                   shared.index, shared.count, streams.contiguous(), keys, vocab,
                                   BLOCK=sampling.BLOCK, LIBDEVICE_LOG=not triton_interpret_enabled(),
+                                  FMA=not triton_interpret_enabled(),
                                   num_warps=SHARED_RACE_WARPS)
         dense = dense & ~shared.member
     block_best, block_token = sampling.race_blocks(logits, row_index, temperature, row_max, floor, streams,

@@ -33,7 +33,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from flashserve.kernels._dispatch import triton_interpret_enabled, use_triton
-from flashserve.kernels._launch import cdiv
+from flashserve.kernels._launch import cdiv, next_power_of_2
 from flashserve.kernels.reference import sampling as reference
 
 DEFAULT_CAPACITY = 4096  # candidate slots per row (a sort of this many per row stays in one thread block)
@@ -41,8 +41,8 @@ BLOCK = 1024             # tokens per block of the block statistics
 SUB_BLOCKS = 16          # sub-blocks per block whose maximum ``block_stats`` keeps for ``gather_candidates``
 STATS_GROUP = 2          # blocks per program of ``block_stats``, read as one tile (so more bytes are in flight)
 STATS_WARPS = 4
-CANDIDATE_GROUP = 256    # sub-blocks per program of ``gather_candidates`` (their maxima read as one vector)
-CANDIDATE_CHUNK = 8      # sub-blocks that ``gather_candidates`` reads at once
+CANDIDATE_PROGRAMS = 16  # programs per row of ``gather_candidates``, taking the row's listed sub-blocks in turns
+CANDIDATE_CHUNK = 16     # sub-blocks that ``gather_candidates`` reads at once
 
 
 def torch_stream_layout(numel: int, device: torch.device) -> tuple[int, int]:
@@ -96,6 +96,21 @@ def _exponential_of_bits(bits, LIBDEVICE_LOG: tl.constexpr):
 
 
 @triton.jit
+def _divide(x, divisor, reciprocal, FMA: tl.constexpr):
+    """``x / divisor`` as IEEE division rounds it (what torch's ``logits / temperature`` gives), ``reciprocal`` being
+    ``tl.div_rn(1.0, divisor)``: the product by the reciprocal, corrected once with fused multiply-adds, is the
+    correctly rounded quotient wherever it and the remainder stay in the normal range (Markstein's theorem); +-inf
+    and NaN pass through; a quotient below 2^-126 in magnitude may differ in its last place. Several times cheaper
+    than ``tl.div_rn`` per element. ``FMA`` False (Triton's interpreter, whose fma rounds twice): ``tl.div_rn``."""
+    if FMA:
+        quotient = x * reciprocal
+        corrected = tl.fma(tl.fma(-quotient, divisor, x), reciprocal, quotient)
+        return tl.where(tl.abs(quotient) == float("inf"), quotient, corrected)
+    else:
+        return tl.div_rn(x, divisor)
+
+
+@triton.jit
 def _exponential_at_kernel(streams_ptr, tokens_ptr, out_ptr, num_cols, BLOCK: tl.constexpr,
                            LIBDEVICE_LOG: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -121,7 +136,8 @@ def exponential_at(streams: torch.Tensor, token_ids: torch.Tensor) -> torch.Tens
 
 @triton.jit
 def _block_stats_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, vocab, block_max_ptr, block_sum_ptr,
-                        sub_max_ptr, num_blocks, BLOCK: tl.constexpr, SUB_BLOCKS: tl.constexpr, GROUP: tl.constexpr):
+                        sub_max_ptr, num_blocks, BLOCK: tl.constexpr, SUB_BLOCKS: tl.constexpr, GROUP: tl.constexpr,
+                        FMA: tl.constexpr):
     # a program reads GROUP blocks at once, as a [GROUP, SUB_BLOCKS, BLOCK // SUB_BLOCKS] tile (block, sub-block,
     # token): the sub-blocks' maxima are the first step of the blocks' maxima
     index = tl.program_id(0).to(tl.int64)
@@ -131,7 +147,8 @@ def _block_stats_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, vocab
     mask = cols < vocab
     row = tl.load(rows_ptr + index)
     logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
+    temperature = tl.load(temperature_ptr + index)
+    scaled = _divide(logits, temperature, tl.div_rn(1.0, temperature), FMA)
     sub_max = tl.max(scaled, axis=2)
     largest = tl.max(sub_max, axis=1)
     total = tl.sum(tl.sum(tl.where(mask, tl.exp(scaled - largest[:, None, None]), 0.0), axis=2), axis=1)
@@ -156,7 +173,8 @@ def block_stats(logits: torch.Tensor, rows: torch.Tensor,
     if num_rows:
         _block_stats_kernel[(num_rows, cdiv(num_blocks, STATS_GROUP))](
             logits, rows, logits.stride(0), temperature, logits.shape[1], block_max, block_sum, sub_block_max,
-            num_blocks, BLOCK=BLOCK, SUB_BLOCKS=SUB_BLOCKS, GROUP=STATS_GROUP, num_warps=STATS_WARPS)
+            num_blocks, BLOCK=BLOCK, SUB_BLOCKS=SUB_BLOCKS, GROUP=STATS_GROUP, FMA=not triton_interpret_enabled(),
+            num_warps=STATS_WARPS)
     return block_max, block_sum, sub_block_max
 
 
@@ -174,28 +192,36 @@ def _append_candidates(values_ptr, indices_ptr, count_ptr, index, capacity, qual
 
 
 @triton.jit
-def _candidates_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, cutoff_ptr, sub_max_ptr, vocab,
-                       values_ptr, indices_ptr, count_ptr, capacity, num_subs, SUB: tl.constexpr,
-                       GROUP: tl.constexpr, CHUNK: tl.constexpr):
-    # a program takes GROUP sub-blocks: their maxima as one vector, then only the sub-blocks that reach the cutoff,
-    # CHUNK of them per [CHUNK, SUB] load
+def _list_sub_blocks_kernel(sub_max_ptr, cutoff_ptr, list_ptr, list_count_ptr, num_subs, SUBS: tl.constexpr):
+    # one program per row: the sub-blocks whose maximum reaches the cutoff, in order, and how many
     index = tl.program_id(0).to(tl.int64)
-    subs = tl.program_id(1) * GROUP + tl.arange(0, GROUP)
-    cutoff = tl.load(cutoff_ptr + index)
+    subs = tl.arange(0, SUBS)
     sub_max = tl.load(sub_max_ptr + index * num_subs + subs, mask=subs < num_subs, other=float("-inf"))
-    read = (subs < num_subs) & (sub_max >= cutoff)  # the other sub-blocks are not even read
+    read = (subs < num_subs) & (sub_max >= tl.load(cutoff_ptr + index))
     flags = read.to(tl.int32)
-    ranks = tl.where(read, tl.cumsum(flags, axis=0) - 1, -1)
-    num_read = tl.sum(flags, axis=0)
+    tl.store(list_ptr + index * num_subs + tl.cumsum(flags, axis=0) - 1, subs, mask=read)
+    tl.store(list_count_ptr + index, tl.sum(flags, axis=0))
+
+
+@triton.jit
+def _candidates_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, cutoff_ptr, list_ptr, list_count_ptr,
+                       vocab, values_ptr, indices_ptr, count_ptr, capacity, num_subs, SUB: tl.constexpr,
+                       CHUNK: tl.constexpr, PROGRAMS: tl.constexpr, FMA: tl.constexpr):
+    # PROGRAMS programs per row take the row's listed sub-blocks in turns, CHUNK of them per [CHUNK, SUB] load
+    index = tl.program_id(0).to(tl.int64)
+    num_read = tl.load(list_count_ptr + index)
+    cutoff = tl.load(cutoff_ptr + index)
     temperature = tl.load(temperature_ptr + index)
+    reciprocal = tl.div_rn(1.0, temperature)
     row = tl.load(rows_ptr + index)
-    for start in range(0, num_read, CHUNK):
+    for start in range(tl.program_id(1) * CHUNK, num_read, PROGRAMS * CHUNK):
         wanted = start + tl.arange(0, CHUNK)
-        picked = tl.sum(tl.where(ranks[None, :] == wanted[:, None], subs[None, :], 0), axis=1)  # the i-th read
-        cols = picked[:, None] * SUB + tl.arange(0, SUB)[None, :]
-        mask = (wanted < num_read)[:, None] & (cols < vocab)
+        listed = wanted < num_read
+        subs = tl.load(list_ptr + index * num_subs + wanted, mask=listed, other=0)
+        cols = subs[:, None] * SUB + tl.arange(0, SUB)[None, :]
+        mask = listed[:, None] & (cols < vocab)
         logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        scaled = tl.div_rn(logits, temperature)
+        scaled = _divide(logits, temperature, reciprocal, FMA)
         _append_candidates(values_ptr, indices_ptr, count_ptr, index, capacity, mask & (scaled >= cutoff), scaled,
                            cols)
 
@@ -205,7 +231,8 @@ def gather_candidates(logits: torch.Tensor, rows: torch.Tensor, temperature: tor
                       count: torch.Tensor | None = None):
     """``reference.gather_candidates`` of ``logits[rows]``, except that the slots past a row's count are left
     unwritten (their content is unspecified: readers mask by the count); only the sub-blocks whose maximum
-    (``sub_block_max`` from ``block_stats``) reaches the cutoff are read. ``count``: an (R,) int32 zero-filled
+    (``sub_block_max`` from ``block_stats``) reaches the cutoff are read: a first launch lists them per row, a
+    second reads them, ``CANDIDATE_CHUNK`` per load. ``count``: an (R,) int32 zero-filled
     buffer to count into (so that one fill serves several calls), or None for a new one."""
     if not use_triton(logits):
         return reference.gather_candidates(logits[rows], temperature, cutoff, capacity)
@@ -216,16 +243,21 @@ def gather_candidates(logits: torch.Tensor, rows: torch.Tensor, temperature: tor
         count = torch.zeros((num_rows,), dtype=torch.int32, device=device)
     num_subs = sub_block_max.shape[1]
     if num_rows:
-        _candidates_kernel[(num_rows, cdiv(num_subs, CANDIDATE_GROUP))](
-            logits, rows, logits.stride(0), temperature, cutoff, sub_block_max, logits.shape[1], values, indices,
-            count, capacity, num_subs, SUB=BLOCK // SUB_BLOCKS, GROUP=CANDIDATE_GROUP, CHUNK=CANDIDATE_CHUNK)
+        listed = torch.empty((num_rows, num_subs), dtype=torch.int32, device=device)
+        list_count = torch.empty((num_rows,), dtype=torch.int32, device=device)
+        _list_sub_blocks_kernel[(num_rows,)](sub_block_max, cutoff, listed, list_count, num_subs,
+                                             SUBS=next_power_of_2(num_subs), num_warps=8)
+        _candidates_kernel[(num_rows, CANDIDATE_PROGRAMS)](
+            logits, rows, logits.stride(0), temperature, cutoff, listed, list_count, logits.shape[1], values,
+            indices, count, capacity, num_subs, SUB=BLOCK // SUB_BLOCKS, CHUNK=CANDIDATE_CHUNK,
+            PROGRAMS=CANDIDATE_PROGRAMS, FMA=not triton_interpret_enabled())
     return values, indices, count
 
 
 @triton.jit
 def _race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_max_ptr, floor_ptr, bound_ptr,
                  block_max_ptr, streams_ptr, vocab, best_ptr, best_index_ptr, num_blocks, BLOCK: tl.constexpr,
-                 LIBDEVICE_LOG: tl.constexpr):
+                 LIBDEVICE_LOG: tl.constexpr, FMA: tl.constexpr):
     index = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     threshold = tl.maximum(tl.load(floor_ptr + index), tl.load(bound_ptr + index))
@@ -237,7 +269,8 @@ def _race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_max_ptr,
         cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < vocab
         logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        scaled = tl.div_rn(logits, tl.load(temperature_ptr + index))
+        temperature = tl.load(temperature_ptr + index)
+        scaled = _divide(logits, temperature, tl.div_rn(1.0, temperature), FMA)
         weight = tl.exp(scaled - tl.load(row_max_ptr + index))
         ratio = tl.where(mask & (scaled >= threshold), weight / _exponential(streams_ptr, index, cols, LIBDEVICE_LOG),
                          -1.0)
@@ -262,7 +295,8 @@ def race_blocks(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Ten
     if num_rows:
         _race_kernel[(num_rows, num_blocks)](
             logits, rows, logits.stride(0), temperature, row_max, floor, bound, block_max, streams.contiguous(),
-            logits.shape[1], best, best_index, num_blocks, BLOCK=BLOCK, LIBDEVICE_LOG=not triton_interpret_enabled())
+            logits.shape[1], best, best_index, num_blocks, BLOCK=BLOCK, LIBDEVICE_LOG=not triton_interpret_enabled(),
+            FMA=not triton_interpret_enabled())
     return best, best_index
 
 
