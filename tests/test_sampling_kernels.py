@@ -48,7 +48,7 @@ def test_exponential_kernel_matches_reference(interpret):
     assert (expected > 0).all() and 0.5 < expected.mean() < 1.5
 
 
-def test_block_candidate_and_race_kernels_match_their_references(interpret):
+def test_block_candidate_and_race_kernels_match_their_references(interpret, monkeypatch):
     logits = torch.randn(4, 2500) * 3
     rows = torch.tensor([3, 0, 1], dtype=torch.int64)
     temperature = torch.tensor([1.0, 0.5, 2.0])
@@ -74,11 +74,13 @@ def test_block_candidate_and_race_kernels_match_their_references(interpret):
     streams = _streams(3, 2500)
     floor = row_max + torch.log(torch.tensor([0.0, 0.1, 0.0]))
     bound = torch.full((3,), float("-inf"))
-    best, token = sampling.race_blocks(logits, rows, temperature, row_max, floor, streams, block_max, bound)
     ref_best, ref_token = reference.race_blocks(logits[rows], temperature, row_max, floor, bound, streams,
                                                 sampling.BLOCK)
-    torch.testing.assert_close(best, ref_best, rtol=1e-5, atol=0)
-    assert token.tolist() == ref_token.tolist()
+    for group in (sampling.RACE_GROUP, 2):  # one program per row; two, the second's group cut by the row's end
+        monkeypatch.setattr(sampling, "RACE_GROUP", group)
+        best, token = sampling.race_blocks(logits, rows, temperature, row_max, floor, streams, block_max, bound)
+        torch.testing.assert_close(best, ref_best, rtol=1e-5, atol=0)
+        assert token.tolist() == ref_token.tolist()
     skipped, _ = sampling.race_blocks(logits, rows, temperature, row_max, floor, streams, block_max,
                                       torch.full((3,), float("inf")))
     assert (skipped == -1).all()

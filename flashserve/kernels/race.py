@@ -119,6 +119,37 @@ def _shared_race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_m
 
 
 @triton.jit
+def _dense_rows_kernel(block_max_ptr, floor_ptr, bound_ptr, threshold_ptr, cutoff_ptr, num_blocks, most_blocks,
+                       BLOCKS: tl.constexpr):
+    # per row: the scaled logit a token must reach to possibly win, and the gathering's cutoff: that threshold, or
+    # +inf where more than most_blocks blocks reach it (the row races densely without compacting its tokens)
+    row = tl.program_id(0).to(tl.int64)
+    threshold = tl.maximum(tl.load(floor_ptr + row), tl.load(bound_ptr + row))
+    offsets = tl.arange(0, BLOCKS)
+    in_range = offsets < num_blocks
+    block_max = tl.load(block_max_ptr + row * num_blocks + offsets, mask=in_range, other=float("-inf"))
+    reaching = tl.sum((in_range & (block_max >= threshold)).to(tl.int32), axis=0)
+    tl.store(threshold_ptr + row, threshold)
+    tl.store(cutoff_ptr + row, tl.where(reaching > most_blocks, float("inf"), threshold))
+
+
+@triton.jit
+def _dense_split_kernel(threshold_ptr, cutoff_ptr, count_ptr, member_ptr, shared_threshold_ptr, race_bound_ptr,
+                        key_ptr, capacity, SHARED: tl.constexpr):
+    # per row, after the gathering: which dense race takes it (the shared stream's, or race_blocks'), if any —
+    # a row races densely if it skipped the gathering (cutoff above its threshold) or overflowed the slots
+    row = tl.program_id(0).to(tl.int64)
+    threshold = tl.load(threshold_ptr + row)
+    dense = (tl.load(cutoff_ptr + row) != threshold) | (tl.load(count_ptr + row) > capacity)
+    if SHARED:
+        member = tl.load(member_ptr + row) != 0
+        tl.store(shared_threshold_ptr + row, tl.where(dense & member, threshold, float("inf")))
+        dense = dense & ~member
+    tl.store(race_bound_ptr + row, tl.where(dense, threshold, float("inf")))
+    tl.store(key_ptr + row, tl.zeros((), tl.int64))
+
+
+@triton.jit
 def _finish_kernel(values_ptr, indices_ptr, count_ptr, row_max_ptr, streams_ptr, block_best_ptr, block_token_ptr,
                    key_ptr, best_ptr, token_ptr, out_ptr, capacity, num_blocks, vocab, CHUNK: tl.constexpr,
                    BLOCKS: tl.constexpr, LIBDEVICE_LOG: tl.constexpr):
@@ -190,7 +221,6 @@ def race_rest(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.
             Philox call once for its 4 draws (``_shared_race_kernel``) instead of once per draw.
     Returns (R,) int64.
     """
-    threshold = torch.maximum(bound, floor)
     if not use_triton(logits):
         block_best, block_token = reference.race_blocks(logits[row_index], temperature, row_max, floor, bound,
                                                         streams, sampling.BLOCK)
@@ -200,25 +230,29 @@ def race_rest(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.
     num_blocks = block_max.shape[1]
     # rows where most blocks may hold a winner race densely without trying to compact their tokens first
     most_blocks = max(int(num_blocks * DENSE_BLOCK_FRACTION), capacity // sampling.BLOCK)
-    straight_to_dense = (block_max >= threshold.unsqueeze(1)).sum(dim=1) > most_blocks
-    values, indices, count = sampling.gather_candidates(
-        logits, row_index, temperature, torch.where(straight_to_dense, float("inf"), threshold), sub_block_max,
-        capacity)
-    dense = straight_to_dense | (count > capacity)
     if shared is not None and vocab < sampling.BLOCK:
         shared = None  # a segment of the shared kernel would span more than two rows
-    keys = torch.zeros(num_rows, dtype=torch.int64, device=logits.device)
+    device = logits.device
+    threshold, cutoff, shared_threshold, race_bound = (torch.empty(num_rows, dtype=torch.float32, device=device)
+                                                       for _ in range(4))
+    keys = torch.empty(num_rows, dtype=torch.int64, device=device)
+    if num_rows:
+        _dense_rows_kernel[(num_rows,)](block_max, floor, bound, threshold, cutoff, num_blocks, most_blocks,
+                                        BLOCKS=next_power_of_2(num_blocks))
+    values, indices, count = sampling.gather_candidates(logits, row_index, temperature, cutoff, sub_block_max,
+                                                        capacity)
+    if num_rows:
+        _dense_split_kernel[(num_rows,)](threshold, cutoff, count, shared.member if shared is not None else count,
+                                         shared_threshold, race_bound, keys, capacity, SHARED=shared is not None)
     if shared is not None and num_rows:
-        shared_threshold = torch.where(dense & shared.member, threshold, float("inf"))
         grid = (cdiv(shared.max_stride, sampling.BLOCK), cdiv(shared.index.shape[0] * vocab, 4 * shared.min_stride))
         _shared_race_kernel[grid](logits, row_index, logits.stride(0), temperature, row_max, shared_threshold,
                                   shared.index, shared.count, streams.contiguous(), keys, vocab,
                                   BLOCK=sampling.BLOCK, LIBDEVICE_LOG=not triton_interpret_enabled(),
                                   FMA=not triton_interpret_enabled(),
                                   num_warps=SHARED_RACE_WARPS)
-        dense = dense & ~shared.member
     block_best, block_token = sampling.race_blocks(logits, row_index, temperature, row_max, floor, streams,
-                                                   block_max, torch.where(dense, threshold, float("inf")))
+                                                   block_max, race_bound)
     out = torch.empty_like(token)
     if num_rows:
         _finish_kernel[(num_rows,)](

@@ -43,6 +43,7 @@ STATS_GROUP = 2          # blocks per program of ``block_stats``, read as one ti
 STATS_WARPS = 4
 CANDIDATE_PROGRAMS = 16  # programs per row of ``gather_candidates``, taking the row's listed sub-blocks in turns
 CANDIDATE_CHUNK = 16     # sub-blocks that ``gather_candidates`` reads at once
+RACE_GROUP = 8           # blocks per program of ``race_blocks`` (one load writes off those without a possible winner)
 
 
 def torch_stream_layout(numel: int, device: torch.device) -> tuple[int, int]:
@@ -257,27 +258,34 @@ def gather_candidates(logits: torch.Tensor, rows: torch.Tensor, temperature: tor
 @triton.jit
 def _race_kernel(logits_ptr, rows_ptr, stride_row, temperature_ptr, row_max_ptr, floor_ptr, bound_ptr,
                  block_max_ptr, streams_ptr, vocab, best_ptr, best_index_ptr, num_blocks, BLOCK: tl.constexpr,
-                 LIBDEVICE_LOG: tl.constexpr, FMA: tl.constexpr):
+                 GROUP: tl.constexpr, LIBDEVICE_LOG: tl.constexpr, FMA: tl.constexpr):
+    # a program takes GROUP blocks: those that cannot hold a winner are written off at once (one vector load),
+    # the others raced one after another
     index = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
+    blocks = tl.program_id(1) * GROUP + tl.arange(0, GROUP)
+    in_range = blocks < num_blocks
     threshold = tl.maximum(tl.load(floor_ptr + index), tl.load(bound_ptr + index))
-    largest = tl.load(block_max_ptr + index * num_blocks + block)
-    best = -1.0
-    best_index = block * BLOCK
-    if largest >= threshold:  # else no token of the block can win
-        row = tl.load(rows_ptr + index)
+    largest = tl.load(block_max_ptr + index * num_blocks + blocks, mask=in_range, other=float("-inf"))
+    races = in_range & (largest >= threshold)  # else no token of the block can win
+    tl.store(best_ptr + index * num_blocks + blocks, tl.full([GROUP], -1.0, tl.float32), mask=in_range & ~races)
+    tl.store(best_index_ptr + index * num_blocks + blocks, blocks.to(tl.int64) * BLOCK, mask=in_range & ~races)
+    flags = races.to(tl.int32)
+    ranks = tl.where(races, tl.cumsum(flags, axis=0) - 1, -1)
+    row = tl.load(rows_ptr + index)
+    temperature = tl.load(temperature_ptr + index)
+    reciprocal = tl.div_rn(1.0, temperature)
+    row_max = tl.load(row_max_ptr + index)
+    for i in range(0, tl.sum(flags, axis=0)):
+        block = tl.sum(tl.where(ranks == i, blocks, 0), axis=0)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         mask = cols < vocab
         logits = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        temperature = tl.load(temperature_ptr + index)
-        scaled = _divide(logits, temperature, tl.div_rn(1.0, temperature), FMA)
-        weight = tl.exp(scaled - tl.load(row_max_ptr + index))
+        scaled = _divide(logits, temperature, reciprocal, FMA)
+        weight = tl.exp(scaled - row_max)
         ratio = tl.where(mask & (scaled >= threshold), weight / _exponential(streams_ptr, index, cols, LIBDEVICE_LOG),
                          -1.0)
-        best = tl.max(ratio, axis=0)
-        best_index = tl.argmax(ratio, axis=0) + block * BLOCK
-    tl.store(best_ptr + index * num_blocks + block, best)
-    tl.store(best_index_ptr + index * num_blocks + block, best_index.to(tl.int64))
+        tl.store(best_ptr + index * num_blocks + block, tl.max(ratio, axis=0))
+        tl.store(best_index_ptr + index * num_blocks + block, (tl.argmax(ratio, axis=0) + block * BLOCK).to(tl.int64))
 
 
 def race_blocks(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, row_max: torch.Tensor,
@@ -286,16 +294,18 @@ def race_blocks(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Ten
     """``reference.race_blocks`` of ``logits[rows]``, the noise computed in the kernel from ``streams``; blocks
     whose ``block_max`` is below ``bound`` (no token there can beat a ratio already found) or below ``floor``
     are neither read nor raced (their best is -1); within a block, only tokens at or above both race. A row whose
-    ``bound`` is +inf costs one load per block: ``flashserve.kernels.race`` switches rows off that way."""
+    ``bound`` is +inf costs one load per ``RACE_GROUP`` blocks: ``flashserve.kernels.race`` switches rows off that
+    way."""
     if not use_triton(logits):
         return reference.race_blocks(logits[rows], temperature, row_max, floor, bound, streams, BLOCK)
     num_rows, num_blocks = rows.shape[0], block_max.shape[1]
     best = torch.empty((num_rows, num_blocks), dtype=torch.float32, device=logits.device)
     best_index = torch.empty((num_rows, num_blocks), dtype=torch.int64, device=logits.device)
     if num_rows:
-        _race_kernel[(num_rows, num_blocks)](
+        _race_kernel[(num_rows, cdiv(num_blocks, RACE_GROUP))](
             logits, rows, logits.stride(0), temperature, row_max, floor, bound, block_max, streams.contiguous(),
-            logits.shape[1], best, best_index, num_blocks, BLOCK=BLOCK, LIBDEVICE_LOG=not triton_interpret_enabled(),
+            logits.shape[1], best, best_index, num_blocks, BLOCK=BLOCK, GROUP=RACE_GROUP,
+            LIBDEVICE_LOG=not triton_interpret_enabled(),
             FMA=not triton_interpret_enabled())
     return best, best_index
 
