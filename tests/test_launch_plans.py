@@ -204,6 +204,7 @@ def recorded_decode(fake_driver, monkeypatch):
         launcher.kernel = recordings[label] = _Recording()
         monkeypatch.setattr(decode_launch, name, launcher)
     monkeypatch.setattr(decode_launch, "_PLANS", {})
+    monkeypatch.setattr(decode_launch, "_PAGED_PLANS", {})
     kvcache_plain_calls.PLAIN_CALLS.clear()
     yield recordings
     kvcache_plain_calls.PLAIN_CALLS.clear()
@@ -234,6 +235,20 @@ def test_compiled_launches_pass_what_tritons_path_passes(recorded_decode, case, 
         constexprs = tuple(value for name, value in meta.items() if name not in ("num_warps", "num_stages",
                                                                                   "launch_pdl"))
         assert run_args == _pointers(call_args, renamed) + constexprs
+
+
+@pytest.mark.parametrize("hooked", ["decode", "combine"])
+def test_a_pre_run_hook_sends_remembered_compiled_launches_through_tritons_path(recorded_decode, hooked):
+    """A pre-run hook added to either kernel after a plan remembered both compiled kernels: the next call
+    launches that kernel through Triton's own path (which runs the hook)."""
+    args = {**_decode_args(), "num_splits": 3}
+    for _ in range(3):
+        flash_attn_with_kvcache(**args)
+    recording = recorded_decode[hooked]
+    assert len(recording.calls) == 1 and len(recording.compiled.runs) == 2
+    recording.pre_run_hooks = [lambda *args, **kwargs: None]
+    flash_attn_with_kvcache(**args)
+    assert len(recording.calls) == 2 and len(recording.compiled.runs) == 2
 
 
 def test_engine_decode_launches_compiled_kernels_only_for_aligned_pointers(recorded_decode):

@@ -21,6 +21,7 @@ from flashserve.kernels.scratch import SCRATCH
 
 _MAX_PLANS = 1024
 _PLANS: dict[tuple, "DecodePlan"] = {}
+_PAGED_PLANS: dict[tuple, "DecodePlan"] = {}  # (paged_decode_plan's)
 
 
 def launch_decode(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, softmax_scale,
@@ -60,6 +61,21 @@ def decode_plan(q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, al
         plan = bounded_put(_PLANS, key, DecodePlan(
             q, k_cache, v_cache, block_table, cache_batch_idx, alibi_slopes, cache_leftpad, key_start, softmax_scale,
             softcap, window_left, window_right, capacity, num_splits, write_lse, fused_combine), _MAX_PLANS)
+    return plan
+
+
+def paged_decode_plan(q, k_cache, v_cache, seqused_k, block_table, softmax_scale, window_left) -> "DecodePlan":
+    """The ``decode_plan`` of ``paged_attention.decode``'s launch (causal, the capacity the block table's, no other
+    optional input, no LSE), cached under a key of its own that needs fewer reads of the tensors than
+    ``decode_plan``'s (the table's shape for the capacity)."""
+    key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype, v_cache.stride(),
+           v_cache.dtype, seqused_k.dtype, block_table.shape, block_table.stride(), block_table.dtype, softmax_scale,
+           window_left, decode.FUSED_COMBINE_MAX_GROUPS, pdl.generation)
+    plan = _PAGED_PLANS.get(key)
+    if plan is None:
+        plan = bounded_put(_PAGED_PLANS, key, decode_plan(
+            q, k_cache, v_cache, seqused_k, block_table, None, None, softmax_scale, 0.0, window_left, 0,
+            block_table.shape[1] * k_cache.shape[1], 0, False), _MAX_PLANS)
     return plan
 
 
@@ -127,10 +143,13 @@ class DecodePlan:
             num_warps=combine_warps, **pdl.launch_options(use_pdl))
         # What _launch_compiled reads, in one tuple (one attribute load instead of a dozen: it runs every call)
         self._compiled_launch = (
-            self._decode, self._combine, self.device if self.uses_scratch else None, self.scratch_numel,
-            self.scratch_offsets, splits == 1, self._decode.grid, self._decode.tail,
-            None if self._combine is None else self._combine.grid,
+            self._decode.launcher, None if self._combine is None else self._combine.launcher,
+            self.device if self.uses_scratch else None, self.scratch_numel, self.scratch_offsets, splits == 1,
+            self._decode.grid, self._decode.tail, None if self._combine is None else self._combine.grid,
             None if self._combine is None else self._combine.tail)
+        # launcher state -> (compiled decode, compiled combine or None), as the LaunchPlans found them: one look-up
+        # per call for both (see _launch_compiled)
+        self._kernels: dict[tuple, tuple] = {}
 
     def __call__(self, q, k_cache, v_cache, seqlens_k, block_table, cache_batch_idx, alibi_slopes, cache_leftpad,
                  key_start):
@@ -193,7 +212,8 @@ class DecodePlan:
 
     def _launch_compiled(self, q, k_cache, v_cache, lengths, table, optional, out, lse) -> bool:
         """The launches straight through the compiled kernels that earlier launches of this plan found
-        (``LaunchPlan.compiled``) for the same launcher state, every pointer 16-byte aligned and no launch hook
+        (``LaunchPlan.compiled``, remembered in ``_kernels``) for the same launcher state while neither kernel has a
+        pre-run hook, every pointer 16-byte aligned and no launch hook
         (one state and stream read for both kernels); the inputs are data pointers: ``table`` is ``lengths``
         without a block table, ``optional`` those of (cache_batch_idx, alibi_slopes, cache_leftpad, key_start)
         (``lengths`` for an absent one), None for a plan without them. Callers test first that the plan's
@@ -204,15 +224,17 @@ class DecodePlan:
         if context is None:
             return False
         state, stream, enter_hook, exit_hook = context
-        decode, combine, scratch_device, scratch_numel, scratch_offsets, one_split, grid, tail, combine_grid, \
-            combine_tail = self._compiled_launch
-        decode_kernel = decode.compiled(state)
-        if decode_kernel is None:
-            return False
-        if combine is not None:
-            combine_kernel = combine.compiled(state)
-            if combine_kernel is None:
+        decode_launcher, combine_launcher, scratch_device, scratch_numel, scratch_offsets, one_split, grid, tail, \
+            combine_grid, combine_tail = self._compiled_launch
+        kernels = self._kernels.get(state)
+        if kernels is None:
+            kernels = self._found_kernels(state)
+            if kernels is None:
                 return False
+        elif decode_launcher.kernel.pre_run_hooks or combine_launcher is not None and \
+                combine_launcher.kernel.pre_run_hooks:  # (what LaunchPlan.compiled tests)
+            return False
+        decode_kernel, combine_kernel = kernels
         if scratch_device is not None:  # (the views stay referenced until the launches are queued: see SCRATCH.slices)
             views, (part, part_lse, unread_lse) = SCRATCH.slices(scratch_device, scratch_numel, scratch_offsets)
         else:
@@ -238,10 +260,21 @@ class DecodePlan:
         decode_kernel.run(grid[0], grid[1], grid[2], stream, decode_kernel.function, decode_kernel.packed_metadata,
                           None, enter_hook, exit_hook, q, k_cache, v_cache, target_out, target_lse, table, batch_idx,
                           lengths, alibi, leftpad, key_start, target_lse, out_ptr, final_lse, *tail)
-        if combine is not None:
+        if combine_kernel is not None:
             combine_kernel.run(combine_grid[0], combine_grid[1], combine_grid[2], stream, combine_kernel.function,
                                combine_kernel.packed_metadata, None, enter_hook, exit_hook, out_ptr,
                                part_lse if lse is None else lse_ptr, part, *combine_tail)
         return True
 
+    def _found_kernels(self, state) -> tuple | None:
+        """(compiled decode, compiled combine or None) that the ``LaunchPlan`` s found for ``state``, remembered for
+        ``_launch_compiled``; None where one has none (or its kernel has a pre-run hook)."""
+        decode_kernel = self._decode.compiled(state)
+        combine_kernel = None if self._combine is None else self._combine.compiled(state)
+        if decode_kernel is None or self._combine is not None and combine_kernel is None:
+            return None
+        return bounded_put(self._kernels, state, (decode_kernel, combine_kernel), _MAX_KERNEL_STATES)
+
+
+_MAX_KERNEL_STATES = 8  # (LaunchPlan keeps as many)
 _empty_like = torch.empty_like

@@ -8,11 +8,12 @@ geometries that passed every argument check before skips those checks and reuses
 """
 import torch
 
+from flashserve.kernels import decode, pdl
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels.decode_checks import check_kvcache_args
 from flashserve.kernels.decode_launch import decode_plan
 from flashserve.kernels.kvcache_append import append_new_tokens
-from flashserve.kernels.kvcache_plain_calls import PLAIN_CALLS, plain_call_key, remember
+from flashserve.kernels.kvcache_plain_calls import PLAIN_CALLS, remember
 from flashserve.kernels.scratch import SCRATCH
 from flashserve.kernels.reference import decode as reference
 
@@ -59,15 +60,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Returns:
         out (B, Sq, H, D) in q's dtype, and the LSE when asked. A row with no visible key gives zeros and LSE -inf.
     """
-    plain_key = None  # a plain call (see kvcache_plain_calls):
+    plain_key = None  # a plain call of a plain q and a length tensor or int: its key (see kvcache_plain_calls)
+    lengths_type = type(cache_seqlens)
     if (k is None and v is None and rotary_cos is None and rotary_sin is None and cache_batch_idx is None
             and cache_leftpad is None and alibi_slopes is None and softcap == 0.0 and type(num_splits) is int
-            and num_splits >= 0 and type(window_size) is tuple and window_size == _NO_WINDOW):
-        plain_key = plain_call_key(q, cache_seqlens, block_table, softmax_scale, causal, num_splits,
-                                   return_softmax_lse)
-        known = PLAIN_CALLS.get(plain_key) if plain_key is not None else None
+            and num_splits >= 0 and type(window_size) is tuple and window_size == _NO_WINDOW
+            and type(q) is torch.Tensor and (lengths_type is torch.Tensor or lengths_type is int)):
+        plain_key = (q.shape, q.stride(), q.dtype, q.device, cache_seqlens if lengths_type is int else None,
+                     block_table is None, type(softmax_scale), softmax_scale, not causal, num_splits,
+                     not return_softmax_lse, decode.FUSED_COMBINE_MAX_GROUPS, pdl.generation)  # (not x: bool(x))
+        known = PLAIN_CALLS.get(plain_key)
         if known is not None and use_triton(q):
-            result = known(q, k_cache, v_cache, cache_seqlens, block_table)
+            result = known.launch(q, k_cache, v_cache, cache_seqlens, block_table)
             if result is not None:
                 return result if return_softmax_lse else result[0]
     window_left, window_right, capacity = check_kvcache_args(

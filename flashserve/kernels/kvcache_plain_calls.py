@@ -2,8 +2,9 @@
 table; nothing appended, no rotary, leftpad, batch index, ALiBi, window or softcap) remembered after they passed
 every argument check, so that a repeated call only re-reads what may have changed.
 
-``PLAIN_CALLS`` maps ``plain_call_key`` (q's shape, strides, dtype and device, an int length's value, the scalar
-arguments, ``pdl.generation``) to a ``PlainCall``: the geometry (shape, strides, dtype, device) the other tensors had
+``PLAIN_CALLS`` maps the key ``flash_attn_with_kvcache`` builds for a plain call of a plain ``torch.Tensor`` q and a
+length tensor or int (q's shape, strides, dtype and device, an int length's value, the scalar arguments,
+``pdl.generation``) to a ``PlainCall``: the geometry (shape, strides, dtype, device) the other tensors had
 when the checks passed, the cache capacity and the ``decode_launch.DecodePlan``. Per call a ``PlainCall`` recognises the
 tensors of an earlier call (one set per KV cache: the layers of a model) by their ids while they live (weak references),
 PyTorch's version counters (bumped by every in-place op, the metadata ones — ``resize_``, ``as_strided_``,
@@ -20,7 +21,6 @@ import weakref
 
 import torch
 
-from flashserve.kernels import decode, pdl
 from flashserve.kernels._launch import bounded_put
 from flashserve.kernels.index_checks import KVCACHE_CHECKED, capturing, check_kvcache_values
 from flashserve.kernels.scratch import SCRATCH
@@ -28,18 +28,6 @@ from flashserve.kernels.scratch import SCRATCH
 _MAX_PLAIN_CALLS = 256
 _MAX_KNOWN = 512  # KV caches each PlainCall recognises (the layers of the models a process runs)
 PLAIN_CALLS: dict[tuple, "PlainCall"] = {}
-
-
-def plain_call_key(q, cache_seqlens, block_table, softmax_scale, causal, num_splits, return_softmax_lse):
-    """The key of a plain call in ``PLAIN_CALLS``; None unless q is a plain ``torch.Tensor`` and ``cache_seqlens``
-    a tensor or an int (the other tensors' geometry is the ``PlainCall``'s to check)."""
-    lengths_type = type(cache_seqlens)
-    if type(q) is not torch.Tensor or lengths_type is not int and lengths_type is not torch.Tensor:
-        return None
-    device = q.device
-    return (q.shape, q.stride(), q.dtype, device, cache_seqlens if lengths_type is int else None,
-            block_table is None, type(softmax_scale), softmax_scale, not causal, num_splits,
-            not return_softmax_lse, decode.FUSED_COMBINE_MAX_GROUPS, pdl.generation)  # (not x: bool(x), cheaper)
 
 
 def remember(key: tuple, k_cache, v_cache, cache_seqlens, block_table, capacity: int, plan) -> None:
@@ -53,9 +41,10 @@ def _geometry(tensor):
 
 
 class PlainCall:
-    """One plain call signature that passed every check: ``call(q, k_cache, v_cache, cache_seqlens, block_table)``
-    -> (out, lse or None) for arguments of that signature, or None (nothing launched) when a tensor's geometry
-    differs from the remembered one (the caller then runs the full checks). Raises the value checks' ValueError."""
+    """One plain call signature that passed every check: ``launch(q, k_cache, v_cache, cache_seqlens,
+    block_table)`` -> (out, lse or None) for arguments of that signature, or None (nothing launched) when a tensor's
+    geometry differs from the remembered one (the caller then runs the full checks). Raises the value checks'
+    ValueError. (A method, not ``__call__``: calling an instance costs ~0.1 µs more.)"""
 
     def __init__(self, k_cache, v_cache, cache_seqlens, block_table, capacity: int, plan):
         lengths = cache_seqlens if type(cache_seqlens) is torch.Tensor else None
@@ -73,7 +62,7 @@ class PlainCall:
         self.indices = None
         self._index_references = ()
 
-    def __call__(self, q, k_cache, v_cache, cache_seqlens, block_table):
+    def launch(self, q, k_cache, v_cache, cache_seqlens, block_table):
         # (q's shape and device are the key's: the plan's batch and device)
         lengths = SCRATCH.constant(self.device, self.batch, cache_seqlens) if type(cache_seqlens) is int \
             else cache_seqlens

@@ -14,7 +14,7 @@ import torch
 
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels.decode import launch_config, uses_fused_combine
-from flashserve.kernels.decode_launch import decode_plan
+from flashserve.kernels.decode_launch import paged_decode_plan
 from flashserve.kernels.prefill import prefill_attention
 from flashserve.kernels.prefill_tuning import HEAD_PACKING_MAX_QUERY, LENGTH_CLASS_BOUNDS
 from flashserve.kernels.qk_rope_cache import launch_qk_norm_rope_cache
@@ -52,8 +52,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sequse
             True, (window_left, 0), 0.0, True, None)
         return out.squeeze(1)
     # (launch_decode, inline; its plan's plain-input launch)
-    return decode_plan(q, k_cache, v_cache, seqused_k, block_table, None, None, softmax_scale, 0.0, window_left, 0,
-                       block_table.shape[1] * k_cache.shape[1], 0, False).plain(
+    return paged_decode_plan(q, k_cache, v_cache, seqused_k, block_table, softmax_scale, window_left).plain(
         q, k_cache, v_cache, seqused_k, block_table)[0]
 
 
