@@ -173,14 +173,14 @@ class DecodeSampling:
             self.shared_index.array[:len(shared_rows)] = shared_rows
             self.num_shared.array[0] = len(shared_rows)
             self.shared_member.array[shared_rows] = True
-            for i, stream in zip(sampled_rows, streams):
-                params = requests[i].params
-                self.streams.array[i] = stream
-                self.top_k.array[i] = params.top_k
-                self.temperature.array[i] = params.temperature
-                self.top_p.array[i] = params.top_p
-                self.min_p.array[i] = params.min_p
-                self.greedy.array[i] = False
+            # one fancy-indexed write per field (a per-row loop of scalar writes cost ~0.8 us a row)
+            params = [requests[i].params for i in sampled_rows]
+            self.streams.array[sampled_rows] = streams
+            self.top_k.array[sampled_rows] = [p.top_k for p in params]
+            self.temperature.array[sampled_rows] = [p.temperature for p in params]
+            self.top_p.array[sampled_rows] = [p.top_p for p in params]
+            self.min_p.array[sampled_rows] = [p.min_p for p in params]
+            self.greedy.array[sampled_rows] = False
         if self._copy_done is not None:
             self._device_arena.copy_(self._host_arena, non_blocking=True)
             self._copy_done.record()
