@@ -84,6 +84,44 @@ def test_sampled_and_mixed_rows_equal_the_kernels_on_the_same_streams():
     assert [got[i] for i in rows] == direct.tolist()
 
 
+class _SeededStreams(_FixedStreams):
+    """Fixed streams for requests with a seed; the others share one call (bases position * vocab), as the real
+    sampler lays them out."""
+
+    def stream_rows(self, requests, vocab):
+        rows, position = [], 0
+        for request in requests:
+            if request.generator is None:
+                rows.append([77, 8, position * vocab, 512])
+                position += 1
+            else:
+                rows.append([1000 + int(request.request_id[1:]), 4, 0, 512])
+        return rows
+
+
+def test_option_rows_written_incrementally_equal_a_full_write():
+    """Step after step (requests leaving and joining, rows turning greedy or sampled, seeded and shared rows, a
+    smaller padded size, a greedy batch), the host arena that the O(changes) writes leave equals the one a fresh
+    DecodeSampling writes for the same batch."""
+    vocab = 300
+    options = [dict(temperature=0.7, top_k=20, top_p=0.8), dict(temperature=0), dict(temperature=1.0, top_p=0.9),
+               dict(temperature=0.8, seed=5), dict(temperature=1.1, min_p=0.1), dict(temperature=0.9, seed=6)]
+    pool = [_request(i, "cpu", **options[i % len(options)]) for i in range(12)]
+    batches = [(pool[:6], 8), (pool[:6], 8), (pool[1:7], 8), ([pool[0], pool[2], pool[8], pool[3]], 4),
+               ([pool[1], pool[7]], 4), (pool[4:12], 8), (pool[4:12], 8), (pool[6:9], 4)]
+    buffered = DecodeSampling(_SeededStreams(vocab), 8, vocab, torch.device("cpu"))
+    fields = ("streams", "top_k", "temperature", "top_p", "min_p", "greedy", "shared_member")
+    for step, (requests, padded) in enumerate(batches):
+        fresh = DecodeSampling(_SeededStreams(vocab), 8, vocab, torch.device("cpu"))
+        for instance in (buffered, fresh):
+            instance._write_options(requests, instance.sampled_rows(requests), padded)
+        for name in fields:
+            assert (getattr(buffered, name).array[:padded] == getattr(fresh, name).array[:padded]).all(), (step, name)
+        shared = int(fresh.num_shared.array[0])
+        assert int(buffered.num_shared.array[0]) == shared, step
+        assert (buffered.shared_index.array[:shared] == fresh.shared_index.array[:shared]).all(), step
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_replays_give_the_eager_samplers_tokens_on_cuda():

@@ -22,6 +22,9 @@ same logits, and the same Philox offsets are claimed from the same generators in
 rows where the kernels cannot compute torch's draws (``Sampler.computes_noise`` False, e.g. on CPU). On CPU (no
 graphs) ``sample`` runs the same code on the same buffers eagerly.
 """
+import itertools
+
+import numpy as np
 import torch
 
 from flashserve.engine.input_buffers import _aligned, _Field
@@ -88,6 +91,9 @@ class DecodeSampling:
         self._copy_done = torch.cuda.Event() if on_cuda else None
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._placeholder_rows = 0  # leading rows whose options are placeholders in both arenas
+        self._row_requests: list[Request | None] = [None] * rows  # whose options each row of the host arena holds
+        self._shared_rows: list[int] = []  # the rows of the shared stream that the host arena lists
+        self._write_placeholders(0, rows)
 
     def supports(self, requests: list[Request]) -> bool:
         """Whether ``sample`` can take this batch (see the module docstring for what stays on the eager path)."""
@@ -165,37 +171,62 @@ class DecodeSampling:
             return
         if self._copy_done is not None:
             self._copy_done.synchronize()  # the previous step's upload has read the host arena
-        self._write_placeholders(0, padded_size)
-        self._placeholder_rows = 0 if sampled_rows else padded_size
         if sampled_rows:
-            streams = self.sampler.stream_rows([requests[i] for i in sampled_rows], self.vocab_size)
-            shared_rows = [i for i in sampled_rows if requests[i].generator is None]
-            self.shared_index.array[:len(shared_rows)] = shared_rows
-            self.num_shared.array[0] = len(shared_rows)
-            self.shared_member.array[shared_rows] = True
-            # one fancy-indexed write per field (a per-row loop of scalar writes cost ~0.8 us a row)
-            params = [requests[i].params for i in sampled_rows]
-            self.streams.array[sampled_rows] = streams
-            self.top_k.array[sampled_rows] = [p.top_k for p in params]
-            self.temperature.array[sampled_rows] = [p.temperature for p in params]
-            self.top_p.array[sampled_rows] = [p.top_p for p in params]
-            self.min_p.array[sampled_rows] = [p.min_p for p in params]
-            self.greedy.array[sampled_rows] = False
+            self._placeholder_rows = 0
+            self._write_rows(requests, sampled_rows, padded_size)
+        else:
+            self._write_placeholders(0, padded_size)
+            self._placeholder_rows = padded_size
         if self._copy_done is not None:
             self._device_arena.copy_(self._host_arena, non_blocking=True)
             self._copy_done.record()
 
+    def _write_rows(self, requests: list[Request], sampled_rows: list[int], padded_size: int) -> None:
+        """Rows ``0:padded_size`` of the host arena for a batch with sampled rows, in O(changes) Python: only the
+        rows whose request changed since the last write get their options (or placeholders) rewritten, the
+        shared-stream rows only when they changed; the streams, which advance every step, in one write."""
+        wanted: list[Request | None] = [None] * padded_size
+        for i in sampled_rows:
+            wanted[i] = requests[i]
+        owners = self._row_requests
+        for i in range(padded_size):
+            request = wanted[i]
+            if owners[i] is not request:
+                owners[i] = request
+                if request is None:
+                    self._write_placeholders(i, i + 1)
+                else:
+                    params = request.params
+                    self.top_k.array[i] = params.top_k
+                    self.temperature.array[i] = params.temperature
+                    self.top_p.array[i] = params.top_p
+                    self.min_p.array[i] = params.min_p
+                    self.greedy.array[i] = False
+        streams = self.sampler.stream_rows([requests[i] for i in sampled_rows], self.vocab_size)
+        self.streams.array[sampled_rows] = np.fromiter(itertools.chain.from_iterable(streams), np.int64,
+                                                       count=4 * len(streams)).reshape(-1, 4)
+        shared_rows = [i for i in sampled_rows if requests[i].generator is None]
+        if shared_rows != self._shared_rows:
+            self.shared_member.array[:padded_size] = False
+            self.shared_member.array[shared_rows] = True
+            self.shared_index.array[:len(shared_rows)] = shared_rows
+            self.num_shared.array[0] = len(shared_rows)
+            self._shared_rows = shared_rows
+
     def _write_placeholders(self, start: int, stop: int) -> None:
-        """Rows ``start:stop`` as greedy rows with neutral options."""
+        """Rows ``start:stop`` as greedy rows with neutral options (and no row in the shared stream)."""
         self.streams.array[start:stop] = _PLACEHOLDER_STREAM
         self.top_k.array[start:stop] = _PLACEHOLDER_TOP_K
         self.temperature.array[start:stop] = 1.0
         self.top_p.array[start:stop] = 1.0
         self.min_p.array[start:stop] = 0.0
         self.greedy.array[start:stop] = True
-        self.shared_member.array[start:stop] = False
-        self.shared_index.array[start:stop] = 0
-        self.num_shared.array[0] = 0
+        self._row_requests[start:stop] = [None] * (stop - start)
+        if self._shared_rows:
+            self.shared_member.array[:self.max_rows] = False
+            self.shared_index.array[:] = 0
+            self.num_shared.array[0] = 0
+            self._shared_rows = []
 
     def _run(self, size: int, sampled: bool, logits: torch.Tensor | None = None) -> None:
         """What a graph of ``size`` rows runs: the tokens (and fallback flags) into ``out``."""
