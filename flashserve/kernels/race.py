@@ -146,7 +146,7 @@ def _dense_split_kernel(threshold_ptr, cutoff_ptr, count_ptr, member_ptr, shared
         tl.store(shared_threshold_ptr + row, tl.where(dense & member, threshold, float("inf")))
         dense = dense & ~member
     tl.store(race_bound_ptr + row, tl.where(dense, threshold, float("inf")))
-    tl.store(key_ptr + row, tl.zeros((), tl.int64))
+    tl.store(key_ptr + row, tl.cast(0, tl.int64))
 
 
 @triton.jit
