@@ -27,7 +27,7 @@ from flashserve import SamplingParams
 from flashserve.engine.decode_sampling import DecodeSampling
 from flashserve.engine.request import Request
 from flashserve.engine.sampler import Sampler
-from flashserve.kernels import nucleus, race, sampling
+from flashserve.kernels import nucleus, philox, race
 from flashserve.kernels.reference import sampling as reference
 
 ROWS, VOCAB, HEAD = 256, 151_936, 64
@@ -59,7 +59,7 @@ def run(name, shape, temperature, top_k, top_p, min_p, generator) -> dict:
     truncated = [0 < top_k < VOCAB or top_p < 1.0] * ROWS
     rows = list(range(ROWS))
     torch_generator = torch.Generator(device="cuda").manual_seed(7)
-    stride, increment = sampling.torch_stream_layout(ROWS * VOCAB, torch.device("cuda"))
+    stride, increment = philox.torch_stream_layout(ROWS * VOCAB, torch.device("cuda"))
 
     def streams():
         offset = torch_generator.get_offset()
@@ -128,7 +128,7 @@ def markdown(rows) -> str:
 def main():
     parser = argument_parser(__doc__)
     args = parser.parse_args()
-    if not sampling.reproduces_torch_exponential(torch.device("cuda")):
+    if not philox.reproduces_torch_exponential(torch.device("cuda")):
         print("WARNING: exponential_at does not reproduce torch's exponential_ on this GPU")
     generator = torch.Generator(device="cuda").manual_seed(0)
     rows = [run(*case, generator) for case in CASES]

@@ -4,7 +4,7 @@ sampler against the sort-based one with the same noise, and, on CUDA, against to
 import pytest
 import torch
 
-from flashserve.kernels import nucleus, race, sampling, selection
+from flashserve.kernels import nucleus, philox, race, sampling, selection
 from flashserve.kernels.reference import sampling as reference
 
 
@@ -44,7 +44,7 @@ def test_exponential_kernel_matches_reference(interpret):
     streams = _streams(3, 50)
     tokens = torch.randint(0, 50, (3, 40))
     expected = reference.exponential_at(streams, tokens)
-    torch.testing.assert_close(sampling.exponential_at(streams, tokens), expected, rtol=2e-6, atol=0)
+    torch.testing.assert_close(philox.exponential_at(streams, tokens), expected, rtol=2e-6, atol=0)
     assert (expected > 0).all() and 0.5 < expected.mean() < 1.5
 
 
@@ -268,12 +268,12 @@ def test_exponential_stream_equals_torch_on_cuda(rows, vocab):
     generator = torch.Generator(device=device).manual_seed(1234)
     torch.empty(5, 7, device=device).exponential_(generator=generator)  # a non-zero offset
     offset = generator.get_offset()
-    stride, increment = sampling.torch_stream_layout(rows * vocab, device)
+    stride, increment = philox.torch_stream_layout(rows * vocab, device)
     expected = torch.empty(rows, vocab, device=device).exponential_(generator=generator)
     assert generator.get_offset() == offset + increment
     streams = torch.tensor([[1234, offset // 4, r * vocab, stride] for r in range(rows)], device=device)
     columns = torch.arange(vocab, device=device).expand(rows, -1).contiguous()
-    got = sampling.exponential_at(streams, columns)
+    got = philox.exponential_at(streams, columns)
     assert torch.equal(got, expected), f"{(got != expected).sum().item()} of {got.numel()} draws differ"
     # the reference takes the precise log (CUDA's fast __logf, which torch's kernel calls, differs in the last bits)
     torch.testing.assert_close(reference.exponential_at(streams[:1], columns[:1, :4096]), expected[:1, :4096],
@@ -323,7 +323,7 @@ def test_sampler_on_cuda_equals_the_sort_based_one(shape):
     temperature, top_k, top_p, min_p, truncated = (t.to(device) if isinstance(t, torch.Tensor) else t
                                                    for t in _params(num_rows, vocab, torch.Generator()))
     offset = generator.get_offset()
-    stride, _ = sampling.torch_stream_layout(num_rows * vocab, device)
+    stride, _ = philox.torch_stream_layout(num_rows * vocab, device)
     noise = torch.empty(num_rows, vocab, device=device).exponential_(generator=generator)
     streams = torch.tensor([[3, offset // 4, r * vocab, stride] for r in range(num_rows)], device=device)
     got = nucleus.sample(logits, list(range(num_rows)), temperature, top_k, top_p, min_p, truncated,

@@ -30,7 +30,7 @@ import torch
 from flashserve.engine.input_buffers import _aligned, _Field
 from flashserve.engine.request import Request
 from flashserve.engine.sampler import Sampler, truncates
-from flashserve.kernels import nucleus, race, sampling
+from flashserve.kernels import nucleus, philox, race, sampling
 from flashserve.kernels.reference import sampling as reference
 
 _PLACEHOLDER_STREAM = [0, 0, 0, 256]  # the stream of rows whose draws are discarded (no generator is advanced)
@@ -85,8 +85,8 @@ class DecodeSampling:
         if on_cuda:
             self.shared = race.SharedStream(
                 self.shared_index.device, self.num_shared.device, self.shared_member.device,
-                sampling.torch_stream_layout(vocab_size, self.device)[0],
-                sampling.torch_stream_layout(rows * vocab_size, self.device)[0])
+                philox.torch_stream_layout(vocab_size, self.device)[0],
+                philox.torch_stream_layout(rows * vocab_size, self.device)[0])
         self.out = torch.zeros((2, rows), dtype=torch.int64, device=self.device)  # tokens; 1: needs the fallback
         self._copy_done = torch.cuda.Event() if on_cuda else None
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
@@ -250,7 +250,7 @@ class DecodeSampling:
         where = torch.tensor(rows, dtype=torch.int64, device=self.device)
         streams = self.streams.device[where]
         columns = torch.arange(self.vocab_size, device=self.device).expand(len(rows), -1)
-        noise = sampling.exponential_at(streams, columns)
+        noise = philox.exponential_at(streams, columns)
         return reference.sample_sorted(logits[where], self.temperature.device[where], self.top_k.device[where],
                                        self.top_p.device[where], self.min_p.device[where], noise)
 

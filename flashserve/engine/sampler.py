@@ -24,7 +24,7 @@ import torch
 
 from flashserve.engine.penalties import PenaltyState
 from flashserve.engine.request import Request
-from flashserve.kernels import nucleus, race, sampling
+from flashserve.kernels import nucleus, philox, race
 from flashserve.kernels._launch import upload
 from flashserve.kernels.reference import sampling as reference
 from flashserve.outputs import Logprob
@@ -59,7 +59,7 @@ class Sampler:
         else:
             try:
                 self.sort_free = nucleus.agrees_with_the_sort(self.device)
-                self.computes_noise = self.sort_free and sampling.reproduces_torch_exponential(self.device)
+                self.computes_noise = self.sort_free and philox.reproduces_torch_exponential(self.device)
             except Exception as error:  # a kernel that does not compile here must not stop the engine
                 logger.warning("the sampling kernels failed on this GPU (%s)", error)
             if not self.sort_free:
@@ -158,7 +158,7 @@ class Sampler:
         return noise
 
     def stream_rows(self, requests: list[Request], vocab: int) -> list[list[int]]:
-        """The Philox streams (``sampling.exponential_at``) of the draws ``_draw_noise`` would make, as R host rows
+        """The Philox streams (``philox.exponential_at``) of the draws ``_draw_noise`` would make, as R host rows
         of [seed, counter, base, stride], every generator advanced past them."""
         num_shared = sum(1 for r in requests if r.generator is None)
         shared_seed = shared_counter = shared_stride = 0
@@ -179,7 +179,7 @@ class Sampler:
         ``generator``, whose offset is advanced as that call would."""
         layout = self._layouts.get(numel)
         if layout is None:
-            layout = self._layouts[numel] = sampling.torch_stream_layout(numel, self.device)
+            layout = self._layouts[numel] = philox.torch_stream_layout(numel, self.device)
         stride, increment = layout
         offset = generator.get_offset()
         generator.set_offset(offset + increment)

@@ -7,7 +7,7 @@ every token tied with the last kept one is kept (the sort kept some of them, in 
 """
 import torch
 
-from flashserve.kernels import race, sampling, selection
+from flashserve.kernels import philox, race, sampling, selection
 from flashserve.kernels._launch import upload
 from flashserve.kernels.reference import sampling as reference
 
@@ -23,7 +23,7 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
         rows: the R rows of ``logits`` to sample (host list).
         temperature, top_k, top_p, min_p: (R,) device tensors (float32; top_k int64, 0 or >= V disables it).
         truncated: per row (host list), whether top-k (< V) or top-p (< 1) is active.
-        streams: (R, 4) int64 Philox streams of the rows' noise (``sampling.exponential_at``), or None;
+        streams: (R, 4) int64 Philox streams of the rows' noise (``philox.exponential_at``), or None;
         noise: otherwise (R, V) float32 Exp(1) draws, one row per sampled row.
         capacity: candidate slots per row (at most 4096 keeps their sort within one thread block).
         shared: with streams, the rows that draw from one shared ``exponential_`` call (``race.SharedStream``):
@@ -40,7 +40,7 @@ def sample(logits: torch.Tensor, rows: list[int], temperature: torch.Tensor, top
     if fallback is not None and bool(fallback.any()):
         where = fallback.nonzero().squeeze(1)
         columns = torch.arange(logits.shape[1], device=logits.device).expand(where.shape[0], -1)
-        row_noise = sampling.exponential_at(streams[where], columns) if streams is not None else noise[where]
+        row_noise = philox.exponential_at(streams[where], columns) if streams is not None else noise[where]
         tokens[where] = reference.sample_sorted(logits[row_index[where]], temperature[where], top_k[where],
                                                 top_p[where], min_p[where], row_noise)
     return tokens
@@ -101,7 +101,7 @@ def agrees_with_the_sort(device: torch.device, vocab: int = 5000) -> bool:
     top_k = torch.tensor(columns[1], device=device)
     truncated = [0 < k < vocab or p < 1.0 for k, p in zip(columns[1], columns[2])]
     streams = torch.tensor([[1234 + r, 4 * r, r * vocab, 4096] for r in range(num_rows)], device=device)
-    noise = sampling.exponential_at(streams, torch.arange(vocab, device=device).expand(num_rows, -1).contiguous())
+    noise = philox.exponential_at(streams, torch.arange(vocab, device=device).expand(num_rows, -1).contiguous())
     expected = reference.sample_sorted(logits, temperature, top_k, top_p, min_p, noise)
     rows = list(range(num_rows))
     return all(torch.equal(sample(logits, rows, temperature, top_k, top_p, min_p, truncated, **source), expected)

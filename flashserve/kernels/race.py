@@ -31,7 +31,8 @@ from flashserve.kernels import sampling
 from flashserve.kernels._dispatch import triton_interpret_enabled, use_triton
 from flashserve.kernels._launch import cdiv, next_power_of_2, upload
 from flashserve.kernels.reference import sampling as reference
-from flashserve.kernels.sampling import _divide, _exponential, _exponential_of_bits
+from flashserve.kernels.philox import _exponential, _exponential_of_bits
+from flashserve.kernels.sampling import _divide
 
 RACE_CAPACITY = 8192  # slots per row for the tokens that may still win; more of them: the row is raced densely
 CHUNK = 1024          # compacted tokens raced per step of the finishing kernel's loop

@@ -10,7 +10,7 @@ import triton.language as tl
 from flashserve.kernels._dispatch import triton_interpret_enabled, use_triton
 from flashserve.kernels._launch import next_power_of_2
 from flashserve.kernels.reference import sampling as reference
-from flashserve.kernels.sampling import _exponential
+from flashserve.kernels.philox import _exponential
 
 
 @triton.jit
