@@ -182,9 +182,10 @@ class DecodeSampling:
             self._copy_done.record()
 
     def _write_rows(self, requests: list[Request], sampled_rows: list[int], padded_size: int) -> None:
-        """Rows ``0:padded_size`` of the host arena for a batch with sampled rows, in O(changes) Python: only the
-        rows whose request changed since the last write get their options (or placeholders) rewritten, the
-        shared-stream rows only when they changed; the streams, which advance every step, in one write."""
+        """Rows ``0:padded_size`` of the host arena for a batch with sampled rows, writing what changed: one
+        identity check per row, then options (or placeholders) only for the rows whose request changed since the
+        last write, the shared-stream rows only when they changed; the streams, which advance every step, in one
+        write."""
         wanted: list[Request | None] = [None] * padded_size
         for i in sampled_rows:
             wanted[i] = requests[i]
@@ -214,7 +215,8 @@ class DecodeSampling:
             self._shared_rows = shared_rows
 
     def _write_placeholders(self, start: int, stop: int) -> None:
-        """Rows ``start:stop`` as greedy rows with neutral options (and no row in the shared stream)."""
+        """Rows ``start:stop`` as greedy rows with neutral options; the arena then lists no shared-stream row at all
+        (``_write_rows`` lists them again)."""
         self.streams.array[start:stop] = _PLACEHOLDER_STREAM
         self.top_k.array[start:stop] = _PLACEHOLDER_TOP_K
         self.temperature.array[start:stop] = 1.0
