@@ -89,8 +89,10 @@ def run_shape(model_name: str, name: str, n: int, k: int, gated: bool) -> list[d
 
 def config_name(config) -> str:
     """E.g. ``dot n64k128s4w4st4`` (grid kernel, split-K 4), ``sk-fma n16k256p2w4st1`` (stream-K, 2 per SM),
-    ``sk-dot-pdl n64k128p1w4st4`` (stream-K with programmatic dependent launch)."""
+    ``sk-dot-pdl n64k128p1w4st4`` (stream-K with programmatic dependent launch), ``res-fma n8w4`` (resident)."""
     kind = ("dot" if config.use_dot else "fma") + ("-pdl" if config.pdl else "")
+    if config.resident:
+        return f"res-{kind} n{config.block_n}w{config.num_warps}"
     if config.programs_per_sm:
         return f"sk-{kind} n{config.block_n}k{config.block_k}p{config.programs_per_sm}w{config.num_warps}" \
             f"st{config.num_stages}"

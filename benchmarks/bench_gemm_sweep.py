@@ -4,7 +4,8 @@ cuBLAS and the HBM copy bandwidth, to rewrite the measured plan table (``flashse
 
 Swept configs: every stream-K config of every tile (``streamk_candidates``: the start-up tuning tries none of
 them), the grid kernel's table config (``kernel_config``: the kernel before stream-K) and its tuning
-candidates with the first two tiles; ``--all``: every grid-kernel candidate too (many more compiles).
+candidates with the first two tiles, the resident configs that fit (``resident_candidates``); ``--all``: every
+grid-kernel candidate too (many more compiles).
 Each is checked once against the fp32 oracle (FlashAttention's rule: error <= 2x torch's in bf16 + 1e-3; a config
 that fails is reported and never chosen) and timed as bench_gemm times: a CUDA graph of back-to-back calls on
 rotating weight copies (>= 512 MB, so L2 never holds the next), per call. "cuBLAS" is the engine's fallback
@@ -65,6 +66,7 @@ def swept_configs(n_out: int, k: int, rows: int, gated: bool, everything: bool) 
         tiles = {tile[:2] for tile in skinny_gemm_plans.TILE_CHOICES[:GRID_TILES]}
         table = skinny_gemm_plans.kernel_config(n_out, k, rows, dtype, device)
         grid = [table] + [c for c in grid if c != table and c.use_dot and (c.block_n, c.block_k) in tiles]
+        grid += skinny_gemm_plans.resident_candidates(k, rows, dtype, gated)
     return grid + skinny_gemm_plans.streamk_candidates(k, rows, dtype, device, gated)
 
 
@@ -79,8 +81,11 @@ def compile_jobs(models: list[str], row_counts: list[int], everything: bool) -> 
             for rows in row_counts:
                 for config in swept_configs(n_out, k, rows, gated, everything):
                     tile = skinny_gemm_plans.block_rows(rows) if config.use_dot else rows
-                    ints = [n_out, k] if config.programs_per_sm else [n_out, k, *skinny_gemm.split_layout(k, config)]
-                    even_k = k % (config.block_k if config.programs_per_sm else ints[3]) == 0
+                    if config.programs_per_sm or config.resident:
+                        ints, even_k = [n_out, k], config.resident or k % config.block_k == 0
+                    else:
+                        ints = [n_out, k, *skinny_gemm.split_layout(k, config)]
+                        even_k = k % ints[3] == 0
                     key = (config, gated, tile, even_k, tuple((v == 1, v % 16 == 0) for v in ints))
                     jobs.setdefault(key, (n, k, gated, rows, config))
     return list(jobs.values())

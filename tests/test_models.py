@@ -149,6 +149,39 @@ def test_pending_and_epilogue_residual_adds_agree(checkpoints, case, monkeypatch
         torch.testing.assert_close(ours, unfused, atol=1e-5, rtol=1e-5)
 
 
+def test_resident_plans_fold_every_norm_and_add(checkpoints, monkeypatch):
+    """With resident plans at few rows (what the H200's table holds at one row) the norms fold and the dense adds
+    ride in the o / down epilogues whatever NORM_MAX_X_BYTES says (0: the grid kernel folds nothing): the logits
+    of the decoder with every add pending and every norm a launch of its own."""
+    from flashserve.kernels import norm_linear, skinny_gemm, skinny_gemm_plans
+    from flashserve.kernels.skinny_gemm_plans import GemmConfig
+
+    resident = GemmConfig(8, 0, 1, 4, 1, False, 0, False, True)
+    monkeypatch.setattr(skinny_gemm_plans, "default_config", lambda n_out, k, rows, dtype, device, gated=False:
+                        resident if rows <= 8 else skinny_gemm_plans.INTERPRETER_CONFIG)
+    monkeypatch.setattr(norm_linear, "NORM_MAX_X_BYTES", 0)
+    planned = []  # (resident?, normed?) of each launch planned
+    plain_plan = skinny_gemm.launch_plan
+
+    def recording_plan(x_rows, weight, has_bias, residual_rows, gated, config, norm=False, eps=0.0):
+        planned.append((config.resident, norm, residual_rows is not None))
+        return plain_plan(x_rows, weight, has_bias, residual_rows, gated, config, norm, eps)
+
+    monkeypatch.setattr(skinny_gemm, "launch_plan", recording_plan)
+    skinny_gemm_plans.reset()
+    try:
+        folded, _ = _paged_logits(checkpoints["qwen3"], "float32", "cpu")
+        resident_launches = {entry for entry in planned if entry[0]}
+        assert (True, True, False) in resident_launches and (True, False, True) in resident_launches
+        assert not any(norm for is_resident, norm, _ in planned if not is_resident)
+        monkeypatch.setattr(Linear, "adds_residual", lambda self, num_rows: False)
+        pending, _ = _paged_logits(checkpoints["qwen3"], "float32", "cpu")
+    finally:
+        skinny_gemm_plans.reset()
+    for ours, unfused in zip(folded, pending):
+        torch.testing.assert_close(ours, unfused, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["llama", "qwen3", "qwen2-moe"])
 def test_folded_norms_and_adds_match_the_unfused_decoder_on_gpu(checkpoints, case, monkeypatch):
@@ -176,6 +209,31 @@ def test_folded_norms_and_adds_match_the_unfused_decoder_on_gpu(checkpoints, cas
         else:
             assert difference.max() <= 0.01 * theirs.abs().max() + 0.01
             assert (ours - theirs).abs().max() <= 0.05 * theirs.abs().max() + 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["llama", "qwen3"])
+def test_resident_plans_match_the_unfused_decoder_on_gpu(checkpoints, case, monkeypatch):
+    """bf16 with resident plans at <= 8 rows (the grid kernel above): the decoder with its norms folded and its adds
+    in the epilogues, weights read before each PDL wait, against the same decoder with every add pending and every
+    norm a launch of its own; and both against transformers."""
+    from flashserve.kernels import skinny_gemm_plans
+    from flashserve.kernels.skinny_gemm_plans import GemmConfig
+
+    resident = GemmConfig(8, 0, 1, 4, 1, False, 0, False, True)
+    monkeypatch.setattr(skinny_gemm_plans, "default_config", lambda n_out, k, rows, dtype, device, gated=False:
+                        resident if rows <= 8 else skinny_gemm_plans.kernel_config(n_out, k, rows, dtype, device))
+    skinny_gemm_plans.reset()
+    try:
+        folded, expected = _paged_logits(checkpoints[case], "bfloat16", "cuda")
+        monkeypatch.setattr(Linear, "adds_residual", lambda self, num_rows: False)
+        pending, _ = _paged_logits(checkpoints[case], "bfloat16", "cuda")
+    finally:
+        skinny_gemm_plans.reset()
+    for ours, unfused, theirs in zip(folded, pending, expected):
+        assert torch.isfinite(ours).all()
+        assert (ours - unfused).abs().max() <= 0.01 * theirs.abs().max() + 0.01
+        assert (ours - theirs).abs().max() <= 0.05 * theirs.abs().max() + 0.05
 
 
 @pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 4.0}, LLAMA3_SCALING,

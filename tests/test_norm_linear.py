@@ -1,7 +1,7 @@
 """RMSNorm folded into the small-M matrix product (``flashserve.kernels.norm_linear``): the grid kernel's RMSNorm
 prologue against rms_norm-then-linear (an fp32 oracle on the normed operand, FlashAttention's 2x rule), its
-rounding of the operand, split-K, the one-row FMA path, the gated epilogue, the fallbacks (rows, cuBLAS and
-stream-K plans, torch) and argument checks; on the GPU, bf16 against the unfused kernels at the decode shapes."""
+rounding of the operand, split-K, the one-row FMA path, the resident kernel's own norm, the gated epilogue, the
+fallbacks (rows, cuBLAS and stream-K plans, torch) and argument checks; on the GPU, bf16 against the unfused kernels at the decode shapes."""
 import math
 
 import pytest
@@ -54,14 +54,16 @@ def check_normed_product(rows, n_out, k, dtype, config, gated=False, bias=False)
 
 CONFIGS = [GemmConfig(32, 32, 1, 4, 1), GemmConfig(16, 16, 2, 4, 1), GemmConfig(16, 32, 3, 4, 1)]
 FMA_CONFIGS = [GemmConfig(32, 32, 1, 4, 1, False), GemmConfig(16, 16, 3, 4, 1, False)]
+RESIDENT_CONFIGS = [GemmConfig(8, 0, 1, 4, 1, False, 0, False, True), GemmConfig(16, 0, 1, 4, 1, True, 0, False, True)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("config", CONFIGS + FMA_CONFIGS,
-                         ids=lambda c: f"{'dot' if c.use_dot else 'fma'}-n{c.block_n}k{c.block_k}s{c.split_k}")
+@pytest.mark.parametrize("config", CONFIGS + FMA_CONFIGS + RESIDENT_CONFIGS,
+                         ids=lambda c: ("res-" if c.resident else "") +
+                         f"{'dot' if c.use_dot else 'fma'}-n{c.block_n}k{c.block_k}s{c.split_k}")
 @pytest.mark.parametrize("rows, n_out, k", [(1, 40, 64), (5, 33, 80), (16, 48, 40)])
 def test_prologue_kernel(rows, n_out, k, dtype, config):
-    if not config.use_dot and rows > 1:
+    if not config.use_dot and rows > (8 if config.resident else 1):
         return
     check_normed_product(rows, n_out, k, dtype, config, bias=rows == 5)
     check_normed_product(rows, n_out // 2 + 1, k, dtype, config, gated=True, bias=rows == 1)
@@ -77,11 +79,12 @@ def test_prepass_over_several_tiles(config, monkeypatch):
         check_normed_product(rows, 24, 200, torch.float32, config, gated=True)
 
 
-@pytest.mark.parametrize("config", [CONFIGS[2], FMA_CONFIGS[1]], ids=["dot-split3", "fma-split3"])
+@pytest.mark.parametrize("config", [CONFIGS[2], FMA_CONFIGS[1]] + RESIDENT_CONFIGS,
+                         ids=["dot-split3", "fma-split3", "resident-fma", "resident-dot"])
 def test_prologue_rounds_as_rms_norm(config):
     """With an identity weight the product is the normed operand itself: the rms_norm kernel's values, bit for bit
     but for rare one-ulp flips where the two fp32 sums of squares round differently."""
-    rows = 3 if config.use_dot else 1
+    rows = 3 if config.use_dot or config.resident else 1
     x = _randn(rows, 96, dtype=torch.float16) * 5
     norm_weight = 1 + _randn(96, dtype=torch.float16, seed=4) / 3
     out = skinny_gemm.launch(x, torch.eye(96, dtype=torch.float16), None, None, False, config, norm_weight, EPS)
@@ -144,10 +147,19 @@ def test_fallbacks_run_rms_norm_then_the_product(monkeypatch):
         launches.clear()
         check(4, gated=True)
         assert launches == ([] if plan == CUBLAS else [False])
+    resident = RESIDENT_CONFIGS[0]
+    skinny_gemm_plans.reset()
+    monkeypatch.setattr(skinny_gemm_plans, "default_config", lambda *args: resident)
+    monkeypatch.setattr(norm_linear, "NORM_MAX_X_BYTES", 0)  # a resident plan folds all the same
+    launches.clear()
+    check(4)
+    check(2, gated=True)
+    assert launches == [True, True]
+    assert norm_linear.folds(4, w, None, False)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU without the interpreter: the references
     launches.clear()
     check(2)
-    assert launches == []
+    assert launches == [] and not norm_linear.folds(4, w, None, False)
     skinny_gemm_plans.reset()
 
 

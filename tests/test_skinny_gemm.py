@@ -90,8 +90,40 @@ def test_streamk_kernel(rows, n_out, k, dtype, config):
     check_product(rows, n_out // 2 + 1, k, dtype, config, bias=rows == 1, gated=True)
 
 
-@pytest.mark.parametrize("config", [CONFIGS[2], FMA_CONFIGS[1], STREAMK_CONFIGS[1], STREAMK_CONFIGS[3]],
-                         ids=["grid-dot", "grid-fma", "streamk-dot", "streamk-fma"])
+RESIDENT_CONFIGS = [GemmConfig(8, 0, 1, 4, 1, False, 0, False, True), GemmConfig(4, 0, 1, 4, 1, False, 0, False, True),
+                    GemmConfig(16, 0, 1, 4, 1, True, 0, False, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("config", RESIDENT_CONFIGS, ids=lambda c: f"{'dot' if c.use_dot else 'fma'}-n{c.block_n}")
+@pytest.mark.parametrize("rows, n_out, k", [(1, 40, 64), (3, 33, 80), (8, 24, 128), (16, 20, 48), (17, 16, 32)])
+def test_resident_kernel(rows, n_out, k, dtype, config):
+    """Whole weight tiles per program: K a power of two or padded, features past N wrapped, rows one at a time
+    (FMA, at most 8) or padded to 16 (tl.dot, at most 16)."""
+    if rows > (16 if config.use_dot else 8):
+        with pytest.raises(ValueError, match="resident tile"):
+            skinny_gemm.launch(torch.zeros(rows, k), torch.zeros(n_out, k), None, None, False, config)
+        return
+    check_product(rows, n_out, k, dtype, config, bias=rows == 3, residual=rows in (1, 8, 16))
+    check_product(rows, n_out // 2 + 1, k, dtype, config, bias=rows == 1, gated=True)
+
+
+def test_resident_configs_fit_their_registers():
+    """The tuning offers a resident config only where its tile holds K in MAX_TILE_BYTES; tl.dot needs 16
+    features."""
+    found = skinny_gemm_plans.resident_candidates(1024, 1, torch.bfloat16)
+    assert found and all(c in skinny_gemm_plans.ALL_CONFIGS and c.resident for c in found)
+    assert not skinny_gemm_plans.resident_candidates(14336, 1, torch.bfloat16)  # Llama-3.1-8B's down: too long
+    assert {c.use_dot for c in skinny_gemm_plans.resident_candidates(1024, 16, torch.bfloat16)} == {True}
+    assert any(c.resident for c in skinny_gemm_plans.candidates(1024, 3072, 1, torch.bfloat16, torch.device("cpu")))
+    with pytest.raises(ValueError, match="resident tile"):
+        skinny_gemm.launch(torch.zeros(1, 16), torch.zeros(8, 16), None, None, False,
+                           GemmConfig(8, 0, 1, 4, 1, True, 0, False, True))
+
+
+@pytest.mark.parametrize("config", [CONFIGS[2], FMA_CONFIGS[1], STREAMK_CONFIGS[1], STREAMK_CONFIGS[3],
+                                    RESIDENT_CONFIGS[0]],
+                         ids=["grid-dot", "grid-fma", "streamk-dot", "streamk-fma", "resident-fma"])
 def test_strided_inputs(config):
     """x and weight as column slices of wider tensors (row strides > K), the residual a slice too."""
     rows = 1 if not config.use_dot else 3
@@ -254,10 +286,36 @@ def test_every_candidate_gpu(shape, dtype):
         configs += [c for c in skinny_gemm_plans.candidates(n_out, k, 1, dtype, device, gated) if not c.use_dot]
         configs += skinny_gemm_plans.streamk_candidates(k, 64, dtype, device, gated)  # what the sweep may pick
         configs += [c for c in skinny_gemm_plans.streamk_candidates(k, 1, dtype, device, gated) if not c.use_dot]
+        configs += skinny_gemm_plans.resident_candidates(k, 8, dtype, gated)
     for config in configs:
-        for rows in (1, 5, 64) if config.use_dot else (1, 3) if config.programs_per_sm else (1,):
+        if config.resident:
+            rows_tried = (1, 5, 16) if config.use_dot else (1, 3, 8)
+        else:
+            rows_tried = (1, 5, 64) if config.use_dot else (1, 3) if config.programs_per_sm else (1,)
+        for rows in rows_tried:
             check_product(rows, n_out, k, dtype, config, bias=rows == 5, residual=rows == 64 and not gated,
                           gated=gated, device="cuda")
+
+
+@pytest.mark.gpu
+def test_resident_table_plans_gpu():
+    """Every resident plan of the measured table at its shape, bf16, with a residual (gated: without), at each row
+    count of its bucket's range; and one launched from a CUDA graph under PDL after another kernel."""
+    device = torch.device("cuda")
+    entries = [(key, GemmConfig(*entry)) for key, entry in skinny_gemm_table.PLANS.items()
+               if entry is not None and GemmConfig(*entry).resident]
+    assert entries
+    for (n_out, k, bucket, gated), config in entries:
+        for rows in sorted({bucket // 2 + 1, bucket}):
+            check_product(rows, n_out, k, torch.bfloat16, config, bias=rows == 1, residual=not gated, gated=gated,
+                          device=device)
+    (n_out, k, _, gated), config = entries[0]
+    x = _randn(1, k, dtype=torch.bfloat16, device=device)
+    w = _randn(2 * n_out if gated else n_out, k, dtype=torch.bfloat16, device=device, seed=1) / 32
+    eager = lambda: [skinny_gemm.launch(x * 2, w, None, None, gated, config)]  # noqa: E731
+    eager()
+    torch.cuda.synchronize()
+    _assert_replays_match_eager(eager, x)
 
 
 @pytest.mark.gpu
@@ -309,13 +367,14 @@ def test_pdl_chain_gpu():
     eager and replayed in a graph: each waits for its input, so the chain matches torch's step by step."""
     device = torch.device("cuda")
     x = _randn(4, 1024, dtype=torch.bfloat16, device=device)
-    weights = [_randn(1024, 1024, dtype=torch.bfloat16, device=device, seed=s) / 32 for s in range(1, 7)]
+    weights = [_randn(1024, 1024, dtype=torch.bfloat16, device=device, seed=s) / 32 for s in range(1, 9)]
     configs = [GemmConfig(32, 256, 0, 4, 4, True, p, True) for p in (1, 2)] + [GemmConfig(64, 128, 1, 4, 4)]
+    configs.append(GemmConfig(8, 0, 1, 4, 1, False, 0, False, True))  # resident: weights read before the wait
 
     def chain():
         y = x
         for i, w in enumerate(weights):
-            y = skinny_gemm.launch(y, w, None, None, False, configs[i % 3])
+            y = skinny_gemm.launch(y, w, None, None, False, configs[i % 4])
         return [y]
 
     expected = x

@@ -10,11 +10,14 @@ times the norm weight, rounded again — before the product. So the result equal
 ``linear_silu_and_mul``) up to the order of the fp32 sums (of the squares and of the product). Rows are padded
 and masked as in the plain product; x's rows need only unit stride in K.
 
+A resident plan (``skinny_gemm_resident``) normalises the same way without a pre-pass: its programs hold whole
+rows of x, so the rstd comes from the tile they multiply.
+
 The normed call shares the plain product's launch plan (same key, same config: the pre-pass adds no shared memory
-and is small against the weight a program streams, see ``NORM_MAX_X_BYTES``). Where the kernel does not run —
-torch by ``use_triton``, x larger than ``NORM_MAX_X_BYTES``, a cuBLAS plan, a stream-K plan (no prologue there) —
-the ``rms_norm`` kernel runs, then ``linear`` / ``linear_silu_and_mul`` on its output: the same results, two
-launches.
+and is small against the weight a program streams, see ``NORM_MAX_X_BYTES``). Where the kernel does not fold
+(``folds``) — torch by ``use_triton``, a cuBLAS plan, a stream-K plan (no prologue there), a grid-kernel plan with
+x larger than ``NORM_MAX_X_BYTES`` — the ``rms_norm`` kernel runs, then ``linear`` / ``linear_silu_and_mul`` on its
+output: the same results, two launches.
 """
 import math
 
@@ -25,7 +28,7 @@ from flashserve.kernels.norm import rms_norm
 from flashserve.kernels.skinny_gemm import linear, linear_silu_and_mul
 from flashserve.kernels.skinny_gemm_checks import check_norm, check_product
 
-__all__ = ["NORM_MAX_X_BYTES", "max_fused_rows", "rms_norm_linear", "rms_norm_linear_silu_and_mul"]
+__all__ = ["NORM_MAX_X_BYTES", "folds", "max_fused_rows", "rms_norm_linear", "rms_norm_linear_silu_and_mul"]
 # Every program's pre-pass re-reads all of x (M x K, from L2) after its PDL wait and before its weight stream
 # starts, so it is latency on every program's path, and L2 traffic of M / BLOCK_N (x split_k) of the weight bytes a
 # program reads from HBM. Folded while x is at most this: at most 4 round trips of the pre-pass's 8 KB tiles (4
@@ -34,7 +37,8 @@ __all__ = ["NORM_MAX_X_BYTES", "max_fused_rows", "rms_norm_linear", "rms_norm_li
 # (BLOCK_N >= 32, no split-K on QKV or gate/up). Larger x: two launches.
 # Off (0) by default: on the H200 (2026-12-02, B1 graphs under PDL) folding at 32 KB made the step slower,
 # Qwen3-0.6B 1.068 -> 1.198 ms and Llama-3.1-8B 4.538 -> 4.975 ms: the pre-pass after the PDL wait costs the
-# products more than the separate norm launch it saves. Set it (e.g. 32 * 1024) to fold.
+# products more than the separate norm launch it saves. Set it (e.g. 32 * 1024) to fold. A resident plan
+# (``skinny_gemm_resident``) folds whatever this says: its programs hold whole rows of x already.
 NORM_MAX_X_BYTES = 0
 
 
@@ -43,13 +47,26 @@ def max_fused_rows(k: int, element_bytes: int) -> int:
     return NORM_MAX_X_BYTES // (k * element_bytes)
 
 
+def _folds(config, num_rows: int, k: int, element_bytes: int) -> bool:
+    if config is None or config.programs_per_sm:
+        return False
+    return config.resident or num_rows <= max_fused_rows(k, element_bytes)
+
+
+def folds(num_rows: int, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> bool:
+    """Whether ``rms_norm_linear`` (``rms_norm_linear_silu_and_mul`` when ``gated``) of ``num_rows`` rows with this
+    weight and bias runs as one launch: the plan is the kernel's, and resident (the norm is free there) or the
+    grid kernel's with x within ``NORM_MAX_X_BYTES``."""
+    config = skinny_gemm.plan(num_rows, weight, bias, gated)
+    return _folds(config, num_rows, weight.shape[1], weight.element_size())
+
+
 def _run(x, norm_weight, eps: float, weight, bias, residual, gated: bool) -> torch.Tensor:
     n_out = check_product(x, weight, bias, residual, gated)
     check_norm(x, norm_weight, eps)
     num_rows = math.prod(x.shape[:-1])
     config = skinny_gemm.plan(num_rows, weight, bias, gated)
-    if config is not None and num_rows <= max_fused_rows(x.shape[-1], x.element_size()) \
-            and not config.programs_per_sm:
+    if _folds(config, num_rows, x.shape[-1], x.element_size()):
         x_rows = x.reshape(num_rows, -1)  # a copy only for inputs whose rows are not evenly strided
         residual_rows = residual.reshape(num_rows, -1) if residual is not None else None
         out = skinny_gemm.launch(x_rows, weight, bias, residual_rows, gated, config, norm_weight, eps)

@@ -13,10 +13,13 @@ Each weight byte is read once. With ``split_k == 1`` the epilogue (bias, SiLU-an
 program; otherwise every split writes an fp32 partial tile and the split that finishes last (an atomic ticket per
 feature block) adds all of them in split order (results are deterministic) and runs the epilogue — one launch,
 no memset: the last split also resets its ticket counter. Configs with ``programs_per_sm`` run the stream-K schedule
-of ``skinny_gemm_streamk`` instead (a persistent grid sharing the weight's tiles equally between the SMs).
+of ``skinny_gemm_streamk`` instead (a persistent grid sharing the weight's tiles equally between the SMs), configs
+with ``resident`` the schedule of ``skinny_gemm_resident`` (each program's whole weight tile loaded before the PDL
+wait: small models' projections at decode batch sizes).
 
 With NORM (``norm_linear.rms_norm_linear`` and its gated variant) x passes through the RMSNorm prologue of
-``skinny_gemm_prologue`` on both paths and in every split (the stream-K kernel has none).
+``skinny_gemm_prologue`` on both paths and in every split, and through the resident kernel's own (the stream-K
+kernel has none).
 
 Rounding follows the unfused operations: ``x @ weight.T + bias`` is rounded to x's dtype, then the SiLU-and-mul
 (``silu(gate) * up`` in fp32, as ``flashserve.kernels.silu_and_mul``) or the residual add (fp32) is applied and
@@ -47,7 +50,7 @@ import triton.compiler.errors
 import triton.language as tl
 import triton.runtime.errors
 
-from flashserve.kernels import pdl, skinny_gemm_plans, skinny_gemm_streamk
+from flashserve.kernels import pdl, skinny_gemm_plans, skinny_gemm_resident, skinny_gemm_streamk
 from flashserve.kernels._dispatch import use_triton
 from flashserve.kernels._launch import CachedLauncher, LaunchPlan, bounded_put, cdiv, geometry_key
 from flashserve.kernels.activation import silu_and_mul
@@ -172,7 +175,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, norm_weight_ptr, o
                  HAS_BIAS, HAS_RESIDUAL, GATED)
 
 
-skinny_gemm_plans.attach(_skinny_gemm_kernel, skinny_gemm_streamk._streamk_kernel)
+skinny_gemm_plans.attach(_skinny_gemm_kernel, skinny_gemm_streamk._streamk_kernel,
+                         skinny_gemm_resident._resident_kernel)
 GEMM_LAUNCHER = CachedLauncher(_skinny_gemm_kernel)
 COUNTER_SLOTS = 4096  # split-K feature blocks (stream-K programs) one launch can have
 
@@ -228,12 +232,27 @@ class GemmLaunch:
         self.plan(tensors + (out, partial, counters))
 
 
+class ResidentLaunch:
+    """``GemmLaunch``'s call for a resident config (``skinny_gemm_resident``: no partials, no counters)."""
+
+    def __init__(self, plan: LaunchPlan):
+        self.plan = plan
+
+    def __call__(self, x_rows, weight, bias, residual_rows, norm_weight, out) -> None:
+        self.plan((x_rows, weight, weight if bias is None else bias, out if residual_rows is None else residual_rows,
+                   weight if norm_weight is None else norm_weight, out))
+
+
 def launch_plan(x_rows: torch.Tensor, weight: torch.Tensor, has_bias: bool, residual_rows: torch.Tensor | None,
                 gated: bool, config: GemmConfig, norm: bool = False, eps: float = 0.0) -> GemmLaunch:
     """The ``GemmLaunch`` of ``launch`` for inputs of this geometry (``norm``: with the RMSNorm prologue, of
     ``eps``); ValueError where the config cannot serve them."""
     device = x_rows.device
     stride_rm = residual_rows.stride(0) if residual_rows is not None else 0
+    if config.resident:
+        return ResidentLaunch(skinny_gemm_resident.launch_plan(
+            x_rows, weight, has_bias, residual_rows is not None, stride_rm, gated, config,
+            skinny_gemm_plans.block_rows(x_rows.shape[0]), norm, eps))
     if config.programs_per_sm:
         if norm:
             raise ValueError("stream-K configs have no RMSNorm prologue: norm_weight must be None")

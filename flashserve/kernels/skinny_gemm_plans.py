@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashserve.kernels import prefill_tuning, skinny_gemm_table, tuning_cache
+from flashserve.kernels import prefill_tuning, skinny_gemm_resident, skinny_gemm_table, tuning_cache
 from flashserve.kernels._launch import cdiv, next_power_of_2
 
 MAX_ROWS = 64  # the kernel path serves x with at most this many rows
@@ -37,6 +37,8 @@ class GemmConfig:
     schedule: ``programs_per_sm == 0`` the grid kernel (a program per feature block and split), else the stream-K
     kernel (``skinny_gemm_streamk``: that many persistent programs per SM share the tiles; ``split_k`` is 0), with
     ``pdl``: launched with programmatic dependent launch (prefetching weights while the previous kernel ends).
+    ``resident``: the resident schedule (``skinny_gemm_resident``: one program per ``block_n`` features holds its
+    whole weight tile, loaded before the PDL wait; ``block_k``, ``split_k`` and ``num_stages`` unused, 0, 1, 1).
     ``block_n == 0`` is the cuBLAS marker (``CUBLAS``)."""
 
     block_n: int
@@ -47,6 +49,7 @@ class GemmConfig:
     use_dot: bool = True
     programs_per_sm: int = 0
     pdl: bool = False
+    resident: bool = False
 
 
 CUBLAS = GemmConfig(0, 0, 0, 0, 0)
@@ -76,6 +79,9 @@ ALL_CONFIGS += [GemmConfig(n, k, 0, w, st, False, p)
                 for (n, k, w, st), p in itertools.product(STREAMK_FMA_TILE_CHOICES, STREAMK_FMA_OCCUPANCY)]
 ALL_CONFIGS += [GemmConfig(n, k, 0, w, st, True, p, True)
                 for (n, k, w, st), p in itertools.product(STREAMK_PDL_TILE_CHOICES, STREAMK_OCCUPANCY)]
+# Resident (block_n, num_warps, use_dot): 16-64 KB register tiles of a small model's projections.
+RESIDENT_TILE_CHOICES = ((4, 4, False), (8, 4, False), (8, 8, False), (16, 8, False), (16, 4, True), (32, 8, True))
+ALL_CONFIGS += [GemmConfig(n, 0, 1, w, 1, dot, 0, False, True) for n, w, dot in RESIDENT_TILE_CHOICES]
 ALL_CONFIGS.append(CUBLAS)
 INTERPRETER_CONFIG = GemmConfig(128, 128, 1, 4, 1)  # the fastest tiles in the interpreter (fewest programs)
 
@@ -198,9 +204,10 @@ def candidates(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.
                gated: bool = False) -> list[GemmConfig]:
     """Configs the tuning measures for a shape and row bucket: every grid-kernel tile choice that fits K, the dtype
     and the device's shared memory (the FMA ones too for one row), each with its ``split_ways`` and without split-K
-    (the table's default is among them). The stream-K configs (``streamk_candidates``) are not among them: on the
-    H200 they lost to the grid kernel at every Llama-3.1-8B shape (benchmarks/RESULTS.md, session 4); only the
-    sweep times them, and the measured table may name one."""
+    (the table's default is among them), and the resident configs that fit (``resident_candidates``). The
+    stream-K configs (``streamk_candidates``) are not among them: on the H200 they lost to the grid kernel at every
+    Llama-3.1-8B shape (benchmarks/RESULTS.md, session 4); only the sweep times them, and the measured table may
+    name one."""
     sms = device_sms(device)
     smem = _device_shared_memory(device)
     element_bytes = torch.finfo(dtype).bits // 8
@@ -214,7 +221,15 @@ def candidates(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.
             continue
         for ways in sorted({1, split_ways(n_out, k, block_n, block_k, sms)}):
             found.append(GemmConfig(block_n, block_k, ways, warps, stages, use_dot))
-    return found
+    return found + resident_candidates(k, rows, dtype, gated)
+
+
+def resident_candidates(k: int, rows: int, dtype: torch.dtype, gated: bool = False) -> list[GemmConfig]:
+    """The resident configs (RESIDENT_TILE_CHOICES) whose register tile holds K of ``dtype`` for ``rows`` rows
+    (``skinny_gemm_resident.fits``)."""
+    element_bytes = torch.finfo(dtype).bits // 8
+    return [GemmConfig(n, 0, 1, w, 1, dot, 0, False, True) for n, w, dot in RESIDENT_TILE_CHOICES
+            if skinny_gemm_resident.fits(rows, k, n, gated, element_bytes, dot)]
 
 
 def streamk_candidates(k: int, rows: int, dtype: torch.dtype, device: torch.device,
@@ -271,7 +286,8 @@ def attach(kernel, *other_kernels) -> None:
     import)."""
     global _persistence
     _persistence = tuning_cache.PersistentTuning("skinny_gemm", PlanTable(kernel),
-                                                 depends=(candidates, streamk_candidates, *other_kernels))
+                                                 depends=(candidates, resident_candidates, streamk_candidates,
+                                                          *other_kernels))
 
 
 @contextlib.contextmanager

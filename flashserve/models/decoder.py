@@ -13,14 +13,15 @@ hidden states (T, hidden_size); per-request boundaries live in the attention con
 The residual stream: each pre-norm layer maps it h to ``h2 = h + o_proj(attn(qkv_proj(input_layernorm(h))))``, then
 ``h3 = h2 + mlp(post_attention_layernorm(h2))`` (``pre_norm_block``). It is carried as ``(hidden, residual)``:
 ``hidden`` alone where the last block's final product added the stream in its epilogue (o_proj, down_proj on the
-small-M kernel, where the next norm folds: ``adds_residual``), and then the next block's first product folds the
-RMSNorm into its prologue (QKV, gate/up: ``rms_norm_linear``, while x is at most ``norm_linear.NORM_MAX_X_BYTES``, 0
-by default: off, it was slower on the H200; at 32 KB <= 16 tokens at hidden 1024, <= 4 at 4096); else ``hidden +
-residual`` with the add pending, which the next norm does (the fused add + RMSNorm, as before the folding). No step
-launches more kernels than with the fused add + RMSNorm alone. With the fold on, a Qwen3-0.6B layer at batch 1 on
-the H200's plans is six launches (normed QKV, q/k norm + rotary + KV write, decode attention, o_proj + add, normed
-gate/up + SiLU-and-mul, down_proj + add; a split decode attention adds its combine) instead of eight; off (the
-default), the two norms run as their own kernels, each fused with the pending add. The final norm (``model.norm``)
+small-M kernel, where the next block's first product folds its norm: ``adds_residual`` and ``folds_norm``), and
+then that product folds the RMSNorm into its launch (QKV, gate/up: ``rms_norm_linear``; ``norm_linear.folds``: a
+resident plan always, the grid kernel while x is at most ``norm_linear.NORM_MAX_X_BYTES``, 0 by default: it was
+slower on the H200); else ``hidden + residual`` with the add pending, which the next norm does (the fused add +
+RMSNorm, as before the folding). No step launches more kernels than with the fused add + RMSNorm alone. With the
+fold, a Qwen3-0.6B layer at batch 1 on the H200's plans (resident at one row) is six launches (normed QKV, q/k
+norm + rotary + KV write, decode attention, o_proj + add, normed gate/up + SiLU-and-mul, down_proj + add; a split
+decode attention adds its combine) instead of eight; without, the two norms run as their own kernels, each fused
+with the pending add. The final norm (``model.norm``)
 runs alone, or fused with a pending add. A MoE block takes the residual where its fused-MoE
 sum launch can add it (``SparseMoeBlock.adds_residual``), else leaves it pending.
 
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from flashserve.distributed import layers as parallel  # a module, not its names: it imports models.layers
-from flashserve.kernels import linear_silu_and_mul, rms_norm_linear_silu_and_mul
+from flashserve.kernels import linear_silu_and_mul, norm_linear, rms_norm_linear_silu_and_mul
 from flashserve.models.attention import Attention
 from flashserve.models.layers import RMSNorm, RotaryEmbedding
 from flashserve.models.moe import SparseMoeBlock
@@ -73,8 +74,12 @@ class SelfAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1), residual=residual)
 
     def adds_residual(self, num_tokens: int) -> bool:
-        """Whether ``forward``'s residual add is part of the output projection's launch at ``num_tokens``."""
+        """Whether ``forward``'s residual add can be part of the output projection's launch at ``num_tokens``."""
         return self.o_proj.adds_residual(num_tokens)
+
+    def folds_norm(self, num_tokens: int) -> bool:
+        """Whether ``forward``'s norm is part of the QKV projection's launch at ``num_tokens``."""
+        return self.qkv_proj.folds_norm(num_tokens)
 
 
 class MLP(nn.Module):
@@ -104,8 +109,12 @@ class MLP(nn.Module):
         return self.down_proj(activated, residual=residual)
 
     def adds_residual(self, num_tokens: int) -> bool:
-        """Whether ``forward``'s residual add is part of the down projection's launch at ``num_tokens``."""
+        """Whether ``forward``'s residual add can be part of the down projection's launch at ``num_tokens``."""
         return self.down_proj.adds_residual(num_tokens)
+
+    def folds_norm(self, num_tokens: int) -> bool:
+        """Whether ``forward``'s norm is part of the gate/up product's launch at ``num_tokens``."""
+        return norm_linear.folds(num_tokens, self.gate_up_proj.weight, self.gate_up_proj.bias, True)
 
 
 def pre_norm_block(block, adds_residual: bool, norm: RMSNorm, hidden: torch.Tensor,
@@ -144,11 +153,15 @@ class DecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         num_tokens = hidden.shape[0]
-        hidden, residual = pre_norm_block(functools.partial(self.self_attn, positions),
-                                          self.self_attn.adds_residual(num_tokens), self.input_layernorm, hidden,
-                                          residual)
-        return pre_norm_block(self.mlp, self.mlp.adds_residual(num_tokens), self.post_attention_layernorm, hidden,
-                              residual)
+        # A dense product's epilogue add pays only where the next product folds its norm (else the next fused add +
+        # RMSNorm takes it in a launch that runs anyway); the next layer's attention has this one's shapes. The
+        # fused-MoE sum takes it for free.
+        attn_adds = self.self_attn.adds_residual(num_tokens) and self.mlp.folds_norm(num_tokens)
+        mlp_adds = self.mlp.adds_residual(num_tokens) and (
+            isinstance(self.mlp, SparseMoeBlock) or self.self_attn.folds_norm(num_tokens))
+        hidden, residual = pre_norm_block(functools.partial(self.self_attn, positions), attn_adds,
+                                          self.input_layernorm, hidden, residual)
+        return pre_norm_block(self.mlp, mlp_adds, self.post_attention_layernorm, hidden, residual)
 
 
 class DecoderModel(nn.Module):

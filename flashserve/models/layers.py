@@ -36,12 +36,11 @@ class Linear(nn.Module):
     ``forward(x, norm, residual)`` computes ``norm(x) @ weight.T + bias + residual``: ``norm`` an ``RMSNorm`` folded
     into the product's prologue (``flashserve.kernels.rms_norm_linear``), ``residual`` (..., out_features) added in
     its epilogue (the pre-norm residual stream), where the kernel runs; else the same operations unfused.
-    ``adds_residual(num_rows)`` says whether the decoder should hand it the add: where the kernel runs and the next
-    product (K = out_features) would fold its RMSNorm at that many rows (``norm_linear.max_fused_rows``; the
-    layer does not know that product: before a MoE block or the final norm the add still happens here when the
-    fold is on). Otherwise the next layer's fused add + RMSNorm does the add: without the fold, the epilogue add
-    made the B1 decode step slower on the H200 (Qwen3-0.6B 1.084 against 1.067 ms, Llama-3.1-8B 4.560 against
-    4.544; 2026-12-02)."""
+    ``adds_residual(num_rows)``: whether the add can ride in the product's launch (the kernel runs at that many
+    rows); ``folds_norm(num_rows)``: whether the norm does (``norm_linear.folds``). The decoder hands a product
+    the add only where the next product folds its norm: otherwise the next fused add + RMSNorm does the add, and
+    the epilogue add made the B1 decode step slower on the H200 (Qwen3-0.6B 1.084 against 1.067 ms, Llama-3.1-8B
+    4.560 against 4.544; 2026-12-02)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -55,9 +54,10 @@ class Linear(nn.Module):
         return rms_norm_linear(x, norm.weight, norm.eps, self.weight, self.bias, residual)
 
     def adds_residual(self, num_rows: int) -> bool:
-        if num_rows > norm_linear.max_fused_rows(self.weight.shape[0], self.weight.element_size()):
-            return False
         return skinny_gemm.plan(num_rows, self.weight, self.bias, False) is not None
+
+    def folds_norm(self, num_rows: int) -> bool:
+        return norm_linear.folds(num_rows, self.weight, self.bias, False)
 
 
 class MergedLinear(Linear):

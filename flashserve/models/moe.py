@@ -117,6 +117,10 @@ class SparseMoeBlock(nn.Module):
     def adds_residual(self, num_tokens: int) -> bool:
         return tp_size() == 1 and self.shared_expert is None and use_triton(self.experts.down_proj)
 
+    def folds_norm(self, num_tokens: int) -> bool:
+        """False: the norm is a launch of its own (``forward``)."""
+        return False
+
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         if norm is not None:
