@@ -163,6 +163,23 @@ def test_fallbacks_run_rms_norm_then_the_product(monkeypatch):
     skinny_gemm_plans.reset()
 
 
+def test_a_repeated_geometry_is_planned_once(monkeypatch):
+    """The folded call's checks, plan and launch plan are made at the first call of a geometry and reused (the
+    eager decode step's host cost); new inputs of that geometry still give their own results."""
+    planned = []
+    plain_plan = skinny_gemm.launch_plan
+    monkeypatch.setattr(skinny_gemm, "launch_plan", lambda *args: planned.append(args[6]) or plain_plan(*args))
+    skinny_gemm_plans.reset()
+    w = _randn(32, 48, dtype=torch.float32, seed=1)
+    norm_weight = _randn(48, dtype=torch.float32, seed=4)
+    for seed in range(3):
+        x = _randn(2, 48, dtype=torch.float32, seed=seed)
+        torch.testing.assert_close(rms_norm_linear(x, norm_weight, EPS, w),
+                                   reference.rms_norm_linear(x, norm_weight, EPS, w), atol=1e-4, rtol=1e-4)
+    assert planned == [True]
+    skinny_gemm_plans.reset()
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: rms_norm_linear(torch.zeros(2, 8), torch.zeros(9), EPS, torch.zeros(4, 8)), "norm_weight must have"),
     (lambda: rms_norm_linear(torch.zeros(2, 8), torch.zeros(8, dtype=torch.int32), EPS, torch.zeros(4, 8)),

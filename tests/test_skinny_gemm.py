@@ -97,7 +97,7 @@ RESIDENT_CONFIGS = [GemmConfig(8, 0, 1, 4, 1, False, 0, False, True), GemmConfig
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("config", RESIDENT_CONFIGS, ids=lambda c: f"{'dot' if c.use_dot else 'fma'}-n{c.block_n}")
 @pytest.mark.parametrize("rows, n_out, k", [(1, 40, 64), (3, 33, 80), (8, 24, 128), (16, 20, 48), (17, 16, 32)])
-def test_resident_kernel(rows, n_out, k, dtype, config):
+def test_resident_gemm_kernel(rows, n_out, k, dtype, config):
     """Whole weight tiles per program: K a power of two or padded, features past N wrapped, rows one at a time
     (FMA, at most 8) or padded to 16 (tl.dot, at most 16)."""
     if rows > (16 if config.use_dot else 8):

@@ -23,7 +23,9 @@ import math
 
 import torch
 
-from flashserve.kernels import skinny_gemm
+from flashserve.kernels import pdl, skinny_gemm, skinny_gemm_plans
+from flashserve.kernels._dispatch import use_triton
+from flashserve.kernels._launch import bounded_put, geometry_key
 from flashserve.kernels.norm import rms_norm
 from flashserve.kernels.skinny_gemm import linear, linear_silu_and_mul
 from flashserve.kernels.skinny_gemm_checks import check_norm, check_product
@@ -61,16 +63,48 @@ def folds(num_rows: int, weight: torch.Tensor, bias: torch.Tensor | None, gated:
     return _folds(config, num_rows, weight.shape[1], weight.element_size())
 
 
+class _NormedCall:
+    """The folded launch for inputs of one geometry: ``call(x, norm_weight, weight, bias, residual)`` -> a fresh
+    (x.shape[:-1] + (n_out,)) tensor (x and residual reshaped to rows: a copy only where their rows are not
+    evenly strided)."""
+
+    def __init__(self, x, weight, bias, residual, gated: bool, n_out: int, config, eps: float):
+        self.num_rows = math.prod(x.shape[:-1])
+        self.out_shape, self.dtype, self.device = (*x.shape[:-1], n_out), x.dtype, x.device
+        residual_rows = residual.reshape(self.num_rows, -1) if residual is not None else None
+        self.gemm = skinny_gemm.launch_plan(x.reshape(self.num_rows, -1), weight, bias is not None, residual_rows,
+                                            gated, config, True, eps)
+
+    def __call__(self, x, norm_weight, weight, bias, residual) -> torch.Tensor:
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        residual_rows = residual.reshape(self.num_rows, -1) if residual is not None else None
+        self.gemm(x.reshape(self.num_rows, -1), weight, bias, residual_rows, norm_weight, out)
+        return out
+
+
+_MAX_CALLS = 256
+# (geometry, eps, gated, PDL generation, NORM_MAX_X_BYTES) -> (plans' generation, _NormedCall or None: two launches)
+_CALLS: dict[tuple, tuple] = {}
+
+
 def _run(x, norm_weight, eps: float, weight, bias, residual, gated: bool) -> torch.Tensor:
-    n_out = check_product(x, weight, bias, residual, gated)
-    check_norm(x, norm_weight, eps)
-    num_rows = math.prod(x.shape[:-1])
-    config = skinny_gemm.plan(num_rows, weight, bias, gated)
-    if _folds(config, num_rows, x.shape[-1], x.element_size()):
-        x_rows = x.reshape(num_rows, -1)  # a copy only for inputs whose rows are not evenly strided
-        residual_rows = residual.reshape(num_rows, -1) if residual is not None else None
-        out = skinny_gemm.launch(x_rows, weight, bias, residual_rows, gated, config, norm_weight, eps)
-        return out.view(*x.shape[:-1], n_out)
+    """The checks, the plan and the launch plan of a geometry are made when it is first seen and kept (``_CALLS``)
+    while ``skinny_gemm_plans.generation`` stays the same, as ``skinny_gemm`` keeps those of the plain product."""
+    geometry = geometry_key((x, norm_weight, weight, bias, residual))
+    key = None if geometry is None or not use_triton(x) else (geometry, eps, gated, pdl.generation,
+                                                               NORM_MAX_X_BYTES)
+    entry = _CALLS.get(key) if key is not None else None
+    if entry is None or entry[0] != skinny_gemm_plans.generation:
+        n_out = check_product(x, weight, bias, residual, gated)
+        check_norm(x, norm_weight, eps)
+        num_rows = math.prod(x.shape[:-1])
+        config = skinny_gemm.plan(num_rows, weight, bias, gated)
+        call = None
+        if _folds(config, num_rows, x.shape[-1], x.element_size()):
+            call = _NormedCall(x, weight, bias, residual, gated, n_out, config, eps)
+        entry = bounded_put(_CALLS, key, (skinny_gemm_plans.generation, call), _MAX_CALLS)
+    if entry[1] is not None:
+        return entry[1](x, norm_weight, weight, bias, residual)
     normed = rms_norm(x, norm_weight, eps)
     return linear_silu_and_mul(normed, weight, bias) if gated else linear(normed, weight, bias, residual)
 

@@ -176,7 +176,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, norm_weight_ptr, o
 
 
 skinny_gemm_plans.attach(_skinny_gemm_kernel, skinny_gemm_streamk._streamk_kernel,
-                         skinny_gemm_resident._resident_kernel)
+                         skinny_gemm_resident._resident_gemm_kernel)
 GEMM_LAUNCHER = CachedLauncher(_skinny_gemm_kernel)
 COUNTER_SLOTS = 4096  # split-K feature blocks (stream-K programs) one launch can have
 

@@ -35,11 +35,11 @@ DOT_MAX_ROWS = 16  # tl.dot's row tile (x's (K, 16) operand beside the weight ti
 
 
 @triton.jit(do_not_specialize=["M"])
-def _resident_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, norm_weight_ptr, out_ptr, M, n_out, K, stride_xm,
-                     stride_wn, stride_rm, stride_om, eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     K_PAD: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     GATED: tl.constexpr, NORM: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     PDL: tl.constexpr):
+def _resident_gemm_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, norm_weight_ptr, out_ptr, M, n_out, K,
+                          stride_xm, stride_wn, stride_rm, stride_om, eps, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, K_PAD: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                          USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, K_PAD)
@@ -94,7 +94,7 @@ def _rstd(x, K, eps, axis: tl.constexpr):
     return tl.math.rsqrt(tl.sum(x * x, axis=axis) / K + eps)
 
 
-LAUNCHER = CachedLauncher(_resident_kernel)
+LAUNCHER = CachedLauncher(_resident_gemm_kernel)
 
 
 def tile_bytes(k: int, block_n: int, gated: bool, element_bytes: int) -> int:
