@@ -244,9 +244,19 @@ def _persisting_cuda(monkeypatch, tmp_path):
     skinny_gemm_plans.reset()
 
 
+def test_a_measured_table_entry_is_never_tuned(_persisting_cuda):
+    """On the table's GPU model a shape it lists takes its entry, inside tuning() too: nothing is measured."""
+    key = (4096, 1024, 1, "bfloat16", False)
+    measured = []
+    with skinny_gemm_plans.tuning():
+        plan = skinny_gemm_plans.decide(key, torch.bfloat16, _persisting_cuda, CONFIGS[0], measured.append)
+        assert plan == GemmConfig(*skinny_gemm_table.PLANS[(4096, 1024, 1, False)]) and not measured
+        assert skinny_gemm_plans.lookup(key) == plan  # kept: no second decision inside the block
+
+
 def test_tuning_only_inside_the_block_and_persisted(_persisting_cuda):
     device = _persisting_cuda
-    key = (4096, 1024, 1, "bfloat16", False)
+    key = (2048, 1024, 1, "bfloat16", False)  # a shape the measured table does not list
     measured = []
 
     def measure(config):
@@ -392,10 +402,10 @@ def test_tuning_gpu(monkeypatch, tmp_path):
     skinny_gemm_plans.reset()
     device = torch.device("cuda")
     x = _randn(4, 1024, dtype=torch.bfloat16, device=device)
-    w = _randn(4096, 1024, dtype=torch.bfloat16, device=device, seed=1) / 32
+    w = _randn(2048, 1024, dtype=torch.bfloat16, device=device, seed=1) / 32  # a shape the table does not list
     with skinny_gemm_plans.tuning():
         out = linear(x, w)
-    key = (4096, 1024, 4, "bfloat16", False)
+    key = (2048, 1024, 4, "bfloat16", False)
     plan = skinny_gemm_plans.lookup(key)
     assert plan in skinny_gemm_plans.ALL_CONFIGS and key in skinny_gemm_plans._tuned_keys
     assert any(path.name.startswith("skinny_gemm-") for path in (tmp_path / "autotune").iterdir())

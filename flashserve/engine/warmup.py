@@ -12,9 +12,9 @@ shape is covered), with dummy inputs that write nothing into the KV cache (slot 
   them with ``enforce_eager``, else those above the largest CUDA graph: captured sizes are compiled by their
   capture);
 - the small-M matrix products: one prefill pass (and the LM head over every row) per row bucket of
-  ``flashserve.kernels.skinny_gemm_plans`` up to ``MAX_ROWS``, so that every projection has its plan (measured
-  once against cuBLAS inside ``skinny_gemm_plans.tuning()``, which ``ModelRunner.warm_up`` opens, or read from
-  disk) and its kernels compiled before any graph is captured;
+  ``flashserve.kernels.skinny_gemm_plans`` up to ``MAX_ROWS``, so that every projection has its plan (the
+  measured table's on its GPU model, else measured once against cuBLAS inside ``skinny_gemm_plans.tuning()``,
+  which ``ModelRunner.warm_up`` opens, or read from disk) and its kernels compiled before any graph is captured;
 - cascade attention (when the runner uses it): one decode step with a shared prefix per distinct launch variant
   of its two attention halves over the batch sizes that run eagerly (``warm_up_cascade``; captured sizes are
   compiled by their capture);

@@ -1,11 +1,12 @@
 """Launch plans of the small-M matrix product (``skinny_gemm``): which config, or cuBLAS, per (output features,
 K, row bucket, dtype, gated).
 
-A plan comes from, in order: the plans tuned in this process or read from disk; otherwise, inside ``tuning()`` (the
-engine's start-up warm-up), a one-time measurement of the candidate configs against cuBLAS (``tune``), kept and
-saved; otherwise the default of the table (``default_config``: the per-shape plans measured on the GPU model in
-``skinny_gemm_table``, else rules), which is never measured and never saved. So a
-CUDA-graph capture, which runs outside ``tuning()``, never benchmarks anything.
+A plan comes from, in order: the measured table of this GPU model (``skinny_gemm_table``: timed as a decode step
+runs the products, back to back under PDL, which the start-up tuning's single calls cannot see — the resident
+configs win there by overlapping the previous kernel); the plans tuned in this process or read from disk;
+otherwise, inside ``tuning()`` (the engine's start-up warm-up), a one-time measurement of the candidate configs
+against cuBLAS (``tune``), kept and saved; otherwise the rules of ``default_config``, which are never measured and
+never saved. So a CUDA-graph capture, which runs outside ``tuning()``, never benchmarks anything.
 
 Tuned plans persist through ``flashserve.kernels.tuning_cache.PersistentTuning`` (one JSON file per GPU name,
 Triton version and kernel source, under ``$FLASHSERVE_CACHE_DIR/autotune``): ``PlanTable`` offers the Autotuner
@@ -269,6 +270,7 @@ class PlanTable:
 
 _plans: dict[tuple, GemmConfig] = {}  # every plan in use: tuned, read from disk, or the table's default
 _tuned_keys: set[tuple] = set()
+_table_keys: set[tuple] = set()  # plans taken from the measured table (never tuned, never saved)
 _persistence: tuning_cache.PersistentTuning | None = None
 _tuning_depth = 0
 # Changes whenever what ``lookup`` answers may change (a plan made or forgotten, ``tuning()`` entered or left): a
@@ -313,17 +315,24 @@ def lookup(key: tuple) -> GemmConfig | None:
     """The plan in use for ``key`` (a config, or CUBLAS), or None when ``decide`` should make it: there is none
     yet, or only the table's default while a ``tuning()`` block is open. Steady state: one dict lookup."""
     config = _plans.get(key)
-    if _tuning_depth > 0 and key not in _tuned_keys:
+    if _tuning_depth > 0 and key not in _tuned_keys and key not in _table_keys:
         return None
     return config
 
 
 def decide(key: tuple, dtype: torch.dtype, device: torch.device, default: GemmConfig, measure) -> GemmConfig:
-    """The plan of ``key`` (KEY_NAMES values), made once and kept: a tuned plan (this process or the file), else
+    """The plan of ``key`` (KEY_NAMES values), made once and kept: the measured table's entry for this GPU model
+    (``table_plan``), else a tuned plan (this process or the file), else
     ``tune(measure, candidates(...))`` when tuning is enabled (saved to the file), else ``default`` (kept in memory
     only, so a later ``tuning()`` block still measures it). ``measure(config)`` returns the median µs of one call
     with that config (CUBLAS: the torch path)."""
     _changed()
+    n_out, k, bucket, _, gated = key
+    measured = table_plan(n_out, k, bucket, dtype, device, gated) if device.type == "cuda" else None
+    if measured is not None:
+        _plans[key] = measured
+        _table_keys.add(key)
+        return measured
     table = _persistence.autotuner
     if device not in _persistence.devices:
         _persistence.load(device)
@@ -331,7 +340,6 @@ def decide(key: tuple, dtype: torch.dtype, device: torch.device, default: GemmCo
     if key in _tuned_keys:
         _plans[key] = table.cache[key]
     elif tuning_enabled(device):
-        n_out, k, bucket, _, gated = key
         table.cache[key] = _plans[key] = tune(measure, candidates(n_out, k, bucket, dtype, device, gated))
         _tuned_keys.add(key)
         _persistence.save(device)
@@ -355,6 +363,7 @@ def reset() -> None:
     _changed()
     _plans.clear()
     _tuned_keys.clear()
+    _table_keys.clear()
     if _persistence is not None:
         _persistence.autotuner.cache.clear()
         _persistence.devices.clear()
