@@ -9,7 +9,7 @@ Entry points: ``flash_attn_with_kvcache`` (paged, B1 L4096, H 32 / KVH 8, d 128,
 call, a fresh length tensor per call, or an int length), ``paged_attention.decode`` (the engine's unchecked
 decode, same shape) and ``merge_attn_states`` (T 4096, H 32, d 128); the layer kernels of a Qwen3-0.6B B1 decode
 step (bf16): ``linear`` (skinny GEMM, M 1: the qkv 4096x1024 and o 1024x2048 projections, with the H200 plans of
-``skinny_gemm_table``: o runs split-K), ``linear_silu_and_mul`` (gate/up 6144x1024), ``rms_norm`` and
+``skinny_gemm_table``: both resident), ``linear_silu_and_mul`` (gate/up 6144x1024), ``rms_norm`` and
 ``fused_add_rms_norm`` (1 x 1024), and the q/k-norm + rotary + cache write as the engine calls it
 (``paged_attention.qk_norm_rope_cache``: q/k/v views of the qkv output, H 16 / KVH 8, d 128) and through the
 checked ``qk_norm_rope_and_cache``. Medians and minima over ``--rounds`` rounds
@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import argument_parser, markdown_table, write_results  # noqa: E402
 from flashserve.kernels import (decode, fused_add_rms_norm, index_checks, kvcache_interface, linear,  # noqa: E402
                                 linear_silu_and_mul, merge, norm, paged_attention, qk_norm_rope_and_cache,
-                                qk_rope_cache, rms_norm, skinny_gemm, skinny_gemm_plans, skinny_gemm_streamk,
-                                skinny_gemm_table)
+                                qk_rope_cache, rms_norm, skinny_gemm, skinny_gemm_plans, skinny_gemm_resident,
+                                skinny_gemm_streamk, skinny_gemm_table)
 from flashserve.kernels.skinny_gemm_plans import GemmConfig  # noqa: E402
 
 HEADS, HEADS_K, HEAD_DIM, PAGE, SEQLEN = 32, 8, 128, 16, 4096
@@ -105,6 +105,7 @@ _KERNELS = [(merge, "_merge_kernel", "MERGE_LAUNCHER", None), (decode, "_decode_
                 args[4], programs)),
             (skinny_gemm, "_skinny_gemm_kernel", "GEMM_LAUNCHER", None),
             (skinny_gemm_streamk, "_streamk_kernel", "STREAMK_LAUNCHER", None),
+            (skinny_gemm_resident, "_resident_gemm_kernel", "LAUNCHER", None),
             (norm, "_rms_norm_kernel", "RMS_NORM_LAUNCHER", None),
             (qk_rope_cache, "_qk_norm_rope_cache_kernel", "QK_NORM_ROPE_CACHE_LAUNCHER", None)]
 
@@ -219,7 +220,7 @@ def entry_points() -> dict:
         "merge_attn_states": lambda: merge.merge_attn_states(states[0], states[1], lses[0], states[2], lses[1],
                                                              lses[2]),
         "linear (qkv 4096x1024, M 1)": lambda: linear(layer["x"], layer["qkv"]),
-        "linear (o 1024x2048, M 1, split-K)": lambda: linear(layer["attn_out"], layer["o"]),
+        "linear (o 1024x2048, M 1)": lambda: linear(layer["attn_out"], layer["o"]),
         "linear_silu_and_mul (gate/up 6144x1024, M 1)": lambda: linear_silu_and_mul(layer["x"], layer["gate_up"]),
         "rms_norm (1 x 1024)": lambda: rms_norm(layer["x"], layer["norm"], 1e-6),
         "fused_add_rms_norm (1 x 1024)": lambda: fused_add_rms_norm(layer["x"], layer["residual"], layer["norm"],
