@@ -1,15 +1,16 @@
 """Compile the programmatic-dependent-launch variants (``PDL=True``) of the decode step's kernels for a GPU target
 without a GPU, through ``triton.compile`` (Triton ships ptxas): the skinny-GEMM grid kernel (every tile of the
 tuning's choices, with and without split-K: plain, gated, with the residual add and, for the rows
-``norm_linear.max_fused_rows`` allows at the two models' K, with the RMSNorm prologue, plain and gated), RMSNorm (with
-and without the residual add), the fused q/k norm + rotary + KV write, the decode kernel and its split combine, at the
-Qwen3-0.6B and Llama-3.1-8B shapes; the fused-MoE kernels (the token permutation's four, both grouped GEMMs in each
+``norm_linear.max_fused_rows`` allows at the two models' K, with the RMSNorm prologue, plain and gated), the
+resident kernel (each tile that fits the table's resident products: its PTX must load before its wait), RMSNorm
+(with and without the residual add), the fused q/k norm + rotary + KV write, the decode kernel and its split
+combine, at the Qwen3-0.6B and Llama-3.1-8B shapes; the fused-MoE kernels (the token permutation's four, both grouped GEMMs in each
 output mode, the pair sum) at the Qwen3-30B-A3B shape.
 
 Catches what the interpreter misses (it never runs the PDL branches) and checks the PTX: every variant must hold
 ``griddepcontrol.wait`` and ``griddepcontrol.launch_dependents``, the GEMM's its L2 weight prefetch. Usage:
-``python benchmarks/compile_pdl.py [--arch 90] [--rows 1,64]``; one line per variant (seconds, shared memory,
-registers, local memory = spills); exits non-zero if one failed.
+``python benchmarks/compile_pdl.py [--arch 90] [--rows 1,64] [--only PREFIX]``; one line per variant (seconds,
+shared memory, registers, local memory = spills); exits non-zero if one failed.
 """
 import argparse
 import itertools
@@ -28,7 +29,9 @@ from flashserve.kernels.moe_routing import _routing_kernel
 from flashserve.kernels.moe_align import _align_single_kernel, _count_kernel, _offsets_kernel, _scatter_kernel
 from flashserve.kernels.norm import _rms_norm_kernel
 from flashserve.kernels.qk_rope_cache import _qk_norm_rope_cache_kernel, _tiles
+from flashserve.kernels import skinny_gemm_resident
 from flashserve.kernels.skinny_gemm import _skinny_gemm_kernel
+from flashserve.kernels.skinny_gemm_resident import _resident_gemm_kernel
 from flashserve.kernels.skinny_gemm_prologue import prepass_tile
 
 # Pointer arguments whose element type is not the activations' (bf16); every other ``*_ptr`` argument is bf16.
@@ -99,6 +102,38 @@ def gemm_variants(rows_list: list[int], pdl: bool = True):
                     yield name, _skinny_gemm_kernel, constexprs, warps, stages, ""
 
 
+# (n_out, K, gated, norm, residual) of the resident plans in the H200 table: Qwen3-0.6B qkv (normed), o (+residual),
+# gate/up (normed), down (+residual); Llama-3.1-8B qkv, o, gate/up at K 4096.
+RESIDENT_PRODUCTS = ((4096, 1024, False, True, False), (1024, 2048, False, False, True),
+                     (3072, 1024, True, True, False), (1024, 3072, False, False, True),
+                     (6144, 4096, False, True, False), (4096, 4096, False, False, True),
+                     (14336, 4096, True, True, False))
+
+
+def resident_variants(rows_list: list[int]):
+    """(name, kernel, constexprs, num_warps, num_stages, tag) of the resident kernel (``skinny_gemm_resident``)
+    for each of RESIDENT_TILE_CHOICES whose tile fits each of RESIDENT_PRODUCTS at each row count."""
+    for rows, (n_out, k, gated, norm, residual) in itertools.product(rows_list, RESIDENT_PRODUCTS):
+        for block_n, warps, use_dot in skinny_gemm_plans.RESIDENT_TILE_CHOICES:
+            if not skinny_gemm_resident.fits(rows, k, block_n, gated, 2, use_dot):
+                continue
+            k_pad = triton.next_power_of_2(k)
+            block_m = skinny_gemm_plans.block_rows(rows) if use_dot else triton.next_power_of_2(rows)
+            constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, K_PAD=k_pad, EVEN_K=k == k_pad, HAS_BIAS=False,
+                              HAS_RESIDUAL=residual, GATED=gated, NORM=norm, USE_DOT=use_dot, DOT_PRECISION="tf32",
+                              PDL=True)
+            name = (f"resident {'dot' if use_dot else 'fma'} n{block_n}w{warps} M{block_m} K{k}"
+                    f"{' norm' if norm else ''}{' gated' if gated else ''}{' +residual' if residual else ''}")
+            yield name, _resident_gemm_kernel, constexprs, warps, 1, ""
+
+
+def weights_load_before_the_wait(ptx: str) -> bool:
+    """Whether the PTX issues a global load before its first ``griddepcontrol.wait`` (the resident kernel's
+    point: its weight tile is in flight while the previous kernel ends)."""
+    wait = ptx.find("griddepcontrol.wait")
+    return 0 <= ptx.find("ld.global") < wait
+
+
 def layer_variants():
     """(name, kernel, constexprs, num_warps, num_stages, tag) of the other decode-step kernels with PDL."""
     for shape_name, shape in SHAPES.items():
@@ -160,13 +195,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, >= 90 (PDL needs Hopper)")
     parser.add_argument("--rows", default="1,64", help="GEMM row counts (each gives its rows tile)")
+    parser.add_argument("--only", default="", help="compile only the variants whose name starts with this")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 64)
     print(f"triton {triton.__version__}, target sm_{args.arch}, bf16, PDL variants")
     failures = 0
-    variants = list(layer_variants()) + list(gemm_variants([int(r) for r in args.rows.split(",")]))
+    rows_list = [int(r) for r in args.rows.split(",")]
+    variants = list(layer_variants()) + list(gemm_variants(rows_list)) + list(resident_variants(rows_list))
     variants += list(moe_variants())
     for name, kernel, constexprs, warps, stages, tag in variants:
+        if not name.startswith(args.only):
+            continue
         sig, attrs = signature(kernel, constexprs, tag)
         start = time.perf_counter()
         compiled = compile_or_report(kernel, name, sig, attrs, constexprs, target,
@@ -178,6 +217,8 @@ def main() -> int:
         wanted = ["griddepcontrol.wait", "griddepcontrol.launch_dependents"]
         wanted += ["prefetch.global.L2"] if kernel is _skinny_gemm_kernel else []
         missing = [text for text in wanted if text not in ptx]
+        if kernel is _resident_gemm_kernel and not weights_load_before_the_wait(ptx):
+            missing.append("a global load before griddepcontrol.wait")
         failures += bool(missing)
         print(f"{'FAIL' if missing else 'ok  '} {name}: {time.perf_counter() - start:.1f} s, shared "
               f"{compiled.metadata.shared} B, {resource_usage(compiled.asm['cubin'])}"
