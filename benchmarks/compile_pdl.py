@@ -4,8 +4,8 @@ tuning's choices, with and without split-K: plain, gated, with the residual add 
 ``norm_linear.max_fused_rows`` allows at the two models' K, with the RMSNorm prologue, plain and gated), the
 resident kernel (each tile that fits the table's resident products: its PTX must load before its wait), RMSNorm
 (with and without the residual add), the fused q/k norm + rotary + KV write, the decode kernel and its split
-combine, at the Qwen3-0.6B and Llama-3.1-8B shapes; the fused-MoE kernels (the token permutation's four, both grouped GEMMs in each
-output mode, the pair sum) at the Qwen3-30B-A3B shape.
+combine, at the Qwen3-0.6B and Llama-3.1-8B shapes; the fused-MoE kernels (the token permutation's four, both
+grouped GEMMs in each output mode, the pair sum) at the Qwen3-30B-A3B shape.
 
 Catches what the interpreter misses (it never runs the PDL branches) and checks the PTX: every variant must hold
 ``griddepcontrol.wait`` and ``griddepcontrol.launch_dependents``, the GEMM's its L2 weight prefetch. Usage:

@@ -1,7 +1,8 @@
 """RMSNorm folded into the small-M matrix product (``flashserve.kernels.norm_linear``): the grid kernel's RMSNorm
 prologue against rms_norm-then-linear (an fp32 oracle on the normed operand, FlashAttention's 2x rule), its
 rounding of the operand, split-K, the one-row FMA path, the resident kernel's own norm, the gated epilogue, the
-fallbacks (rows, cuBLAS and stream-K plans, torch) and argument checks; on the GPU, bf16 against the unfused kernels at the decode shapes."""
+fallbacks (rows, cuBLAS and stream-K plans, torch) and argument checks; on the GPU, bf16 against the unfused
+kernels at the decode shapes."""
 import math
 
 import pytest
