@@ -1,11 +1,16 @@
 """Programmatic dependent launch (``flashserve.kernels.pdl``): when it is on, and that it changes no result.
 
 CPU: the switch (off on the CPU, under the interpreter, with ``FLASHSERVE_PDL=0``, below sm_90 and without Triton's
-grid dependency control). GPU (sm_90+): chains of skinny-GEMM grid-kernel launches that each read the previous
+grid dependency control); the resident GEMM's sm_90 PTX loading its weights before the wait. GPU (sm_90+): chains of skinny-GEMM grid-kernel launches that each read the previous
 one's output match torch step by step, eager and replayed in a CUDA graph, bit for bit equal to the same chain
 without PDL; a Qwen3-style engine's greedy tokens and logprobs through its decode graphs are the same with
 ``FLASHSERVE_PDL=0`` and ``=1``.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -69,6 +74,18 @@ def test_off_below_sm90_and_without_grid_dependency_control(sm90, monkeypatch):
     monkeypatch.setattr(pdl, "HAS_GDC", True)
     monkeypatch.setattr(pdl, "_device_supports", lambda index: False)
     assert not pdl.enabled(sm90)
+
+
+def test_resident_kernel_reads_its_weights_before_the_wait_on_sm90():
+    """The resident GEMM compiled for sm_90 without a GPU (``benchmarks/compile_pdl.py``, Triton's bundled ptxas, in
+    a process without the interpreter): its PTX holds both grid-dependency instructions and issues its weight
+    loads before ``griddepcontrol.wait`` — the point of the schedule, which no CPU run can otherwise see."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_pdl.py"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, str(script), "--rows", "1", "--only", "resident fma n8w4 M1 K2048"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok   resident fma n8w4 M1 K2048 +residual" in result.stdout
 
 
 def test_cpu_kernels_launch_without_pdl(monkeypatch):
