@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then every benchmark. Usage (on the device machine, repo root):
-#   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache gemm cascade moe
+#   bash benchmarks/gpu_run.sh [STEP ...]       STEP in: tests prefill layouts decode merge cache gemm layer_chain
+#                                              cascade moe
 #                                              moe_tune (bench_moe.py --tune $MOE_TUNE_ARGS, e.g. "--shapes X":
 #                                              the table it writes is installed in flashserve/kernels/moe_tuned/
 #                                              for the later steps and copied to $OUT)
@@ -46,6 +47,7 @@ steps=${*:-tests prefill layouts decode merge cache}
       merge) timeout "$limit" python3 benchmarks/bench_merge.py --out "$RESULTS" ;;
       cache) timeout "$limit" python3 benchmarks/bench_cache_write.py --out "$RESULTS" ;;
       gemm) timeout "$limit" python3 benchmarks/bench_gemm.py --out "$RESULTS" ;;
+      layer_chain) timeout "$limit" python3 benchmarks/bench_layer_chain.py --out "$RESULTS" ;;
       gemm_sweep) FLASHSERVE_AUTOTUNE=0 timeout "$limit" python3 benchmarks/bench_gemm.py --sweep \
                     --out "$RESULTS/gemm_sweep" ${GEMM_SWEEP_ARGS:-} \
                   && cp "$RESULTS/gemm_sweep/skinny_gemm_table.py" flashserve/kernels/skinny_gemm_table.py \
