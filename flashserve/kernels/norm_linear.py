@@ -63,27 +63,9 @@ def folds(num_rows: int, weight: torch.Tensor, bias: torch.Tensor | None, gated:
     return _folds(config, num_rows, weight.shape[1], weight.element_size())
 
 
-class _NormedCall:
-    """The folded launch for inputs of one geometry: ``call(x, norm_weight, weight, bias, residual)`` -> a fresh
-    (x.shape[:-1] + (n_out,)) tensor (x and residual reshaped to rows: a copy only where their rows are not
-    evenly strided)."""
-
-    def __init__(self, x, weight, bias, residual, gated: bool, n_out: int, config, eps: float):
-        self.num_rows = math.prod(x.shape[:-1])
-        self.out_shape, self.dtype, self.device = (*x.shape[:-1], n_out), x.dtype, x.device
-        residual_rows = residual.reshape(self.num_rows, -1) if residual is not None else None
-        self.gemm = skinny_gemm.launch_plan(x.reshape(self.num_rows, -1), weight, bias is not None, residual_rows,
-                                            gated, config, True, eps)
-
-    def __call__(self, x, norm_weight, weight, bias, residual) -> torch.Tensor:
-        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        residual_rows = residual.reshape(self.num_rows, -1) if residual is not None else None
-        self.gemm(x.reshape(self.num_rows, -1), weight, bias, residual_rows, norm_weight, out)
-        return out
-
-
 _MAX_CALLS = 256
-# (geometry, eps, gated, PDL generation, NORM_MAX_X_BYTES) -> (plans' generation, _NormedCall or None: two launches)
+# (geometry, eps, gated, PDL generation, NORM_MAX_X_BYTES) -> (plans' generation, the folded launch's
+# skinny_gemm.ProductCall, or None: two launches)
 _CALLS: dict[tuple, tuple] = {}
 
 
@@ -101,10 +83,10 @@ def _run(x, norm_weight, eps: float, weight, bias, residual, gated: bool) -> tor
         config = skinny_gemm.plan(num_rows, weight, bias, gated)
         call = None
         if _folds(config, num_rows, x.shape[-1], x.element_size()):
-            call = _NormedCall(x, weight, bias, residual, gated, n_out, config, eps)
+            call = skinny_gemm.ProductCall(x, weight, bias, residual, gated, n_out, config, True, eps)
         entry = bounded_put(_CALLS, key, (skinny_gemm_plans.generation, call), _MAX_CALLS)
     if entry[1] is not None:
-        return entry[1](x, norm_weight, weight, bias, residual)
+        return entry[1](x, weight, bias, residual, norm_weight)
     normed = rms_norm(x, norm_weight, eps)
     return linear_silu_and_mul(normed, weight, bias) if gated else linear(normed, weight, bias, residual)
 

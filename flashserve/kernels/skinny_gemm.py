@@ -316,7 +316,7 @@ def _product(x, weight, bias, residual, gated: bool) -> torch.Tensor:
         config = plan(math.prod(x.shape[:-1]), weight, bias, gated)
         entry = bounded_put(_CALLS, key, (
             skinny_gemm_plans.generation,
-            None if config is None else _ProductCall(x, weight, bias, residual, gated, n_out, config),
+            None if config is None else ProductCall(x, weight, bias, residual, gated, n_out, config),
         ), _MAX_CALLS)
     call = entry[1]
     if call is not None:
@@ -324,12 +324,14 @@ def _product(x, weight, bias, residual, gated: bool) -> torch.Tensor:
     return _gated_fallback(x, weight, bias) if gated else reference.linear(x, weight, bias, residual)
 
 
-class _ProductCall:
-    """The kernel product for inputs of one geometry: ``call(x, weight, bias, residual)`` -> a fresh
-    (x.shape[:-1] + (n_out,)) tensor. x and residual are passed as they are where their (rows, K) view is a view
-    (the launch needs only their data pointers), reshaped (copied) where it is not."""
+class ProductCall:
+    """The kernel product for inputs of one geometry: ``call(x, weight, bias, residual, norm_weight=None)`` -> a
+    fresh (x.shape[:-1] + (n_out,)) tensor; with ``norm`` (of ``eps``) the launch applies the RMSNorm of
+    ``norm_weight`` to x first (``norm_linear``'s folded call). x and residual are passed as they are where their
+    (rows, K) view is a view (the launch needs only their data pointers), reshaped (copied) where it is not."""
 
-    def __init__(self, x, weight, bias, residual, gated: bool, n_out: int, config: GemmConfig):
+    def __init__(self, x, weight, bias, residual, gated: bool, n_out: int, config: GemmConfig, norm: bool = False,
+                 eps: float = 0.0):
         num_rows = math.prod(x.shape[:-1])
         self.out_shape, self.dtype, self.device = (*x.shape[:-1], n_out), x.dtype, x.device
         self.num_rows = num_rows
@@ -337,20 +339,20 @@ class _ProductCall:
         residual_rows = residual.reshape(num_rows, -1) if residual is not None else None
         self.copy_x = x_rows.data_ptr() != x.data_ptr()
         self.copy_residual = residual is not None and residual_rows.data_ptr() != residual.data_ptr()
-        self.gemm = launch_plan(x_rows, weight, bias is not None, residual_rows, gated, config)
+        self.gemm = launch_plan(x_rows, weight, bias is not None, residual_rows, gated, config, norm, eps)
 
-    def __call__(self, x, weight, bias, residual) -> torch.Tensor:
+    def __call__(self, x, weight, bias, residual, norm_weight=None) -> torch.Tensor:
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         if self.copy_x:
             x = x.reshape(self.num_rows, -1)
         if self.copy_residual:
             residual = residual.reshape(self.num_rows, -1)
-        self.gemm(x, weight, bias, residual, None, out)
+        self.gemm(x, weight, bias, residual, norm_weight, out)
         return out
 
 
 _MAX_CALLS = 256
-_CALLS: dict[tuple, tuple] = {}  # (geometry, gated, PDL on) -> (plans' generation, _ProductCall or None: torch)
+_CALLS: dict[tuple, tuple] = {}  # (geometry, gated, PDL on) -> (plans' generation, ProductCall or None: torch)
 
 
 def _decide(key: tuple, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> GemmConfig:
