@@ -29,7 +29,6 @@ from flashserve.kernels.moe_routing import _routing_kernel
 from flashserve.kernels.moe_align import _align_single_kernel, _count_kernel, _offsets_kernel, _scatter_kernel
 from flashserve.kernels.norm import _rms_norm_kernel
 from flashserve.kernels.qk_rope_cache import _qk_norm_rope_cache_kernel, _tiles
-from flashserve.kernels import skinny_gemm_resident
 from flashserve.kernels.skinny_gemm import _skinny_gemm_kernel
 from flashserve.kernels.skinny_gemm_resident import _resident_gemm_kernel
 from flashserve.kernels.skinny_gemm_prologue import prepass_tile
@@ -112,11 +111,10 @@ RESIDENT_PRODUCTS = ((4096, 1024, False, True, False), (1024, 2048, False, False
 
 def resident_variants(rows_list: list[int]):
     """(name, kernel, constexprs, num_warps, num_stages, tag) of the resident kernel (``skinny_gemm_resident``)
-    for each of RESIDENT_TILE_CHOICES whose tile fits each of RESIDENT_PRODUCTS at each row count."""
+    for each resident candidate whose tile fits each of RESIDENT_PRODUCTS at each row count."""
     for rows, (n_out, k, gated, norm, residual) in itertools.product(rows_list, RESIDENT_PRODUCTS):
-        for block_n, warps, use_dot in skinny_gemm_plans.RESIDENT_TILE_CHOICES:
-            if not skinny_gemm_resident.fits(rows, k, block_n, gated, 2, use_dot):
-                continue
+        for config in skinny_gemm_plans.resident_candidates(k, rows, torch.bfloat16, gated):
+            block_n, warps, use_dot = config.block_n, config.num_warps, config.use_dot
             k_pad = triton.next_power_of_2(k)
             block_m = skinny_gemm_plans.block_rows(rows) if use_dot else triton.next_power_of_2(rows)
             constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, K_PAD=k_pad, EVEN_K=k == k_pad, HAS_BIAS=False,

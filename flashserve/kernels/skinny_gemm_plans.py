@@ -82,7 +82,8 @@ ALL_CONFIGS += [GemmConfig(n, k, 0, w, st, True, p, True)
                 for (n, k, w, st), p in itertools.product(STREAMK_PDL_TILE_CHOICES, STREAMK_OCCUPANCY)]
 # Resident (block_n, num_warps, use_dot): 16-64 KB register tiles of a small model's projections.
 RESIDENT_TILE_CHOICES = ((4, 4, False), (8, 4, False), (8, 8, False), (16, 8, False), (16, 4, True), (32, 8, True))
-ALL_CONFIGS += [GemmConfig(n, 0, 1, w, 1, dot, 0, False, True) for n, w, dot in RESIDENT_TILE_CHOICES]
+RESIDENT_CONFIGS = [GemmConfig(n, 0, 1, w, 1, dot, 0, False, True) for n, w, dot in RESIDENT_TILE_CHOICES]
+ALL_CONFIGS += RESIDENT_CONFIGS
 ALL_CONFIGS.append(CUBLAS)
 INTERPRETER_CONFIG = GemmConfig(128, 128, 1, 4, 1)  # the fastest tiles in the interpreter (fewest programs)
 
@@ -226,11 +227,11 @@ def candidates(n_out: int, k: int, rows: int, dtype: torch.dtype, device: torch.
 
 
 def resident_candidates(k: int, rows: int, dtype: torch.dtype, gated: bool = False) -> list[GemmConfig]:
-    """The resident configs (RESIDENT_TILE_CHOICES) whose register tile holds K of ``dtype`` for ``rows`` rows
+    """The resident configs (RESIDENT_CONFIGS) whose register tile holds K of ``dtype`` for ``rows`` rows
     (``skinny_gemm_resident.fits``)."""
     element_bytes = torch.finfo(dtype).bits // 8
-    return [GemmConfig(n, 0, 1, w, 1, dot, 0, False, True) for n, w, dot in RESIDENT_TILE_CHOICES
-            if skinny_gemm_resident.fits(rows, k, n, gated, element_bytes, dot)]
+    return [c for c in RESIDENT_CONFIGS if skinny_gemm_resident.fits(rows, k, c.block_n, gated, element_bytes,
+                                                                     c.use_dot)]
 
 
 def streamk_candidates(k: int, rows: int, dtype: torch.dtype, device: torch.device,
